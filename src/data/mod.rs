@@ -1,0 +1,7 @@
+//! Task data: the GLUE task registry, TSV readers, label mapping, batching and metrics.
+
+pub mod batch;
+pub mod glue;
+pub mod labels;
+pub mod metric;
+pub mod task;

@@ -1,0 +1,129 @@
+//! Batched inference in input order, and task metrics and loss from logits.
+
+use anyhow::Result;
+use indicatif::ProgressBar;
+
+use crate::data::batch::length_buckets;
+use crate::data::glue::Target;
+use crate::data::labels::LabelMap;
+use crate::data::metric;
+use crate::data::task::Task;
+use crate::model::encoder::RunOptions;
+use crate::model::inputs::{Inputs, Sequence};
+use crate::model::Model;
+
+/// Logits for every sequence, returned in input order. Batches are length-bucketed; the matrix
+/// products use every core.
+pub fn predict(
+    model: &Model,
+    sequences: &[Sequence],
+    batch_size: usize,
+    opts: RunOptions,
+    progress: &ProgressBar,
+) -> Result<Vec<Vec<f32>>> {
+    let mut logits = vec![Vec::new(); sequences.len()];
+    for batch in length_buckets(sequences, batch_size) {
+        let seqs: Vec<&Sequence> = batch.iter().map(|&i| &sequences[i]).collect();
+        let inputs = Inputs::from_sequences(&model.config, &seqs)?;
+        let out: Vec<Vec<f32>> = model.forward(&inputs, opts)?.to_vec2()?;
+        for (i, row) in batch.into_iter().zip(out) {
+            logits[i] = row;
+        }
+        progress.inc(seqs.len() as u64);
+    }
+    Ok(logits)
+}
+
+/// Metrics and mean loss of a set of predictions.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scores {
+    /// Named metrics (e.g. `accuracy`, `f1`, `mcc`, `pearson`, `spearman`).
+    pub metrics: Vec<(String, f64)>,
+    /// Mean cross-entropy (classification) or mean squared error (regression).
+    pub loss: f64,
+}
+
+impl Scores {
+    /// The value of metric `name`.
+    pub fn get(&self, name: &str) -> Option<f64> {
+        self.metrics.iter().find(|(n, _)| n == name).map(|(_, v)| *v)
+    }
+}
+
+/// Predicted task label for each logit row (argmax through the label map); first max wins.
+pub fn predicted_labels(logits: &[Vec<f32>], map: &LabelMap) -> Vec<usize> {
+    logits
+        .iter()
+        .map(|row| {
+            let best = row
+                .iter()
+                .enumerate()
+                .fold(0, |best, (i, &v)| if v > row[best] { i } else { best });
+            map.model_to_task[best]
+        })
+        .collect()
+}
+
+/// Scores logits against gold targets for `task`.
+pub fn score(task: Task, map: &LabelMap, logits: &[Vec<f32>], targets: &[Target]) -> Scores {
+    if task.is_regression() {
+        let pred: Vec<f64> = logits.iter().map(|r| f64::from(r[0])).collect();
+        let gold: Vec<f64> = targets.iter().map(|t| match t {
+            Target::Score(s) => f64::from(*s),
+            Target::Class(c) => *c as f64,
+        }).collect();
+        let loss = pred.iter().zip(&gold).map(|(p, g)| (p - g).powi(2)).sum::<f64>() / gold.len().max(1) as f64;
+        return Scores {
+            metrics: vec![
+                ("pearson".into(), metric::pearson(&pred, &gold)),
+                ("spearman".into(), metric::spearman(&pred, &gold)),
+            ],
+            loss,
+        };
+    }
+    let gold: Vec<usize> = targets.iter().map(|t| match t {
+        Target::Class(c) => *c,
+        Target::Score(s) => *s as usize,
+    }).collect();
+    let pred = predicted_labels(logits, map);
+    let loss = logits
+        .iter()
+        .zip(&gold)
+        .map(|(row, &g)| cross_entropy(row, map.model_index(g)))
+        .sum::<f64>()
+        / gold.len().max(1) as f64;
+    let accuracy = ("accuracy".to_string(), metric::accuracy(&pred, &gold));
+    let metrics = match task {
+        Task::Cola => vec![("mcc".into(), metric::mcc(&pred, &gold)), accuracy],
+        Task::Mrpc | Task::Qqp => vec![("f1".into(), metric::f1(&pred, &gold)), accuracy],
+        _ => vec![accuracy],
+    };
+    Scores { metrics, loss }
+}
+
+/// `-log softmax(row)[target]`, computed stably in f64.
+pub fn cross_entropy(row: &[f32], target: usize) -> f64 {
+    let max = row.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(f64::from(v)));
+    let lse = row.iter().map(|&v| (f64::from(v) - max).exp()).sum::<f64>().ln() + max;
+    lse - f64::from(row[target])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cross_entropy_of_uniform_is_log_n() {
+        assert!((cross_entropy(&[0.0, 0.0, 0.0], 1) - 3f64.ln()).abs() < 1e-12);
+    }
+
+    #[test]
+    fn scores_through_a_label_map() {
+        let map = LabelMap { model_to_task: vec![1, 0] };
+        let logits = vec![vec![2.0, 0.0], vec![0.0, 2.0]];
+        let targets = [Target::Class(1), Target::Class(1)];
+        let s = score(Task::Sst2, &map, &logits, &targets);
+        assert_eq!(s.get("accuracy"), Some(0.5));
+        assert_eq!(predicted_labels(&logits, &map), vec![1, 0]);
+    }
+}

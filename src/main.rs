@@ -1,0 +1,19 @@
+//! The `axcompress` binary: parse the command line and dispatch. Errors are printed on one line
+//! and exit with status 1.
+
+use clap::Parser;
+
+use axcompress::cli::{Cli, Command};
+use axcompress::commands;
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Eval(args) => commands::eval::run(args, &cli),
+        Command::Inspect(args) => commands::inspect::run(args, &cli),
+    };
+    if let Err(err) = result {
+        eprintln!("error: {err:#}");
+        std::process::exit(1);
+    }
+}

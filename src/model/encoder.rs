@@ -1,0 +1,217 @@
+//! The encoder runtime: embeddings, attention and FFN blocks with per-layer shapes, multiplicative
+//! gates, and running a range of layers on cached hidden states.
+
+use std::ops::Range;
+
+use candle_core::{Result, Tensor, D};
+
+use super::config::Activation;
+use super::inputs::Inputs;
+use super::nn::{activate, softmax_last, LayerNorm, Linear};
+
+/// Word, position and (optionally) token-type embeddings followed by LayerNorm.
+#[derive(Debug, Clone)]
+pub struct Embeddings {
+    /// `[vocab, hidden]`.
+    pub word: Tensor,
+    /// `[max_positions, hidden]`.
+    pub position: Tensor,
+    /// `[type_vocab, hidden]`; `None` for DistilBERT.
+    pub token_type: Option<Tensor>,
+    /// Embedding LayerNorm.
+    pub norm: LayerNorm,
+}
+
+impl Embeddings {
+    /// Embeds `[batch, seq]` id tensors into `[batch, seq, hidden]`.
+    pub fn forward(&self, inputs: &Inputs, differentiable: bool) -> Result<Tensor> {
+        let lookup = |table: &Tensor, ids: &Tensor| -> Result<Tensor> {
+            let (b, t) = ids.dims2()?;
+            table
+                .index_select(&ids.flatten_all()?, 0)?
+                .reshape((b, t, table.dim(1)?))
+        };
+        let mut x = (lookup(&self.word, &inputs.input_ids)?
+            + lookup(&self.position, &inputs.position_ids)?)?;
+        if let Some(types) = &self.token_type {
+            x = (x + lookup(types, &inputs.token_type_ids)?)?;
+        }
+        self.norm.forward(&x, differentiable)
+    }
+}
+
+/// A multi-head self-attention block keeping a subset of the original heads.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    /// Fused query/key/value projection, `[3 · heads · head_size, hidden]` (all queries, then keys, then values).
+    pub qkv: Linear,
+    /// Output projection, `[hidden, heads · head_size]`; with no heads only its bias is used.
+    pub output: Linear,
+    /// Residual LayerNorm.
+    pub norm: LayerNorm,
+    /// Original indices of the kept heads.
+    pub heads: Vec<usize>,
+    /// Size of each head.
+    pub head_size: usize,
+}
+
+impl Attention {
+    fn forward(&self, x: &Tensor, mask_bias: &Tensor, head_gates: Option<&Tensor>, diff: bool) -> Result<Tensor> {
+        let n = self.heads.len();
+        if n == 0 {
+            // Every head removed: LayerNorm(x + b_o).
+            return self.norm.forward(&x.broadcast_add(&self.output.bias)?, diff);
+        }
+        let (b, t, _) = x.dims3()?;
+        let d = self.head_size;
+        let qkv = self.qkv.forward(x)?;
+        let split = |i: usize| -> Result<Tensor> {
+            qkv.narrow(D::Minus1, i * n * d, n * d)?
+                .reshape((b, t, n, d))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let q = (split(0)? * (1.0 / (d as f64).sqrt()))?;
+        let (k, v) = (split(1)?, split(2)?);
+        let scores = q.matmul(&k.t()?)?.broadcast_add(mask_bias)?;
+        let probs = softmax_last(&scores, diff)?;
+        let mut context = probs.matmul(&v)?;
+        if let Some(g) = head_gates {
+            context = context.broadcast_mul(&g.reshape((1, n, 1, 1))?)?;
+        }
+        let context = context.transpose(1, 2)?.reshape((b, t, n * d))?;
+        let out = self.output.forward(&context)?;
+        self.norm.forward(&(out + x)?, diff)
+    }
+}
+
+/// A position-wise feed-forward block of some width.
+#[derive(Debug, Clone)]
+pub struct FeedForward {
+    /// `[width, hidden]`.
+    pub intermediate: Linear,
+    /// `[hidden, width]`; with width 0 only its bias is used.
+    pub output: Linear,
+    /// Residual LayerNorm.
+    pub norm: LayerNorm,
+    /// Activation between the two projections.
+    pub activation: Activation,
+}
+
+impl FeedForward {
+    /// Number of intermediate neurons.
+    pub fn width(&self) -> usize {
+        self.intermediate.out_features()
+    }
+
+    fn forward(&self, x: &Tensor, neuron_gates: Option<&Tensor>, diff: bool) -> Result<Tensor> {
+        if self.width() == 0 {
+            return self.norm.forward(&x.broadcast_add(&self.output.bias)?, diff);
+        }
+        let mut h = activate(&self.intermediate.forward(x)?, self.activation)?;
+        if let Some(g) = neuron_gates {
+            h = h.broadcast_mul(g)?;
+        }
+        let out = self.output.forward(&h)?;
+        self.norm.forward(&(out + x)?, diff)
+    }
+}
+
+/// One encoder layer; a `None` block is removed (the identity).
+#[derive(Debug, Clone)]
+pub struct EncoderLayer {
+    /// The attention block, if present.
+    pub attention: Option<Attention>,
+    /// The FFN block, if present.
+    pub ffn: Option<FeedForward>,
+}
+
+/// Multiplicative gates of one layer (1 = kept, 0 = removed). `None` means "all ones".
+#[derive(Debug, Clone, Default)]
+pub struct LayerGates {
+    /// Scalar gate of the whole attention block: `g·block(x) + (1−g)·x`.
+    pub attention: Option<Tensor>,
+    /// One gate per kept head, `[heads]`, applied to each head's context before the output projection.
+    pub heads: Option<Tensor>,
+    /// Scalar gate of the whole FFN block: `g·block(x) + (1−g)·x`.
+    pub ffn: Option<Tensor>,
+    /// One gate per FFN neuron, `[width]`, applied after the activation.
+    pub neurons: Option<Tensor>,
+}
+
+/// Gates for every layer of a model. Gating an element to 0 computes exactly what removing it
+/// (see [`super::structure`]) computes.
+#[derive(Debug, Clone)]
+pub struct Gates {
+    /// One entry per encoder layer.
+    pub layers: Vec<LayerGates>,
+}
+
+impl Gates {
+    /// Gates that change nothing.
+    pub fn open(layers: usize) -> Self {
+        Gates {
+            layers: vec![LayerGates::default(); layers],
+        }
+    }
+}
+
+/// How to run the encoder.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunOptions<'a> {
+    /// Gates to apply, if any.
+    pub gates: Option<&'a Gates>,
+    /// Use ops with a backward pass (needed for gradients); slower.
+    pub differentiable: bool,
+}
+
+/// Blends a block's output with its input by a scalar gate. A gate of exactly 0 on the fast path
+/// skips the block.
+fn gated_block(
+    x: &Tensor,
+    gate: Option<&Tensor>,
+    diff: bool,
+    block: impl FnOnce() -> Result<Tensor>,
+) -> Result<Tensor> {
+    let Some(g) = gate else { return block() };
+    if !diff && g.to_scalar::<f32>()? == 0.0 {
+        return Ok(x.clone());
+    }
+    let y = block()?;
+    let g = g.reshape((1, 1, 1))?;
+    y.broadcast_mul(&g)? + x.broadcast_mul(&(1.0 - &g)?)?
+}
+
+impl EncoderLayer {
+    /// Runs the layer on `[batch, seq, hidden]`.
+    pub fn forward(&self, x: &Tensor, mask_bias: &Tensor, gates: Option<&LayerGates>, diff: bool) -> Result<Tensor> {
+        let g = gates.cloned().unwrap_or_default();
+        let mut h = x.clone();
+        if let Some(att) = &self.attention {
+            h = gated_block(&h, g.attention.as_ref(), diff, || {
+                att.forward(&h, mask_bias, g.heads.as_ref(), diff)
+            })?;
+        }
+        if let Some(ffn) = &self.ffn {
+            h = gated_block(&h, g.ffn.as_ref(), diff, || ffn.forward(&h, g.neurons.as_ref(), diff))?;
+        }
+        Ok(h)
+    }
+}
+
+/// Runs `layers[range]` on hidden states entering `range.start` (prefix caching: the states
+/// entering a layer can be computed once and reused).
+pub fn run_layers(
+    layers: &[EncoderLayer],
+    hidden: &Tensor,
+    mask_bias: &Tensor,
+    range: Range<usize>,
+    opts: RunOptions,
+) -> Result<Tensor> {
+    let mut h = hidden.clone();
+    for l in range {
+        let g = opts.gates.and_then(|g| g.layers.get(l));
+        h = layers[l].forward(&h, mask_bias, g, opts.differentiable)?;
+    }
+    Ok(h)
+}

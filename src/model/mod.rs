@@ -1,0 +1,240 @@
+//! The one model runtime every command shares: loading, per-layer structure, forward passes.
+
+pub mod config;
+pub mod encoder;
+pub mod head;
+pub mod inputs;
+pub mod names;
+pub mod nn;
+pub mod slice;
+pub mod source;
+pub mod structure;
+pub mod tokenizer;
+pub mod weights;
+
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Result};
+use candle_core::{Tensor, D};
+
+use config::{Family, ModelConfig};
+use encoder::{run_layers, Attention, EncoderLayer, Embeddings, FeedForward, RunOptions};
+use head::ClassifierHead;
+use inputs::Inputs;
+use nn::{LayerNorm, Linear};
+use weights::{DtypeStats, WeightStore};
+
+/// A loaded BERT-family sequence-classification model.
+#[derive(Debug, Clone)]
+pub struct Model {
+    /// Parsed `config.json`, including the per-layer structure.
+    pub config: ModelConfig,
+    /// Embedding layer.
+    pub embeddings: Embeddings,
+    /// Encoder layers, one per entry of `config.structure.layers`.
+    pub layers: Vec<EncoderLayer>,
+    /// Classification / regression head.
+    pub head: ClassifierHead,
+    /// Directory the model was loaded from.
+    pub dir: PathBuf,
+    /// Parameters and bytes by on-disk dtype of the tensors the runtime uses.
+    pub disk_dtypes: DtypeStats,
+}
+
+impl Model {
+    /// Loads a model from a directory or hub id (see [`source::resolve`]).
+    pub fn load(spec: &str, offline: bool) -> Result<Self> {
+        let dir = source::resolve(spec, offline)?;
+        Self::from_dir(&dir)
+    }
+
+    /// Loads a model from a Hugging Face-format directory.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let config_path = dir.join("config.json");
+        if !config_path.is_file() {
+            bail!(
+                "{}: missing config.json; pass a Hugging Face-format model directory",
+                dir.display()
+            );
+        }
+        let config = ModelConfig::from_file(&config_path)?;
+        let store = WeightStore::load(dir, names::prefix(config.family))?;
+        let mut model = Self::from_store(config, &store)?;
+        model.dir = dir.to_path_buf();
+        Ok(model)
+    }
+
+    /// Builds a model from `config` and tensors, checking every shape.
+    pub fn from_store(config: ModelConfig, store: &WeightStore) -> Result<Self> {
+        let h = config.hidden_size;
+        let linear = |name: &str, out: usize, inp: usize| -> Result<Linear> {
+            Ok(Linear {
+                weight: store.get(&format!("{name}.weight"), &[out, inp])?,
+                bias: store.get(&format!("{name}.bias"), &[out])?,
+            })
+        };
+        let norm = |name: &str| -> Result<LayerNorm> {
+            Ok(LayerNorm {
+                weight: store.get(&format!("{name}.weight"), &[h])?,
+                bias: store.get(&format!("{name}.bias"), &[h])?,
+                eps: config.layer_norm_eps,
+            })
+        };
+        let embeddings = Embeddings {
+            word: store.get("embeddings.word_embeddings.weight", &[config.vocab_size, h])?,
+            position: store.get(
+                "embeddings.position_embeddings.weight",
+                &[config.max_position_embeddings, h],
+            )?,
+            token_type: match config.family {
+                Family::DistilBert => None,
+                _ => Some(store.get(
+                    "embeddings.token_type_embeddings.weight",
+                    &[config.type_vocab_size, h],
+                )?),
+            },
+            norm: norm("embeddings.LayerNorm")?,
+        };
+        let d = config.structure.head_size;
+        let mut layers = Vec::with_capacity(config.structure.layers.len());
+        for (i, shape) in config.structure.layers.iter().enumerate() {
+            let n = names::layer(config.family, i);
+            let attention = match &shape.heads {
+                None => None,
+                Some(heads) => {
+                    let width = heads.len() * d;
+                    let (qkv, output) = if heads.is_empty() {
+                        let bias = store.get(&format!("{}.bias", n.attention_output), &[h])?;
+                        (empty_linear(0, h, None)?, empty_linear(h, 0, Some(bias))?)
+                    } else {
+                        let parts = n
+                            .qkv
+                            .iter()
+                            .map(|name| linear(name, width, h))
+                            .collect::<Result<Vec<_>>>()?;
+                        (concat_rows(&parts)?, linear(&n.attention_output, h, width)?)
+                    };
+                    Some(Attention {
+                        qkv,
+                        output,
+                        norm: norm(&n.attention_norm)?,
+                        heads: heads.clone(),
+                        head_size: d,
+                    })
+                }
+            };
+            let ffn = match shape.ffn_width {
+                None => None,
+                Some(0) => Some(FeedForward {
+                    intermediate: empty_linear(0, h, None)?,
+                    output: empty_linear(h, 0, Some(store.get(&format!("{}.bias", n.ffn_output), &[h])?))?,
+                    norm: norm(&n.ffn_norm)?,
+                    activation: config.activation,
+                }),
+                Some(f) => Some(FeedForward {
+                    intermediate: linear(&n.intermediate, f, h)?,
+                    output: linear(&n.ffn_output, h, f)?,
+                    norm: norm(&n.ffn_norm)?,
+                    activation: config.activation,
+                }),
+            };
+            layers.push(EncoderLayer { attention, ffn });
+        }
+        let (dense, out) = ClassifierHead::tensor_names(config.family);
+        let head = ClassifierHead {
+            dense: linear(dense, h, h)?,
+            out: linear(out, config.num_labels(), h)?,
+            family: config.family,
+        };
+        Ok(Model {
+            config,
+            embeddings,
+            layers,
+            head,
+            dir: PathBuf::new(),
+            disk_dtypes: store.used_stats(),
+        })
+    }
+
+    /// Number of encoder layers (removed ones included, as identities).
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Embeds a batch: the hidden states entering layer 0.
+    pub fn embed(&self, inputs: &Inputs, differentiable: bool) -> Result<Tensor> {
+        Ok(self.embeddings.forward(inputs, differentiable)?)
+    }
+
+    /// Runs encoder layers `range` on hidden states entering `range.start`.
+    pub fn run_layers(&self, hidden: &Tensor, inputs: &Inputs, range: Range<usize>, opts: RunOptions) -> Result<Tensor> {
+        Ok(run_layers(&self.layers, hidden, &inputs.mask_bias, range, opts)?)
+    }
+
+    /// Final hidden states `[batch, seq, hidden]`.
+    pub fn encode(&self, inputs: &Inputs, opts: RunOptions) -> Result<Tensor> {
+        let h = self.embed(inputs, opts.differentiable)?;
+        self.run_layers(&h, inputs, 0..self.num_layers(), opts)
+    }
+
+    /// Logits `[batch, labels]` from final hidden states.
+    pub fn classify(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(self.head.forward(hidden)?)
+    }
+
+    /// Logits `[batch, labels]` for a batch.
+    pub fn forward(&self, inputs: &Inputs, opts: RunOptions) -> Result<Tensor> {
+        self.classify(&self.encode(inputs, opts)?)
+    }
+
+    /// Total number of parameters the runtime uses (the fused QKV counted once).
+    pub fn parameter_count(&self) -> usize {
+        self.tensors().iter().map(|t| t.elem_count()).sum()
+    }
+
+    fn tensors(&self) -> Vec<&Tensor> {
+        let e = &self.embeddings;
+        let mut out = vec![&e.word, &e.position, &e.norm.weight, &e.norm.bias];
+        out.extend(e.token_type.as_ref());
+        fn lin(l: &Linear) -> [&Tensor; 2] {
+            [&l.weight, &l.bias]
+        }
+        for layer in &self.layers {
+            if let Some(a) = &layer.attention {
+                out.extend(lin(&a.qkv).into_iter().chain(lin(&a.output)));
+                out.extend([&a.norm.weight, &a.norm.bias]);
+            }
+            if let Some(f) = &layer.ffn {
+                out.extend(lin(&f.intermediate).into_iter().chain(lin(&f.output)));
+                out.extend([&f.norm.weight, &f.norm.bias]);
+            }
+        }
+        out.extend(lin(&self.head.dense).into_iter().chain(lin(&self.head.out)));
+        out
+    }
+}
+
+/// A linear layer with no weights on one side (zero heads or zero FFN neurons kept): only its
+/// bias (zeros when `bias` is `None`) contributes.
+pub(crate) fn empty_linear(out: usize, inp: usize, bias: Option<Tensor>) -> Result<Linear> {
+    let dev = &candle_core::Device::Cpu;
+    let bias = match bias {
+        Some(b) => b,
+        None => Tensor::zeros(out, candle_core::DType::F32, dev)?,
+    };
+    Ok(Linear {
+        weight: Tensor::zeros((out, inp), candle_core::DType::F32, dev)?,
+        bias,
+    })
+}
+
+/// Stacks linear layers along their outputs (fused projections).
+fn concat_rows(parts: &[Linear]) -> Result<Linear> {
+    let w: Vec<&Tensor> = parts.iter().map(|p| &p.weight).collect();
+    let b: Vec<&Tensor> = parts.iter().map(|p| &p.bias).collect();
+    Ok(Linear {
+        weight: Tensor::cat(&w, 0)?,
+        bias: Tensor::cat(&b, D::Minus1)?,
+    })
+}

@@ -1,0 +1,180 @@
+//! Reading checkpoint tensors: `model.safetensors`, sharded `model.safetensors.index.json`, and
+//! `pytorch_model.bin`, with shape checks against `config.json` and per-dtype accounting.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+
+use super::source::WEIGHT_FILES;
+
+/// Parameter count and bytes of the tensors read, grouped by their dtype on disk.
+pub type DtypeStats = BTreeMap<String, (usize, usize)>;
+
+/// All tensors of a checkpoint, looked up by Hugging Face name.
+pub struct WeightStore {
+    tensors: HashMap<String, Tensor>,
+    file: String,
+    prefix: &'static str,
+    used: RefCell<DtypeStats>,
+}
+
+impl WeightStore {
+    /// Loads the weights found in `dir`; `prefix` is the family's base-model prefix (e.g. `bert.`).
+    pub fn load(dir: &Path, prefix: &'static str) -> Result<Self> {
+        let Some(file) = WEIGHT_FILES.iter().map(|f| dir.join(f)).find(|p| p.is_file()) else {
+            bail!(
+                "{}: no weights found; expected one of {}",
+                dir.display(),
+                WEIGHT_FILES.join(", ")
+            );
+        };
+        let tensors = read_file(&file)?;
+        Ok(WeightStore {
+            tensors,
+            file: file.display().to_string(),
+            prefix,
+            used: RefCell::new(BTreeMap::new()),
+        })
+    }
+
+    /// Builds a store from tensors already in memory (as written by export, or in tests).
+    pub fn from_tensors(tensors: HashMap<String, Tensor>, file: &str, prefix: &'static str) -> Self {
+        WeightStore {
+            tensors,
+            file: file.to_string(),
+            prefix,
+            used: RefCell::new(BTreeMap::new()),
+        }
+    }
+
+    /// The weights file the tensors came from.
+    pub fn file(&self) -> &str {
+        &self.file
+    }
+
+    /// Fetches `name` (with or without the base prefix; `LayerNorm.weight`/`gamma` aliases) as
+    /// f32, checking that its shape is `shape`.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let candidates = candidate_names(self.prefix, name);
+        let Some((found, t)) = candidates
+            .iter()
+            .find_map(|n| self.tensors.get(n).map(|t| (n, t)))
+        else {
+            bail!("{}: missing tensor {}", self.file, candidates[0]);
+        };
+        if t.dims() != shape {
+            bail!(
+                "{}: tensor {found} has shape {:?} but config.json implies {:?}; the weights do not match config.json",
+                self.file,
+                t.dims(),
+                shape
+            );
+        }
+        let entry_name = format!("{:?}", t.dtype()).to_lowercase();
+        let mut used = self.used.borrow_mut();
+        let entry = used.entry(entry_name).or_insert((0, 0));
+        entry.0 += t.elem_count();
+        entry.1 += t.elem_count() * t.dtype().size_in_bytes();
+        t.to_dtype(DType::F32)
+            .with_context(|| format!("{}: cannot convert {found} to f32", self.file))
+    }
+
+    /// Parameters and bytes, by on-disk dtype, of every tensor fetched so far.
+    pub fn used_stats(&self) -> DtypeStats {
+        self.used.borrow().clone()
+    }
+}
+
+fn candidate_names(prefix: &str, name: &str) -> Vec<String> {
+    let mut base = vec![name.to_string()];
+    if let Some(stem) = name.strip_suffix("LayerNorm.weight") {
+        base.push(format!("{stem}LayerNorm.gamma"));
+    } else if let Some(stem) = name.strip_suffix("LayerNorm.bias") {
+        base.push(format!("{stem}LayerNorm.beta"));
+    }
+    let is_head = ["classifier.", "pre_classifier."].iter().any(|h| name.starts_with(h));
+    let mut out = Vec::new();
+    for b in &base {
+        if is_head {
+            out.push(b.clone());
+        } else {
+            out.push(format!("{prefix}{b}"));
+            out.push(b.clone());
+        }
+    }
+    out
+}
+
+fn read_file(file: &Path) -> Result<HashMap<String, Tensor>> {
+    let shown = file.display();
+    let name = file.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    if name.ends_with(".index.json") {
+        let dir = file.parent().unwrap_or(Path::new("."));
+        let mut all = HashMap::new();
+        for shard in shard_files(file)? {
+            all.extend(read_file(&dir.join(&shard))?);
+        }
+        return Ok(all);
+    }
+    if name.ends_with(".bin") {
+        let tensors = candle_core::pickle::read_all(file).map_err(|e| {
+            anyhow::anyhow!("{shown}: cannot read PyTorch checkpoint ({e}); re-save it with torch.save(state_dict) or as model.safetensors")
+        })?;
+        return Ok(tensors.into_iter().collect());
+    }
+    candle_core::safetensors::load(file, &Device::Cpu).map_err(|e| {
+        anyhow::anyhow!("{shown}: not a valid safetensors file ({e}); the file is truncated or corrupt, download or export it again")
+    })
+}
+
+/// The distinct shard file names listed in a `model.safetensors.index.json`, sorted.
+pub fn shard_files(index: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(index)
+        .with_context(|| format!("cannot read {}", index.display()))?;
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not valid JSON", index.display()))?;
+    let map = json
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .with_context(|| format!("{}: missing object weight_map", index.display()))?;
+    let mut shards: Vec<String> = map
+        .values()
+        .filter_map(|v| v.as_str().map(str::to_string))
+        .collect();
+    shards.sort();
+    shards.dedup();
+    Ok(shards)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layer_norm_aliases_and_prefix() {
+        let names = candidate_names("bert.", "embeddings.LayerNorm.weight");
+        assert_eq!(
+            names,
+            vec![
+                "bert.embeddings.LayerNorm.weight",
+                "embeddings.LayerNorm.weight",
+                "bert.embeddings.LayerNorm.gamma",
+                "embeddings.LayerNorm.gamma"
+            ]
+        );
+        assert_eq!(candidate_names("bert.", "classifier.weight"), vec!["classifier.weight"]);
+    }
+
+    #[test]
+    fn shape_mismatch_names_tensor() {
+        let t = Tensor::zeros((2, 3), DType::F32, &Device::Cpu).unwrap();
+        let store = WeightStore::from_tensors(HashMap::from([("bert.x".to_string(), t)]), "m.safetensors", "bert.");
+        let err = store.get("x", &[3, 2]).unwrap_err().to_string();
+        assert!(err.contains("bert.x has shape [2, 3]"), "{err}");
+        assert_eq!(store.get("x", &[2, 3]).unwrap().dims(), &[2, 3]);
+        assert_eq!(store.used_stats()["f32"], (6, 24));
+    }
+}
