@@ -1,0 +1,126 @@
+//! Shared helpers for integration tests: locating the `../shared` fixtures and running the binary.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use axcompress::model::inputs::Inputs;
+use axcompress::model::Model;
+use serde_json::Value;
+
+/// The shared fixture directory (`AXCOMPRESS_FIXTURES`, else `../shared` beside the repo).
+/// Returns `None` and says so loudly when missing; under `CI=true` a missing fixture fails.
+pub fn fixtures() -> Option<PathBuf> {
+    let dir = std::env::var_os("AXCOMPRESS_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared"));
+    if dir.join("models").is_dir() && dir.join("data").is_dir() {
+        return Some(dir);
+    }
+    let in_ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+    assert!(
+        !in_ci,
+        "fixtures not found at {} (set AXCOMPRESS_FIXTURES); under CI=true this is a failure",
+        dir.display()
+    );
+    eprintln!(
+        "\n*** SKIPPED: shared fixtures not found at {} (set AXCOMPRESS_FIXTURES) ***\n",
+        dir.display()
+    );
+    None
+}
+
+/// Skips the calling test (returning early) when fixtures are missing.
+#[macro_export]
+macro_rules! fixtures_or_skip {
+    () => {
+        match common::fixtures() {
+            Some(dir) => dir,
+            None => return,
+        }
+    };
+}
+
+/// Runs the `axcompress` binary with `args`.
+pub fn run(args: &[&str]) -> Output {
+    run_with_env(args, &[])
+}
+
+/// Runs the `axcompress` binary with `args` and extra environment variables.
+pub fn run_with_env(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_axcompress"));
+    cmd.args(args).env_remove("HF_HUB_OFFLINE");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("the axcompress binary runs")
+}
+
+/// Parses stdout of a successful `--json` run.
+pub fn json_stdout(out: &Output) -> Value {
+    assert!(
+        out.status.success(),
+        "command failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("stdout is JSON")
+}
+
+/// Reads a JSON file.
+pub fn read_json(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// The padded reference batch of a tiny fixture as model inputs.
+pub fn reference_inputs(model: &Model, reference: &Value) -> Inputs {
+    let rows = |key: &str| -> Option<Vec<Vec<u32>>> {
+        reference[key].as_array().map(|rows| {
+            rows.iter()
+                .map(|r| r.as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect())
+                .collect()
+        })
+    };
+    let ids = rows("input_ids").unwrap();
+    let mask = rows("attention_mask").unwrap();
+    let (b, t) = (ids.len(), ids[0].len());
+    let types = rows("token_type_ids").unwrap_or_else(|| vec![vec![0; t]; b]);
+    Inputs::from_padded(
+        &model.config,
+        b,
+        t,
+        ids.concat(),
+        mask.concat(),
+        types.concat(),
+    )
+    .unwrap()
+}
+
+/// Flattens nested JSON number arrays.
+pub fn flatten(v: &Value) -> Vec<f32> {
+    match v {
+        Value::Array(items) => items.iter().flat_map(flatten).collect(),
+        Value::Number(n) => vec![n.as_f64().unwrap() as f32],
+        other => panic!("not a number array: {other}"),
+    }
+}
+
+/// Largest absolute difference of two equally long slices.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+/// Copies a fixture model directory into a fresh temp dir, symlinking large files.
+pub fn copy_model(src: &Path) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(src).unwrap() {
+        let entry = entry.unwrap();
+        let target = dir.path().join(entry.file_name());
+        if entry.metadata().unwrap().len() > 1 << 20 {
+            std::os::unix::fs::symlink(entry.path(), &target).unwrap();
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+    dir
+}
