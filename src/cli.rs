@@ -59,9 +59,10 @@ pub struct EvalArgs {
     /// Sentences per batch.
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
-    /// Maximum tokens per input, special tokens included (longest-first truncation).
-    #[arg(long, default_value_t = 128)]
-    pub max_length: usize,
+    /// Maximum tokens per input, special tokens included (longest-first truncation) [default:
+    /// 128, capped at the model's position table].
+    #[arg(long)]
+    pub max_length: Option<usize>,
     /// Also write every example's logits and predicted label to this JSON file.
     #[arg(long)]
     pub predictions: Option<PathBuf>,

@@ -46,7 +46,10 @@ pub struct Scores {
 impl Scores {
     /// The value of metric `name`.
     pub fn get(&self, name: &str) -> Option<f64> {
-        self.metrics.iter().find(|(n, _)| n == name).map(|(_, v)| *v)
+        self.metrics
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| *v)
     }
 }
 
@@ -68,11 +71,19 @@ pub fn predicted_labels(logits: &[Vec<f32>], map: &LabelMap) -> Vec<usize> {
 pub fn score(task: Task, map: &LabelMap, logits: &[Vec<f32>], targets: &[Target]) -> Scores {
     if task.is_regression() {
         let pred: Vec<f64> = logits.iter().map(|r| f64::from(r[0])).collect();
-        let gold: Vec<f64> = targets.iter().map(|t| match t {
-            Target::Score(s) => f64::from(*s),
-            Target::Class(c) => *c as f64,
-        }).collect();
-        let loss = pred.iter().zip(&gold).map(|(p, g)| (p - g).powi(2)).sum::<f64>() / gold.len().max(1) as f64;
+        let gold: Vec<f64> = targets
+            .iter()
+            .map(|t| match t {
+                Target::Score(s) => f64::from(*s),
+                Target::Class(c) => *c as f64,
+            })
+            .collect();
+        let loss = pred
+            .iter()
+            .zip(&gold)
+            .map(|(p, g)| (p - g).powi(2))
+            .sum::<f64>()
+            / gold.len().max(1) as f64;
         return Scores {
             metrics: vec![
                 ("pearson".into(), metric::pearson(&pred, &gold)),
@@ -81,10 +92,13 @@ pub fn score(task: Task, map: &LabelMap, logits: &[Vec<f32>], targets: &[Target]
             loss,
         };
     }
-    let gold: Vec<usize> = targets.iter().map(|t| match t {
-        Target::Class(c) => *c,
-        Target::Score(s) => *s as usize,
-    }).collect();
+    let gold: Vec<usize> = targets
+        .iter()
+        .map(|t| match t {
+            Target::Class(c) => *c,
+            Target::Score(s) => *s as usize,
+        })
+        .collect();
     let pred = predicted_labels(logits, map);
     let loss = logits
         .iter()
@@ -103,8 +117,15 @@ pub fn score(task: Task, map: &LabelMap, logits: &[Vec<f32>], targets: &[Target]
 
 /// `-log softmax(row)[target]`, computed stably in f64.
 pub fn cross_entropy(row: &[f32], target: usize) -> f64 {
-    let max = row.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(f64::from(v)));
-    let lse = row.iter().map(|&v| (f64::from(v) - max).exp()).sum::<f64>().ln() + max;
+    let max = row
+        .iter()
+        .fold(f64::NEG_INFINITY, |m, &v| m.max(f64::from(v)));
+    let lse = row
+        .iter()
+        .map(|&v| (f64::from(v) - max).exp())
+        .sum::<f64>()
+        .ln()
+        + max;
     lse - f64::from(row[target])
 }
 
@@ -119,7 +140,9 @@ mod tests {
 
     #[test]
     fn scores_through_a_label_map() {
-        let map = LabelMap { model_to_task: vec![1, 0] };
+        let map = LabelMap {
+            model_to_task: vec![1, 0],
+        };
         let logits = vec![vec![2.0, 0.0], vec![0.0, 2.0]];
         let targets = [Target::Class(1), Target::Class(1)];
         let s = score(Task::Sst2, &map, &logits, &targets);

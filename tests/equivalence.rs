@@ -19,12 +19,21 @@ fn assert_gated_equals_sliced(model: &Model, keep: &[LayerKeep], inputs: &Inputs
     let gates = model.gates_for(keep).unwrap();
     let sliced = model.slice(keep).unwrap();
     for differentiable in [false, true] {
-        let gated_opts = RunOptions { gates: Some(&gates), differentiable };
-        let plain = RunOptions { gates: None, differentiable };
+        let gated_opts = RunOptions {
+            gates: Some(&gates),
+            differentiable,
+        };
+        let plain = RunOptions {
+            gates: None,
+            differentiable,
+        };
         let g = model.encode(inputs, gated_opts).unwrap();
         let s = sliced.encode(inputs, plain).unwrap();
         let hidden_diff = max_abs_diff(&values(&g), &values(&s));
-        assert!(hidden_diff <= 1e-5, "hidden states differ by {hidden_diff} (differentiable={differentiable})");
+        assert!(
+            hidden_diff <= 1e-5,
+            "hidden states differ by {hidden_diff} (differentiable={differentiable})"
+        );
         let logit_diff = max_abs_diff(
             &values(&model.classify(&g).unwrap()),
             &values(&sliced.classify(&s).unwrap()),
@@ -44,7 +53,9 @@ fn varied_plan(model: &Model, seed: usize) -> Vec<LayerKeep> {
         .enumerate()
         .map(|(l, k)| {
             let pick = |len: usize, modulus: usize| -> Vec<usize> {
-                (0..len).filter(|i| (i * 7 + l + seed) % modulus != 0).collect()
+                (0..len)
+                    .filter(|i| !(i * 7 + l + seed).is_multiple_of(modulus))
+                    .collect()
             };
             let heads = k.heads.map(|h| {
                 let pos = pick(h.len(), 2 + l % 3);
@@ -52,10 +63,22 @@ fn varied_plan(model: &Model, seed: usize) -> Vec<LayerKeep> {
             });
             let neurons = k.neurons.map(|f| pick(f.len(), 3 + l % 2));
             match (l + seed) % 5 {
-                1 => LayerKeep { heads: heads.map(|_| vec![]), neurons },
-                2 => LayerKeep { heads, neurons: None },
-                3 if n >= 3 => LayerKeep { heads: None, neurons: None },
-                4 => LayerKeep { heads: None, neurons },
+                1 => LayerKeep {
+                    heads: heads.map(|_| vec![]),
+                    neurons,
+                },
+                2 => LayerKeep {
+                    heads,
+                    neurons: None,
+                },
+                3 if n >= 3 => LayerKeep {
+                    heads: None,
+                    neurons: None,
+                },
+                4 => LayerKeep {
+                    heads: None,
+                    neurons,
+                },
                 _ => LayerKeep { heads, neurons },
             }
         })
@@ -103,7 +126,10 @@ fn minilm_gated_equals_sliced_and_structure_follows() {
         .take(48)
         .map(|l| (l.split('\t').next().unwrap().to_string(), None))
         .collect();
-    let seqs = TextEncoder::load(&dir, 64).unwrap().encode(&sentences).unwrap();
+    let seqs = TextEncoder::load(&dir, 64)
+        .unwrap()
+        .encode(&sentences)
+        .unwrap();
     let refs: Vec<&Sequence> = seqs.iter().collect();
     let inputs = Inputs::from_sequences(&model.config, &refs).unwrap();
     let plan = varied_plan(&model, 0);
@@ -124,7 +150,15 @@ fn gating_nothing_changes_nothing() {
     let model = Model::from_dir(&dir).unwrap();
     let inputs = reference_inputs(&model, &read_json(&dir.join("reference.json")));
     let gates = model.gates_for(&model.keep_all()).unwrap();
-    let a = model.forward(&inputs, RunOptions { gates: Some(&gates), differentiable: false }).unwrap();
+    let a = model
+        .forward(
+            &inputs,
+            RunOptions {
+                gates: Some(&gates),
+                differentiable: false,
+            },
+        )
+        .unwrap();
     let b = model.forward(&inputs, RunOptions::default()).unwrap();
     assert_eq!(values(&a), values(&b));
 }
@@ -139,8 +173,12 @@ fn prefix_cached_run_equals_full_run() {
     let embedded = model.embed(&inputs, false).unwrap();
     let n = model.num_layers();
     for split in 0..=n {
-        let prefix = model.run_layers(&embedded, &inputs, 0..split, RunOptions::default()).unwrap();
-        let rest = model.run_layers(&prefix, &inputs, split..n, RunOptions::default()).unwrap();
+        let prefix = model
+            .run_layers(&embedded, &inputs, 0..split, RunOptions::default())
+            .unwrap();
+        let rest = model
+            .run_layers(&prefix, &inputs, split..n, RunOptions::default())
+            .unwrap();
         assert_eq!(values(&rest), values(&full), "split at layer {split}");
     }
 }

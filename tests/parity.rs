@@ -14,14 +14,26 @@ fn check_tiny(name: &str) {
     let model = Model::from_dir(&dir).unwrap();
     let inputs = reference_inputs(&model, &reference);
     for differentiable in [false, true] {
-        let opts = RunOptions { gates: None, differentiable };
+        let opts = RunOptions {
+            gates: None,
+            differentiable,
+        };
         let hidden = model.encode(&inputs, opts).unwrap();
         let hidden_diff = max_abs_diff(
             &hidden.flatten_all().unwrap().to_vec1().unwrap(),
             &flatten(&reference["last_hidden_state"]),
         );
-        assert!(hidden_diff <= 1e-5, "{name}: last_hidden_state differs by {hidden_diff}");
-        let logits: Vec<f32> = model.classify(&hidden).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        assert!(
+            hidden_diff <= 1e-5,
+            "{name}: last_hidden_state differs by {hidden_diff}"
+        );
+        let logits: Vec<f32> = model
+            .classify(&hidden)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         let expected = flatten(&reference["logits"]);
         let scale = expected.iter().fold(0f32, |m, v| m.max(v.abs()));
         let rel = max_abs_diff(&logits, &expected) / scale;
@@ -67,7 +79,12 @@ fn minilm_tokenizer_reproduces_reference_ids() {
     let expected = reference["input_ids_first32"].as_array().unwrap();
     assert_eq!(seqs.len(), expected.len());
     for (i, (s, e)) in seqs.iter().zip(expected).enumerate() {
-        let e: Vec<u32> = e.as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let e: Vec<u32> = e
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
         assert_eq!(s.ids, e, "sentence {i}");
     }
 }
@@ -81,8 +98,14 @@ fn vocab_txt_tokenizer_equals_tokenizer_json() {
         std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
     }
     let sentences = dev_sentences(&shared);
-    let from_json = TextEncoder::load(&src, 64).unwrap().encode(&sentences).unwrap();
-    let from_vocab = TextEncoder::load(dir.path(), 64).unwrap().encode(&sentences).unwrap();
+    let from_json = TextEncoder::load(&src, 64)
+        .unwrap()
+        .encode(&sentences)
+        .unwrap();
+    let from_vocab = TextEncoder::load(dir.path(), 64)
+        .unwrap()
+        .encode(&sentences)
+        .unwrap();
     assert_eq!(from_json, from_vocab);
 }
 
@@ -109,7 +132,10 @@ fn minilm_eval_reproduces_every_reference_prediction() {
     ]);
     let report = common::json_stdout(&out);
     assert_eq!(report["examples"], 872);
-    assert_eq!(report["metrics"]["accuracy"].as_f64().unwrap(), reference["accuracy"].as_f64().unwrap());
+    assert_eq!(
+        report["metrics"]["accuracy"].as_f64().unwrap(),
+        reference["accuracy"].as_f64().unwrap()
+    );
     let ours = read_json(&predictions);
     let ours_logits = ours["logits"].as_array().unwrap();
     let ref_logits = reference["logits"].as_array().unwrap();

@@ -31,19 +31,19 @@ pub fn run(args: &EvalArgs, cli: &Cli) -> Result<()> {
     }
     let started = Instant::now();
     let model = Model::load(&args.model.model, args.model.offline)?;
-    let max_allowed = model.config.max_input_length();
-    if args.max_length < 2 || args.max_length > max_allowed {
-        bail!(
-            "--max-length {} is out of range: use 2..={max_allowed} (max_position_embeddings in config.json)",
-            args.max_length
-        );
-    }
     let labels = LabelMap::new(&model.config, args.task)
         .with_context(|| format!("model {}", args.model.model))?;
-    let encoder = TextEncoder::load(&model.dir, args.max_length)?;
+    let max_length = checked_max_length(args.max_length, model.config.max_input_length())?;
+    let encoder = TextEncoder::load(&model.dir, max_length)?;
     let sets = load_split(args.task, data, &args.split, &encoder)?;
     let total: usize = sets.iter().map(|s| s.sequences.len()).sum();
-    log(cli, &format!("evaluating {} on {total} {} examples", args.model.model, args.task));
+    log(
+        cli,
+        &format!(
+            "evaluating {} on {total} {} examples",
+            args.model.model, args.task
+        ),
+    );
 
     let bar = progress::bar(total as u64, "eval", cli.quiet);
     let infer_started = Instant::now();
@@ -51,10 +51,20 @@ pub fn run(args: &EvalArgs, cli: &Cli) -> Result<()> {
     let mut metrics = Map::new();
     let mut all_predictions = Vec::new();
     for set in &sets {
-        let logits = predict(&model, &set.sequences, args.batch_size, RunOptions::default(), &bar)?;
+        let logits = predict(
+            &model,
+            &set.sequences,
+            args.batch_size,
+            RunOptions::default(),
+            &bar,
+        )?;
         let scores = score(args.task, &labels, &logits, &set.targets);
         for (name, value) in &scores.metrics {
-            let key = if set.suffix.is_empty() { name.clone() } else { format!("{name}_{}", set.suffix) };
+            let key = if set.suffix.is_empty() {
+                name.clone()
+            } else {
+                format!("{name}_{}", set.suffix)
+            };
             metrics.insert(key, json!(value));
         }
         per_set.push(json!({
@@ -70,7 +80,11 @@ pub fn run(args: &EvalArgs, cli: &Cli) -> Result<()> {
     let wall_seconds = started.elapsed().as_secs_f64();
 
     if let Some(path) = &args.predictions {
-        let value = if all_predictions.len() == 1 { all_predictions.remove(0) } else { Value::Array(all_predictions) };
+        let value = if all_predictions.len() == 1 {
+            all_predictions.remove(0)
+        } else {
+            Value::Array(all_predictions)
+        };
         write_atomic(path, serde_json::to_string(&value)?.as_bytes())?;
     }
     let report = json!({
@@ -81,7 +95,7 @@ pub fn run(args: &EvalArgs, cli: &Cli) -> Result<()> {
         "metrics": metrics,
         "sets": per_set,
         "batch_size": args.batch_size,
-        "max_length": args.max_length,
+        "max_length": max_length,
         "wall_seconds": wall_seconds,
         "inference_seconds": inference_seconds,
         "sentences_per_second": total as f64 / inference_seconds.max(1e-9),
@@ -101,11 +115,31 @@ pub fn run(args: &EvalArgs, cli: &Cli) -> Result<()> {
     Ok(())
 }
 
-fn predictions_json(model: &Model, labels: &LabelMap, task: crate::data::task::Task, logits: &[Vec<f32>]) -> Value {
+/// The maximum input length to use: the requested one if the model allows it, else 128 capped at
+/// the model's position table.
+pub fn checked_max_length(requested: Option<usize>, allowed: usize) -> Result<usize> {
+    match requested {
+        None => Ok(128.min(allowed)),
+        Some(n) if (2..=allowed).contains(&n) => Ok(n),
+        Some(n) => bail!(
+            "--max-length {n} is out of range: use 2..={allowed} (max_position_embeddings in config.json)"
+        ),
+    }
+}
+
+fn predictions_json(
+    model: &Model,
+    labels: &LabelMap,
+    task: crate::data::task::Task,
+    logits: &[Vec<f32>],
+) -> Value {
     let predicted: Vec<Value> = if model.config.regression {
         logits.iter().map(|r| json!(r[0])).collect()
     } else {
-        predicted_labels(logits, labels).into_iter().map(|t| json!(task.labels()[t])).collect()
+        predicted_labels(logits, labels)
+            .into_iter()
+            .map(|t| json!(task.labels()[t]))
+            .collect()
     };
     json!({ "logits": logits, "predicted": predicted })
 }

@@ -26,7 +26,10 @@ pub fn run(args: &InspectArgs, cli: &Cli) -> Result<()> {
     );
     println!("layer  heads  ffn    kept heads");
     for (i, l) in c.structure.layers.iter().enumerate() {
-        let heads = l.heads.as_ref().map_or("removed".to_string(), |h| h.len().to_string());
+        let heads = l
+            .heads
+            .as_ref()
+            .map_or("removed".to_string(), |h| h.len().to_string());
         let ffn = l.ffn_width.map_or("removed".to_string(), |w| w.to_string());
         let kept = l.heads.as_ref().map_or(String::new(), |h| format!("{h:?}"));
         println!("{i:<6} {heads:<6} {ffn:<6} {kept}");

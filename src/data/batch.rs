@@ -23,13 +23,21 @@ pub struct EncodedSet {
 }
 
 /// Reads and tokenises the files of `split` for `task` under `data`.
-pub fn load_split(task: Task, data: &Path, split: &str, encoder: &TextEncoder) -> Result<Vec<EncodedSet>> {
+pub fn load_split(
+    task: Task,
+    data: &Path,
+    split: &str,
+    encoder: &TextEncoder,
+) -> Result<Vec<EncodedSet>> {
     glue::split_paths(task, data, split)?
         .into_iter()
         .map(|(suffix, path)| {
             let set = glue::read(task, &path)?;
-            let texts: Vec<(String, Option<String>)> =
-                set.examples.iter().map(|e| (e.text_a.clone(), e.text_b.clone())).collect();
+            let texts: Vec<(String, Option<String>)> = set
+                .examples
+                .iter()
+                .map(|e| (e.text_a.clone(), e.text_b.clone()))
+                .collect();
             Ok(EncodedSet {
                 suffix,
                 sequences: encoder.encode(&texts)?,
@@ -45,7 +53,10 @@ pub fn load_split(task: Task, data: &Path, split: &str, encoder: &TextEncoder) -
 pub fn length_buckets(sequences: &[Sequence], batch_size: usize) -> Vec<Vec<usize>> {
     let mut order: Vec<usize> = (0..sequences.len()).collect();
     order.sort_by_key(|&i| (sequences[i].ids.len(), i));
-    order.chunks(batch_size.max(1)).map(<[usize]>::to_vec).collect()
+    order
+        .chunks(batch_size.max(1))
+        .map(<[usize]>::to_vec)
+        .collect()
 }
 
 #[cfg(test)]
@@ -54,7 +65,10 @@ mod tests {
 
     #[test]
     fn buckets_sort_by_length_and_cover_everything() {
-        let seq = |n: usize| Sequence { ids: vec![1; n], type_ids: vec![0; n] };
+        let seq = |n: usize| Sequence {
+            ids: vec![1; n],
+            type_ids: vec![0; n],
+        };
         let seqs = vec![seq(5), seq(2), seq(9), seq(2), seq(4)];
         let b = length_buckets(&seqs, 2);
         assert_eq!(b, vec![vec![1, 3], vec![4, 0], vec![2]]);

@@ -42,7 +42,10 @@ pub fn split_paths(task: Task, data: &Path, split: &str) -> Result<Vec<(&'static
         return Ok(vec![("", data.to_path_buf())]);
     }
     if !data.is_dir() {
-        bail!("data path {} does not exist; pass a GLUE task directory or a .tsv file", data.display());
+        bail!(
+            "data path {} does not exist; pass a GLUE task directory or a .tsv file",
+            data.display()
+        );
     }
     let files = task.split_files(split)?;
     let base = [data.to_path_buf(), data.join(task.glue_dir())]
@@ -62,12 +65,22 @@ pub fn split_paths(task: Task, data: &Path, split: &str) -> Result<Vec<(&'static
 
 /// Reads a GLUE TSV file for `task`.
 pub fn read(task: Task, path: &Path) -> Result<Dataset> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let shown = path.display();
-    let mut lines = text.lines().enumerate().map(|(i, l)| (i + 1, l.trim_end_matches('\r')));
+    let mut lines = text
+        .lines()
+        .enumerate()
+        .map(|(i, l)| (i + 1, l.trim_end_matches('\r')));
     let columns = match task.layout() {
-        Layout::Header { text_a, text_b, label } => {
-            let (_, header) = lines.next().with_context(|| format!("{shown}: file is empty"))?;
+        Layout::Header {
+            text_a,
+            text_b,
+            label,
+        } => {
+            let (_, header) = lines
+                .next()
+                .with_context(|| format!("{shown}: file is empty"))?;
             let names: Vec<&str> = header.split('\t').collect();
             let find = |col: &str| {
                 names.iter().position(|n| *n == col).with_context(|| {
@@ -81,7 +94,11 @@ pub fn read(task: Task, path: &Path) -> Result<Dataset> {
                 count: names.len(),
             }
         }
-        Layout::Positional { text_a, label, columns } => Columns {
+        Layout::Positional {
+            text_a,
+            label,
+            columns,
+        } => Columns {
             text_a,
             text_b: None,
             label,
@@ -175,7 +192,10 @@ mod tests {
         let d = read(Task::Cola, f.path()).unwrap();
         assert_eq!(d.examples[0].target, Target::Class(1));
         let f = write("index\tgenre\tsentence1\tsentence2\tscore\n0\tx\ta\tb\t3.8\n");
-        assert_eq!(read(Task::Stsb, f.path()).unwrap().examples[0].target, Target::Score(3.8));
+        assert_eq!(
+            read(Task::Stsb, f.path()).unwrap().examples[0].target,
+            Target::Score(3.8)
+        );
     }
 
     #[test]
@@ -185,7 +205,10 @@ mod tests {
         assert!(err.contains("missing column \"sentence\""), "{err}");
         let f = write("sentence\tlabel\nx\tmaybe\n");
         let err = format!("{:#}", read(Task::Sst2, f.path()).unwrap_err());
-        assert!(err.contains(":2: cannot parse the label") && err.contains("\"maybe\""), "{err}");
+        assert!(
+            err.contains(":2: cannot parse the label") && err.contains("\"maybe\""),
+            "{err}"
+        );
         let f = write("sentence\tlabel\n");
         assert!(format!("{:#}", read(Task::Sst2, f.path()).unwrap_err()).contains("empty"));
     }

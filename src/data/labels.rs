@@ -20,7 +20,9 @@ impl LabelMap {
             if !config.regression {
                 bail!("config.json: task {task} is a regression task but the model has {} labels (id2label); it needs num_labels = 1", config.num_labels());
             }
-            return Ok(LabelMap { model_to_task: vec![0] });
+            return Ok(LabelMap {
+                model_to_task: vec![0],
+            });
         }
         if config.num_labels() != task_labels.len() {
             bail!(
@@ -31,7 +33,12 @@ impl LabelMap {
                 task_labels.join(", ")
             );
         }
-        if config.labels.iter().enumerate().all(|(i, l)| is_generic(l, i)) {
+        if config
+            .labels
+            .iter()
+            .enumerate()
+            .all(|(i, l)| is_generic(l, i))
+        {
             return Ok(LabelMap {
                 model_to_task: (0..task_labels.len()).collect(),
             });
@@ -47,7 +54,10 @@ impl LabelMap {
                 );
             };
             if map.contains(&t) {
-                bail!("config.json: id2label names task label \"{}\" twice", task_labels[t]);
+                bail!(
+                    "config.json: id2label names task label \"{}\" twice",
+                    task_labels[t]
+                );
             }
             map.push(t);
         }
@@ -56,7 +66,10 @@ impl LabelMap {
 
     /// The model output that stands for task label `t`.
     pub fn model_index(&self, t: usize) -> usize {
-        self.model_to_task.iter().position(|&m| m == t).expect("LabelMap is a permutation")
+        self.model_to_task
+            .iter()
+            .position(|&m| m == t)
+            .expect("LabelMap is a permutation")
     }
 }
 
@@ -87,16 +100,25 @@ mod tests {
     #[test]
     fn maps_by_name_and_by_index() {
         let c = config(json!({"0": "Not Entailment", "1": "entailment"}));
-        assert_eq!(LabelMap::new(&c, Task::Rte).unwrap().model_to_task, vec![1, 0]);
+        assert_eq!(
+            LabelMap::new(&c, Task::Rte).unwrap().model_to_task,
+            vec![1, 0]
+        );
         let c = config(json!({"0": "LABEL_0", "1": "LABEL_1"}));
-        assert_eq!(LabelMap::new(&c, Task::Sst2).unwrap().model_to_task, vec![0, 1]);
+        assert_eq!(
+            LabelMap::new(&c, Task::Sst2).unwrap().model_to_task,
+            vec![0, 1]
+        );
     }
 
     #[test]
     fn refuses_foreign_labels_and_counts() {
         let c = config(json!({"0": "a", "1": "b", "2": "c"}));
         let err = LabelMap::new(&c, Task::Sst2).unwrap_err().to_string();
-        assert!(err.contains("has 3 labels") && err.contains("task sst2 has 2"), "{err}");
+        assert!(
+            err.contains("has 3 labels") && err.contains("task sst2 has 2"),
+            "{err}"
+        );
         let c = config(json!({"0": "negative", "1": "happy"}));
         let err = LabelMap::new(&c, Task::Sst2).unwrap_err().to_string();
         assert!(err.contains("id2label[1] = \"happy\""), "{err}");

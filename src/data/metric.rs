@@ -79,7 +79,12 @@ struct Confusion {
 
 impl Confusion {
     fn of(pred: &[usize], gold: &[usize]) -> Self {
-        let mut c = Confusion { tp: 0.0, fp: 0.0, tn: 0.0, fn_: 0.0 };
+        let mut c = Confusion {
+            tp: 0.0,
+            fp: 0.0,
+            tn: 0.0,
+            fn_: 0.0,
+        };
         for (&p, &g) in pred.iter().zip(gold) {
             match (p == 1, g == 1) {
                 (true, true) => c.tp += 1.0,

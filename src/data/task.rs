@@ -137,7 +137,9 @@ impl Task {
                 ("matched", "dev_matched.tsv".into()),
                 ("mismatched", "dev_mismatched.tsv".into()),
             ]),
-            (Task::Mnli, "dev_matched" | "dev_mismatched") => Ok(vec![("", format!("{split}.tsv"))]),
+            (Task::Mnli, "dev_matched" | "dev_mismatched") => {
+                Ok(vec![("", format!("{split}.tsv"))])
+            }
             (_, "train" | "dev") => Ok(vec![("", format!("{split}.tsv"))]),
             (_, other) => bail!("unknown split \"{other}\"; use train or dev"),
         }
@@ -168,7 +170,10 @@ mod tests {
     fn mnli_dev_has_two_files() {
         let files = Task::Mnli.split_files("dev").unwrap();
         assert_eq!(files.len(), 2);
-        assert_eq!(Task::Sst2.split_files("dev").unwrap(), vec![("", "dev.tsv".to_string())]);
+        assert_eq!(
+            Task::Sst2.split_files("dev").unwrap(),
+            vec![("", "dev.tsv".to_string())]
+        );
         assert!(Task::Sst2.split_files("test").is_err());
     }
 

@@ -97,13 +97,20 @@ impl ModelConfig {
         let heads = fields.usize(names.heads)?;
         let ffn = fields.usize(names.ffn)?;
         if heads == 0 || hidden_size % heads != 0 {
-            bail!("{source}: {} = {hidden_size} is not divisible by {} = {heads}", names.hidden, names.heads);
+            bail!(
+                "{source}: {} = {hidden_size} is not divisible by {} = {heads}",
+                names.hidden,
+                names.heads
+            );
         }
         let activation = match fields.string(names.activation)?.as_str() {
             "gelu" => Activation::Gelu,
             "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Activation::GeluTanh,
             "relu" => Activation::Relu,
-            other => bail!("{source}: {} \"{other}\" is not supported (gelu, gelu_new, relu)", names.activation),
+            other => bail!(
+                "{source}: {} \"{other}\" is not supported (gelu, gelu_new, relu)",
+                names.activation
+            ),
         };
         let type_vocab_size = match family {
             Family::DistilBert => 0,
@@ -111,21 +118,32 @@ impl ModelConfig {
         };
         let layer_norm_eps = match family {
             Family::DistilBert => 1e-12,
-            _ => raw.get("layer_norm_eps").and_then(Value::as_f64).unwrap_or(1e-12),
+            _ => raw
+                .get("layer_norm_eps")
+                .and_then(Value::as_f64)
+                .unwrap_or(1e-12),
         };
-        let pad_token_id = raw.get("pad_token_id").and_then(Value::as_u64).unwrap_or(match family {
-            Family::Roberta => 1,
-            _ => 0,
-        }) as u32;
+        let pad_token_id = raw
+            .get("pad_token_id")
+            .and_then(Value::as_u64)
+            .unwrap_or(match family {
+                Family::Roberta => 1,
+                _ => 0,
+            }) as u32;
         let labels = parse_labels(&raw, source)?;
         let regression = labels.len() == 1
             || raw.get("problem_type").and_then(Value::as_str) == Some("regression");
         let structure = match raw.get("axcompress").and_then(|a| a.get("structure")) {
             Some(s) => {
-                let s: Structure = serde_json::from_value(s.clone())
-                    .with_context(|| format!("{source}: field axcompress.structure is malformed"))?;
+                let s: Structure = serde_json::from_value(s.clone()).with_context(|| {
+                    format!("{source}: field axcompress.structure is malformed")
+                })?;
                 if s.layers.len() != layers || s.original_heads != heads {
-                    bail!("{source}: axcompress.structure disagrees with {} / {}", names.layers, names.heads);
+                    bail!(
+                        "{source}: axcompress.structure disagrees with {} / {}",
+                        names.layers,
+                        names.heads
+                    );
                 }
                 s
             }
@@ -152,7 +170,9 @@ impl ModelConfig {
     pub fn max_input_length(&self) -> usize {
         match self.family {
             // RoBERTa position ids start at pad_token_id + 1.
-            Family::Roberta => self.max_position_embeddings.saturating_sub(self.pad_token_id as usize + 1),
+            Family::Roberta => self
+                .max_position_embeddings
+                .saturating_sub(self.pad_token_id as usize + 1),
             _ => self.max_position_embeddings,
         }
     }
@@ -203,7 +223,10 @@ impl Fields<'_> {
     fn usize(&self, name: &str) -> Result<usize> {
         match self.raw.get(name) {
             Some(v) => v.as_u64().map(|n| n as usize).with_context(|| {
-                format!("{}: field {name} must be a non-negative integer, got {v}", self.source)
+                format!(
+                    "{}: field {name} must be a non-negative integer, got {v}",
+                    self.source
+                )
             }),
             None => bail!("{}: missing field {name}", self.source),
         }
@@ -223,11 +246,12 @@ fn parse_labels(raw: &Value, source: &str) -> Result<Vec<String>> {
     if let Some(map) = raw.get("id2label").and_then(Value::as_object) {
         let mut labels = vec![None; map.len()];
         for (k, v) in map {
-            let idx: usize = k
-                .parse()
-                .ok()
-                .filter(|&i| i < map.len())
-                .with_context(|| format!("{source}: id2label key \"{k}\" is not an index below {}", map.len()))?;
+            let idx: usize = k.parse().ok().filter(|&i| i < map.len()).with_context(|| {
+                format!(
+                    "{source}: id2label key \"{k}\" is not an index below {}",
+                    map.len()
+                )
+            })?;
             let name = v
                 .as_str()
                 .with_context(|| format!("{source}: id2label[{k}] must be a string"))?;
@@ -267,7 +291,9 @@ mod tests {
     fn missing_field_is_named() {
         let mut raw = bert();
         raw.as_object_mut().unwrap().remove("hidden_size");
-        let err = ModelConfig::from_json(raw, "config.json").unwrap_err().to_string();
+        let err = ModelConfig::from_json(raw, "config.json")
+            .unwrap_err()
+            .to_string();
         assert_eq!(err, "config.json: missing field hidden_size");
     }
 
@@ -275,7 +301,9 @@ mod tests {
     fn unknown_model_type_is_refused() {
         let mut raw = bert();
         raw["model_type"] = json!("gpt2");
-        let err = ModelConfig::from_json(raw, "c.json").unwrap_err().to_string();
+        let err = ModelConfig::from_json(raw, "c.json")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("unknown model_type \"gpt2\""), "{err}");
     }
 

@@ -56,11 +56,19 @@ pub struct Attention {
 }
 
 impl Attention {
-    fn forward(&self, x: &Tensor, mask_bias: &Tensor, head_gates: Option<&Tensor>, diff: bool) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        mask_bias: &Tensor,
+        head_gates: Option<&Tensor>,
+        diff: bool,
+    ) -> Result<Tensor> {
         let n = self.heads.len();
         if n == 0 {
             // Every head removed: LayerNorm(x + b_o).
-            return self.norm.forward(&x.broadcast_add(&self.output.bias)?, diff);
+            return self
+                .norm
+                .forward(&x.broadcast_add(&self.output.bias)?, diff);
         }
         let (b, t, _) = x.dims3()?;
         let d = self.head_size;
@@ -106,7 +114,9 @@ impl FeedForward {
 
     fn forward(&self, x: &Tensor, neuron_gates: Option<&Tensor>, diff: bool) -> Result<Tensor> {
         if self.width() == 0 {
-            return self.norm.forward(&x.broadcast_add(&self.output.bias)?, diff);
+            return self
+                .norm
+                .forward(&x.broadcast_add(&self.output.bias)?, diff);
         }
         let mut h = activate(&self.intermediate.forward(x)?, self.activation)?;
         if let Some(g) = neuron_gates {
@@ -184,7 +194,13 @@ fn gated_block(
 
 impl EncoderLayer {
     /// Runs the layer on `[batch, seq, hidden]`.
-    pub fn forward(&self, x: &Tensor, mask_bias: &Tensor, gates: Option<&LayerGates>, diff: bool) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        mask_bias: &Tensor,
+        gates: Option<&LayerGates>,
+        diff: bool,
+    ) -> Result<Tensor> {
         let g = gates.cloned().unwrap_or_default();
         let mut h = x.clone();
         if let Some(att) = &self.attention {
@@ -193,7 +209,9 @@ impl EncoderLayer {
             })?;
         }
         if let Some(ffn) = &self.ffn {
-            h = gated_block(&h, g.ffn.as_ref(), diff, || ffn.forward(&h, g.neurons.as_ref(), diff))?;
+            h = gated_block(&h, g.ffn.as_ref(), diff, || {
+                ffn.forward(&h, g.neurons.as_ref(), diff)
+            })?;
         }
         Ok(h)
     }

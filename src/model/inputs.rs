@@ -62,7 +62,10 @@ impl Inputs {
             bail!("inputs must all have batch × seq = {} entries", batch * len);
         }
         if let Some(&bad) = ids.iter().find(|&&i| i as usize >= config.vocab_size) {
-            bail!("token id {bad} is outside the vocabulary ({} entries)", config.vocab_size);
+            bail!(
+                "token id {bad} is outside the vocabulary ({} entries)",
+                config.vocab_size
+            );
         }
         if len > config.max_input_length() {
             bail!(
@@ -71,7 +74,10 @@ impl Inputs {
             );
         }
         let positions = position_ids(config, len, &mask);
-        let bias: Vec<f32> = mask.iter().map(|&m| if m == 0 { f32::MIN } else { 0.0 }).collect();
+        let bias: Vec<f32> = mask
+            .iter()
+            .map(|&m| if m == 0 { f32::MIN } else { 0.0 })
+            .collect();
         let dev = &Device::Cpu;
         Ok(Inputs {
             input_ids: Tensor::from_vec(ids, (batch, len), dev)?,
@@ -98,7 +104,11 @@ fn position_ids(config: &ModelConfig, len: usize, mask: &[u32]) -> Vec<u32> {
                     row.iter()
                         .map(|&m| {
                             seen += m;
-                            if m == 0 { pad } else { pad + seen }
+                            if m == 0 {
+                                pad
+                            } else {
+                                pad + seen
+                            }
                         })
                         .collect::<Vec<_>>()
                 })

@@ -19,7 +19,7 @@ use anyhow::{bail, Result};
 use candle_core::{Tensor, D};
 
 use config::{Family, ModelConfig};
-use encoder::{run_layers, Attention, EncoderLayer, Embeddings, FeedForward, RunOptions};
+use encoder::{run_layers, Attention, Embeddings, EncoderLayer, FeedForward, RunOptions};
 use head::ClassifierHead;
 use inputs::Inputs;
 use nn::{LayerNorm, Linear};
@@ -128,7 +128,11 @@ impl Model {
                 None => None,
                 Some(0) => Some(FeedForward {
                     intermediate: empty_linear(0, h, None)?,
-                    output: empty_linear(h, 0, Some(store.get(&format!("{}.bias", n.ffn_output), &[h])?))?,
+                    output: empty_linear(
+                        h,
+                        0,
+                        Some(store.get(&format!("{}.bias", n.ffn_output), &[h])?),
+                    )?,
                     norm: norm(&n.ffn_norm)?,
                     activation: config.activation,
                 }),
@@ -168,8 +172,20 @@ impl Model {
     }
 
     /// Runs encoder layers `range` on hidden states entering `range.start`.
-    pub fn run_layers(&self, hidden: &Tensor, inputs: &Inputs, range: Range<usize>, opts: RunOptions) -> Result<Tensor> {
-        Ok(run_layers(&self.layers, hidden, &inputs.mask_bias, range, opts)?)
+    pub fn run_layers(
+        &self,
+        hidden: &Tensor,
+        inputs: &Inputs,
+        range: Range<usize>,
+        opts: RunOptions,
+    ) -> Result<Tensor> {
+        Ok(run_layers(
+            &self.layers,
+            hidden,
+            &inputs.mask_bias,
+            range,
+            opts,
+        )?)
     }
 
     /// Final hidden states `[batch, seq, hidden]`.

@@ -105,11 +105,25 @@ mod tests {
         };
         let a = ln.forward(&x, true).unwrap();
         let b = ln.forward(&x, false).unwrap();
-        let diff: f32 = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+        let diff: f32 = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
         assert!(diff < 1e-5);
         let s1 = softmax_last(&x, true).unwrap();
         let s2 = softmax_last(&x, false).unwrap();
-        let diff: f32 = (s1 - s2).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+        let diff: f32 = (s1 - s2)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
         assert!(diff < 1e-6);
     }
 }

@@ -42,7 +42,10 @@ impl Model {
                     let n = att.heads.len();
                     let pos = positions(&att.heads, heads);
                     let rows: Vec<usize> = (0..3)
-                        .flat_map(|part| pos.iter().flat_map(move |&p| (part * n + p) * d..(part * n + p + 1) * d))
+                        .flat_map(|part| {
+                            pos.iter()
+                                .flat_map(move |&p| (part * n + p) * d..(part * n + p + 1) * d)
+                        })
                         .collect();
                     let cols: Vec<usize> = pos.iter().flat_map(|&p| p * d..(p + 1) * d).collect();
                     att.qkv = select_rows(&att.qkv, &rows)?;
@@ -83,7 +86,11 @@ impl Model {
             if let Some(att) = &layer.attention {
                 g.attention = Some(scalar(k.heads.is_some())?);
                 let kept = k.heads.as_deref().unwrap_or(&[]);
-                let v: Vec<f32> = att.heads.iter().map(|h| f32::from(u8::from(kept.contains(h)))).collect();
+                let v: Vec<f32> = att
+                    .heads
+                    .iter()
+                    .map(|h| f32::from(u8::from(kept.contains(h))))
+                    .collect();
                 g.heads = Some(Tensor::new(v, dev)?);
             }
             if let Some(ffn) = &layer.ffn {
@@ -100,14 +107,20 @@ impl Model {
 
     fn check_keep(&self, keep: &[LayerKeep]) -> Result<()> {
         if keep.len() != self.num_layers() {
-            bail!("the plan has {} layers but the model has {}", keep.len(), self.num_layers());
+            bail!(
+                "the plan has {} layers but the model has {}",
+                keep.len(),
+                self.num_layers()
+            );
         }
         for (l, (layer, k)) in self.layers.iter().zip(keep).enumerate() {
             if let Some(heads) = &k.heads {
                 let Some(att) = &layer.attention else {
                     bail!("layer {l}: cannot keep heads of a removed attention block");
                 };
-                if heads.windows(2).any(|w| w[0] >= w[1]) || heads.iter().any(|h| !att.heads.contains(h)) {
+                if heads.windows(2).any(|w| w[0] >= w[1])
+                    || heads.iter().any(|h| !att.heads.contains(h))
+                {
                     bail!("layer {l}: heads {heads:?} must be ascending and among the current heads {:?}", att.heads);
                 }
             }
@@ -115,8 +128,13 @@ impl Model {
                 let Some(ffn) = &layer.ffn else {
                     bail!("layer {l}: cannot keep neurons of a removed FFN block");
                 };
-                if neurons.windows(2).any(|w| w[0] >= w[1]) || neurons.iter().any(|&n| n >= ffn.width()) {
-                    bail!("layer {l}: neurons must be ascending positions below {}", ffn.width());
+                if neurons.windows(2).any(|w| w[0] >= w[1])
+                    || neurons.iter().any(|&n| n >= ffn.width())
+                {
+                    bail!(
+                        "layer {l}: neurons must be ascending positions below {}",
+                        ffn.width()
+                    );
                 }
             }
         }
@@ -126,14 +144,22 @@ impl Model {
 
 fn positions(current: &[usize], kept: &[usize]) -> Vec<usize> {
     kept.iter()
-        .map(|h| current.iter().position(|c| c == h).expect("checked by check_keep"))
+        .map(|h| {
+            current
+                .iter()
+                .position(|c| c == h)
+                .expect("checked by check_keep")
+        })
         .collect()
 }
 
 fn select(t: &Tensor, dim: usize, idx: &[usize]) -> Result<Tensor> {
     let idx: Vec<u32> = idx.iter().map(|&i| i as u32).collect();
     let n = idx.len();
-    Ok(t.index_select(&Tensor::from_vec(idx, n, &Device::Cpu)?, dim)?.contiguous()?)
+    Ok(
+        t.index_select(&Tensor::from_vec(idx, n, &Device::Cpu)?, dim)?
+            .contiguous()?,
+    )
 }
 
 fn select_rows(lin: &Linear, rows: &[usize]) -> Result<Linear> {

@@ -48,14 +48,22 @@ pub fn hub_cache_dir() -> PathBuf {
 }
 
 fn env_flag(name: &str) -> bool {
-    std::env::var(name).is_ok_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
+    std::env::var(name).is_ok_and(|v| {
+        matches!(
+            v.trim().to_ascii_lowercase().as_str(),
+            "1" | "true" | "yes" | "on"
+        )
+    })
 }
 
 fn looks_like_hub_id(spec: &str) -> bool {
     let parts: Vec<&str> = spec.split('/').collect();
     parts.len() <= 2
         && parts.iter().all(|p| {
-            !p.is_empty() && !p.starts_with('.') && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            !p.is_empty()
+                && !p.starts_with('.')
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
         })
 }
 
@@ -66,7 +74,10 @@ fn resolve_hub(id: &str, offline: bool) -> Result<PathBuf> {
         return Ok(dir);
     }
     if offline {
-        bail!("no complete copy in the cache at {}", hub_cache_dir().display());
+        bail!(
+            "no complete copy in the cache at {}",
+            hub_cache_dir().display()
+        );
     }
     let api = hf_hub::api::sync::ApiBuilder::new()
         .with_cache_dir(hub_cache_dir())
@@ -88,7 +99,10 @@ fn resolve_hub(id: &str, offline: bool) -> Result<PathBuf> {
     for f in OPTIONAL_FILES {
         let _ = fetch(f);
     }
-    Ok(config.parent().context("hub cache path has no parent")?.to_path_buf())
+    Ok(config
+        .parent()
+        .context("hub cache path has no parent")?
+        .to_path_buf())
 }
 
 /// The snapshot directory of a cached model when it holds a config and weights.

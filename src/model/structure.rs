@@ -89,9 +89,11 @@ impl Structure {
     pub fn uniform_ffn_width(&self) -> Option<usize> {
         let mut widths = self.layers.iter().filter(|l| !l.is_removed());
         let first = widths.next()?.ffn_width?;
-        let all_full = self.layers.iter().filter(|l| !l.is_removed()).all(|l| {
-            l.ffn_width == Some(first) && l.head_count() == self.original_heads
-        });
+        let all_full = self
+            .layers
+            .iter()
+            .filter(|l| !l.is_removed())
+            .all(|l| l.ffn_width == Some(first) && l.head_count() == self.original_heads);
         all_full.then_some(first)
     }
 }

@@ -24,7 +24,8 @@ impl TextEncoder {
         let json = dir.join("tokenizer.json");
         let vocab = dir.join("vocab.txt");
         let mut tokenizer = if json.is_file() {
-            Tokenizer::from_file(&json).map_err(|e| anyhow!("{}: cannot load tokenizer ({e})", json.display()))?
+            Tokenizer::from_file(&json)
+                .map_err(|e| anyhow!("{}: cannot load tokenizer ({e})", json.display()))?
         } else if vocab.is_file() {
             wordpiece_from_vocab(dir, &vocab)?
         } else {
@@ -71,23 +72,38 @@ impl TextEncoder {
 fn wordpiece_from_vocab(dir: &Path, vocab: &Path) -> Result<Tokenizer> {
     let settings = dir.join("tokenizer_config.json");
     let config: serde_json::Value = match std::fs::read_to_string(&settings) {
-        Ok(text) => serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", settings.display()))?,
+        Ok(text) => serde_json::from_str(&text)
+            .with_context(|| format!("{} is not valid JSON", settings.display()))?,
         Err(_) => serde_json::Value::Null,
     };
     let flag = |name: &str| config.get(name).and_then(serde_json::Value::as_bool);
     let token = |name: &str, default: &str| {
-        config.get(name).and_then(serde_json::Value::as_str).unwrap_or(default).to_string()
+        config
+            .get(name)
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or(default)
+            .to_string()
     };
     let lowercase = flag("do_lower_case").unwrap_or(true);
-    let (unk, cls, sep) = (token("unk_token", "[UNK]"), token("cls_token", "[CLS]"), token("sep_token", "[SEP]"));
-    let path = vocab.to_str().with_context(|| format!("{}: path is not UTF-8", vocab.display()))?;
+    let (unk, cls, sep) = (
+        token("unk_token", "[UNK]"),
+        token("cls_token", "[CLS]"),
+        token("sep_token", "[SEP]"),
+    );
+    let path = vocab
+        .to_str()
+        .with_context(|| format!("{}: path is not UTF-8", vocab.display()))?;
     let model = WordPiece::from_file(path)
         .unk_token(unk)
         .build()
         .map_err(|e| anyhow!("{}: cannot read vocabulary ({e})", vocab.display()))?;
     let id = |t: &str| {
-        tokenizers::Model::token_to_id(&model, t)
-            .with_context(|| format!("{}: special token {t} is not in the vocabulary", vocab.display()))
+        tokenizers::Model::token_to_id(&model, t).with_context(|| {
+            format!(
+                "{}: special token {t} is not in the vocabulary",
+                vocab.display()
+            )
+        })
     };
     let (cls_id, sep_id) = (id(&cls)?, id(&sep)?);
     let mut tokenizer = Tokenizer::new(model);

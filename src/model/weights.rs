@@ -24,7 +24,11 @@ pub struct WeightStore {
 impl WeightStore {
     /// Loads the weights found in `dir`; `prefix` is the family's base-model prefix (e.g. `bert.`).
     pub fn load(dir: &Path, prefix: &'static str) -> Result<Self> {
-        let Some(file) = WEIGHT_FILES.iter().map(|f| dir.join(f)).find(|p| p.is_file()) else {
+        let Some(file) = WEIGHT_FILES
+            .iter()
+            .map(|f| dir.join(f))
+            .find(|p| p.is_file())
+        else {
             bail!(
                 "{}: no weights found; expected one of {}",
                 dir.display(),
@@ -41,7 +45,11 @@ impl WeightStore {
     }
 
     /// Builds a store from tensors already in memory (as written by export, or in tests).
-    pub fn from_tensors(tensors: HashMap<String, Tensor>, file: &str, prefix: &'static str) -> Self {
+    pub fn from_tensors(
+        tensors: HashMap<String, Tensor>,
+        file: &str,
+        prefix: &'static str,
+    ) -> Self {
         WeightStore {
             tensors,
             file: file.to_string(),
@@ -95,7 +103,9 @@ fn candidate_names(prefix: &str, name: &str) -> Vec<String> {
     } else if let Some(stem) = name.strip_suffix("LayerNorm.bias") {
         base.push(format!("{stem}LayerNorm.beta"));
     }
-    let is_head = ["classifier.", "pre_classifier."].iter().any(|h| name.starts_with(h));
+    let is_head = ["classifier.", "pre_classifier."]
+        .iter()
+        .any(|h| name.starts_with(h));
     let mut out = Vec::new();
     for b in &base {
         if is_head {
@@ -110,7 +120,10 @@ fn candidate_names(prefix: &str, name: &str) -> Vec<String> {
 
 fn read_file(file: &Path) -> Result<HashMap<String, Tensor>> {
     let shown = file.display();
-    let name = file.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    let name = file
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
     if name.ends_with(".index.json") {
         let dir = file.parent().unwrap_or(Path::new("."));
         let mut all = HashMap::new();
@@ -165,13 +178,20 @@ mod tests {
                 "embeddings.LayerNorm.gamma"
             ]
         );
-        assert_eq!(candidate_names("bert.", "classifier.weight"), vec!["classifier.weight"]);
+        assert_eq!(
+            candidate_names("bert.", "classifier.weight"),
+            vec!["classifier.weight"]
+        );
     }
 
     #[test]
     fn shape_mismatch_names_tensor() {
         let t = Tensor::zeros((2, 3), DType::F32, &Device::Cpu).unwrap();
-        let store = WeightStore::from_tensors(HashMap::from([("bert.x".to_string(), t)]), "m.safetensors", "bert.");
+        let store = WeightStore::from_tensors(
+            HashMap::from([("bert.x".to_string(), t)]),
+            "m.safetensors",
+            "bert.",
+        );
         let err = store.get("x", &[3, 2]).unwrap_err().to_string();
         assert!(err.contains("bert.x has shape [2, 3]"), "{err}");
         assert_eq!(store.get("x", &[2, 3]).unwrap().dims(), &[2, 3]);

@@ -76,7 +76,13 @@ pub fn reference_inputs(model: &Model, reference: &Value) -> Inputs {
     let rows = |key: &str| -> Option<Vec<Vec<u32>>> {
         reference[key].as_array().map(|rows| {
             rows.iter()
-                .map(|r| r.as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect())
+                .map(|r| {
+                    r.as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|v| v.as_u64().unwrap() as u32)
+                        .collect()
+                })
                 .collect()
         })
     };
@@ -107,7 +113,10 @@ pub fn flatten(v: &Value) -> Vec<f32> {
 /// Largest absolute difference of two equally long slices.
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "length mismatch");
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 /// Copies a fixture model directory into a fresh temp dir, symlinking large files.

@@ -1,0 +1,237 @@
+//! Bad input: each case exits non-zero with one `error:` line that names the file or field,
+//! and never panics.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use common::copy_model;
+
+/// Asserts a clean one-line failure whose message contains every `needles` entry.
+fn assert_clean_error(out: &Output, needles: &[&str]) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "expected exit 1, stderr: {stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "panic: {stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "expected one line, got: {stderr}");
+    assert!(lines[0].starts_with("error: "), "{stderr}");
+    for n in needles {
+        assert!(lines[0].contains(n), "missing {n:?} in: {stderr}");
+    }
+}
+
+fn eval(model: &Path, data: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "eval",
+        "--model",
+        model.to_str().unwrap(),
+        "--task",
+        "sst2",
+        "--data",
+        data.to_str().unwrap(),
+        "-q",
+    ];
+    args.extend_from_slice(extra);
+    common::run(&args)
+}
+
+fn inspect(model: &Path) -> Output {
+    common::run(&["inspect", "--model", model.to_str().unwrap()])
+}
+
+fn sst2(shared: &Path) -> PathBuf {
+    shared.join("data/glue/SST-2")
+}
+
+fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let path = dir.join("config.json");
+    let mut config = common::read_json(&path);
+    edit(&mut config);
+    std::fs::write(path, serde_json::to_string(&config).unwrap()).unwrap();
+}
+
+fn tsv(content: &str) -> tempfile::NamedTempFile {
+    let f = tempfile::Builder::new().suffix(".tsv").tempfile().unwrap();
+    std::fs::write(f.path(), content).unwrap();
+    f
+}
+
+#[test]
+fn missing_model_directory() {
+    let out = inspect(Path::new("/nonexistent/model-dir"));
+    assert_clean_error(&out, &["/nonexistent/model-dir", "does not exist"]);
+}
+
+#[test]
+fn missing_config_json() {
+    let shared = fixtures_or_skip!();
+    let dir = copy_model(&shared.join("models/tiny-bert"));
+    std::fs::remove_file(dir.path().join("config.json")).unwrap();
+    assert_clean_error(&inspect(dir.path()), &["missing config.json"]);
+}
+
+#[test]
+fn unknown_model_type() {
+    let shared = fixtures_or_skip!();
+    let dir = copy_model(&shared.join("models/tiny-bert"));
+    edit_config(dir.path(), |c| c["model_type"] = "gpt2".into());
+    assert_clean_error(
+        &inspect(dir.path()),
+        &["config.json", "unknown model_type \"gpt2\""],
+    );
+}
+
+#[test]
+fn truncated_safetensors() {
+    let shared = fixtures_or_skip!();
+    let dir = copy_model(&shared.join("models/tiny-bert"));
+    let weights = dir.path().join("model.safetensors");
+    let bytes = std::fs::read(&weights).unwrap();
+    std::fs::write(&weights, &bytes[..bytes.len() / 2]).unwrap();
+    assert_clean_error(
+        &inspect(dir.path()),
+        &["model.safetensors", "truncated or corrupt"],
+    );
+}
+
+#[test]
+fn corrupt_safetensors() {
+    let shared = fixtures_or_skip!();
+    let dir = copy_model(&shared.join("models/tiny-bert"));
+    std::fs::write(
+        dir.path().join("model.safetensors"),
+        b"\xff\xff\xff\xff\xff\xff\xff\x7fgarbage",
+    )
+    .unwrap();
+    assert_clean_error(
+        &inspect(dir.path()),
+        &["model.safetensors", "not a valid safetensors file"],
+    );
+}
+
+#[test]
+fn corrupt_pytorch_bin() {
+    let shared = fixtures_or_skip!();
+    let dir = copy_model(&shared.join("models/tiny-bert-bin"));
+    std::fs::write(dir.path().join("pytorch_model.bin"), b"not a zip").unwrap();
+    assert_clean_error(
+        &inspect(dir.path()),
+        &["pytorch_model.bin", "cannot read PyTorch checkpoint"],
+    );
+}
+
+#[test]
+fn weight_shape_disagrees_with_config() {
+    let shared = fixtures_or_skip!();
+    let dir = copy_model(&shared.join("models/tiny-bert"));
+    edit_config(dir.path(), |c| c["intermediate_size"] = 96.into());
+    assert_clean_error(
+        &inspect(dir.path()),
+        &[
+            "intermediate.dense.weight has shape [64, 32]",
+            "config.json implies [96, 32]",
+        ],
+    );
+}
+
+#[test]
+fn missing_weights() {
+    let shared = fixtures_or_skip!();
+    let dir = copy_model(&shared.join("models/tiny-bert"));
+    std::fs::remove_file(dir.path().join("model.safetensors")).unwrap();
+    assert_clean_error(
+        &inspect(dir.path()),
+        &["no weights found", "model.safetensors"],
+    );
+}
+
+#[test]
+fn missing_tokenizer() {
+    let shared = fixtures_or_skip!();
+    let dir = copy_model(&shared.join("models/minilm-l6-sst2"));
+    for f in ["tokenizer.json", "vocab.txt"] {
+        std::fs::remove_file(dir.path().join(f)).unwrap();
+    }
+    let out = eval(dir.path(), &sst2(&shared), &[]);
+    assert_clean_error(&out, &["no tokenizer found", "tokenizer.json or vocab.txt"]);
+}
+
+#[test]
+fn tsv_with_missing_column() {
+    let shared = fixtures_or_skip!();
+    let data = tsv("text\tlabel\ngood \t1\n");
+    let out = eval(&shared.join("models/minilm-l6-sst2"), data.path(), &[]);
+    assert_clean_error(&out, &[".tsv", "missing column \"sentence\""]);
+}
+
+#[test]
+fn tsv_with_unparsable_label() {
+    let shared = fixtures_or_skip!();
+    let data = tsv("sentence\tlabel\ngood \t1\nbad \tmaybe\n");
+    let out = eval(&shared.join("models/minilm-l6-sst2"), data.path(), &[]);
+    assert_clean_error(&out, &[".tsv:3", "\"maybe\" is not a label of task sst2"]);
+}
+
+#[test]
+fn model_labels_unknown_to_the_task() {
+    let shared = fixtures_or_skip!();
+    let dir = copy_model(&shared.join("models/minilm-l6-sst2"));
+    edit_config(dir.path(), |c| c["id2label"]["1"] = "happy".into());
+    let out = eval(dir.path(), &sst2(&shared), &[]);
+    assert_clean_error(
+        &out,
+        &["id2label[1] = \"happy\"", "not a label of task sst2"],
+    );
+}
+
+#[test]
+fn model_label_count_differs_from_task() {
+    let shared = fixtures_or_skip!();
+    let out = eval(&shared.join("models/tiny-bert"), &sst2(&shared), &[]);
+    assert_clean_error(&out, &["config.json", "has 3 labels", "task sst2 has 2"]);
+}
+
+#[test]
+fn empty_dataset() {
+    let shared = fixtures_or_skip!();
+    let data = tsv("sentence\tlabel\n");
+    let out = eval(&shared.join("models/minilm-l6-sst2"), data.path(), &[]);
+    assert_clean_error(&out, &[".tsv", "dataset is empty"]);
+}
+
+#[test]
+fn max_length_zero() {
+    let shared = fixtures_or_skip!();
+    let out = eval(
+        &shared.join("models/minilm-l6-sst2"),
+        &sst2(&shared),
+        &["--max-length", "0"],
+    );
+    assert_clean_error(&out, &["--max-length 0", "max_position_embeddings"]);
+}
+
+#[test]
+fn missing_data_argument_says_where_data_goes() {
+    let shared = fixtures_or_skip!();
+    let out = common::run(&[
+        "eval",
+        "--model",
+        shared.join("models/minilm-l6-sst2").to_str().unwrap(),
+        "--task",
+        "rte",
+    ]);
+    assert_clean_error(&out, &["no --data given", "RTE", "dev.tsv"]);
+}
+
+#[test]
+fn data_directory_without_split_file() {
+    let shared = fixtures_or_skip!();
+    let empty = tempfile::tempdir().unwrap();
+    let out = eval(&shared.join("models/minilm-l6-sst2"), empty.path(), &[]);
+    assert_clean_error(&out, &["no dev.tsv for task sst2"]);
+}
