@@ -182,3 +182,27 @@ fn prefix_cached_run_equals_full_run() {
         assert_eq!(values(&rest), values(&full), "split at layer {split}");
     }
 }
+
+#[test]
+fn first_token_fast_path_equals_full_encoder() {
+    let shared = fixtures_or_skip!();
+    for name in ["tiny-bert", "tiny-roberta", "tiny-distilbert"] {
+        let dir = shared.join("models").join(name);
+        let model = Model::from_dir(&dir).unwrap();
+        let inputs = reference_inputs(&model, &read_json(&dir.join("reference.json")));
+        for seed in 0..3 {
+            let plan = varied_plan(&model, seed);
+            let gates = model.gates_for(&plan).unwrap();
+            let opts = RunOptions {
+                gates: Some(&gates),
+                differentiable: false,
+            };
+            let full = model
+                .classify(&model.encode(&inputs, opts).unwrap())
+                .unwrap();
+            let fast = model.forward(&inputs, opts).unwrap();
+            let diff = max_abs_diff(&values(&full), &values(&fast));
+            assert!(diff <= 1e-6, "{name}: first-token path differs by {diff}");
+        }
+    }
+}

@@ -56,40 +56,59 @@ pub struct Attention {
 }
 
 impl Attention {
+    /// Runs the block; with `first_only` only the first position's output is computed (keys and
+    /// values still come from every position), which is all a classifier reads from the last layer.
     fn forward(
         &self,
         x: &Tensor,
         mask_bias: &Tensor,
         head_gates: Option<&Tensor>,
         diff: bool,
+        first_only: bool,
     ) -> Result<Tensor> {
+        let x_q = if first_only {
+            x.narrow(1, 0, 1)?
+        } else {
+            x.clone()
+        };
         let n = self.heads.len();
         if n == 0 {
             // Every head removed: LayerNorm(x + b_o).
             return self
                 .norm
-                .forward(&x.broadcast_add(&self.output.bias)?, diff);
+                .forward(&x_q.broadcast_add(&self.output.bias)?, diff);
         }
         let (b, t, _) = x.dims3()?;
+        let tq = x_q.dim(1)?;
         let d = self.head_size;
-        let qkv = self.qkv.forward(x)?;
-        let split = |i: usize| -> Result<Tensor> {
-            qkv.narrow(D::Minus1, i * n * d, n * d)?
-                .reshape((b, t, n, d))?
+        let heads = |t_len: usize, proj: Tensor, i: usize| -> Result<Tensor> {
+            proj.narrow(D::Minus1, i * n * d, n * d)?
+                .reshape((b, t_len, n, d))?
                 .transpose(1, 2)?
                 .contiguous()
         };
-        let q = (split(0)? * (1.0 / (d as f64).sqrt()))?;
-        let (k, v) = (split(1)?, split(2)?);
+        let (q, k, v) = if first_only {
+            let q = self.qkv.forward_rows(&x_q, 0, n * d)?;
+            let kv = self.qkv.forward_rows(x, n * d, 2 * n * d)?;
+            (heads(tq, q, 0)?, heads(t, kv.clone(), 0)?, heads(t, kv, 1)?)
+        } else {
+            let qkv = self.qkv.forward(x)?;
+            (
+                heads(t, qkv.clone(), 0)?,
+                heads(t, qkv.clone(), 1)?,
+                heads(t, qkv, 2)?,
+            )
+        };
+        let q = (q * (1.0 / (d as f64).sqrt()))?;
         let scores = q.matmul(&k.t()?)?.broadcast_add(mask_bias)?;
         let probs = softmax_last(&scores, diff)?;
         let mut context = probs.matmul(&v)?;
         if let Some(g) = head_gates {
             context = context.broadcast_mul(&g.reshape((1, n, 1, 1))?)?;
         }
-        let context = context.transpose(1, 2)?.reshape((b, t, n * d))?;
+        let context = context.transpose(1, 2)?.reshape((b, tq, n * d))?;
         let out = self.output.forward(&context)?;
-        self.norm.forward(&(out + x)?, diff)
+        self.norm.forward(&(out + x_q)?, diff)
     }
 }
 
@@ -193,20 +212,29 @@ fn gated_block(
 }
 
 impl EncoderLayer {
-    /// Runs the layer on `[batch, seq, hidden]`.
+    /// Runs the layer on `[batch, seq, hidden]`; with `first_only` the output is `[batch, 1, hidden]`
+    /// for the first position only (exactly what the full run gives there).
     pub fn forward(
         &self,
         x: &Tensor,
         mask_bias: &Tensor,
         gates: Option<&LayerGates>,
         diff: bool,
+        first_only: bool,
     ) -> Result<Tensor> {
         let g = gates.cloned().unwrap_or_default();
         let mut h = x.clone();
         if let Some(att) = &self.attention {
-            h = gated_block(&h, g.attention.as_ref(), diff, || {
-                att.forward(&h, mask_bias, g.heads.as_ref(), diff)
+            let residual = if first_only {
+                h.narrow(1, 0, 1)?
+            } else {
+                h.clone()
+            };
+            h = gated_block(&residual, g.attention.as_ref(), diff, || {
+                att.forward(&h, mask_bias, g.heads.as_ref(), diff, first_only)
             })?;
+        } else if first_only {
+            h = h.narrow(1, 0, 1)?;
         }
         if let Some(ffn) = &self.ffn {
             h = gated_block(&h, g.ffn.as_ref(), diff, || {
@@ -229,7 +257,24 @@ pub fn run_layers(
     let mut h = hidden.clone();
     for l in range {
         let g = opts.gates.and_then(|g| g.layers.get(l));
-        h = layers[l].forward(&h, mask_bias, g, opts.differentiable)?;
+        h = layers[l].forward(&h, mask_bias, g, opts.differentiable, false)?;
     }
     Ok(h)
+}
+
+/// Runs `layers[start..]` and returns the states of the first position only, `[batch, 1, hidden]`:
+/// the last layer computes just that position (keys and values still use every position).
+pub fn run_to_first_token(
+    layers: &[EncoderLayer],
+    hidden: &Tensor,
+    mask_bias: &Tensor,
+    start: usize,
+    opts: RunOptions,
+) -> Result<Tensor> {
+    let Some(last) = layers.len().checked_sub(1).filter(|&last| start <= last) else {
+        return hidden.narrow(1, 0, 1);
+    };
+    let h = run_layers(layers, hidden, mask_bias, start..last, opts)?;
+    let g = opts.gates.and_then(|g| g.layers.get(last));
+    layers[last].forward(&h, mask_bias, g, opts.differentiable, true)
 }

@@ -19,7 +19,9 @@ use anyhow::{bail, Result};
 use candle_core::{Tensor, D};
 
 use config::{Family, ModelConfig};
-use encoder::{run_layers, Attention, Embeddings, EncoderLayer, FeedForward, RunOptions};
+use encoder::{
+    run_layers, run_to_first_token, Attention, Embeddings, EncoderLayer, FeedForward, RunOptions,
+};
 use head::ClassifierHead;
 use inputs::Inputs;
 use nn::{LayerNorm, Linear};
@@ -199,9 +201,23 @@ impl Model {
         Ok(self.head.forward(hidden)?)
     }
 
+    /// Logits `[batch, labels]` from hidden states entering layer `start`. The last layer
+    /// computes only the first position, the one the classifier reads.
+    pub fn logits_from(
+        &self,
+        hidden: &Tensor,
+        mask_bias: &Tensor,
+        start: usize,
+        opts: RunOptions,
+    ) -> Result<Tensor> {
+        let first = run_to_first_token(&self.layers, hidden, mask_bias, start, opts)?;
+        self.classify(&first)
+    }
+
     /// Logits `[batch, labels]` for a batch.
     pub fn forward(&self, inputs: &Inputs, opts: RunOptions) -> Result<Tensor> {
-        self.classify(&self.encode(inputs, opts)?)
+        let h = self.embed(inputs, opts.differentiable)?;
+        self.logits_from(&h, &inputs.mask_bias, 0, opts)
     }
 
     /// Total number of parameters the runtime uses (the fused QKV counted once).

@@ -29,6 +29,15 @@ impl Linear {
         out.reshape(out_dims)
     }
 
+    /// Applies only output rows `start..start + len` of the layer (a slice of a fused projection).
+    pub fn forward_rows(&self, x: &Tensor, start: usize, len: usize) -> Result<Tensor> {
+        Linear {
+            weight: self.weight.narrow(0, start, len)?,
+            bias: self.bias.narrow(0, start, len)?,
+        }
+        .forward(x)
+    }
+
     /// Number of outputs.
     pub fn out_features(&self) -> usize {
         self.weight.dims()[0]
