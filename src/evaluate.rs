@@ -69,50 +69,57 @@ pub fn predicted_labels(logits: &[Vec<f32>], map: &LabelMap) -> Vec<usize> {
 
 /// Scores logits against gold targets for `task`.
 pub fn score(task: Task, map: &LabelMap, logits: &[Vec<f32>], targets: &[Target]) -> Scores {
-    if task.is_regression() {
-        let pred: Vec<f64> = logits.iter().map(|r| f64::from(r[0])).collect();
-        let gold: Vec<f64> = targets
-            .iter()
-            .map(|t| match t {
-                Target::Score(s) => f64::from(*s),
-                Target::Class(c) => *c as f64,
-            })
-            .collect();
-        let loss = pred
-            .iter()
-            .zip(&gold)
-            .map(|(p, g)| (p - g).powi(2))
-            .sum::<f64>()
-            / gold.len().max(1) as f64;
-        return Scores {
-            metrics: vec![
-                ("pearson".into(), metric::pearson(&pred, &gold)),
-                ("spearman".into(), metric::spearman(&pred, &gold)),
-            ],
-            loss,
-        };
-    }
-    let gold: Vec<usize> = targets
-        .iter()
-        .map(|t| match t {
-            Target::Class(c) => *c,
-            Target::Score(s) => *s as usize,
-        })
-        .collect();
-    let pred = predicted_labels(logits, map);
     let loss = logits
         .iter()
-        .zip(&gold)
-        .map(|(row, &g)| cross_entropy(row, map.model_index(g)))
+        .zip(targets)
+        .map(|(row, t)| example_loss(map, row, t))
         .sum::<f64>()
-        / gold.len().max(1) as f64;
+        / targets.len().max(1) as f64;
+    let predictions: Vec<f32> = if task.is_regression() {
+        logits.iter().map(|r| r[0]).collect()
+    } else {
+        predicted_labels(logits, map)
+            .into_iter()
+            .map(|p| p as f32)
+            .collect()
+    };
+    Scores {
+        metrics: metrics(task, &predictions, targets),
+        loss,
+    }
+}
+
+/// Loss of one example: cross-entropy of the gold label's model output, or squared error.
+pub fn example_loss(map: &LabelMap, row: &[f32], target: &Target) -> f64 {
+    match target {
+        Target::Class(c) => cross_entropy(row, map.model_index(*c)),
+        Target::Score(s) => (f64::from(row[0]) - f64::from(*s)).powi(2),
+    }
+}
+
+/// Task metrics from predictions: task label indices (as f32) for classification, scores for
+/// regression.
+pub fn metrics(task: Task, predictions: &[f32], targets: &[Target]) -> Vec<(String, f64)> {
+    let gold = |t: &Target| match t {
+        Target::Class(c) => *c as f64,
+        Target::Score(s) => f64::from(*s),
+    };
+    if task.is_regression() {
+        let pred: Vec<f64> = predictions.iter().map(|&p| f64::from(p)).collect();
+        let gold: Vec<f64> = targets.iter().map(gold).collect();
+        return vec![
+            ("pearson".into(), metric::pearson(&pred, &gold)),
+            ("spearman".into(), metric::spearman(&pred, &gold)),
+        ];
+    }
+    let pred: Vec<usize> = predictions.iter().map(|&p| p as usize).collect();
+    let gold: Vec<usize> = targets.iter().map(|t| gold(t) as usize).collect();
     let accuracy = ("accuracy".to_string(), metric::accuracy(&pred, &gold));
-    let metrics = match task {
+    match task {
         Task::Cola => vec![("mcc".into(), metric::mcc(&pred, &gold)), accuracy],
         Task::Mrpc | Task::Qqp => vec![("f1".into(), metric::f1(&pred, &gold)), accuracy],
         _ => vec![accuracy],
-    };
-    Scores { metrics, loss }
+    }
 }
 
 /// `-log softmax(row)[target]`, computed stably in f64.

@@ -4,6 +4,7 @@
 //! loads and batches task data, [`evaluate`] runs and scores it, and [`commands`] holds the
 //! entry point of each subcommand.
 
+pub mod analyze;
 pub mod cli;
 pub mod commands;
 pub mod data;

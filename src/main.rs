@@ -11,9 +11,12 @@ fn main() {
     let result = match &cli.command {
         Command::Eval(args) => commands::eval::run(args, &cli),
         Command::Inspect(args) => commands::inspect::run(args, &cli),
+        Command::Analyze(args) => commands::analyze::run(args, &cli),
     };
     if let Err(err) = result {
-        eprintln!("error: {err:#}");
+        // One line: the context chain; a backtrace some libraries append goes on later lines.
+        let text = format!("{err:#}");
+        eprintln!("error: {}", text.lines().next().unwrap_or_default());
         std::process::exit(1);
     }
 }

@@ -2,9 +2,10 @@
 
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 use serde_json::{json, Map, Value};
 
+use super::TaskSetup;
 use super::{log, print_json};
 use crate::cli::{Cli, EvalArgs};
 use crate::data::batch::load_split;
@@ -12,36 +13,27 @@ use crate::data::labels::LabelMap;
 use crate::evaluate::{predict, predicted_labels, score};
 use crate::fsutil::write_atomic;
 use crate::model::encoder::RunOptions;
-use crate::model::tokenizer::TextEncoder;
 use crate::model::Model;
 use crate::progress;
 
 /// Runs `axcompress eval`.
 pub fn run(args: &EvalArgs, cli: &Cli) -> Result<()> {
-    let Some(data) = &args.data else {
-        bail!(
-            "no --data given: pass a GLUE {} directory holding {}.tsv (or the .tsv file itself), e.g. --data glue/{}",
-            args.task.glue_dir(),
-            args.split,
-            args.task.glue_dir()
-        );
-    };
-    if args.batch_size == 0 {
-        bail!("--batch-size must be at least 1");
-    }
     let started = Instant::now();
-    let model = Model::load(&args.model.model, args.model.offline)?;
-    let labels = LabelMap::new(&model.config, args.task)
-        .with_context(|| format!("model {}", args.model.model))?;
-    let max_length = checked_max_length(args.max_length, model.config.max_input_length())?;
-    let encoder = TextEncoder::load(&model.dir, max_length)?;
-    let sets = load_split(args.task, data, &args.split, &encoder)?;
+    let TaskSetup {
+        model,
+        labels,
+        encoder,
+        max_length,
+        data,
+    } = TaskSetup::load(&args.model, &args.task, &args.split)?;
+    let (task, batch_size) = (args.task.task, args.task.batch_size);
+    let sets = load_split(task, &data, &args.split, &encoder)?;
     let total: usize = sets.iter().map(|s| s.sequences.len()).sum();
     log(
         cli,
         &format!(
             "evaluating {} on {total} {} examples",
-            args.model.model, args.task
+            args.model.model, task
         ),
     );
 
@@ -54,11 +46,11 @@ pub fn run(args: &EvalArgs, cli: &Cli) -> Result<()> {
         let logits = predict(
             &model,
             &set.sequences,
-            args.batch_size,
+            batch_size,
             RunOptions::default(),
             &bar,
         )?;
-        let scores = score(args.task, &labels, &logits, &set.targets);
+        let scores = score(task, &labels, &logits, &set.targets);
         for (name, value) in &scores.metrics {
             let key = if set.suffix.is_empty() {
                 name.clone()
@@ -73,7 +65,7 @@ pub fn run(args: &EvalArgs, cli: &Cli) -> Result<()> {
             "metrics": scores.metrics.iter().map(|(n, v)| (n.clone(), json!(v))).collect::<Map<_, _>>(),
             "loss": scores.loss,
         }));
-        all_predictions.push(predictions_json(&model, &labels, args.task, &logits));
+        all_predictions.push(predictions_json(&model, &labels, task, &logits));
     }
     bar.finish_and_clear();
     let inference_seconds = infer_started.elapsed().as_secs_f64();
@@ -89,12 +81,12 @@ pub fn run(args: &EvalArgs, cli: &Cli) -> Result<()> {
     }
     let report = json!({
         "model": args.model.model,
-        "task": args.task.name(),
+        "task": task.name(),
         "split": args.split,
         "examples": total,
         "metrics": metrics,
         "sets": per_set,
-        "batch_size": args.batch_size,
+        "batch_size": batch_size,
         "max_length": max_length,
         "wall_seconds": wall_seconds,
         "inference_seconds": inference_seconds,
@@ -103,28 +95,16 @@ pub fn run(args: &EvalArgs, cli: &Cli) -> Result<()> {
     if cli.json {
         return print_json(&report);
     }
-    println!("task {}  examples {total}", args.task);
+    println!("task {}  examples {total}", task);
     for (name, value) in &metrics {
         println!("  {name:<24} {:.4}", value.as_f64().unwrap_or(f64::NAN));
     }
     println!(
         "  wall {wall_seconds:.2}s  inference {inference_seconds:.2}s  {:.1} sentences/s (batch {})",
         total as f64 / inference_seconds.max(1e-9),
-        args.batch_size
+        batch_size
     );
     Ok(())
-}
-
-/// The maximum input length to use: the requested one if the model allows it, else 128 capped at
-/// the model's position table.
-pub fn checked_max_length(requested: Option<usize>, allowed: usize) -> Result<usize> {
-    match requested {
-        None => Ok(128.min(allowed)),
-        Some(n) if (2..=allowed).contains(&n) => Ok(n),
-        Some(n) => bail!(
-            "--max-length {n} is out of range: use 2..={allowed} (max_position_embeddings in config.json)"
-        ),
-    }
 }
 
 fn predictions_json(

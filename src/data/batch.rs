@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 
-use super::glue::{self, Target};
+use super::glue::{self, Dataset, Target};
 use super::task::Task;
 use crate::model::inputs::Sequence;
 use crate::model::tokenizer::TextEncoder;
@@ -31,21 +31,35 @@ pub fn load_split(
 ) -> Result<Vec<EncodedSet>> {
     glue::split_paths(task, data, split)?
         .into_iter()
-        .map(|(suffix, path)| {
-            let set = glue::read(task, &path)?;
-            let texts: Vec<(String, Option<String>)> = set
-                .examples
-                .iter()
-                .map(|e| (e.text_a.clone(), e.text_b.clone()))
-                .collect();
-            Ok(EncodedSet {
-                suffix,
-                sequences: encoder.encode(&texts)?,
-                targets: set.examples.iter().map(|e| e.target).collect(),
-                path,
-            })
-        })
+        .map(|(suffix, path)| encode(&glue::read(task, &path)?, suffix, encoder))
         .collect()
+}
+
+/// Tokenises a dataset read from a TSV file.
+pub fn encode(set: &Dataset, suffix: &'static str, encoder: &TextEncoder) -> Result<EncodedSet> {
+    let texts: Vec<(String, Option<String>)> = set
+        .examples
+        .iter()
+        .map(|e| (e.text_a.clone(), e.text_b.clone()))
+        .collect();
+    Ok(EncodedSet {
+        suffix,
+        sequences: encoder.encode(&texts)?,
+        targets: set.examples.iter().map(|e| e.target).collect(),
+        path: set.path.clone(),
+    })
+}
+
+impl EncodedSet {
+    /// The examples at `indices` (in that order).
+    pub fn subset(&self, indices: &[usize]) -> EncodedSet {
+        EncodedSet {
+            suffix: self.suffix,
+            path: self.path.clone(),
+            sequences: indices.iter().map(|&i| self.sequences[i].clone()).collect(),
+            targets: indices.iter().map(|&i| self.targets[i]).collect(),
+        }
+    }
 }
 
 /// Groups example indices into batches of similar length (ascending; ties in input order), so

@@ -4,4 +4,5 @@ pub mod batch;
 pub mod glue;
 pub mod labels;
 pub mod metric;
+pub mod sample;
 pub mod task;

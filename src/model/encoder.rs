@@ -56,8 +56,56 @@ pub struct Attention {
 }
 
 impl Attention {
-    /// Runs the block; with `first_only` only the first position's output is computed (keys and
-    /// values still come from every position), which is all a classifier reads from the last layer.
+    /// Per-head attention context `[batch, heads, seq_q, head_size]`, before head gates and the
+    /// output projection. With `first_only` only the first position queries (`seq_q = 1`); keys
+    /// and values always come from every position. Requires at least one head.
+    pub fn context(
+        &self,
+        x: &Tensor,
+        mask_bias: &Tensor,
+        diff: bool,
+        first_only: bool,
+    ) -> Result<Tensor> {
+        let n = self.heads.len();
+        let (b, t, _) = x.dims3()?;
+        let d = self.head_size;
+        let split = |proj: Tensor, i: usize| -> Result<Tensor> {
+            let t_len = proj.dim(1)?;
+            proj.narrow(D::Minus1, i * n * d, n * d)?
+                .reshape((b, t_len, n, d))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let (q, k, v) = if first_only {
+            let q = self.qkv.forward_rows(&x.narrow(1, 0, 1)?, 0, n * d)?;
+            let kv = self.qkv.forward_rows(x, n * d, 2 * n * d)?;
+            (split(q, 0)?, split(kv.clone(), 0)?, split(kv, 1)?)
+        } else {
+            let qkv = self.qkv.forward(x)?;
+            (
+                split(qkv.clone(), 0)?,
+                split(qkv.clone(), 1)?,
+                split(qkv, 2)?,
+            )
+        };
+        debug_assert_eq!(k.dim(2)?, t);
+        let q = (q * (1.0 / (d as f64).sqrt()))?;
+        let scores = q.matmul(&k.t()?)?.broadcast_add(mask_bias)?;
+        softmax_last(&scores, diff)?.matmul(&v)
+    }
+
+    /// Output projection `W_o · context + b_o`, `[batch, seq_q, hidden]`, with optional head gates.
+    pub fn project(&self, context: &Tensor, head_gates: Option<&Tensor>) -> Result<Tensor> {
+        let (b, n, tq, d) = context.dims4()?;
+        let context = match head_gates {
+            Some(g) => context.broadcast_mul(&g.reshape((1, n, 1, 1))?)?,
+            None => context.clone(),
+        };
+        self.output
+            .forward(&context.transpose(1, 2)?.reshape((b, tq, n * d))?)
+    }
+
+    /// The whole block: `LayerNorm(x + W_o · context + b_o)` (see [`super::structure`]).
     fn forward(
         &self,
         x: &Tensor,
@@ -71,43 +119,14 @@ impl Attention {
         } else {
             x.clone()
         };
-        let n = self.heads.len();
-        if n == 0 {
+        if self.heads.is_empty() {
             // Every head removed: LayerNorm(x + b_o).
             return self
                 .norm
                 .forward(&x_q.broadcast_add(&self.output.bias)?, diff);
         }
-        let (b, t, _) = x.dims3()?;
-        let tq = x_q.dim(1)?;
-        let d = self.head_size;
-        let heads = |t_len: usize, proj: Tensor, i: usize| -> Result<Tensor> {
-            proj.narrow(D::Minus1, i * n * d, n * d)?
-                .reshape((b, t_len, n, d))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let (q, k, v) = if first_only {
-            let q = self.qkv.forward_rows(&x_q, 0, n * d)?;
-            let kv = self.qkv.forward_rows(x, n * d, 2 * n * d)?;
-            (heads(tq, q, 0)?, heads(t, kv.clone(), 0)?, heads(t, kv, 1)?)
-        } else {
-            let qkv = self.qkv.forward(x)?;
-            (
-                heads(t, qkv.clone(), 0)?,
-                heads(t, qkv.clone(), 1)?,
-                heads(t, qkv, 2)?,
-            )
-        };
-        let q = (q * (1.0 / (d as f64).sqrt()))?;
-        let scores = q.matmul(&k.t()?)?.broadcast_add(mask_bias)?;
-        let probs = softmax_last(&scores, diff)?;
-        let mut context = probs.matmul(&v)?;
-        if let Some(g) = head_gates {
-            context = context.broadcast_mul(&g.reshape((1, n, 1, 1))?)?;
-        }
-        let context = context.transpose(1, 2)?.reshape((b, tq, n * d))?;
-        let out = self.output.forward(&context)?;
+        let context = self.context(x, mask_bias, diff, first_only)?;
+        let out = self.project(&context, head_gates)?;
         self.norm.forward(&(out + x_q)?, diff)
     }
 }
@@ -131,13 +150,19 @@ impl FeedForward {
         self.intermediate.out_features()
     }
 
-    fn forward(&self, x: &Tensor, neuron_gates: Option<&Tensor>, diff: bool) -> Result<Tensor> {
+    /// Activations after the first projection, `[batch, seq, width]`.
+    pub fn activations(&self, x: &Tensor) -> Result<Tensor> {
+        activate(&self.intermediate.forward(x)?, self.activation)
+    }
+
+    /// The whole block: `LayerNorm(x + W_2 · act(W_1 x + b_1) + b_2)` (see [`super::structure`]).
+    pub fn forward(&self, x: &Tensor, neuron_gates: Option<&Tensor>, diff: bool) -> Result<Tensor> {
         if self.width() == 0 {
             return self
                 .norm
                 .forward(&x.broadcast_add(&self.output.bias)?, diff);
         }
-        let mut h = activate(&self.intermediate.forward(x)?, self.activation)?;
+        let mut h = self.activations(x)?;
         if let Some(g) = neuron_gates {
             h = h.broadcast_mul(g)?;
         }

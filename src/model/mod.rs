@@ -225,6 +225,23 @@ impl Model {
         self.tensors().iter().map(|t| t.elem_count()).sum()
     }
 
+    /// A hash (16 hex digits, FNV-1a over 32-bit words) of the structure and every weight the
+    /// runtime uses, in a fixed order: the same model gives the same value however it was
+    /// loaded; any pruning or weight change gives another.
+    pub fn fingerprint(&self) -> Result<String> {
+        const PRIME: u64 = 0x0100_0000_01b3;
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for byte in serde_json::to_vec(&self.config.structure)? {
+            h = (h ^ u64::from(byte)).wrapping_mul(PRIME);
+        }
+        for t in self.tensors() {
+            for v in t.flatten_all()?.to_vec1::<f32>()? {
+                h = (h ^ u64::from(v.to_bits())).wrapping_mul(PRIME);
+            }
+        }
+        Ok(format!("{h:016x}"))
+    }
+
     fn tensors(&self) -> Vec<&Tensor> {
         let e = &self.embeddings;
         let mut out = vec![&e.word, &e.position, &e.norm.weight, &e.norm.bias];

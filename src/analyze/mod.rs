@@ -1,0 +1,361 @@
+//! Significance analysis (SA): how much each attention / FFN block, attention head and group of
+//! FFN neurons matters to the task loss and metric, by exact ablation (with prefix caching) and
+//! by a first-order Taylor estimate.
+
+pub mod ablation;
+pub mod elements;
+pub mod plots;
+pub mod report;
+pub mod summary;
+pub mod taylor;
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use candle_core::{Device, Tensor};
+
+use crate::data::batch::{length_buckets, EncodedSet};
+use crate::data::glue::Target;
+use crate::data::labels::LabelMap;
+use crate::data::task::Task;
+use crate::evaluate::{self, example_loss, predicted_labels, Scores};
+use crate::model::encoder::RunOptions;
+use crate::model::inputs::{Inputs, Sequence};
+use crate::model::Model;
+use crate::progress;
+use elements::{blocks_and_heads, check_group_size, groups_by_score, Element, Level};
+use report::{
+    Baseline, Cost, DataInfo, ElementSignificance, LevelSummary, Method, ModelIdentity, Report,
+    Settings, Source,
+};
+
+/// One padded batch of analysis data.
+pub struct AnalysisBatch {
+    /// Model inputs.
+    pub inputs: Inputs,
+    /// Indices of the batch's examples in the analysis data.
+    pub examples: Vec<usize>,
+    /// Loss targets: model output index (u32) per example, or the score (f32) for regression.
+    pub loss_targets: Tensor,
+    /// True for regression.
+    pub regression: bool,
+}
+
+/// Turns logits rows into per-example losses, predictions and metrics for a task.
+pub struct Scorer<'a> {
+    task: Task,
+    labels: &'a LabelMap,
+    targets: &'a [Target],
+}
+
+impl<'a> Scorer<'a> {
+    /// A scorer for `targets` (in analysis-data order).
+    pub fn new(task: Task, labels: &'a LabelMap, targets: &'a [Target]) -> Self {
+        Scorer {
+            task,
+            labels,
+            targets,
+        }
+    }
+
+    /// Loss of example `ex` given its logits.
+    pub fn example_loss(&self, row: &[f32], ex: usize) -> f64 {
+        example_loss(self.labels, row, &self.targets[ex])
+    }
+
+    /// Prediction from logits: task label index, or the score for regression.
+    pub fn prediction(&self, row: &[f32]) -> f32 {
+        if self.task.is_regression() {
+            row[0]
+        } else {
+            predicted_labels(&[row.to_vec()], self.labels)[0] as f32
+        }
+    }
+
+    /// Mean loss and metrics from a loss sum and per-example predictions.
+    pub fn scores(&self, loss_sum: f64, predictions: &[f32]) -> Scores {
+        Scores {
+            metrics: evaluate::metrics(self.task, predictions, self.targets),
+            loss: loss_sum / self.targets.len().max(1) as f64,
+        }
+    }
+}
+
+/// Builds length-bucketed batches of `set`.
+pub fn batches(
+    model: &Model,
+    set: &EncodedSet,
+    labels: &LabelMap,
+    batch_size: usize,
+) -> Result<Vec<AnalysisBatch>> {
+    let regression = model.config.regression;
+    length_buckets(&set.sequences, batch_size)
+        .into_iter()
+        .map(|examples| {
+            let seqs: Vec<&Sequence> = examples.iter().map(|&i| &set.sequences[i]).collect();
+            let dev = &Device::Cpu;
+            let loss_targets = if regression {
+                let v: Vec<f32> = examples
+                    .iter()
+                    .map(|&i| match set.targets[i] {
+                        Target::Score(s) => s,
+                        Target::Class(c) => c as f32,
+                    })
+                    .collect();
+                Tensor::new(v, dev)?
+            } else {
+                let v: Vec<u32> = examples
+                    .iter()
+                    .map(|&i| match set.targets[i] {
+                        Target::Class(c) => labels.model_index(c) as u32,
+                        Target::Score(s) => s as u32,
+                    })
+                    .collect();
+                Tensor::new(v, dev)?
+            };
+            Ok(AnalysisBatch {
+                inputs: Inputs::from_sequences(&model.config, &seqs)?,
+                examples,
+                loss_targets,
+                regression,
+            })
+        })
+        .collect()
+}
+
+/// A finished analysis with its wall-clock figures (kept out of the report so that equal inputs
+/// give byte-identical reports).
+pub struct Analysis {
+    /// The report.
+    pub report: Report,
+    /// Wall time of the whole analysis.
+    pub wall_seconds: f64,
+    /// Wall time of one plain forward pass over the analysis data (the baseline).
+    pub forward_seconds: f64,
+    /// Wall time of the Taylor pass.
+    pub taylor_seconds: f64,
+    /// Wall time of the ablations.
+    pub ablation_seconds: f64,
+}
+
+/// The model being analysed and how its outputs map onto the task.
+pub struct Subject<'a> {
+    /// The model.
+    pub model: &'a Model,
+    /// Path or hub id as given by the user (recorded in the report).
+    pub source: &'a str,
+    /// The task.
+    pub task: Task,
+    /// Model outputs → task labels.
+    pub labels: &'a LabelMap,
+}
+
+/// Runs significance analysis of `subject.model` on `set` (described by `data`).
+pub fn analyze(
+    subject: &Subject,
+    set: &EncodedSet,
+    data: DataInfo,
+    settings: Settings,
+    quiet: bool,
+) -> Result<Analysis> {
+    let Subject {
+        model,
+        source: model_source,
+        task,
+        labels,
+    } = *subject;
+    let started = Instant::now();
+    if set.sequences.is_empty() {
+        bail!("{}: the analysis data is empty", set.path.display());
+    }
+    if settings.levels.contains(&Level::Groups) {
+        check_group_size(model, settings.group_size)?;
+    }
+    let n = set.sequences.len() as u64;
+    let batches = batches(model, set, labels, settings.batch_size)?;
+    let scorer = Scorer::new(task, labels, &set.targets);
+
+    let bar = progress::bar(n, "baseline", quiet);
+    let forward_started = Instant::now();
+    let logits = evaluate::predict(
+        model,
+        &set.sequences,
+        settings.batch_size,
+        RunOptions::default(),
+        &bar,
+    )?;
+    let forward_seconds = forward_started.elapsed().as_secs_f64();
+    bar.finish_and_clear();
+    let base = evaluate::score(task, labels, &logits, &set.targets);
+    let metric = task.primary_metric().to_string();
+    let base_metric = base.get(&metric).unwrap_or(f64::NAN);
+
+    let wants_groups = settings.levels.contains(&Level::Groups);
+    if wants_groups && settings.taylor_examples == 0 {
+        bail!("grouping FFN neurons needs the Taylor pass; set --taylor-examples above 0");
+    }
+    if settings.method != Method::Ablation && settings.taylor_examples == 0 {
+        bail!("--method taylor and both need the Taylor pass; set --taylor-examples above 0");
+    }
+    let taylor_started = Instant::now();
+    let taylor = if settings.taylor_examples > 0 {
+        let count = settings.taylor_examples.min(set.sequences.len());
+        let subset = set.subset(&(0..count).collect::<Vec<_>>());
+        let taylor_batches = self::batches(model, &subset, labels, settings.batch_size)?;
+        let bar = progress::bar(count as u64, "taylor", quiet);
+        let g = taylor::gate_gradients(model, &taylor_batches, &bar)?;
+        bar.finish_and_clear();
+        Some(g)
+    } else {
+        None
+    };
+    let mut elements = blocks_and_heads(model, &settings.levels);
+    if let Some(t) = taylor.as_ref().filter(|_| wants_groups) {
+        elements.extend(groups_by_score(&t.neuron_estimates(), settings.group_size));
+    }
+    let exact: Vec<bool> = elements
+        .iter()
+        .map(|e| match (settings.method, e) {
+            (Method::Taylor, _) => false,
+            (Method::Ablation, Element::Group { index, .. }) => {
+                settings.exact_groups.is_none_or(|k| *index < k)
+            }
+            _ => true,
+        })
+        .collect();
+    let to_ablate: Vec<Element> = elements
+        .iter()
+        .zip(&exact)
+        .filter(|(_, &x)| x)
+        .map(|(e, _)| e.clone())
+        .collect();
+    let taylor_seconds = taylor_started.elapsed().as_secs_f64();
+    let ablation_started = Instant::now();
+    let bar = progress::bar(n * to_ablate.len() as u64, "ablation", quiet);
+    let outcomes = ablation::ablate(model, &batches, &to_ablate, &scorer, &bar)?;
+    bar.finish_and_clear();
+    let ablation_seconds = ablation_started.elapsed().as_secs_f64();
+
+    let mut outcomes = outcomes.into_iter();
+    let mut results: Vec<ElementSignificance> = elements
+        .iter()
+        .zip(&exact)
+        .map(|(e, &is_exact)| {
+            let taylor_loss_delta = taylor.as_ref().map(|t| t.estimate(model, e));
+            let (loss_delta, metric_delta, source) = if is_exact {
+                let o = outcomes.next().expect("one outcome per ablated element");
+                let s = scorer.scores(o.loss_sum, &o.predictions);
+                (
+                    s.loss - base.loss,
+                    Some(s.get(&metric).unwrap_or(f64::NAN) - base_metric),
+                    Source::Ablation,
+                )
+            } else {
+                (
+                    taylor_loss_delta.expect("taylor computed"),
+                    None,
+                    Source::Taylor,
+                )
+            };
+            ElementSignificance {
+                element: e.clone(),
+                loss_delta,
+                metric_delta,
+                source,
+                taylor_loss_delta,
+                rank: 0,
+            }
+        })
+        .collect();
+    let levels = rank_and_summarise(&mut results, &settings.levels);
+
+    let layers = model.num_layers().max(1) as f64;
+    let forward_equivalents_bound = 1.0
+        + 3.0 * settings.taylor_examples.min(set.sequences.len()) as f64 / n as f64
+        + to_ablate
+            .iter()
+            .map(|e| (layers - e.layer() as f64) / layers)
+            .sum::<f64>();
+    let report = Report {
+        schema: report::SCHEMA.to_string(),
+        model: ModelIdentity {
+            source: model_source.to_string(),
+            fingerprint: model.fingerprint()?,
+            family: model.config.family.name().to_string(),
+            structure: model.config.structure.clone(),
+        },
+        task: task.name().to_string(),
+        data,
+        baseline: Baseline {
+            loss: base.loss,
+            metric,
+            metrics: base.metrics.iter().cloned().collect::<BTreeMap<_, _>>(),
+        },
+        levels,
+        elements: results,
+        cost: Cost {
+            ablations: to_ablate.len(),
+            forward_equivalents_bound,
+        },
+        settings,
+    };
+    Ok(Analysis {
+        report,
+        wall_seconds: started.elapsed().as_secs_f64(),
+        forward_seconds,
+        taylor_seconds,
+        ablation_seconds,
+    })
+}
+
+/// Assigns ranks within each level and builds the level summaries.
+fn rank_and_summarise(results: &mut [ElementSignificance], levels: &[Level]) -> Vec<LevelSummary> {
+    let mut summaries = Vec::new();
+    for &level in levels {
+        let mut ids: Vec<usize> = (0..results.len())
+            .filter(|&i| results[i].element.level() == level)
+            .collect();
+        // Exact values first: Taylor-only elements are, by construction, the ones Taylor ranked
+        // above every ablated candidate of their layer, and first-order estimates overstate
+        // removal effects, so mixing both scales in one order would mislead.
+        ids.sort_by(|&a, &b| {
+            let (x, y) = (&results[a], &results[b]);
+            (x.source != Source::Ablation)
+                .cmp(&(y.source != Source::Ablation))
+                .then(x.loss_delta.total_cmp(&y.loss_delta))
+                .then(a.cmp(&b))
+        });
+        for (rank, &i) in ids.iter().enumerate() {
+            results[i].rank = rank + 1;
+        }
+        let both: Vec<(f64, f64)> = ids
+            .iter()
+            .filter(|&&i| results[i].source == Source::Ablation)
+            .filter_map(|&i| {
+                results[i]
+                    .taylor_loss_delta
+                    .map(|t| (results[i].loss_delta, t))
+            })
+            .collect();
+        let ablated = ids
+            .iter()
+            .filter(|&&i| results[i].source == Source::Ablation)
+            .count();
+        let spearman = (both.len() >= 2 && both.len() == ids.len()).then(|| {
+            let (a, t): (Vec<f64>, Vec<f64>) = both.into_iter().unzip();
+            crate::data::metric::spearman(&a, &t)
+        });
+        summaries.push(LevelSummary {
+            level,
+            elements: ids.len(),
+            ablated,
+            removal_helps: ids
+                .iter()
+                .filter(|&&i| results[i].source == Source::Ablation && results[i].loss_delta < 0.0)
+                .count(),
+            spearman_taylor_vs_ablation: spearman,
+        });
+    }
+    summaries
+}

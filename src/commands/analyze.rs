@@ -1,0 +1,168 @@
+//! `axcompress analyze`: significance analysis with a JSON report, a terminal summary and SVG
+//! heatmaps.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Result};
+use serde_json::json;
+
+use super::{log, TaskSetup};
+use crate::analyze::elements::Level;
+use crate::analyze::report::{DataInfo, Method, Settings};
+use crate::analyze::{analyze, plots, summary, Subject};
+use crate::cli::{AnalyzeArgs, Cli, CountOrAll};
+use crate::data::batch::{encode, EncodedSet};
+use crate::data::glue::{self, Dataset};
+use crate::data::sample::sample_indices;
+use crate::data::task::Task;
+use crate::fsutil::write_atomic;
+use crate::model::tokenizer::TextEncoder;
+
+/// Runs `axcompress analyze`.
+pub fn run(args: &AnalyzeArgs, cli: &Cli) -> Result<()> {
+    let split = if args.on == "holdout" { "train" } else { "dev" };
+    let setup = TaskSetup::load(&args.model, &args.task, split)?;
+    let task = args.task.task;
+    let (set, data) = analysis_data(args, task, &setup.data, &setup.encoder)?;
+    log(
+        cli,
+        &format!(
+            "analysing {} on {} {} examples ({})",
+            args.model.model, data.examples, data.source, data.path
+        ),
+    );
+    let mut levels = args.levels.clone();
+    levels.sort();
+    levels.dedup();
+    let needs_taylor = args.method != Method::Ablation || levels.contains(&Level::Groups);
+    let taylor_examples = match (needs_taylor, args.taylor_examples, args.method) {
+        (false, _, _) => 0,
+        (true, Some(CountOrAll::Count(k)), _) => k,
+        (true, None, Method::Ablation) => 512,
+        (true, Some(CountOrAll::All), _) | (true, None, _) => usize::MAX,
+    };
+    let settings = Settings {
+        method: args.method,
+        levels,
+        group_size: args.group_size,
+        exact_groups: match args.exact_groups {
+            CountOrAll::Count(k) => Some(k),
+            CountOrAll::All => None,
+        },
+        taylor_examples: taylor_examples.min(set.sequences.len()),
+        batch_size: args.task.batch_size,
+        max_length: setup.max_length,
+    };
+    let subject = Subject {
+        model: &setup.model,
+        source: &args.model.model,
+        task,
+        labels: &setup.labels,
+    };
+    let analysis = analyze(&subject, &set, data, settings, cli.quiet)?;
+    let report = &analysis.report;
+    let timing = json!({
+        "wall_seconds": analysis.wall_seconds,
+        "forward_pass_seconds": analysis.forward_seconds,
+        "forward_pass_equivalents": analysis.wall_seconds / analysis.forward_seconds.max(1e-9),
+        "taylor_seconds": analysis.taylor_seconds,
+        "ablation_seconds": analysis.ablation_seconds,
+    });
+    let report_text = serde_json::to_string_pretty(report)? + "\n";
+    if let Some(out) = &args.out {
+        if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)?;
+        }
+        write_atomic(out, report_text.as_bytes())?;
+        write_atomic(
+            &timing_path(out),
+            (serde_json::to_string_pretty(&timing)? + "\n").as_bytes(),
+        )?;
+        log(cli, &format!("wrote {}", out.display()));
+    }
+    let plot_dir = args.plots.clone().or_else(|| {
+        args.out
+            .as_ref()
+            .map(|o| o.parent().unwrap_or(Path::new(".")).to_path_buf())
+    });
+    if let Some(dir) = plot_dir {
+        for p in plots::write_heatmaps(report, &dir)? {
+            log(cli, &format!("wrote {}", p.display()));
+        }
+    }
+    let cost_line = format!(
+        "analysis took {:.1}s = {:.1} forward passes over the same data ({:.2}s each); {} ablations",
+        analysis.wall_seconds,
+        analysis.wall_seconds / analysis.forward_seconds.max(1e-9),
+        analysis.forward_seconds,
+        report.cost.ablations
+    );
+    if cli.json {
+        log(cli, &cost_line);
+        print!("{report_text}");
+        return Ok(());
+    }
+    print!("{}", summary::render(report, 3));
+    println!("{cost_line}");
+    Ok(())
+}
+
+/// `report.json` → `report.timing.json`.
+fn timing_path(out: &Path) -> PathBuf {
+    let stem = out
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    out.with_file_name(format!("{stem}.timing.json"))
+}
+
+/// Loads, samples and tokenises the analysis data chosen by `--on`.
+fn analysis_data(
+    args: &AnalyzeArgs,
+    task: Task,
+    data: &Path,
+    encoder: &TextEncoder,
+) -> Result<(EncodedSet, DataInfo)> {
+    let (source, path) = match args.on.as_str() {
+        "holdout" => (
+            "train-holdout",
+            glue::split_paths(task, data, "train")?.remove(0).1,
+        ),
+        "dev" => ("dev", glue::split_paths(task, data, "dev")?.remove(0).1),
+        file => ("file", PathBuf::from(file)),
+    };
+    if source == "file" && !path.is_file() {
+        bail!(
+            "--on {}: no such file; use holdout, dev or a TSV file",
+            path.display()
+        );
+    }
+    let full = glue::read(task, &path)?;
+    let available = full.examples.len();
+    let mut picked: Vec<usize> = if source == "train-holdout" {
+        sample_indices(available, args.holdout, args.seed)
+    } else {
+        (0..available).collect()
+    };
+    if let Some(limit) = args.limit {
+        picked.truncate(limit);
+    }
+    if picked.is_empty() {
+        bail!(
+            "{}: the analysis data is empty (check --holdout / --limit)",
+            path.display()
+        );
+    }
+    let subset = Dataset {
+        path: path.clone(),
+        examples: picked.iter().map(|&i| full.examples[i].clone()).collect(),
+    };
+    let info = DataInfo {
+        source: source.to_string(),
+        path: path.display().to_string(),
+        examples: picked.len(),
+        available,
+        seed: (source == "train-holdout").then_some(args.seed),
+    };
+    Ok((encode(&subset, "", encoder)?, info))
+}

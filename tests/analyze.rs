@@ -1,0 +1,466 @@
+//! Significance analysis: exact ablation equals evaluating an explicitly pruned model, Taylor
+//! scores equal finite differences, reports are deterministic, bad input is refused.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use axcompress::analyze::elements::Level;
+use axcompress::analyze::report::{DataInfo, Method, Report, Settings, Source};
+use axcompress::analyze::{analyze, batches, taylor, Subject};
+use axcompress::data::batch::EncodedSet;
+use axcompress::data::glue::Target;
+use axcompress::data::labels::LabelMap;
+use axcompress::data::task::Task;
+use axcompress::evaluate::{example_loss, predict, score};
+use axcompress::model::encoder::{Gates, RunOptions};
+use axcompress::model::inputs::Sequence;
+use axcompress::model::Model;
+use candle_core::Tensor;
+use common::read_json;
+use indicatif::ProgressBar;
+
+/// The unpadded reference batch of a tiny fixture, with arbitrary but fixed labels, as a
+/// 3-class (MNLI-shaped) task.
+fn tiny_set(dir: &Path) -> EncodedSet {
+    let r = read_json(&dir.join("reference.json"));
+    let rows = |k: &str| -> Option<Vec<Vec<u32>>> {
+        r[k].as_array().map(|a| {
+            a.iter()
+                .map(|row| {
+                    row.as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|v| v.as_u64().unwrap() as u32)
+                        .collect()
+                })
+                .collect()
+        })
+    };
+    let (ids, mask) = (rows("input_ids").unwrap(), rows("attention_mask").unwrap());
+    let types = rows("token_type_ids");
+    let mut sequences = Vec::new();
+    for (i, (row, m)) in ids.iter().zip(&mask).enumerate() {
+        let n = m.iter().filter(|&&x| x == 1).count();
+        let type_ids = types.as_ref().map_or(vec![0; n], |t| t[i][..n].to_vec());
+        sequences.push(Sequence {
+            ids: row[..n].to_vec(),
+            type_ids,
+        });
+    }
+    // Duplicate with other labels so the set is not tiny.
+    let mut all = sequences.clone();
+    all.extend(sequences.iter().rev().cloned());
+    let targets = (0..all.len())
+        .map(|i| Target::Class((i * 7 + 1) % 3))
+        .collect();
+    EncodedSet {
+        suffix: "",
+        path: PathBuf::from("reference.json"),
+        sequences: all,
+        targets,
+    }
+}
+
+fn settings(method: Method, group_size: usize, levels: &[Level]) -> Settings {
+    Settings {
+        method,
+        levels: levels.to_vec(),
+        group_size,
+        exact_groups: None,
+        taylor_examples: usize::MAX,
+        batch_size: 3,
+        max_length: 64,
+    }
+}
+
+fn data_info(n: usize) -> DataInfo {
+    DataInfo {
+        source: "file".into(),
+        path: "test".into(),
+        examples: n,
+        available: n,
+        seed: None,
+    }
+}
+
+fn identity_labels(n: usize) -> LabelMap {
+    LabelMap {
+        model_to_task: (0..n).collect(),
+    }
+}
+
+/// Every element's ablation result equals evaluating the explicitly sliced model.
+fn check_ablation_matches_pruned(
+    model: &Model,
+    set: &EncodedSet,
+    task: Task,
+    labels: &LabelMap,
+    group_size: usize,
+) {
+    let all = [Level::Blocks, Level::Heads, Level::Groups];
+    let subject = Subject {
+        model,
+        source: "test",
+        task,
+        labels,
+    };
+    let analysis = analyze(
+        &subject,
+        set,
+        data_info(set.sequences.len()),
+        settings(Method::Both, group_size, &all),
+        true,
+    )
+    .unwrap();
+    let report = &analysis.report;
+    let hidden = ProgressBar::hidden();
+    let base_logits = predict(model, &set.sequences, 4, RunOptions::default(), &hidden).unwrap();
+    let base = score(task, labels, &base_logits, &set.targets);
+    assert!((report.baseline.loss - base.loss).abs() <= 1e-6 * base.loss);
+    let metric = task.primary_metric();
+    for e in &report.elements {
+        assert_eq!(e.source, Source::Ablation);
+        let pruned = model.slice(&e.element.removal_plan(model)).unwrap();
+        let logits = predict(&pruned, &set.sequences, 4, RunOptions::default(), &hidden).unwrap();
+        let s = score(task, labels, &logits, &set.targets);
+        let ours = report.baseline.loss + e.loss_delta;
+        assert!(
+            (ours - s.loss).abs() <= 1e-5 * s.loss.abs(),
+            "{:?}: analysis gives loss {ours}, the pruned model {}",
+            e.element,
+            s.loss
+        );
+        let metric_delta = s.get(metric).unwrap() - base.get(metric).unwrap();
+        assert!(
+            (e.metric_delta.unwrap() - metric_delta).abs() < 1e-12,
+            "{:?} metric",
+            e.element
+        );
+    }
+}
+
+#[test]
+fn ablation_equals_explicitly_pruned_models_on_tiny_fixtures() {
+    let shared = fixtures_or_skip!();
+    for name in ["tiny-bert", "tiny-roberta", "tiny-distilbert"] {
+        let dir = shared.join("models").join(name);
+        let model = Model::from_dir(&dir).unwrap();
+        let set = tiny_set(&dir);
+        check_ablation_matches_pruned(&model, &set, Task::Mnli, &identity_labels(3), 16);
+    }
+}
+
+#[test]
+fn ablation_equals_explicitly_pruned_minilm_on_a_reshaped_model() {
+    let shared = fixtures_or_skip!();
+    let dir = shared.join("models/minilm-l6-sst2");
+    let full = Model::from_dir(&dir).unwrap();
+    // A model whose layers differ: drop some heads and neurons first.
+    let mut keep = full.keep_all();
+    keep[1].heads = Some(vec![0, 2, 3, 5, 7, 8, 11]);
+    keep[2].neurons = Some((0..1536).filter(|n| n % 3 != 0).take(768).collect());
+    keep[4].heads = None;
+    let model = full.slice(&keep).unwrap();
+    let encoder = axcompress::model::tokenizer::TextEncoder::load(&dir, 64).unwrap();
+    let glue =
+        axcompress::data::glue::read(Task::Sst2, &shared.join("data/glue/SST-2/dev.tsv")).unwrap();
+    let mut set = axcompress::data::batch::encode(&glue, "", &encoder).unwrap();
+    set = set.subset(&(0..12).collect::<Vec<_>>());
+    let labels = LabelMap::new(&model.config, Task::Sst2).unwrap();
+    check_ablation_matches_pruned(&model, &set, Task::Sst2, &labels, 384);
+}
+
+#[test]
+fn taylor_gradients_equal_finite_differences() {
+    let shared = fixtures_or_skip!();
+    let dir = shared.join("models/tiny-bert");
+    let model = Model::from_dir(&dir).unwrap();
+    let set = tiny_set(&dir);
+    let labels = identity_labels(3);
+    let b = batches(&model, &set, &labels, 3).unwrap();
+    let grads = taylor::gate_gradients(&model, &b, &ProgressBar::hidden()).unwrap();
+    let n = set.sequences.len() as f64;
+    // Losses in f64 from the logits, so the difference quotient is not lost to f32 rounding.
+    let loss_with = |gates: &Gates| -> f64 {
+        b.iter()
+            .map(|batch| {
+                let logits: Vec<Vec<f32>> = model
+                    .forward(
+                        &batch.inputs,
+                        RunOptions {
+                            gates: Some(gates),
+                            differentiable: false,
+                        },
+                    )
+                    .unwrap()
+                    .to_vec2()
+                    .unwrap();
+                logits
+                    .iter()
+                    .zip(&batch.examples)
+                    .map(|(row, &ex)| example_loss(&labels, row, &set.targets[ex]))
+                    .sum::<f64>()
+            })
+            .sum::<f64>()
+            / n
+    };
+    let base = model.gates_for(&model.keep_all()).unwrap();
+    let eps = 1e-2;
+    type Pick = fn(&mut axcompress::model::encoder::LayerGates) -> &mut Option<Tensor>;
+    let kinds: [(&str, Pick); 4] = [
+        ("attention", |g| &mut g.attention),
+        ("heads", |g| &mut g.heads),
+        ("ffn", |g| &mut g.ffn),
+        ("neurons", |g| &mut g.neurons),
+    ];
+    let mut checked = 0;
+    for layer in 0..model.num_layers() {
+        for (kind, pick) in kinds {
+            let len = pick(&mut base.layers[layer].clone())
+                .as_ref()
+                .unwrap()
+                .elem_count();
+            for i in [0, len - 1] {
+                let shifted = |delta: f32| {
+                    let mut g = base.clone();
+                    let t = pick(&mut g.layers[layer]).as_mut().unwrap();
+                    let mut v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+                    v[i] += delta;
+                    *t = Tensor::new(v, &candle_core::Device::Cpu)
+                        .unwrap()
+                        .reshape(t.shape())
+                        .unwrap();
+                    g
+                };
+                let fd = (loss_with(&shifted(eps as f32)) - loss_with(&shifted(-eps as f32)))
+                    / (2.0 * eps);
+                let analytic = match kind {
+                    "attention" => grads.attention[layer].unwrap(),
+                    "heads" => grads.heads[layer][i],
+                    "ffn" => grads.ffn[layer].unwrap(),
+                    _ => grads.neurons[layer][i],
+                };
+                let tol = 2e-3 * analytic.abs().max(fd.abs()) + 2e-6;
+                assert!(
+                    (fd - analytic).abs() <= tol,
+                    "layer {layer} {kind}[{i}]: analytic {analytic}, finite difference {fd}"
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert_eq!(checked, 3 * 4 * 2);
+}
+
+#[test]
+fn report_for_another_model_is_refused() {
+    let shared = fixtures_or_skip!();
+    let dir = shared.join("models/tiny-bert");
+    let model = Model::from_dir(&dir).unwrap();
+    let set = tiny_set(&dir);
+    let labels = identity_labels(3);
+    let subject = Subject {
+        model: &model,
+        source: "tiny-bert",
+        task: Task::Mnli,
+        labels: &labels,
+    };
+    let analysis = analyze(
+        &subject,
+        &set,
+        data_info(8),
+        settings(Method::Ablation, 16, &[Level::Blocks]),
+        true,
+    )
+    .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("report.json");
+    std::fs::write(&path, serde_json::to_string(&analysis.report).unwrap()).unwrap();
+    let loaded = Report::load(&path).unwrap();
+    assert_eq!(loaded, analysis.report);
+    loaded.check_model(&model, &path).unwrap();
+    let mut keep = model.keep_all();
+    keep[0].heads = Some(vec![1, 2, 3]);
+    let pruned = model.slice(&keep).unwrap();
+    let err = loaded.check_model(&pruned, &path).unwrap_err().to_string();
+    assert!(
+        err.contains("report.json")
+            && err.contains("computed for model tiny-bert")
+            && err.contains("rerun axcompress analyze"),
+        "{err}"
+    );
+    let other = Model::from_dir(&shared.join("models/tiny-roberta")).unwrap();
+    assert!(loaded.check_model(&other, &path).is_err());
+    std::fs::write(&path, r#"{"schema": "something-else"}"#).unwrap();
+    assert!(Report::load(&path)
+        .unwrap_err()
+        .to_string()
+        .contains("schema"));
+}
+
+fn analyze_cli(shared: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "analyze",
+        "--model",
+        shared
+            .join("models/minilm-l6-sst2")
+            .to_str()
+            .unwrap()
+            .to_owned()
+            .leak(),
+        "--task",
+        "sst2",
+        "--data",
+        shared
+            .join("data/glue/SST-2")
+            .to_str()
+            .unwrap()
+            .to_owned()
+            .leak(),
+        "-q",
+    ];
+    args.extend_from_slice(extra);
+    common::run(&args)
+}
+
+#[test]
+fn minilm_report_is_complete_finite_and_byte_identical() {
+    let shared = fixtures_or_skip!();
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (
+        tmp.path().join("a/report.json"),
+        tmp.path().join("b/report.json"),
+    );
+    for out in [&a, &b] {
+        let o = analyze_cli(
+            &shared,
+            &[
+                "--holdout",
+                "40",
+                "--seed",
+                "3",
+                "--out",
+                out.to_str().unwrap(),
+            ],
+        );
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    assert_eq!(
+        std::fs::read(&a).unwrap(),
+        std::fs::read(&b).unwrap(),
+        "reports differ between runs"
+    );
+    let report = Report::load(&a).unwrap();
+    let count = |level: Level| {
+        report
+            .elements
+            .iter()
+            .filter(|e| e.element.level() == level)
+            .count()
+    };
+    assert_eq!(
+        (
+            count(Level::Blocks),
+            count(Level::Heads),
+            count(Level::Groups)
+        ),
+        (12, 72, 6 * 1536 / 32)
+    );
+    assert!(report
+        .elements
+        .iter()
+        .all(|e| e.loss_delta.is_finite() && e.metric_delta.is_none_or(f64::is_finite)));
+    assert_eq!(report.data.source, "train-holdout");
+    assert_eq!((report.data.examples, report.data.seed), (40, Some(3)));
+    let timing = read_json(&tmp.path().join("a/report.timing.json"));
+    assert!(timing["forward_pass_equivalents"].as_f64().unwrap() > 1.0);
+    for level in ["blocks", "heads", "groups"] {
+        let svg = std::fs::read_to_string(tmp.path().join(format!("a/significance-{level}.svg")))
+            .unwrap();
+        let expected = count(match level {
+            "blocks" => Level::Blocks,
+            "heads" => Level::Heads,
+            _ => Level::Groups,
+        });
+        assert_eq!(svg.matches("<title>").count(), expected, "{level}.svg");
+    }
+    // A different seed draws different data.
+    let o = analyze_cli(
+        &shared,
+        &[
+            "--holdout",
+            "40",
+            "--seed",
+            "4",
+            "--levels",
+            "blocks",
+            "--json",
+        ],
+    );
+    let other: serde_json::Value = common::json_stdout(&o);
+    assert_ne!(
+        other["baseline"]["loss"].as_f64(),
+        Some(report.baseline.loss)
+    );
+}
+
+#[test]
+fn both_methods_report_rank_correlation() {
+    let shared = fixtures_or_skip!();
+    let o = analyze_cli(
+        &shared,
+        &[
+            "--on",
+            "dev",
+            "--limit",
+            "24",
+            "--method",
+            "both",
+            "--levels",
+            "blocks,heads",
+            "--json",
+        ],
+    );
+    let report: Report = serde_json::from_value(common::json_stdout(&o)).unwrap();
+    assert_eq!(report.data.source, "dev");
+    for level in &report.levels {
+        let rho = level
+            .spearman_taylor_vs_ablation
+            .expect("both gives a correlation");
+        assert!((-1.0..=1.0).contains(&rho));
+        assert_eq!(level.ablated, level.elements);
+    }
+    assert!(report
+        .elements
+        .iter()
+        .all(|e| e.taylor_loss_delta.is_some()));
+}
+
+#[test]
+fn group_size_must_divide_ffn_width() {
+    let shared = fixtures_or_skip!();
+    let o = analyze_cli(&shared, &["--limit", "8", "--group-size", "100"]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr.contains("--group-size 100 does not divide the FFN width 1536 of layer 0"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.lines().count(), 1);
+}
+
+#[test]
+fn empty_analysis_data_is_refused() {
+    let shared = fixtures_or_skip!();
+    let empty = tempfile::Builder::new().suffix(".tsv").tempfile().unwrap();
+    std::fs::write(empty.path(), "sentence\tlabel\n").unwrap();
+    let o = analyze_cli(&shared, &["--on", empty.path().to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr.contains("dataset is empty"), "{stderr}");
+    let o = analyze_cli(&shared, &["--limit", "0"]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr.contains("analysis data is empty"), "{stderr}");
+}
