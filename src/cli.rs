@@ -7,6 +7,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::analyze::elements::Level;
 use crate::analyze::report::Method;
 use crate::data::task::Task;
+use crate::passes::prune::Mode;
 
 /// Make fine-tuned BERT-family models faster, smaller and sometimes more accurate for one task.
 #[derive(Debug, Parser)]
@@ -30,6 +31,10 @@ pub enum Command {
     Eval(EvalArgs),
     /// Describe a model: family, per-layer heads and FFN widths, parameters and bytes by dtype.
     Inspect(InspectArgs),
+    /// Accuracy-driven pruning of blocks, heads and FFN groups; writes a smaller model directory.
+    Prune(PruneArgs),
+    /// Latency, throughput, memory, size and metric of a model, against a baseline.
+    Bench(BenchArgs),
     /// Significance analysis: how much each block, head and FFN neuron group matters to the task.
     Analyze(AnalyzeArgs),
 }
@@ -88,6 +93,23 @@ pub struct InspectArgs {
     pub model: ModelArgs,
 }
 
+/// The data decisions are made on (analysis / selection data).
+#[derive(Debug, Args)]
+pub struct SelectionArgs {
+    /// `holdout` (a seeded slice of the train split), `dev`, or a TSV file.
+    #[arg(long, default_value = "holdout")]
+    pub on: String,
+    /// Examples in the train hold-out.
+    #[arg(long, default_value_t = 2000)]
+    pub holdout: usize,
+    /// Seed of the hold-out sample.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Use only the first N examples (quick looks).
+    #[arg(long)]
+    pub limit: Option<usize>,
+}
+
 /// Arguments of `axcompress analyze`.
 #[derive(Debug, Args)]
 pub struct AnalyzeArgs {
@@ -97,18 +119,9 @@ pub struct AnalyzeArgs {
     /// Task and data.
     #[command(flatten)]
     pub task: TaskArgs,
-    /// Analysis data: `holdout` (a seeded slice of the train split), `dev`, or a TSV file.
-    #[arg(long, default_value = "holdout")]
-    pub on: String,
-    /// Examples in the train hold-out.
-    #[arg(long, default_value_t = 2000)]
-    pub holdout: usize,
-    /// Seed of the hold-out sample.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// Use only the first N analysis examples (quick looks).
-    #[arg(long)]
-    pub limit: Option<usize>,
+    /// Analysis data.
+    #[command(flatten)]
+    pub selection: SelectionArgs,
     /// Exact ablation, first-order Taylor estimates, or both (with their rank correlation).
     #[arg(long, value_enum, default_value = "ablation")]
     pub method: Method,
@@ -157,4 +170,100 @@ fn parse_count_or_all(s: &str) -> Result<CountOrAll, String> {
             .map(CountOrAll::Count)
             .map_err(|_| format!("expected a number or `all`, got `{n}`")),
     }
+}
+
+/// Arguments of `axcompress prune`.
+#[derive(Debug, Args)]
+pub struct PruneArgs {
+    /// The model to prune (never modified).
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Task and data.
+    #[command(flatten)]
+    pub task: TaskArgs,
+    /// Selection data.
+    #[command(flatten)]
+    pub selection: SelectionArgs,
+    /// accuracy: keep removals that do not lower the selection metric; size / speed: remove
+    /// within --max-drop, favouring parameters / latency saved.
+    #[arg(long, value_enum, default_value = "accuracy")]
+    pub mode: Mode,
+    /// Allowed metric drop for size / speed: absolute points (1.0 = one accuracy point) or
+    /// relative with a `%` suffix (e.g. `2%`).
+    #[arg(long, value_parser = parse_max_drop)]
+    pub max_drop: Option<MaxDrop>,
+    /// Cap on tentative removals re-evaluated (all levels together).
+    #[arg(long)]
+    pub budget: Option<usize>,
+    /// Stop a level after this many consecutive rejected removals (0: never); candidates come in
+    /// ascending significance, so long runs of rejections rarely end.
+    #[arg(long, default_value_t = 20)]
+    pub patience: usize,
+    /// Levels to prune, in order blocks → heads → groups.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "blocks,heads,groups"
+    )]
+    pub levels: Vec<Level>,
+    /// FFN neurons per group (pruned widths stay multiples of it).
+    #[arg(long, default_value_t = 32)]
+    pub group_size: usize,
+    /// Read significance from this report (of the same model) instead of recomputing it per level.
+    #[arg(long)]
+    pub significance: Option<PathBuf>,
+    /// Output model directory.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Replace an existing --out.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// An allowed metric drop.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum MaxDrop {
+    /// In metric points (1.0 = 0.01 of a metric in [0, 1]).
+    Points(f64),
+    /// A fraction of the baseline metric.
+    Relative(f64),
+}
+
+fn parse_max_drop(s: &str) -> Result<MaxDrop, String> {
+    let (number, relative) = match s.strip_suffix('%') {
+        Some(n) => (n, true),
+        None => (s, false),
+    };
+    let v: f64 = number.trim().parse().map_err(|_| {
+        format!("`{s}` is not a number (use e.g. 1.0 for one point, or 2% for relative)")
+    })?;
+    if !v.is_finite() || v < 0.0 {
+        return Err(format!("`{s}` must be a non-negative number"));
+    }
+    Ok(if relative {
+        MaxDrop::Relative(v / 100.0)
+    } else {
+        MaxDrop::Points(v)
+    })
+}
+
+/// Arguments of `axcompress bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// The model to measure.
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// A baseline model to compare with (runs interleaved with --model).
+    #[arg(long)]
+    pub baseline: Option<String>,
+    /// Task and data (dev split).
+    #[command(flatten)]
+    pub task: TaskArgs,
+    /// Dev sentences timed one by one for batch-1 latency.
+    #[arg(long, default_value_t = 200)]
+    pub samples: usize,
+    /// Timed passes over the dev set at --batch-size for throughput.
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
 }

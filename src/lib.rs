@@ -5,10 +5,13 @@
 //! entry point of each subcommand.
 
 pub mod analyze;
+pub mod bench;
 pub mod cli;
 pub mod commands;
 pub mod data;
 pub mod evaluate;
+pub mod export;
 pub mod fsutil;
 pub mod model;
+pub mod passes;
 pub mod progress;

@@ -12,6 +12,8 @@ fn main() {
         Command::Eval(args) => commands::eval::run(args, &cli),
         Command::Inspect(args) => commands::inspect::run(args, &cli),
         Command::Analyze(args) => commands::analyze::run(args, &cli),
+        Command::Prune(args) => commands::prune::run(args, &cli),
+        Command::Bench(args) => commands::bench::run(args, &cli),
     };
     if let Err(err) = result {
         // One line: the context chain; a backtrace some libraries append goes on later lines.

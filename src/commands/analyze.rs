@@ -3,27 +3,26 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use serde_json::json;
 
-use super::{log, TaskSetup};
+use super::{log, selection_data, TaskSetup};
 use crate::analyze::elements::Level;
-use crate::analyze::report::{DataInfo, Method, Settings};
+use crate::analyze::report::{Method, Settings};
 use crate::analyze::{analyze, plots, summary, Subject};
 use crate::cli::{AnalyzeArgs, Cli, CountOrAll};
-use crate::data::batch::{encode, EncodedSet};
-use crate::data::glue::{self, Dataset};
-use crate::data::sample::sample_indices;
-use crate::data::task::Task;
 use crate::fsutil::write_atomic;
-use crate::model::tokenizer::TextEncoder;
 
 /// Runs `axcompress analyze`.
 pub fn run(args: &AnalyzeArgs, cli: &Cli) -> Result<()> {
-    let split = if args.on == "holdout" { "train" } else { "dev" };
+    let split = if args.selection.on == "holdout" {
+        "train"
+    } else {
+        "dev"
+    };
     let setup = TaskSetup::load(&args.model, &args.task, split)?;
     let task = args.task.task;
-    let (set, data) = analysis_data(args, task, &setup.data, &setup.encoder)?;
+    let (set, data) = selection_data(&args.selection, task, &setup.data, &setup.encoder)?;
     log(
         cli,
         &format!(
@@ -114,55 +113,4 @@ fn timing_path(out: &Path) -> PathBuf {
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
     out.with_file_name(format!("{stem}.timing.json"))
-}
-
-/// Loads, samples and tokenises the analysis data chosen by `--on`.
-fn analysis_data(
-    args: &AnalyzeArgs,
-    task: Task,
-    data: &Path,
-    encoder: &TextEncoder,
-) -> Result<(EncodedSet, DataInfo)> {
-    let (source, path) = match args.on.as_str() {
-        "holdout" => (
-            "train-holdout",
-            glue::split_paths(task, data, "train")?.remove(0).1,
-        ),
-        "dev" => ("dev", glue::split_paths(task, data, "dev")?.remove(0).1),
-        file => ("file", PathBuf::from(file)),
-    };
-    if source == "file" && !path.is_file() {
-        bail!(
-            "--on {}: no such file; use holdout, dev or a TSV file",
-            path.display()
-        );
-    }
-    let full = glue::read(task, &path)?;
-    let available = full.examples.len();
-    let mut picked: Vec<usize> = if source == "train-holdout" {
-        sample_indices(available, args.holdout, args.seed)
-    } else {
-        (0..available).collect()
-    };
-    if let Some(limit) = args.limit {
-        picked.truncate(limit);
-    }
-    if picked.is_empty() {
-        bail!(
-            "{}: the analysis data is empty (check --holdout / --limit)",
-            path.display()
-        );
-    }
-    let subset = Dataset {
-        path: path.clone(),
-        examples: picked.iter().map(|&i| full.examples[i].clone()).collect(),
-    };
-    let info = DataInfo {
-        source: source.to_string(),
-        path: path.display().to_string(),
-        examples: picked.len(),
-        available,
-        seed: (source == "train-holdout").then_some(args.seed),
-    };
-    Ok((encode(&subset, "", encoder)?, info))
 }

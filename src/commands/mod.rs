@@ -1,15 +1,22 @@
 //! One module per subcommand, each with a `run` entry point.
 
 pub mod analyze;
+pub mod bench;
 pub mod eval;
 pub mod inspect;
+pub mod prune;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
-use crate::cli::{Cli, ModelArgs, TaskArgs};
+use crate::analyze::report::DataInfo;
+use crate::cli::{Cli, ModelArgs, SelectionArgs, TaskArgs};
+use crate::data::batch::{encode, EncodedSet};
+use crate::data::glue::{self, Dataset};
 use crate::data::labels::LabelMap;
+use crate::data::sample::sample_indices;
+use crate::data::task::Task;
 use crate::model::tokenizer::TextEncoder;
 use crate::model::Model;
 
@@ -77,4 +84,55 @@ pub fn log(cli: &Cli, line: &str) {
 pub fn print_json(value: &serde_json::Value) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
+}
+
+/// Loads, samples and tokenises the analysis / selection data chosen by `--on`.
+pub fn selection_data(
+    args: &SelectionArgs,
+    task: Task,
+    data: &Path,
+    encoder: &TextEncoder,
+) -> Result<(EncodedSet, DataInfo)> {
+    let (source, path) = match args.on.as_str() {
+        "holdout" => (
+            "train-holdout",
+            glue::split_paths(task, data, "train")?.remove(0).1,
+        ),
+        "dev" => ("dev", glue::split_paths(task, data, "dev")?.remove(0).1),
+        file => ("file", PathBuf::from(file)),
+    };
+    if source == "file" && !path.is_file() {
+        bail!(
+            "--on {}: no such file; use holdout, dev or a TSV file",
+            path.display()
+        );
+    }
+    let full = glue::read(task, &path)?;
+    let available = full.examples.len();
+    let mut picked: Vec<usize> = if source == "train-holdout" {
+        sample_indices(available, args.holdout, args.seed)
+    } else {
+        (0..available).collect()
+    };
+    if let Some(limit) = args.limit {
+        picked.truncate(limit);
+    }
+    if picked.is_empty() {
+        bail!(
+            "{}: the analysis data is empty (check --holdout / --limit)",
+            path.display()
+        );
+    }
+    let subset = Dataset {
+        path: path.clone(),
+        examples: picked.iter().map(|&i| full.examples[i].clone()).collect(),
+    };
+    let info = DataInfo {
+        source: source.to_string(),
+        path: path.display().to_string(),
+        examples: picked.len(),
+        available,
+        seed: (source == "train-holdout").then_some(args.seed),
+    };
+    Ok((encode(&subset, "", encoder)?, info))
 }

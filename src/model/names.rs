@@ -54,3 +54,20 @@ pub fn layer(family: Family, i: usize) -> LayerNames {
         }
     }
 }
+
+/// True for tensors of the task head that live outside the base model (`classifier.*`,
+/// `pre_classifier.*`), which carry no base-model prefix.
+pub fn is_task_head(name: &str) -> bool {
+    ["classifier.", "pre_classifier."]
+        .iter()
+        .any(|h| name.starts_with(h))
+}
+
+/// The name as Hugging Face writes it: base-model tensors carry the family prefix.
+pub fn full_name(family: Family, name: &str) -> String {
+    if is_task_head(name) {
+        name.to_string()
+    } else {
+        format!("{}{name}", prefix(family))
+    }
+}

@@ -103,9 +103,7 @@ fn candidate_names(prefix: &str, name: &str) -> Vec<String> {
     } else if let Some(stem) = name.strip_suffix("LayerNorm.bias") {
         base.push(format!("{stem}LayerNorm.beta"));
     }
-    let is_head = ["classifier.", "pre_classifier."]
-        .iter()
-        .any(|h| name.starts_with(h));
+    let is_head = super::names::is_task_head(name);
     let mut out = Vec::new();
     for b in &base {
         if is_head {

@@ -1,0 +1,194 @@
+//! `axcompress bench`: latency (batch 1), throughput (batch N), peak memory, size and metric of a
+//! model, optionally against a baseline with interleaved runs.
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+
+use super::{log, print_json, TaskSetup};
+use crate::bench::{median, percentile, throughput, time_single, weights_bytes};
+use crate::cli::{BenchArgs, Cli, ModelArgs};
+use crate::data::batch::load_split;
+use crate::model::inputs::Sequence;
+
+/// One model under measurement.
+struct Subject {
+    name: &'static str,
+    spec: String,
+    setup: TaskSetup,
+    dev: Vec<Sequence>,
+    latencies: Vec<f64>,
+    throughputs: Vec<f64>,
+}
+
+/// Runs `axcompress bench`.
+pub fn run(args: &BenchArgs, cli: &Cli) -> Result<()> {
+    if args.samples == 0 || args.repeats == 0 {
+        bail!("--samples and --repeats must be at least 1");
+    }
+    let mut specs = vec![("model", args.model.model.clone())];
+    if let Some(b) = &args.baseline {
+        specs.push(("baseline", b.clone()));
+    }
+    let mut subjects = Vec::new();
+    for (name, spec) in specs {
+        let model_args = ModelArgs {
+            model: spec.clone(),
+            offline: args.model.offline,
+        };
+        let setup = TaskSetup::load(&model_args, &args.task, "dev")?;
+        let dev = load_split(args.task.task, &setup.data, "dev", &setup.encoder)?
+            .remove(0)
+            .sequences;
+        subjects.push(Subject {
+            name,
+            spec,
+            setup,
+            dev,
+            latencies: Vec::new(),
+            throughputs: Vec::new(),
+        });
+    }
+    // Warm-up: a few single sentences and one batched pass each.
+    for s in &subjects {
+        for seq in s.dev.iter().take(8) {
+            time_single(&s.setup.model, seq)?;
+        }
+        throughput(
+            &s.setup.model,
+            &s.dev[..s.dev.len().min(64)],
+            args.task.batch_size,
+        )?;
+    }
+    let samples = args.samples.min(subjects[0].dev.len());
+    log(
+        cli,
+        &format!(
+            "timing {samples} sentences at batch 1 and {} passes at batch {}, interleaved",
+            args.repeats, args.task.batch_size
+        ),
+    );
+    let order = |i: usize, n: usize| -> Vec<usize> {
+        if i.is_multiple_of(2) {
+            (0..n).collect()
+        } else {
+            (0..n).rev().collect()
+        }
+    };
+    for i in 0..samples {
+        for k in order(i, subjects.len()) {
+            let s = &mut subjects[k];
+            let t = time_single(&s.setup.model, &s.dev[i])?;
+            s.latencies.push(t * 1000.0);
+        }
+    }
+    for r in 0..args.repeats {
+        for k in order(r, subjects.len()) {
+            let s = &mut subjects[k];
+            let t = throughput(&s.setup.model, &s.dev, args.task.batch_size)?;
+            s.throughputs.push(t);
+        }
+    }
+    let mut rows = serde_json::Map::new();
+    for s in &subjects {
+        let eval = eval_in_child(&s.spec, args)?;
+        rows.insert(s.name.to_string(), json!({
+            "model": s.spec,
+            "latency_b1_ms": {"p50": percentile(&s.latencies, 0.5), "p90": percentile(&s.latencies, 0.9), "samples": s.latencies.len()},
+            "throughput_sentences_per_second": {"batch_size": args.task.batch_size, "median": median(&s.throughputs), "runs": s.throughputs},
+            "peak_rss_bytes": eval["peak_rss_bytes"],
+            "weights_bytes": weights_bytes(&s.setup.model.dir),
+            "parameters": s.setup.model.parameter_count(),
+            "metrics": eval["metrics"],
+        }));
+    }
+    let mut report = json!({ "task": args.task.task.name(), "results": rows });
+    if let (Some(m), Some(b)) = (
+        report["results"].get("model").cloned(),
+        report["results"].get("baseline").cloned(),
+    ) {
+        let ratio = |path: &[&str], baseline_over_model: bool| -> Value {
+            let get = |v: &Value| path.iter().fold(v, |v, k| &v[*k]).as_f64();
+            match (get(&b), get(&m)) {
+                (Some(bv), Some(mv)) if bv > 0.0 && mv > 0.0 => json!(if baseline_over_model {
+                    bv / mv
+                } else {
+                    mv / bv
+                }),
+                _ => Value::Null,
+            }
+        };
+        report["speedup"] = json!({
+            "latency_b1_p50": ratio(&["latency_b1_ms", "p50"], true),
+            "latency_b1_p90": ratio(&["latency_b1_ms", "p90"], true),
+            "throughput": ratio(&["throughput_sentences_per_second", "median"], false),
+            "weights_bytes": ratio(&["weights_bytes"], true),
+            "peak_rss": ratio(&["peak_rss_bytes"], true),
+        });
+    }
+    if cli.json {
+        return print_json(&report);
+    }
+    println!(
+        "{:<10} {:>10} {:>10} {:>12} {:>12} {:>12} {:>10}",
+        "", "b1 p50 ms", "b1 p90 ms", "b32 sent/s", "peak RSS MB", "weights MB", "metric"
+    );
+    for (name, r) in report["results"].as_object().context("results")? {
+        let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
+        let metric = r["metrics"]
+            .as_object()
+            .and_then(|m| m.values().next())
+            .map(f)
+            .unwrap_or(f64::NAN);
+        println!(
+            "{name:<10} {:>10.2} {:>10.2} {:>12.1} {:>12.1} {:>12.1} {:>10.4}",
+            f(&r["latency_b1_ms"]["p50"]),
+            f(&r["latency_b1_ms"]["p90"]),
+            f(&r["throughput_sentences_per_second"]["median"]),
+            f(&r["peak_rss_bytes"]) / 1e6,
+            f(&r["weights_bytes"]) / 1e6,
+            metric
+        );
+    }
+    if let Some(s) = report.get("speedup") {
+        let f = |k: &str| s[k].as_f64().unwrap_or(f64::NAN);
+        println!(
+            "baseline/model: latency p50 {:.2}x, p90 {:.2}x, throughput {:.2}x, weights {:.2}x, peak RSS {:.2}x",
+            f("latency_b1_p50"), f("latency_b1_p90"), f("throughput"), f("weights_bytes"), f("peak_rss")
+        );
+    }
+    Ok(())
+}
+
+/// Evaluates a model in a separate process so that its peak memory is its own.
+fn eval_in_child(spec: &str, args: &BenchArgs) -> Result<Value> {
+    let exe = std::env::current_exe().context("cannot find the axcompress executable")?;
+    let data = args.task.data.as_ref().context("--data is required")?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args([
+        "eval",
+        "--model",
+        spec,
+        "--task",
+        args.task.task.name(),
+        "--json",
+        "--quiet",
+        "--batch-size",
+    ])
+    .arg(args.task.batch_size.to_string())
+    .arg("--data")
+    .arg(data);
+    if let Some(n) = args.task.max_length {
+        cmd.arg("--max-length").arg(n.to_string());
+    }
+    if args.model.offline {
+        cmd.arg("--offline");
+    }
+    let out = cmd.output().context("cannot run the eval child process")?;
+    if !out.status.success() {
+        bail!(
+            "evaluating {spec} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    serde_json::from_slice(&out.stdout).context("the eval child printed no JSON")
+}

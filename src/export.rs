@@ -1,0 +1,253 @@
+//! Writing a model directory: `model.safetensors` with Hugging Face tensor names and per-layer
+//! shapes, `config.json` (every standard field kept, plus an `axcompress` section), the tokenizer
+//! files and a `report.json`. Written into a temporary directory and renamed into place.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Tensor, D};
+use serde_json::{json, Value};
+
+use crate::model::config::Family;
+use crate::model::names::{self, full_name};
+use crate::model::nn::Linear;
+use crate::model::Model;
+
+/// Tokenizer and auxiliary files copied from the source model when present.
+const TOKENIZER_FILES: [&str; 6] = [
+    "tokenizer.json",
+    "vocab.txt",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+];
+
+/// Whether a stock Hugging Face config can describe the model, and why not.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Compatibility {
+    /// True when stock transformers can load the exported directory.
+    pub hf_compatible: bool,
+    /// Why not, when it cannot.
+    pub reason: Option<String>,
+}
+
+/// Decides whether the model is expressible in a stock config: only whole layers removed, all
+/// heads kept and one FFN width everywhere.
+pub fn compatibility(model: &Model) -> Compatibility {
+    let s = &model.config.structure;
+    let present: Vec<_> = s.layers.iter().filter(|l| !l.is_removed()).collect();
+    let reason = if present.is_empty() {
+        Some("every encoder layer was removed".to_string())
+    } else if present
+        .iter()
+        .any(|l| l.heads.is_none() || l.ffn_width.is_none())
+    {
+        Some("some layers keep only one of their two blocks".to_string())
+    } else if s.uniform_ffn_width().is_none() {
+        Some("layers keep different numbers of heads or FFN widths (stock transformers 5.x cannot load per-layer head counts)".to_string())
+    } else {
+        None
+    };
+    Compatibility {
+        hf_compatible: reason.is_none(),
+        reason,
+    }
+}
+
+/// The model's tensors under Hugging Face names. With `renumber`, removed layers are skipped and
+/// the remaining ones numbered consecutively (for stock configs).
+pub fn hf_tensors(model: &Model, renumber: bool) -> Result<HashMap<String, Tensor>> {
+    let family = model.config.family;
+    let mut out = HashMap::new();
+    let mut put = |name: String, t: &Tensor| {
+        out.insert(full_name(family, &name), t.contiguous());
+    };
+    let e = &model.embeddings;
+    put("embeddings.word_embeddings.weight".into(), &e.word);
+    put("embeddings.position_embeddings.weight".into(), &e.position);
+    if let Some(t) = &e.token_type {
+        put("embeddings.token_type_embeddings.weight".into(), t);
+    }
+    put("embeddings.LayerNorm.weight".into(), &e.norm.weight);
+    put("embeddings.LayerNorm.bias".into(), &e.norm.bias);
+    let mut index = 0;
+    for (original, layer) in model.layers.iter().enumerate() {
+        if renumber && layer.attention.is_none() && layer.ffn.is_none() {
+            continue;
+        }
+        let i = if renumber { index } else { original };
+        index += 1;
+        let n = names::layer(family, i);
+        if let Some(att) = &layer.attention {
+            if !att.heads.is_empty() {
+                let width = att.heads.len() * att.head_size;
+                for (part, name) in n.qkv.iter().enumerate() {
+                    put(
+                        format!("{name}.weight"),
+                        &att.qkv.weight.narrow(0, part * width, width)?,
+                    );
+                    put(
+                        format!("{name}.bias"),
+                        &att.qkv.bias.narrow(D::Minus1, part * width, width)?,
+                    );
+                }
+                put(format!("{}.weight", n.attention_output), &att.output.weight);
+            }
+            put(format!("{}.bias", n.attention_output), &att.output.bias);
+            put(format!("{}.weight", n.attention_norm), &att.norm.weight);
+            put(format!("{}.bias", n.attention_norm), &att.norm.bias);
+        }
+        if let Some(ffn) = &layer.ffn {
+            if ffn.width() > 0 {
+                put_linear(&mut put, &n.intermediate, &ffn.intermediate);
+                put(format!("{}.weight", n.ffn_output), &ffn.output.weight);
+            }
+            put(format!("{}.bias", n.ffn_output), &ffn.output.bias);
+            put(format!("{}.weight", n.ffn_norm), &ffn.norm.weight);
+            put(format!("{}.bias", n.ffn_norm), &ffn.norm.bias);
+        }
+    }
+    let (dense, head_out) = crate::model::head::ClassifierHead::tensor_names(family);
+    put_linear(&mut put, dense, &model.head.dense);
+    put_linear(&mut put, head_out, &model.head.out);
+    out.into_iter()
+        .map(|(k, v)| Ok((k, v?)))
+        .collect::<candle_core::Result<HashMap<_, _>>>()
+        .map_err(Into::into)
+}
+
+fn put_linear(put: &mut impl FnMut(String, &Tensor), name: &str, lin: &Linear) {
+    put(format!("{name}.weight"), &lin.weight);
+    put(format!("{name}.bias"), &lin.bias);
+}
+
+/// `config.json` for the exported model: the source config with the sizes updated, plus an
+/// `axcompress` section (per-layer structure unless the result is stock-expressible, history of
+/// passes, and the compatibility verdict).
+pub fn config_json(model: &Model, history: &[Value], compat: &Compatibility) -> Value {
+    let mut config = model.config.raw.clone();
+    let s = &model.config.structure;
+    let obj = config.as_object_mut().expect("config.json is an object");
+    let mut section = json!({
+        "version": 1,
+        "hf_compatible": compat.hf_compatible,
+        "history": history,
+    });
+    if compat.hf_compatible {
+        let layers = s.layers.iter().filter(|l| !l.is_removed()).count();
+        let width = s.uniform_ffn_width().expect("stock-expressible");
+        let (layer_key, ffn_key) = match model.config.family {
+            Family::DistilBert => ("n_layers", "hidden_dim"),
+            _ => ("num_hidden_layers", "intermediate_size"),
+        };
+        obj.insert(layer_key.into(), json!(layers));
+        obj.insert(ffn_key.into(), json!(width));
+        section["removed_layers"] = json!(s
+            .layers
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.is_removed())
+            .map(|(i, _)| i)
+            .collect::<Vec<_>>());
+    } else {
+        section["structure"] = serde_json::to_value(s).expect("structure serialises");
+        section["reason"] = json!(compat.reason);
+    }
+    obj.insert("axcompress".into(), section);
+    config
+}
+
+/// Refuses to write into (or over) the input model, or over an existing `out` without `force`.
+pub fn check_destination(input: &Path, out: &Path, force: bool) -> Result<()> {
+    let input = input
+        .canonicalize()
+        .with_context(|| format!("cannot resolve {}", input.display()))?;
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let parent = parent
+        .canonicalize()
+        .with_context(|| format!("output directory {} has no existing parent", out.display()))?;
+    let target = parent.join(out.file_name().context("--out needs a directory name")?);
+    if target.starts_with(&input) {
+        bail!(
+            "--out {} is inside the input model directory {}; choose a directory outside it (the input is never overwritten)",
+            out.display(),
+            input.display()
+        );
+    }
+    if out.exists() && !force {
+        bail!(
+            "--out {} already exists; pass --force to replace it",
+            out.display()
+        );
+    }
+    Ok(())
+}
+
+/// Writes `model` as a self-contained directory at `out`, atomically. `report` becomes
+/// `report.json`. Returns whether the result is stock-expressible.
+pub fn write_model_dir(
+    model: &Model,
+    out: &Path,
+    history: &[Value],
+    report: &Value,
+    force: bool,
+) -> Result<Compatibility> {
+    check_destination(&model.dir, out, force)?;
+    let compat = compatibility(model);
+    let tmp = sibling(out, "tmp");
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).with_context(|| format!("cannot clear {}", tmp.display()))?;
+    }
+    std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    let result = (|| -> Result<()> {
+        let tensors = hf_tensors(model, compat.hf_compatible)?;
+        candle_core::safetensors::save(&tensors, tmp.join("model.safetensors"))
+            .with_context(|| format!("cannot write {}", tmp.join("model.safetensors").display()))?;
+        let config = config_json(model, history, &compat);
+        std::fs::write(
+            tmp.join("config.json"),
+            serde_json::to_string_pretty(&config)? + "\n",
+        )?;
+        for f in TOKENIZER_FILES {
+            let src = model.dir.join(f);
+            if src.is_file() {
+                std::fs::copy(&src, tmp.join(f))
+                    .with_context(|| format!("cannot copy {}", src.display()))?;
+            }
+        }
+        std::fs::write(
+            tmp.join("report.json"),
+            serde_json::to_string_pretty(report)? + "\n",
+        )?;
+        Ok(())
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    if out.exists() {
+        let old = sibling(out, "old");
+        std::fs::rename(out, &old)
+            .with_context(|| format!("cannot move the existing {} aside", out.display()))?;
+        std::fs::rename(&tmp, out)?;
+        std::fs::remove_dir_all(&old)
+            .with_context(|| format!("cannot remove {}", old.display()))?;
+    } else {
+        std::fs::rename(&tmp, out)
+            .with_context(|| format!("cannot move {} to {}", tmp.display(), out.display()))?;
+    }
+    Ok(compat)
+}
+
+fn sibling(out: &Path, tag: &str) -> PathBuf {
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    out.with_file_name(format!(".{name}.{tag}-{}", std::process::id()))
+}
