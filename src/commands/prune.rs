@@ -82,6 +82,7 @@ pub fn run(args: &PruneArgs, cli: &Cli) -> Result<()> {
     let rule = Rule {
         mode: args.mode,
         floor,
+        patience: args.patience,
     };
     log(
         cli,
