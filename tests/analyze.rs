@@ -441,13 +441,10 @@ fn both_methods_report_rank_correlation() {
 fn group_size_must_divide_ffn_width() {
     let shared = fixtures_or_skip!();
     let o = analyze_cli(&shared, &["--limit", "8", "--group-size", "100"]);
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(1));
-    assert!(
-        stderr.contains("--group-size 100 does not divide the FFN width 1536 of layer 0"),
-        "{stderr}"
+    common::assert_clean_error(
+        &o,
+        &["--group-size 100 does not divide the FFN width 1536 of layer 0"],
     );
-    assert_eq!(stderr.lines().count(), 1);
 }
 
 #[test]
@@ -456,11 +453,7 @@ fn empty_analysis_data_is_refused() {
     let empty = tempfile::Builder::new().suffix(".tsv").tempfile().unwrap();
     std::fs::write(empty.path(), "sentence\tlabel\n").unwrap();
     let o = analyze_cli(&shared, &["--on", empty.path().to_str().unwrap()]);
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(1));
-    assert!(stderr.contains("dataset is empty"), "{stderr}");
+    common::assert_clean_error(&o, &["dataset is empty"]);
     let o = analyze_cli(&shared, &["--limit", "0"]);
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(1));
-    assert!(stderr.contains("analysis data is empty"), "{stderr}");
+    common::assert_clean_error(&o, &["analysis data is empty"]);
 }

@@ -6,24 +6,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use common::copy_model;
-
-/// Asserts a clean one-line failure whose message contains every `needles` entry.
-fn assert_clean_error(out: &Output, needles: &[&str]) {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "expected exit 1, stderr: {stderr}"
-    );
-    assert!(!stderr.contains("panicked"), "panic: {stderr}");
-    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "expected one line, got: {stderr}");
-    assert!(lines[0].starts_with("error: "), "{stderr}");
-    for n in needles {
-        assert!(lines[0].contains(n), "missing {n:?} in: {stderr}");
-    }
-}
+use common::{assert_clean_error, copy_model};
 
 fn eval(model: &Path, data: &Path, extra: &[&str]) -> Output {
     let mut args = vec![
