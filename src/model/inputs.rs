@@ -86,11 +86,6 @@ impl Inputs {
             mask_bias: Tensor::from_vec(bias, (batch, 1, 1, len), dev)?,
         })
     }
-
-    /// Number of sequences in the batch.
-    pub fn batch_size(&self) -> usize {
-        self.input_ids.dims()[0]
-    }
 }
 
 /// BERT/DistilBERT: `0..len`. RoBERTa: `pad + cumsum(mask)` on real tokens, `pad` on padding.

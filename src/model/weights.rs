@@ -44,7 +44,8 @@ impl WeightStore {
         })
     }
 
-    /// Builds a store from tensors already in memory (as written by export, or in tests).
+    /// Builds a store from tensors already in memory (tests).
+    #[cfg(test)]
     pub fn from_tensors(
         tensors: HashMap<String, Tensor>,
         file: &str,
@@ -56,11 +57,6 @@ impl WeightStore {
             prefix,
             used: RefCell::new(BTreeMap::new()),
         }
-    }
-
-    /// The weights file the tensors came from.
-    pub fn file(&self) -> &str {
-        &self.file
     }
 
     /// Fetches `name` (with or without the base prefix; `LayerNorm.weight`/`gamma` aliases) as
