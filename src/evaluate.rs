@@ -55,16 +55,16 @@ impl Scores {
 
 /// Predicted task label for each logit row (argmax through the label map); first max wins.
 pub fn predicted_labels(logits: &[Vec<f32>], map: &LabelMap) -> Vec<usize> {
-    logits
+    logits.iter().map(|row| predicted_label(row, map)).collect()
+}
+
+/// Predicted task label of one logit row (argmax through the label map; first max wins).
+pub fn predicted_label(row: &[f32], map: &LabelMap) -> usize {
+    let best = row
         .iter()
-        .map(|row| {
-            let best = row
-                .iter()
-                .enumerate()
-                .fold(0, |best, (i, &v)| if v > row[best] { i } else { best });
-            map.model_to_task[best]
-        })
-        .collect()
+        .enumerate()
+        .fold(0, |best, (i, &v)| if v > row[best] { i } else { best });
+    map.model_to_task[best]
 }
 
 /// Scores logits against gold targets for `task`.

@@ -14,6 +14,7 @@ use indicatif::ProgressBar;
 use super::elements::Element;
 use super::{AnalysisBatch, Scorer};
 use crate::model::encoder::{EncoderLayer, RunOptions};
+use crate::model::nn::LayerNorm;
 use crate::model::Model;
 
 /// What removing one element did over the analysis data.
@@ -218,15 +219,8 @@ fn layer_variants(
                 .index_select(&idx, 1)?
                 .permute((1, 2, 0))?
                 .contiguous()?;
-            let contribution = ctx.matmul(&w)?.reshape((k, b, t, hidden))?;
-            let pre = cache
-                .attention_pre
-                .as_ref()
-                .expect("present")
-                .unsqueeze(0)?
-                .broadcast_sub(&contribution)?
-                .reshape((k * b, t, hidden))?;
-            finish_ffn(&att.norm.forward(&pre, false)?)
+            let pre = cache.attention_pre.as_ref().expect("present");
+            finish_ffn(&without_contributions(pre, &ctx, &w, &att.norm)?)
         }
         Element::Group { .. } => {
             let ffn = layer.ffn.as_ref().expect("group of a present block");
@@ -254,15 +248,28 @@ fn layer_variants(
                 .reshape((hidden, k, g))?
                 .permute((1, 2, 0))?
                 .contiguous()?;
-            let contribution = h.matmul(&w)?.reshape((k, b, t, hidden))?;
-            let pre = cache
-                .ffn_pre
-                .as_ref()
-                .expect("present")
-                .unsqueeze(0)?
-                .broadcast_sub(&contribution)?
-                .reshape((k * b, t, hidden))?;
-            Ok(ffn.norm.forward(&pre, false)?)
+            let pre = cache.ffn_pre.as_ref().expect("present");
+            without_contributions(pre, &h, &w, &ffn.norm)
         }
     }
+}
+
+/// `LayerNorm(pre − inputs_j · weights_j)` for each removed element `j`, stacked: `pre` is the
+/// cached pre-LayerNorm sum `[B, T, hidden]`, `inputs` `[k, B·T, g]` the removed elements'
+/// activations and `weights` `[k, g, hidden]` their output-projection columns. Returns
+/// `[k · B, T, hidden]`.
+fn without_contributions(
+    pre: &Tensor,
+    inputs: &Tensor,
+    weights: &Tensor,
+    norm: &LayerNorm,
+) -> Result<Tensor> {
+    let (b, t, hidden) = pre.dims3()?;
+    let k = inputs.dim(0)?;
+    let contribution = inputs.matmul(weights)?.reshape((k, b, t, hidden))?;
+    let pre = pre
+        .unsqueeze(0)?
+        .broadcast_sub(&contribution)?
+        .reshape((k * b, t, hidden))?;
+    Ok(norm.forward(&pre, false)?)
 }

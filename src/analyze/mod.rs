@@ -19,7 +19,7 @@ use crate::data::batch::{length_buckets, EncodedSet};
 use crate::data::glue::Target;
 use crate::data::labels::LabelMap;
 use crate::data::task::Task;
-use crate::evaluate::{self, example_loss, predicted_labels, Scores};
+use crate::evaluate::{self, example_loss, predicted_label, Scores};
 use crate::model::encoder::RunOptions;
 use crate::model::inputs::{Inputs, Sequence};
 use crate::model::Model;
@@ -69,7 +69,7 @@ impl<'a> Scorer<'a> {
         if self.task.is_regression() {
             row[0]
         } else {
-            predicted_labels(&[row.to_vec()], self.labels)[0] as f32
+            predicted_label(row, self.labels) as f32
         }
     }
 

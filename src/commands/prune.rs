@@ -157,7 +157,6 @@ pub fn run(args: &PruneArgs, cli: &Cli) -> Result<()> {
         model = model.slice(&plan)?;
         outcomes.push(outcome);
     }
-    model.dir = original.dir.clone();
 
     let after_selection =
         Selector::new(&model, &select_batches, &scorer, metric, &model.keep_all())?

@@ -112,27 +112,27 @@ mod tests {
             bias: Tensor::new(&[0f32, 0.1, 0., -0.2], &dev).unwrap(),
             eps: 1e-12,
         };
-        let a = ln.forward(&x, true).unwrap();
-        let b = ln.forward(&x, false).unwrap();
-        let diff: f32 = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
-        assert!(diff < 1e-5);
-        let s1 = softmax_last(&x, true).unwrap();
-        let s2 = softmax_last(&x, false).unwrap();
-        let diff: f32 = (s1 - s2)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
-        assert!(diff < 1e-6);
+        let max_diff = |a: Tensor, b: Tensor| -> f32 {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap()
+        };
+        assert!(
+            max_diff(
+                ln.forward(&x, true).unwrap(),
+                ln.forward(&x, false).unwrap()
+            ) < 1e-5
+        );
+        assert!(
+            max_diff(
+                softmax_last(&x, true).unwrap(),
+                softmax_last(&x, false).unwrap()
+            ) < 1e-6
+        );
     }
 }

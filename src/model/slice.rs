@@ -4,7 +4,7 @@
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
 
-use super::encoder::{Gates, LayerGates};
+use super::encoder::Gates;
 use super::nn::Linear;
 use super::{empty_linear, Model};
 
@@ -82,7 +82,6 @@ impl Model {
         let scalar = |on: bool| Tensor::new(if on { 1f32 } else { 0f32 }, dev);
         let mut gates = Gates::open(self.num_layers());
         for ((g, layer), k) in gates.layers.iter_mut().zip(&self.layers).zip(keep) {
-            *g = LayerGates::default();
             if let Some(att) = &layer.attention {
                 g.attention = Some(scalar(k.heads.is_some())?);
                 let kept = k.heads.as_deref().unwrap_or(&[]);
