@@ -1,7 +1,9 @@
-//! Task data: the GLUE task registry, TSV readers, label mapping, batching and metrics.
+//! Task data: the GLUE task registry, TSV and hub parquet readers, label mapping, batching and
+//! metrics.
 
 pub mod batch;
 pub mod glue;
+pub mod hub;
 pub mod labels;
 pub mod metric;
 pub mod sample;

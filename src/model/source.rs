@@ -47,7 +47,8 @@ pub fn hub_cache_dir() -> PathBuf {
     hf_hub::Cache::from_env().path().clone()
 }
 
-fn env_flag(name: &str) -> bool {
+/// True when environment variable `name` is set to 1, true, yes or on (any case).
+pub(crate) fn env_flag(name: &str) -> bool {
     std::env::var(name).is_ok_and(|v| {
         matches!(
             v.trim().to_ascii_lowercase().as_str(),
