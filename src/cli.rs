@@ -8,6 +8,7 @@ use crate::analyze::elements::Level;
 use crate::analyze::report::Method;
 use crate::data::task::Task;
 use crate::passes::prune::Mode;
+use crate::pipeline::tolerance::MaxDrop;
 
 /// Make fine-tuned BERT-family models faster, smaller and sometimes more accurate for one task.
 #[derive(Debug, Parser)]
@@ -33,6 +34,8 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Accuracy-driven pruning of blocks, heads and FFN groups; writes a smaller model directory.
     Prune(PruneArgs),
+    /// Run a whole compression pipeline declared in a TOML config (what CI jobs run).
+    Compress(CompressArgs),
     /// Latency, throughput, memory, size and metric of a model, against a baseline.
     Bench(BenchArgs),
     /// Significance analysis: how much each block, head and FFN neuron group matters to the task.
@@ -56,7 +59,8 @@ pub struct TaskArgs {
     /// GLUE task.
     #[arg(long, short, value_enum)]
     pub task: Task,
-    /// GLUE task directory (holding e.g. dev.tsv, or SST-2/dev.tsv) or a single TSV file.
+    /// GLUE task directory (holding e.g. dev.tsv, or SST-2/dev.tsv) or a single TSV file
+    /// [default: $GLUE_DIR/<TaskDir>, else the hub dataset nyu-mll/glue, local cache first].
     #[arg(long, short)]
     pub data: Option<PathBuf>,
     /// Sentences per batch.
@@ -93,19 +97,26 @@ pub struct InspectArgs {
     pub model: ModelArgs,
 }
 
-/// The data decisions are made on (analysis / selection data).
-#[derive(Debug, Args)]
+/// The data decisions are made on (analysis / selection data). Unset flags take their defaults,
+/// or a config's values under `compress`.
+#[derive(Debug, Args, Default)]
 pub struct SelectionArgs {
-    /// `holdout` (a seeded slice of the train split), `dev`, or a TSV file.
-    #[arg(long, default_value = "holdout")]
-    pub on: String,
-    /// Examples in the train hold-out.
-    #[arg(long, default_value_t = 2000)]
-    pub holdout: usize,
-    /// Seed of the hold-out sample.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// Use only the first N examples (quick looks).
+    /// Decide on: `dev` (a seeded --select-fraction of the task's dev split; the rest of dev is
+    /// the report split that shows how the decisions hold), `train-holdout` (a seeded sample of
+    /// the train split; honest only for a model that never saw those examples, and a fine-tuned
+    /// model has usually seen all of train), or a labelled TSV file [default: dev].
+    #[arg(long)]
+    pub on: Option<String>,
+    /// Fraction of the dev split used for selection under `--on dev` [default: 0.5].
+    #[arg(long)]
+    pub select_fraction: Option<f64>,
+    /// Examples in the train hold-out under `--on train-holdout` [default: 2000].
+    #[arg(long)]
+    pub holdout: Option<usize>,
+    /// Seed of the dev split or the train hold-out [default: 0].
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Use only the first N selection examples (quick looks).
     #[arg(long)]
     pub limit: Option<usize>,
 }
@@ -172,6 +183,50 @@ fn parse_count_or_all(s: &str) -> Result<CountOrAll, String> {
     }
 }
 
+/// Settings of a prune stage. Unset flags take their defaults, or a config's values under
+/// `compress` (where they apply to every prune stage).
+#[derive(Debug, Args, Default)]
+pub struct PruneFlags {
+    /// accuracy: keep removals that do not lower the selection metric; size / speed: remove
+    /// within --max-drop, favouring parameters / latency saved [default: accuracy].
+    #[arg(long, value_enum)]
+    pub mode: Option<Mode>,
+    /// Cap on tentative removals decided (all levels together).
+    #[arg(long)]
+    pub budget: Option<usize>,
+    /// Stop a level after this many consecutive rejected removals (0: never); candidates come in
+    /// ascending significance, so long runs of rejections rarely end [default: 20].
+    #[arg(long)]
+    pub patience: Option<usize>,
+    /// Levels to prune, in order blocks → heads → groups [default: blocks,heads,groups].
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub levels: Option<Vec<Level>>,
+    /// FFN neurons per group (pruned widths stay multiples of it) [default: 32].
+    #[arg(long)]
+    pub group_size: Option<usize>,
+    /// Read significance from this report (of the same model) instead of recomputing it per level.
+    #[arg(long)]
+    pub significance: Option<PathBuf>,
+}
+
+/// The run's tolerance, extra report data, and where the result goes.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Allowed drop of the selection metric from the original model, for the whole run:
+    /// absolute points (1.0 = one accuracy point) or relative with a `%` suffix (e.g. `2%`).
+    #[arg(long, value_parser = MaxDrop::parse)]
+    pub max_drop: Option<MaxDrop>,
+    /// Also report before/after on this labelled TSV file of the task.
+    #[arg(long)]
+    pub test: Option<PathBuf>,
+    /// Replace an existing output directory (and discard an interrupted run's progress).
+    #[arg(long)]
+    pub force: bool,
+    /// Continue an interrupted run from `<out>.progress.json` without redoing accepted work.
+    #[arg(long)]
+    pub resume: bool,
+}
+
 /// Arguments of `axcompress prune`.
 #[derive(Debug, Args)]
 pub struct PruneArgs {
@@ -184,68 +239,53 @@ pub struct PruneArgs {
     /// Selection data.
     #[command(flatten)]
     pub selection: SelectionArgs,
-    /// accuracy: keep removals that do not lower the selection metric; size / speed: remove
-    /// within --max-drop, favouring parameters / latency saved.
-    #[arg(long, value_enum, default_value = "accuracy")]
-    pub mode: Mode,
-    /// Allowed metric drop for size / speed: absolute points (1.0 = one accuracy point) or
-    /// relative with a `%` suffix (e.g. `2%`).
-    #[arg(long, value_parser = parse_max_drop)]
-    pub max_drop: Option<MaxDrop>,
-    /// Cap on tentative removals re-evaluated (all levels together).
-    #[arg(long)]
-    pub budget: Option<usize>,
-    /// Stop a level after this many consecutive rejected removals (0: never); candidates come in
-    /// ascending significance, so long runs of rejections rarely end.
-    #[arg(long, default_value_t = 20)]
-    pub patience: usize,
-    /// Levels to prune, in order blocks → heads → groups.
-    #[arg(
-        long,
-        value_enum,
-        value_delimiter = ',',
-        default_value = "blocks,heads,groups"
-    )]
-    pub levels: Vec<Level>,
-    /// FFN neurons per group (pruned widths stay multiples of it).
-    #[arg(long, default_value_t = 32)]
-    pub group_size: usize,
-    /// Read significance from this report (of the same model) instead of recomputing it per level.
-    #[arg(long)]
-    pub significance: Option<PathBuf>,
+    /// Pruning settings.
+    #[command(flatten)]
+    pub prune: PruneFlags,
+    /// Tolerance, test data, resume.
+    #[command(flatten)]
+    pub run: RunArgs,
     /// Output model directory.
     #[arg(long)]
     pub out: PathBuf,
-    /// Replace an existing --out.
+}
+
+/// Arguments of `axcompress compress`: a config file, and flags that override its keys.
+#[derive(Debug, Args)]
+pub struct CompressArgs {
+    /// The pipeline config (TOML; see configs/).
     #[arg(long)]
-    pub force: bool,
-}
-
-/// An allowed metric drop.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum MaxDrop {
-    /// In metric points (1.0 = 0.01 of a metric in [0, 1]).
-    Points(f64),
-    /// A fraction of the baseline metric.
-    Relative(f64),
-}
-
-fn parse_max_drop(s: &str) -> Result<MaxDrop, String> {
-    let (number, relative) = match s.strip_suffix('%') {
-        Some(n) => (n, true),
-        None => (s, false),
-    };
-    let v: f64 = number.trim().parse().map_err(|_| {
-        format!("`{s}` is not a number (use e.g. 1.0 for one point, or 2% for relative)")
-    })?;
-    if !v.is_finite() || v < 0.0 {
-        return Err(format!("`{s}` must be a non-negative number"));
-    }
-    Ok(if relative {
-        MaxDrop::Relative(v / 100.0)
-    } else {
-        MaxDrop::Points(v)
-    })
+    pub config: PathBuf,
+    /// Model directory or hub id (overrides `model`).
+    #[arg(long, short)]
+    pub model: Option<String>,
+    /// Never use the network for hub ids and datasets (also `HF_HUB_OFFLINE=1`).
+    #[arg(long)]
+    pub offline: bool,
+    /// GLUE task (overrides `task`).
+    #[arg(long, short, value_enum)]
+    pub task: Option<Task>,
+    /// Task data (overrides `data`).
+    #[arg(long, short)]
+    pub data: Option<PathBuf>,
+    /// Sentences per batch (overrides `batch_size`).
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Maximum tokens per input (overrides `max_length`).
+    #[arg(long)]
+    pub max_length: Option<usize>,
+    /// Selection data (overrides `[selection]`).
+    #[command(flatten)]
+    pub selection: SelectionArgs,
+    /// Prune settings (override the keys of every prune stage).
+    #[command(flatten)]
+    pub prune: PruneFlags,
+    /// Tolerance, test data, resume.
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// Output model directory (overrides `out`).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
 }
 
 /// Arguments of `axcompress bench`.

@@ -1,17 +1,19 @@
-//! Writing a model directory: `model.safetensors` with Hugging Face tensor names and per-layer
-//! shapes, `config.json` (every standard field kept, plus an `axcompress` section), the tokenizer
-//! files and a `report.json`. Written into a temporary directory and renamed into place.
+//! Writing a model directory: `model.safetensors` with Hugging Face tensor names, per-layer
+//! shapes and the checkpoint's own float dtype, `config.json` (every standard field kept, plus an
+//! `axcompress` section), the tokenizer files and any report files. Everything is written into a
+//! temporary directory beside the destination and renamed into place; files get the usual
+//! permissions (the process umask), so other users and CI jobs can read them.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use candle_core::{Tensor, D};
+use candle_core::{DType, Tensor};
 use serde_json::{json, Value};
 
 use crate::model::config::Family;
+use crate::model::linear::Linear;
 use crate::model::names::{self, full_name};
-use crate::model::nn::Linear;
 use crate::model::Model;
 
 /// Tokenizer and auxiliary files copied from the source model when present.
@@ -56,71 +58,72 @@ pub fn compatibility(model: &Model) -> Compatibility {
     }
 }
 
-/// The model's tensors under Hugging Face names. With `renumber`, removed layers are skipped and
-/// the remaining ones numbered consecutively (for stock configs).
-pub fn hf_tensors(model: &Model, renumber: bool) -> Result<HashMap<String, Tensor>> {
+/// The model's tensors under Hugging Face names, in `dtype`. With `renumber`, removed layers are
+/// skipped and the remaining ones numbered consecutively (for stock configs).
+pub fn hf_tensors(model: &Model, renumber: bool, dtype: DType) -> Result<HashMap<String, Tensor>> {
     let family = model.config.family;
     let mut out = HashMap::new();
-    let mut put = |name: String, t: &Tensor| {
-        out.insert(full_name(family, &name), t.contiguous());
+    let mut put = |name: String, t: &Tensor| -> Result<()> {
+        let t = t.to_dtype(dtype)?.contiguous()?;
+        out.insert(full_name(family, &name), t);
+        Ok(())
     };
     let e = &model.embeddings;
-    put("embeddings.word_embeddings.weight".into(), &e.word);
-    put("embeddings.position_embeddings.weight".into(), &e.position);
+    put("embeddings.word_embeddings.weight".into(), &e.word)?;
+    put("embeddings.position_embeddings.weight".into(), &e.position)?;
     if let Some(t) = &e.token_type {
-        put("embeddings.token_type_embeddings.weight".into(), t);
+        put("embeddings.token_type_embeddings.weight".into(), t)?;
     }
-    put("embeddings.LayerNorm.weight".into(), &e.norm.weight);
-    put("embeddings.LayerNorm.bias".into(), &e.norm.bias);
-    let mut index = 0;
-    for (original, layer) in model.layers.iter().enumerate() {
-        if renumber && layer.attention.is_none() && layer.ffn.is_none() {
-            continue;
-        }
-        let i = if renumber { index } else { original };
-        index += 1;
-        let n = names::layer(family, i);
+    put("embeddings.LayerNorm.weight".into(), &e.norm.weight)?;
+    put("embeddings.LayerNorm.bias".into(), &e.norm.bias)?;
+    let present = model
+        .layers
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| !renumber || l.attention.is_some() || l.ffn.is_some());
+    for (index, (original, layer)) in present.enumerate() {
+        let n = names::layer(family, if renumber { index } else { original });
         if let Some(att) = &layer.attention {
             if !att.heads.is_empty() {
                 let width = att.heads.len() * att.head_size;
                 for (part, name) in n.qkv.iter().enumerate() {
-                    put(
-                        format!("{name}.weight"),
-                        &att.qkv.weight.narrow(0, part * width, width)?,
-                    );
-                    put(
-                        format!("{name}.bias"),
-                        &att.qkv.bias.narrow(D::Minus1, part * width, width)?,
-                    );
+                    put_linear(&mut put, name, &att.qkv.narrow_rows(part * width, width)?)?;
                 }
-                put(format!("{}.weight", n.attention_output), &att.output.weight);
+                put(
+                    format!("{}.weight", n.attention_output),
+                    &att.output.weight.to_dense()?,
+                )?;
             }
-            put(format!("{}.bias", n.attention_output), &att.output.bias);
-            put(format!("{}.weight", n.attention_norm), &att.norm.weight);
-            put(format!("{}.bias", n.attention_norm), &att.norm.bias);
+            put(format!("{}.bias", n.attention_output), &att.output.bias)?;
+            put(format!("{}.weight", n.attention_norm), &att.norm.weight)?;
+            put(format!("{}.bias", n.attention_norm), &att.norm.bias)?;
         }
         if let Some(ffn) = &layer.ffn {
             if ffn.width() > 0 {
-                put_linear(&mut put, &n.intermediate, &ffn.intermediate);
-                put(format!("{}.weight", n.ffn_output), &ffn.output.weight);
+                put_linear(&mut put, &n.intermediate, &ffn.intermediate)?;
+                put(
+                    format!("{}.weight", n.ffn_output),
+                    &ffn.output.weight.to_dense()?,
+                )?;
             }
-            put(format!("{}.bias", n.ffn_output), &ffn.output.bias);
-            put(format!("{}.weight", n.ffn_norm), &ffn.norm.weight);
-            put(format!("{}.bias", n.ffn_norm), &ffn.norm.bias);
+            put(format!("{}.bias", n.ffn_output), &ffn.output.bias)?;
+            put(format!("{}.weight", n.ffn_norm), &ffn.norm.weight)?;
+            put(format!("{}.bias", n.ffn_norm), &ffn.norm.bias)?;
         }
     }
     let (dense, head_out) = crate::model::head::ClassifierHead::tensor_names(family);
-    put_linear(&mut put, dense, &model.head.dense);
-    put_linear(&mut put, head_out, &model.head.out);
-    out.into_iter()
-        .map(|(k, v)| Ok((k, v?)))
-        .collect::<candle_core::Result<HashMap<_, _>>>()
-        .map_err(Into::into)
+    put_linear(&mut put, dense, &model.head.dense)?;
+    put_linear(&mut put, head_out, &model.head.out)?;
+    Ok(out)
 }
 
-fn put_linear(put: &mut impl FnMut(String, &Tensor), name: &str, lin: &Linear) {
-    put(format!("{name}.weight"), &lin.weight);
-    put(format!("{name}.bias"), &lin.bias);
+fn put_linear(
+    put: &mut impl FnMut(String, &Tensor) -> Result<()>,
+    name: &str,
+    lin: &Linear,
+) -> Result<()> {
+    put(format!("{name}.weight"), &lin.weight.to_dense()?)?;
+    put(format!("{name}.bias"), &lin.bias)
 }
 
 /// `config.json` for the exported model: the source config with the sizes updated, plus an
@@ -188,7 +191,78 @@ pub fn check_destination(input: &Path, out: &Path, force: bool) -> Result<()> {
     Ok(())
 }
 
-/// Writes `model` as a self-contained directory at `out`, atomically. `report` becomes
+/// A model ready to be written: its weights serialised and its config built.
+pub struct Prepared {
+    /// `model.safetensors` bytes.
+    pub weights: Vec<u8>,
+    /// `config.json`.
+    pub config: Value,
+    /// Whether stock transformers can load it.
+    pub compat: Compatibility,
+    /// The directory the tokenizer files come from.
+    source_dir: PathBuf,
+}
+
+/// Serialises `model` (weights in its checkpoint's float dtype) with the pass `history`.
+pub fn prepare(model: &Model, history: &[Value]) -> Result<Prepared> {
+    let compat = compatibility(model);
+    let tensors = hf_tensors(model, compat.hf_compatible, model.storage_dtype)?;
+    let weights = safetensors::serialize(&tensors, None).context("cannot serialise the weights")?;
+    Ok(Prepared {
+        weights,
+        config: config_json(model, history, &compat),
+        compat,
+        source_dir: model.dir.clone(),
+    })
+}
+
+impl Prepared {
+    /// Writes the model directory at `out` atomically, with `extra` files (name, bytes) such as
+    /// `report.json` beside the model files.
+    pub fn write(&self, out: &Path, extra: &[(&str, Vec<u8>)], force: bool) -> Result<()> {
+        check_destination(&self.source_dir, out, force)?;
+        let tmp = sibling(out, "tmp");
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp)
+                .with_context(|| format!("cannot clear {}", tmp.display()))?;
+        }
+        std::fs::create_dir_all(&tmp)
+            .with_context(|| format!("cannot create {}", tmp.display()))?;
+        if let Err(e) = self.write_files(&tmp, extra) {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+        move_into_place(&tmp, out)
+    }
+
+    fn write_files(&self, dir: &Path, extra: &[(&str, Vec<u8>)]) -> Result<()> {
+        let write = |name: &str, bytes: &[u8]| -> Result<()> {
+            let path = dir.join(name);
+            std::fs::write(&path, bytes).with_context(|| format!("cannot write {}", path.display()))
+        };
+        write("model.safetensors", &self.weights)?;
+        write(
+            "config.json",
+            (serde_json::to_string_pretty(&self.config)? + "\n").as_bytes(),
+        )?;
+        for f in TOKENIZER_FILES {
+            // Read and written anew (not fs::copy), so the copy gets the umask's permissions,
+            // not the source's.
+            let src = self.source_dir.join(f);
+            if src.is_file() {
+                let bytes = std::fs::read(&src)
+                    .with_context(|| format!("cannot read {}", src.display()))?;
+                write(f, &bytes)?;
+            }
+        }
+        for (name, bytes) in extra {
+            write(name, bytes)?;
+        }
+        Ok(())
+    }
+}
+
+/// Writes `model` as a self-contained directory at `out`, atomically, with `report` as
 /// `report.json`. Returns whether the result is stock-expressible.
 pub fn write_model_dir(
     model: &Model,
@@ -197,51 +271,26 @@ pub fn write_model_dir(
     report: &Value,
     force: bool,
 ) -> Result<Compatibility> {
-    check_destination(&model.dir, out, force)?;
-    let compat = compatibility(model);
-    let tmp = sibling(out, "tmp");
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).with_context(|| format!("cannot clear {}", tmp.display()))?;
-    }
-    std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    let result = (|| -> Result<()> {
-        let tensors = hf_tensors(model, compat.hf_compatible)?;
-        candle_core::safetensors::save(&tensors, tmp.join("model.safetensors"))
-            .with_context(|| format!("cannot write {}", tmp.join("model.safetensors").display()))?;
-        let config = config_json(model, history, &compat);
-        std::fs::write(
-            tmp.join("config.json"),
-            serde_json::to_string_pretty(&config)? + "\n",
-        )?;
-        for f in TOKENIZER_FILES {
-            let src = model.dir.join(f);
-            if src.is_file() {
-                std::fs::copy(&src, tmp.join(f))
-                    .with_context(|| format!("cannot copy {}", src.display()))?;
-            }
-        }
-        std::fs::write(
-            tmp.join("report.json"),
-            serde_json::to_string_pretty(report)? + "\n",
-        )?;
-        Ok(())
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
+    let prepared = prepare(model, history)?;
+    let report = serde_json::to_string_pretty(report)? + "\n";
+    prepared.write(out, &[("report.json", report.into_bytes())], force)?;
+    Ok(prepared.compat)
+}
+
+/// Renames the finished temporary directory to `out`, replacing an existing `out`.
+fn move_into_place(tmp: &Path, out: &Path) -> Result<()> {
     if out.exists() {
         let old = sibling(out, "old");
         std::fs::rename(out, &old)
             .with_context(|| format!("cannot move the existing {} aside", out.display()))?;
-        std::fs::rename(&tmp, out)?;
+        std::fs::rename(tmp, out)?;
         std::fs::remove_dir_all(&old)
             .with_context(|| format!("cannot remove {}", old.display()))?;
     } else {
-        std::fs::rename(&tmp, out)
+        std::fs::rename(tmp, out)
             .with_context(|| format!("cannot move {} to {}", tmp.display(), out.display()))?;
     }
-    Ok(compat)
+    Ok(())
 }
 
 fn sibling(out: &Path, tag: &str) -> PathBuf {

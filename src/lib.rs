@@ -1,17 +1,24 @@
 //! axcompress: significance-driven compression of fine-tuned BERT-family models.
 //!
-//! The pipeline: [`model`] loads a checkpoint into the one runtime every command shares, [`data`]
-//! loads and batches task data, [`evaluate`] runs and scores it, and [`commands`] holds the
-//! entry point of each subcommand.
+//! The pipeline, as the folders show it: [`model`] loads a checkpoint into the one runtime every
+//! command shares; [`data`] finds, splits and batches the task's data; [`analyze`] measures the
+//! significance of blocks, heads and FFN groups; [`passes`] are the compression stages on one
+//! selection engine; [`pipeline`] chains them under one tolerance; [`export`] writes the result.
+//! [`evaluate`] and [`bench`] measure any model; [`commands`] holds each subcommand's thin
+//! entry point and [`config_file`] the `compress` configs.
 
 pub mod analyze;
 pub mod bench;
 pub mod cli;
 pub mod commands;
+pub mod config_file;
 pub mod data;
 pub mod evaluate;
 pub mod export;
 pub mod fsutil;
+pub mod hash;
 pub mod model;
 pub mod passes;
+pub mod pipeline;
 pub mod progress;
+pub mod setup;

@@ -13,6 +13,7 @@ fn main() {
         Command::Inspect(args) => commands::inspect::run(args, &cli),
         Command::Analyze(args) => commands::analyze::run(args, &cli),
         Command::Prune(args) => commands::prune::run(args, &cli),
+        Command::Compress(args) => commands::compress::run(args, &cli),
         Command::Bench(args) => commands::bench::run(args, &cli),
     };
     if let Err(err) = result {

@@ -6,11 +6,12 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use axcompress::analyze::elements::Level;
-use axcompress::analyze::report::{DataInfo, Method, Report, Settings, Source};
+use axcompress::analyze::report::{Method, Report, Settings, Source};
 use axcompress::analyze::{analyze, batches, taylor, Subject};
 use axcompress::data::batch::EncodedSet;
 use axcompress::data::glue::Target;
 use axcompress::data::labels::LabelMap;
+use axcompress::data::splits::DataInfo;
 use axcompress::data::task::Task;
 use axcompress::evaluate::{example_loss, predict, score};
 use axcompress::model::encoder::{Gates, RunOptions};
@@ -81,6 +82,7 @@ fn data_info(n: usize) -> DataInfo {
         examples: n,
         available: n,
         seed: None,
+        fraction: None,
     }
 }
 
@@ -141,6 +143,7 @@ fn check_ablation_matches_pruned(
 }
 
 #[test]
+#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn ablation_equals_explicitly_pruned_models_on_tiny_fixtures() {
     let shared = fixtures_or_skip!();
     for name in ["tiny-bert", "tiny-roberta", "tiny-distilbert"] {
@@ -152,6 +155,7 @@ fn ablation_equals_explicitly_pruned_models_on_tiny_fixtures() {
 }
 
 #[test]
+#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn ablation_equals_explicitly_pruned_minilm_on_a_reshaped_model() {
     let shared = fixtures_or_skip!();
     let dir = shared.join("models/minilm-l6-sst2");
@@ -172,6 +176,7 @@ fn ablation_equals_explicitly_pruned_minilm_on_a_reshaped_model() {
 }
 
 #[test]
+#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn taylor_gradients_equal_finite_differences() {
     let shared = fixtures_or_skip!();
     let dir = shared.join("models/tiny-bert");
@@ -254,6 +259,7 @@ fn taylor_gradients_equal_finite_differences() {
 }
 
 #[test]
+#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn report_for_another_model_is_refused() {
     let shared = fixtures_or_skip!();
     let dir = shared.join("models/tiny-bert");
@@ -325,6 +331,7 @@ fn analyze_cli(shared: &Path, extra: &[&str]) -> std::process::Output {
 }
 
 #[test]
+#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn minilm_report_is_complete_finite_and_byte_identical() {
     let shared = fixtures_or_skip!();
     let tmp = tempfile::tempdir().unwrap();
@@ -336,6 +343,8 @@ fn minilm_report_is_complete_finite_and_byte_identical() {
         let o = analyze_cli(
             &shared,
             &[
+                "--on",
+                "train-holdout",
                 "--holdout",
                 "40",
                 "--seed",
@@ -389,6 +398,8 @@ fn minilm_report_is_complete_finite_and_byte_identical() {
     let o = analyze_cli(
         &shared,
         &[
+            "--on",
+            "train-holdout",
             "--holdout",
             "40",
             "--seed",
@@ -406,6 +417,7 @@ fn minilm_report_is_complete_finite_and_byte_identical() {
 }
 
 #[test]
+#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn both_methods_report_rank_correlation() {
     let shared = fixtures_or_skip!();
     let o = analyze_cli(
@@ -423,7 +435,8 @@ fn both_methods_report_rank_correlation() {
         ],
     );
     let report: Report = serde_json::from_value(common::json_stdout(&o)).unwrap();
-    assert_eq!(report.data.source, "dev");
+    assert_eq!(report.data.source, "dev-split");
+    assert_eq!(report.data.fraction, Some(0.5));
     for level in &report.levels {
         let rho = level
             .spearman_taylor_vs_ablation
@@ -438,6 +451,7 @@ fn both_methods_report_rank_correlation() {
 }
 
 #[test]
+#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn group_size_must_divide_ffn_width() {
     let shared = fixtures_or_skip!();
     let o = analyze_cli(&shared, &["--limit", "8", "--group-size", "100"]);
@@ -448,6 +462,7 @@ fn group_size_must_divide_ffn_width() {
 }
 
 #[test]
+#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn empty_analysis_data_is_refused() {
     let shared = fixtures_or_skip!();
     let empty = tempfile::Builder::new().suffix(".tsv").tempfile().unwrap();
@@ -455,5 +470,5 @@ fn empty_analysis_data_is_refused() {
     let o = analyze_cli(&shared, &["--on", empty.path().to_str().unwrap()]);
     common::assert_clean_error(&o, &["dataset is empty"]);
     let o = analyze_cli(&shared, &["--limit", "0"]);
-    common::assert_clean_error(&o, &["analysis data is empty"]);
+    common::assert_clean_error(&o, &["selection data is empty"]);
 }

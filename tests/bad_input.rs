@@ -51,6 +51,7 @@ fn missing_model_directory() {
 }
 
 #[test]
+#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn missing_config_json() {
     let shared = fixtures_or_skip!();
     let dir = copy_model(&shared.join("models/tiny-bert"));
@@ -59,6 +60,7 @@ fn missing_config_json() {
 }
 
 #[test]
+#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn unknown_model_type() {
     let shared = fixtures_or_skip!();
     let dir = copy_model(&shared.join("models/tiny-bert"));
@@ -70,6 +72,7 @@ fn unknown_model_type() {
 }
 
 #[test]
+#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn truncated_safetensors() {
     let shared = fixtures_or_skip!();
     let dir = copy_model(&shared.join("models/tiny-bert"));
@@ -83,6 +86,7 @@ fn truncated_safetensors() {
 }
 
 #[test]
+#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn corrupt_safetensors() {
     let shared = fixtures_or_skip!();
     let dir = copy_model(&shared.join("models/tiny-bert"));
@@ -98,6 +102,7 @@ fn corrupt_safetensors() {
 }
 
 #[test]
+#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn corrupt_pytorch_bin() {
     let shared = fixtures_or_skip!();
     let dir = copy_model(&shared.join("models/tiny-bert-bin"));
@@ -109,6 +114,7 @@ fn corrupt_pytorch_bin() {
 }
 
 #[test]
+#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn weight_shape_disagrees_with_config() {
     let shared = fixtures_or_skip!();
     let dir = copy_model(&shared.join("models/tiny-bert"));
@@ -123,6 +129,7 @@ fn weight_shape_disagrees_with_config() {
 }
 
 #[test]
+#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn missing_weights() {
     let shared = fixtures_or_skip!();
     let dir = copy_model(&shared.join("models/tiny-bert"));
@@ -134,6 +141,7 @@ fn missing_weights() {
 }
 
 #[test]
+#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn missing_tokenizer() {
     let shared = fixtures_or_skip!();
     let dir = copy_model(&shared.join("models/minilm-l6-sst2"));
@@ -145,6 +153,7 @@ fn missing_tokenizer() {
 }
 
 #[test]
+#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn tsv_with_missing_column() {
     let shared = fixtures_or_skip!();
     let data = tsv("text\tlabel\ngood \t1\n");
@@ -153,6 +162,7 @@ fn tsv_with_missing_column() {
 }
 
 #[test]
+#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn tsv_with_unparsable_label() {
     let shared = fixtures_or_skip!();
     let data = tsv("sentence\tlabel\ngood \t1\nbad \tmaybe\n");
@@ -161,6 +171,7 @@ fn tsv_with_unparsable_label() {
 }
 
 #[test]
+#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn model_labels_unknown_to_the_task() {
     let shared = fixtures_or_skip!();
     let dir = copy_model(&shared.join("models/minilm-l6-sst2"));
@@ -173,6 +184,7 @@ fn model_labels_unknown_to_the_task() {
 }
 
 #[test]
+#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn model_label_count_differs_from_task() {
     let shared = fixtures_or_skip!();
     let out = eval(&shared.join("models/tiny-bert"), &sst2(&shared), &[]);
@@ -180,6 +192,7 @@ fn model_label_count_differs_from_task() {
 }
 
 #[test]
+#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn empty_dataset() {
     let shared = fixtures_or_skip!();
     let data = tsv("sentence\tlabel\n");
@@ -188,6 +201,7 @@ fn empty_dataset() {
 }
 
 #[test]
+#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn max_length_zero() {
     let shared = fixtures_or_skip!();
     let out = eval(
@@ -199,19 +213,7 @@ fn max_length_zero() {
 }
 
 #[test]
-fn missing_data_argument_says_where_data_goes() {
-    let shared = fixtures_or_skip!();
-    let out = common::run(&[
-        "eval",
-        "--model",
-        shared.join("models/minilm-l6-sst2").to_str().unwrap(),
-        "--task",
-        "rte",
-    ]);
-    assert_clean_error(&out, &["no --data given", "RTE", "dev.tsv"]);
-}
-
-#[test]
+#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn data_directory_without_split_file() {
     let shared = fixtures_or_skip!();
     let empty = tempfile::tempdir().unwrap();

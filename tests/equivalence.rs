@@ -100,21 +100,25 @@ fn check_tiny(name: &str) {
 }
 
 #[test]
+#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn tiny_bert_gated_equals_sliced() {
     check_tiny("tiny-bert");
 }
 
 #[test]
+#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn tiny_roberta_gated_equals_sliced() {
     check_tiny("tiny-roberta");
 }
 
 #[test]
+#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn tiny_distilbert_gated_equals_sliced() {
     check_tiny("tiny-distilbert");
 }
 
 #[test]
+#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn minilm_gated_equals_sliced_and_structure_follows() {
     let shared = fixtures_or_skip!();
     let dir = shared.join("models/minilm-l6-sst2");
@@ -144,6 +148,7 @@ fn minilm_gated_equals_sliced_and_structure_follows() {
 }
 
 #[test]
+#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn gating_nothing_changes_nothing() {
     let shared = fixtures_or_skip!();
     let dir = shared.join("models/tiny-bert");
@@ -164,6 +169,7 @@ fn gating_nothing_changes_nothing() {
 }
 
 #[test]
+#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn prefix_cached_run_equals_full_run() {
     let shared = fixtures_or_skip!();
     let dir = shared.join("models/tiny-bert");
@@ -184,6 +190,7 @@ fn prefix_cached_run_equals_full_run() {
 }
 
 #[test]
+#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn first_token_fast_path_equals_full_encoder() {
     let shared = fixtures_or_skip!();
     for name in ["tiny-bert", "tiny-roberta", "tiny-distilbert"] {

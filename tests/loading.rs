@@ -23,6 +23,7 @@ fn fake_hub_cache(cache: &Path, src: &Path, id: &str) {
 }
 
 #[test]
+#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn hub_id_loads_from_the_cache_offline() {
     let shared = fixtures_or_skip!();
     let cache = tempfile::tempdir().unwrap();
@@ -72,6 +73,7 @@ fn hub_id_missing_from_cache_offline_fails_clearly() {
 }
 
 #[test]
+#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn sharded_safetensors_equal_single_file() {
     let shared = fixtures_or_skip!();
     let src = shared.join("models/tiny-bert");
@@ -121,6 +123,7 @@ fn sharded_safetensors_equal_single_file() {
 }
 
 #[test]
+#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn inspect_reports_shapes_and_every_parameter() {
     let shared = fixtures_or_skip!();
     let dir = shared.join("models/minilm-l6-sst2");
@@ -149,6 +152,7 @@ fn inspect_reports_shapes_and_every_parameter() {
 }
 
 #[test]
+#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn eval_json_reports_speed_and_metrics() {
     let shared = fixtures_or_skip!();
     let data = tempfile::Builder::new().suffix(".tsv").tempfile().unwrap();

@@ -42,21 +42,25 @@ fn check_tiny(name: &str) {
 }
 
 #[test]
+#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn tiny_bert_matches_transformers() {
     check_tiny("tiny-bert");
 }
 
 #[test]
+#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn tiny_bert_from_pytorch_bin_matches_transformers() {
     check_tiny("tiny-bert-bin");
 }
 
 #[test]
+#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn tiny_roberta_matches_transformers() {
     check_tiny("tiny-roberta");
 }
 
 #[test]
+#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn tiny_distilbert_matches_transformers() {
     check_tiny("tiny-distilbert");
 }
@@ -70,6 +74,7 @@ fn dev_sentences(shared: &std::path::Path) -> Vec<(String, Option<String>)> {
 }
 
 #[test]
+#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn minilm_tokenizer_reproduces_reference_ids() {
     let shared = fixtures_or_skip!();
     let dir = shared.join("models/minilm-l6-sst2");
@@ -90,6 +95,7 @@ fn minilm_tokenizer_reproduces_reference_ids() {
 }
 
 #[test]
+#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn vocab_txt_tokenizer_equals_tokenizer_json() {
     let shared = fixtures_or_skip!();
     let src = shared.join("models/minilm-l6-sst2");
@@ -110,6 +116,7 @@ fn vocab_txt_tokenizer_equals_tokenizer_json() {
 }
 
 #[test]
+#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn minilm_eval_reproduces_every_reference_prediction() {
     let shared = fixtures_or_skip!();
     let model = shared.join("models/minilm-l6-sst2");

@@ -215,6 +215,7 @@ fn layer_variants(
             let w = att
                 .output
                 .weight
+                .to_dense()?
                 .reshape((hidden, n, d))?
                 .index_select(&idx, 1)?
                 .permute((1, 2, 0))?
@@ -244,6 +245,7 @@ fn layer_variants(
             let w = ffn
                 .output
                 .weight
+                .to_dense()?
                 .index_select(&idx, 1)?
                 .reshape((hidden, k, g))?
                 .permute((1, 2, 0))?

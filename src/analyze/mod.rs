@@ -18,6 +18,7 @@ use candle_core::{Device, Tensor};
 use crate::data::batch::{length_buckets, EncodedSet};
 use crate::data::glue::Target;
 use crate::data::labels::LabelMap;
+use crate::data::splits::DataInfo;
 use crate::data::task::Task;
 use crate::evaluate::{self, example_loss, predicted_label, Scores};
 use crate::model::encoder::RunOptions;
@@ -26,8 +27,8 @@ use crate::model::Model;
 use crate::progress;
 use elements::{blocks_and_heads, check_group_size, groups_by_score, Element, Level};
 use report::{
-    Baseline, Cost, DataInfo, ElementSignificance, LevelSummary, Method, ModelIdentity, Report,
-    Settings, Source,
+    Baseline, Cost, ElementSignificance, LevelSummary, Method, ModelIdentity, Report, Settings,
+    Source,
 };
 
 /// One padded batch of analysis data.
@@ -70,6 +71,29 @@ impl<'a> Scorer<'a> {
             row[0]
         } else {
             predicted_label(row, self.labels) as f32
+        }
+    }
+
+    /// Number of examples.
+    pub fn len(&self) -> usize {
+        self.targets.len()
+    }
+
+    /// True when there are no examples.
+    pub fn is_empty(&self) -> bool {
+        self.targets.is_empty()
+    }
+
+    /// True for classification tasks (predictions are labels).
+    pub fn is_classification(&self) -> bool {
+        !self.task.is_regression()
+    }
+
+    /// True when the logits predict example `ex`'s gold label (always false for regression).
+    pub fn is_correct(&self, row: &[f32], ex: usize) -> bool {
+        match self.targets[ex] {
+            Target::Class(c) => predicted_label(row, self.labels) == c,
+            Target::Score(_) => false,
         }
     }
 

@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::elements::{Element, Level};
+use crate::data::splits::DataInfo;
 use crate::model::structure::Structure;
 use crate::model::Model;
 
@@ -70,21 +71,6 @@ pub struct ModelIdentity {
     pub family: String,
     /// Per-layer shapes at analysis time.
     pub structure: Structure,
-}
-
-/// Which data the analysis used.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct DataInfo {
-    /// `train-holdout`, `dev` or `file`.
-    pub source: String,
-    /// The TSV file read.
-    pub path: String,
-    /// Examples used.
-    pub examples: usize,
-    /// Examples the file holds.
-    pub available: usize,
-    /// Sampling seed (train hold-out only).
-    pub seed: Option<u64>,
 }
 
 /// Analysis settings.

@@ -6,23 +6,21 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 use serde_json::json;
 
-use super::{log, selection_data, TaskSetup};
+use super::{log, task_setup};
 use crate::analyze::elements::Level;
 use crate::analyze::report::{Method, Settings};
 use crate::analyze::{analyze, plots, summary, Subject};
 use crate::cli::{AnalyzeArgs, Cli, CountOrAll};
+use crate::data::splits::{SelectionSpec, Splits};
 use crate::fsutil::write_atomic;
 
 /// Runs `axcompress analyze`.
 pub fn run(args: &AnalyzeArgs, cli: &Cli) -> Result<()> {
-    let split = if args.selection.on == "holdout" {
-        "train"
-    } else {
-        "dev"
-    };
-    let setup = TaskSetup::load(&args.model, &args.task, split)?;
+    let setup = task_setup(&args.model, &args.task)?;
     let task = args.task.task;
-    let (set, data) = selection_data(&args.selection, task, &setup.data, &setup.encoder)?;
+    let spec = args.selection.apply(SelectionSpec::default());
+    let selection = Splits::load(&spec, &setup.data, &setup.encoder)?.selection;
+    let (set, data) = (selection.set, selection.info);
     log(
         cli,
         &format!(

@@ -4,11 +4,12 @@
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
-use super::{log, print_json, TaskSetup};
+use super::{log, print_json, task_setup};
 use crate::bench::{median, percentile, throughput, time_single, weights_bytes};
 use crate::cli::{BenchArgs, Cli, ModelArgs};
 use crate::data::batch::load_split;
 use crate::model::inputs::Sequence;
+use crate::setup::TaskSetup;
 
 /// One model under measurement.
 struct Subject {
@@ -35,8 +36,8 @@ pub fn run(args: &BenchArgs, cli: &Cli) -> Result<()> {
             model: spec.clone(),
             offline: args.model.offline,
         };
-        let setup = TaskSetup::load(&model_args, &args.task, "dev")?;
-        let dev = load_split(args.task.task, &setup.data, "dev", &setup.encoder)?
+        let setup = task_setup(&model_args, &args.task)?;
+        let dev = load_split(&setup.data, "dev", &setup.encoder)?
             .remove(0)
             .sequences;
         subjects.push(Subject {
@@ -162,7 +163,6 @@ pub fn run(args: &BenchArgs, cli: &Cli) -> Result<()> {
 /// Evaluates a model in a separate process so that its peak memory is its own.
 fn eval_in_child(spec: &str, args: &BenchArgs) -> Result<Value> {
     let exe = std::env::current_exe().context("cannot find the axcompress executable")?;
-    let data = args.task.data.as_ref().context("--data is required")?;
     let mut cmd = std::process::Command::new(exe);
     cmd.args([
         "eval",
@@ -174,9 +174,10 @@ fn eval_in_child(spec: &str, args: &BenchArgs) -> Result<Value> {
         "--quiet",
         "--batch-size",
     ])
-    .arg(args.task.batch_size.to_string())
-    .arg("--data")
-    .arg(data);
+    .arg(args.task.batch_size.to_string());
+    if let Some(data) = &args.task.data {
+        cmd.arg("--data").arg(data);
+    }
     if let Some(n) = args.task.max_length {
         cmd.arg("--max-length").arg(n.to_string());
     }

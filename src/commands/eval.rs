@@ -5,8 +5,7 @@ use std::time::Instant;
 use anyhow::Result;
 use serde_json::{json, Map, Value};
 
-use super::TaskSetup;
-use super::{log, print_json};
+use super::{log, print_json, task_setup};
 use crate::cli::{Cli, EvalArgs};
 use crate::data::batch::load_split;
 use crate::data::labels::LabelMap;
@@ -15,6 +14,7 @@ use crate::fsutil::write_atomic;
 use crate::model::encoder::RunOptions;
 use crate::model::Model;
 use crate::progress;
+use crate::setup::TaskSetup;
 
 /// Runs `axcompress eval`.
 pub fn run(args: &EvalArgs, cli: &Cli) -> Result<()> {
@@ -25,9 +25,9 @@ pub fn run(args: &EvalArgs, cli: &Cli) -> Result<()> {
         encoder,
         max_length,
         data,
-    } = TaskSetup::load(&args.model, &args.task, &args.split)?;
+    } = task_setup(&args.model, &args.task)?;
     let (task, batch_size) = (args.task.task, args.task.batch_size);
-    let sets = load_split(task, &data, &args.split, &encoder)?;
+    let sets = load_split(&data, &args.split, &encoder)?;
     let total: usize = sets.iter().map(|s| s.sequences.len()).sum();
     log(
         cli,
@@ -82,6 +82,7 @@ pub fn run(args: &EvalArgs, cli: &Cli) -> Result<()> {
     let report = json!({
         "model": args.model.model,
         "task": task.name(),
+        "data": {"origin": data.origin, "location": data.location()},
         "split": args.split,
         "examples": total,
         "metrics": metrics,

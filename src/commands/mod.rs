@@ -1,76 +1,75 @@
-//! One module per subcommand, each with a `run` entry point.
+//! One module per subcommand, each with a thin `run` entry point: turn flags into settings, call
+//! the library, print the result as text or `--json`.
 
 pub mod analyze;
 pub mod bench;
+pub mod compress;
 pub mod eval;
 pub mod inspect;
 pub mod prune;
 
-use std::path::{Path, PathBuf};
+use anyhow::{bail, Result};
 
-use anyhow::{bail, Context, Result};
+use crate::cli::{Cli, ModelArgs, PruneFlags, SelectionArgs, TaskArgs};
+use crate::data::splits::{SelectOn, SelectionSpec};
+use crate::passes::prune::PruneSettings;
+use crate::pipeline::{self, Finished, Output, RunSettings};
+use crate::setup::TaskSetup;
 
-use crate::analyze::report::DataInfo;
-use crate::cli::{Cli, ModelArgs, SelectionArgs, TaskArgs};
-use crate::data::batch::{encode, EncodedSet};
-use crate::data::glue::{self, Dataset};
-use crate::data::labels::LabelMap;
-use crate::data::sample::sample_indices;
-use crate::data::task::Task;
-use crate::model::tokenizer::TextEncoder;
-use crate::model::Model;
-
-/// What every task-level command needs: the model, its label mapping, a tokenizer and the data path.
-pub struct TaskSetup {
-    /// The loaded model.
-    pub model: Model,
-    /// Model outputs → task labels.
-    pub labels: LabelMap,
-    /// Tokenizer truncating at `max_length`.
-    pub encoder: TextEncoder,
-    /// Maximum tokens per input.
-    pub max_length: usize,
-    /// Task data path.
-    pub data: PathBuf,
+/// Loads the model, labels, tokenizer and data location the task flags name.
+pub fn task_setup(model: &ModelArgs, task: &TaskArgs) -> Result<TaskSetup> {
+    if task.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    TaskSetup::load(
+        &model.model,
+        model.offline,
+        task.task,
+        task.data.as_deref(),
+        task.max_length,
+    )
 }
 
-impl TaskSetup {
-    /// Validates the arguments and loads model, labels and tokenizer; `split` names the file
-    /// the error message suggests when `--data` is missing.
-    pub fn load(model: &ModelArgs, task: &TaskArgs, split: &str) -> Result<Self> {
-        let Some(data) = task.data.clone() else {
-            bail!(
-                "no --data given: pass a GLUE {} directory holding {split}.tsv (or the .tsv file itself), e.g. --data glue/{}",
-                task.task.glue_dir(),
-                task.task.glue_dir()
-            );
-        };
-        if task.batch_size == 0 {
-            bail!("--batch-size must be at least 1");
+impl SelectionArgs {
+    /// `spec` with every flag given here applied.
+    pub fn apply(&self, spec: SelectionSpec) -> SelectionSpec {
+        SelectionSpec {
+            on: self.on.as_deref().map_or(spec.on, SelectOn::parse),
+            select_fraction: self.select_fraction.unwrap_or(spec.select_fraction),
+            holdout: self.holdout.unwrap_or(spec.holdout),
+            seed: self.seed.unwrap_or(spec.seed),
+            limit: self.limit.or(spec.limit),
         }
-        let loaded = Model::load(&model.model, model.offline)?;
-        let labels = LabelMap::new(&loaded.config, task.task)
-            .with_context(|| format!("model {}", model.model))?;
-        let max_length = checked_max_length(task.max_length, loaded.config.max_input_length())?;
-        let encoder = TextEncoder::load(&loaded.dir, max_length)?;
-        Ok(TaskSetup {
-            model: loaded,
-            labels,
-            encoder,
-            max_length,
-            data,
-        })
     }
 }
 
-/// The maximum input length to use: the requested one if the model allows it, else 128 capped at
-/// the model's position table.
-pub fn checked_max_length(requested: Option<usize>, allowed: usize) -> Result<usize> {
-    match requested {
-        None => Ok(128.min(allowed)),
-        Some(n) if (2..=allowed).contains(&n) => Ok(n),
-        Some(n) => bail!("--max-length {n} is out of range: use 2..={allowed} (max_position_embeddings in config.json)"),
+impl PruneFlags {
+    /// `settings` with every flag given here applied.
+    pub fn apply(&self, settings: PruneSettings) -> PruneSettings {
+        PruneSettings {
+            mode: self.mode.unwrap_or(settings.mode),
+            levels: self.levels.clone().unwrap_or(settings.levels),
+            group_size: self.group_size.unwrap_or(settings.group_size),
+            budget: self.budget.or(settings.budget),
+            patience: self.patience.unwrap_or(settings.patience),
+            significance: self.significance.clone().or(settings.significance),
+        }
     }
+}
+
+/// Runs a pipeline and prints its report: the human summary, or the report (with the timing
+/// and the output path) as JSON.
+pub fn run_pipeline(settings: &RunSettings, out: &Output, cli: &Cli) -> Result<()> {
+    let Finished { report, timing } = pipeline::run(settings, out, cli.quiet)?;
+    let shown = out.dir.display().to_string();
+    if cli.json {
+        let mut value = serde_json::to_value(&report)?;
+        value["timing"] = serde_json::to_value(&timing)?;
+        value["out"] = serde_json::Value::String(shown);
+        return print_json(&value);
+    }
+    print!("{}", pipeline::report::render(&report, &timing, &shown));
+    Ok(())
 }
 
 /// Prints a human log line on stderr unless `--quiet`.
@@ -84,55 +83,4 @@ pub fn log(cli: &Cli, line: &str) {
 pub fn print_json(value: &serde_json::Value) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
-}
-
-/// Loads, samples and tokenises the analysis / selection data chosen by `--on`.
-pub fn selection_data(
-    args: &SelectionArgs,
-    task: Task,
-    data: &Path,
-    encoder: &TextEncoder,
-) -> Result<(EncodedSet, DataInfo)> {
-    let (source, path) = match args.on.as_str() {
-        "holdout" => (
-            "train-holdout",
-            glue::split_paths(task, data, "train")?.remove(0).1,
-        ),
-        "dev" => ("dev", glue::split_paths(task, data, "dev")?.remove(0).1),
-        file => ("file", PathBuf::from(file)),
-    };
-    if source == "file" && !path.is_file() {
-        bail!(
-            "--on {}: no such file; use holdout, dev or a TSV file",
-            path.display()
-        );
-    }
-    let full = glue::read(task, &path)?;
-    let available = full.examples.len();
-    let mut picked: Vec<usize> = if source == "train-holdout" {
-        sample_indices(available, args.holdout, args.seed)
-    } else {
-        (0..available).collect()
-    };
-    if let Some(limit) = args.limit {
-        picked.truncate(limit);
-    }
-    if picked.is_empty() {
-        bail!(
-            "{}: the analysis data is empty (check --holdout / --limit)",
-            path.display()
-        );
-    }
-    let subset = Dataset {
-        path: path.clone(),
-        examples: picked.iter().map(|&i| full.examples[i].clone()).collect(),
-    };
-    let info = DataInfo {
-        source: source.to_string(),
-        path: path.display().to_string(),
-        examples: picked.len(),
-        available,
-        seed: (source == "train-holdout").then_some(args.seed),
-    };
-    Ok((encode(&subset, "", encoder)?, info))
 }

@@ -1,11 +1,11 @@
 //! Encoding task data and grouping it into length-bucketed batches.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::Result;
 
-use super::glue::{self, Dataset, Target};
-use super::task::Task;
+use super::glue::{Dataset, Target};
+use super::source::TaskData;
 use crate::model::inputs::Sequence;
 use crate::model::tokenizer::TextEncoder;
 
@@ -22,16 +22,11 @@ pub struct EncodedSet {
     pub targets: Vec<Target>,
 }
 
-/// Reads and tokenises the files of `split` for `task` under `data`.
-pub fn load_split(
-    task: Task,
-    data: &Path,
-    split: &str,
-    encoder: &TextEncoder,
-) -> Result<Vec<EncodedSet>> {
-    glue::split_paths(task, data, split)?
-        .into_iter()
-        .map(|(suffix, path)| encode(&glue::read(task, &path)?, suffix, encoder))
+/// Reads and tokenises the files of `split` of the task's data.
+pub fn load_split(data: &TaskData, split: &str, encoder: &TextEncoder) -> Result<Vec<EncodedSet>> {
+    data.split(split)?
+        .iter()
+        .map(|(suffix, set)| encode(set, suffix, encoder))
         .collect()
 }
 

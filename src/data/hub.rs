@@ -341,50 +341,6 @@ mod tests {
     use parquet::schema::parser::parse_message_type;
 
     use super::*;
-    use crate::data::glue;
-
-    /// The shared fixtures' `data` folder (`AXCOMPRESS_FIXTURES`, else `../shared`); None, said
-    /// loudly, when missing — and a failure under `CI=true`.
-    fn fixture_data() -> Option<PathBuf> {
-        let shared = std::env::var_os("AXCOMPRESS_FIXTURES")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared"));
-        let data = shared.join("data");
-        if data.join("hub").is_dir() && data.join("glue").is_dir() {
-            return Some(data);
-        }
-        let in_ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
-        assert!(!in_ci, "fixtures not found at {}", shared.display());
-        eprintln!(
-            "\n*** SKIPPED: shared fixtures not found at {} (set AXCOMPRESS_FIXTURES) ***\n",
-            shared.display()
-        );
-        None
-    }
-
-    #[test]
-    fn hub_rows_equal_glue_tsv_rows_for_sst2_and_rte() {
-        let Some(data) = fixture_data() else { return };
-        for task in [Task::Sst2, Task::Rte] {
-            for split in ["train", "dev"] {
-                let found = split_files_in(&data.join("hub"), task, split, true);
-                let found = found.unwrap().expect("the fixture cache holds the split");
-                let [("", files)] = found.as_slice() else {
-                    panic!("{task} {split}: expected one group of files")
-                };
-                let hub = read(task, files).unwrap();
-                let reader = SerializedFileReader::new(File::open(&files[0]).unwrap()).unwrap();
-                let names = label_names(reader.metadata().file_metadata().key_value_metadata());
-                assert_eq!(names.unwrap().unwrap(), task.labels(), "{task} {split}");
-                let tsv = glue::split_paths(task, &data.join("glue"), split).unwrap();
-                let tsv = glue::read(task, &tsv[0].1).unwrap();
-                assert_eq!(hub.examples.len(), tsv.examples.len(), "{task} {split}");
-                for (i, (h, t)) in hub.examples.iter().zip(&tsv.examples).enumerate() {
-                    assert_eq!(h, t, "{task} {split} row {}", i + 1);
-                }
-            }
-        }
-    }
 
     /// A cache holding `files` (paths inside the snapshot) of [`DATASET`] at revision `abc`.
     fn cache_with(files: &[&str]) -> tempfile::TempDir {

@@ -1,4 +1,5 @@
-//! Task data: the GLUE task registry, TSV and hub parquet readers, label mapping, batching and
+//! Task data: the GLUE task registry, where the data comes from (`--data`, `$GLUE_DIR`, the hub
+//! dataset), TSV and parquet readers, the selection / report splits, label mapping, batching and
 //! metrics.
 
 pub mod batch;
@@ -7,4 +8,6 @@ pub mod hub;
 pub mod labels;
 pub mod metric;
 pub mod sample;
+pub mod source;
+pub mod splits;
 pub mod task;

@@ -3,7 +3,10 @@
 use anyhow::{bail, Result};
 
 /// A GLUE task.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum Task {
     /// Stanford Sentiment Treebank (binary sentiment), metric accuracy.
     Sst2,

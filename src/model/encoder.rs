@@ -7,7 +7,8 @@ use candle_core::{Result, Tensor, D};
 
 use super::config::Activation;
 use super::inputs::Inputs;
-use super::nn::{activate, softmax_last, LayerNorm, Linear};
+use super::linear::Linear;
+use super::nn::{activate, softmax_last, LayerNorm};
 
 /// Word, position and (optionally) token-type embeddings followed by LayerNorm.
 #[derive(Debug, Clone)]

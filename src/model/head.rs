@@ -3,7 +3,7 @@
 use candle_core::{IndexOp, Result, Tensor};
 
 use super::config::Family;
-use super::nn::Linear;
+use super::linear::Linear;
 
 /// The head applied to the first token's hidden state.
 #[derive(Debug, Clone)]

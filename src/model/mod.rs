@@ -4,6 +4,7 @@ pub mod config;
 pub mod encoder;
 pub mod head;
 pub mod inputs;
+pub mod linear;
 pub mod names;
 pub mod nn;
 pub mod slice;
@@ -16,15 +17,17 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
-use candle_core::{Tensor, D};
+use candle_core::{DType, Tensor};
 
+use crate::hash::Fnv1a;
 use config::{Family, ModelConfig};
 use encoder::{
     run_layers, run_to_first_token, Attention, Embeddings, EncoderLayer, FeedForward, RunOptions,
 };
 use head::ClassifierHead;
 use inputs::Inputs;
-use nn::{LayerNorm, Linear};
+use linear::Linear;
+use nn::LayerNorm;
 use weights::{DtypeStats, WeightStore};
 
 /// A loaded BERT-family sequence-classification model.
@@ -42,6 +45,8 @@ pub struct Model {
     pub dir: PathBuf,
     /// Parameters and bytes by on-disk dtype of the tensors the runtime uses.
     pub disk_dtypes: DtypeStats,
+    /// The float dtype most parameters had on disk: computation is f32, exports keep this dtype.
+    pub storage_dtype: DType,
 }
 
 impl Model {
@@ -71,10 +76,10 @@ impl Model {
     pub fn from_store(config: ModelConfig, store: &WeightStore) -> Result<Self> {
         let h = config.hidden_size;
         let linear = |name: &str, out: usize, inp: usize| -> Result<Linear> {
-            Ok(Linear {
-                weight: store.get(&format!("{name}.weight"), &[out, inp])?,
-                bias: store.get(&format!("{name}.bias"), &[out])?,
-            })
+            Ok(Linear::dense(
+                store.get(&format!("{name}.weight"), &[out, inp])?,
+                store.get(&format!("{name}.bias"), &[out])?,
+            ))
         };
         let norm = |name: &str| -> Result<LayerNorm> {
             Ok(LayerNorm {
@@ -108,14 +113,17 @@ impl Model {
                     let width = heads.len() * d;
                     let (qkv, output) = if heads.is_empty() {
                         let bias = store.get(&format!("{}.bias", n.attention_output), &[h])?;
-                        (empty_linear(0, h, None)?, empty_linear(h, 0, Some(bias))?)
+                        (Linear::empty(0, h, None)?, Linear::empty(h, 0, Some(bias))?)
                     } else {
                         let parts = n
                             .qkv
                             .iter()
                             .map(|name| linear(name, width, h))
                             .collect::<Result<Vec<_>>>()?;
-                        (concat_rows(&parts)?, linear(&n.attention_output, h, width)?)
+                        (
+                            Linear::concat_rows(&parts)?,
+                            linear(&n.attention_output, h, width)?,
+                        )
                     };
                     Some(Attention {
                         qkv,
@@ -129,8 +137,8 @@ impl Model {
             let ffn = match shape.ffn_width {
                 None => None,
                 Some(0) => Some(FeedForward {
-                    intermediate: empty_linear(0, h, None)?,
-                    output: empty_linear(
+                    intermediate: Linear::empty(0, h, None)?,
+                    output: Linear::empty(
                         h,
                         0,
                         Some(store.get(&format!("{}.bias", n.ffn_output), &[h])?),
@@ -160,6 +168,7 @@ impl Model {
             head,
             dir: PathBuf::new(),
             disk_dtypes: store.used_stats(),
+            storage_dtype: store.dominant_float_dtype(),
         })
     }
 
@@ -222,68 +231,62 @@ impl Model {
 
     /// Total number of parameters the runtime uses (the fused QKV counted once).
     pub fn parameter_count(&self) -> usize {
-        self.tensors().iter().map(|t| t.elem_count()).sum()
+        let norm = |n: &LayerNorm| n.weight.elem_count() + n.bias.elem_count();
+        let e = &self.embeddings;
+        let mut count = e.word.elem_count() + e.position.elem_count() + norm(&e.norm);
+        count += e.token_type.as_ref().map_or(0, Tensor::elem_count);
+        for layer in &self.layers {
+            if let Some(a) = &layer.attention {
+                count += a.qkv.elem_count() + a.output.elem_count() + norm(&a.norm);
+            }
+            if let Some(f) = &layer.ffn {
+                count += f.intermediate.elem_count() + f.output.elem_count() + norm(&f.norm);
+            }
+        }
+        count + self.head.dense.elem_count() + self.head.out.elem_count()
     }
 
     /// A hash (16 hex digits, FNV-1a over 32-bit words) of the structure and every weight the
     /// runtime uses, in a fixed order: the same model gives the same value however it was
     /// loaded; any pruning or weight change gives another.
     pub fn fingerprint(&self) -> Result<String> {
-        const PRIME: u64 = 0x0100_0000_01b3;
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for byte in serde_json::to_vec(&self.config.structure)? {
-            h = (h ^ u64::from(byte)).wrapping_mul(PRIME);
-        }
-        for t in self.tensors() {
+        let mut h = Fnv1a::default();
+        h.write_bytes(&serde_json::to_vec(&self.config.structure)?);
+        for t in self.tensors()? {
             for v in t.flatten_all()?.to_vec1::<f32>()? {
-                h = (h ^ u64::from(v.to_bits())).wrapping_mul(PRIME);
+                h.write(u64::from(v.to_bits()));
             }
         }
-        Ok(format!("{h:016x}"))
+        Ok(h.hex())
     }
 
-    fn tensors(&self) -> Vec<&Tensor> {
+    /// Every tensor the runtime uses, dense, in a fixed order.
+    fn tensors(&self) -> Result<Vec<Tensor>> {
         let e = &self.embeddings;
-        let mut out = vec![&e.word, &e.position, &e.norm.weight, &e.norm.bias];
-        out.extend(e.token_type.as_ref());
-        fn lin(l: &Linear) -> [&Tensor; 2] {
-            [&l.weight, &l.bias]
-        }
+        let mut out = vec![
+            e.word.clone(),
+            e.position.clone(),
+            e.norm.weight.clone(),
+            e.norm.bias.clone(),
+        ];
+        out.extend(e.token_type.clone());
+        let lin =
+            |l: &Linear| -> Result<[Tensor; 2]> { Ok([l.weight.to_dense()?, l.bias.clone()]) };
         for layer in &self.layers {
             if let Some(a) = &layer.attention {
-                out.extend(lin(&a.qkv).into_iter().chain(lin(&a.output)));
-                out.extend([&a.norm.weight, &a.norm.bias]);
+                out.extend(lin(&a.qkv)?.into_iter().chain(lin(&a.output)?));
+                out.extend([a.norm.weight.clone(), a.norm.bias.clone()]);
             }
             if let Some(f) = &layer.ffn {
-                out.extend(lin(&f.intermediate).into_iter().chain(lin(&f.output)));
-                out.extend([&f.norm.weight, &f.norm.bias]);
+                out.extend(lin(&f.intermediate)?.into_iter().chain(lin(&f.output)?));
+                out.extend([f.norm.weight.clone(), f.norm.bias.clone()]);
             }
         }
-        out.extend(lin(&self.head.dense).into_iter().chain(lin(&self.head.out)));
-        out
+        out.extend(
+            lin(&self.head.dense)?
+                .into_iter()
+                .chain(lin(&self.head.out)?),
+        );
+        Ok(out)
     }
-}
-
-/// A linear layer with no weights on one side (zero heads or zero FFN neurons kept): only its
-/// bias (zeros when `bias` is `None`) contributes.
-pub(crate) fn empty_linear(out: usize, inp: usize, bias: Option<Tensor>) -> Result<Linear> {
-    let dev = &candle_core::Device::Cpu;
-    let bias = match bias {
-        Some(b) => b,
-        None => Tensor::zeros(out, candle_core::DType::F32, dev)?,
-    };
-    Ok(Linear {
-        weight: Tensor::zeros((out, inp), candle_core::DType::F32, dev)?,
-        bias,
-    })
-}
-
-/// Stacks linear layers along their outputs (fused projections).
-fn concat_rows(parts: &[Linear]) -> Result<Linear> {
-    let w: Vec<&Tensor> = parts.iter().map(|p| &p.weight).collect();
-    let b: Vec<&Tensor> = parts.iter().map(|p| &p.bias).collect();
-    Ok(Linear {
-        weight: Tensor::cat(&w, 0)?,
-        bias: Tensor::cat(&b, D::Minus1)?,
-    })
 }

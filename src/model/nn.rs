@@ -1,48 +1,9 @@
-//! Small building blocks of the runtime: dense layers, LayerNorm and activations, each with a
-//! fast inference path and a differentiable path (ops that have a backward pass).
+//! Small building blocks of the runtime: LayerNorm, softmax and activations, each with a fast
+//! inference path and a differentiable path (ops that have a backward pass).
 
 use candle_core::{Result, Tensor, D};
 
 use super::config::Activation;
-
-/// A dense layer `y = x Wᵀ + b` with `W` stored `[out, in]` as in PyTorch.
-#[derive(Debug, Clone)]
-pub struct Linear {
-    /// Weight, `[out, in]`.
-    pub weight: Tensor,
-    /// Bias, `[out]`.
-    pub bias: Tensor,
-}
-
-impl Linear {
-    /// Applies the layer to `x` of shape `[..., in]` as one 2-D matrix product.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let inner = dims[dims.len() - 1];
-        let rows = x.elem_count() / inner.max(1);
-        let out = x
-            .reshape((rows, inner))?
-            .matmul(&self.weight.t()?)?
-            .broadcast_add(&self.bias)?;
-        let mut out_dims = dims;
-        *out_dims.last_mut().expect("non-scalar input") = self.out_features();
-        out.reshape(out_dims)
-    }
-
-    /// Applies only output rows `start..start + len` of the layer (a slice of a fused projection).
-    pub fn forward_rows(&self, x: &Tensor, start: usize, len: usize) -> Result<Tensor> {
-        Linear {
-            weight: self.weight.narrow(0, start, len)?,
-            bias: self.bias.narrow(0, start, len)?,
-        }
-        .forward(x)
-    }
-
-    /// Number of outputs.
-    pub fn out_features(&self) -> usize {
-        self.weight.dims()[0]
-    }
-}
 
 /// LayerNorm over the last dimension.
 #[derive(Debug, Clone)]
@@ -88,20 +49,6 @@ pub fn activate(x: &Tensor, activation: Activation) -> Result<Tensor> {
 mod tests {
     use super::*;
     use candle_core::Device;
-
-    #[test]
-    fn linear_matches_manual_product() {
-        let dev = Device::Cpu;
-        let lin = Linear {
-            weight: Tensor::new(&[[1f32, 2.], [3., 4.], [5., 6.]], &dev).unwrap(),
-            bias: Tensor::new(&[0.5f32, 0., -1.], &dev).unwrap(),
-        };
-        let x = Tensor::new(&[[[1f32, 1.]], [[0., 2.]]], &dev).unwrap();
-        let y = lin.forward(&x).unwrap();
-        assert_eq!(y.dims(), &[2, 1, 3]);
-        let v: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
-        assert_eq!(v, vec![3.5, 7., 10., 4.5, 8., 11.]);
-    }
 
     #[test]
     fn fast_and_differentiable_paths_agree() {

@@ -5,8 +5,8 @@ use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
 
 use super::encoder::Gates;
-use super::nn::Linear;
-use super::{empty_linear, Model};
+use super::linear::Linear;
+use super::Model;
 
 /// What one layer keeps, relative to the model's current shape.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,10 +48,10 @@ impl Model {
                         })
                         .collect();
                     let cols: Vec<usize> = pos.iter().flat_map(|&p| p * d..(p + 1) * d).collect();
-                    att.qkv = select_rows(&att.qkv, &rows)?;
-                    att.output.weight = select(&att.output.weight, 1, &cols)?;
+                    att.qkv = att.qkv.select_outputs(&rows)?;
+                    att.output = att.output.select_inputs(&cols)?;
                     if heads.is_empty() {
-                        att.qkv = empty_linear(0, att.output.out_features(), None)?;
+                        att.qkv = Linear::empty(0, att.output.out_features(), None)?;
                     }
                     att.heads = heads.clone();
                 }
@@ -60,10 +60,10 @@ impl Model {
             match (&mut layer.ffn, &k.neurons) {
                 (_, None) => layer.ffn = None,
                 (Some(ffn), Some(neurons)) => {
-                    ffn.intermediate = select_rows(&ffn.intermediate, neurons)?;
-                    ffn.output.weight = select(&ffn.output.weight, 1, neurons)?;
+                    ffn.intermediate = ffn.intermediate.select_outputs(neurons)?;
+                    ffn.output = ffn.output.select_inputs(neurons)?;
                     if neurons.is_empty() {
-                        ffn.intermediate = empty_linear(0, ffn.output.out_features(), None)?;
+                        ffn.intermediate = Linear::empty(0, ffn.output.out_features(), None)?;
                     }
                 }
                 (None, Some(_)) => unreachable!("checked by check_keep"),
@@ -150,20 +150,4 @@ fn positions(current: &[usize], kept: &[usize]) -> Vec<usize> {
                 .expect("checked by check_keep")
         })
         .collect()
-}
-
-fn select(t: &Tensor, dim: usize, idx: &[usize]) -> Result<Tensor> {
-    let idx: Vec<u32> = idx.iter().map(|&i| i as u32).collect();
-    let n = idx.len();
-    Ok(
-        t.index_select(&Tensor::from_vec(idx, n, &Device::Cpu)?, dim)?
-            .contiguous()?,
-    )
-}
-
-fn select_rows(lin: &Linear, rows: &[usize]) -> Result<Linear> {
-    Ok(Linear {
-        weight: select(&lin.weight, 0, rows)?,
-        bias: select(&lin.bias, 0, rows)?,
-    })
 }

@@ -57,7 +57,8 @@ pub(crate) fn env_flag(name: &str) -> bool {
     })
 }
 
-fn looks_like_hub_id(spec: &str) -> bool {
+/// True for `name` or `org/name` made of letters, digits, `-`, `_` and `.` (not starting with `.`).
+pub(crate) fn looks_like_hub_id(spec: &str) -> bool {
     let parts: Vec<&str> = spec.split('/').collect();
     parts.len() <= 2
         && parts.iter().all(|p| {

@@ -90,6 +90,17 @@ impl WeightStore {
     pub fn used_stats(&self) -> DtypeStats {
         self.used.borrow().clone()
     }
+
+    /// The float dtype holding most of the parameters fetched so far (f32 when none).
+    pub fn dominant_float_dtype(&self) -> DType {
+        self.used
+            .borrow()
+            .iter()
+            .filter_map(|(name, (params, _))| Some((name.parse::<DType>().ok()?, *params)))
+            .filter(|(dtype, _)| dtype.is_float())
+            .max_by_key(|&(_, params)| params)
+            .map_or(DType::F32, |(dtype, _)| dtype)
+    }
 }
 
 fn candidate_names(prefix: &str, name: &str) -> Vec<String> {
@@ -190,5 +201,20 @@ mod tests {
         assert!(err.contains("bert.x has shape [2, 3]"), "{err}");
         assert_eq!(store.get("x", &[2, 3]).unwrap().dims(), &[2, 3]);
         assert_eq!(store.used_stats()["f32"], (6, 24));
+        assert_eq!(store.dominant_float_dtype(), DType::F32);
+    }
+
+    #[test]
+    fn dominant_dtype_is_the_one_holding_most_parameters() {
+        let half = Tensor::zeros((4, 2), DType::F16, &Device::Cpu).unwrap();
+        let full = Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap();
+        let store = WeightStore::from_tensors(
+            HashMap::from([("w".to_string(), half), ("b".to_string(), full)]),
+            "m.safetensors",
+            "",
+        );
+        store.get("w", &[4, 2]).unwrap();
+        store.get("b", &[2]).unwrap();
+        assert_eq!(store.dominant_float_dtype(), DType::F16);
     }
 }

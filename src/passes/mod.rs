@@ -1,3 +1,84 @@
-//! Compression passes: each takes a model and returns a new one (the input is never changed).
+//! Compression passes. Each is a stage of a pipeline: `Model → Model` plus a report of what it
+//! did. The stages, in the order a pipeline usually runs them:
+//!
+//! 1. [`prune`]: accuracy-driven removal of attention / FFN blocks, heads and FFN neuron groups,
+//!    sliced out of the weights after each level.
+//!
+//! A pass only says which changes it proposes (candidates, in significance order) and how an
+//! accepted change is applied. Whether a change is kept is decided by the selection engine
+//! ([`select`]): it re-evaluates the selection split from the changed layer on, with the hidden
+//! states before that layer cached, and accepts or rejects against the run's single tolerance.
+//! Every decision is recorded in the run's [`journal`], so an interrupted run resumes without
+//! redoing accepted work.
 
+pub mod journal;
 pub mod prune;
+pub mod select;
+
+use anyhow::Result;
+use serde_json::Value;
+
+use crate::data::labels::LabelMap;
+use crate::data::splits::Part;
+use crate::data::task::Task;
+use crate::model::Model;
+use journal::Journal;
+use select::SelectionBatches;
+
+/// One stage of a pipeline.
+pub trait Pass {
+    /// Name recorded in reports and the model's history (`prune`).
+    fn name(&self) -> &'static str;
+    /// The settings, as recorded in reports and the model's history.
+    fn settings(&self) -> Value;
+    /// Refuses an input model the pass cannot work on (e.g. a significance report of another
+    /// model), before any work is done.
+    fn check_input(&self, _model: &Model) -> Result<()> {
+        Ok(())
+    }
+    /// Runs the pass on `model`, recording its decisions in `journal`; returns the new model and
+    /// the pass's own report.
+    fn run(&self, model: Model, ctx: &StageContext, journal: &mut Journal) -> Result<PassOutput>;
+}
+
+/// What a pass returns.
+pub struct PassOutput {
+    /// The new model.
+    pub model: Model,
+    /// What the pass did (per level, per element…), as it wants to report it.
+    pub details: Value,
+}
+
+/// What a pass may use: the selection data, the run's tolerance, the journal and the run's
+/// settings that analysis needs.
+pub struct StageContext<'a> {
+    /// The model's path or hub id as given (recorded in analysis reports).
+    pub source: &'a str,
+    /// The task.
+    pub task: Task,
+    /// Model outputs → task labels.
+    pub labels: &'a LabelMap,
+    /// The selection split.
+    pub selection: &'a Part,
+    /// The selection split, batched for the engine.
+    pub batches: &'a SelectionBatches<'a>,
+    /// The lowest selection metric the whole run may end with (`None` without a `max_drop`).
+    pub floor: Option<f64>,
+    /// Position of this stage in the pipeline (0-based), for journal step names.
+    pub stage: usize,
+    /// Sentences per batch.
+    pub batch_size: usize,
+    /// Maximum tokens per input.
+    pub max_length: usize,
+    /// No progress bars or logs.
+    pub quiet: bool,
+}
+
+impl StageContext<'_> {
+    /// Prints a human log line on stderr unless quiet.
+    pub fn log(&self, line: &str) {
+        if !self.quiet {
+            eprintln!("{line}");
+        }
+    }
+}

@@ -1,24 +1,28 @@
 //! Accuracy-driven, hierarchical, greedy pruning (AxFormer): blocks first, then heads inside
-//! kept attention blocks, then FFN neuron groups inside kept FFN blocks. At each level elements
-//! are visited from least to most significant; each is removed tentatively (gates), the model is
-//! re-evaluated on the selection data from the element's layer on (the hidden states entering
-//! every layer are cached for the accepted model), and the removal is kept only if the
-//! acceptance rule holds. After each level the model is sliced physically.
+//! kept attention blocks, then FFN neuron groups inside kept FFN blocks. At each level the
+//! candidates are visited from least to most significant (significance recomputed on the
+//! current model, or read from a report of this very model); the selection engine decides each
+//! tentative removal (gates). After each level the model is sliced physically.
 
-use anyhow::Result;
-use candle_core::Tensor;
-use indicatif::ProgressBar;
-use serde::Serialize;
+use std::path::PathBuf;
 
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use super::journal::{Journal, TrialRecord};
+use super::select::{Engine, Rule, Score, Trial};
+use super::{Pass, PassOutput, StageContext};
 use crate::analyze::elements::{Element, Level};
-use crate::analyze::report::ElementSignificance;
-use crate::analyze::{AnalysisBatch, Scorer};
-use crate::model::encoder::RunOptions;
+use crate::analyze::report::{ElementSignificance, Method, Report, Settings};
+use crate::analyze::summary::short_name;
+use crate::analyze::{analyze, Subject};
 use crate::model::slice::LayerKeep;
 use crate::model::Model;
+use crate::progress;
 
 /// What a removal must preserve.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum Mode {
     /// Keep a removal only if the selection metric does not drop (ties: loss must not rise).
@@ -40,111 +44,47 @@ impl Mode {
     }
 }
 
-/// The acceptance rule and when to stop.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
-pub struct Rule {
-    /// The mode.
+/// Settings of the prune pass (command-line flags and `[[stages]]` keys of a config).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PruneSettings {
+    /// What a removal must preserve.
     pub mode: Mode,
-    /// Lowest acceptable selection metric under size/speed (baseline minus the allowed drop).
-    pub floor: f64,
+    /// Levels to prune, in order blocks → heads → groups.
+    pub levels: Vec<Level>,
+    /// FFN neurons per group.
+    pub group_size: usize,
+    /// Cap on tentative removals decided, all levels together.
+    pub budget: Option<usize>,
     /// Consecutive rejections that end a level (0: never).
     pub patience: usize,
+    /// A significance report of the input model to use instead of recomputing per level.
+    pub significance: Option<PathBuf>,
 }
 
-/// Per-batch hidden states entering every layer for the accepted model, so that a tentative
-/// removal in layer `l` only recomputes layers `l..`.
-pub struct Selector<'a> {
-    model: &'a Model,
-    batches: &'a [AnalysisBatch],
-    scorer: &'a Scorer<'a>,
-    metric: &'a str,
-    /// `cache[b][l]`: hidden states of batch `b` entering layer `l`.
-    cache: Vec<Vec<Tensor>>,
-    /// Re-evaluations done so far.
-    pub evaluations: usize,
-}
-
-/// Loss and primary metric on the selection data.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
-pub struct Score {
-    /// Mean loss.
-    pub loss: f64,
-    /// Primary metric.
-    pub metric: f64,
-}
-
-impl<'a> Selector<'a> {
-    /// Caches the model's hidden states with `plan` applied.
-    pub fn new(
-        model: &'a Model,
-        batches: &'a [AnalysisBatch],
-        scorer: &'a Scorer<'a>,
-        metric: &'a str,
-        plan: &[LayerKeep],
-    ) -> Result<Self> {
-        let mut s = Selector {
-            model,
-            batches,
-            scorer,
-            metric,
-            cache: Vec::new(),
-            evaluations: 0,
-        };
-        s.cache = batches
-            .iter()
-            .map(|b| Ok(vec![model.embed(&b.inputs, false)?]))
-            .collect::<Result<_>>()?;
-        s.accept(0, plan)?;
-        Ok(s)
-    }
-
-    /// Scores the model with `plan` applied, recomputing from layer `from`.
-    pub fn score(&mut self, from: usize, plan: &[LayerKeep]) -> Result<Score> {
-        self.evaluations += 1;
-        let gates = self.model.gates_for(plan)?;
-        let opts = RunOptions {
-            gates: Some(&gates),
-            differentiable: false,
-        };
-        let total: usize = self.batches.iter().map(|b| b.examples.len()).sum();
-        let mut predictions = vec![0f32; total];
-        let mut loss_sum = 0.0;
-        for (batch, cache) in self.batches.iter().zip(&self.cache) {
-            let logits: Vec<Vec<f32>> = self
-                .model
-                .logits_from(&cache[from], &batch.inputs.mask_bias, from, opts)?
-                .to_vec2()?;
-            for (row, &ex) in logits.iter().zip(&batch.examples) {
-                loss_sum += self.scorer.example_loss(row, ex);
-                predictions[ex] = self.scorer.prediction(row);
-            }
+impl Default for PruneSettings {
+    fn default() -> Self {
+        PruneSettings {
+            mode: Mode::Accuracy,
+            levels: vec![Level::Blocks, Level::Heads, Level::Groups],
+            group_size: 32,
+            budget: None,
+            patience: 20,
+            significance: None,
         }
-        let s = self.scorer.scores(loss_sum, &predictions);
-        Ok(Score {
-            loss: s.loss,
-            metric: s.get(self.metric).unwrap_or(f64::NAN),
-        })
     }
+}
 
-    /// Makes `plan` the accepted one: recomputes the cached states of layers after `from`.
-    pub fn accept(&mut self, from: usize, plan: &[LayerKeep]) -> Result<()> {
-        let gates = self.model.gates_for(plan)?;
-        let opts = RunOptions {
-            gates: Some(&gates),
-            differentiable: false,
-        };
-        let layers = self.model.num_layers();
-        for (batch, cache) in self.batches.iter().zip(self.cache.iter_mut()) {
-            cache.truncate(from + 1);
-            for l in from..layers.saturating_sub(1) {
-                let next = self
-                    .model
-                    .run_layers(&cache[l], &batch.inputs, l..l + 1, opts)?;
-                cache.push(next);
-            }
-        }
-        Ok(())
-    }
+/// Why a level stopped visiting candidates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stop {
+    /// Every candidate was visited.
+    Exhausted,
+    /// The budget of decisions ran out.
+    Budget,
+    /// `patience` rejections in a row.
+    Patience,
 }
 
 /// One element the pass removed, with the selection score after removing it.
@@ -162,14 +102,244 @@ pub struct Removal {
 pub struct LevelOutcome {
     /// The level.
     pub level: Level,
-    /// Candidates considered.
+    /// Candidates in visiting order.
     pub candidates: usize,
-    /// Re-evaluations spent.
-    pub evaluations: usize,
+    /// Why the level stopped.
+    pub stop: Stop,
+    /// Every decision in order (`score` is null where the evaluation stopped early because
+    /// acceptance had become impossible).
+    pub trials: Vec<TrialRecord>,
     /// Accepted removals in order.
     pub removed: Vec<Removal>,
     /// Selection score at the end of the level.
     pub score: Score,
+}
+
+/// The prune pass.
+pub struct Prune {
+    settings: PruneSettings,
+    significance: Option<Report>,
+}
+
+impl Prune {
+    /// Checks the settings and reads the significance report, if any.
+    pub fn new(mut settings: PruneSettings) -> Result<Self> {
+        settings.levels.sort();
+        settings.levels.dedup();
+        if settings.levels.is_empty() {
+            bail!("prune: levels is empty; use some of blocks, heads, groups");
+        }
+        if settings.group_size == 0 {
+            bail!("--group-size must be at least 1");
+        }
+        let significance = settings
+            .significance
+            .as_deref()
+            .map(Report::load)
+            .transpose()?;
+        Ok(Prune {
+            settings,
+            significance,
+        })
+    }
+
+    fn rule(&self, floor: Option<f64>) -> Result<Rule> {
+        match (self.settings.mode, floor) {
+            (Mode::Accuracy, _) => Ok(Rule::NotWorse),
+            (_, Some(floor)) => Ok(Rule::AtLeast(floor)),
+            (mode, None) => bail!(
+                "prune in {} mode needs --max-drop (e.g. 1.0 for one metric point, or 2%)",
+                mode.name()
+            ),
+        }
+    }
+
+    /// The level's candidates in visiting order, from the report or a fresh analysis.
+    fn candidates(&self, model: &Model, level: Level, ctx: &StageContext) -> Result<Vec<Element>> {
+        let results = match &self.significance {
+            Some(r) => r.elements.clone(),
+            None => {
+                ctx.log(&format!("significance of {}", level.name()));
+                self.analyze(model, level, ctx)?
+            }
+        };
+        let set = &ctx.selection.set;
+        let mean_len = set.sequences.iter().map(|s| s.ids.len()).sum::<usize>() as f64
+            / set.sequences.len().max(1) as f64;
+        Ok(visiting_order(
+            model,
+            &results,
+            level,
+            self.settings.mode,
+            mean_len,
+        ))
+    }
+
+    fn analyze(
+        &self,
+        model: &Model,
+        level: Level,
+        ctx: &StageContext,
+    ) -> Result<Vec<ElementSignificance>> {
+        let subject = Subject {
+            model,
+            source: ctx.source,
+            task: ctx.task,
+            labels: ctx.labels,
+        };
+        let settings = Settings {
+            method: Method::Ablation,
+            levels: vec![level],
+            group_size: self.settings.group_size,
+            exact_groups: Some(8),
+            taylor_examples: if level == Level::Groups {
+                512.min(ctx.selection.set.sequences.len())
+            } else {
+                0
+            },
+            batch_size: ctx.batch_size,
+            max_length: ctx.max_length,
+        };
+        let info = ctx.selection.info.clone();
+        let analysis = analyze(&subject, &ctx.selection.set, info, settings, ctx.quiet)?;
+        Ok(analysis.report.elements)
+    }
+}
+
+impl Pass for Prune {
+    fn name(&self) -> &'static str {
+        "prune"
+    }
+
+    fn settings(&self) -> Value {
+        serde_json::to_value(&self.settings).expect("settings serialise")
+    }
+
+    fn check_input(&self, model: &Model) -> Result<()> {
+        match (&self.significance, &self.settings.significance) {
+            (Some(report), Some(path)) => report.check_model(model, path),
+            _ => Ok(()),
+        }
+    }
+
+    fn run(
+        &self,
+        mut model: Model,
+        ctx: &StageContext,
+        journal: &mut Journal,
+    ) -> Result<PassOutput> {
+        self.check_input(&model)?;
+        let rule = self.rule(ctx.floor)?;
+        let mut budget = self.settings.budget.unwrap_or(usize::MAX);
+        let mut outcomes = Vec::new();
+        for &level in &self.settings.levels {
+            if budget == 0 {
+                ctx.log(&format!("{}: skipped, the budget is spent", level.name()));
+                break;
+            }
+            let step = format!("stage {} prune {}", ctx.stage, level.name());
+            let order = journal.begin_step(&step, || self.candidates(&model, level, ctx))?;
+            let level_run = LevelRun {
+                level,
+                rule,
+                patience: self.settings.patience,
+            };
+            let (next, outcome, replayed) =
+                level_run.run(model, &order, &mut budget, ctx, journal)?;
+            ctx.log(&format!(
+                "{}: removed {} of {} ({} decided, {replayed} replayed from the progress file), selection {:.4}",
+                level.name(),
+                outcome.removed.len(),
+                outcome.candidates,
+                outcome.trials.len(),
+                outcome.score.metric
+            ));
+            model = next;
+            outcomes.push(outcome);
+        }
+        Ok(PassOutput {
+            model,
+            details: json!({ "levels": outcomes }),
+        })
+    }
+}
+
+/// One level of greedy removal.
+struct LevelRun {
+    level: Level,
+    rule: Rule,
+    patience: usize,
+}
+
+impl LevelRun {
+    /// Visits `order`, keeping the removals the engine accepts; returns the sliced model, the
+    /// outcome and how many verdicts were replayed from the journal.
+    fn run(
+        &self,
+        model: Model,
+        order: &[Element],
+        budget: &mut usize,
+        ctx: &StageContext,
+        journal: &mut Journal,
+    ) -> Result<(Model, LevelOutcome, usize)> {
+        let mut engine = Engine::new(model, ctx.batches)?;
+        let mut plan = engine.model().keep_all();
+        let bar = progress::bar(order.len() as u64, self.level.name(), ctx.quiet);
+        let (mut trials, mut removed, mut replayed) = (Vec::new(), Vec::new(), 0);
+        let mut stop = Stop::Exhausted;
+        for e in order {
+            if *budget == 0 {
+                stop = Stop::Budget;
+                break;
+            }
+            if self.patience > 0 && rejected_in_a_row(&trials) >= self.patience {
+                stop = Stop::Patience;
+                break;
+            }
+            bar.inc(1);
+            let mut tentative = plan.clone();
+            if !remove(&mut tentative, e) {
+                continue;
+            }
+            *budget -= 1;
+            let trial = Trial {
+                layer: e.layer(),
+                model: None,
+                gates: Some(engine.model().gates_for(&tentative)?),
+                label: short_name(e),
+            };
+            let verdict = engine.decide(trial, self.rule, journal)?;
+            replayed += usize::from(verdict.replayed);
+            if let (true, Some(after)) = (verdict.accepted, verdict.score) {
+                plan = tentative;
+                removed.push(Removal {
+                    element: e.clone(),
+                    after,
+                });
+            }
+            trials.push(TrialRecord {
+                label: short_name(e),
+                accepted: verdict.accepted,
+                score: verdict.score,
+            });
+        }
+        bar.finish_and_clear();
+        let score = engine.score();
+        let (model, _) = engine.into_parts();
+        let outcome = LevelOutcome {
+            level: self.level,
+            candidates: order.len(),
+            stop,
+            trials,
+            removed,
+            score,
+        };
+        Ok((model.slice(&plan)?, outcome, replayed))
+    }
+}
+
+fn rejected_in_a_row(trials: &[TrialRecord]) -> usize {
+    trials.iter().rev().take_while(|t| !t.accepted).count()
 }
 
 /// Applies the removal of `e` to `plan`; `false` when `e` is already gone (its block removed).
@@ -223,57 +393,6 @@ pub fn saving(model: &Model, e: &Element, mode: Mode, mean_len: f64) -> f64 {
         Mode::Size => params.max(1.0),
         Mode::Speed => flops.max(1.0),
     }
-}
-
-/// Greedy removal over one level's `candidates` (already in visiting order).
-pub fn prune_level(
-    selector: &mut Selector,
-    plan: &mut Vec<LayerKeep>,
-    level: Level,
-    candidates: &[Element],
-    rule: Rule,
-    budget: &mut usize,
-    progress: &ProgressBar,
-) -> Result<LevelOutcome> {
-    let start_evals = selector.evaluations;
-    let mut current = selector.score(0, plan)?;
-    let mut removed = Vec::new();
-    let mut rejected_in_a_row = 0;
-    for e in candidates {
-        progress.inc(1);
-        if *budget == 0 || (rule.patience > 0 && rejected_in_a_row >= rule.patience) {
-            break;
-        }
-        let mut tentative = plan.clone();
-        if !remove(&mut tentative, e) {
-            continue;
-        }
-        *budget -= 1;
-        let s = selector.score(e.layer(), &tentative)?;
-        let keep = match rule.mode {
-            Mode::Accuracy => {
-                s.metric > current.metric || (s.metric == current.metric && s.loss <= current.loss)
-            }
-            Mode::Size | Mode::Speed => s.metric >= rule.floor,
-        };
-        rejected_in_a_row = if keep { 0 } else { rejected_in_a_row + 1 };
-        if keep {
-            *plan = tentative;
-            selector.accept(e.layer(), plan)?;
-            current = s;
-            removed.push(Removal {
-                element: e.clone(),
-                after: s,
-            });
-        }
-    }
-    Ok(LevelOutcome {
-        level,
-        candidates: candidates.len(),
-        evaluations: selector.evaluations - start_evals,
-        removed,
-        score: current,
-    })
 }
 
 /// Orders a level's significance results into visiting order: ascending rank under accuracy;

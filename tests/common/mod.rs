@@ -46,10 +46,13 @@ pub fn run(args: &[&str]) -> Output {
     run_with_env(args, &[])
 }
 
-/// Runs the `axcompress` binary with `args` and extra environment variables.
+/// Runs the `axcompress` binary with `args` and extra environment variables. The caller's
+/// `HF_HUB_OFFLINE` and `GLUE_DIR` are not passed on: a test sets what it relies on.
 pub fn run_with_env(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_axcompress"));
-    cmd.args(args).env_remove("HF_HUB_OFFLINE");
+    cmd.args(args)
+        .env_remove("HF_HUB_OFFLINE")
+        .env_remove("GLUE_DIR");
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -117,6 +120,20 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .zip(b)
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
+}
+
+/// A GLUE directory holding `<task_dir>/train.tsv` and `dev.tsv` with the first `rows` examples
+/// of the fixture files (small data keeps CLI tests fast).
+pub fn small_glue(shared: &Path, task_dir: &str, rows: usize) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join(task_dir)).unwrap();
+    for split in ["train", "dev"] {
+        let file = format!("{task_dir}/{split}.tsv");
+        let text = std::fs::read_to_string(shared.join("data/glue").join(&file)).unwrap();
+        let head: Vec<&str> = text.lines().take(rows + 1).collect();
+        std::fs::write(dir.path().join(&file), head.join("\n") + "\n").unwrap();
+    }
+    dir
 }
 
 /// Copies a fixture model directory into a fresh temp dir, symlinking large files.

@@ -1,0 +1,239 @@
+//! Honest data: the *selection* split that decisions are taken on, and the *report* split and the
+//! whole dev split that show how the decisions hold on data they did not see.
+//!
+//! A fine-tuned model has usually seen every training example, so by default the selection data
+//! is a seeded part (`select_fraction`) of the dev/validation split and the rest of dev is the
+//! report split. `train-holdout` (a seeded sample of train) is for models known never to have
+//! seen those examples; a labelled file can be given too.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+
+use super::batch::{encode, EncodedSet};
+use super::glue::{self, Dataset};
+use super::sample::sample_indices;
+use super::source::TaskData;
+use crate::model::tokenizer::TextEncoder;
+
+/// Which data decisions are taken on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SelectOn {
+    /// A seeded part of the dev split; the rest is the report split.
+    Dev,
+    /// A seeded sample of the train split (only honest when the model never saw it).
+    TrainHoldout,
+    /// A labelled TSV file of the task.
+    File(PathBuf),
+}
+
+impl SelectOn {
+    /// Parses `dev`, `train-holdout` or a file path.
+    pub fn parse(s: &str) -> Self {
+        match s {
+            "dev" => SelectOn::Dev,
+            "train-holdout" => SelectOn::TrainHoldout,
+            file => SelectOn::File(PathBuf::from(file)),
+        }
+    }
+}
+
+/// How the selection data is drawn.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SelectionSpec {
+    /// The source.
+    pub on: SelectOn,
+    /// Under [`SelectOn::Dev`]: the fraction of dev used for selection (0 < f ≤ 1).
+    pub select_fraction: f64,
+    /// Under [`SelectOn::TrainHoldout`]: examples sampled from train.
+    pub holdout: usize,
+    /// Seed of the dev split or the train sample.
+    pub seed: u64,
+    /// Keep only the first N selection examples (quick looks).
+    pub limit: Option<usize>,
+}
+
+impl Default for SelectionSpec {
+    /// Half of dev, seed 0 (a train hold-out would be 2000 examples).
+    fn default() -> Self {
+        SelectionSpec {
+            on: SelectOn::Dev,
+            select_fraction: 0.5,
+            holdout: 2000,
+            seed: 0,
+            limit: None,
+        }
+    }
+}
+
+/// Which data a part is and where it came from (recorded in every report).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DataInfo {
+    /// `dev-split` (seeded part of dev), `dev-rest` (the dev examples not selected), `dev`,
+    /// `train-holdout` or `file`.
+    pub source: String,
+    /// The file read (a TSV file, or the first parquet file of a hub split).
+    pub path: String,
+    /// Examples used.
+    pub examples: usize,
+    /// Examples the file holds.
+    pub available: usize,
+    /// Sampling seed (seeded parts only).
+    pub seed: Option<u64>,
+    /// Fraction of dev drawn for selection (`dev-split` only).
+    #[serde(default)]
+    pub fraction: Option<f64>,
+}
+
+/// One tokenised part of the data with its description.
+#[derive(Debug, Clone)]
+pub struct Part {
+    /// The examples, tokenised.
+    pub set: EncodedSet,
+    /// What they are.
+    pub info: DataInfo,
+    /// Positions of the examples in the dev split, when they are a part of it.
+    pub dev_indices: Option<Vec<usize>>,
+}
+
+/// Selection, report and dev data of one run.
+#[derive(Debug, Clone)]
+pub struct Splits {
+    /// Decisions are taken on this.
+    pub selection: Part,
+    /// Dev examples the decisions did not see (`None` when selection took all of dev).
+    pub report: Option<Part>,
+    /// The whole dev split (MNLI: the matched file).
+    pub dev: EncodedSet,
+}
+
+impl Splits {
+    /// Reads, splits and tokenises the data of a run.
+    pub fn load(spec: &SelectionSpec, data: &TaskData, encoder: &TextEncoder) -> Result<Self> {
+        if !(spec.select_fraction > 0.0 && spec.select_fraction <= 1.0) {
+            bail!(
+                "--select-fraction {} is out of range: use a fraction in (0, 1], e.g. 0.5",
+                spec.select_fraction
+            );
+        }
+        let dev_data = data.first("dev")?;
+        let dev = encode(&dev_data, "", encoder)?;
+        let n = dev.sequences.len();
+        let (mut selection, chosen) = match &spec.on {
+            SelectOn::Dev => {
+                let k = ((n as f64 * spec.select_fraction).round() as usize).clamp(1, n);
+                let picked = sample_indices(n, k, spec.seed);
+                let info = info("dev-split", &dev_data, k, Some(spec.seed));
+                let part = Part {
+                    set: dev.subset(&picked),
+                    info: DataInfo {
+                        fraction: Some(spec.select_fraction),
+                        ..info
+                    },
+                    dev_indices: Some(picked.clone()),
+                };
+                (part, picked)
+            }
+            SelectOn::TrainHoldout => (train_holdout(spec, data, encoder)?, Vec::new()),
+            SelectOn::File(path) => (labelled_file(path, data, encoder)?, Vec::new()),
+        };
+        if let Some(limit) = spec.limit {
+            selection.truncate(limit);
+        }
+        if selection.set.sequences.is_empty() {
+            bail!(
+                "{}: the selection data is empty (check --limit / --holdout)",
+                selection.info.path
+            );
+        }
+        let rest_of_split = (spec.on == SelectOn::Dev).then_some(spec.seed);
+        let report = report_part(&dev, &dev_data, &chosen, rest_of_split);
+        Ok(Splits {
+            selection,
+            report,
+            dev,
+        })
+    }
+}
+
+impl Part {
+    /// Keeps the first `limit` examples.
+    fn truncate(&mut self, limit: usize) {
+        let keep: Vec<usize> = (0..self.set.sequences.len().min(limit)).collect();
+        self.set = self.set.subset(&keep);
+        self.info.examples = keep.len();
+        if let Some(idx) = &mut self.dev_indices {
+            idx.truncate(keep.len());
+        }
+    }
+}
+
+/// The dev examples not in `chosen` (all of dev when selection came from elsewhere); `split_seed`
+/// is the seed of the dev split when selection took part of dev.
+fn report_part(
+    dev: &EncodedSet,
+    file: &Dataset,
+    chosen: &[usize],
+    split_seed: Option<u64>,
+) -> Option<Part> {
+    let mut taken = vec![false; dev.sequences.len()];
+    for &i in chosen {
+        taken[i] = true;
+    }
+    let others: Vec<usize> = (0..taken.len()).filter(|&i| !taken[i]).collect();
+    if others.is_empty() {
+        return None;
+    }
+    let source = if split_seed.is_some() {
+        "dev-rest"
+    } else {
+        "dev"
+    };
+    Some(Part {
+        set: dev.subset(&others),
+        info: info(source, file, others.len(), split_seed),
+        dev_indices: Some(others),
+    })
+}
+
+fn train_holdout(spec: &SelectionSpec, data: &TaskData, encoder: &TextEncoder) -> Result<Part> {
+    let train = data.first("train")?;
+    let picked = sample_indices(train.examples.len(), spec.holdout, spec.seed);
+    let subset = Dataset {
+        path: train.path.clone(),
+        examples: picked.iter().map(|&i| train.examples[i].clone()).collect(),
+    };
+    Ok(Part {
+        set: encode(&subset, "", encoder)?,
+        info: info("train-holdout", &train, picked.len(), Some(spec.seed)),
+        dev_indices: None,
+    })
+}
+
+fn labelled_file(path: &std::path::Path, data: &TaskData, encoder: &TextEncoder) -> Result<Part> {
+    if !path.is_file() {
+        bail!(
+            "--on {}: no such file; use dev, train-holdout or a labelled TSV file",
+            path.display()
+        );
+    }
+    let file = glue::read(data.task, path)?;
+    Ok(Part {
+        set: encode(&file, "", encoder)?,
+        info: info("file", &file, file.examples.len(), None),
+        dev_indices: None,
+    })
+}
+
+fn info(source: &str, file: &Dataset, examples: usize, seed: Option<u64>) -> DataInfo {
+    DataInfo {
+        source: source.to_string(),
+        path: file.path.display().to_string(),
+        examples,
+        available: file.examples.len(),
+        seed,
+        fraction: None,
+    }
+}

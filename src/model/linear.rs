@@ -1,0 +1,196 @@
+//! A linear layer `y = x Wᵀ + b`. The weight is a [`Weight`], not a bare tensor, so that a
+//! quantized matrix can take the place of a dense one without changing any caller: callers
+//! multiply, slice, count and export through its methods.
+
+use candle_core::{DType, Device, Result, Tensor, D};
+
+/// The weight matrix of a linear layer, `[out, in]` as in PyTorch.
+#[derive(Debug, Clone)]
+pub enum Weight {
+    /// A dense f32 matrix.
+    Dense(Tensor),
+}
+
+impl Weight {
+    /// `(out, in)`.
+    pub fn dims(&self) -> (usize, usize) {
+        match self {
+            Weight::Dense(w) => (w.dims()[0], w.dims()[1]),
+        }
+    }
+
+    /// Number of parameters.
+    pub fn elem_count(&self) -> usize {
+        let (out, inp) = self.dims();
+        out * inp
+    }
+
+    /// The matrix as a dense f32 tensor `[out, in]` (what export writes and analysis reads).
+    pub fn to_dense(&self) -> Result<Tensor> {
+        match self {
+            Weight::Dense(w) => Ok(w.clone()),
+        }
+    }
+
+    /// `x Wᵀ` for a 2-D `x` of shape `[rows, in]`.
+    fn matmul_t(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Weight::Dense(w) => x.matmul(&w.t()?),
+        }
+    }
+
+    /// The rows (`dim` 0, outputs) or columns (`dim` 1, inputs) at `idx`, in that order.
+    pub fn select(&self, dim: usize, idx: &[usize]) -> Result<Weight> {
+        match self {
+            Weight::Dense(w) => Ok(Weight::Dense(select(w, dim, idx)?)),
+        }
+    }
+
+    /// Output rows `start..start + len`.
+    pub fn narrow_rows(&self, start: usize, len: usize) -> Result<Weight> {
+        match self {
+            Weight::Dense(w) => Ok(Weight::Dense(w.narrow(0, start, len)?)),
+        }
+    }
+}
+
+/// A dense layer `y = x Wᵀ + b`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    /// Weight, `[out, in]`.
+    pub weight: Weight,
+    /// Bias, `[out]`.
+    pub bias: Tensor,
+}
+
+impl Linear {
+    /// A layer with a dense weight `[out, in]` and bias `[out]`.
+    pub fn dense(weight: Tensor, bias: Tensor) -> Self {
+        Linear {
+            weight: Weight::Dense(weight),
+            bias,
+        }
+    }
+
+    /// A layer with no weights on one side (zero heads or zero FFN neurons kept): only its bias
+    /// (zeros when `bias` is `None`) contributes.
+    pub fn empty(out: usize, inp: usize, bias: Option<Tensor>) -> Result<Self> {
+        let dev = &Device::Cpu;
+        let bias = match bias {
+            Some(b) => b,
+            None => Tensor::zeros(out, DType::F32, dev)?,
+        };
+        Ok(Linear::dense(
+            Tensor::zeros((out, inp), DType::F32, dev)?,
+            bias,
+        ))
+    }
+
+    /// Stacks dense layers along their outputs (fused projections).
+    pub fn concat_rows(parts: &[Linear]) -> Result<Self> {
+        let w = parts
+            .iter()
+            .map(|p| p.weight.to_dense())
+            .collect::<Result<Vec<_>>>()?;
+        let b: Vec<&Tensor> = parts.iter().map(|p| &p.bias).collect();
+        Ok(Linear::dense(
+            Tensor::cat(&w, 0)?,
+            Tensor::cat(&b, D::Minus1)?,
+        ))
+    }
+
+    /// Applies the layer to `x` of shape `[..., in]` as one 2-D matrix product.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let inner = dims[dims.len() - 1];
+        let rows = x.elem_count() / inner.max(1);
+        let out = self
+            .weight
+            .matmul_t(&x.reshape((rows, inner))?)?
+            .broadcast_add(&self.bias)?;
+        let mut out_dims = dims;
+        *out_dims.last_mut().expect("non-scalar input") = self.out_features();
+        out.reshape(out_dims)
+    }
+
+    /// Applies only output rows `start..start + len` of the layer (a slice of a fused projection).
+    pub fn forward_rows(&self, x: &Tensor, start: usize, len: usize) -> Result<Tensor> {
+        self.narrow_rows(start, len)?.forward(x)
+    }
+
+    /// Output rows `start..start + len` as a layer of their own.
+    pub fn narrow_rows(&self, start: usize, len: usize) -> Result<Linear> {
+        Ok(Linear {
+            weight: self.weight.narrow_rows(start, len)?,
+            bias: self.bias.narrow(0, start, len)?,
+        })
+    }
+
+    /// Only the outputs at `rows` (weight rows and bias entries), in that order.
+    pub fn select_outputs(&self, rows: &[usize]) -> Result<Linear> {
+        Ok(Linear {
+            weight: self.weight.select(0, rows)?,
+            bias: select(&self.bias, 0, rows)?,
+        })
+    }
+
+    /// Only the inputs at `cols` (weight columns), in that order; the bias is unchanged.
+    pub fn select_inputs(&self, cols: &[usize]) -> Result<Linear> {
+        Ok(Linear {
+            weight: self.weight.select(1, cols)?,
+            bias: self.bias.clone(),
+        })
+    }
+
+    /// Number of outputs.
+    pub fn out_features(&self) -> usize {
+        self.weight.dims().0
+    }
+
+    /// Number of parameters (weight and bias).
+    pub fn elem_count(&self) -> usize {
+        self.weight.elem_count() + self.bias.elem_count()
+    }
+}
+
+/// Entries of `t` at `idx` along `dim`, contiguous.
+fn select(t: &Tensor, dim: usize, idx: &[usize]) -> Result<Tensor> {
+    let idx: Vec<u32> = idx.iter().map(|&i| i as u32).collect();
+    let n = idx.len();
+    t.index_select(&Tensor::from_vec(idx, n, &Device::Cpu)?, dim)?
+        .contiguous()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layer() -> Linear {
+        let dev = Device::Cpu;
+        Linear::dense(
+            Tensor::new(&[[1f32, 2.], [3., 4.], [5., 6.]], &dev).unwrap(),
+            Tensor::new(&[0.5f32, 0., -1.], &dev).unwrap(),
+        )
+    }
+
+    #[test]
+    fn linear_matches_manual_product() {
+        let x = Tensor::new(&[[[1f32, 1.]], [[0., 2.]]], &Device::Cpu).unwrap();
+        let y = layer().forward(&x).unwrap();
+        assert_eq!(y.dims(), &[2, 1, 3]);
+        let v: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(v, vec![3.5, 7., 10., 4.5, 8., 11.]);
+    }
+
+    #[test]
+    fn selecting_outputs_and_inputs_keeps_the_chosen_entries() {
+        let l = layer().select_outputs(&[2, 0]).unwrap();
+        assert_eq!(l.weight.dims(), (2, 2));
+        let w: Vec<Vec<f32>> = l.weight.to_dense().unwrap().to_vec2().unwrap();
+        assert_eq!(w, vec![vec![5., 6.], vec![1., 2.]]);
+        assert_eq!(l.bias.to_vec1::<f32>().unwrap(), vec![-1., 0.5]);
+        let l = layer().select_inputs(&[1]).unwrap();
+        assert_eq!(l.weight.dims(), (3, 1));
+        assert_eq!(l.elem_count(), 6);
+    }
+}

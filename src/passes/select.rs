@@ -1,0 +1,332 @@
+//! The selection engine every pass shares. It holds the accepted model (and its gates) with the
+//! hidden states entering every layer cached for each selection batch. A pass proposes a
+//! [`Trial`] — the accepted model with gates changed, a layer replaced or a layer's mode changed,
+//! differing from the accepted one only from layer `layer` on — and the engine re-evaluates the
+//! selection data from that layer on, answers accept or reject by a [`Rule`], and on acceptance
+//! makes the trial the accepted model (its caches are refreshed lazily, before the next
+//! evaluation). Every decision goes through the [`Journal`], so an interrupted run replays its
+//! decisions instead of recomputing them.
+//!
+//! Under an accuracy metric an evaluation stops as soon as the errors already made rule out
+//! acceptance: the verdict is the same as a full evaluation's, at a fraction of the cost.
+
+use anyhow::Result;
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+
+use super::journal::{Journal, TrialRecord};
+use crate::analyze::{batches, AnalysisBatch, Scorer};
+use crate::data::batch::EncodedSet;
+use crate::data::labels::LabelMap;
+use crate::data::task::Task;
+use crate::model::encoder::{Gates, RunOptions};
+use crate::model::Model;
+
+/// Loss and primary metric on the selection data.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Score {
+    /// Mean loss.
+    pub loss: f64,
+    /// Primary metric.
+    pub metric: f64,
+}
+
+/// When a trial is accepted.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Rule {
+    /// The selection metric must not drop below the accepted model's (on a tie, the loss must
+    /// not rise).
+    NotWorse,
+    /// The selection metric must stay at or above this floor.
+    AtLeast(f64),
+}
+
+impl Rule {
+    /// Whether `trial` is acceptable when the accepted model scores `current`.
+    pub fn admits(self, trial: Score, current: Score) -> bool {
+        match self {
+            Rule::NotWorse => {
+                trial.metric > current.metric
+                    || (trial.metric == current.metric && trial.loss <= current.loss)
+            }
+            Rule::AtLeast(floor) => trial.metric >= floor,
+        }
+    }
+
+    /// The fewest correct predictions out of `n` that can still be accepted under an accuracy
+    /// metric (`n + 1` when none can).
+    fn min_correct(self, n: usize, current: Score) -> usize {
+        let floor = match self {
+            Rule::NotWorse => current.metric,
+            Rule::AtLeast(floor) => floor,
+        };
+        (0..=n)
+            .find(|&c| c as f64 / n as f64 >= floor)
+            .unwrap_or(n + 1)
+    }
+}
+
+/// A tentative change: the accepted model with something changed from layer `layer` on.
+pub struct Trial {
+    /// First layer whose computation differs from the accepted model's.
+    pub layer: usize,
+    /// The changed model, or `None` when only the gates change.
+    pub model: Option<Model>,
+    /// The gates to run with.
+    pub gates: Option<Gates>,
+    /// A short name for the change (journal and reports), e.g. `L3.H5`.
+    pub label: String,
+}
+
+/// What the engine decided.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Verdict {
+    /// True when the change was kept.
+    pub accepted: bool,
+    /// The selection score with the change, when the evaluation ran to the end.
+    pub score: Option<Score>,
+    /// True when the verdict came from the journal of an interrupted run.
+    pub replayed: bool,
+}
+
+/// The selection data, batched, and how to score it.
+pub struct SelectionBatches<'a> {
+    /// Length-bucketed batches.
+    pub batches: Vec<AnalysisBatch>,
+    /// Logits → loss, predictions, metrics.
+    pub scorer: Scorer<'a>,
+    /// Name of the primary metric decisions use.
+    pub metric: &'static str,
+}
+
+impl<'a> SelectionBatches<'a> {
+    /// Batches `set` for `model` and scores it for `task` with the task's primary metric.
+    pub fn new(
+        model: &Model,
+        set: &'a EncodedSet,
+        task: Task,
+        labels: &'a LabelMap,
+        batch_size: usize,
+    ) -> Result<Self> {
+        Ok(SelectionBatches {
+            batches: batches(model, set, labels, batch_size)?,
+            scorer: Scorer::new(task, labels, &set.targets),
+            metric: task.primary_metric(),
+        })
+    }
+
+    /// The score of `model` from a plain forward pass (no caches).
+    pub fn score(&self, model: &Model) -> Result<Score> {
+        let mut tally = Tally::new(self);
+        for batch in &self.batches {
+            let logits = model.forward(&batch.inputs, RunOptions::default())?;
+            tally.add(&logits.to_vec2()?, &batch.examples);
+        }
+        Ok(tally.score())
+    }
+}
+
+/// Per-example results accumulated over batches.
+struct Tally<'s> {
+    data: &'s SelectionBatches<'s>,
+    predictions: Vec<f32>,
+    loss_sum: f64,
+    errors: usize,
+}
+
+impl<'s> Tally<'s> {
+    fn new(data: &'s SelectionBatches<'s>) -> Self {
+        Tally {
+            data,
+            predictions: vec![0f32; data.scorer.len()],
+            loss_sum: 0.0,
+            errors: 0,
+        }
+    }
+
+    /// Adds the logits of a batch whose rows are `examples`.
+    fn add(&mut self, logits: &[Vec<f32>], examples: &[usize]) {
+        let scorer = &self.data.scorer;
+        for (row, &ex) in logits.iter().zip(examples) {
+            self.loss_sum += scorer.example_loss(row, ex);
+            self.predictions[ex] = scorer.prediction(row);
+            self.errors += usize::from(!scorer.is_correct(row, ex));
+        }
+    }
+
+    fn score(&self) -> Score {
+        let s = self.data.scorer.scores(self.loss_sum, &self.predictions);
+        Score {
+            loss: s.loss,
+            metric: s.get(self.data.metric).unwrap_or(f64::NAN),
+        }
+    }
+}
+
+/// The accepted model with its cached hidden states.
+pub struct Engine<'a> {
+    data: &'a SelectionBatches<'a>,
+    model: Model,
+    gates: Option<Gates>,
+    /// `cache[b][l]`: hidden states of batch `b` entering layer `l`.
+    cache: Vec<Vec<Tensor>>,
+    /// Layers from which the cache no longer matches the accepted model.
+    stale_from: Option<usize>,
+    score: Score,
+    evaluations: usize,
+}
+
+impl<'a> Engine<'a> {
+    /// Caches `model`'s hidden states on the selection data and scores it.
+    pub fn new(model: Model, data: &'a SelectionBatches<'a>) -> Result<Self> {
+        let cache = data
+            .batches
+            .iter()
+            .map(|b| Ok(vec![model.embed(&b.inputs, false)?]))
+            .collect::<Result<_>>()?;
+        let mut engine = Engine {
+            data,
+            model,
+            gates: None,
+            cache,
+            stale_from: Some(0),
+            score: Score {
+                loss: f64::NAN,
+                metric: f64::NAN,
+            },
+            evaluations: 0,
+        };
+        engine.refresh()?;
+        engine.score = engine
+            .evaluate(0, None, None, None)?
+            .expect("no early stop");
+        Ok(engine)
+    }
+
+    /// The accepted model.
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    /// The accepted model's selection score.
+    pub fn score(&self) -> Score {
+        self.score
+    }
+
+    /// Trials evaluated so far (replayed ones excluded).
+    pub fn evaluations(&self) -> usize {
+        self.evaluations
+    }
+
+    /// The accepted model and gates.
+    pub fn into_parts(self) -> (Model, Option<Gates>) {
+        (self.model, self.gates)
+    }
+
+    /// Decides `trial` by `rule`: replayed from the journal when it holds this decision,
+    /// otherwise evaluated (and recorded).
+    pub fn decide(&mut self, trial: Trial, rule: Rule, journal: &mut Journal) -> Result<Verdict> {
+        if let Some(record) = journal.replay(&trial.label)? {
+            if record.accepted {
+                let score = record.score.expect("accepted trials are fully evaluated");
+                self.accept(trial, score);
+            }
+            return Ok(Verdict {
+                accepted: record.accepted,
+                score: record.score,
+                replayed: true,
+            });
+        }
+        self.refresh()?;
+        self.evaluations += 1;
+        let score = self.evaluate(
+            trial.layer,
+            trial.model.as_ref(),
+            trial.gates.as_ref(),
+            Some(rule),
+        )?;
+        let accepted = score.is_some_and(|s| rule.admits(s, self.score));
+        journal.record(TrialRecord {
+            label: trial.label.clone(),
+            accepted,
+            score,
+        })?;
+        if accepted {
+            self.accept(trial, score.expect("accepted"));
+        }
+        Ok(Verdict {
+            accepted,
+            score,
+            replayed: false,
+        })
+    }
+
+    fn accept(&mut self, trial: Trial, score: Score) {
+        if let Some(model) = trial.model {
+            self.model = model;
+        }
+        self.gates = trial.gates;
+        self.score = score;
+        self.stale_from = Some(self.stale_from.map_or(trial.layer, |s| s.min(trial.layer)));
+    }
+
+    /// Recomputes the cached states from the first stale layer on.
+    fn refresh(&mut self) -> Result<()> {
+        let Some(from) = self.stale_from.take() else {
+            return Ok(());
+        };
+        let opts = RunOptions {
+            gates: self.gates.as_ref(),
+            differentiable: false,
+        };
+        let last = self.model.num_layers().saturating_sub(1);
+        for (batch, cache) in self.data.batches.iter().zip(self.cache.iter_mut()) {
+            cache.truncate(from + 1);
+            for l in from..last {
+                let next = self
+                    .model
+                    .run_layers(&cache[l], &batch.inputs, l..l + 1, opts)?;
+                cache.push(next);
+            }
+        }
+        Ok(())
+    }
+
+    /// Scores `model` (default: the accepted one) run with `gates` from layer `from` on; `None`
+    /// when, under an accuracy metric, the errors made rule out acceptance by `rule`.
+    fn evaluate(
+        &self,
+        from: usize,
+        model: Option<&Model>,
+        gates: Option<&Gates>,
+        rule: Option<Rule>,
+    ) -> Result<Option<Score>> {
+        let model = model.unwrap_or(&self.model);
+        let opts = RunOptions {
+            gates,
+            differentiable: false,
+        };
+        let total = self.data.scorer.len();
+        let max_errors = match rule.filter(|_| self.early_stop_applies()) {
+            None => total,
+            Some(r) => match total.checked_sub(r.min_correct(total, self.score)) {
+                Some(m) => m,
+                None => return Ok(None),
+            },
+        };
+        let mut tally = Tally::new(self.data);
+        for (batch, cache) in self.data.batches.iter().zip(&self.cache) {
+            let logits = model.logits_from(&cache[from], &batch.inputs.mask_bias, from, opts)?;
+            tally.add(&logits.to_vec2()?, &batch.examples);
+            if tally.errors > max_errors {
+                return Ok(None);
+            }
+        }
+        Ok(Some(tally.score()))
+    }
+
+    /// Early stopping needs a metric that only counts errors: accuracy of a classifier.
+    fn early_stop_applies(&self) -> bool {
+        self.data.metric == "accuracy" && self.data.scorer.is_classification()
+    }
+}

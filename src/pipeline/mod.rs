@@ -1,0 +1,384 @@
+//! A compression run: a chain of passes under one tolerance, from a model on disk to a model
+//! directory with its report. `axcompress prune` runs it with one prune stage; `axcompress
+//! compress --config` with the stages a config declares. It reads as numbered steps:
+//!
+//! 1. load the model, its labels and tokenizer; check the destination; open the progress journal;
+//! 2. find the data and split it: the selection split decides, the report split and dev judge;
+//! 3. score the original model: the run's tolerance is measured from it;
+//! 4. run each stage on the selection engine, journaling every decision (for `--resume`);
+//! 5. compare the original and the compressed model on every split;
+//! 6. export atomically, with `report.json` and `timing.json`.
+
+pub mod evaluation;
+pub mod report;
+pub mod tolerance;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::bench::{median, time_single, weights_bytes};
+use crate::data::batch::{encode, EncodedSet};
+use crate::data::glue;
+use crate::data::splits::{SelectionSpec, Splits};
+use crate::data::task::Task;
+use crate::export::{check_destination, prepare};
+use crate::hash::Fnv1a;
+use crate::model::Model;
+use crate::passes::journal::Journal;
+use crate::passes::prune::{Prune, PruneSettings};
+use crate::passes::select::{Score, SelectionBatches};
+use crate::passes::{Pass, StageContext};
+use crate::setup::TaskSetup;
+use evaluation::Judge;
+use report::{points, BeforeAfter, DataReport, RunReport, StageReport, Timing, ToleranceReport};
+use tolerance::MaxDrop;
+
+/// Dev sentences timed for the latency figures.
+const LATENCY_SAMPLES: usize = 64;
+
+/// One stage of a pipeline, as declared.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "pass", rename_all = "kebab-case")]
+pub enum StageSpec {
+    /// Accuracy-driven pruning of blocks, heads and FFN groups.
+    Prune(PruneSettings),
+}
+
+impl StageSpec {
+    /// The same stage with its relative paths (a significance report) taken from `base`.
+    pub fn with_paths_from(self, base: &Path) -> Self {
+        match self {
+            StageSpec::Prune(mut s) => {
+                s.significance = s.significance.map(|p| base.join(p));
+                StageSpec::Prune(s)
+            }
+        }
+    }
+
+    fn build(&self) -> Result<Box<dyn Pass>> {
+        match self {
+            StageSpec::Prune(settings) => Ok(Box::new(Prune::new(settings.clone())?)),
+        }
+    }
+}
+
+/// Everything that shapes a run's decisions; built from command-line flags or a config file.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RunSettings {
+    /// Model directory or hub id.
+    pub model: String,
+    /// Never use the network.
+    pub offline: bool,
+    /// The task.
+    pub task: Task,
+    /// Task data (else `$GLUE_DIR`, else the hub dataset).
+    pub data: Option<PathBuf>,
+    /// Sentences per batch.
+    pub batch_size: usize,
+    /// Maximum tokens per input.
+    pub max_length: Option<usize>,
+    /// How the selection split is drawn.
+    pub selection: SelectionSpec,
+    /// A labelled file of the task to report on as well.
+    pub test: Option<PathBuf>,
+    /// The run's tolerance, from the original model.
+    pub max_drop: Option<MaxDrop>,
+    /// The stages, in order.
+    pub stages: Vec<StageSpec>,
+}
+
+/// Where and how a run writes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Output {
+    /// Output model directory.
+    pub dir: PathBuf,
+    /// Replace an existing output (and discard an interrupted run's progress).
+    pub force: bool,
+    /// Continue an interrupted run from its progress file.
+    pub resume: bool,
+}
+
+/// A finished run.
+pub struct Finished {
+    /// What was decided and measured (`report.json`).
+    pub report: RunReport,
+    /// Wall-clock figures (`timing.json`).
+    pub timing: Timing,
+}
+
+/// The progress file of a run writing `out`: `<out>.progress.json` beside it.
+pub fn progress_path(out: &Path) -> PathBuf {
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    out.with_file_name(format!("{name}.progress.json"))
+}
+
+/// Runs the pipeline and writes `out.dir`.
+pub fn run(spec: &RunSettings, out: &Output, quiet: bool) -> Result<Finished> {
+    let started = Instant::now();
+    let log = |line: &str| {
+        if !quiet {
+            eprintln!("{line}");
+        }
+    };
+    // 1. Settings, model, destination, progress journal.
+    if spec.stages.is_empty() {
+        bail!("the pipeline has no stages; add at least one [[stages]] entry");
+    }
+    if spec.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    let passes = spec
+        .stages
+        .iter()
+        .map(StageSpec::build)
+        .collect::<Result<Vec<_>>>()?;
+    let setup = TaskSetup::load(
+        &spec.model,
+        spec.offline,
+        spec.task,
+        spec.data.as_deref(),
+        spec.max_length,
+    )?;
+    check_destination(&setup.model.dir, &out.dir, out.force)?;
+    passes[0].check_input(&setup.model)?;
+    let mut journal = open_journal(spec, out, &setup)?;
+    // 2. Data.
+    let splits = Splits::load(&spec.selection, &setup.data, &setup.encoder)?;
+    let test = spec
+        .test
+        .as_deref()
+        .map(|p| read_test(spec.task, p, &setup))
+        .transpose()?;
+    // 3. Baseline and tolerance.
+    let batches = SelectionBatches::new(
+        &setup.model,
+        &splits.selection.set,
+        spec.task,
+        &setup.labels,
+        spec.batch_size,
+    )?;
+    let baseline = batches.score(&setup.model)?;
+    let floor = spec.max_drop.map(|d| d.floor(baseline.metric));
+    log(&format!(
+        "compressing {} for {} on {} selection examples ({}, {}); selection {} {:.4}",
+        spec.model,
+        spec.task,
+        splits.selection.info.examples,
+        splits.selection.info.source,
+        setup.data.location(),
+        batches.metric,
+        baseline.metric
+    ));
+    // 4. Stages.
+    let stages = Stages {
+        spec,
+        setup: &setup,
+        splits: &splits,
+        batches: &batches,
+        floor,
+        quiet,
+    };
+    let (model, stage_reports) = stages.run(&passes, baseline, &mut journal)?;
+    // 5. Judge.
+    let judge = Judge {
+        task: spec.task,
+        labels: &setup.labels,
+        batch_size: spec.batch_size,
+    };
+    let evaluation = judge.compare(&setup.model, &model, &splits, test.as_ref())?;
+    // 6. Export.
+    let history = history(spec, &setup.model, &passes, &splits);
+    let prepared = prepare(&model, &history)?;
+    let final_score = stage_reports.last().map_or(baseline, |s| s.selection_after);
+    let report = RunReport {
+        schema: report::SCHEMA,
+        model: spec.model.clone(),
+        task: spec.task.name(),
+        metric: batches.metric,
+        data: DataReport {
+            origin: setup.data.origin,
+            location: setup.data.location(),
+            selection: splits.selection.info.clone(),
+            report: splits.report.as_ref().map(|r| r.info.clone()),
+            test: spec.test.as_ref().map(|p| p.display().to_string()),
+        },
+        tolerance: ToleranceReport {
+            max_drop: spec.max_drop,
+            baseline: baseline.metric,
+            floor,
+            spent_points: points(baseline.metric, final_score.metric),
+        },
+        stages: stage_reports,
+        evaluation,
+        parameters: BeforeAfter::new(
+            setup.model.parameter_count() as u64,
+            model.parameter_count() as u64,
+        ),
+        weights_bytes: BeforeAfter::new(
+            weights_bytes(&setup.model.dir),
+            prepared.weights.len() as u64,
+        ),
+        hf_compatible: prepared.compat.hf_compatible,
+        hf_incompatible_reason: prepared.compat.reason.clone(),
+        structure: model.config.structure.clone(),
+    };
+    let (before_ms, after_ms) = (
+        latency_ms(&setup.model, &splits.dev)?,
+        latency_ms(&model, &splits.dev)?,
+    );
+    let timing = Timing {
+        wall_seconds: started.elapsed().as_secs_f64(),
+        latency_b1_p50_ms_before: before_ms,
+        latency_b1_p50_ms_after: after_ms,
+        latency_samples: LATENCY_SAMPLES.min(splits.dev.sequences.len()),
+    };
+    let files = [
+        ("report.json", pretty(&report)?),
+        ("timing.json", pretty(&timing)?),
+    ];
+    prepared.write(&out.dir, &files, out.force)?;
+    journal.finish()?;
+    Ok(Finished { report, timing })
+}
+
+/// The stages of one run and what they share.
+struct Stages<'a> {
+    spec: &'a RunSettings,
+    setup: &'a TaskSetup,
+    splits: &'a Splits,
+    batches: &'a SelectionBatches<'a>,
+    floor: Option<f64>,
+    quiet: bool,
+}
+
+impl Stages<'_> {
+    /// Runs every pass in order on the original model.
+    fn run(
+        &self,
+        passes: &[Box<dyn Pass>],
+        baseline: Score,
+        journal: &mut Journal,
+    ) -> Result<(Model, Vec<StageReport>)> {
+        let mut model = self.setup.model.clone();
+        let mut before = baseline;
+        let mut reports = Vec::new();
+        for (stage, pass) in passes.iter().enumerate() {
+            let ctx = StageContext {
+                source: &self.spec.model,
+                task: self.spec.task,
+                labels: &self.setup.labels,
+                selection: &self.splits.selection,
+                batches: self.batches,
+                floor: self.floor,
+                stage,
+                batch_size: self.spec.batch_size,
+                max_length: self.setup.max_length,
+                quiet: self.quiet,
+            };
+            ctx.log(&format!(
+                "stage {}: {} {}",
+                stage + 1,
+                pass.name(),
+                pass.settings()
+            ));
+            let out = pass.run(model, &ctx, journal)?;
+            model = out.model;
+            let after = self.batches.score(&model)?;
+            reports.push(StageReport {
+                pass: pass.name(),
+                settings: pass.settings(),
+                selection_before: before,
+                selection_after: after,
+                spent_points: points(before.metric, after.metric),
+                details: out.details,
+            });
+            before = after;
+        }
+        Ok((model, reports))
+    }
+}
+
+/// Opens the run's progress journal; `--force` without `--resume` discards old progress.
+fn open_journal(spec: &RunSettings, out: &Output, setup: &TaskSetup) -> Result<Journal> {
+    let path = progress_path(&out.dir);
+    if out.force && !out.resume && path.exists() {
+        std::fs::remove_file(&path).with_context(|| format!("cannot remove {}", path.display()))?;
+    }
+    Journal::open(&path, &run_key(spec, setup)?, out.resume)
+}
+
+/// Identifies a run by everything that shapes its decisions: the model's weights, the data and
+/// every setting (not how the model was named or the test file, which decide nothing).
+fn run_key(spec: &RunSettings, setup: &TaskSetup) -> Result<String> {
+    let mut settings = serde_json::to_value(spec)?;
+    let obj = settings
+        .as_object_mut()
+        .context("run settings are an object")?;
+    for k in ["model", "offline", "test"] {
+        obj.remove(k);
+    }
+    let mut h = Fnv1a::default();
+    h.write_bytes(setup.model.fingerprint()?.as_bytes());
+    h.write_bytes(setup.data.location().as_bytes());
+    h.write_bytes(settings.to_string().as_bytes());
+    Ok(h.hex())
+}
+
+/// The input's pass history plus one entry per stage of this run.
+fn history(
+    spec: &RunSettings,
+    original: &Model,
+    passes: &[Box<dyn Pass>],
+    splits: &Splits,
+) -> Vec<Value> {
+    let mut history: Vec<Value> = original
+        .config
+        .raw
+        .get("axcompress")
+        .and_then(|a| a.get("history"))
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    for pass in passes {
+        history.push(json!({
+            "pass": pass.name(),
+            "settings": pass.settings(),
+            "max_drop": spec.max_drop,
+            "selection": splits.selection.info,
+            "source_model": spec.model,
+        }));
+    }
+    history
+}
+
+fn read_test(task: Task, path: &Path, setup: &TaskSetup) -> Result<EncodedSet> {
+    if !path.is_file() {
+        bail!(
+            "--test {}: no such file; pass a labelled TSV file of the task",
+            path.display()
+        );
+    }
+    encode(&glue::read(task, path)?, "", &setup.encoder)
+}
+
+/// Median batch-1 latency over the first dev sentences, in ms.
+fn latency_ms(model: &Model, dev: &EncodedSet) -> Result<f64> {
+    let times = dev
+        .sequences
+        .iter()
+        .take(LATENCY_SAMPLES)
+        .map(|s| time_single(model, s))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(median(&times) * 1000.0)
+}
+
+fn pretty(value: &impl Serialize) -> Result<Vec<u8>> {
+    Ok((serde_json::to_string_pretty(value)? + "\n").into_bytes())
+}

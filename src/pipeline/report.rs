@@ -1,0 +1,222 @@
+//! The report of a run (`report.json` in the output directory, and `--json`) and its human
+//! summary: two views of the same data, made here.
+
+use std::fmt::Write;
+
+use serde::Serialize;
+use serde_json::Value;
+
+use super::evaluation::Comparison;
+use super::tolerance::MaxDrop;
+use crate::data::source::Origin;
+use crate::data::splits::DataInfo;
+use crate::model::structure::Structure;
+use crate::passes::select::Score;
+
+/// Schema identifier of `report.json`.
+pub const SCHEMA: &str = "axcompress.compress.v1";
+
+/// Everything a run decided and measured, deterministic for equal inputs (wall-clock figures
+/// are in [`Timing`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct RunReport {
+    /// Always [`SCHEMA`].
+    pub schema: &'static str,
+    /// The input model as given (path or hub id).
+    pub model: String,
+    /// Task name.
+    pub task: &'static str,
+    /// The primary metric decisions use.
+    pub metric: &'static str,
+    /// Where the data came from and how it was split.
+    pub data: DataReport,
+    /// The run's tolerance and what was spent of it.
+    pub tolerance: ToleranceReport,
+    /// One entry per stage, in order.
+    pub stages: Vec<StageReport>,
+    /// Original vs compressed model on every split.
+    pub evaluation: Vec<Comparison>,
+    /// Parameters before and after.
+    pub parameters: BeforeAfter,
+    /// Bytes of the weight files before and after.
+    pub weights_bytes: BeforeAfter,
+    /// Whether stock transformers can load the output.
+    pub hf_compatible: bool,
+    /// Why not, when it cannot.
+    pub hf_incompatible_reason: Option<String>,
+    /// Per-layer shapes of the output.
+    pub structure: Structure,
+}
+
+/// Where the data came from.
+#[derive(Debug, Clone, Serialize)]
+pub struct DataReport {
+    /// Which place of the resolution order (`argument`, `glue-dir`, `hub`).
+    pub origin: Origin,
+    /// The directory, file or hub dataset.
+    pub location: String,
+    /// The selection split (decisions).
+    pub selection: DataInfo,
+    /// The report split (dev examples the decisions did not see).
+    pub report: Option<DataInfo>,
+    /// The `--test` file, if any.
+    pub test: Option<String>,
+}
+
+/// The tolerance of the run, measured from the original model.
+#[derive(Debug, Clone, Serialize)]
+pub struct ToleranceReport {
+    /// The allowed drop (`None`: accuracy mode only, nothing may be lost).
+    pub max_drop: Option<MaxDrop>,
+    /// The original model's selection metric.
+    pub baseline: f64,
+    /// The lowest selection metric the run may end with.
+    pub floor: Option<f64>,
+    /// Selection metric points lost by the whole run (negative: gained).
+    pub spent_points: f64,
+}
+
+/// What one stage did.
+#[derive(Debug, Clone, Serialize)]
+pub struct StageReport {
+    /// The pass.
+    pub pass: &'static str,
+    /// Its settings.
+    pub settings: Value,
+    /// Selection score entering the stage.
+    pub selection_before: Score,
+    /// Selection score leaving it.
+    pub selection_after: Score,
+    /// Selection metric points this stage lost (negative: gained).
+    pub spent_points: f64,
+    /// The pass's own report.
+    pub details: Value,
+}
+
+/// A quantity before and after the run.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct BeforeAfter {
+    /// The original model.
+    pub before: u64,
+    /// The output.
+    pub after: u64,
+    /// `before / after`.
+    pub ratio: f64,
+}
+
+impl BeforeAfter {
+    /// The pair and its ratio.
+    pub fn new(before: u64, after: u64) -> Self {
+        BeforeAfter {
+            before,
+            after,
+            ratio: before as f64 / after.max(1) as f64,
+        }
+    }
+}
+
+/// Wall-clock figures of a run (`timing.json`; they differ between equal runs).
+#[derive(Debug, Clone, Serialize)]
+pub struct Timing {
+    /// Seconds the whole run took.
+    pub wall_seconds: f64,
+    /// Median batch-1 latency in ms over dev sentences: original model.
+    pub latency_b1_p50_ms_before: f64,
+    /// The same for the output.
+    pub latency_b1_p50_ms_after: f64,
+    /// Sentences timed.
+    pub latency_samples: usize,
+}
+
+/// Metric points between two metric values (1.0 = 0.01).
+pub fn points(before: f64, after: f64) -> f64 {
+    (before - after) * 100.0
+}
+
+/// The human summary printed after a run.
+pub fn render(report: &RunReport, timing: &Timing, out: &str) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "wrote {out}");
+    let p = &report.parameters;
+    let _ = writeln!(
+        s,
+        "  parameters       {} -> {} ({:.2}x smaller)",
+        p.before, p.after, p.ratio
+    );
+    let w = &report.weights_bytes;
+    let _ = writeln!(
+        s,
+        "  weights on disk  {} -> {} bytes ({:.2}x smaller)",
+        w.before, w.after, w.ratio
+    );
+    let _ = writeln!(
+        s,
+        "  data             {} (from {})",
+        report.data.location,
+        report.data.origin.name()
+    );
+    render_evaluation(&mut s, report);
+    render_tolerance(&mut s, report);
+    let _ = writeln!(
+        s,
+        "  latency b1 p50   {:.2} -> {:.2} ms ({} dev sentences)",
+        timing.latency_b1_p50_ms_before, timing.latency_b1_p50_ms_after, timing.latency_samples
+    );
+    let _ = writeln!(
+        s,
+        "  hf_compatible    {}{}",
+        report.hf_compatible,
+        report
+            .hf_incompatible_reason
+            .as_ref()
+            .map(|r| format!(" ({r})"))
+            .unwrap_or_default()
+    );
+    s
+}
+
+fn render_evaluation(s: &mut String, report: &RunReport) {
+    let metric = report.metric;
+    let _ = writeln!(
+        s,
+        "  {metric:<16} {:>9} {:>8} {:>8} {:>9} {:>8}",
+        "examples", "before", "after", "points", "flipped"
+    );
+    for c in &report.evaluation {
+        let get =
+            |v: &super::evaluation::SetScores| v.metrics.get(metric).copied().unwrap_or(f64::NAN);
+        let (b, a) = (get(&c.before), get(&c.after));
+        let flipped = c.flipped.map_or("-".to_string(), |f| f.to_string());
+        let _ = writeln!(
+            s,
+            "    {:<14} {:>9} {b:>8.4} {a:>8.4} {:>+9.2} {flipped:>8}",
+            c.split,
+            c.examples,
+            (a - b) * 100.0
+        );
+    }
+}
+
+fn render_tolerance(s: &mut String, report: &RunReport) {
+    let t = &report.tolerance;
+    let allowed = match (t.max_drop, t.floor) {
+        (Some(d), Some(f)) => format!("max drop {d} (selection floor {f:.4})"),
+        _ => "no drop allowed (accuracy mode)".to_string(),
+    };
+    let _ = writeln!(
+        s,
+        "  tolerance        {allowed}; spent {:+.2} points of selection {} {:.4}",
+        t.spent_points, report.metric, t.baseline
+    );
+    for (i, st) in report.stages.iter().enumerate() {
+        let _ = writeln!(
+            s,
+            "    stage {} {:<8} selection {:.4} -> {:.4}, spent {:+.2}",
+            i + 1,
+            st.pass,
+            st.selection_before.metric,
+            st.selection_after.metric,
+            st.spent_points
+        );
+    }
+}

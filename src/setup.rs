@@ -1,0 +1,61 @@
+//! What every task-level command loads first: the model, its label mapping, a tokenizer and
+//! where the task's data is.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+
+use crate::data::labels::LabelMap;
+use crate::data::source::TaskData;
+use crate::data::task::Task;
+use crate::model::tokenizer::TextEncoder;
+use crate::model::Model;
+
+/// A model ready to run on a task's data.
+pub struct TaskSetup {
+    /// The loaded model.
+    pub model: Model,
+    /// Model outputs → task labels.
+    pub labels: LabelMap,
+    /// Tokenizer truncating at `max_length`.
+    pub encoder: TextEncoder,
+    /// Maximum tokens per input.
+    pub max_length: usize,
+    /// The task's data.
+    pub data: TaskData,
+}
+
+impl TaskSetup {
+    /// Loads the model `spec` (directory or hub id), maps its labels onto `task`, loads its
+    /// tokenizer and resolves the task's data (`data`, else `$GLUE_DIR`, else the hub dataset).
+    pub fn load(
+        spec: &str,
+        offline: bool,
+        task: Task,
+        data: Option<&Path>,
+        max_length: Option<usize>,
+    ) -> Result<Self> {
+        let model = Model::load(spec, offline)?;
+        let labels = LabelMap::new(&model.config, task).with_context(|| format!("model {spec}"))?;
+        let max_length = checked_max_length(max_length, model.config.max_input_length())?;
+        let encoder = TextEncoder::load(&model.dir, max_length)?;
+        let data = TaskData::resolve(task, data, offline)?;
+        Ok(TaskSetup {
+            model,
+            labels,
+            encoder,
+            max_length,
+            data,
+        })
+    }
+}
+
+/// The maximum input length to use: the requested one if the model allows it, else 128 capped at
+/// the model's position table.
+pub fn checked_max_length(requested: Option<usize>, allowed: usize) -> Result<usize> {
+    match requested {
+        None => Ok(128.min(allowed)),
+        Some(n) if (2..=allowed).contains(&n) => Ok(n),
+        Some(n) => bail!("--max-length {n} is out of range: use 2..={allowed} (max_position_embeddings in config.json)"),
+    }
+}

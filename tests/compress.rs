@@ -1,0 +1,161 @@
+//! `compress --config`: every config shipped in configs/ runs (on small data, small budgets, so
+//! they cannot rot), its output loads, flags override the file, and bad configs are refused.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+fn configs() -> Vec<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    files.sort();
+    files
+}
+
+/// The task and GLUE directory name a config is for.
+fn task_of(config: &Path) -> (String, &'static str) {
+    let text = std::fs::read_to_string(config).unwrap();
+    let task = text
+        .lines()
+        .find_map(|l| l.strip_prefix("task = \""))
+        .and_then(|l| l.split('"').next())
+        .unwrap_or_else(|| panic!("{}: no task", config.display()))
+        .to_string();
+    let glue_dir = match task.as_str() {
+        "sst2" => "SST-2",
+        "rte" => "RTE",
+        other => panic!(
+            "{}: no small fixture data for task {other}",
+            config.display()
+        ),
+    };
+    (task, glue_dir)
+}
+
+#[test]
+#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
+fn every_config_in_configs_runs_and_writes_a_loadable_model() {
+    let shared = fixtures_or_skip!();
+    let configs = configs();
+    assert!(configs.len() >= 3, "configs/ holds {configs:?}");
+    let tmp = tempfile::tempdir().unwrap();
+    for config in configs {
+        let name = config.file_stem().unwrap().to_string_lossy().into_owned();
+        let (task, glue_dir) = task_of(&config);
+        let data = common::small_glue(&shared, glue_dir, 40);
+        let out = tmp.path().join(&name);
+        let o = common::run(&[
+            "compress",
+            "--config",
+            config.to_str().unwrap(),
+            "--data",
+            data.path().to_str().unwrap(),
+            "--levels",
+            "blocks",
+            "--budget",
+            "3",
+            "--out",
+            out.to_str().unwrap(),
+            "--json",
+            "-q",
+        ]);
+        let report: Value = common::json_stdout(&o);
+        let stage = &report["stages"][0];
+        assert_eq!(stage["settings"]["budget"], 3, "{name}: --budget overrides");
+        assert_eq!(
+            stage["settings"]["levels"],
+            serde_json::json!(["blocks"]),
+            "{name}"
+        );
+        let eval = common::json_stdout(&common::run(&[
+            "eval",
+            "--model",
+            out.to_str().unwrap(),
+            "--task",
+            &task,
+            "--data",
+            data.path().to_str().unwrap(),
+            "--json",
+            "-q",
+        ]));
+        let dev = report["evaluation"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["split"] == "dev")
+            .unwrap();
+        assert_eq!(eval["metrics"], dev["after"]["metrics"], "{name}");
+    }
+}
+
+#[test]
+#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
+fn rte_config_keeps_the_fp16_weights() {
+    let shared = fixtures_or_skip!();
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/rte-minilm-size.toml");
+    let data = common::small_glue(&shared, "RTE", 30);
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("rte");
+    let o = common::run(&[
+        "compress",
+        "--config",
+        config.to_str().unwrap(),
+        "--data",
+        data.path().to_str().unwrap(),
+        "--levels",
+        "blocks",
+        "--max-drop",
+        "20",
+        "--out",
+        out.to_str().unwrap(),
+        "--json",
+        "-q",
+    ]);
+    let report = common::json_stdout(&o);
+    let w = &report["weights_bytes"];
+    assert!(w["after"].as_u64() < w["before"].as_u64(), "{w}");
+    let tensors =
+        candle_core::safetensors::load(out.join("model.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
+    assert!(tensors
+        .values()
+        .all(|t| t.dtype() == candle_core::DType::F16));
+}
+
+/// A config in a temp dir pointing at the SST-2 fixture model.
+fn config_with(shared: &Path, extra: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let model = shared.join("models/minilm-l6-sst2");
+    let text = format!(
+        "model = \"{}\"\ntask = \"sst2\"\n{extra}\n[[stages]]\npass = \"prune\"\n",
+        model.display()
+    );
+    std::fs::write(dir.path().join("c.toml"), text).unwrap();
+    dir
+}
+
+#[test]
+#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
+fn unknown_keys_and_a_missing_out_are_refused() {
+    let shared = fixtures_or_skip!();
+    let dir = config_with(&shared, "max_dorp = 1.0");
+    let path = dir.path().join("c.toml");
+    let o = common::run(&[
+        "compress",
+        "--config",
+        path.to_str().unwrap(),
+        "--out",
+        "/tmp/x",
+    ]);
+    common::assert_clean_error(&o, &["c.toml:3", "unknown field `max_dorp`"]);
+    let dir = config_with(&shared, "");
+    let path = dir.path().join("c.toml");
+    let o = common::run(&["compress", "--config", path.to_str().unwrap()]);
+    common::assert_clean_error(&o, &["no output directory", "--out"]);
+}

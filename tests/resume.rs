@@ -1,0 +1,113 @@
+//! Interrupted runs: a prune killed with SIGKILL in its second level leaves no output and a
+//! progress file; `--resume` replays the recorded decisions (no analysis, no re-evaluation of
+//! what was decided) and writes exactly what an uninterrupted run writes.
+
+mod common;
+
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn as_str(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}
+
+fn prune_args(shared: &Path, data: &Path, out: &Path) -> Vec<String> {
+    [
+        "prune",
+        "--model",
+        shared.join("models/minilm-l6-sst2").to_str().unwrap(),
+        "--task",
+        "sst2",
+        "--data",
+        data.to_str().unwrap(),
+        "--mode",
+        "size",
+        "--max-drop",
+        "2",
+        "--levels",
+        "blocks,heads",
+        "--budget",
+        "16",
+        "--out",
+        out.to_str().unwrap(),
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// Decisions recorded in step `step` of the progress file, if it has that step.
+fn recorded(progress: &Path, step: usize) -> Option<usize> {
+    let text = std::fs::read_to_string(progress).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    v["steps"].get(step)?["trials"].as_array().map(Vec::len)
+}
+
+/// Starts a prune and kills it (SIGKILL) once its second level has decided two candidates.
+fn kill_in_second_level(args: &[String], progress: &Path) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_axcompress"))
+        .args(args)
+        .arg("-q")
+        .env_remove("GLUE_DIR")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while recorded(progress, 1).is_none_or(|n| n < 2) {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before it could be interrupted"
+        );
+        assert!(started.elapsed() < Duration::from_secs(600), "no progress");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.kill().unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.signal(), Some(9), "{status:?}");
+}
+
+#[test]
+#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
+fn a_killed_run_resumes_to_the_same_model() {
+    let shared = fixtures_or_skip!();
+    let data = common::small_glue(&shared, "SST-2", 40);
+    let tmp = tempfile::tempdir().unwrap();
+    let (whole, resumed) = (tmp.path().join("whole"), tmp.path().join("resumed"));
+
+    let args = prune_args(&shared, data.path(), &whole);
+    let o = common::run(&as_str(&args));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    let args = prune_args(&shared, data.path(), &resumed);
+    let progress = tmp.path().join("resumed.progress.json");
+    kill_in_second_level(&args, &progress);
+    assert!(!resumed.exists(), "a killed run left an output directory");
+    assert!(progress.is_file());
+
+    let o = common::run(&as_str(&args));
+    common::assert_clean_error(&o, &["resumed.progress.json", "pass --resume"]);
+
+    let mut resume = args.clone();
+    resume.push("--resume".into());
+    let o = common::run(&as_str(&resume));
+    let log = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{log}");
+    assert!(
+        !log.contains("significance of blocks"),
+        "blocks were analysed again: {log}"
+    );
+    assert!(
+        !log.contains("significance of heads"),
+        "heads were analysed again: {log}"
+    );
+    assert!(log.contains("replayed from the progress file"), "{log}");
+    assert!(!progress.exists(), "the progress file outlived the run");
+    for file in ["model.safetensors", "config.json", "report.json"] {
+        assert!(
+            std::fs::read(whole.join(file)).unwrap() == std::fs::read(resumed.join(file)).unwrap(),
+            "{file} differs between the uninterrupted and the resumed run"
+        );
+    }
+}
