@@ -18,6 +18,23 @@ fn configs() -> Vec<PathBuf> {
     files
 }
 
+/// `compress --config config --data data --out out --json` with `extra` flags; the report.
+fn compress(config: &Path, data: &Path, out: &Path, extra: &[&str]) -> Value {
+    let mut args = vec![
+        "compress",
+        "--config",
+        config.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--json",
+        "-q",
+    ];
+    args.extend_from_slice(extra);
+    common::json_stdout(&common::run(&args))
+}
+
 /// The task and GLUE directory name a config is for.
 fn task_of(config: &Path) -> (String, &'static str) {
     let text = std::fs::read_to_string(config).unwrap();
@@ -50,22 +67,12 @@ fn every_config_in_configs_runs_and_writes_a_loadable_model() {
         let (task, glue_dir) = task_of(&config);
         let data = common::small_glue(&shared, glue_dir, 40);
         let out = tmp.path().join(&name);
-        let o = common::run(&[
-            "compress",
-            "--config",
-            config.to_str().unwrap(),
-            "--data",
-            data.path().to_str().unwrap(),
-            "--levels",
-            "blocks",
-            "--budget",
-            "3",
-            "--out",
-            out.to_str().unwrap(),
-            "--json",
-            "-q",
-        ]);
-        let report: Value = common::json_stdout(&o);
+        let report = compress(
+            &config,
+            data.path(),
+            &out,
+            &["--levels", "blocks", "--budget", "3"],
+        );
         let stage = &report["stages"][0];
         assert_eq!(stage["settings"]["budget"], 3, "{name}: --budget overrides");
         assert_eq!(
@@ -73,17 +80,7 @@ fn every_config_in_configs_runs_and_writes_a_loadable_model() {
             serde_json::json!(["blocks"]),
             "{name}"
         );
-        let eval = common::json_stdout(&common::run(&[
-            "eval",
-            "--model",
-            out.to_str().unwrap(),
-            "--task",
-            &task,
-            "--data",
-            data.path().to_str().unwrap(),
-            "--json",
-            "-q",
-        ]));
+        let eval = common::eval_json(&out, &task, data.path());
         let dev = report["evaluation"]
             .as_array()
             .unwrap()
@@ -102,22 +99,12 @@ fn rte_config_keeps_the_fp16_weights() {
     let data = common::small_glue(&shared, "RTE", 30);
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("rte");
-    let o = common::run(&[
-        "compress",
-        "--config",
-        config.to_str().unwrap(),
-        "--data",
-        data.path().to_str().unwrap(),
-        "--levels",
-        "blocks",
-        "--max-drop",
-        "20",
-        "--out",
-        out.to_str().unwrap(),
-        "--json",
-        "-q",
-    ]);
-    let report = common::json_stdout(&o);
+    let report = compress(
+        &config,
+        data.path(),
+        &out,
+        &["--levels", "blocks", "--max-drop", "20"],
+    );
     let w = &report["weights_bytes"];
     assert!(w["after"].as_u64() < w["before"].as_u64(), "{w}");
     let tensors =

@@ -278,17 +278,7 @@ fn size_mode_respects_max_drop_and_the_output_round_trips() {
         obj.remove("out");
         r
     });
-    let eval = common::json_stdout(&common::run(&[
-        "eval",
-        "--model",
-        out.to_str().unwrap(),
-        "--task",
-        "sst2",
-        "--data",
-        data.path().to_str().unwrap(),
-        "--json",
-        "-q",
-    ]));
+    let eval = common::eval_json(&out, "sst2", data.path());
     assert_eq!(
         eval["metrics"]["accuracy"].as_f64(),
         Some(accuracy(&split(&report, "dev")["after"]))
@@ -608,17 +598,7 @@ fn bench_measures_the_model_against_a_different_baseline() {
         let r = &report["results"][key];
         assert!(r["latency_b1_ms"]["p50"].as_f64().unwrap() > 0.0);
         assert!(r["peak_rss_bytes"].as_u64().unwrap() > 0);
-        let eval = common::json_stdout(&common::run(&[
-            "eval",
-            "--model",
-            dir.to_str().unwrap(),
-            "--task",
-            "sst2",
-            "--data",
-            data_arg,
-            "--json",
-            "-q",
-        ]));
+        let eval = common::eval_json(dir, "sst2", data.path());
         assert_eq!(r["metrics"], eval["metrics"], "{key}");
         assert_eq!(
             r["parameters"],

@@ -69,6 +69,21 @@ pub fn json_stdout(out: &Output) -> Value {
     serde_json::from_slice(&out.stdout).expect("stdout is JSON")
 }
 
+/// `eval --json` of `model` on `task` with the data at `data`.
+pub fn eval_json(model: &Path, task: &str, data: &Path) -> Value {
+    json_stdout(&run(&[
+        "eval",
+        "--model",
+        model.to_str().unwrap(),
+        "--task",
+        task,
+        "--data",
+        data.to_str().unwrap(),
+        "--json",
+        "-q",
+    ]))
+}
+
 /// Reads a JSON file.
 pub fn read_json(path: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
