@@ -237,3 +237,79 @@ fn info(source: &str, file: &Dataset, examples: usize, seed: Option<u64>) -> Dat
         fraction: None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::task::Task;
+
+    /// A GLUE SST-2 directory with `n` dev and `n` train rows, and a WordPiece tokenizer for them.
+    fn fixture(n: usize) -> (tempfile::TempDir, TaskData, TextEncoder) {
+        let dir = tempfile::tempdir().unwrap();
+        for split in ["dev", "train"] {
+            let rows: String = (0..n)
+                .map(|i| format!("{} film {i}\t{}\n", ["good", "bad"][i % 2], 1 - i % 2))
+                .collect();
+            std::fs::write(
+                dir.path().join(format!("{split}.tsv")),
+                format!("sentence\tlabel\n{rows}"),
+            )
+            .unwrap();
+        }
+        let vocab = "[PAD]\n[UNK]\n[CLS]\n[SEP]\ngood\nbad\nfilm\n";
+        std::fs::write(dir.path().join("vocab.txt"), vocab).unwrap();
+        let data = TaskData::resolve(Task::Sst2, Some(dir.path()), true).unwrap();
+        let encoder = TextEncoder::load(dir.path(), 16).unwrap();
+        (dir, data, encoder)
+    }
+
+    fn spec(on: SelectOn, fraction: f64, seed: u64) -> SelectionSpec {
+        SelectionSpec {
+            on,
+            select_fraction: fraction,
+            seed,
+            ..SelectionSpec::default()
+        }
+    }
+
+    #[test]
+    fn dev_split_is_seeded_and_the_report_split_is_the_rest() {
+        let (_dir, data, encoder) = fixture(40);
+        let s = Splits::load(&spec(SelectOn::Dev, 0.25, 7), &data, &encoder).unwrap();
+        let chosen = s.selection.dev_indices.clone().unwrap();
+        let rest = s.report.as_ref().unwrap().dev_indices.clone().unwrap();
+        assert_eq!((chosen.len(), rest.len()), (10, 30));
+        let mut all: Vec<usize> = chosen.iter().chain(&rest).copied().collect();
+        all.sort_unstable();
+        assert_eq!(all, (0..40).collect::<Vec<_>>());
+        assert_eq!(s.selection.set.targets[0], s.dev.targets[chosen[0]]);
+        assert_eq!(s.selection.info.source, "dev-split");
+        assert_eq!(s.report.as_ref().unwrap().info.source, "dev-rest");
+        let again = Splits::load(&spec(SelectOn::Dev, 0.25, 7), &data, &encoder).unwrap();
+        assert_eq!(again.selection.dev_indices, Some(chosen.clone()));
+        let other = Splits::load(&spec(SelectOn::Dev, 0.25, 8), &data, &encoder).unwrap();
+        assert_ne!(other.selection.dev_indices, Some(chosen));
+    }
+
+    #[test]
+    fn train_holdout_leaves_all_of_dev_for_the_report() {
+        let (_dir, data, encoder) = fixture(12);
+        let mut s = spec(SelectOn::TrainHoldout, 0.5, 0);
+        s.holdout = 5;
+        let s = Splits::load(&s, &data, &encoder).unwrap();
+        assert_eq!(s.selection.info.source, "train-holdout");
+        assert_eq!(s.selection.set.sequences.len(), 5);
+        assert_eq!(s.report.unwrap().set.sequences.len(), 12);
+    }
+
+    #[test]
+    fn all_of_dev_leaves_no_report_split_and_bad_fractions_are_refused() {
+        let (_dir, data, encoder) = fixture(6);
+        let s = Splits::load(&spec(SelectOn::Dev, 1.0, 0), &data, &encoder).unwrap();
+        assert!(s.report.is_none());
+        for bad in [0.0, 1.5, f64::NAN] {
+            let err = Splits::load(&spec(SelectOn::Dev, bad, 0), &data, &encoder).unwrap_err();
+            assert!(err.to_string().contains("--select-fraction"), "{err}");
+        }
+    }
+}

@@ -10,7 +10,7 @@
 //! Under an accuracy metric an evaluation stops as soon as the errors already made rule out
 //! acceptance: the verdict is the same as a full evaluation's, at a fraction of the cost.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
@@ -228,7 +228,9 @@ impl<'a> Engine<'a> {
     pub fn decide(&mut self, trial: Trial, rule: Rule, journal: &mut Journal) -> Result<Verdict> {
         if let Some(record) = journal.replay(&trial.label)? {
             if record.accepted {
-                let score = record.score.expect("accepted trials are fully evaluated");
+                let score = record
+                    .score
+                    .context("the saved progress holds an accepted trial without a score")?;
                 self.accept(trial, score);
             }
             return Ok(Verdict {

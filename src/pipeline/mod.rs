@@ -25,7 +25,7 @@ use crate::data::batch::{encode, EncodedSet};
 use crate::data::glue;
 use crate::data::splits::{SelectionSpec, Splits};
 use crate::data::task::Task;
-use crate::export::{check_destination, prepare};
+use crate::export::{check_destination, prepare, Prepared};
 use crate::hash::Fnv1a;
 use crate::model::Model;
 use crate::passes::journal::Journal;
@@ -33,7 +33,7 @@ use crate::passes::prune::{Prune, PruneSettings};
 use crate::passes::select::{Score, SelectionBatches};
 use crate::passes::{Pass, StageContext};
 use crate::setup::TaskSetup;
-use evaluation::Judge;
+use evaluation::{Comparison, Judge};
 use report::{points, BeforeAfter, DataReport, RunReport, StageReport, Timing, ToleranceReport};
 use tolerance::MaxDrop;
 
@@ -122,23 +122,8 @@ pub fn progress_path(out: &Path) -> PathBuf {
 /// Runs the pipeline and writes `out.dir`.
 pub fn run(spec: &RunSettings, out: &Output, quiet: bool) -> Result<Finished> {
     let started = Instant::now();
-    let log = |line: &str| {
-        if !quiet {
-            eprintln!("{line}");
-        }
-    };
     // 1. Settings, model, destination, progress journal.
-    if spec.stages.is_empty() {
-        bail!("the pipeline has no stages; add at least one [[stages]] entry");
-    }
-    if spec.batch_size == 0 {
-        bail!("--batch-size must be at least 1");
-    }
-    let passes = spec
-        .stages
-        .iter()
-        .map(StageSpec::build)
-        .collect::<Result<Vec<_>>>()?;
+    let passes = build_passes(spec)?;
     let setup = TaskSetup::load(
         &spec.model,
         spec.offline,
@@ -149,14 +134,14 @@ pub fn run(spec: &RunSettings, out: &Output, quiet: bool) -> Result<Finished> {
     check_destination(&setup.model.dir, &out.dir, out.force)?;
     passes[0].check_input(&setup.model)?;
     let mut journal = open_journal(spec, out, &setup)?;
-    // 2. Data.
+    // 2. Data: the selection split decides; the report split, dev and --test judge.
     let splits = Splits::load(&spec.selection, &setup.data, &setup.encoder)?;
     let test = spec
         .test
         .as_deref()
         .map(|p| read_test(spec.task, p, &setup))
         .transpose()?;
-    // 3. Baseline and tolerance.
+    // 3. The original model's selection score: the run's tolerance is measured from it.
     let batches = SelectionBatches::new(
         &setup.model,
         &splits.selection.set,
@@ -165,80 +150,28 @@ pub fn run(spec: &RunSettings, out: &Output, quiet: bool) -> Result<Finished> {
         spec.batch_size,
     )?;
     let baseline = batches.score(&setup.model)?;
-    let floor = spec.max_drop.map(|d| d.floor(baseline.metric));
-    log(&format!(
-        "compressing {} for {} on {} selection examples ({}, {}); selection {} {:.4}",
-        spec.model,
-        spec.task,
-        splits.selection.info.examples,
-        splits.selection.info.source,
-        setup.data.location(),
-        batches.metric,
-        baseline.metric
-    ));
-    // 4. Stages.
-    let stages = Stages {
+    let run = Run {
         spec,
         setup: &setup,
         splits: &splits,
         batches: &batches,
-        floor,
+        floor: spec.max_drop.map(|d| d.floor(baseline.metric)),
         quiet,
     };
-    let (model, stage_reports) = stages.run(&passes, baseline, &mut journal)?;
-    // 5. Judge.
+    run.log_start(baseline);
+    // 4. Every stage, on the selection engine.
+    let (model, stages) = run.stages(&passes, baseline, &mut journal)?;
+    // 5. The original and the compressed model on every split.
     let judge = Judge {
         task: spec.task,
         labels: &setup.labels,
         batch_size: spec.batch_size,
     };
     let evaluation = judge.compare(&setup.model, &model, &splits, test.as_ref())?;
-    // 6. Export.
-    let history = history(spec, &setup.model, &passes, &splits);
-    let prepared = prepare(&model, &history)?;
-    let final_score = stage_reports.last().map_or(baseline, |s| s.selection_after);
-    let report = RunReport {
-        schema: report::SCHEMA,
-        model: spec.model.clone(),
-        task: spec.task.name(),
-        metric: batches.metric,
-        data: DataReport {
-            origin: setup.data.origin,
-            location: setup.data.location(),
-            selection: splits.selection.info.clone(),
-            report: splits.report.as_ref().map(|r| r.info.clone()),
-            test: spec.test.as_ref().map(|p| p.display().to_string()),
-        },
-        tolerance: ToleranceReport {
-            max_drop: spec.max_drop,
-            baseline: baseline.metric,
-            floor,
-            spent_points: points(baseline.metric, final_score.metric),
-        },
-        stages: stage_reports,
-        evaluation,
-        parameters: BeforeAfter::new(
-            setup.model.parameter_count() as u64,
-            model.parameter_count() as u64,
-        ),
-        weights_bytes: BeforeAfter::new(
-            weights_bytes(&setup.model.dir),
-            prepared.weights.len() as u64,
-        ),
-        hf_compatible: prepared.compat.hf_compatible,
-        hf_incompatible_reason: prepared.compat.reason.clone(),
-        structure: model.config.structure.clone(),
-    };
-    let (before_ms, after_ms) = (
-        latency_ms(&setup.model, &splits.dev)?,
-        latency_ms(&model, &splits.dev)?,
-    );
-    let timing = Timing {
-        wall_seconds: started.elapsed().as_secs_f64(),
-        latency_b1_p50_ms_before: before_ms,
-        latency_b1_p50_ms_after: after_ms,
-        latency_samples: LATENCY_SAMPLES.min(splits.dev.sequences.len()),
-    };
+    // 6. Export with report.json and timing.json; the progress file has served its purpose.
+    let prepared = prepare(&model, &history(spec, &setup.model, &passes, &splits))?;
+    let report = run.report(&model, &prepared, baseline, stages, evaluation);
+    let timing = timing(started, &setup.model, &model, &splits.dev)?;
     let files = [
         ("report.json", pretty(&report)?),
         ("timing.json", pretty(&timing)?),
@@ -248,8 +181,18 @@ pub fn run(spec: &RunSettings, out: &Output, quiet: bool) -> Result<Finished> {
     Ok(Finished { report, timing })
 }
 
-/// The stages of one run and what they share.
-struct Stages<'a> {
+fn build_passes(spec: &RunSettings) -> Result<Vec<Box<dyn Pass>>> {
+    if spec.stages.is_empty() {
+        bail!("the pipeline has no stages; add at least one [[stages]] entry");
+    }
+    if spec.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    spec.stages.iter().map(StageSpec::build).collect()
+}
+
+/// What the steps of one run share.
+struct Run<'a> {
     spec: &'a RunSettings,
     setup: &'a TaskSetup,
     splits: &'a Splits,
@@ -258,9 +201,25 @@ struct Stages<'a> {
     quiet: bool,
 }
 
-impl Stages<'_> {
+impl Run<'_> {
+    fn log_start(&self, baseline: Score) {
+        if !self.quiet {
+            let selection = &self.splits.selection.info;
+            eprintln!(
+                "compressing {} for {} on {} selection examples ({}, {}); selection {} {:.4}",
+                self.spec.model,
+                self.spec.task,
+                selection.examples,
+                selection.source,
+                self.setup.data.location(),
+                self.batches.metric,
+                baseline.metric
+            );
+        }
+    }
+
     /// Runs every pass in order on the original model.
-    fn run(
+    fn stages(
         &self,
         passes: &[Box<dyn Pass>],
         baseline: Score,
@@ -302,6 +261,53 @@ impl Stages<'_> {
             before = after;
         }
         Ok((model, reports))
+    }
+}
+
+impl Run<'_> {
+    /// The report of the run, from what every step produced.
+    fn report(
+        &self,
+        model: &Model,
+        prepared: &Prepared,
+        baseline: Score,
+        stages: Vec<StageReport>,
+        evaluation: Vec<Comparison>,
+    ) -> RunReport {
+        let (spec, original) = (self.spec, &self.setup.model);
+        let last = stages.last().map_or(baseline, |s| s.selection_after);
+        RunReport {
+            schema: report::SCHEMA,
+            model: spec.model.clone(),
+            task: spec.task.name(),
+            metric: self.batches.metric,
+            data: DataReport {
+                origin: self.setup.data.origin,
+                location: self.setup.data.location(),
+                selection: self.splits.selection.info.clone(),
+                report: self.splits.report.as_ref().map(|r| r.info.clone()),
+                test: spec.test.as_ref().map(|p| p.display().to_string()),
+            },
+            tolerance: ToleranceReport {
+                max_drop: spec.max_drop,
+                baseline: baseline.metric,
+                floor: self.floor,
+                spent_points: points(baseline.metric, last.metric),
+            },
+            stages,
+            evaluation,
+            parameters: BeforeAfter::new(
+                original.parameter_count() as u64,
+                model.parameter_count() as u64,
+            ),
+            weights_bytes: BeforeAfter::new(
+                weights_bytes(&original.dir),
+                prepared.weights.len() as u64,
+            ),
+            hf_compatible: prepared.compat.hf_compatible,
+            hf_incompatible_reason: prepared.compat.reason.clone(),
+            structure: model.config.structure.clone(),
+        }
     }
 }
 
@@ -366,6 +372,16 @@ fn read_test(task: Task, path: &Path, setup: &TaskSetup) -> Result<EncodedSet> {
         );
     }
     encode(&glue::read(task, path)?, "", &setup.encoder)
+}
+
+/// Wall time so far and batch-1 latency of both models.
+fn timing(started: Instant, original: &Model, model: &Model, dev: &EncodedSet) -> Result<Timing> {
+    Ok(Timing {
+        latency_b1_p50_ms_before: latency_ms(original, dev)?,
+        latency_b1_p50_ms_after: latency_ms(model, dev)?,
+        latency_samples: LATENCY_SAMPLES.min(dev.sequences.len()),
+        wall_seconds: started.elapsed().as_secs_f64(),
+    })
 }
 
 /// Median batch-1 latency over the first dev sentences, in ms.
