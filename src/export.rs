@@ -162,18 +162,48 @@ pub fn config_json(model: &Model, history: &[Value], compat: &Compatibility) -> 
     config
 }
 
+/// The parent of `out` as an absolute path with links resolved, even when it does not exist yet
+/// (its nearest existing ancestor is resolved and the rest appended).
+fn absolute_parent(out: &Path) -> Result<PathBuf> {
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let mut existing = parent;
+    let mut rest = Vec::new();
+    while !existing.exists() {
+        rest.push(
+            existing
+                .file_name()
+                .context("--out has no existing ancestor")?,
+        );
+        existing = existing
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+    }
+    let mut resolved = existing
+        .canonicalize()
+        .with_context(|| format!("cannot resolve {}", existing.display()))?;
+    resolved.extend(rest.iter().rev());
+    Ok(resolved)
+}
+
+/// Creates the missing parent directories of `out` (after [`check_destination`] accepted it).
+pub fn create_parent(out: &Path) -> Result<()> {
+    match out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        Some(parent) => std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create {}", parent.display())),
+        None => Ok(()),
+    }
+}
+
 /// Refuses to write into (or over) the input model, or over an existing `out` without `force`.
 pub fn check_destination(input: &Path, out: &Path, force: bool) -> Result<()> {
     let input = input
         .canonicalize()
         .with_context(|| format!("cannot resolve {}", input.display()))?;
-    let parent = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let parent = parent
-        .canonicalize()
-        .with_context(|| format!("output directory {} has no existing parent", out.display()))?;
+    let parent = absolute_parent(out)?;
     let target = parent.join(out.file_name().context("--out needs a directory name")?);
     if target.starts_with(&input) {
         bail!(
@@ -221,6 +251,7 @@ impl Prepared {
     /// `report.json` beside the model files.
     pub fn write(&self, out: &Path, extra: &[(&str, Vec<u8>)], force: bool) -> Result<()> {
         check_destination(&self.source_dir, out, force)?;
+        create_parent(out)?;
         let tmp = sibling(out, "tmp");
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp)

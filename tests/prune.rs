@@ -320,9 +320,11 @@ fn speed_mode_respects_max_drop() {
         "--levels",
         "blocks,heads",
     ];
-    let out = tmp.path().join("o");
+    // Missing parent directories of --out are created.
+    let out = tmp.path().join("new/dir/o");
     let report = common::json_stdout(&prune_cli(&shared, data.path(), &out, &args));
     assert_within_max_drop(&report, 2.0);
+    assert!(out.join("model.safetensors").is_file());
 }
 
 #[test]
@@ -508,19 +510,21 @@ fn assert_usage_error(o: &std::process::Output, needle: &str) {
 fn out_inside_the_input_model_is_refused() {
     let shared = fixtures_or_skip!();
     let dir = common::copy_model(&shared.join("models/minilm-l6-sst2"));
-    let o = common::run(&[
-        "prune",
-        "--model",
-        dir.path().to_str().unwrap(),
-        "--task",
-        "sst2",
-        "--data",
-        shared.join("data/glue/SST-2").to_str().unwrap(),
-        "--out",
-        dir.path().join("sub").to_str().unwrap(),
-    ]);
-    common::assert_clean_error(&o, &["is inside the input model directory"]);
-    assert!(!dir.path().join("sub").exists());
+    for out in ["sub", "new/sub"] {
+        let o = common::run(&[
+            "prune",
+            "--model",
+            dir.path().to_str().unwrap(),
+            "--task",
+            "sst2",
+            "--data",
+            shared.join("data/glue/SST-2").to_str().unwrap(),
+            "--out",
+            dir.path().join(out).to_str().unwrap(),
+        ]);
+        common::assert_clean_error(&o, &["is inside the input model directory"]);
+    }
+    assert!(!dir.path().join("sub").exists() && !dir.path().join("new").exists());
 }
 
 #[test]

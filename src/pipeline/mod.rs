@@ -25,7 +25,7 @@ use crate::data::batch::{encode, EncodedSet};
 use crate::data::glue;
 use crate::data::splits::{SelectionSpec, Splits};
 use crate::data::task::Task;
-use crate::export::{check_destination, prepare, Prepared};
+use crate::export::{check_destination, create_parent, prepare, Prepared};
 use crate::hash::Fnv1a;
 use crate::model::Model;
 use crate::passes::journal::Journal;
@@ -133,6 +133,7 @@ pub fn run(spec: &RunSettings, out: &Output, quiet: bool) -> Result<Finished> {
     )?;
     check_destination(&setup.model.dir, &out.dir, out.force)?;
     passes[0].check_input(&setup.model)?;
+    create_parent(&out.dir)?;
     let mut journal = open_journal(spec, out, &setup)?;
     // 2. Data: the selection split decides; the report split, dev and --test judge.
     let splits = Splits::load(&spec.selection, &setup.data, &setup.encoder)?;
