@@ -7,7 +7,9 @@ use clap::{Args, Parser, Subcommand};
 use crate::analyze::elements::Level;
 use crate::analyze::report::Method;
 use crate::data::task::Task;
+use crate::model::quant::Execution;
 use crate::passes::prune::Mode;
+use crate::passes::quantize::{BitsChoice, QuantMode};
 use crate::pipeline::tolerance::MaxDrop;
 
 /// Make fine-tuned BERT-family models faster, smaller and sometimes more accurate for one task.
@@ -20,6 +22,10 @@ pub struct Cli {
     /// No progress bars or log lines on stderr.
     #[arg(long, short, global = true)]
     pub quiet: bool,
+    /// How quantized matrices run: dequantized to f32 once (faster on AVX2 CPUs today), or in
+    /// candle's int8 / int4 kernels [default: dequantized].
+    #[arg(long, global = true, value_enum)]
+    pub execution: Option<Execution>,
     /// The command to run.
     #[command(subcommand)]
     pub command: Command,
@@ -34,6 +40,8 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Accuracy-driven pruning of blocks, heads and FFN groups; writes a smaller model directory.
     Prune(PruneArgs),
+    /// int8 / int4 quantization, uniform or mixed by significance; writes a compressed-tensors model.
+    Quantize(QuantizeArgs),
     /// Run a whole compression pipeline declared in a TOML config (what CI jobs run).
     Compress(CompressArgs),
     /// Latency, throughput, memory, size and metric of a model, against a baseline.
@@ -209,6 +217,51 @@ pub struct PruneFlags {
     pub significance: Option<PathBuf>,
 }
 
+/// Settings of a quantize stage. Unset flags take their defaults, or a config's values.
+#[derive(Debug, Args, Default)]
+pub struct QuantizeFlags {
+    /// 8: every matrix int8; 4: every matrix int4; mixed: int4, int8 or float per matrix,
+    /// chosen by significance within --max-drop [default: 8].
+    #[arg(long, value_enum)]
+    pub bits: Option<BitsChoice>,
+    /// With --bits mixed: accuracy keeps a lower precision only if the selection metric does not
+    /// drop; size lowers as much as --max-drop allows [default: size].
+    #[arg(long = "mode", value_enum)]
+    pub mode: Option<QuantMode>,
+    /// Keep the word embeddings float.
+    #[arg(long)]
+    pub float_embeddings: bool,
+    /// Read block significance from this report (of the same model) instead of computing it.
+    #[arg(long)]
+    pub significance: Option<PathBuf>,
+    /// With --bits mixed: skip the uniform int8 / int4 / equal-size comparison.
+    #[arg(long)]
+    pub no_compare: bool,
+}
+
+/// Arguments of `axcompress quantize`.
+#[derive(Debug, Args)]
+pub struct QuantizeArgs {
+    /// The model to quantize (never modified); may be a pruned axcompress output.
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Task and data.
+    #[command(flatten)]
+    pub task: TaskArgs,
+    /// Selection data.
+    #[command(flatten)]
+    pub selection: SelectionArgs,
+    /// Quantization settings.
+    #[command(flatten)]
+    pub quantize: QuantizeFlags,
+    /// Tolerance, test data, resume.
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// Output model directory.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
 /// The run's tolerance, extra report data, and where the result goes.
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -280,6 +333,9 @@ pub struct CompressArgs {
     /// Prune settings (override the keys of every prune stage).
     #[command(flatten)]
     pub prune: PruneFlags,
+    /// Precision of every quantize stage: 8, 4 or mixed (overrides `bits`).
+    #[arg(long, value_enum)]
+    pub bits: Option<BitsChoice>,
     /// Tolerance, test data, resume.
     #[command(flatten)]
     pub run: RunArgs,

@@ -174,7 +174,9 @@ mod tests {
         assert_eq!(s.selection.select_fraction, 0.25);
         assert_eq!(s.selection.on, SelectOn::Dev);
         assert_eq!(s.test, Some(dir.path().join("t.tsv")));
-        let StageSpec::Prune(p) = &s.stages[0];
+        let StageSpec::Prune(p) = &s.stages[0] else {
+            panic!("the first stage is prune: {:?}", s.stages[0]);
+        };
         assert_eq!((p.mode, p.budget, p.patience), (Mode::Size, Some(4), 20));
         assert_eq!(c.out, None);
     }

@@ -5,14 +5,19 @@ use clap::Parser;
 
 use axcompress::cli::{Cli, Command};
 use axcompress::commands;
+use axcompress::model::quant::Execution;
 
 fn main() {
     let cli = Cli::parse();
+    if let Some(execution) = cli.execution {
+        Execution::set_default(execution);
+    }
     let result = match &cli.command {
         Command::Eval(args) => commands::eval::run(args, &cli),
         Command::Inspect(args) => commands::inspect::run(args, &cli),
         Command::Analyze(args) => commands::analyze::run(args, &cli),
         Command::Prune(args) => commands::prune::run(args, &cli),
+        Command::Quantize(args) => commands::quantize::run(args, &cli),
         Command::Compress(args) => commands::compress::run(args, &cli),
         Command::Bench(args) => commands::bench::run(args, &cli),
     };

@@ -3,9 +3,8 @@
 mod common;
 
 use axcompress::model::encoder::RunOptions;
-use axcompress::model::inputs::{Inputs, Sequence};
+use axcompress::model::inputs::Inputs;
 use axcompress::model::slice::LayerKeep;
-use axcompress::model::tokenizer::TextEncoder;
 use axcompress::model::Model;
 use candle_core::Tensor;
 use common::{max_abs_diff, read_json, reference_inputs};
@@ -123,19 +122,7 @@ fn minilm_gated_equals_sliced_and_structure_follows() {
     let shared = fixtures_or_skip!();
     let dir = shared.join("models/minilm-l6-sst2");
     let model = Model::from_dir(&dir).unwrap();
-    let text = std::fs::read_to_string(shared.join("data/glue/SST-2/dev.tsv")).unwrap();
-    let sentences: Vec<(String, Option<String>)> = text
-        .lines()
-        .skip(1)
-        .take(48)
-        .map(|l| (l.split('\t').next().unwrap().to_string(), None))
-        .collect();
-    let seqs = TextEncoder::load(&dir, 64)
-        .unwrap()
-        .encode(&sentences)
-        .unwrap();
-    let refs: Vec<&Sequence> = seqs.iter().collect();
-    let inputs = Inputs::from_sequences(&model.config, &refs).unwrap();
+    let inputs = common::sst2_dev_inputs(&shared, &model, 48);
     let plan = varied_plan(&model, 0);
     let sliced = assert_gated_equals_sliced(&model, &plan, &inputs);
     for (shape, keep) in sliced.config.structure.layers.iter().zip(&plan) {

@@ -422,7 +422,7 @@ fn cached_score_equals_a_fresh_evaluation_of_the_sliced_model() {
     for e in &removals {
         assert!(remove(&mut plan, e));
         let trial = Trial {
-            layer: e.layer(),
+            layer: Some(e.layer()),
             model: None,
             gates: Some(model.gates_for(&plan).unwrap()),
             label: short_name(e),

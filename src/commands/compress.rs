@@ -28,6 +28,10 @@ pub fn run(args: &CompressArgs, cli: &Cli) -> Result<()> {
         .into_iter()
         .map(|stage| match stage {
             StageSpec::Prune(p) => StageSpec::Prune(args.prune.apply(p)),
+            StageSpec::Quantize(mut q) => {
+                q.bits = args.bits.unwrap_or(q.bits);
+                StageSpec::Quantize(q)
+            }
         })
         .collect();
     let dir = args.out.clone().or(config.out).with_context(|| {

@@ -5,12 +5,14 @@ use serde_json::{json, Value};
 
 use super::print_json;
 use crate::cli::{Cli, InspectArgs};
+use crate::model::linear::Weight;
+use crate::model::quant::{unquantizable, Execution};
 use crate::model::Model;
 
 /// Runs `axcompress inspect`.
 pub fn run(args: &InspectArgs, cli: &Cli) -> Result<()> {
     let model = Model::load(&args.model.model, args.model.offline)?;
-    let report = describe(&model);
+    let report = describe(&model)?;
     if cli.json {
         return print_json(&report);
     }
@@ -38,11 +40,50 @@ pub fn run(args: &InspectArgs, cli: &Cli) -> Result<()> {
     for (dtype, (params, bytes)) in &model.disk_dtypes {
         println!("  on disk {dtype}: {params} parameters, {bytes} bytes");
     }
+    println!("matrix                                         shape         precision  runs as");
+    for m in matrices(&model)? {
+        println!(
+            "{:<46} {:<13} {:<10} {}",
+            m["name"].as_str().unwrap_or_default(),
+            format!("{}x{}", m["shape"][0], m["shape"][1]),
+            m["precision"].as_str().unwrap_or_default(),
+            m["runs_as"].as_str().unwrap_or_default()
+        );
+    }
     Ok(())
 }
 
+/// Every weight matrix: Hugging Face name, shape, precision, and how it runs (with why, when a
+/// matrix cannot be quantized).
+fn matrices(model: &Model) -> Result<Vec<Value>> {
+    model
+        .matrices()
+        .into_iter()
+        .map(|m| {
+            let w = model.weight(m)?;
+            let (rows, cols) = w.dims();
+            let runs_as = match &w {
+                Weight::Quantized(q) => match q.execution {
+                    Execution::Kernel => format!("candle {} kernel", q.bits().kernel_name()),
+                    Execution::Dequantized => "dequantized to f32 once".to_string(),
+                },
+                _ => match unquantizable(cols) {
+                    Some(why) => format!("f32; cannot be quantized: {why}"),
+                    None => "f32".to_string(),
+                },
+            };
+            Ok(json!({
+                "name": m.hf_name(model),
+                "shape": [rows, cols],
+                "precision": w.precision(),
+                "runs_as": runs_as,
+            }))
+        })
+        .collect()
+}
+
 /// The JSON description printed by `inspect --json`.
-pub fn describe(model: &Model) -> Value {
+pub fn describe(model: &Model) -> Result<Value> {
     let c = &model.config;
     let layers: Vec<Value> = c
         .structure
@@ -66,7 +107,7 @@ pub fn describe(model: &Model) -> Value {
         .iter()
         .map(|(d, (p, b))| (d.clone(), json!({"parameters": p, "bytes": b})))
         .collect();
-    json!({
+    Ok(json!({
         "dir": model.dir.display().to_string(),
         "family": c.family.name(),
         "hidden_size": c.hidden_size,
@@ -78,5 +119,6 @@ pub fn describe(model: &Model) -> Value {
         "layers": layers,
         "parameters": model.parameter_count(),
         "on_disk_by_dtype": dtypes,
-    })
+        "matrices": matrices(model)?,
+    }))
 }

@@ -7,13 +7,17 @@ pub mod compress;
 pub mod eval;
 pub mod inspect;
 pub mod prune;
+pub mod quantize;
+
+use std::path::Path;
 
 use anyhow::{bail, Result};
 
-use crate::cli::{Cli, ModelArgs, PruneFlags, SelectionArgs, TaskArgs};
+use crate::cli::{Cli, ModelArgs, PruneFlags, QuantizeFlags, RunArgs, SelectionArgs, TaskArgs};
 use crate::data::splits::{SelectOn, SelectionSpec};
 use crate::passes::prune::PruneSettings;
-use crate::pipeline::{self, Finished, Output, RunSettings};
+use crate::passes::quantize::QuantizeSettings;
+use crate::pipeline::{self, Finished, Output, RunSettings, StageSpec};
 use crate::setup::TaskSetup;
 
 /// Loads the model, labels, tokenizer and data location the task flags name.
@@ -55,6 +59,50 @@ impl PruneFlags {
             significance: self.significance.clone().or(settings.significance),
         }
     }
+}
+
+impl QuantizeFlags {
+    /// `settings` with every flag given here applied.
+    pub fn apply(&self, settings: QuantizeSettings) -> QuantizeSettings {
+        QuantizeSettings {
+            bits: self.bits.unwrap_or(settings.bits),
+            mode: self.mode.unwrap_or(settings.mode),
+            embeddings: settings.embeddings && !self.float_embeddings,
+            significance: self.significance.clone().or(settings.significance),
+            compare: settings.compare && !self.no_compare,
+            seed: settings.seed,
+        }
+    }
+}
+
+/// Runs a one-stage pipeline from a command's flags (`prune`, `quantize`).
+pub fn run_one_stage(
+    model: &ModelArgs,
+    task: &TaskArgs,
+    selection: &SelectionArgs,
+    run: &RunArgs,
+    out: &Path,
+    stage: StageSpec,
+    cli: &Cli,
+) -> Result<()> {
+    let settings = RunSettings {
+        model: model.model.clone(),
+        offline: model.offline,
+        task: task.task,
+        data: task.data.clone(),
+        batch_size: task.batch_size,
+        max_length: task.max_length,
+        selection: selection.apply(SelectionSpec::default()),
+        test: run.test.clone(),
+        max_drop: run.max_drop,
+        stages: vec![stage],
+    };
+    let out = Output {
+        dir: out.to_path_buf(),
+        force: run.force,
+        resume: run.resume,
+    };
+    run_pipeline(&settings, &out, cli)
 }
 
 /// Runs a pipeline and prints its report: the human summary, or the report (with the timing

@@ -2,30 +2,14 @@
 
 use anyhow::Result;
 
-use super::run_pipeline;
+use super::run_one_stage;
 use crate::cli::{Cli, PruneArgs};
-use crate::data::splits::SelectionSpec;
 use crate::passes::prune::PruneSettings;
-use crate::pipeline::{Output, RunSettings, StageSpec};
+use crate::pipeline::StageSpec;
 
 /// Runs `axcompress prune`.
 pub fn run(args: &PruneArgs, cli: &Cli) -> Result<()> {
-    let settings = RunSettings {
-        model: args.model.model.clone(),
-        offline: args.model.offline,
-        task: args.task.task,
-        data: args.task.data.clone(),
-        batch_size: args.task.batch_size,
-        max_length: args.task.max_length,
-        selection: args.selection.apply(SelectionSpec::default()),
-        test: args.run.test.clone(),
-        max_drop: args.run.max_drop,
-        stages: vec![StageSpec::Prune(args.prune.apply(PruneSettings::default()))],
-    };
-    let out = Output {
-        dir: args.out.clone(),
-        force: args.run.force,
-        resume: args.run.resume,
-    };
-    run_pipeline(&settings, &out, cli)
+    let stage = StageSpec::Prune(args.prune.apply(PruneSettings::default()));
+    let a = args;
+    run_one_stage(&a.model, &a.task, &a.selection, &a.run, &a.out, stage, cli)
 }

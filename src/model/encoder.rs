@@ -7,14 +7,14 @@ use candle_core::{Result, Tensor, D};
 
 use super::config::Activation;
 use super::inputs::Inputs;
-use super::linear::Linear;
+use super::linear::{Linear, Weight};
 use super::nn::{activate, softmax_last, LayerNorm};
 
 /// Word, position and (optionally) token-type embeddings followed by LayerNorm.
 #[derive(Debug, Clone)]
 pub struct Embeddings {
-    /// `[vocab, hidden]`.
-    pub word: Tensor,
+    /// `[vocab, hidden]`; may be quantized (rows dequantized as they are looked up).
+    pub word: Weight,
     /// `[max_positions, hidden]`.
     pub position: Tensor,
     /// `[type_vocab, hidden]`; `None` for DistilBERT.
@@ -26,16 +26,17 @@ pub struct Embeddings {
 impl Embeddings {
     /// Embeds `[batch, seq]` id tensors into `[batch, seq, hidden]`.
     pub fn forward(&self, inputs: &Inputs, differentiable: bool) -> Result<Tensor> {
-        let lookup = |table: &Tensor, ids: &Tensor| -> Result<Tensor> {
+        let lookup = |table: &Weight, ids: &Tensor| -> Result<Tensor> {
             let (b, t) = ids.dims2()?;
             table
-                .index_select(&ids.flatten_all()?, 0)?
-                .reshape((b, t, table.dim(1)?))
+                .lookup(&ids.flatten_all()?)?
+                .reshape((b, t, table.dims().1))
         };
+        let dense = |t: &Tensor| Weight::Dense(t.clone());
         let mut x = (lookup(&self.word, &inputs.input_ids)?
-            + lookup(&self.position, &inputs.position_ids)?)?;
+            + lookup(&dense(&self.position), &inputs.position_ids)?)?;
         if let Some(types) = &self.token_type {
-            x = (x + lookup(types, &inputs.token_type_ids)?)?;
+            x = (x + lookup(&dense(types), &inputs.token_type_ids)?)?;
         }
         self.norm.forward(&x, differentiable)
     }

@@ -2,13 +2,20 @@
 //! quantized matrix can take the place of a dense one without changing any caller: callers
 //! multiply, slice, count and export through its methods.
 
-use candle_core::{DType, Device, Result, Tensor, D};
+use candle_core::{bail, DType, Device, Result, Tensor, D};
+
+use super::quant::{Precision, QuantMatrix};
 
 /// The weight matrix of a linear layer, `[out, in]` as in PyTorch.
 #[derive(Debug, Clone)]
 pub enum Weight {
     /// A dense f32 matrix.
     Dense(Tensor),
+    /// Integer codes with group scales, run quantized or dequantized (see [`QuantMatrix`]).
+    Quantized(QuantMatrix),
+    /// Parts stacked along the outputs, e.g. a fused query/key/value projection whose parts
+    /// have different precisions.
+    Stacked(Vec<Weight>),
 }
 
 impl Weight {
@@ -16,6 +23,11 @@ impl Weight {
     pub fn dims(&self) -> (usize, usize) {
         match self {
             Weight::Dense(w) => (w.dims()[0], w.dims()[1]),
+            Weight::Quantized(q) => q.dims(),
+            Weight::Stacked(parts) => (
+                parts.iter().map(|p| p.dims().0).sum(),
+                parts.first().map_or(0, |p| p.dims().1),
+            ),
         }
     }
 
@@ -25,10 +37,43 @@ impl Weight {
         out * inp
     }
 
-    /// The matrix as a dense f32 tensor `[out, in]` (what export writes and analysis reads).
+    /// The matrix as a dense f32 tensor `[out, in]` (dequantized when quantized).
     pub fn to_dense(&self) -> Result<Tensor> {
         match self {
             Weight::Dense(w) => Ok(w.clone()),
+            Weight::Quantized(q) => q.dequantize(),
+            Weight::Stacked(parts) => {
+                let dense = parts
+                    .iter()
+                    .map(Weight::to_dense)
+                    .collect::<Result<Vec<_>>>()?;
+                Tensor::cat(&dense, 0)
+            }
+        }
+    }
+
+    /// The matrix's precision.
+    pub fn precision(&self) -> Precision {
+        match self {
+            Weight::Dense(_) => Precision::Float,
+            Weight::Quantized(q) => q.bits().into(),
+            Weight::Stacked(parts) => {
+                let mut all = parts.iter().map(Weight::precision);
+                let first = all.next().unwrap_or(Precision::Float);
+                match all.all(|p| p == first) {
+                    true => first,
+                    false => Precision::Mixed,
+                }
+            }
+        }
+    }
+
+    /// True when no part of the matrix is quantized.
+    pub fn is_dense(&self) -> bool {
+        match self {
+            Weight::Dense(_) => true,
+            Weight::Quantized(_) => false,
+            Weight::Stacked(parts) => parts.iter().all(Weight::is_dense),
         }
     }
 
@@ -36,13 +81,35 @@ impl Weight {
     fn matmul_t(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Weight::Dense(w) => x.matmul(&w.t()?),
+            Weight::Quantized(q) => q.matmul_t(x),
+            Weight::Stacked(parts) => {
+                let outs = parts
+                    .iter()
+                    .map(|p| p.matmul_t(x))
+                    .collect::<Result<Vec<_>>>()?;
+                Tensor::cat(&outs, D::Minus1)
+            }
         }
     }
 
-    /// The rows (`dim` 0, outputs) or columns (`dim` 1, inputs) at `idx`, in that order.
+    /// The rows at `ids` (an embedding lookup), `[ids, in]`.
+    pub fn lookup(&self, ids: &Tensor) -> Result<Tensor> {
+        match self {
+            Weight::Dense(w) => w.index_select(ids, 0),
+            Weight::Quantized(q) => q.rows(ids),
+            Weight::Stacked(_) => self.to_dense()?.index_select(ids, 0),
+        }
+    }
+
+    /// The rows (`dim` 0, outputs) or columns (`dim` 1, inputs) at `idx`, in that order. A
+    /// quantized matrix keeps its codes when rows are chosen; choosing its columns would cut
+    /// through its groups, so it is refused (prune before quantizing).
     pub fn select(&self, dim: usize, idx: &[usize]) -> Result<Weight> {
         match self {
             Weight::Dense(w) => Ok(Weight::Dense(select(w, dim, idx)?)),
+            Weight::Quantized(q) if dim == 0 => Ok(Weight::Quantized(q.select_rows(idx)?)),
+            _ if self.is_dense() => Ok(Weight::Dense(select(&self.to_dense()?, dim, idx)?)),
+            _ => bail!("a quantized matrix cannot be sliced; quantization must be the last stage"),
         }
     }
 
@@ -50,6 +117,29 @@ impl Weight {
     pub fn narrow_rows(&self, start: usize, len: usize) -> Result<Weight> {
         match self {
             Weight::Dense(w) => Ok(Weight::Dense(w.narrow(0, start, len)?)),
+            Weight::Quantized(q) => Ok(Weight::Quantized(
+                q.select_rows(&(start..start + len).collect::<Vec<_>>())?,
+            )),
+            Weight::Stacked(parts) => {
+                let mut kept = Vec::new();
+                let mut first = 0;
+                for part in parts {
+                    let rows = part.dims().0;
+                    let (from, to) = (start.max(first), (start + len).min(first + rows));
+                    if from < to {
+                        kept.push(if to - from == rows {
+                            part.clone()
+                        } else {
+                            part.narrow_rows(from - first, to - from)?
+                        });
+                    }
+                    first += rows;
+                }
+                Ok(match kept.len() {
+                    1 => kept.pop().expect("one part"),
+                    _ => Weight::Stacked(kept),
+                })
+            }
         }
     }
 }
@@ -86,17 +176,23 @@ impl Linear {
         ))
     }
 
-    /// Stacks dense layers along their outputs (fused projections).
+    /// Stacks layers along their outputs (fused projections): one dense matrix when every part
+    /// is dense, otherwise the parts side by side.
     pub fn concat_rows(parts: &[Linear]) -> Result<Self> {
-        let w = parts
-            .iter()
-            .map(|p| p.weight.to_dense())
-            .collect::<Result<Vec<_>>>()?;
         let b: Vec<&Tensor> = parts.iter().map(|p| &p.bias).collect();
-        Ok(Linear::dense(
-            Tensor::cat(&w, 0)?,
-            Tensor::cat(&b, D::Minus1)?,
-        ))
+        let weight = if parts.iter().all(|p| p.weight.is_dense()) {
+            let w = parts
+                .iter()
+                .map(|p| p.weight.to_dense())
+                .collect::<Result<Vec<_>>>()?;
+            Weight::Dense(Tensor::cat(&w, 0)?)
+        } else {
+            Weight::Stacked(parts.iter().map(|p| p.weight.clone()).collect())
+        };
+        Ok(Linear {
+            weight,
+            bias: Tensor::cat(&b, D::Minus1)?,
+        })
     }
 
     /// Applies the layer to `x` of shape `[..., in]` as one 2-D matrix product.

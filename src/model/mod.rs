@@ -5,8 +5,10 @@ pub mod encoder;
 pub mod head;
 pub mod inputs;
 pub mod linear;
+pub mod matrices;
 pub mod names;
 pub mod nn;
+pub mod quant;
 pub mod slice;
 pub mod source;
 pub mod structure;
@@ -76,10 +78,10 @@ impl Model {
     pub fn from_store(config: ModelConfig, store: &WeightStore) -> Result<Self> {
         let h = config.hidden_size;
         let linear = |name: &str, out: usize, inp: usize| -> Result<Linear> {
-            Ok(Linear::dense(
-                store.get(&format!("{name}.weight"), &[out, inp])?,
-                store.get(&format!("{name}.bias"), &[out])?,
-            ))
+            Ok(Linear {
+                weight: store.weight(name, &[out, inp])?,
+                bias: store.get(&format!("{name}.bias"), &[out])?,
+            })
         };
         let norm = |name: &str| -> Result<LayerNorm> {
             Ok(LayerNorm {
@@ -89,7 +91,7 @@ impl Model {
             })
         };
         let embeddings = Embeddings {
-            word: store.get("embeddings.word_embeddings.weight", &[config.vocab_size, h])?,
+            word: store.weight("embeddings.word_embeddings", &[config.vocab_size, h])?,
             position: store.get(
                 "embeddings.position_embeddings.weight",
                 &[config.max_position_embeddings, h],
@@ -264,7 +266,7 @@ impl Model {
     fn tensors(&self) -> Result<Vec<Tensor>> {
         let e = &self.embeddings;
         let mut out = vec![
-            e.word.clone(),
+            e.word.to_dense()?,
             e.position.clone(),
             e.norm.weight.clone(),
             e.norm.bias.clone(),

@@ -55,12 +55,14 @@ pub fn layer(family: Family, i: usize) -> LayerNames {
     }
 }
 
-/// True for tensors of the task head that live outside the base model (`classifier.*`,
-/// `pre_classifier.*`), which carry no base-model prefix.
+/// True for the task head's modules and tensors that live outside the base model
+/// (`classifier`, `classifier.*`, `pre_classifier`, `pre_classifier.*`), which carry no
+/// base-model prefix.
 pub fn is_task_head(name: &str) -> bool {
-    ["classifier.", "pre_classifier."]
-        .iter()
-        .any(|h| name.starts_with(h))
+    ["classifier", "pre_classifier"].iter().any(|h| {
+        name.strip_prefix(h)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
+    })
 }
 
 /// The name as Hugging Face writes it: base-model tensors carry the family prefix.

@@ -8,14 +8,23 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 
+use safetensors::{Dtype, SafeTensors};
+
+use super::linear::Weight;
+use super::quant::{Precision, QuantMatrix};
 use super::source::WEIGHT_FILES;
+use crate::export::compressed::read_codes;
 
 /// Parameter count and bytes of the tensors read, grouped by their dtype on disk.
 pub type DtypeStats = BTreeMap<String, (usize, usize)>;
 
+/// A tensor kept as bytes: integer tensors of quantized modules (candle has no I8).
+type Raw = (Dtype, Vec<usize>, Vec<u8>);
+
 /// All tensors of a checkpoint, looked up by Hugging Face name.
 pub struct WeightStore {
     tensors: HashMap<String, Tensor>,
+    raw: HashMap<String, Raw>,
     file: String,
     prefix: &'static str,
     used: RefCell<DtypeStats>,
@@ -35,9 +44,10 @@ impl WeightStore {
                 WEIGHT_FILES.join(", ")
             );
         };
-        let tensors = read_file(&file)?;
+        let (tensors, raw) = read_file(&file)?;
         Ok(WeightStore {
             tensors,
+            raw,
             file: file.display().to_string(),
             prefix,
             used: RefCell::new(BTreeMap::new()),
@@ -53,6 +63,7 @@ impl WeightStore {
     ) -> Self {
         WeightStore {
             tensors,
+            raw: HashMap::new(),
             file: file.to_string(),
             prefix,
             used: RefCell::new(BTreeMap::new()),
@@ -84,6 +95,48 @@ impl WeightStore {
         entry.1 += t.elem_count() * t.dtype().size_in_bytes();
         t.to_dtype(DType::F32)
             .with_context(|| format!("{}: cannot convert {found} to f32", self.file))
+    }
+
+    /// The weight of module `module` (`[out, in]`): quantized when the checkpoint holds it in the
+    /// compressed-tensors layout, dense otherwise.
+    pub fn weight(&self, module: &str, shape: &[usize]) -> Result<Weight> {
+        let found = candidate_names(self.prefix, module).into_iter().find(|n| {
+            ["weight_packed", "weight_scale"].iter().any(|t| {
+                self.raw.contains_key(&format!("{n}.{t}"))
+                    || self.tensors.contains_key(&format!("{n}.{t}"))
+            })
+        });
+        let Some(full) = found else {
+            return Ok(Weight::Dense(self.get(&format!("{module}.weight"), shape)?));
+        };
+        let get = |name: &str| self.raw.get(name).cloned();
+        let scales = |name: &str| -> Result<Option<Vec<f32>>> {
+            match self.tensors.get(name) {
+                None => Ok(None),
+                Some(t) => Ok(Some(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)),
+            }
+        };
+        let codes = read_codes(&full, get, scales)
+            .with_context(|| format!("{}: quantized module {full}", self.file))?
+            .with_context(|| {
+                format!(
+                    "{}: {full} has a weight_scale but no weight / weight_packed",
+                    self.file
+                )
+            })?;
+        if [codes.rows, codes.cols] != shape {
+            bail!(
+                "{}: {full} is quantized as [{}, {}] but config.json implies {shape:?}; the weights do not match config.json",
+                self.file, codes.rows, codes.cols
+            );
+        }
+        let name = Precision::from(codes.bits).name().to_string();
+        let mut used = self.used.borrow_mut();
+        let entry = used.entry(name).or_insert((0, 0));
+        entry.0 += codes.rows * codes.cols;
+        entry.1 += codes.stored_bytes();
+        drop(used);
+        Ok(Weight::Quantized(QuantMatrix::new(codes)?))
     }
 
     /// Parameters and bytes, by on-disk dtype, of every tensor fetched so far.
@@ -123,7 +176,10 @@ fn candidate_names(prefix: &str, name: &str) -> Vec<String> {
     out
 }
 
-fn read_file(file: &Path) -> Result<HashMap<String, Tensor>> {
+/// Float tensors, and integer tensors as bytes.
+type Contents = (HashMap<String, Tensor>, HashMap<String, Raw>);
+
+fn read_file(file: &Path) -> Result<Contents> {
     let shown = file.display();
     let name = file
         .file_name()
@@ -131,21 +187,42 @@ fn read_file(file: &Path) -> Result<HashMap<String, Tensor>> {
         .unwrap_or_default();
     if name.ends_with(".index.json") {
         let dir = file.parent().unwrap_or(Path::new("."));
-        let mut all = HashMap::new();
+        let (mut all, mut raw) = (HashMap::new(), HashMap::new());
         for shard in shard_files(file)? {
-            all.extend(read_file(&dir.join(&shard))?);
+            let (t, r) = read_file(&dir.join(&shard))?;
+            all.extend(t);
+            raw.extend(r);
         }
-        return Ok(all);
+        return Ok((all, raw));
     }
     if name.ends_with(".bin") {
         let tensors = candle_core::pickle::read_all(file).map_err(|e| {
             anyhow::anyhow!("{shown}: cannot read PyTorch checkpoint ({e}); re-save it with torch.save(state_dict) or as model.safetensors")
         })?;
-        return Ok(tensors.into_iter().collect());
+        return Ok((tensors.into_iter().collect(), HashMap::new()));
     }
-    candle_core::safetensors::load(file, &Device::Cpu).map_err(|e| {
+    let corrupt = |e: &dyn std::fmt::Display| {
         anyhow::anyhow!("{shown}: not a valid safetensors file ({e}); the file is truncated or corrupt, download or export it again")
-    })
+    };
+    let bytes = std::fs::read(file).with_context(|| format!("cannot read {shown}"))?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| corrupt(&e))?;
+    let (mut tensors, mut raw) = (HashMap::new(), HashMap::new());
+    for (name, view) in st.tensors() {
+        let dtype = match view.dtype() {
+            Dtype::F32 => DType::F32,
+            Dtype::F16 => DType::F16,
+            Dtype::BF16 => DType::BF16,
+            Dtype::F64 => DType::F64,
+            other => {
+                raw.insert(name, (other, view.shape().to_vec(), view.data().to_vec()));
+                continue;
+            }
+        };
+        let t = Tensor::from_raw_buffer(view.data(), dtype, view.shape(), &Device::Cpu)
+            .map_err(|e| corrupt(&e))?;
+        tensors.insert(name, t);
+    }
+    Ok((tensors, raw))
 }
 
 /// The distinct shard file names listed in a `model.safetensors.index.json`, sorted.

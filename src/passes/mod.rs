@@ -3,6 +3,8 @@
 //!
 //! 1. [`prune`]: accuracy-driven removal of attention / FFN blocks, heads and FFN neuron groups,
 //!    sliced out of the weights after each level.
+//! 2. [`quantize`]: int8 / int4 / float per weight matrix, uniform or chosen by significance;
+//!    always the last stage (a quantized matrix cannot be sliced).
 //!
 //! A pass only says which changes it proposes (candidates, in significance order) and how an
 //! accepted change is applied. Whether a change is kept is decided by the selection engine
@@ -13,11 +15,15 @@
 
 pub mod journal;
 pub mod prune;
+pub mod quantize;
 pub mod select;
 
 use anyhow::Result;
 use serde_json::Value;
 
+use crate::analyze::elements::Level;
+use crate::analyze::report::{ElementSignificance, Method, Settings};
+use crate::analyze::{analyze, Subject};
 use crate::data::labels::LabelMap;
 use crate::data::splits::Part;
 use crate::data::task::Task;
@@ -47,6 +53,24 @@ pub struct PassOutput {
     pub model: Model,
     /// What the pass did (per level, per element…), as it wants to report it.
     pub details: Value,
+    /// Models the result should be compared with (e.g. uniform quantization), which the
+    /// pipeline evaluates beside it.
+    pub alternatives: Vec<Alternative>,
+}
+
+/// A model a pass's result is compared with.
+pub struct Alternative {
+    /// What it is, e.g. `uniform int8`.
+    pub name: &'static str,
+    /// The model.
+    pub model: Model,
+}
+
+impl Alternative {
+    /// An alternative named `name`.
+    pub fn new(name: &'static str, model: Model) -> Self {
+        Alternative { name, model }
+    }
 }
 
 /// What a pass may use: the selection data, the run's tolerance, the journal and the run's
@@ -81,4 +105,37 @@ impl StageContext<'_> {
             eprintln!("{line}");
         }
     }
+}
+
+/// The significance of every element of `level` in `model`, on the selection split: exact
+/// ablation, with FFN groups of `group_size` neurons pre-ranked by a Taylor estimate (the 8 most
+/// promising per layer are ablated exactly).
+pub fn significance(
+    model: &Model,
+    level: Level,
+    group_size: usize,
+    ctx: &StageContext,
+) -> Result<Vec<ElementSignificance>> {
+    let subject = Subject {
+        model,
+        source: ctx.source,
+        task: ctx.task,
+        labels: ctx.labels,
+    };
+    let settings = Settings {
+        method: Method::Ablation,
+        levels: vec![level],
+        group_size,
+        exact_groups: Some(8),
+        taylor_examples: if level == Level::Groups {
+            512.min(ctx.selection.set.sequences.len())
+        } else {
+            0
+        },
+        batch_size: ctx.batch_size,
+        max_length: ctx.max_length,
+    };
+    let info = ctx.selection.info.clone();
+    let analysis = analyze(&subject, &ctx.selection.set, info, settings, ctx.quiet)?;
+    Ok(analysis.report.elements)
 }

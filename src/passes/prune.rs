@@ -12,11 +12,10 @@ use serde_json::{json, Value};
 
 use super::journal::{Journal, TrialRecord};
 use super::select::{Engine, Rule, Score, Trial};
-use super::{Pass, PassOutput, StageContext};
+use super::{significance, Pass, PassOutput, StageContext};
 use crate::analyze::elements::{Element, Level};
-use crate::analyze::report::{ElementSignificance, Method, Report, Settings};
+use crate::analyze::report::{ElementSignificance, Report};
 use crate::analyze::summary::short_name;
-use crate::analyze::{analyze, Subject};
 use crate::model::slice::LayerKeep;
 use crate::model::Model;
 use crate::progress;
@@ -160,7 +159,7 @@ impl Prune {
             Some(r) => r.elements.clone(),
             None => {
                 ctx.log(&format!("significance of {}", level.name()));
-                self.analyze(model, level, ctx)?
+                significance(model, level, self.settings.group_size, ctx)?
             }
         };
         let set = &ctx.selection.set;
@@ -174,36 +173,6 @@ impl Prune {
             mean_len,
         ))
     }
-
-    fn analyze(
-        &self,
-        model: &Model,
-        level: Level,
-        ctx: &StageContext,
-    ) -> Result<Vec<ElementSignificance>> {
-        let subject = Subject {
-            model,
-            source: ctx.source,
-            task: ctx.task,
-            labels: ctx.labels,
-        };
-        let settings = Settings {
-            method: Method::Ablation,
-            levels: vec![level],
-            group_size: self.settings.group_size,
-            exact_groups: Some(8),
-            taylor_examples: if level == Level::Groups {
-                512.min(ctx.selection.set.sequences.len())
-            } else {
-                0
-            },
-            batch_size: ctx.batch_size,
-            max_length: ctx.max_length,
-        };
-        let info = ctx.selection.info.clone();
-        let analysis = analyze(&subject, &ctx.selection.set, info, settings, ctx.quiet)?;
-        Ok(analysis.report.elements)
-    }
 }
 
 impl Pass for Prune {
@@ -216,6 +185,9 @@ impl Pass for Prune {
     }
 
     fn check_input(&self, model: &Model) -> Result<()> {
+        if model.is_quantized() {
+            bail!("prune: the input is quantized; prune the float model, then quantize (quantization is the last stage)");
+        }
         match (&self.significance, &self.settings.significance) {
             (Some(report), Some(path)) => report.check_model(model, path),
             _ => Ok(()),
@@ -260,6 +232,7 @@ impl Pass for Prune {
         Ok(PassOutput {
             model,
             details: json!({ "levels": outcomes }),
+            alternatives: Vec::new(),
         })
     }
 }
@@ -303,7 +276,7 @@ impl LevelRun {
             }
             *budget -= 1;
             let trial = Trial {
-                layer: e.layer(),
+                layer: Some(e.layer()),
                 model: None,
                 gates: Some(engine.model().gates_for(&tentative)?),
                 label: short_name(e),

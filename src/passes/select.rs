@@ -68,8 +68,9 @@ impl Rule {
 
 /// A tentative change: the accepted model with something changed from layer `layer` on.
 pub struct Trial {
-    /// First layer whose computation differs from the accepted model's.
-    pub layer: usize,
+    /// First layer whose computation differs from the accepted model's; `None` when the
+    /// embeddings differ.
+    pub layer: Option<usize>,
     /// The changed model, or `None` when only the gates change.
     pub model: Option<Model>,
     /// The gates to run with.
@@ -170,8 +171,9 @@ pub struct Engine<'a> {
     gates: Option<Gates>,
     /// `cache[b][l]`: hidden states of batch `b` entering layer `l`.
     cache: Vec<Vec<Tensor>>,
-    /// Layers from which the cache no longer matches the accepted model.
-    stale_from: Option<usize>,
+    /// Where the cache stops matching the accepted model: `Some(None)` from the embeddings on,
+    /// `Some(Some(l))` from layer `l` on, `None` nowhere.
+    stale_from: Option<Option<usize>>,
     score: Score,
     evaluations: usize,
 }
@@ -189,7 +191,7 @@ impl<'a> Engine<'a> {
             model,
             gates: None,
             cache,
-            stale_from: Some(0),
+            stale_from: Some(Some(0)),
             score: Score {
                 loss: f64::NAN,
                 metric: f64::NAN,
@@ -198,7 +200,7 @@ impl<'a> Engine<'a> {
         };
         engine.refresh()?;
         engine.score = engine
-            .evaluate(0, None, None, None)?
+            .evaluate(Some(0), None, None, None)?
             .expect("no early stop");
         Ok(engine)
     }
@@ -269,6 +271,7 @@ impl<'a> Engine<'a> {
         }
         self.gates = trial.gates;
         self.score = score;
+        // `None` (the embeddings) orders before every layer.
         self.stale_from = Some(self.stale_from.map_or(trial.layer, |s| s.min(trial.layer)));
     }
 
@@ -283,6 +286,10 @@ impl<'a> Engine<'a> {
         };
         let last = self.model.num_layers().saturating_sub(1);
         for (batch, cache) in self.data.batches.iter().zip(self.cache.iter_mut()) {
+            if from.is_none() {
+                cache[0] = self.model.embed(&batch.inputs, false)?;
+            }
+            let from = from.unwrap_or(0);
             cache.truncate(from + 1);
             for l in from..last {
                 let next = self
@@ -294,11 +301,12 @@ impl<'a> Engine<'a> {
         Ok(())
     }
 
-    /// Scores `model` (default: the accepted one) run with `gates` from layer `from` on; `None`
-    /// when, under an accuracy metric, the errors made rule out acceptance by `rule`.
+    /// Scores `model` (default: the accepted one) run with `gates` from layer `from` on (from
+    /// the embeddings when `None`); `None` when, under an accuracy metric, the errors made rule
+    /// out acceptance by `rule`.
     fn evaluate(
         &self,
-        from: usize,
+        from: Option<usize>,
         model: Option<&Model>,
         gates: Option<&Gates>,
         rule: Option<Rule>,
@@ -318,7 +326,10 @@ impl<'a> Engine<'a> {
         };
         let mut tally = Tally::new(self.data);
         for (batch, cache) in self.data.batches.iter().zip(&self.cache) {
-            let logits = model.logits_from(&cache[from], &batch.inputs.mask_bias, from, opts)?;
+            let logits = match from {
+                Some(l) => model.logits_from(&cache[l], &batch.inputs.mask_bias, l, opts)?,
+                None => model.forward(&batch.inputs, opts)?,
+            };
             tally.add(&logits.to_vec2()?, &batch.examples);
             if tally.errors > max_errors {
                 return Ok(None);

@@ -30,11 +30,15 @@ use crate::hash::Fnv1a;
 use crate::model::Model;
 use crate::passes::journal::Journal;
 use crate::passes::prune::{Prune, PruneSettings};
+use crate::passes::quantize::{Quantize, QuantizeSettings};
 use crate::passes::select::{Score, SelectionBatches};
-use crate::passes::{Pass, StageContext};
+use crate::passes::{Alternative, Pass, StageContext};
 use crate::setup::TaskSetup;
 use evaluation::{Comparison, Judge};
-use report::{points, BeforeAfter, DataReport, RunReport, StageReport, Timing, ToleranceReport};
+use report::{
+    points, AlternativeReport, BeforeAfter, DataReport, RunReport, StageReport, Timing,
+    ToleranceReport,
+};
 use tolerance::MaxDrop;
 
 /// Dev sentences timed for the latency figures.
@@ -46,6 +50,8 @@ const LATENCY_SAMPLES: usize = 64;
 pub enum StageSpec {
     /// Accuracy-driven pruning of blocks, heads and FFN groups.
     Prune(PruneSettings),
+    /// int8 / int4 / float per weight matrix (the last stage).
+    Quantize(QuantizeSettings),
 }
 
 impl StageSpec {
@@ -56,12 +62,17 @@ impl StageSpec {
                 s.significance = s.significance.map(|p| base.join(p));
                 StageSpec::Prune(s)
             }
+            StageSpec::Quantize(mut s) => {
+                s.significance = s.significance.map(|p| base.join(p));
+                StageSpec::Quantize(s)
+            }
         }
     }
 
     fn build(&self) -> Result<Box<dyn Pass>> {
         match self {
             StageSpec::Prune(settings) => Ok(Box::new(Prune::new(settings.clone())?)),
+            StageSpec::Quantize(settings) => Ok(Box::new(Quantize::new(settings.clone())?)),
         }
     }
 }
@@ -163,12 +174,9 @@ pub fn run(spec: &RunSettings, out: &Output, quiet: bool) -> Result<Finished> {
     // 4. Every stage, on the selection engine.
     let (model, stages) = run.stages(&passes, baseline, &mut journal)?;
     // 5. The original and the compressed model on every split.
-    let judge = Judge {
-        task: spec.task,
-        labels: &setup.labels,
-        batch_size: spec.batch_size,
-    };
-    let evaluation = judge.compare(&setup.model, &model, &splits, test.as_ref())?;
+    let evaluation = run
+        .judge()
+        .compare(&setup.model, &model, &splits, test.as_ref())?;
     // 6. Export with report.json and timing.json; the progress file has served its purpose.
     let prepared = prepare(&model, &history(spec, &setup.model, &passes, &splits))?;
     let report = run.report(&model, &prepared, baseline, stages, evaluation);
@@ -188,6 +196,14 @@ fn build_passes(spec: &RunSettings) -> Result<Vec<Box<dyn Pass>>> {
     }
     if spec.batch_size == 0 {
         bail!("--batch-size must be at least 1");
+    }
+    let last = spec.stages.len() - 1;
+    if let Some(i) = (0..last).find(|&i| matches!(spec.stages[i], StageSpec::Quantize(_))) {
+        bail!(
+            "stage {} is quantize but stage {} follows it; quantization must be the last stage",
+            i + 1,
+            i + 2
+        );
     }
     spec.stages.iter().map(StageSpec::build).collect()
 }
@@ -258,14 +274,51 @@ impl Run<'_> {
                 selection_after: after,
                 spent_points: points(before.metric, after.metric),
                 details: out.details,
+                alternatives: self.alternatives(&out.alternatives)?,
             });
             before = after;
+        }
+        if let Some(floor) = self.floor.filter(|&f| before.metric < f) {
+            self.log(&format!(
+                "warning: the selection {} {:.4} is below the floor {floor:.4}: a uniform stage takes no decisions; use --bits mixed or a larger --max-drop",
+                self.batches.metric, before.metric
+            ));
         }
         Ok((model, reports))
     }
 }
 
 impl Run<'_> {
+    /// Evaluates a stage's alternatives against the original model, like the result.
+    fn alternatives(&self, alternatives: &[Alternative]) -> Result<Vec<AlternativeReport>> {
+        let judge = self.judge();
+        alternatives
+            .iter()
+            .map(|a| {
+                self.log(&format!("evaluating the alternative: {}", a.name));
+                Ok(AlternativeReport {
+                    name: a.name,
+                    weights_bytes: prepare(&a.model, &[])?.weights.len() as u64,
+                    evaluation: judge.compare(&self.setup.model, &a.model, self.splits, None)?,
+                })
+            })
+            .collect()
+    }
+
+    fn judge(&self) -> Judge<'_> {
+        Judge {
+            task: self.spec.task,
+            labels: &self.setup.labels,
+            batch_size: self.spec.batch_size,
+        }
+    }
+
+    fn log(&self, line: &str) {
+        if !self.quiet {
+            eprintln!("{line}");
+        }
+    }
+
     /// The report of the run, from what every step produced.
     fn report(
         &self,

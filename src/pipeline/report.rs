@@ -91,6 +91,20 @@ pub struct StageReport {
     pub spent_points: f64,
     /// The pass's own report.
     pub details: Value,
+    /// The models the pass compares its result with, evaluated like the result.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub alternatives: Vec<AlternativeReport>,
+}
+
+/// A model a stage's result is compared with (e.g. uniform int8 beside mixed precision).
+#[derive(Debug, Clone, Serialize)]
+pub struct AlternativeReport {
+    /// What it is.
+    pub name: &'static str,
+    /// Bytes of its `model.safetensors`.
+    pub weights_bytes: u64,
+    /// The original model (`before`) against this alternative (`after`) on every split.
+    pub evaluation: Vec<Comparison>,
 }
 
 /// A quantity before and after the run.
@@ -201,7 +215,7 @@ fn render_tolerance(s: &mut String, report: &RunReport) {
     let t = &report.tolerance;
     let allowed = match (t.max_drop, t.floor) {
         (Some(d), Some(f)) => format!("max drop {d} (selection floor {f:.4})"),
-        _ => "no drop allowed (accuracy mode)".to_string(),
+        _ => "no --max-drop (accuracy mode decides by no drop; uniform quantization takes no decisions)".to_string(),
     };
     let _ = writeln!(
         s,

@@ -4,7 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use axcompress::model::inputs::Inputs;
+use axcompress::model::inputs::{Inputs, Sequence};
+use axcompress::model::tokenizer::TextEncoder;
 use axcompress::model::Model;
 use serde_json::Value;
 
@@ -117,6 +118,23 @@ pub fn reference_inputs(model: &Model, reference: &Value) -> Inputs {
         types.concat(),
     )
     .unwrap()
+}
+
+/// The first `n` SST-2 dev sentences, tokenized for `model` (at most 64 tokens) as one batch.
+pub fn sst2_dev_inputs(shared: &Path, model: &Model, n: usize) -> Inputs {
+    let text = std::fs::read_to_string(shared.join("data/glue/SST-2/dev.tsv")).unwrap();
+    let sentences: Vec<(String, Option<String>)> = text
+        .lines()
+        .skip(1)
+        .take(n)
+        .map(|l| (l.split('\t').next().unwrap().to_string(), None))
+        .collect();
+    let seqs = TextEncoder::load(&model.dir, 64)
+        .unwrap()
+        .encode(&sentences)
+        .unwrap();
+    let refs: Vec<&Sequence> = seqs.iter().collect();
+    Inputs::from_sequences(&model.config, &refs).unwrap()
 }
 
 /// Flattens nested JSON number arrays.

@@ -4,7 +4,9 @@
 //! temporary directory beside the destination and renamed into place; files get the usual
 //! permissions (the process umask), so other users and CI jobs can read them.
 
-use std::collections::HashMap;
+pub mod compressed;
+
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -12,9 +14,12 @@ use candle_core::{DType, Tensor};
 use serde_json::{json, Value};
 
 use crate::model::config::Family;
-use crate::model::linear::Linear;
+use crate::model::linear::{Linear, Weight};
 use crate::model::names::{self, full_name};
+use crate::model::nn::LayerNorm;
+use crate::model::quant::Bits;
 use crate::model::Model;
+use compressed::{quantization_config, quantized_entries, Stored};
 
 /// Tokenizer and auxiliary files copied from the source model when present.
 const TOKENIZER_FILES: [&str; 6] = [
@@ -58,81 +63,127 @@ pub fn compatibility(model: &Model) -> Compatibility {
     }
 }
 
-/// The model's tensors under Hugging Face names, in `dtype`. With `renumber`, removed layers are
-/// skipped and the remaining ones numbered consecutively (for stock configs).
-pub fn hf_tensors(model: &Model, renumber: bool, dtype: DType) -> Result<HashMap<String, Tensor>> {
-    let family = model.config.family;
-    let mut out = HashMap::new();
-    let mut put = |name: String, t: &Tensor| -> Result<()> {
-        let t = t.to_dtype(dtype)?.contiguous()?;
-        out.insert(full_name(family, &name), t);
-        Ok(())
-    };
-    let e = &model.embeddings;
-    put("embeddings.word_embeddings.weight".into(), &e.word)?;
-    put("embeddings.position_embeddings.weight".into(), &e.position)?;
-    if let Some(t) = &e.token_type {
-        put("embeddings.token_type_embeddings.weight".into(), t)?;
-    }
-    put("embeddings.LayerNorm.weight".into(), &e.norm.weight)?;
-    put("embeddings.LayerNorm.bias".into(), &e.norm.bias)?;
-    let present = model
-        .layers
-        .iter()
-        .enumerate()
-        .filter(|(_, l)| !renumber || l.attention.is_some() || l.ffn.is_some());
-    for (index, (original, layer)) in present.enumerate() {
-        let n = names::layer(family, if renumber { index } else { original });
-        if let Some(att) = &layer.attention {
-            if !att.heads.is_empty() {
-                let width = att.heads.len() * att.head_size;
-                for (part, name) in n.qkv.iter().enumerate() {
-                    put_linear(&mut put, name, &att.qkv.narrow_rows(part * width, width)?)?;
-                }
-                put(
-                    format!("{}.weight", n.attention_output),
-                    &att.output.weight.to_dense()?,
-                )?;
-            }
-            put(format!("{}.bias", n.attention_output), &att.output.bias)?;
-            put(format!("{}.weight", n.attention_norm), &att.norm.weight)?;
-            put(format!("{}.bias", n.attention_norm), &att.norm.bias)?;
-        }
-        if let Some(ffn) = &layer.ffn {
-            if ffn.width() > 0 {
-                put_linear(&mut put, &n.intermediate, &ffn.intermediate)?;
-                put(
-                    format!("{}.weight", n.ffn_output),
-                    &ffn.output.weight.to_dense()?,
-                )?;
-            }
-            put(format!("{}.bias", n.ffn_output), &ffn.output.bias)?;
-            put(format!("{}.weight", n.ffn_norm), &ffn.norm.weight)?;
-            put(format!("{}.bias", n.ffn_norm), &ffn.norm.bias)?;
-        }
-    }
-    let (dense, head_out) = crate::model::head::ClassifierHead::tensor_names(family);
-    put_linear(&mut put, dense, &model.head.dense)?;
-    put_linear(&mut put, head_out, &model.head.out)?;
-    Ok(out)
+/// The model's tensors under Hugging Face names, floats in `dtype`, quantized matrices in the
+/// compressed-tensors layout, with the precision of every module.
+pub struct HfTensors {
+    /// Tensors by full Hugging Face name.
+    pub tensors: BTreeMap<String, Stored>,
+    /// Quantized modules (full names) by precision.
+    pub quantized: BTreeMap<Bits, Vec<String>>,
+    /// Modules with a weight matrix left float (full names).
+    pub float: Vec<String>,
+    family: Family,
+    dtype: DType,
 }
 
-fn put_linear(
-    put: &mut impl FnMut(String, &Tensor) -> Result<()>,
-    name: &str,
-    lin: &Linear,
-) -> Result<()> {
-    put(format!("{name}.weight"), &lin.weight.to_dense()?)?;
-    put(format!("{name}.bias"), &lin.bias)
+impl HfTensors {
+    /// Collects `model`'s tensors. With `renumber`, removed layers are skipped and the remaining
+    /// ones numbered consecutively (for stock configs).
+    pub fn new(model: &Model, renumber: bool, dtype: DType) -> Result<Self> {
+        let mut out = HfTensors {
+            tensors: BTreeMap::new(),
+            quantized: BTreeMap::new(),
+            float: Vec::new(),
+            family: model.config.family,
+            dtype,
+        };
+        let e = &model.embeddings;
+        out.weight("embeddings.word_embeddings", &e.word)?;
+        out.float("embeddings.position_embeddings.weight", &e.position)?;
+        if let Some(t) = &e.token_type {
+            out.float("embeddings.token_type_embeddings.weight", t)?;
+        }
+        out.norm("embeddings.LayerNorm", &e.norm)?;
+        let present = model
+            .layers
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| !renumber || l.attention.is_some() || l.ffn.is_some());
+        for (index, (original, layer)) in present.enumerate() {
+            let n = names::layer(out.family, if renumber { index } else { original });
+            if let Some(att) = &layer.attention {
+                if !att.heads.is_empty() {
+                    let width = att.heads.len() * att.head_size;
+                    for (part, name) in n.qkv.iter().enumerate() {
+                        out.linear(name, &att.qkv.narrow_rows(part * width, width)?)?;
+                    }
+                    out.weight(&n.attention_output, &att.output.weight)?;
+                }
+                out.float(&format!("{}.bias", n.attention_output), &att.output.bias)?;
+                out.norm(&n.attention_norm, &att.norm)?;
+            }
+            if let Some(ffn) = &layer.ffn {
+                if ffn.width() > 0 {
+                    out.linear(&n.intermediate, &ffn.intermediate)?;
+                    out.weight(&n.ffn_output, &ffn.output.weight)?;
+                }
+                out.float(&format!("{}.bias", n.ffn_output), &ffn.output.bias)?;
+                out.norm(&n.ffn_norm, &ffn.norm)?;
+            }
+        }
+        let (dense, head_out) = crate::model::head::ClassifierHead::tensor_names(out.family);
+        out.linear(dense, &model.head.dense)?;
+        out.linear(head_out, &model.head.out)?;
+        Ok(out)
+    }
+
+    fn float(&mut self, name: &str, t: &Tensor) -> Result<()> {
+        let stored = Stored::float(t, self.dtype)?;
+        self.tensors.insert(full_name(self.family, name), stored);
+        Ok(())
+    }
+
+    fn norm(&mut self, module: &str, norm: &LayerNorm) -> Result<()> {
+        self.float(&format!("{module}.weight"), &norm.weight)?;
+        self.float(&format!("{module}.bias"), &norm.bias)
+    }
+
+    fn linear(&mut self, module: &str, lin: &Linear) -> Result<()> {
+        self.weight(module, &lin.weight)?;
+        self.float(&format!("{module}.bias"), &lin.bias)
+    }
+
+    /// The weight matrix of `module`: float, or its compressed-tensors tensors.
+    fn weight(&mut self, module: &str, w: &Weight) -> Result<()> {
+        let full = full_name(self.family, module);
+        match w {
+            Weight::Quantized(q) => {
+                self.tensors.extend(quantized_entries(&full, &q.codes));
+                self.quantized.entry(q.bits()).or_default().push(full);
+                Ok(())
+            }
+            _ if w.is_dense() => {
+                self.float.push(full);
+                self.float(&format!("{module}.weight"), &w.to_dense()?)
+            }
+            _ => bail!(
+                "{full}: one module holds parts of different precisions; it cannot be exported"
+            ),
+        }
+    }
+
+    /// `config.json`'s `quantization_config`, when anything is quantized.
+    pub fn quantization_config(&self) -> Option<Value> {
+        (!self.quantized.is_empty()).then(|| quantization_config(&self.quantized, &self.float))
+    }
 }
 
 /// `config.json` for the exported model: the source config with the sizes updated, plus an
 /// `axcompress` section (per-layer structure unless the result is stock-expressible, history of
 /// passes, and the compatibility verdict).
-pub fn config_json(model: &Model, history: &[Value], compat: &Compatibility) -> Value {
+pub fn config_json(
+    model: &Model,
+    history: &[Value],
+    compat: &Compatibility,
+    quantization: Option<Value>,
+) -> Value {
     let mut config = model.config.raw.clone();
     let s = &model.config.structure;
     let obj = config.as_object_mut().expect("config.json is an object");
+    match quantization {
+        Some(q) => obj.insert("quantization_config".into(), q),
+        None => obj.remove("quantization_config"),
+    };
     let mut section = json!({
         "version": 1,
         "hf_compatible": compat.hf_compatible,
@@ -236,11 +287,12 @@ pub struct Prepared {
 /// Serialises `model` (weights in its checkpoint's float dtype) with the pass `history`.
 pub fn prepare(model: &Model, history: &[Value]) -> Result<Prepared> {
     let compat = compatibility(model);
-    let tensors = hf_tensors(model, compat.hf_compatible, model.storage_dtype)?;
-    let weights = safetensors::serialize(&tensors, None).context("cannot serialise the weights")?;
+    let tensors = HfTensors::new(model, compat.hf_compatible, model.storage_dtype)?;
+    let weights =
+        safetensors::serialize(&tensors.tensors, None).context("cannot serialise the weights")?;
     Ok(Prepared {
         weights,
-        config: config_json(model, history, &compat),
+        config: config_json(model, history, &compat, tensors.quantization_config()),
         compat,
         source_dir: model.dir.clone(),
     })

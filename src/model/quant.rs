@@ -1,0 +1,466 @@
+//! Group-wise symmetric integer quantization of a weight matrix, and running it quantized.
+//!
+//! A matrix `[rows, cols]` is cut into groups of consecutive entries along a row (the input
+//! dimension of a linear layer); each group has one fp16 scale `s` and integer codes `q`, and
+//! stands for `q · s`. int4 uses groups of [`GROUP`] entries, codes in `-8..=7`; int8 uses one
+//! group per row (a per-channel scale), codes in `-128..=127`: 32-entry groups would cost int8
+//! 0.5 bit per weight more, 6 % of its size, for precision it does not need. The scale maps the
+//! group's largest magnitude exactly onto the end of the range on its own side (`-8` for a
+//! negative extreme, `+7` for a positive one at 4 bits), so no code is ever clamped.
+//!
+//! The codes run in candle's (ggml's) `Q8_0` and `Q4_0` blocks: 32 values along the inner
+//! dimension with one fp16 scale, `Q8_0` holding the codes as `i8` and `Q4_0` holding `code + 8`
+//! as nibbles (entry `j` in the low nibble of byte `j`, entry `j + 16` in the high one). A row
+//! scale is repeated in each of the row's blocks, so a matrix becomes a `QTensor` without
+//! rounding again.
+//!
+//! candle-transformers' `quantized_nn::Linear` and `quantized_var_builder` are not used: they
+//! load GGUF files and quantize with ggml's own rounding, while our codes come from
+//! compressed-tensors safetensors or from this module, and a layer must also be able to run the
+//! dequantized matrix instead (see [`Execution`]).
+
+use std::borrow::Cow;
+use std::sync::{Arc, OnceLock};
+
+use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
+use candle_core::{bail, Device, Module, Result, Tensor};
+use half::f16;
+use serde::{Deserialize, Serialize};
+
+/// Entries per quantization group (along the input dimension), each with one fp16 scale.
+pub const GROUP: usize = 32;
+
+/// An integer precision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Bits {
+    /// 8-bit codes, `-128..=127`.
+    Int8,
+    /// 4-bit codes, `-8..=7`.
+    Int4,
+}
+
+impl Bits {
+    /// Number of bits per code.
+    pub fn count(self) -> usize {
+        match self {
+            Bits::Int8 => 8,
+            Bits::Int4 => 4,
+        }
+    }
+
+    /// The candle block type holding these codes.
+    fn ggml(self) -> GgmlDType {
+        match self {
+            Bits::Int8 => GgmlDType::Q8_0,
+            Bits::Int4 => GgmlDType::Q4_0,
+        }
+    }
+
+    /// candle's name of the block type, `Q8_0` or `Q4_0`.
+    pub fn kernel_name(self) -> &'static str {
+        match self {
+            Bits::Int8 => "Q8_0",
+            Bits::Int4 => "Q4_0",
+        }
+    }
+
+    /// Entries sharing one scale in a matrix with `cols` columns: a row at int8, [`GROUP`] at
+    /// int4.
+    pub fn group(self, cols: usize) -> usize {
+        match self {
+            Bits::Int8 => cols,
+            Bits::Int4 => GROUP,
+        }
+    }
+
+    /// Smallest and largest code.
+    fn range(self) -> (i32, i32) {
+        let half = 1i32 << (self.count() - 1);
+        (-half, half - 1)
+    }
+
+    /// Bytes a `[rows, cols]` matrix takes on disk: codes plus one fp16 scale per group.
+    pub fn stored_bytes(self, rows: usize, cols: usize) -> usize {
+        rows * cols * self.count() / 8 + rows * (cols / self.group(cols)) * 2
+    }
+}
+
+/// The precision of a weight matrix as reports and `inspect` show it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// A float matrix (the checkpoint's dtype on disk, f32 at run time).
+    Float,
+    /// int8 codes.
+    Int8,
+    /// int4 codes.
+    Int4,
+    /// Parts with different precisions (a fused projection).
+    Mixed,
+}
+
+impl Precision {
+    /// Lower-case name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Float => "float",
+            Precision::Int8 => "int8",
+            Precision::Int4 => "int4",
+            Precision::Mixed => "mixed",
+        }
+    }
+}
+
+impl From<Bits> for Precision {
+    fn from(bits: Bits) -> Self {
+        match bits {
+            Bits::Int8 => Precision::Int8,
+            Bits::Int4 => Precision::Int4,
+        }
+    }
+}
+
+/// Why a matrix cannot be quantized group-wise, if it cannot.
+pub fn unquantizable(cols: usize) -> Option<String> {
+    (!cols.is_multiple_of(GROUP) || cols == 0).then(|| {
+        format!("input dimension {cols} is not a positive multiple of the group size {GROUP}")
+    })
+}
+
+/// Integer codes and per-group scales of a `[rows, cols]` matrix, row-major.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Codes {
+    /// Precision.
+    pub bits: Bits,
+    /// Rows (outputs).
+    pub rows: usize,
+    /// Columns (inputs); a multiple of [`GROUP`].
+    pub cols: usize,
+    /// Entries per scale along a row ([`Bits::group`]).
+    pub group: usize,
+    /// One code per entry, row-major.
+    pub codes: Vec<i8>,
+    /// One scale per group, row-major (`rows × cols / group`).
+    pub scales: Vec<f16>,
+}
+
+impl Codes {
+    /// Quantizes a row-major `[rows, cols]` matrix.
+    pub fn quantize(values: &[f32], rows: usize, cols: usize, bits: Bits) -> Result<Self> {
+        if let Some(why) = unquantizable(cols) {
+            bail!("cannot quantize a [{rows}, {cols}] matrix: {why}");
+        }
+        let (low, high) = bits.range();
+        let size = bits.group(cols);
+        let mut codes = Vec::with_capacity(values.len());
+        let mut scales = Vec::with_capacity(values.len() / size);
+        for group in values.chunks(size) {
+            let extreme = group
+                .iter()
+                .copied()
+                .fold(0f32, |m, v| if v.abs() > m.abs() { v } else { m });
+            let steps = if extreme < 0.0 { -low } else { high };
+            let scale = f16::from_f32(extreme.abs() / steps as f32);
+            let s = scale.to_f32();
+            codes.extend(group.iter().map(|&v| {
+                let q = if s > 0.0 { (v / s).round() as i32 } else { 0 };
+                q.clamp(low, high) as i8
+            }));
+            scales.push(scale);
+        }
+        Ok(Codes {
+            bits,
+            rows,
+            cols,
+            group: size,
+            codes,
+            scales,
+        })
+    }
+
+    /// Bytes on disk: the codes at their width and an fp16 scale per group.
+    pub fn stored_bytes(&self) -> usize {
+        self.codes.len() * self.bits.count() / 8 + self.scales.len() * 2
+    }
+
+    /// Quantizes a 2-D tensor.
+    pub fn from_tensor(t: &Tensor, bits: Bits) -> Result<Self> {
+        let (rows, cols) = t.dims2()?;
+        let values = t.flatten_all()?.to_vec1::<f32>()?;
+        Self::quantize(&values, rows, cols, bits)
+    }
+
+    /// The values the codes stand for, row-major.
+    pub fn dequantize(&self) -> Vec<f32> {
+        self.codes
+            .chunks(self.group)
+            .zip(&self.scales)
+            .flat_map(|(group, s)| group.iter().map(move |&q| f32::from(q) * s.to_f32()))
+            .collect()
+    }
+
+    /// The codes in candle's block layout (`Q8_0` or `Q4_0`), each block carrying its group's
+    /// scale.
+    pub fn to_blocks(&self) -> Vec<u8> {
+        let blocks = self.codes.len() / GROUP;
+        let mut out = Vec::with_capacity(blocks * (2 + GROUP * self.bits.count() / 8));
+        for (b, group) in self.codes.chunks(GROUP).enumerate() {
+            out.extend(self.scales[b * GROUP / self.group].to_le_bytes());
+            match self.bits {
+                Bits::Int8 => out.extend(group.iter().map(|&q| q as u8)),
+                Bits::Int4 => {
+                    let (low, high) = group.split_at(GROUP / 2);
+                    out.extend(
+                        low.iter()
+                            .zip(high)
+                            .map(|(&a, &b)| nibble(a) | nibble(b) << 4),
+                    );
+                }
+            }
+        }
+        out
+    }
+
+    /// Only the rows at `idx`, in that order.
+    pub fn select_rows(&self, idx: &[usize]) -> Codes {
+        let groups = self.cols / self.group;
+        Codes {
+            bits: self.bits,
+            rows: idx.len(),
+            cols: self.cols,
+            group: self.group,
+            codes: idx
+                .iter()
+                .flat_map(|&r| &self.codes[r * self.cols..(r + 1) * self.cols])
+                .copied()
+                .collect(),
+            scales: idx
+                .iter()
+                .flat_map(|&r| &self.scales[r * groups..(r + 1) * groups])
+                .copied()
+                .collect(),
+        }
+    }
+}
+
+/// A 4-bit code as the unsigned nibble `Q4_0` stores.
+fn nibble(q: i8) -> u8 {
+    (q + 8) as u8 & 0x0f
+}
+
+/// How a quantized matrix is multiplied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Execution {
+    /// candle's quantized kernels (`Q8_0` / `Q4_0`): the activations are rounded to 8 bits too.
+    Kernel,
+    /// The matrix dequantized to f32 once, multiplied densely.
+    Dequantized,
+}
+
+/// The process-wide choice, set once from the command line (`--execution`).
+static EXECUTION: OnceLock<Execution> = OnceLock::new();
+
+impl Execution {
+    /// Sets how every quantized matrix loaded or built from now on runs (first call wins).
+    pub fn set_default(execution: Execution) {
+        let _ = EXECUTION.set(execution);
+    }
+
+    /// How quantized matrices run unless `--execution` says otherwise: dequantized. On this
+    /// project's AVX2 machines candle 0.11's `Q8_0` and `Q4_0` kernels were 2.5–7× slower than
+    /// its f32 matrix product at every MiniLM shape, with 25 or 800 rows
+    /// (`cargo bench --bench kernels` measures it), so the codes are a storage format here:
+    /// files get smaller, inference does not get faster.
+    pub fn default_choice() -> Execution {
+        *EXECUTION.get().unwrap_or(&Execution::Dequantized)
+    }
+}
+
+/// A quantized weight matrix `[rows, cols]`, ready to multiply.
+#[derive(Debug, Clone)]
+pub struct QuantMatrix {
+    /// The codes and scales (what export writes).
+    pub codes: Arc<Codes>,
+    /// How it runs.
+    pub execution: Execution,
+    kernel: Kernel,
+}
+
+#[derive(Debug, Clone)]
+enum Kernel {
+    Quantized(QMatMul, Arc<QTensor>),
+    Dense(Tensor),
+}
+
+impl QuantMatrix {
+    /// Builds the runnable matrix from its codes, executed as [`Execution::default_choice`] says.
+    pub fn new(codes: Codes) -> Result<Self> {
+        Self::with_execution(codes, Execution::default_choice())
+    }
+
+    /// Builds the runnable matrix from its codes, executed as `execution` says.
+    pub fn with_execution(codes: Codes, execution: Execution) -> Result<Self> {
+        let kernel = match execution {
+            Execution::Kernel => {
+                let q = Arc::new(to_qtensor(&codes)?);
+                Kernel::Quantized(QMatMul::from_arc(q.clone())?, q)
+            }
+            Execution::Dequantized => Kernel::Dense(Tensor::from_vec(
+                codes.dequantize(),
+                (codes.rows, codes.cols),
+                &Device::Cpu,
+            )?),
+        };
+        Ok(QuantMatrix {
+            codes: Arc::new(codes),
+            execution,
+            kernel,
+        })
+    }
+
+    /// Quantizes a dense `[rows, cols]` tensor.
+    pub fn quantize(t: &Tensor, bits: Bits) -> Result<Self> {
+        Self::new(Codes::from_tensor(t, bits)?)
+    }
+
+    /// `(rows, cols)`.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.codes.rows, self.codes.cols)
+    }
+
+    /// Precision.
+    pub fn bits(&self) -> Bits {
+        self.codes.bits
+    }
+
+    /// The dequantized matrix, f32 `[rows, cols]`.
+    pub fn dequantize(&self) -> Result<Tensor> {
+        match &self.kernel {
+            Kernel::Dense(t) => Ok(t.clone()),
+            Kernel::Quantized(_, q) => q.dequantize(&Device::Cpu),
+        }
+    }
+
+    /// `x Mᵀ` for `x` of shape `[n, cols]`.
+    pub fn matmul_t(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.kernel {
+            Kernel::Quantized(m, _) => m.forward(&x.contiguous()?),
+            Kernel::Dense(t) => x.matmul(&t.t()?),
+        }
+    }
+
+    /// The rows at `ids` (an embedding lookup), f32 `[ids, cols]`, dequantized per row.
+    pub fn rows(&self, ids: &Tensor) -> Result<Tensor> {
+        match &self.kernel {
+            Kernel::Quantized(_, q) => q.embedding(ids),
+            Kernel::Dense(t) => t.index_select(ids, 0),
+        }
+    }
+
+    /// Only the rows at `idx`, same precision and execution, without rounding again.
+    pub fn select_rows(&self, idx: &[usize]) -> Result<Self> {
+        Self::with_execution(self.codes.select_rows(idx), self.execution)
+    }
+}
+
+/// The codes as a candle `QTensor` (no rounding: the blocks are the codes).
+fn to_qtensor(codes: &Codes) -> Result<QTensor> {
+    // The bytes come from a fresh Vec<u8>; the allocator aligns it beyond the 2 bytes the blocks
+    // need (candle asserts it).
+    let storage = QStorage::from_data(
+        Cow::Owned(codes.to_blocks()),
+        &Device::Cpu,
+        codes.bits.ggml(),
+    )?;
+    QTensor::new(storage, (codes.rows, codes.cols))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(rows: usize, cols: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
+        (0..rows * cols)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s as f32 / u32::MAX as f32 - 0.5) * 0.2
+            })
+            .collect()
+    }
+
+    #[test]
+    fn codes_stay_in_range_and_the_extreme_is_exact() {
+        for bits in [Bits::Int8, Bits::Int4] {
+            let mut v = sample(3, 64, 7);
+            v[5] = -0.5;
+            v[104] = 0.4;
+            let c = Codes::quantize(&v, 3, 64, bits).unwrap();
+            let (low, high) = bits.range();
+            assert!(c
+                .codes
+                .iter()
+                .all(|&q| (low..=high).contains(&i32::from(q))));
+            assert_eq!(
+                c.codes[5] as i32, low,
+                "{bits:?}: negative extreme maps to the low end"
+            );
+            assert_eq!(
+                c.codes[104] as i32, high,
+                "{bits:?}: positive extreme maps to the high end"
+            );
+            let d = c.dequantize();
+            for (g, (x, y)) in v.iter().zip(&d).enumerate() {
+                let s = c.scales[g / c.group].to_f32();
+                assert!(
+                    (x - y).abs() <= s / 2.0 + 1e-7,
+                    "{bits:?} entry {g}: {x} vs {y}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn blocks_are_candles_layout_and_dequantize_identically() {
+        for bits in [Bits::Int8, Bits::Int4] {
+            let v = sample(4, 96, 3);
+            let c = Codes::quantize(&v, 4, 96, bits).unwrap();
+            let blocks = c.to_blocks();
+            assert_eq!(
+                blocks.len(),
+                4 * 96 / GROUP * (2 + GROUP * bits.count() / 8)
+            );
+            let q = to_qtensor(&c).unwrap();
+            assert_eq!(q.data().unwrap().as_ref(), blocks.as_slice(), "{bits:?}");
+            let candle: Vec<f32> = q
+                .dequantize(&Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert_eq!(candle, c.dequantize(), "{bits:?}: no rounding again");
+        }
+    }
+
+    #[test]
+    fn selected_rows_keep_their_codes() {
+        let c = Codes::quantize(&sample(5, 32, 1), 5, 32, Bits::Int4).unwrap();
+        let s = c.select_rows(&[4, 1]);
+        assert_eq!(s.codes[..32], c.codes[128..160]);
+        assert_eq!(s.scales, vec![c.scales[4], c.scales[1]]);
+        assert_eq!(Bits::Int8.stored_bytes(5, 64), 5 * 64 + 5 * 2);
+        assert_eq!(Bits::Int4.stored_bytes(5, 64), 5 * 32 + 5 * 2 * 2);
+    }
+
+    #[test]
+    fn refuses_inner_dimensions_off_the_group_size() {
+        assert!(unquantizable(384).is_none());
+        let err = Codes::quantize(&[0.0; 40], 2, 20, Bits::Int8).unwrap_err();
+        assert!(err.to_string().contains("not a positive multiple"), "{err}");
+    }
+}

@@ -1,0 +1,369 @@
+//! Quantization: int8 / int4 exports in the compressed-tensors layout, what loading them runs,
+//! the quantized kernels against the float model with the dequantized weights, the mixed search
+//! within the tolerance, and quantization as the last stage.
+
+mod common;
+
+use std::path::Path;
+
+use axcompress::model::encoder::RunOptions;
+use axcompress::model::linear::Weight;
+use axcompress::model::quant::{Bits, Codes, Execution, QuantMatrix, GROUP};
+use axcompress::model::Model;
+use candle_core::Tensor;
+use common::read_json;
+use serde_json::Value;
+
+fn values(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1().unwrap()
+}
+
+/// `quantize` on `model` with small SST-2 data and `extra` flags; the report.
+fn quantize(model: &Path, data: &Path, out: &Path, extra: &[&str]) -> Value {
+    let mut args = vec![
+        "quantize",
+        "--model",
+        model.to_str().unwrap(),
+        "--task",
+        "sst2",
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--json",
+        "-q",
+    ];
+    args.extend_from_slice(extra);
+    common::json_stdout(&common::run(&args))
+}
+
+fn dev_after(report: &Value) -> Value {
+    report["evaluation"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["split"] == "dev")
+        .unwrap()["after"]["metrics"]
+        .clone()
+}
+
+/// Tensor names and dtypes of a safetensors file.
+fn dtypes(path: &Path) -> Vec<(String, String)> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut out: Vec<(String, String)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n, format!("{:?}", v.dtype())))
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
+fn uniform_int8_export_is_compressed_tensors_and_reloads_to_the_same_bytes_and_outputs() {
+    let shared = fixtures_or_skip!();
+    let source = shared.join("models/minilm-l6-sst2");
+    let data = common::small_glue(&shared, "SST-2", 40);
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("int8");
+    let report = quantize(&source, data.path(), &out, &["--bits", "8"]);
+    let w = &report["weights_bytes"];
+    let ratio = w["after"].as_f64().unwrap() / w["before"].as_f64().unwrap();
+    assert!(ratio <= 0.26, "int8 weights are {ratio} of fp32");
+    let names = dtypes(&out.join("model.safetensors"));
+    let dtype_of = |n: &str| names.iter().find(|(k, _)| k == n).map(|(_, d)| d.clone());
+    let q = "bert.encoder.layer.0.attention.self.query";
+    assert_eq!(dtype_of(&format!("{q}.weight")).as_deref(), Some("I8"));
+    assert_eq!(
+        dtype_of(&format!("{q}.weight_scale")).as_deref(),
+        Some("F16")
+    );
+    assert_eq!(dtype_of(&format!("{q}.bias")).as_deref(), Some("F32"));
+    assert_eq!(
+        dtype_of("bert.embeddings.word_embeddings.weight").as_deref(),
+        Some("I8")
+    );
+    let config = read_json(&out.join("config.json"));
+    let qc = &config["quantization_config"];
+    assert_eq!(qc["quant_method"], "compressed-tensors");
+    assert_eq!(qc["quantization_status"], "compressed");
+    let targets = qc["config_groups"]["group_0"]["targets"]
+        .as_array()
+        .unwrap();
+    assert!(targets.contains(&Value::from(q)), "{qc}");
+    assert_eq!(qc["config_groups"]["group_0"]["weights"]["num_bits"], 8);
+
+    // eval loads it and gets the reported dev metric.
+    let eval = common::eval_json(&out, "sst2", data.path());
+    assert_eq!(eval["metrics"], dev_after(&report));
+
+    // Loading and exporting again writes the same bytes; outputs are identical.
+    let loaded = Model::from_dir(&out).unwrap();
+    assert!(loaded.is_quantized());
+    let again = axcompress::export::prepare(&loaded, &[]).unwrap();
+    assert_eq!(
+        again.weights,
+        std::fs::read(out.join("model.safetensors")).unwrap()
+    );
+    let inputs = common::sst2_dev_inputs(&shared, &loaded, 16);
+    let reloaded = Model::from_dir(&out).unwrap();
+    let a = loaded.forward(&inputs, RunOptions::default()).unwrap();
+    let b = reloaded.forward(&inputs, RunOptions::default()).unwrap();
+    assert_eq!(values(&a), values(&b));
+}
+
+#[test]
+#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
+fn int4_codes_survive_export_and_load() {
+    let shared = fixtures_or_skip!();
+    let source = shared.join("models/minilm-l6-sst2");
+    let data = common::small_glue(&shared, "SST-2", 24);
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("int4");
+    let report = quantize(&source, data.path(), &out, &["--bits", "4"]);
+    let names = dtypes(&out.join("model.safetensors"));
+    let k = "bert.encoder.layer.2.intermediate.dense";
+    for (suffix, dtype) in [
+        ("weight_packed", "I32"),
+        ("weight_shape", "I64"),
+        ("weight_scale", "F16"),
+    ] {
+        assert!(
+            names.contains(&(format!("{k}.{suffix}"), dtype.to_string())),
+            "{k}.{suffix} {dtype}"
+        );
+    }
+    // The loaded codes are the ones the float weights quantize to.
+    let original = Model::from_dir(&source).unwrap();
+    let loaded = Model::from_dir(&out).unwrap();
+    for m in original.matrices() {
+        let Weight::Quantized(q) = loaded.weight(m).unwrap() else {
+            panic!("{} is not quantized", m.label());
+        };
+        let expected =
+            Codes::from_tensor(&original.weight(m).unwrap().to_dense().unwrap(), q.bits());
+        assert_eq!(*q.codes, expected.unwrap(), "{}", m.label());
+    }
+    let w = &report["weights_bytes"];
+    let ratio = w["after"].as_f64().unwrap() / w["before"].as_f64().unwrap();
+    assert!(ratio < 0.16, "int4 weights are {ratio} of fp32");
+}
+
+/// Hidden states entering layer 1 of the SST-2 fixture (8 dev sentences), `[tokens, hidden]`.
+fn real_activations(model: &Model, shared: &Path) -> Tensor {
+    let inputs = common::sst2_dev_inputs(shared, model, 8);
+    let h = model
+        .run_layers(
+            &model.embed(&inputs, false).unwrap(),
+            &inputs,
+            0..1,
+            RunOptions::default(),
+        )
+        .unwrap();
+    let (b, t, d) = h.dims3().unwrap();
+    h.reshape((b * t, d)).unwrap()
+}
+
+/// The kernels round each group of 32 activations to int8 with an fp16 scale `s = max|x| / 127`:
+/// each activation moves by at most `s / 2` (rounding) plus `127 · |s − fp16(s)| ≤ 127 · s · 2⁻¹¹`
+/// (the scale's own rounding), under `0.5625 · s`. So an output differs from the product with the
+/// dequantized weights by at most `Σ_groups 0.5625 · s_g · Σ_{i∈g} |w_i|`, plus f32 summation
+/// error (bounded here by 1e-4 relative to `Σ |x_i w_i|`).
+#[test]
+#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
+fn kernels_match_the_dequantized_product_within_the_derived_bound() {
+    let shared = fixtures_or_skip!();
+    let model = Model::from_dir(&shared.join("models/minilm-l6-sst2")).unwrap();
+    let hidden = real_activations(&model, &shared);
+    let ffn = model.layers[1].ffn.as_ref().unwrap();
+    let wide = ffn.activations(&hidden).unwrap();
+    for m in model
+        .matrices()
+        .into_iter()
+        .filter(|m| m.label().starts_with("L1."))
+    {
+        let dense = model.weight(m).unwrap().to_dense().unwrap();
+        let x = match dense.dim(1).unwrap() == hidden.dim(1).unwrap() {
+            true => &hidden,
+            false => &wide,
+        };
+        let xv: Vec<Vec<f32>> = x.to_vec2().unwrap();
+        for bits in [Bits::Int8, Bits::Int4] {
+            let codes = Codes::from_tensor(&dense, bits).unwrap();
+            let kernel = QuantMatrix::with_execution(codes.clone(), Execution::Kernel).unwrap();
+            let deq = QuantMatrix::with_execution(codes, Execution::Dequantized).unwrap();
+            let got: Vec<Vec<f32>> = kernel.matmul_t(x).unwrap().to_vec2().unwrap();
+            let exact: Vec<Vec<f32>> = deq.matmul_t(x).unwrap().to_vec2().unwrap();
+            let w: Vec<Vec<f32>> = deq.dequantize().unwrap().to_vec2().unwrap();
+            let mut worst = 0f32;
+            for (r, row) in xv.iter().enumerate() {
+                let scales: Vec<f32> = row
+                    .chunks(GROUP)
+                    .map(|g| g.iter().fold(0f32, |a, v| a.max(v.abs())) / 127.0)
+                    .collect();
+                for (o, wrow) in w.iter().enumerate() {
+                    let mut bound = 0f32;
+                    let mut magnitude = 0f32;
+                    for (g, (wg, xg)) in wrow.chunks(GROUP).zip(row.chunks(GROUP)).enumerate() {
+                        bound += 0.5625 * scales[g] * wg.iter().map(|v| v.abs()).sum::<f32>();
+                        magnitude += wg.iter().zip(xg).map(|(a, b)| (a * b).abs()).sum::<f32>();
+                    }
+                    bound += 1e-4 * magnitude;
+                    let diff = (got[r][o] - exact[r][o]).abs();
+                    assert!(
+                        diff <= bound,
+                        "{} {bits:?} row {r} out {o}: |{} - {}| = {diff} > {bound}",
+                        m.label(),
+                        got[r][o],
+                        exact[r][o]
+                    );
+                    worst = worst.max(diff / bound.max(f32::MIN_POSITIVE));
+                }
+            }
+            eprintln!(
+                "{} {bits:?}: worst error is {worst:.2} of the bound",
+                m.label()
+            );
+        }
+    }
+}
+
+#[test]
+#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
+fn kernel_execution_agrees_with_the_dequantized_model_on_dev() {
+    let shared = fixtures_or_skip!();
+    let source = shared.join("models/minilm-l6-sst2");
+    let data = common::small_glue(&shared, "SST-2", 8);
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("int8");
+    quantize(&source, data.path(), &out, &["--bits", "8"]);
+    let glue = shared.join("data/glue/SST-2");
+    let predictions = |execution: &str| -> Vec<Value> {
+        let file = tmp.path().join(format!("{execution}.json"));
+        let run = common::run(&[
+            "eval",
+            "--model",
+            out.to_str().unwrap(),
+            "--task",
+            "sst2",
+            "--data",
+            glue.to_str().unwrap(),
+            "--execution",
+            execution,
+            "--predictions",
+            file.to_str().unwrap(),
+            "-q",
+        ]);
+        assert!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        read_json(&file)["predicted"].as_array().unwrap().clone()
+    };
+    let kernel = predictions("kernel");
+    let float = predictions("dequantized");
+    assert_eq!(kernel.len(), 872);
+    let agree = kernel.iter().zip(&float).filter(|(a, b)| a == b).count();
+    let rate = agree as f64 / kernel.len() as f64;
+    eprintln!("kernel vs dequantized: {agree}/{} agree", kernel.len());
+    assert!(rate >= 0.995, "only {rate} of dev predictions agree");
+}
+
+#[test]
+#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
+fn mixed_precision_holds_the_floor_and_reports_the_uniform_baselines() {
+    let shared = fixtures_or_skip!();
+    let source = shared.join("models/minilm-l6-sst2");
+    let data = common::small_glue(&shared, "SST-2", 60);
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("mixed");
+    let report = quantize(
+        &source,
+        data.path(),
+        &out,
+        &["--bits", "mixed", "--max-drop", "2.0"],
+    );
+    let floor = report["tolerance"]["floor"].as_f64().unwrap();
+    let stage = &report["stages"][0];
+    assert!(stage["selection_after"]["metric"].as_f64().unwrap() >= floor);
+    let matrices = stage["details"]["matrices"].as_array().unwrap();
+    assert_eq!(matrices.len(), 39);
+    let trials = stage["details"]["trials"].as_array().unwrap();
+    assert!(trials.len() >= 39, "every matrix tried at least once");
+    let names: Vec<&str> = stage["alternatives"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["uniform int8", "uniform int4", "equal-size random mix"]
+    );
+    let mix = stage["alternatives"][2]["weights_bytes"].as_f64().unwrap();
+    let chosen = report["weights_bytes"]["after"].as_f64().unwrap();
+    assert!(
+        (mix / chosen - 1.0).abs() < 0.1,
+        "equal-size mix {mix} vs {chosen}"
+    );
+    let eval = common::eval_json(&out, "sst2", data.path());
+    assert_eq!(eval["metrics"], dev_after(&report));
+}
+
+#[test]
+#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
+fn quantization_is_the_last_stage() {
+    let shared = fixtures_or_skip!();
+    let source = shared.join("models/minilm-l6-sst2");
+    let data = common::small_glue(&shared, "SST-2", 8);
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("int8");
+    quantize(&source, data.path(), &out, &["--bits", "8"]);
+    let args = |cmd: &'static str, dest: &str| -> Vec<String> {
+        [
+            cmd,
+            "--model",
+            out.to_str().unwrap(),
+            "--task",
+            "sst2",
+            "--data",
+            data.path().to_str().unwrap(),
+            "--out",
+            dest,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let again = tmp.path().join("again").display().to_string();
+    for (cmd, needle) in [
+        ("prune", "quantization is the last stage"),
+        ("quantize", "already quantized"),
+    ] {
+        let a = args(cmd, &again);
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        common::assert_clean_error(&common::run(&a), &[needle]);
+    }
+    let config = tmp.path().join("bad.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "model = \"{}\"\ntask = \"sst2\"\n[[stages]]\npass = \"quantize\"\n[[stages]]\npass = \"prune\"\n",
+            source.display()
+        ),
+    )
+    .unwrap();
+    let run = common::run(&[
+        "compress",
+        "--config",
+        config.to_str().unwrap(),
+        "--data",
+        data.path().to_str().unwrap(),
+        "--out",
+        &again,
+    ]);
+    common::assert_clean_error(&run, &["must be the last stage"]);
+}
