@@ -15,7 +15,7 @@ use axcompress::data::labels::LabelMap;
 use axcompress::data::task::Task;
 use axcompress::export::write_model_dir;
 use axcompress::model::encoder::RunOptions;
-use axcompress::model::inputs::{Inputs, Sequence};
+use axcompress::model::inputs::Inputs;
 use axcompress::model::slice::LayerKeep;
 use axcompress::model::tokenizer::TextEncoder;
 use axcompress::model::Model;
@@ -25,22 +25,6 @@ use axcompress::passes::select::{Engine, Rule, SelectionBatches, Trial};
 use candle_core::DType;
 use common::{max_abs_diff, read_json};
 use serde_json::{json, Value};
-
-fn dev_inputs(shared: &Path, model: &Model, n: usize) -> Inputs {
-    let text = std::fs::read_to_string(shared.join("data/glue/SST-2/dev.tsv")).unwrap();
-    let sentences: Vec<(String, Option<String>)> = text
-        .lines()
-        .skip(1)
-        .take(n)
-        .map(|l| (l.split('\t').next().unwrap().to_string(), None))
-        .collect();
-    let seqs = TextEncoder::load(&shared.join("models/minilm-l6-sst2"), 64)
-        .unwrap()
-        .encode(&sentences)
-        .unwrap();
-    let refs: Vec<&Sequence> = seqs.iter().collect();
-    Inputs::from_sequences(&model.config, &refs).unwrap()
-}
 
 fn logits(
     model: &Model,
@@ -76,7 +60,7 @@ fn export_and_compare(shared: &Path, plan: &[LayerKeep]) -> (tempfile::TempDir, 
     .unwrap();
     let reloaded = Model::from_dir(&out).unwrap();
     assert_eq!(reloaded.parameter_count(), pruned.parameter_count());
-    let inputs = dev_inputs(shared, &original, 48);
+    let inputs = common::sst2_dev_inputs(shared, &original, 48);
     let gates = original.gates_for(plan).unwrap();
     let diff = max_abs_diff(
         &logits(&reloaded, &inputs, None),
@@ -193,21 +177,7 @@ fn fp16_checkpoint_stays_fp16_and_shrinks() {
 /// `prune` of the SST-2 model on `data` (a small GLUE directory) into `out`, with `--json`.
 fn prune_cli(shared: &Path, data: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
     let model = shared.join("models/minilm-l6-sst2");
-    let mut args = vec![
-        "prune",
-        "--model",
-        model.to_str().unwrap(),
-        "--task",
-        "sst2",
-        "--data",
-        data.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--json",
-        "-q",
-    ];
-    args.extend_from_slice(extra);
-    common::run(&args)
+    common::run_stage("prune", &model, data, out, extra)
 }
 
 /// The before/after entry of `split` in a run report.

@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use axcompress::model::encoder::RunOptions;
 use axcompress::model::linear::Weight;
@@ -20,21 +20,35 @@ fn values(t: &Tensor) -> Vec<f32> {
 
 /// `quantize` on `model` with small SST-2 data and `extra` flags; the report.
 fn quantize(model: &Path, data: &Path, out: &Path, extra: &[&str]) -> Value {
-    let mut args = vec![
-        "quantize",
-        "--model",
-        model.to_str().unwrap(),
-        "--task",
-        "sst2",
-        "--data",
-        data.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--json",
-        "-q",
-    ];
-    args.extend_from_slice(extra);
-    common::json_stdout(&common::run(&args))
+    common::json_stdout(&common::run_stage("quantize", model, data, out, extra))
+}
+
+/// A quantized MiniLM SST-2 fixture: `quantize <flags>` on its first `rows` SST-2 examples.
+struct Quantized {
+    shared: PathBuf,
+    source: PathBuf,
+    data: tempfile::TempDir,
+    tmp: tempfile::TempDir,
+    out: PathBuf,
+    report: Value,
+}
+
+impl Quantized {
+    fn run(shared: PathBuf, rows: usize, flags: &[&str]) -> Self {
+        let source = shared.join("models/minilm-l6-sst2");
+        let data = common::small_glue(&shared, "SST-2", rows);
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("quantized");
+        let report = quantize(&source, data.path(), &out, flags);
+        Quantized {
+            shared,
+            source,
+            data,
+            tmp,
+            out,
+            report,
+        }
+    }
 }
 
 fn dev_after(report: &Value) -> Value {
@@ -63,12 +77,14 @@ fn dtypes(path: &Path) -> Vec<(String, String)> {
 #[test]
 #[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn uniform_int8_export_is_compressed_tensors_and_reloads_to_the_same_bytes_and_outputs() {
-    let shared = fixtures_or_skip!();
-    let source = shared.join("models/minilm-l6-sst2");
-    let data = common::small_glue(&shared, "SST-2", 40);
-    let tmp = tempfile::tempdir().unwrap();
-    let out = tmp.path().join("int8");
-    let report = quantize(&source, data.path(), &out, &["--bits", "8"]);
+    let q = Quantized::run(fixtures_or_skip!(), 40, &["--bits", "8"]);
+    let Quantized {
+        shared,
+        data,
+        out,
+        report,
+        ..
+    } = &q;
     let w = &report["weights_bytes"];
     let ratio = w["after"].as_f64().unwrap() / w["before"].as_f64().unwrap();
     assert!(ratio <= 0.26, "int8 weights are {ratio} of fp32");
@@ -96,19 +112,19 @@ fn uniform_int8_export_is_compressed_tensors_and_reloads_to_the_same_bytes_and_o
     assert_eq!(qc["config_groups"]["group_0"]["weights"]["num_bits"], 8);
 
     // eval loads it and gets the reported dev metric.
-    let eval = common::eval_json(&out, "sst2", data.path());
-    assert_eq!(eval["metrics"], dev_after(&report));
+    let eval = common::eval_json(out, "sst2", data.path());
+    assert_eq!(eval["metrics"], dev_after(report));
 
     // Loading and exporting again writes the same bytes; outputs are identical.
-    let loaded = Model::from_dir(&out).unwrap();
+    let loaded = Model::from_dir(out).unwrap();
     assert!(loaded.is_quantized());
     let again = axcompress::export::prepare(&loaded, &[]).unwrap();
     assert_eq!(
         again.weights,
         std::fs::read(out.join("model.safetensors")).unwrap()
     );
-    let inputs = common::sst2_dev_inputs(&shared, &loaded, 16);
-    let reloaded = Model::from_dir(&out).unwrap();
+    let inputs = common::sst2_dev_inputs(shared, &loaded, 16);
+    let reloaded = Model::from_dir(out).unwrap();
     let a = loaded.forward(&inputs, RunOptions::default()).unwrap();
     let b = reloaded.forward(&inputs, RunOptions::default()).unwrap();
     assert_eq!(values(&a), values(&b));
@@ -117,12 +133,13 @@ fn uniform_int8_export_is_compressed_tensors_and_reloads_to_the_same_bytes_and_o
 #[test]
 #[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn int4_codes_survive_export_and_load() {
-    let shared = fixtures_or_skip!();
-    let source = shared.join("models/minilm-l6-sst2");
-    let data = common::small_glue(&shared, "SST-2", 24);
-    let tmp = tempfile::tempdir().unwrap();
-    let out = tmp.path().join("int4");
-    let report = quantize(&source, data.path(), &out, &["--bits", "4"]);
+    let q = Quantized::run(fixtures_or_skip!(), 24, &["--bits", "4"]);
+    let Quantized {
+        source,
+        out,
+        report,
+        ..
+    } = &q;
     let names = dtypes(&out.join("model.safetensors"));
     let k = "bert.encoder.layer.2.intermediate.dense";
     for (suffix, dtype) in [
@@ -136,8 +153,8 @@ fn int4_codes_survive_export_and_load() {
         );
     }
     // The loaded codes are the ones the float weights quantize to.
-    let original = Model::from_dir(&source).unwrap();
-    let loaded = Model::from_dir(&out).unwrap();
+    let original = Model::from_dir(source).unwrap();
+    let loaded = Model::from_dir(out).unwrap();
     for m in original.matrices() {
         let Weight::Quantized(q) = loaded.weight(m).unwrap() else {
             panic!("{} is not quantized", m.label());
@@ -233,12 +250,10 @@ fn kernels_match_the_dequantized_product_within_the_derived_bound() {
 #[test]
 #[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn kernel_execution_agrees_with_the_dequantized_model_on_dev() {
-    let shared = fixtures_or_skip!();
-    let source = shared.join("models/minilm-l6-sst2");
-    let data = common::small_glue(&shared, "SST-2", 8);
-    let tmp = tempfile::tempdir().unwrap();
-    let out = tmp.path().join("int8");
-    quantize(&source, data.path(), &out, &["--bits", "8"]);
+    let q = Quantized::run(fixtures_or_skip!(), 8, &["--bits", "8"]);
+    let Quantized {
+        shared, tmp, out, ..
+    } = &q;
     let glue = shared.join("data/glue/SST-2");
     let predictions = |execution: &str| -> Vec<Value> {
         let file = tmp.path().join(format!("{execution}.json"));
@@ -275,17 +290,14 @@ fn kernel_execution_agrees_with_the_dequantized_model_on_dev() {
 #[test]
 #[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn mixed_precision_holds_the_floor_and_reports_the_uniform_baselines() {
-    let shared = fixtures_or_skip!();
-    let source = shared.join("models/minilm-l6-sst2");
-    let data = common::small_glue(&shared, "SST-2", 60);
-    let tmp = tempfile::tempdir().unwrap();
-    let out = tmp.path().join("mixed");
-    let report = quantize(
-        &source,
-        data.path(),
-        &out,
+    let q = Quantized::run(
+        fixtures_or_skip!(),
+        60,
         &["--bits", "mixed", "--max-drop", "2.0"],
     );
+    let Quantized {
+        data, out, report, ..
+    } = &q;
     let floor = report["tolerance"]["floor"].as_f64().unwrap();
     let stage = &report["stages"][0];
     assert!(stage["selection_after"]["metric"].as_f64().unwrap() >= floor);
@@ -309,19 +321,21 @@ fn mixed_precision_holds_the_floor_and_reports_the_uniform_baselines() {
         (mix / chosen - 1.0).abs() < 0.1,
         "equal-size mix {mix} vs {chosen}"
     );
-    let eval = common::eval_json(&out, "sst2", data.path());
-    assert_eq!(eval["metrics"], dev_after(&report));
+    let eval = common::eval_json(out, "sst2", data.path());
+    assert_eq!(eval["metrics"], dev_after(report));
 }
 
 #[test]
 #[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn quantization_is_the_last_stage() {
-    let shared = fixtures_or_skip!();
-    let source = shared.join("models/minilm-l6-sst2");
-    let data = common::small_glue(&shared, "SST-2", 8);
-    let tmp = tempfile::tempdir().unwrap();
-    let out = tmp.path().join("int8");
-    quantize(&source, data.path(), &out, &["--bits", "8"]);
+    let q = Quantized::run(fixtures_or_skip!(), 8, &["--bits", "8"]);
+    let Quantized {
+        source,
+        data,
+        tmp,
+        out,
+        ..
+    } = &q;
     let args = |cmd: &'static str, dest: &str| -> Vec<String> {
         [
             cmd,

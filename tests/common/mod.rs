@@ -47,6 +47,23 @@ pub fn run(args: &[&str]) -> Output {
     run_with_env(args, &[])
 }
 
+/// `axcompress <command> --model M --task sst2 --data D --out O --json -q <extra>` (the shape of
+/// every one-stage command: prune, quantize).
+pub fn run_stage(command: &str, model: &Path, data: &Path, out: &Path, extra: &[&str]) -> Output {
+    let (model, data, out) = (model.to_str(), data.to_str(), out.to_str());
+    let mut args = vec![command, "--model", model.unwrap(), "--task", "sst2"];
+    args.extend([
+        "--data",
+        data.unwrap(),
+        "--out",
+        out.unwrap(),
+        "--json",
+        "-q",
+    ]);
+    args.extend_from_slice(extra);
+    run(&args)
+}
+
 /// Runs the `axcompress` binary with `args` and extra environment variables. The caller's
 /// `HF_HUB_OFFLINE` and `GLUE_DIR` are not passed on: a test sets what it relies on.
 pub fn run_with_env(args: &[&str], env: &[(&str, &str)]) -> Output {
