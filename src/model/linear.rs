@@ -4,7 +4,7 @@
 
 use candle_core::{bail, DType, Device, Result, Tensor, D};
 
-use super::quant::{Precision, QuantMatrix};
+use super::quant::{Execution, Precision, QuantMatrix};
 
 /// The weight matrix of a linear layer, `[out, in]` as in PyTorch.
 #[derive(Debug, Clone)]
@@ -15,7 +15,25 @@ pub enum Weight {
     Quantized(QuantMatrix),
     /// Parts stacked along the outputs, e.g. a fused query/key/value projection whose parts
     /// have different precisions.
-    Stacked(Vec<Weight>),
+    Stacked(Stack),
+}
+
+/// Weights stacked along the outputs. When every part is multiplied as an f32 matrix, the stack
+/// keeps them fused too, so the projection stays one matrix product.
+#[derive(Debug, Clone)]
+pub struct Stack {
+    /// The parts, top to bottom.
+    pub parts: Vec<Weight>,
+    fused: Option<Tensor>,
+}
+
+impl Stack {
+    /// Stacks `parts` (same input dimension).
+    pub fn new(parts: Vec<Weight>) -> Result<Self> {
+        let dense: Option<Vec<Tensor>> = parts.iter().map(Weight::f32_matrix).collect();
+        let fused = dense.map(|d| Tensor::cat(&d, 0)).transpose()?;
+        Ok(Stack { parts, fused })
+    }
 }
 
 impl Weight {
@@ -24,9 +42,9 @@ impl Weight {
         match self {
             Weight::Dense(w) => (w.dims()[0], w.dims()[1]),
             Weight::Quantized(q) => q.dims(),
-            Weight::Stacked(parts) => (
-                parts.iter().map(|p| p.dims().0).sum(),
-                parts.first().map_or(0, |p| p.dims().1),
+            Weight::Stacked(s) => (
+                s.parts.iter().map(|p| p.dims().0).sum(),
+                s.parts.first().map_or(0, |p| p.dims().1),
             ),
         }
     }
@@ -42,8 +60,9 @@ impl Weight {
         match self {
             Weight::Dense(w) => Ok(w.clone()),
             Weight::Quantized(q) => q.dequantize(),
-            Weight::Stacked(parts) => {
-                let dense = parts
+            Weight::Stacked(s) => {
+                let dense = s
+                    .parts
                     .iter()
                     .map(Weight::to_dense)
                     .collect::<Result<Vec<_>>>()?;
@@ -57,8 +76,8 @@ impl Weight {
         match self {
             Weight::Dense(_) => Precision::Float,
             Weight::Quantized(q) => q.bits().into(),
-            Weight::Stacked(parts) => {
-                let mut all = parts.iter().map(Weight::precision);
+            Weight::Stacked(s) => {
+                let mut all = s.parts.iter().map(Weight::precision);
                 let first = all.next().unwrap_or(Precision::Float);
                 match all.all(|p| p == first) {
                     true => first,
@@ -68,12 +87,22 @@ impl Weight {
         }
     }
 
+    /// The f32 matrix this weight is multiplied with, when it runs as one (dense, or quantized
+    /// and executed dequantized).
+    fn f32_matrix(&self) -> Option<Tensor> {
+        match self {
+            Weight::Dense(w) => Some(w.clone()),
+            Weight::Quantized(q) if q.execution == Execution::Dequantized => q.dequantize().ok(),
+            _ => None,
+        }
+    }
+
     /// True when no part of the matrix is quantized.
     pub fn is_dense(&self) -> bool {
         match self {
             Weight::Dense(_) => true,
             Weight::Quantized(_) => false,
-            Weight::Stacked(parts) => parts.iter().all(Weight::is_dense),
+            Weight::Stacked(s) => s.parts.iter().all(Weight::is_dense),
         }
     }
 
@@ -82,8 +111,10 @@ impl Weight {
         match self {
             Weight::Dense(w) => x.matmul(&w.t()?),
             Weight::Quantized(q) => q.matmul_t(x),
-            Weight::Stacked(parts) => {
-                let outs = parts
+            Weight::Stacked(Stack { fused: Some(w), .. }) => x.matmul(&w.t()?),
+            Weight::Stacked(s) => {
+                let outs = s
+                    .parts
                     .iter()
                     .map(|p| p.matmul_t(x))
                     .collect::<Result<Vec<_>>>()?;
@@ -120,10 +151,10 @@ impl Weight {
             Weight::Quantized(q) => Ok(Weight::Quantized(
                 q.select_rows(&(start..start + len).collect::<Vec<_>>())?,
             )),
-            Weight::Stacked(parts) => {
+            Weight::Stacked(s) => {
                 let mut kept = Vec::new();
                 let mut first = 0;
-                for part in parts {
+                for part in &s.parts {
                     let rows = part.dims().0;
                     let (from, to) = (start.max(first), (start + len).min(first + rows));
                     if from < to {
@@ -137,7 +168,7 @@ impl Weight {
                 }
                 Ok(match kept.len() {
                     1 => kept.pop().expect("one part"),
-                    _ => Weight::Stacked(kept),
+                    _ => Weight::Stacked(Stack::new(kept)?),
                 })
             }
         }
@@ -187,7 +218,9 @@ impl Linear {
                 .collect::<Result<Vec<_>>>()?;
             Weight::Dense(Tensor::cat(&w, 0)?)
         } else {
-            Weight::Stacked(parts.iter().map(|p| p.weight.clone()).collect())
+            Weight::Stacked(Stack::new(
+                parts.iter().map(|p| p.weight.clone()).collect(),
+            )?)
         };
         Ok(Linear {
             weight,
@@ -288,5 +321,36 @@ mod tests {
         let l = layer().select_inputs(&[1]).unwrap();
         assert_eq!(l.weight.dims(), (3, 1));
         assert_eq!(l.elem_count(), 6);
+    }
+
+    #[test]
+    fn a_stack_of_float_run_parts_multiplies_as_one_matrix() {
+        use crate::model::quant::{Bits, Codes};
+        let dev = Device::Cpu;
+        let dense = Tensor::randn(0f32, 1.0, (4, 32), &dev).unwrap();
+        let codes = Codes::from_tensor(&dense, Bits::Int8).unwrap();
+        let part = |e| Weight::Quantized(QuantMatrix::with_execution(codes.clone(), e).unwrap());
+        let x = Tensor::randn(0f32, 1.0, (3, 32), &dev).unwrap();
+        for (execution, fused) in [(Execution::Dequantized, true), (Execution::Kernel, false)] {
+            let stack = Stack::new(vec![Weight::Dense(dense.clone()), part(execution)]).unwrap();
+            assert_eq!(stack.fused.is_some(), fused, "{execution:?}");
+            let w = Weight::Stacked(stack);
+            assert_eq!(w.dims(), (8, 32));
+            assert_eq!(w.precision(), Precision::Mixed);
+            let got: Vec<f32> = w
+                .matmul_t(&x)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let want = x.matmul(&w.to_dense().unwrap().t().unwrap()).unwrap();
+            let want: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
+            let tolerance = if fused { 1e-5 } else { 0.2 };
+            for (a, b) in got.iter().zip(&want) {
+                assert!((a - b).abs() <= tolerance, "{execution:?}: {a} vs {b}");
+            }
+            assert!(matches!(w.narrow_rows(4, 4).unwrap(), Weight::Quantized(_)));
+        }
     }
 }

@@ -7,7 +7,7 @@ use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use super::head::ClassifierHead;
-use super::linear::{Linear, Weight};
+use super::linear::{Linear, Stack, Weight};
 use super::names;
 use super::Model;
 
@@ -226,7 +226,7 @@ fn replace_rows(fused: &Weight, start: usize, len: usize, part: Weight) -> Resul
     let flat: Vec<Weight> = parts
         .into_iter()
         .flat_map(|p| match p {
-            Weight::Stacked(inner) => inner,
+            Weight::Stacked(inner) => inner.parts,
             other => vec![other],
         })
         .collect();
@@ -237,5 +237,5 @@ fn replace_rows(fused: &Weight, start: usize, len: usize, part: Weight) -> Resul
             .collect::<candle_core::Result<Vec<Tensor>>>()?;
         return Ok(Weight::Dense(Tensor::cat(&dense, 0)?));
     }
-    Ok(Weight::Stacked(flat))
+    Ok(Weight::Stacked(Stack::new(flat)?))
 }
