@@ -380,4 +380,21 @@ fn quantization_is_the_last_stage() {
         &again,
     ]);
     common::assert_clean_error(&run, &["must be the last stage"]);
+    // Analysis takes gradients: it runs on the dequantized matrices, never on the kernels.
+    let report = tmp.path().join("significance.json");
+    let run = common::run(&[
+        "analyze",
+        "--model",
+        out.to_str().unwrap(),
+        "--task",
+        "sst2",
+        "--data",
+        data.path().to_str().unwrap(),
+        "--out",
+        report.to_str().unwrap(),
+        "--execution",
+        "kernel",
+        "-q",
+    ]);
+    common::assert_clean_error(&run, &["--execution dequantized"]);
 }

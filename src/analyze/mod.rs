@@ -189,6 +189,9 @@ pub fn analyze(
         task,
         labels,
     } = *subject;
+    if model.runs_quantized_kernels() {
+        bail!("analysis takes gradients, which candle's quantized kernels do not have; run it with --execution dequantized");
+    }
     let started = Instant::now();
     if set.sequences.is_empty() {
         bail!("{}: the analysis data is empty", set.path.display());

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::head::ClassifierHead;
 use super::linear::{Linear, Stack, Weight};
 use super::names;
+use super::quant::Execution;
 use super::Model;
 
 /// Which projection of an encoder layer.
@@ -136,6 +137,15 @@ impl Model {
         self.matrices()
             .into_iter()
             .any(|m| self.weight(m).is_ok_and(|w| !w.is_dense()))
+    }
+
+    /// True when any matrix runs in candle's quantized kernels (which have no backward pass).
+    pub fn runs_quantized_kernels(&self) -> bool {
+        self.matrices().into_iter().any(|m| {
+            self.weight(m).is_ok_and(
+                |w| matches!(&w, Weight::Quantized(q) if q.execution == Execution::Kernel),
+            )
+        })
     }
 
     /// The weight of matrix `m`.
