@@ -166,9 +166,16 @@ impl Weight {
                     }
                     first += rows;
                 }
+                // The fused matrix is narrowed as a view: this runs on every forward pass that
+                // computes only some rows (keys and values of the last layer).
+                let fused = s
+                    .fused
+                    .as_ref()
+                    .map(|f| f.narrow(0, start, len))
+                    .transpose()?;
                 Ok(match kept.len() {
                     1 => kept.pop().expect("one part"),
-                    _ => Weight::Stacked(Stack::new(kept)?),
+                    _ => Weight::Stacked(Stack { parts: kept, fused }),
                 })
             }
         }
@@ -351,6 +358,20 @@ mod tests {
                 assert!((a - b).abs() <= tolerance, "{execution:?}: {a} vs {b}");
             }
             assert!(matches!(w.narrow_rows(4, 4).unwrap(), Weight::Quantized(_)));
+            let across = w.narrow_rows(2, 4).unwrap();
+            let Weight::Stacked(inner) = &across else {
+                panic!("rows 2..6 span both parts");
+            };
+            assert_eq!(
+                inner.fused.is_some(),
+                fused,
+                "{execution:?}: the view stays fused"
+            );
+            let want = w.to_dense().unwrap().narrow(0, 2, 4).unwrap();
+            assert_eq!(
+                across.to_dense().unwrap().to_vec2::<f32>().unwrap(),
+                want.to_vec2::<f32>().unwrap()
+            );
         }
     }
 }

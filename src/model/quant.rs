@@ -269,7 +269,7 @@ impl Execution {
     }
 
     /// How quantized matrices run unless `--execution` says otherwise: dequantized. On this
-    /// project's AVX2 machines candle 0.11's `Q8_0` and `Q4_0` kernels were 2.5–7× slower than
+    /// project's AVX2 machines candle 0.11's `Q8_0` and `Q4_0` kernels were 2.4–7.7× slower than
     /// its f32 matrix product at every MiniLM shape, with 25 or 800 rows
     /// (`cargo bench --bench kernels` measures it), so the codes are a storage format here:
     /// files get smaller, inference does not get faster.

@@ -218,8 +218,9 @@ impl Quantize {
         let count = |bits| -> Result<usize> {
             let mut n = 0;
             for m in self.targets(chosen) {
-                if chosen.weight(m)?.precision() == Precision::from(bits) {
-                    n += chosen.weight(m)?.elem_count();
+                let w = chosen.weight(m)?;
+                if w.precision() == Precision::from(bits) {
+                    n += w.elem_count();
                 }
             }
             Ok(n)
@@ -246,12 +247,13 @@ impl Quantize {
     }
 
     fn outcomes(&self, model: &Model) -> Result<Vec<MatrixOutcome>> {
+        let targets = self.targets(model);
         model
             .matrices()
             .into_iter()
             .map(|m| {
                 let w = model.weight(m)?;
-                let candidate = self.targets(model).contains(&m);
+                let candidate = targets.contains(&m);
                 Ok(MatrixOutcome {
                     matrix: m,
                     name: m.hf_name(model),
