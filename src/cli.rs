@@ -10,6 +10,7 @@ use crate::data::task::Task;
 use crate::model::quant::Execution;
 use crate::passes::prune::Mode;
 use crate::passes::quantize::{BitsChoice, QuantMode};
+use crate::passes::vocab::VocabChoice;
 use crate::pipeline::tolerance::MaxDrop;
 
 /// Make fine-tuned BERT-family models faster, smaller and sometimes more accurate for one task.
@@ -272,6 +273,14 @@ pub struct RunArgs {
     /// Also report before/after on this labelled TSV file of the task.
     #[arg(long)]
     pub test: Option<PathBuf>,
+    /// After the stages, keep only the tokens the task's train + dev data produce (and the
+    /// special tokens); the tokenizer is rewritten to match. Exact on that corpus.
+    #[arg(long, value_enum)]
+    pub vocab: Option<VocabChoice>,
+    /// With --vocab: take the corpus from this text file instead (one text per line; tabs
+    /// separate texts). Implies --vocab corpus.
+    #[arg(long)]
+    pub vocab_corpus: Option<PathBuf>,
     /// Replace an existing output directory (and discard an interrupted run's progress).
     #[arg(long)]
     pub force: bool,

@@ -7,6 +7,7 @@
 //! model = "../models/minilm-l6-sst2"   # directory or hub id
 //! task = "sst2"
 //! max_drop = 1.0                       # points, or "2%"
+//! vocab = "corpus"                     # optional: keep the train + dev vocabulary
 //!
 //! [selection]
 //! on = "dev"
@@ -24,6 +25,7 @@ use serde::Deserialize;
 
 use crate::data::splits::{SelectOn, SelectionSpec};
 use crate::data::task::Task;
+use crate::passes::vocab::{VocabChoice, VocabCorpus};
 use crate::pipeline::tolerance::MaxDrop;
 use crate::pipeline::{RunSettings, StageSpec};
 
@@ -40,6 +42,8 @@ struct File {
     batch_size: usize,
     max_length: Option<usize>,
     max_drop: Option<MaxDrop>,
+    vocab: Option<VocabChoice>,
+    vocab_corpus: Option<PathBuf>,
     out: Option<PathBuf>,
     #[serde(default)]
     selection: Selection,
@@ -128,6 +132,7 @@ impl File {
                 test: s.test.map(rel),
                 max_drop: self.max_drop,
                 stages,
+                vocab: VocabCorpus::from_flags(self.vocab, self.vocab_corpus.map(rel)),
             },
             out: self.out.map(rel),
         })

@@ -38,7 +38,7 @@ impl TaskSetup {
         let model = Model::load(spec, offline)?;
         let labels = LabelMap::new(&model.config, task).with_context(|| format!("model {spec}"))?;
         let max_length = checked_max_length(max_length, model.config.max_input_length())?;
-        let encoder = TextEncoder::load(&model.dir, max_length)?;
+        let encoder = TextEncoder::for_model(&model, max_length)?;
         let data = TaskData::resolve(task, data, offline)?;
         Ok(TaskSetup {
             model,

@@ -6,6 +6,7 @@ use anyhow::{Context, Result};
 use super::run_pipeline;
 use crate::cli::{Cli, CompressArgs};
 use crate::config_file;
+use crate::passes::vocab::VocabCorpus;
 use crate::pipeline::{Output, StageSpec};
 
 /// Runs `axcompress compress`.
@@ -23,6 +24,7 @@ pub fn run(args: &CompressArgs, cli: &Cli) -> Result<()> {
     s.selection = args.selection.apply(s.selection);
     s.test = args.run.test.clone().or(s.test);
     s.max_drop = args.run.max_drop.or(s.max_drop);
+    s.vocab = VocabCorpus::from_flags(args.run.vocab, args.run.vocab_corpus.clone()).or(s.vocab);
     s.stages = s
         .stages
         .into_iter()

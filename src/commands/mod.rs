@@ -17,6 +17,7 @@ use crate::cli::{Cli, ModelArgs, PruneFlags, QuantizeFlags, RunArgs, SelectionAr
 use crate::data::splits::{SelectOn, SelectionSpec};
 use crate::passes::prune::PruneSettings;
 use crate::passes::quantize::QuantizeSettings;
+use crate::passes::vocab::VocabCorpus;
 use crate::pipeline::{self, Finished, Output, RunSettings, StageSpec};
 use crate::setup::TaskSetup;
 
@@ -96,6 +97,7 @@ pub fn run_one_stage(
         test: run.test.clone(),
         max_drop: run.max_drop,
         stages: vec![stage],
+        vocab: VocabCorpus::from_flags(run.vocab, run.vocab_corpus.clone()),
     };
     let out = Output {
         dir: out.to_path_buf(),

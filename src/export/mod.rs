@@ -8,6 +8,7 @@ pub mod compressed;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
@@ -18,6 +19,7 @@ use crate::model::linear::{Linear, Weight};
 use crate::model::names::{self, full_name};
 use crate::model::nn::LayerNorm;
 use crate::model::quant::Bits;
+use crate::model::vocab::TokenizerFiles;
 use crate::model::Model;
 use compressed::{quantization_config, quantized_entries, Stored};
 
@@ -282,6 +284,8 @@ pub struct Prepared {
     pub compat: Compatibility,
     /// The directory the tokenizer files come from.
     source_dir: PathBuf,
+    /// Tokenizer files replacing those of `source_dir` (a pruned vocabulary).
+    tokenizer: Option<Arc<TokenizerFiles>>,
 }
 
 /// Serialises `model` (weights in its checkpoint's float dtype) with the pass `history`.
@@ -295,6 +299,7 @@ pub fn prepare(model: &Model, history: &[Value]) -> Result<Prepared> {
         config: config_json(model, history, &compat, tensors.quantization_config()),
         compat,
         source_dir: model.dir.clone(),
+        tokenizer: model.tokenizer.clone(),
     })
 }
 
@@ -329,6 +334,10 @@ impl Prepared {
             (serde_json::to_string_pretty(&self.config)? + "\n").as_bytes(),
         )?;
         for f in TOKENIZER_FILES {
+            if let Some(bytes) = self.tokenizer.as_ref().and_then(|t| t.get(f)) {
+                write(f, bytes)?;
+                continue;
+            }
             // Read and written anew (not fs::copy), so the copy gets the umask's permissions,
             // not the source's.
             let src = self.source_dir.join(f);

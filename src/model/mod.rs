@@ -13,10 +13,12 @@ pub mod slice;
 pub mod source;
 pub mod structure;
 pub mod tokenizer;
+pub mod vocab;
 pub mod weights;
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
@@ -30,6 +32,7 @@ use head::ClassifierHead;
 use inputs::Inputs;
 use linear::Linear;
 use nn::LayerNorm;
+use vocab::TokenizerFiles;
 use weights::{DtypeStats, WeightStore};
 
 /// A loaded BERT-family sequence-classification model.
@@ -49,6 +52,8 @@ pub struct Model {
     pub disk_dtypes: DtypeStats,
     /// The float dtype most parameters had on disk: computation is f32, exports keep this dtype.
     pub storage_dtype: DType,
+    /// Tokenizer files replacing those in `dir` (after vocabulary pruning).
+    pub tokenizer: Option<Arc<TokenizerFiles>>,
 }
 
 impl Model {
@@ -171,6 +176,7 @@ impl Model {
             dir: PathBuf::new(),
             disk_dtypes: store.used_stats(),
             storage_dtype: store.dominant_float_dtype(),
+            tokenizer: None,
         })
     }
 

@@ -9,9 +9,10 @@ use tokenizers::models::wordpiece::WordPiece;
 use tokenizers::normalizers::bert::BertNormalizer;
 use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
 use tokenizers::processors::bert::BertProcessing;
-use tokenizers::{EncodeInput, Tokenizer, TruncationParams, TruncationStrategy};
+use tokenizers::{EncodeInput, ModelWrapper, Tokenizer, TruncationParams, TruncationStrategy};
 
 use super::inputs::Sequence;
+use super::Model;
 
 /// A tokenizer configured for classification inputs of at most `max_length` tokens.
 pub struct TextEncoder {
@@ -21,19 +22,15 @@ pub struct TextEncoder {
 impl TextEncoder {
     /// Loads the tokenizer of the model in `dir`.
     pub fn load(dir: &Path, max_length: usize) -> Result<Self> {
-        let json = dir.join("tokenizer.json");
-        let vocab = dir.join("vocab.txt");
-        let mut tokenizer = if json.is_file() {
-            Tokenizer::from_file(&json)
-                .map_err(|e| anyhow!("{}: cannot load tokenizer ({e})", json.display()))?
-        } else if vocab.is_file() {
-            wordpiece_from_vocab(dir, &vocab)?
-        } else {
-            bail!(
-                "{}: no tokenizer found; expected tokenizer.json or vocab.txt in the model directory",
-                dir.display()
-            );
-        };
+        Self::configured(source_tokenizer(dir)?, max_length)
+    }
+
+    /// The tokenizer of `model`: its pruned vocabulary's, else the one in its directory.
+    pub fn for_model(model: &Model, max_length: usize) -> Result<Self> {
+        Self::configured(model_tokenizer(model)?, max_length)
+    }
+
+    fn configured(mut tokenizer: Tokenizer, max_length: usize) -> Result<Self> {
         tokenizer.with_padding(None);
         tokenizer
             .with_truncation(Some(TruncationParams {
@@ -44,6 +41,18 @@ impl TextEncoder {
             }))
             .map_err(|e| anyhow!("cannot set truncation to {max_length}: {e}"))?;
         Ok(TextEncoder { tokenizer })
+    }
+
+    /// The id of the unknown token, if the tokenizer has one.
+    pub fn unknown_id(&self) -> Option<u32> {
+        match self.tokenizer.get_model() {
+            ModelWrapper::WordPiece(w) => self.tokenizer.token_to_id(&w.unk_token),
+            ModelWrapper::BPE(b) => b
+                .unk_token
+                .as_ref()
+                .and_then(|t| self.tokenizer.token_to_id(t)),
+            _ => None,
+        }
     }
 
     /// Tokenises single sentences or sentence pairs (in parallel), with special tokens.
@@ -66,6 +75,38 @@ impl TextEncoder {
                 type_ids: e.get_type_ids().to_vec(),
             })
             .collect())
+    }
+}
+
+/// The tokenizer of `model` as its files describe it: those of its pruned vocabulary, else those
+/// in its directory.
+pub fn model_tokenizer(model: &Model) -> Result<Tokenizer> {
+    match model
+        .tokenizer
+        .as_ref()
+        .and_then(|f| f.get("tokenizer.json"))
+    {
+        Some(json) => Tokenizer::from_bytes(json)
+            .map_err(|e| anyhow!("cannot load the pruned tokenizer ({e})")),
+        None => source_tokenizer(&model.dir),
+    }
+}
+
+/// The tokenizer of the model in `dir` as its files describe it: `tokenizer.json`, else a
+/// WordPiece tokenizer built from `vocab.txt`.
+pub fn source_tokenizer(dir: &Path) -> Result<Tokenizer> {
+    let json = dir.join("tokenizer.json");
+    let vocab = dir.join("vocab.txt");
+    if json.is_file() {
+        Tokenizer::from_file(&json)
+            .map_err(|e| anyhow!("{}: cannot load tokenizer ({e})", json.display()))
+    } else if vocab.is_file() {
+        wordpiece_from_vocab(dir, &vocab)
+    } else {
+        bail!(
+            "{}: no tokenizer found; expected tokenizer.json or vocab.txt in the model directory",
+            dir.display()
+        );
     }
 }
 

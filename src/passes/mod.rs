@@ -5,6 +5,8 @@
 //!    sliced out of the weights after each level.
 //! 2. [`quantize`]: int8 / int4 / float per weight matrix, uniform or chosen by significance;
 //!    always the last stage (a quantized matrix cannot be sliced).
+//! 3. [`vocab`]: keep the word embeddings of the tokens a corpus produces; exact on the corpus,
+//!    so it takes no decisions and runs after the stages.
 //!
 //! A pass only says which changes it proposes (candidates, in significance order) and how an
 //! accepted change is applied. Whether a change is kept is decided by the selection engine
@@ -17,6 +19,7 @@ pub mod journal;
 pub mod prune;
 pub mod quantize;
 pub mod select;
+pub mod vocab;
 
 use anyhow::Result;
 use serde_json::Value;

@@ -40,6 +40,16 @@ pub struct Comparison {
     pub flipped: Option<usize>,
 }
 
+/// A model and the run's data as its tokenizer encodes it.
+pub struct Subject<'a> {
+    /// The model.
+    pub model: &'a Model,
+    /// Selection, report and dev.
+    pub splits: &'a Splits,
+    /// `--test` data.
+    pub test: Option<&'a EncodedSet>,
+}
+
 /// The models and the task they are compared on.
 pub struct Judge<'a> {
     /// The task.
@@ -51,26 +61,30 @@ pub struct Judge<'a> {
 }
 
 impl Judge<'_> {
-    /// Compares `before` and `after` on every split of `splits` and on `test`.
-    pub fn compare(
-        &self,
-        before: &Model,
-        after: &Model,
-        splits: &Splits,
-        test: Option<&EncodedSet>,
-    ) -> Result<Vec<Comparison>> {
+    /// Compares `before` and `after` on every split and on the test data.
+    pub fn compare(&self, before: &Subject, after: &Subject) -> Result<Vec<Comparison>> {
         let dev = [
-            self.logits(before, &splits.dev)?,
-            self.logits(after, &splits.dev)?,
+            self.logits(before.model, &before.splits.dev)?,
+            self.logits(after.model, &after.splits.dev)?,
         ];
-        let mut out = vec![self.part("selection", &splits.selection, &dev, before, after)?];
-        if let Some(report) = &splits.report {
-            out.push(self.part("report", report, &dev, before, after)?);
+        let (b, a) = (before.splits, after.splits);
+        let mut out = vec![self.part(
+            "selection",
+            [&b.selection, &a.selection],
+            &dev,
+            before,
+            after,
+        )?];
+        if let (Some(rb), Some(ra)) = (&b.report, &a.report) {
+            out.push(self.part("report", [rb, ra], &dev, before, after)?);
         }
-        out.push(self.comparison("dev", &splits.dev, &dev));
-        if let Some(test) = test {
-            let logits = [self.logits(before, test)?, self.logits(after, test)?];
-            out.push(self.comparison("test", test, &logits));
+        out.push(self.comparison("dev", &b.dev, &dev));
+        if let (Some(tb), Some(ta)) = (before.test, after.test) {
+            let logits = [
+                self.logits(before.model, tb)?,
+                self.logits(after.model, ta)?,
+            ];
+            out.push(self.comparison("test", tb, &logits));
         }
         Ok(out)
     }
@@ -79,19 +93,19 @@ impl Judge<'_> {
     fn part(
         &self,
         name: &'static str,
-        part: &Part,
+        parts: [&Part; 2],
         dev: &[Vec<Vec<f32>>; 2],
-        before: &Model,
-        after: &Model,
+        before: &Subject,
+        after: &Subject,
     ) -> Result<Comparison> {
-        let logits = match &part.dev_indices {
+        let logits = match &parts[0].dev_indices {
             Some(idx) => [&dev[0], &dev[1]].map(|l| idx.iter().map(|&i| l[i].clone()).collect()),
             None => [
-                self.logits(before, &part.set)?,
-                self.logits(after, &part.set)?,
+                self.logits(before.model, &parts[0].set)?,
+                self.logits(after.model, &parts[1].set)?,
             ],
         };
-        Ok(self.comparison(name, &part.set, &logits))
+        Ok(self.comparison(name, &parts[0].set, &logits))
     }
 
     fn logits(&self, model: &Model, set: &EncodedSet) -> Result<Vec<Vec<f32>>> {

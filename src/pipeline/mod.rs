@@ -12,6 +12,7 @@
 pub mod evaluation;
 pub mod report;
 pub mod tolerance;
+pub mod vocabulary;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -27,19 +28,22 @@ use crate::data::splits::{SelectionSpec, Splits};
 use crate::data::task::Task;
 use crate::export::{check_destination, create_parent, prepare, Prepared};
 use crate::hash::Fnv1a;
+use crate::model::tokenizer::TextEncoder;
 use crate::model::Model;
 use crate::passes::journal::Journal;
 use crate::passes::prune::{Prune, PruneSettings};
 use crate::passes::quantize::{Quantize, QuantizeSettings};
 use crate::passes::select::{Score, SelectionBatches};
+use crate::passes::vocab::VocabCorpus;
 use crate::passes::{Alternative, Pass, StageContext};
 use crate::setup::TaskSetup;
-use evaluation::{Comparison, Judge};
+use evaluation::{Comparison, Judge, Subject};
 use report::{
     points, AlternativeReport, BeforeAfter, DataReport, RunReport, StageReport, Timing,
     ToleranceReport,
 };
 use tolerance::MaxDrop;
+use vocabulary::VocabReport;
 
 /// Dev sentences timed for the latency figures.
 const LATENCY_SAMPLES: usize = 64;
@@ -100,6 +104,8 @@ pub struct RunSettings {
     pub max_drop: Option<MaxDrop>,
     /// The stages, in order.
     pub stages: Vec<StageSpec>,
+    /// Prune the vocabulary to this corpus after the stages.
+    pub vocab: Option<VocabCorpus>,
 }
 
 /// Where and how a run writes.
@@ -151,7 +157,7 @@ pub fn run(spec: &RunSettings, out: &Output, quiet: bool) -> Result<Finished> {
     let test = spec
         .test
         .as_deref()
-        .map(|p| read_test(spec.task, p, &setup))
+        .map(|p| read_test(spec.task, p, &setup.encoder))
         .transpose()?;
     // 3. The original model's selection score: the run's tolerance is measured from it.
     let batches = SelectionBatches::new(
@@ -173,14 +179,38 @@ pub fn run(spec: &RunSettings, out: &Output, quiet: bool) -> Result<Finished> {
     run.log_start(baseline);
     // 4. Every stage, on the selection engine.
     let (model, stages) = run.stages(&passes, baseline, &mut journal)?;
+    // 4b. Vocabulary pruning: exact on its corpus; the data is encoded anew for the judge.
+    let original = Subject {
+        model: &setup.model,
+        splits: &splits,
+        test: test.as_ref(),
+    };
+    let pruned = match &spec.vocab {
+        Some(corpus) => Some(vocabulary::prune(corpus, &model, spec, &setup, &splits)?),
+        None => None,
+    };
+    if let Some(p) = &pruned {
+        run.log(&p.report.summary());
+    }
+    let compressed = match &pruned {
+        Some(p) => Subject {
+            model: &p.model,
+            splits: &p.splits,
+            test: p.test.as_ref(),
+        },
+        None => Subject {
+            model: &model,
+            ..original
+        },
+    };
     // 5. The original and the compressed model on every split.
-    let evaluation = run
-        .judge()
-        .compare(&setup.model, &model, &splits, test.as_ref())?;
+    let evaluation = run.judge().compare(&original, &compressed)?;
     // 6. Export with report.json and timing.json; the progress file has served its purpose.
-    let prepared = prepare(&model, &history(spec, &setup.model, &passes, &splits))?;
-    let report = run.report(&model, &prepared, baseline, stages, evaluation);
-    let timing = timing(started, &setup.model, &model, &splits.dev)?;
+    let model = compressed.model;
+    let prepared = prepare(model, &history(spec, &setup.model, &passes, &splits))?;
+    let vocab = pruned.as_ref().map(|p| p.report.clone());
+    let report = run.report(model, &prepared, baseline, stages, evaluation, vocab);
+    let timing = timing(started, [&original, &compressed])?;
     let files = [
         ("report.json", pretty(&report)?),
         ("timing.json", pretty(&timing)?),
@@ -299,7 +329,18 @@ impl Run<'_> {
                 Ok(AlternativeReport {
                     name: a.name,
                     weights_bytes: prepare(&a.model, &[])?.weights.len() as u64,
-                    evaluation: judge.compare(&self.setup.model, &a.model, self.splits, None)?,
+                    evaluation: judge.compare(
+                        &Subject {
+                            model: &self.setup.model,
+                            splits: self.splits,
+                            test: None,
+                        },
+                        &Subject {
+                            model: &a.model,
+                            splits: self.splits,
+                            test: None,
+                        },
+                    )?,
                 })
             })
             .collect()
@@ -327,6 +368,7 @@ impl Run<'_> {
         baseline: Score,
         stages: Vec<StageReport>,
         evaluation: Vec<Comparison>,
+        vocabulary: Option<VocabReport>,
     ) -> RunReport {
         let (spec, original) = (self.spec, &self.setup.model);
         let last = stages.last().map_or(baseline, |s| s.selection_after);
@@ -349,6 +391,7 @@ impl Run<'_> {
                 spent_points: points(baseline.metric, last.metric),
             },
             stages,
+            vocabulary,
             evaluation,
             parameters: BeforeAfter::new(
                 original.parameter_count() as u64,
@@ -418,21 +461,22 @@ fn history(
     history
 }
 
-fn read_test(task: Task, path: &Path, setup: &TaskSetup) -> Result<EncodedSet> {
+fn read_test(task: Task, path: &Path, encoder: &TextEncoder) -> Result<EncodedSet> {
     if !path.is_file() {
         bail!(
             "--test {}: no such file; pass a labelled TSV file of the task",
             path.display()
         );
     }
-    encode(&glue::read(task, path)?, "", &setup.encoder)
+    encode(&glue::read(task, path)?, "", encoder)
 }
 
-/// Wall time so far and batch-1 latency of both models.
-fn timing(started: Instant, original: &Model, model: &Model, dev: &EncodedSet) -> Result<Timing> {
+/// Wall time so far and batch-1 latency of both models, each on dev as its tokenizer encodes it.
+fn timing(started: Instant, [original, compressed]: [&Subject; 2]) -> Result<Timing> {
+    let dev = &original.splits.dev;
     Ok(Timing {
-        latency_b1_p50_ms_before: latency_ms(original, dev)?,
-        latency_b1_p50_ms_after: latency_ms(model, dev)?,
+        latency_b1_p50_ms_before: latency_ms(original.model, dev)?,
+        latency_b1_p50_ms_after: latency_ms(compressed.model, &compressed.splits.dev)?,
         latency_samples: LATENCY_SAMPLES.min(dev.sequences.len()),
         wall_seconds: started.elapsed().as_secs_f64(),
     })

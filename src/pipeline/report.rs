@@ -34,6 +34,8 @@ pub struct RunReport {
     pub tolerance: ToleranceReport,
     /// One entry per stage, in order.
     pub stages: Vec<StageReport>,
+    /// Vocabulary pruning after the stages, if asked for.
+    pub vocabulary: Option<super::vocabulary::VocabReport>,
     /// Original vs compressed model on every split.
     pub evaluation: Vec<Comparison>,
     /// Parameters before and after.
@@ -169,6 +171,9 @@ pub fn render(report: &RunReport, timing: &Timing, out: &str) -> String {
         report.data.location,
         report.data.origin.name()
     );
+    if let Some(v) = &report.vocabulary {
+        let _ = writeln!(s, "  {}", v.summary());
+    }
     render_evaluation(&mut s, report);
     render_tolerance(&mut s, report);
     let _ = writeln!(

@@ -1,0 +1,191 @@
+//! Vocabulary pruning: keep the word-embedding rows of the tokens a corpus produces (plus the
+//! special tokens), renumber them in their old order and rewrite the tokenizer to match. Every
+//! corpus text tokenizes to the same tokens as before, so its logits are unchanged; this is
+//! checked on the whole corpus every time, not assumed. A quantized embedding matrix keeps its
+//! codes (its rows are quantized independently).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokenizers::{EncodeInput, Tokenizer};
+
+use crate::data::glue::Dataset;
+use crate::model::tokenizer::model_tokenizer;
+use crate::model::vocab::{
+    corpus_ids, prune_tokenizer_config, prune_tokenizer_json, vocab_txt, KeptIds, TokenizerFiles,
+};
+use crate::model::Model;
+
+/// Config ids that name tokens and must survive pruning.
+const CONFIG_TOKEN_IDS: [&str; 5] = [
+    "pad_token_id",
+    "bos_token_id",
+    "eos_token_id",
+    "sep_token_id",
+    "cls_token_id",
+];
+
+/// Which texts decide the kept vocabulary.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VocabCorpus {
+    /// The task's train and dev splits.
+    Task,
+    /// A text file: one text per line, tab-separated fields tokenized separately.
+    File(PathBuf),
+}
+
+/// `--vocab`: which vocabulary to keep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum VocabChoice {
+    /// The tokens of a corpus: the task's train and dev data, or `--vocab-corpus FILE`.
+    Corpus,
+}
+
+impl VocabCorpus {
+    /// The corpus `--vocab` and `--vocab-corpus` ask for (a file implies `--vocab corpus`).
+    pub fn from_flags(choice: Option<VocabChoice>, file: Option<PathBuf>) -> Option<Self> {
+        match (choice, file) {
+            (_, Some(path)) => Some(VocabCorpus::File(path)),
+            (Some(VocabChoice::Corpus), None) => Some(VocabCorpus::Task),
+            (None, None) => None,
+        }
+    }
+}
+
+/// The texts of `sets`: every sentence of every example.
+pub fn dataset_texts(sets: &[Dataset]) -> Vec<String> {
+    sets.iter()
+        .flat_map(|s| &s.examples)
+        .flat_map(|e| std::iter::once(e.text_a.clone()).chain(e.text_b.clone()))
+        .collect()
+}
+
+/// The texts of a corpus file: every tab-separated field of every non-empty line.
+pub fn file_texts(path: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).with_context(|| {
+        format!(
+            "--vocab-corpus {}: cannot read it; pass a UTF-8 text file, one text per line",
+            path.display()
+        )
+    })?;
+    let texts: Vec<String> = text
+        .lines()
+        .flat_map(|l| l.split('\t'))
+        .filter(|t| !t.trim().is_empty())
+        .map(str::to_string)
+        .collect();
+    if texts.is_empty() {
+        bail!(
+            "--vocab-corpus {}: the file has no text; pass one text per line",
+            path.display()
+        );
+    }
+    Ok(texts)
+}
+
+/// `model` with only the vocabulary `texts` need; the tokenizer files travel with the model.
+pub fn prune_vocabulary(model: &Model, texts: &[String]) -> Result<(Model, KeptIds)> {
+    let tokenizer = model_tokenizer(model)?;
+    let vocab_size = model.config.vocab_size;
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let kept = corpus_ids(&tokenizer, &refs, &config_token_ids(&model.config.raw))?;
+    if let Some(&bad) = kept.old_ids().iter().find(|&&i| i as usize >= vocab_size) {
+        bail!("the tokenizer produces token id {bad}, beyond the model's vocab_size {vocab_size}");
+    }
+    let files = tokenizer_files(model, &tokenizer, &kept)?;
+    let pruned = Tokenizer::from_bytes(files.get("tokenizer.json").unwrap_or_default())
+        .map_err(|e| anyhow!("the pruned tokenizer does not load ({e})"))?;
+    check_unchanged(&tokenizer, &pruned, &refs, &kept)?;
+    let rows: Vec<usize> = kept.old_ids().iter().map(|&i| i as usize).collect();
+    let mut out = model.clone();
+    out.embeddings.word = model.embeddings.word.select(0, &rows)?;
+    out.config.vocab_size = kept.len();
+    renumber_config(&mut out.config.raw, &kept)?;
+    out.tokenizer = Some(Arc::new(files));
+    Ok((out, kept))
+}
+
+/// Token ids `config.json` names (`pad_token_id`…).
+fn config_token_ids(raw: &Value) -> Vec<u32> {
+    CONFIG_TOKEN_IDS
+        .iter()
+        .filter_map(|k| raw.get(k).and_then(Value::as_u64))
+        .filter_map(|id| u32::try_from(id).ok())
+        .collect()
+}
+
+/// `config.json` with its vocabulary size and token ids renumbered.
+fn renumber_config(raw: &mut Value, kept: &KeptIds) -> Result<()> {
+    let obj = raw.as_object_mut().context("config.json is an object")?;
+    obj.insert("vocab_size".into(), Value::from(kept.len()));
+    for key in CONFIG_TOKEN_IDS {
+        if let Some(id) = obj.get(key).and_then(Value::as_u64) {
+            let new = u32::try_from(id)
+                .ok()
+                .and_then(|i| kept.new_id(i))
+                .with_context(|| format!("config.json {key} {id} is not kept"))?;
+            obj.insert(key.into(), Value::from(new));
+        }
+    }
+    Ok(())
+}
+
+/// `tokenizer.json` (always), and `vocab.txt` / `tokenizer_config.json` where the model had them.
+fn tokenizer_files(model: &Model, tokenizer: &Tokenizer, kept: &KeptIds) -> Result<TokenizerFiles> {
+    let json: Value = serde_json::from_str(
+        &tokenizer
+            .to_string(false)
+            .map_err(|e| anyhow!("cannot serialise the tokenizer: {e}"))?,
+    )?;
+    let mut files = BTreeMap::new();
+    let pretty = |v: &Value| -> Result<Vec<u8>> {
+        Ok((serde_json::to_string_pretty(v)? + "\n").into_bytes())
+    };
+    files.insert(
+        "tokenizer.json",
+        pretty(&prune_tokenizer_json(&json, kept)?)?,
+    );
+    if model.dir.join("vocab.txt").is_file() {
+        files.insert("vocab.txt", vocab_txt(tokenizer, kept)?);
+    }
+    let config = model.dir.join("tokenizer_config.json");
+    if let Ok(text) = std::fs::read_to_string(&config) {
+        let value: Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not valid JSON", config.display()))?;
+        files.insert(
+            "tokenizer_config.json",
+            pretty(&prune_tokenizer_config(&value, kept)?)?,
+        );
+    }
+    Ok(TokenizerFiles(files))
+}
+
+/// Fails unless every text tokenizes with `pruned` to the renumbered tokens of `original`.
+fn check_unchanged(
+    original: &Tokenizer,
+    pruned: &Tokenizer,
+    texts: &[&str],
+    kept: &KeptIds,
+) -> Result<()> {
+    let encode = |t: &Tokenizer| {
+        let inputs: Vec<EncodeInput> = texts.iter().map(|&s| s.into()).collect();
+        t.encode_batch(inputs, true)
+            .map_err(|e| anyhow!("tokenization failed: {e}"))
+    };
+    let (before, after) = (encode(original)?, encode(pruned)?);
+    for ((text, a), b) in texts.iter().zip(&before).zip(&after) {
+        let renumbered: Option<Vec<u32>> = a.get_ids().iter().map(|&i| kept.new_id(i)).collect();
+        if renumbered.as_deref() != Some(b.get_ids()) {
+            bail!(
+                "vocabulary pruning would change the tokenization of {text:?}; please report this"
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,148 @@
+//! Vocabulary pruning: every corpus text tokenizes as before (renumbered) with the exported
+//! tokenizer, logits are unchanged, and a run judges the pruned model on data encoded by its own
+//! tokenizer (what `eval` sees).
+
+mod common;
+
+use std::path::Path;
+
+use axcompress::data::glue;
+use axcompress::data::task::Task;
+use axcompress::evaluate::predict;
+use axcompress::export::write_model_dir;
+use axcompress::model::encoder::RunOptions;
+use axcompress::model::inputs::Sequence;
+use axcompress::model::tokenizer::TextEncoder;
+use axcompress::model::Model;
+use axcompress::passes::vocab::{dataset_texts, prune_vocabulary};
+use indicatif::ProgressBar;
+use serde_json::{json, Value};
+
+fn encode(dir: &Path, texts: &[String], max_length: usize) -> Vec<Sequence> {
+    let pairs: Vec<(String, Option<String>)> = texts.iter().map(|t| (t.clone(), None)).collect();
+    TextEncoder::load(dir, max_length)
+        .unwrap()
+        .encode(&pairs)
+        .unwrap()
+}
+
+fn logits(model: &Model, seqs: &[Sequence]) -> Vec<f32> {
+    predict(
+        model,
+        seqs,
+        32,
+        RunOptions::default(),
+        &ProgressBar::hidden(),
+    )
+    .unwrap()
+    .concat()
+}
+
+#[test]
+fn every_sst2_corpus_text_tokenizes_as_before_and_logits_are_unchanged() {
+    let shared = fixtures_or_skip!();
+    let src = shared.join("models/minilm-l6-sst2");
+    let model = Model::from_dir(&src).unwrap();
+    let read = |split: &str| {
+        let path = shared.join(format!("data/glue/SST-2/{split}.tsv"));
+        glue::read(Task::Sst2, &path).unwrap()
+    };
+    let (train, dev) = (read("train"), read("dev"));
+    let texts = dataset_texts(&[train, dev.clone()]);
+    let (pruned, kept) = prune_vocabulary(&model, &texts).unwrap();
+    assert!(
+        kept.len() < model.config.vocab_size / 2,
+        "kept {}",
+        kept.len()
+    );
+
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("pruned");
+    write_model_dir(&pruned, &out, &[], &json!({}), false).unwrap();
+    let reloaded = Model::from_dir(&out).unwrap();
+    assert_eq!(reloaded.config.vocab_size, kept.len());
+    let vocab_txt = std::fs::read_to_string(out.join("vocab.txt")).unwrap();
+    assert_eq!(vocab_txt.lines().count(), kept.len());
+
+    // Every corpus text, whole (no truncation): the exported tokenizer gives the renumbered ids.
+    let (before, after) = (encode(&src, &texts, 512), encode(&out, &texts, 512));
+    for ((text, b), a) in texts.iter().zip(&before).zip(&after) {
+        let renumbered: Vec<u32> = b.ids.iter().map(|&i| kept.new_id(i).unwrap()).collect();
+        assert_eq!(renumbered, a.ids, "{text}");
+        assert_eq!(b.type_ids, a.type_ids, "{text}");
+    }
+    // Logits: identical ids pick identical rows, so every text's logits are unchanged; run every
+    // dev sentence and the first 1000 train sentences through both models.
+    let dev_texts = dataset_texts(&[dev]);
+    let sample: Vec<String> = texts[..1000].iter().chain(&dev_texts).cloned().collect();
+    let want = logits(&model, &encode(&src, &sample, 128));
+    let got = logits(&reloaded, &encode(&out, &sample, 128));
+    assert_eq!(want.len(), got.len());
+    let diff = common::max_abs_diff(&want, &got);
+    assert!(diff <= 1e-5, "max |Δlogit| {diff}");
+}
+
+#[test]
+fn a_file_corpus_prunes_rte_pairs_and_the_judge_sees_what_eval_sees() {
+    let shared = fixtures_or_skip!();
+    let data = common::small_glue(&shared, "RTE", 40);
+    // The corpus: only the train pairs, so dev words outside it become [UNK].
+    let train = glue::read(Task::Rte, &data.path().join("RTE/train.tsv")).unwrap();
+    let corpus: Vec<String> = train
+        .examples
+        .iter()
+        .map(|e| format!("{}\t{}", e.text_a, e.text_b.clone().unwrap_or_default()))
+        .collect();
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus_file = tmp.path().join("corpus.txt");
+    std::fs::write(&corpus_file, corpus.join("\n")).unwrap();
+    let out = tmp.path().join("rte");
+    let model = shared.join("models/minilm-l6-rte");
+    let report = common::json_stdout(&common::run(&[
+        "quantize",
+        "--model",
+        model.to_str().unwrap(),
+        "--task",
+        "rte",
+        "--data",
+        data.path().to_str().unwrap(),
+        "--bits",
+        "8",
+        "--vocab-corpus",
+        corpus_file.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--json",
+        "-q",
+    ]));
+    let v = &report["vocabulary"];
+    assert_eq!(v["corpus_texts"], 80);
+    let kept = v["kept"].as_u64().unwrap();
+    assert!(kept < v["of"].as_u64().unwrap());
+    assert_eq!(v["dev_unknown_rate_before"], 0.0);
+    assert!(v["dev_unknown_rate_after"].as_f64().unwrap() > 0.0, "{v}");
+
+    let config = common::read_json(&out.join("config.json"));
+    assert_eq!(config["vocab_size"], kept);
+    assert!(
+        !out.join("vocab.txt").exists(),
+        "the input had no vocab.txt"
+    );
+    let tokenizer = common::read_json(&out.join("tokenizer.json"));
+    let vocab = tokenizer["model"]["vocab"].as_object().unwrap();
+    assert_eq!(vocab.len() as u64, kept);
+
+    // The run's dev figure for the pruned model is what `eval` measures on the output.
+    let evaluated = common::eval_json(&out, "rte", data.path());
+    let dev = report["evaluation"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["split"] == "dev")
+        .unwrap();
+    let accuracy = |v: &Value| v["accuracy"].as_f64().unwrap();
+    assert_eq!(
+        accuracy(&dev["after"]["metrics"]),
+        accuracy(&evaluated["metrics"])
+    );
+}
