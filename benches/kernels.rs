@@ -1,7 +1,7 @@
-//! candle's quantized kernels (`Q8_0`, `Q4_0`) against the f32 matrix product, at MiniLM's
-//! shapes, with 25 rows (about one sentence) and 800 rows (a batch of 32). Ratios above 1 mean
-//! the kernel is faster. `cargo bench --bench kernels`; this decides
-//! `Execution::default_choice`.
+//! The quantized kernels — axcompress's int8 kernel, candle's `Q8_0` and `Q4_0` — against
+//! candle's f32 matrix product, at MiniLM's shapes, with 25 rows (about one sentence) and 800
+//! rows (a batch of 32), on the rayon pool's threads (`RAYON_NUM_THREADS`). Ratios above 1 mean
+//! the kernel is faster. `cargo bench --bench kernels`; this decides `Execution::Auto`.
 
 use std::time::Instant;
 
@@ -23,21 +23,27 @@ fn time(rows: usize, f: &dyn Fn() -> Tensor) -> f64 {
 
 fn main() {
     let dev = Device::Cpu;
-    println!("shape (out x in)  rows   f32 us   Q8_0 us (ratio)   Q4_0 us (ratio)");
+    println!(
+        "shape (out x in)  rows   f32 us   int8 us (ratio)   Q8_0 us (ratio)   Q4_0 us (ratio)"
+    );
     for (out, inp) in [(384, 384), (1152, 384), (1536, 384), (384, 1536)] {
         let w = Tensor::randn(0f32, 0.05, (out, inp), &dev).unwrap();
         let wt = w.t().unwrap();
         for rows in [25, 800] {
             let x = Tensor::randn(0f32, 1.0, (rows, inp), &dev).unwrap();
             let dense = time(rows, &|| x.matmul(&wt).unwrap());
-            let kernel = |bits| {
+            let kernel = |bits, execution| {
                 let codes = Codes::from_tensor(&w, bits).unwrap();
-                let q = QuantMatrix::with_execution(codes, Execution::Kernel).unwrap();
+                let q = QuantMatrix::with_execution(codes, execution).unwrap();
+                q.matmul_t(&x).unwrap(); // packs the int8 kernel's weights once
                 time(rows, &|| q.matmul_t(&x).unwrap())
             };
-            let (q8, q4) = (kernel(Bits::Int8), kernel(Bits::Int4));
+            let int8 = kernel(Bits::Int8, Execution::Kernel);
+            let q8 = kernel(Bits::Int8, Execution::Candle);
+            let q4 = kernel(Bits::Int4, Execution::Candle);
             println!(
-                "{out:>5} x {inp:<5}  {rows:>5} {dense:>8.0} {q8:>9.0} ({:.2}x) {q4:>9.0} ({:.2}x)",
+                "{out:>5} x {inp:<5}  {rows:>5} {dense:>8.0} {int8:>9.0} ({:.2}x) {q8:>9.0} ({:.2}x) {q4:>9.0} ({:.2}x)",
+                dense / int8,
                 dense / q8,
                 dense / q4
             );

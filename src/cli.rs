@@ -23,8 +23,8 @@ pub struct Cli {
     /// No progress bars or log lines on stderr.
     #[arg(long, short, global = true)]
     pub quiet: bool,
-    /// How quantized matrices run: dequantized to f32 once (faster on AVX2 CPUs today), or in
-    /// candle's int8 / int4 kernels [default: dequantized].
+    /// How quantized matrices run: auto (int8 in axcompress's int8 kernel, int4 dequantized to
+    /// f32: the faster of each, measured), kernel, candle or dequantized [default: auto].
     #[arg(long, global = true, value_enum)]
     pub execution: Option<Execution>,
     /// The command to run.

@@ -183,11 +183,32 @@ fn real_activations(model: &Model, shared: &Path) -> Tensor {
     h.reshape((b * t, d)).unwrap()
 }
 
-/// The kernels round each group of 32 activations to int8 with an fp16 scale `s = max|x| / 127`:
-/// each activation moves by at most `s / 2` (rounding) plus `127 · |s − fp16(s)| ≤ 127 · s · 2⁻¹¹`
-/// (the scale's own rounding), under `0.5625 · s`. So an output differs from the product with the
-/// dequantized weights by at most `Σ_groups 0.5625 · s_g · Σ_{i∈g} |w_i|`, plus f32 summation
-/// error (bounded here by 1e-4 relative to `Σ |x_i w_i|`).
+/// How far a kernel may round an activation row, per input: the int8 kernel rounds each row to 7
+/// bits over its range, step `s = (max(0, max x) − min(0, min x)) / 127`, so each activation moves
+/// by at most `s / 2` (plus f32 rounding of `x / s`, under `1e-4 · s`); candle's `Q4_0` kernel
+/// rounds each group of 32 to int8 with an fp16 scale `s = max|x| / 127`: at most `s / 2` plus
+/// `127 · |s − fp16(s)| ≤ 127 · s · 2⁻¹¹`, under `0.5625 · s`.
+fn activation_error(row: &[f32], bits: Bits) -> Vec<f32> {
+    match bits {
+        Bits::Int8 => {
+            let (lo, hi) = row
+                .iter()
+                .fold((0f32, 0f32), |(l, h), &v| (l.min(v), h.max(v)));
+            vec![0.5001 * (hi - lo) / 127.0; row.len()]
+        }
+        Bits::Int4 => row
+            .chunks(GROUP)
+            .flat_map(|g| {
+                let s = g.iter().fold(0f32, |a, v| a.max(v.abs())) / 127.0;
+                vec![0.5625 * s; g.len()]
+            })
+            .collect(),
+    }
+}
+
+/// An output of a kernel differs from the product with the dequantized weights by at most
+/// `Σ_i e_i · |w_i|` (`e_i` from [`activation_error`]), plus f32 summation error (bounded here by
+/// 1e-4 relative to `Σ |x_i w_i|`).
 #[test]
 #[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn kernels_match_the_dequantized_product_within_the_derived_bound() {
@@ -216,18 +237,13 @@ fn kernels_match_the_dequantized_product_within_the_derived_bound() {
             let w: Vec<Vec<f32>> = deq.dequantize().unwrap().to_vec2().unwrap();
             let mut worst = 0f32;
             for (r, row) in xv.iter().enumerate() {
-                let scales: Vec<f32> = row
-                    .chunks(GROUP)
-                    .map(|g| g.iter().fold(0f32, |a, v| a.max(v.abs())) / 127.0)
-                    .collect();
+                let error = activation_error(row, bits);
                 for (o, wrow) in w.iter().enumerate() {
-                    let mut bound = 0f32;
-                    let mut magnitude = 0f32;
-                    for (g, (wg, xg)) in wrow.chunks(GROUP).zip(row.chunks(GROUP)).enumerate() {
-                        bound += 0.5625 * scales[g] * wg.iter().map(|v| v.abs()).sum::<f32>();
-                        magnitude += wg.iter().zip(xg).map(|(a, b)| (a * b).abs()).sum::<f32>();
-                    }
-                    bound += 1e-4 * magnitude;
+                    let terms = wrow.iter().zip(row).zip(&error);
+                    let (bound, magnitude) = terms.fold((0f32, 0f32), |(b, mag), ((w, x), e)| {
+                        (b + e * w.abs(), mag + (w * x).abs())
+                    });
+                    let bound = bound + 1e-4 * magnitude;
                     let diff = (got[r][o] - exact[r][o]).abs();
                     assert!(
                         diff <= bound,
@@ -397,4 +413,26 @@ fn quantization_is_the_last_stage() {
         "-q",
     ]);
     common::assert_clean_error(&run, &["--execution dequantized"]);
+    // Without --execution, analyze runs the quantized model dequantized.
+    let args = [
+        "analyze",
+        "--model",
+        out.to_str().unwrap(),
+        "--task",
+        "sst2",
+        "--data",
+        data.path().to_str().unwrap(),
+        "--out",
+        report.to_str().unwrap(),
+        "--levels",
+        "blocks",
+        "-q",
+    ];
+    let run = common::run(&args);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(report.is_file());
 }

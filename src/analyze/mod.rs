@@ -190,7 +190,7 @@ pub fn analyze(
         labels,
     } = *subject;
     if model.runs_quantized_kernels() {
-        bail!("analysis takes gradients, which candle's quantized kernels do not have; run it with --execution dequantized");
+        bail!("analysis takes gradients, which the quantized kernels do not have; run it with --execution dequantized");
     }
     let started = Instant::now();
     if set.sequences.is_empty() {

@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::model::quant::Execution;
 use anyhow::Result;
 use serde_json::json;
 
@@ -16,6 +17,9 @@ use crate::fsutil::write_atomic;
 
 /// Runs `axcompress analyze`.
 pub fn run(args: &AnalyzeArgs, cli: &Cli) -> Result<()> {
+    // Gradients need f32 matrices: a quantized model runs dequantized unless --execution said
+    // otherwise (then analysis refuses it).
+    Execution::set_default(Execution::Dequantized);
     let setup = task_setup(&args.model, &args.task)?;
     let task = args.task.task;
     let spec = args.selection.apply(SelectionSpec::default());

@@ -6,7 +6,7 @@ use serde_json::{json, Value};
 use super::print_json;
 use crate::cli::{Cli, InspectArgs};
 use crate::model::linear::Weight;
-use crate::model::quant::{unquantizable, Execution};
+use crate::model::quant::unquantizable;
 use crate::model::Model;
 
 /// Runs `axcompress inspect`.
@@ -63,10 +63,7 @@ fn matrices(model: &Model) -> Result<Vec<Value>> {
             let w = model.weight(m)?;
             let (rows, cols) = w.dims();
             let runs_as = match &w {
-                Weight::Quantized(q) => match q.execution {
-                    Execution::Kernel => format!("candle {} kernel", q.bits().kernel_name()),
-                    Execution::Dequantized => "dequantized to f32 once".to_string(),
-                },
+                Weight::Quantized(q) => q.runs_as().to_string(),
                 _ => match unquantizable(cols) {
                     Some(why) => format!("f32; cannot be quantized: {why}"),
                     None => "f32".to_string(),

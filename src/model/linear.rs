@@ -4,7 +4,7 @@
 
 use candle_core::{bail, DType, Device, Result, Tensor, D};
 
-use super::quant::{Execution, Precision, QuantMatrix};
+use super::quant::{Bits, Codes, Execution, Precision, QuantMatrix};
 
 /// The weight matrix of a linear layer, `[out, in]` as in PyTorch.
 #[derive(Debug, Clone)]
@@ -18,22 +18,49 @@ pub enum Weight {
     Stacked(Stack),
 }
 
-/// Weights stacked along the outputs. When every part is multiplied as an f32 matrix, the stack
-/// keeps them fused too, so the projection stays one matrix product.
+/// Weights stacked along the outputs. When every part runs the same way — as an f32 matrix, or
+/// in the int8 kernel — the stack keeps them fused too, so the projection stays one product.
 #[derive(Debug, Clone)]
 pub struct Stack {
     /// The parts, top to bottom.
     pub parts: Vec<Weight>,
-    fused: Option<Tensor>,
+    fused: Option<Fused>,
+}
+
+/// The parts of a stack as one matrix.
+#[derive(Debug, Clone)]
+enum Fused {
+    F32(Tensor),
+    /// int8 rows with one scale each: stacking their codes changes no value.
+    Int8(QuantMatrix),
 }
 
 impl Stack {
     /// Stacks `parts` (same input dimension).
     pub fn new(parts: Vec<Weight>) -> Result<Self> {
         let dense: Option<Vec<Tensor>> = parts.iter().map(Weight::f32_matrix).collect();
-        let fused = dense.map(|d| Tensor::cat(&d, 0)).transpose()?;
+        let fused = match dense {
+            Some(d) => Some(Fused::F32(Tensor::cat(&d, 0)?)),
+            None => int8_kernel_parts(&parts)
+                .map(|codes| QuantMatrix::with_execution(Codes::stack(&codes)?, Execution::Kernel))
+                .transpose()?
+                .map(Fused::Int8),
+        };
         Ok(Stack { parts, fused })
     }
+}
+
+/// The codes of `parts` when every one is an int8 matrix run in the int8 kernel.
+fn int8_kernel_parts(parts: &[Weight]) -> Option<Vec<&Codes>> {
+    parts
+        .iter()
+        .map(|p| match p {
+            Weight::Quantized(q) if q.execution == Execution::Kernel && q.bits() == Bits::Int8 => {
+                Some(q.codes.as_ref())
+            }
+            _ => None,
+        })
+        .collect()
 }
 
 impl Weight {
@@ -111,7 +138,14 @@ impl Weight {
         match self {
             Weight::Dense(w) => x.matmul(&w.t()?),
             Weight::Quantized(q) => q.matmul_t(x),
-            Weight::Stacked(Stack { fused: Some(w), .. }) => x.matmul(&w.t()?),
+            Weight::Stacked(Stack {
+                fused: Some(Fused::F32(w)),
+                ..
+            }) => x.matmul(&w.t()?),
+            Weight::Stacked(Stack {
+                fused: Some(Fused::Int8(q)),
+                ..
+            }) => q.matmul_t(x),
             Weight::Stacked(s) => {
                 let outs = s
                     .parts
@@ -166,13 +200,14 @@ impl Weight {
                     }
                     first += rows;
                 }
-                // The fused matrix is narrowed as a view: this runs on every forward pass that
-                // computes only some rows (keys and values of the last layer).
-                let fused = s
-                    .fused
-                    .as_ref()
-                    .map(|f| f.narrow(0, start, len))
-                    .transpose()?;
+                // An f32 fused matrix is narrowed as a view: this runs on every forward pass
+                // that computes only some rows (keys and values of the last layer). An int8 one
+                // would be packed again each time; its parts run separately instead (each is
+                // packed once, shared by its clones).
+                let fused = match &s.fused {
+                    Some(Fused::F32(f)) => Some(Fused::F32(f.narrow(0, start, len)?)),
+                    _ => None,
+                };
                 Ok(match kept.len() {
                     1 => kept.pop().expect("one part"),
                     _ => Weight::Stacked(Stack { parts: kept, fused }),
@@ -373,5 +408,31 @@ mod tests {
                 want.to_vec2::<f32>().unwrap()
             );
         }
+    }
+
+    #[test]
+    fn a_stack_of_int8_kernel_parts_fuses_without_changing_a_value() {
+        use crate::model::quant::{Bits, Codes};
+        let dev = Device::Cpu;
+        let part = |rows: usize| {
+            let dense = Tensor::randn(0f32, 1.0, (rows, 64), &dev).unwrap();
+            let codes = Codes::from_tensor(&dense, Bits::Int8).unwrap();
+            Weight::Quantized(QuantMatrix::with_execution(codes, Execution::Kernel).unwrap())
+        };
+        let parts = vec![part(8), part(24), part(16)];
+        let x = Tensor::randn(0f32, 1.0, (5, 64), &dev).unwrap();
+        let separate: Vec<Tensor> = parts.iter().map(|p| p.matmul_t(&x).unwrap()).collect();
+        let want: Vec<Vec<f32>> = Tensor::cat(&separate, 1).unwrap().to_vec2().unwrap();
+        let stack = Stack::new(parts).unwrap();
+        assert!(matches!(stack.fused, Some(Fused::Int8(_))));
+        let w = Weight::Stacked(stack);
+        assert_eq!(w.matmul_t(&x).unwrap().to_vec2::<f32>().unwrap(), want);
+        let Weight::Stacked(narrowed) = w.narrow_rows(8, 40).unwrap() else {
+            panic!("rows 8..48 are two parts");
+        };
+        assert!(
+            narrowed.fused.is_none(),
+            "narrowed int8 parts run separately"
+        );
     }
 }

@@ -139,11 +139,11 @@ impl Model {
             .any(|m| self.weight(m).is_ok_and(|w| !w.is_dense()))
     }
 
-    /// True when any matrix runs in candle's quantized kernels (which have no backward pass).
+    /// True when any matrix runs in a quantized kernel (which has no backward pass).
     pub fn runs_quantized_kernels(&self) -> bool {
         self.matrices().into_iter().any(|m| {
             self.weight(m).is_ok_and(
-                |w| matches!(&w, Weight::Quantized(q) if q.execution == Execution::Kernel),
+                |w| matches!(&w, Weight::Quantized(q) if q.execution != Execution::Dequantized),
             )
         })
     }

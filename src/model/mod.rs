@@ -4,6 +4,7 @@ pub mod config;
 pub mod encoder;
 pub mod head;
 pub mod inputs;
+pub mod int8_gemm;
 pub mod linear;
 pub mod matrices;
 pub mod names;

@@ -8,11 +8,15 @@
 //! group's largest magnitude exactly onto the end of the range on its own side (`-8` for a
 //! negative extreme, `+7` for a positive one at 4 bits), so no code is ever clamped.
 //!
-//! The codes run in candle's (ggml's) `Q8_0` and `Q4_0` blocks: 32 values along the inner
-//! dimension with one fp16 scale, `Q8_0` holding the codes as `i8` and `Q4_0` holding `code + 8`
-//! as nibbles (entry `j` in the low nibble of byte `j`, entry `j + 16` in the high one). A row
-//! scale is repeated in each of the row's blocks, so a matrix becomes a `QTensor` without
-//! rounding again.
+//! int8 codes run in axcompress's own int8 kernel ([`super::int8_gemm`]: AVX2 `vpmaddubsw` with the
+//! activations rounded to 7 bits per row, 1.6–3.6× faster than candle's f32 product at MiniLM's
+//! shapes on 2 AVX2 cores). The codes also map onto candle's (ggml's) `Q8_0` and `Q4_0` blocks: 32
+//! values along the inner dimension with one fp16 scale, `Q8_0` holding the codes as `i8` and
+//! `Q4_0` holding `code + 8` as nibbles (entry `j` in the low nibble of byte `j`, entry `j + 16`
+//! in the high one). A row scale is repeated in each of the row's blocks, so a matrix becomes a
+//! `QTensor` without rounding again. int4 runs in `Q4_0` on request (`--execution kernel`); by
+//! default it runs dequantized, since candle 0.11's `Q4_0` and `Q8_0` kernels were 2.4–10× slower
+//! than its f32 product here.
 //!
 //! candle-transformers' `quantized_nn::Linear` and `quantized_var_builder` are not used: they
 //! load GGUF files and quantize with ggml's own rounding, while our codes come from
@@ -23,7 +27,9 @@ use std::borrow::Cow;
 use std::sync::{Arc, OnceLock};
 
 use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
-use candle_core::{bail, Device, Module, Result, Tensor};
+use candle_core::{bail, Device, Module, Result, Storage, Tensor};
+
+use super::int8_gemm::{self, PackedInt8};
 use half::f16;
 use serde::{Deserialize, Serialize};
 
@@ -54,14 +60,6 @@ impl Bits {
         match self {
             Bits::Int8 => GgmlDType::Q8_0,
             Bits::Int4 => GgmlDType::Q4_0,
-        }
-    }
-
-    /// candle's name of the block type, `Q8_0` or `Q4_0`.
-    pub fn kernel_name(self) -> &'static str {
-        match self {
-            Bits::Int8 => "Q8_0",
-            Bits::Int4 => "Q4_0",
         }
     }
 
@@ -200,6 +198,54 @@ impl Codes {
             .collect()
     }
 
+    /// The rows of `parts` (same precision, columns and group) stacked in order.
+    pub fn stack(parts: &[&Codes]) -> Result<Codes> {
+        let Some(first) = parts.first() else {
+            bail!("nothing to stack");
+        };
+        if parts
+            .iter()
+            .any(|p| (p.bits, p.cols, p.group) != (first.bits, first.cols, first.group))
+        {
+            bail!("stacked codes differ in precision, columns or group");
+        }
+        Ok(Codes {
+            bits: first.bits,
+            rows: parts.iter().map(|p| p.rows).sum(),
+            cols: first.cols,
+            group: first.group,
+            codes: parts.iter().flat_map(|p| p.codes.iter().copied()).collect(),
+            scales: parts
+                .iter()
+                .flat_map(|p| p.scales.iter().copied())
+                .collect(),
+        })
+    }
+
+    /// The values of rows `ids` (an embedding lookup), row-major.
+    pub fn dequantize_rows(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        let groups = self.cols / self.group;
+        let mut out = Vec::with_capacity(ids.len() * self.cols);
+        for &id in ids {
+            let r = id as usize;
+            if r >= self.rows {
+                bail!("token id {id} is beyond the {} rows", self.rows);
+            }
+            let codes = &self.codes[r * self.cols..(r + 1) * self.cols];
+            let scales = &self.scales[r * groups..(r + 1) * groups];
+            for (group, s) in codes.chunks(self.group).zip(scales) {
+                out.extend(group.iter().map(|&q| f32::from(q) * s.to_f32()));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The codes packed for the int8 kernel (int8 has one scale per row).
+    fn pack_int8(&self) -> PackedInt8 {
+        let scales: Vec<f32> = self.scales.iter().map(|s| s.to_f32()).collect();
+        PackedInt8::pack(&self.codes, &scales, self.rows, self.cols)
+    }
+
     /// The codes in candle's block layout (`Q8_0` or `Q4_0`), each block carrying its group's
     /// scale.
     pub fn to_blocks(&self) -> Vec<u8> {
@@ -253,8 +299,13 @@ fn nibble(q: i8) -> u8 {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum Execution {
-    /// candle's quantized kernels (`Q8_0` / `Q4_0`): the activations are rounded to 8 bits too.
+    /// The fastest measured per precision: int8 in the int8 kernel, int4 dequantized.
+    Auto,
+    /// Quantized kernels: int8 in axcompress's own int8 kernel (activations rounded to 7 bits per
+    /// row), int4 in candle's `Q4_0` kernel (activations rounded to 8 bits per block of 32).
     Kernel,
+    /// candle's `Q8_0` / `Q4_0` kernels for both precisions (for comparison: slower here).
+    Candle,
     /// The matrix dequantized to f32 once, multiplied densely.
     Dequantized,
 }
@@ -268,13 +319,22 @@ impl Execution {
         let _ = EXECUTION.set(execution);
     }
 
-    /// How quantized matrices run unless `--execution` says otherwise: dequantized. On this
-    /// project's AVX2 machines candle 0.11's `Q8_0` and `Q4_0` kernels were 2.4–7.7× slower than
-    /// its f32 matrix product at every MiniLM shape, with 25 or 800 rows
-    /// (`cargo bench --bench kernels` measures it), so the codes are a storage format here:
-    /// files get smaller, inference does not get faster.
+    /// How quantized matrices run unless `--execution` says otherwise: [`Execution::Auto`].
     pub fn default_choice() -> Execution {
-        *EXECUTION.get().unwrap_or(&Execution::Dequantized)
+        *EXECUTION.get().unwrap_or(&Execution::Auto)
+    }
+
+    /// What a matrix of `bits` runs as: `Kernel`, `Candle` or `Dequantized`. Auto picks by
+    /// measurement (`cargo bench --bench kernels`, 2-core AVX2): the int8 kernel was 2.1–3.9×
+    /// faster than candle's f32 product at every MiniLM shape, while candle 0.11's `Q4_0` (and
+    /// `Q8_0`) kernels were 2.4–7.7× slower, so int4 runs dequantized: it is a size tool.
+    pub fn for_bits(self, bits: Bits) -> Execution {
+        match (self, bits) {
+            (Execution::Auto, Bits::Int8) => Execution::Kernel,
+            (Execution::Auto, Bits::Int4) => Execution::Dequantized,
+            (Execution::Kernel, Bits::Int4) => Execution::Candle,
+            (other, _) => other,
+        }
     }
 }
 
@@ -283,14 +343,17 @@ impl Execution {
 pub struct QuantMatrix {
     /// The codes and scales (what export writes).
     pub codes: Arc<Codes>,
-    /// How it runs.
+    /// How it runs: `Kernel` (the int8 kernel), `Candle` or `Dequantized`.
     pub execution: Execution,
     kernel: Kernel,
 }
 
 #[derive(Debug, Clone)]
 enum Kernel {
-    Quantized(QMatMul, Arc<QTensor>),
+    /// Packed for the int8 kernel on first use (an embedding matrix is only looked up), shared
+    /// by every clone.
+    Int8(Arc<OnceLock<PackedInt8>>),
+    Candle(QMatMul, Arc<QTensor>),
     Dense(Tensor),
 }
 
@@ -302,12 +365,14 @@ impl QuantMatrix {
 
     /// Builds the runnable matrix from its codes, executed as `execution` says.
     pub fn with_execution(codes: Codes, execution: Execution) -> Result<Self> {
+        let execution = execution.for_bits(codes.bits);
         let kernel = match execution {
-            Execution::Kernel => {
+            Execution::Kernel => Kernel::Int8(Arc::new(OnceLock::new())),
+            Execution::Candle => {
                 let q = Arc::new(to_qtensor(&codes)?);
-                Kernel::Quantized(QMatMul::from_arc(q.clone())?, q)
+                Kernel::Candle(QMatMul::from_arc(q.clone())?, q)
             }
-            Execution::Dequantized => Kernel::Dense(Tensor::from_vec(
+            _ => Kernel::Dense(Tensor::from_vec(
                 codes.dequantize(),
                 (codes.rows, codes.cols),
                 &Device::Cpu,
@@ -330,6 +395,16 @@ impl QuantMatrix {
         (self.codes.rows, self.codes.cols)
     }
 
+    /// How it runs, in words (`inspect`).
+    pub fn runs_as(&self) -> &'static str {
+        match (&self.kernel, self.bits()) {
+            (Kernel::Int8(_), _) => "int8 kernel (activations rounded to 7 bits per row)",
+            (Kernel::Candle(..), Bits::Int8) => "candle Q8_0 kernel",
+            (Kernel::Candle(..), Bits::Int4) => "candle Q4_0 kernel",
+            (Kernel::Dense(_), _) => "dequantized to f32 once",
+        }
+    }
+
     /// Precision.
     pub fn bits(&self) -> Bits {
         self.codes.bits
@@ -339,14 +414,42 @@ impl QuantMatrix {
     pub fn dequantize(&self) -> Result<Tensor> {
         match &self.kernel {
             Kernel::Dense(t) => Ok(t.clone()),
-            Kernel::Quantized(_, q) => q.dequantize(&Device::Cpu),
+            Kernel::Candle(_, q) => q.dequantize(&Device::Cpu),
+            Kernel::Int8(_) => self.codes_tensor(),
         }
+    }
+
+    fn codes_tensor(&self) -> Result<Tensor> {
+        let (rows, cols) = self.dims();
+        Tensor::from_vec(self.codes.dequantize(), (rows, cols), &Device::Cpu)
     }
 
     /// `x Mᵀ` for `x` of shape `[n, cols]`.
     pub fn matmul_t(&self, x: &Tensor) -> Result<Tensor> {
         match &self.kernel {
-            Kernel::Quantized(m, _) => m.forward(&x.contiguous()?),
+            Kernel::Int8(packed) => {
+                let packed = packed.get_or_init(|| self.codes.pack_int8());
+                let (m, _) = x.dims2()?;
+                let x = x.contiguous()?;
+                let (storage, layout) = x.storage_and_layout();
+                let Storage::Cpu(cpu) = &*storage else {
+                    bail!("the int8 kernel runs on the CPU");
+                };
+                let Some((from, to)) = layout.contiguous_offsets() else {
+                    bail!("the int8 kernel needs contiguous activations");
+                };
+                let mut out = vec![0f32; m * packed.rows()];
+                let threads = rayon::current_num_threads();
+                int8_gemm::matmul_t(
+                    &cpu.as_slice::<f32>()?[from..to],
+                    m,
+                    packed,
+                    &mut out,
+                    threads,
+                );
+                Tensor::from_vec(out, (m, packed.rows()), &Device::Cpu)
+            }
+            Kernel::Candle(m, _) => m.forward(&x.contiguous()?),
             Kernel::Dense(t) => x.matmul(&t.t()?),
         }
     }
@@ -354,8 +457,14 @@ impl QuantMatrix {
     /// The rows at `ids` (an embedding lookup), f32 `[ids, cols]`, dequantized per row.
     pub fn rows(&self, ids: &Tensor) -> Result<Tensor> {
         match &self.kernel {
-            Kernel::Quantized(_, q) => q.embedding(ids),
+            Kernel::Candle(_, q) => q.embedding(ids),
             Kernel::Dense(t) => t.index_select(ids, 0),
+            Kernel::Int8(_) => {
+                let ids = ids.flatten_all()?.to_vec1::<u32>()?;
+                let cols = self.codes.cols;
+                let values = self.codes.dequantize_rows(&ids)?;
+                Tensor::from_vec(values, (ids.len(), cols), &Device::Cpu)
+            }
         }
     }
 
