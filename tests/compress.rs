@@ -81,13 +81,7 @@ fn every_config_in_configs_runs_and_writes_a_loadable_model() {
             }
         }
         let eval = common::eval_json(&out, &task, data.path());
-        let dev = report["evaluation"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["split"] == "dev")
-            .unwrap();
-        assert_eq!(eval["metrics"], dev["after"]["metrics"], "{name}");
+        assert_eq!(eval["metrics"], common::dev_after(&report), "{name}");
     }
 }
 

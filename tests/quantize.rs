@@ -51,16 +51,6 @@ impl Quantized {
     }
 }
 
-fn dev_after(report: &Value) -> Value {
-    report["evaluation"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["split"] == "dev")
-        .unwrap()["after"]["metrics"]
-        .clone()
-}
-
 /// Tensor names and dtypes of a safetensors file.
 fn dtypes(path: &Path) -> Vec<(String, String)> {
     let bytes = std::fs::read(path).unwrap();
@@ -113,7 +103,7 @@ fn uniform_int8_export_is_compressed_tensors_and_reloads_to_the_same_bytes_and_o
 
     // eval loads it and gets the reported dev metric.
     let eval = common::eval_json(out, "sst2", data.path());
-    assert_eq!(eval["metrics"], dev_after(report));
+    assert_eq!(eval["metrics"], common::dev_after(report));
 
     // Loading and exporting again writes the same bytes; outputs are identical.
     let loaded = Model::from_dir(out).unwrap();
@@ -338,7 +328,7 @@ fn mixed_precision_holds_the_floor_and_reports_the_uniform_baselines() {
         "equal-size mix {mix} vs {chosen}"
     );
     let eval = common::eval_json(out, "sst2", data.path());
-    assert_eq!(eval["metrics"], dev_after(report));
+    assert_eq!(eval["metrics"], common::dev_after(report));
 }
 
 #[test]
@@ -398,37 +388,17 @@ fn quantization_is_the_last_stage() {
     common::assert_clean_error(&run, &["must be the last stage"]);
     // Analysis takes gradients: it runs on the dequantized matrices, never on the kernels.
     let report = tmp.path().join("significance.json");
-    let run = common::run(&[
-        "analyze",
-        "--model",
-        out.to_str().unwrap(),
-        "--task",
-        "sst2",
-        "--data",
-        data.path().to_str().unwrap(),
-        "--out",
-        report.to_str().unwrap(),
-        "--execution",
-        "kernel",
-        "-q",
-    ]);
-    common::assert_clean_error(&run, &["--execution dequantized"]);
+    let analyze = |extra: &[&str]| {
+        let mut args = vec!["--levels", "blocks"];
+        args.extend_from_slice(extra);
+        common::run_stage("analyze", out, data.path(), &report, &args)
+    };
+    common::assert_clean_error(
+        &analyze(&["--execution", "kernel"]),
+        &["--execution dequantized"],
+    );
     // Without --execution, analyze runs the quantized model dequantized.
-    let args = [
-        "analyze",
-        "--model",
-        out.to_str().unwrap(),
-        "--task",
-        "sst2",
-        "--data",
-        data.path().to_str().unwrap(),
-        "--out",
-        report.to_str().unwrap(),
-        "--levels",
-        "blocks",
-        "-q",
-    ];
-    let run = common::run(&args);
+    let run = analyze(&[]);
     assert!(
         run.status.success(),
         "{}",

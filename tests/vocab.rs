@@ -16,7 +16,7 @@ use axcompress::model::tokenizer::TextEncoder;
 use axcompress::model::Model;
 use axcompress::passes::vocab::{dataset_texts, prune_vocabulary};
 use indicatif::ProgressBar;
-use serde_json::{json, Value};
+use serde_json::json;
 
 fn encode(dir: &Path, texts: &[String], max_length: usize) -> Vec<Sequence> {
     let pairs: Vec<(String, Option<String>)> = texts.iter().map(|t| (t.clone(), None)).collect();
@@ -98,23 +98,20 @@ fn a_file_corpus_prunes_rte_pairs_and_the_judge_sees_what_eval_sees() {
     std::fs::write(&corpus_file, corpus.join("\n")).unwrap();
     let out = tmp.path().join("rte");
     let model = shared.join("models/minilm-l6-rte");
-    let report = common::json_stdout(&common::run(&[
-        "quantize",
-        "--model",
-        model.to_str().unwrap(),
-        "--task",
-        "rte",
-        "--data",
-        data.path().to_str().unwrap(),
+    let corpus_flag = [
         "--bits",
         "8",
         "--vocab-corpus",
         corpus_file.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--json",
-        "-q",
-    ]));
+    ];
+    let report = common::json_stdout(&common::run_task_stage(
+        "quantize",
+        "rte",
+        &model,
+        data.path(),
+        &out,
+        &corpus_flag,
+    ));
     let v = &report["vocabulary"];
     assert_eq!(v["corpus_texts"], 80);
     let kept = v["kept"].as_u64().unwrap();
@@ -134,15 +131,5 @@ fn a_file_corpus_prunes_rte_pairs_and_the_judge_sees_what_eval_sees() {
 
     // The run's dev figure for the pruned model is what `eval` measures on the output.
     let evaluated = common::eval_json(&out, "rte", data.path());
-    let dev = report["evaluation"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["split"] == "dev")
-        .unwrap();
-    let accuracy = |v: &Value| v["accuracy"].as_f64().unwrap();
-    assert_eq!(
-        accuracy(&dev["after"]["metrics"]),
-        accuracy(&evaluated["metrics"])
-    );
+    assert_eq!(evaluated["metrics"], common::dev_after(&report));
 }

@@ -553,6 +553,20 @@ mod tests {
         scales: Vec<f32>,
     }
 
+    impl Case {
+        fn unit_scales(m: usize, n: usize, k: usize, x: Vec<f32>, codes: Vec<i8>) -> Self {
+            let scales = vec![1.0f32; n];
+            Case {
+                m,
+                n,
+                k,
+                x,
+                codes,
+                scales,
+            }
+        }
+    }
+
     fn case(rng: &mut Rng, m: usize, n: usize, k: usize) -> Case {
         // Mix of row shapes: symmetric, one-sided (post-GELU like), with an outlier,
         // and an all-zero row.
@@ -716,17 +730,8 @@ mod tests {
         let codes: Vec<i8> = (0..n * k)
             .map(|i| if i % 2 == 0 { -128 } else { 127 })
             .collect();
-        let scales = vec![1.0f32; n];
-        let c = Case {
-            m,
-            n,
-            k,
-            x,
-            codes,
-            scales,
-        };
-        let a = run(&c, 1, Isa::Scalar);
-        let b = run(&c, 1, Isa::detect());
+        let c = Case::unit_scales(m, n, k, x, codes);
+        let (a, b) = (run(&c, 1, Isa::Scalar), run(&c, 1, Isa::detect()));
         assert_eq!(bits(&a), bits(&b));
         // x has only ±1, which are exactly representable (zp = 64 → -1 ↦ 0.5 steps
         // off at most): compare with the exact product within the bound.
@@ -749,17 +754,8 @@ mod tests {
         let (m, n, k) = (5, 2, 1536);
         let x = vec![1.0f32; m * k];
         let codes: Vec<i8> = (0..n * k).map(|i| if i < k { -128 } else { 127 }).collect();
-        let scales = vec![1.0f32; n];
-        let c = Case {
-            m,
-            n,
-            k,
-            x,
-            codes,
-            scales,
-        };
-        let a = run(&c, 1, Isa::Scalar);
-        let b = run(&c, 1, Isa::detect());
+        let c = Case::unit_scales(m, n, k, x, codes);
+        let (a, b) = (run(&c, 1, Isa::Scalar), run(&c, 1, Isa::detect()));
         assert_eq!(bits(&a), bits(&b));
         let s = 1.0f32 / 127.0;
         for r in 0..m {

@@ -9,7 +9,7 @@
 //! negative extreme, `+7` for a positive one at 4 bits), so no code is ever clamped.
 //!
 //! int8 codes run in axcompress's own int8 kernel ([`super::int8_gemm`]: AVX2 `vpmaddubsw` with the
-//! activations rounded to 7 bits per row, 1.6–3.6× faster than candle's f32 product at MiniLM's
+//! activations rounded to 7 bits per row, 1.8–3.6× faster than candle's f32 product at MiniLM's
 //! shapes on 2 AVX2 cores). The codes also map onto candle's (ggml's) `Q8_0` and `Q4_0` blocks: 32
 //! values along the inner dimension with one fp16 scale, `Q8_0` holding the codes as `i8` and
 //! `Q4_0` holding `code + 8` as nibbles (entry `j` in the low nibble of byte `j`, entry `j + 16`
@@ -325,9 +325,9 @@ impl Execution {
     }
 
     /// What a matrix of `bits` runs as: `Kernel`, `Candle` or `Dequantized`. Auto picks by
-    /// measurement (`cargo bench --bench kernels`, 2-core AVX2): the int8 kernel was 2.1–3.9×
+    /// measurement (`cargo bench --bench kernels`, 2-core AVX2): the int8 kernel was 1.8–3.6×
     /// faster than candle's f32 product at every MiniLM shape, while candle 0.11's `Q4_0` (and
-    /// `Q8_0`) kernels were 2.4–7.7× slower, so int4 runs dequantized: it is a size tool.
+    /// `Q8_0`) kernels were 2.2–10× slower, so int4 runs dequantized: it is a size tool.
     pub fn for_bits(self, bits: Bits) -> Execution {
         match (self, bits) {
             (Execution::Auto, Bits::Int8) => Execution::Kernel,

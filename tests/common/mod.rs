@@ -48,10 +48,22 @@ pub fn run(args: &[&str]) -> Output {
 }
 
 /// `axcompress <command> --model M --task sst2 --data D --out O --json -q <extra>` (the shape of
-/// every one-stage command: prune, quantize).
+/// every one-stage command: prune, quantize, analyze).
 pub fn run_stage(command: &str, model: &Path, data: &Path, out: &Path, extra: &[&str]) -> Output {
+    run_task_stage(command, "sst2", model, data, out, extra)
+}
+
+/// [`run_stage`] for another task.
+pub fn run_task_stage(
+    command: &str,
+    task: &str,
+    model: &Path,
+    data: &Path,
+    out: &Path,
+    extra: &[&str],
+) -> Output {
     let (model, data, out) = (model.to_str(), data.to_str(), out.to_str());
-    let mut args = vec![command, "--model", model.unwrap(), "--task", "sst2"];
+    let mut args = vec![command, "--model", model.unwrap(), "--task", task];
     args.extend([
         "--data",
         data.unwrap(),
@@ -100,6 +112,17 @@ pub fn eval_json(model: &Path, task: &str, data: &Path) -> Value {
         "--json",
         "-q",
     ]))
+}
+
+/// The metrics of the compressed model on dev in a run's report.
+pub fn dev_after(report: &Value) -> Value {
+    report["evaluation"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["split"] == "dev")
+        .unwrap()["after"]["metrics"]
+        .clone()
 }
 
 /// Reads a JSON file.
