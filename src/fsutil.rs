@@ -3,6 +3,12 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
+use serde::Serialize;
+
+/// `value` as pretty JSON with a final newline, as every JSON file axcompress writes.
+pub fn pretty_json(value: &impl Serialize) -> Result<Vec<u8>> {
+    Ok((serde_json::to_string_pretty(value)? + "\n").into_bytes())
+}
 
 /// Writes `bytes` to `path` atomically (temporary file in the same directory + rename).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {

@@ -121,6 +121,8 @@ fn a_file_corpus_prunes_rte_pairs_and_the_judge_sees_what_eval_sees() {
 
     let config = common::read_json(&out.join("config.json"));
     assert_eq!(config["vocab_size"], kept);
+    let history = config["axcompress"]["history"].as_array().unwrap();
+    assert_eq!(history.last().unwrap()["pass"], "vocab", "{history:?}");
     assert!(
         !out.join("vocab.txt").exists(),
         "the input had no vocab.txt"

@@ -13,7 +13,7 @@ use crate::analyze::report::{Method, Settings};
 use crate::analyze::{analyze, plots, summary, Subject};
 use crate::cli::{AnalyzeArgs, Cli, CountOrAll};
 use crate::data::splits::{SelectionSpec, Splits};
-use crate::fsutil::write_atomic;
+use crate::fsutil::{pretty_json, write_atomic};
 
 /// Runs `axcompress analyze`.
 pub fn run(args: &AnalyzeArgs, cli: &Cli) -> Result<()> {
@@ -69,16 +69,13 @@ pub fn run(args: &AnalyzeArgs, cli: &Cli) -> Result<()> {
         "taylor_seconds": analysis.taylor_seconds,
         "ablation_seconds": analysis.ablation_seconds,
     });
-    let report_text = serde_json::to_string_pretty(report)? + "\n";
+    let report_text = pretty_json(report)?;
     if let Some(out) = &args.out {
         if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent)?;
         }
-        write_atomic(out, report_text.as_bytes())?;
-        write_atomic(
-            &timing_path(out),
-            (serde_json::to_string_pretty(&timing)? + "\n").as_bytes(),
-        )?;
+        write_atomic(out, &report_text)?;
+        write_atomic(&timing_path(out), &pretty_json(&timing)?)?;
         log(cli, &format!("wrote {}", out.display()));
     }
     let plot_dir = args.plots.clone().or_else(|| {
@@ -100,7 +97,7 @@ pub fn run(args: &AnalyzeArgs, cli: &Cli) -> Result<()> {
     );
     if cli.json {
         log(cli, &cost_line);
-        print!("{report_text}");
+        print!("{}", String::from_utf8_lossy(&report_text));
         return Ok(());
     }
     print!("{}", summary::render(report, 3));

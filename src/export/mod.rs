@@ -14,6 +14,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
 use serde_json::{json, Value};
 
+use crate::fsutil::pretty_json;
 use crate::model::config::Family;
 use crate::model::linear::{Linear, Weight};
 use crate::model::names::{self, full_name};
@@ -329,10 +330,7 @@ impl Prepared {
             std::fs::write(&path, bytes).with_context(|| format!("cannot write {}", path.display()))
         };
         write("model.safetensors", &self.weights)?;
-        write(
-            "config.json",
-            (serde_json::to_string_pretty(&self.config)? + "\n").as_bytes(),
-        )?;
+        write("config.json", &pretty_json(&self.config)?)?;
         for f in TOKENIZER_FILES {
             if let Some(bytes) = self.tokenizer.as_ref().and_then(|t| t.get(f)) {
                 write(f, bytes)?;
@@ -364,8 +362,7 @@ pub fn write_model_dir(
     force: bool,
 ) -> Result<Compatibility> {
     let prepared = prepare(model, history)?;
-    let report = serde_json::to_string_pretty(report)? + "\n";
-    prepared.write(out, &[("report.json", report.into_bytes())], force)?;
+    prepared.write(out, &[("report.json", pretty_json(report)?)], force)?;
     Ok(prepared.compat)
 }
 

@@ -222,24 +222,6 @@ impl Codes {
         })
     }
 
-    /// The values of rows `ids` (an embedding lookup), row-major.
-    pub fn dequantize_rows(&self, ids: &[u32]) -> Result<Vec<f32>> {
-        let groups = self.cols / self.group;
-        let mut out = Vec::with_capacity(ids.len() * self.cols);
-        for &id in ids {
-            let r = id as usize;
-            if r >= self.rows {
-                bail!("token id {id} is beyond the {} rows", self.rows);
-            }
-            let codes = &self.codes[r * self.cols..(r + 1) * self.cols];
-            let scales = &self.scales[r * groups..(r + 1) * groups];
-            for (group, s) in codes.chunks(self.group).zip(scales) {
-                out.extend(group.iter().map(|&q| f32::from(q) * s.to_f32()));
-            }
-        }
-        Ok(out)
-    }
-
     /// The codes packed for the int8 kernel (int8 has one scale per row).
     fn pack_int8(&self) -> PackedInt8 {
         let scales: Vec<f32> = self.scales.iter().map(|s| s.to_f32()).collect();
@@ -461,9 +443,9 @@ impl QuantMatrix {
             Kernel::Dense(t) => t.index_select(ids, 0),
             Kernel::Int8(_) => {
                 let ids = ids.flatten_all()?.to_vec1::<u32>()?;
-                let cols = self.codes.cols;
-                let values = self.codes.dequantize_rows(&ids)?;
-                Tensor::from_vec(values, (ids.len(), cols), &Device::Cpu)
+                let rows: Vec<usize> = ids.iter().map(|&i| i as usize).collect();
+                let values = self.codes.select_rows(&rows).dequantize();
+                Tensor::from_vec(values, (rows.len(), self.codes.cols), &Device::Cpu)
             }
         }
     }

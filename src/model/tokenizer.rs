@@ -43,14 +43,10 @@ impl TextEncoder {
         Ok(TextEncoder { tokenizer })
     }
 
-    /// The id of the unknown token, if the tokenizer has one.
+    /// The id of a WordPiece tokenizer's unknown token (vocabulary pruning takes no other).
     pub fn unknown_id(&self) -> Option<u32> {
         match self.tokenizer.get_model() {
             ModelWrapper::WordPiece(w) => self.tokenizer.token_to_id(&w.unk_token),
-            ModelWrapper::BPE(b) => b
-                .unk_token
-                .as_ref()
-                .and_then(|t| self.tokenizer.token_to_id(t)),
             _ => None,
         }
     }

@@ -14,6 +14,7 @@ use serde_json::Value;
 use tokenizers::{EncodeInput, Tokenizer};
 
 use crate::data::glue::Dataset;
+use crate::fsutil::pretty_json;
 use crate::model::tokenizer::model_tokenizer;
 use crate::model::vocab::{
     corpus_ids, prune_tokenizer_config, prune_tokenizer_json, vocab_txt, KeptIds, TokenizerFiles,
@@ -144,12 +145,9 @@ fn tokenizer_files(model: &Model, tokenizer: &Tokenizer, kept: &KeptIds) -> Resu
             .map_err(|e| anyhow!("cannot serialise the tokenizer: {e}"))?,
     )?;
     let mut files = BTreeMap::new();
-    let pretty = |v: &Value| -> Result<Vec<u8>> {
-        Ok((serde_json::to_string_pretty(v)? + "\n").into_bytes())
-    };
     files.insert(
         "tokenizer.json",
-        pretty(&prune_tokenizer_json(&json, kept)?)?,
+        pretty_json(&prune_tokenizer_json(&json, kept)?)?,
     );
     if model.dir.join("vocab.txt").is_file() {
         files.insert("vocab.txt", vocab_txt(tokenizer, kept)?);
@@ -160,7 +158,7 @@ fn tokenizer_files(model: &Model, tokenizer: &Tokenizer, kept: &KeptIds) -> Resu
             .with_context(|| format!("{} is not valid JSON", config.display()))?;
         files.insert(
             "tokenizer_config.json",
-            pretty(&prune_tokenizer_config(&value, kept)?)?,
+            pretty_json(&prune_tokenizer_config(&value, kept)?)?,
         );
     }
     Ok(TokenizerFiles(files))

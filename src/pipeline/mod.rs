@@ -27,6 +27,7 @@ use crate::data::glue;
 use crate::data::splits::{SelectionSpec, Splits};
 use crate::data::task::Task;
 use crate::export::{check_destination, create_parent, prepare, Prepared};
+use crate::fsutil::pretty_json;
 use crate::hash::Fnv1a;
 use crate::model::tokenizer::TextEncoder;
 use crate::model::Model;
@@ -185,19 +186,14 @@ pub fn run(spec: &RunSettings, out: &Output, quiet: bool) -> Result<Finished> {
         splits: &splits,
         test: test.as_ref(),
     };
-    let pruned = match &spec.vocab {
-        Some(corpus) => Some(vocabulary::prune(corpus, &model, spec, &setup, &splits)?),
-        None => None,
-    };
-    if let Some(p) = &pruned {
-        run.log(&p.report.summary());
-    }
+    let pruned = (spec.vocab.as_ref())
+        .map(|corpus| vocabulary::prune(corpus, &model, spec, &setup, &splits))
+        .transpose()?;
     let compressed = match &pruned {
-        Some(p) => Subject {
-            model: &p.model,
-            splits: &p.splits,
-            test: p.test.as_ref(),
-        },
+        Some(p) => {
+            run.log(&p.report.summary());
+            p.subject()
+        }
         None => Subject {
             model: &model,
             ..original
@@ -207,13 +203,14 @@ pub fn run(spec: &RunSettings, out: &Output, quiet: bool) -> Result<Finished> {
     let evaluation = run.judge().compare(&original, &compressed)?;
     // 6. Export with report.json and timing.json; the progress file has served its purpose.
     let model = compressed.model;
-    let prepared = prepare(model, &history(spec, &setup.model, &passes, &splits))?;
     let vocab = pruned.as_ref().map(|p| p.report.clone());
+    let history = history(spec, &setup.model, &passes, &splits, vocab.as_ref());
+    let prepared = prepare(model, &history)?;
     let report = run.report(model, &prepared, baseline, stages, evaluation, vocab);
     let timing = timing(started, [&original, &compressed])?;
     let files = [
-        ("report.json", pretty(&report)?),
-        ("timing.json", pretty(&timing)?),
+        ("report.json", pretty_json(&report)?),
+        ("timing.json", pretty_json(&timing)?),
     ];
     prepared.write(&out.dir, &files, out.force)?;
     journal.finish()?;
@@ -440,6 +437,7 @@ fn history(
     original: &Model,
     passes: &[Box<dyn Pass>],
     splits: &Splits,
+    vocab: Option<&VocabReport>,
 ) -> Vec<Value> {
     let mut history: Vec<Value> = original
         .config
@@ -457,6 +455,9 @@ fn history(
             "selection": splits.selection.info,
             "source_model": spec.model,
         }));
+    }
+    if let Some(v) = vocab {
+        history.push(json!({"pass": "vocab", "settings": v, "source_model": spec.model}));
     }
     history
 }
@@ -491,8 +492,4 @@ fn latency_ms(model: &Model, dev: &EncodedSet) -> Result<f64> {
         .map(|s| time_single(model, s))
         .collect::<Result<Vec<_>>>()?;
     Ok(median(&times) * 1000.0)
-}
-
-fn pretty(value: &impl Serialize) -> Result<Vec<u8>> {
-    Ok((serde_json::to_string_pretty(value)? + "\n").into_bytes())
 }

@@ -5,6 +5,7 @@
 use anyhow::Result;
 use serde::Serialize;
 
+use super::evaluation::Subject;
 use super::{read_test, RunSettings};
 use crate::data::batch::EncodedSet;
 use crate::data::splits::Splits;
@@ -55,6 +56,17 @@ pub struct Pruned {
     pub splits: Splits,
     /// `--test`, re-encoded.
     pub test: Option<EncodedSet>,
+}
+
+impl Pruned {
+    /// The model with its data, for the judge.
+    pub fn subject(&self) -> Subject<'_> {
+        Subject {
+            model: &self.model,
+            splits: &self.splits,
+            test: self.test.as_ref(),
+        }
+    }
 }
 
 /// Prunes `model`'s vocabulary to `corpus` and re-encodes the run's data with its tokenizer.
