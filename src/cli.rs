@@ -7,6 +7,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::analyze::elements::Level;
 use crate::analyze::report::Method;
 use crate::data::task::Task;
+use crate::model::attention_mode::{Keep, KeySelector};
 use crate::model::quant::Execution;
 use crate::passes::prune::Mode;
 use crate::passes::quantize::{BitsChoice, QuantMode};
@@ -43,6 +44,8 @@ pub enum Command {
     Prune(PruneArgs),
     /// int8 / int4 quantization, uniform or mixed by significance; writes a compressed-tensors model.
     Quantize(QuantizeArgs),
+    /// Sign-matching or hard top-k attention in the layers where the task allows it.
+    Attention(AttentionArgs),
     /// Run a whole compression pipeline declared in a TOML config (what CI jobs run).
     Compress(CompressArgs),
     /// Latency, throughput, memory, size and metric of a model, against a baseline.
@@ -304,6 +307,38 @@ pub struct PruneArgs {
     /// Pruning settings.
     #[command(flatten)]
     pub prune: PruneFlags,
+    /// Tolerance, test data, resume.
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// Output model directory.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// Arguments of `axcompress attention`.
+#[derive(Debug, Args)]
+pub struct AttentionArgs {
+    /// The model whose attention to approximate (never modified).
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Task and data.
+    #[command(flatten)]
+    pub task: TaskArgs,
+    /// Selection data.
+    #[command(flatten)]
+    pub selection: SelectionArgs,
+    /// How each query's kept keys are chosen: sign-match (most matching signs, on packed sign
+    /// bits) or hard-topk (largest scores).
+    #[arg(long, value_enum)]
+    pub method: KeySelector,
+    /// Keys kept per query, tried per layer from fewest to most, comma-separated: a number
+    /// (`4`) or a fraction of the unpadded length (`0.25`) [default: 0.125,0.25,0.5].
+    #[arg(long, value_parser = Keep::parse, value_delimiter = ',')]
+    pub k: Vec<Keep>,
+    /// accuracy: keep a switch only if the selection metric does not drop; size / speed: switch
+    /// as many layers as --max-drop allows (the same decisions: attention holds no parameters).
+    #[arg(long, value_enum, default_value = "accuracy")]
+    pub mode: Mode,
     /// Tolerance, test data, resume.
     #[command(flatten)]
     pub run: RunArgs,

@@ -18,6 +18,7 @@ fn main() {
         Command::Analyze(args) => commands::analyze::run(args, &cli),
         Command::Prune(args) => commands::prune::run(args, &cli),
         Command::Quantize(args) => commands::quantize::run(args, &cli),
+        Command::Attention(args) => commands::attention::run(args, &cli),
         Command::Compress(args) => commands::compress::run(args, &cli),
         Command::Bench(args) => commands::bench::run(args, &cli),
     };

@@ -5,6 +5,7 @@ use serde_json::{json, Value};
 
 use super::print_json;
 use crate::cli::{Cli, InspectArgs};
+use crate::export::compatibility;
 use crate::model::linear::Weight;
 use crate::model::quant::unquantizable;
 use crate::model::Model;
@@ -26,15 +27,25 @@ pub fn run(args: &InspectArgs, cli: &Cli) -> Result<()> {
         c.structure.head_size,
         c.labels.join(", ")
     );
-    println!("layer  heads  ffn    kept heads");
+    println!("layer  heads  ffn    attention            kept heads");
     for (i, l) in c.structure.layers.iter().enumerate() {
         let heads = l
             .heads
             .as_ref()
             .map_or("removed".to_string(), |h| h.len().to_string());
         let ffn = l.ffn_width.map_or("removed".to_string(), |w| w.to_string());
+        let mode = match (&l.heads, l.attention_mode) {
+            (None, _) => "-".to_string(),
+            (Some(_), None) => "dense".to_string(),
+            (Some(_), Some(m)) => m.to_string(),
+        };
         let kept = l.heads.as_ref().map_or(String::new(), |h| format!("{h:?}"));
-        println!("{i:<6} {heads:<6} {ffn:<6} {kept}");
+        println!("{i:<6} {heads:<6} {ffn:<6} {mode:<20} {kept}");
+    }
+    let compat = compatibility(&model);
+    match compat.reason {
+        None => println!("hf_compatible true"),
+        Some(why) => println!("hf_compatible false: {why}"),
     }
     println!("parameters {}", model.parameter_count());
     for (dtype, (params, bytes)) in &model.disk_dtypes {
@@ -94,6 +105,7 @@ pub fn describe(model: &Model) -> Result<Value> {
                 "attention": l.heads.is_some(),
                 "heads": l.head_count(),
                 "kept_heads": l.heads,
+                "attention_mode": l.attention_mode,
                 "ffn": l.ffn_width.is_some(),
                 "ffn_width": l.ffn_width,
             })
@@ -104,6 +116,7 @@ pub fn describe(model: &Model) -> Result<Value> {
         .iter()
         .map(|(d, (p, b))| (d.clone(), json!({"parameters": p, "bytes": b})))
         .collect();
+    let compat = compatibility(model);
     Ok(json!({
         "dir": model.dir.display().to_string(),
         "family": c.family.name(),
@@ -114,6 +127,8 @@ pub fn describe(model: &Model) -> Result<Value> {
         "labels": c.labels,
         "regression": c.regression,
         "layers": layers,
+        "hf_compatible": compat.hf_compatible,
+        "hf_incompatible_reason": compat.reason,
         "parameters": model.parameter_count(),
         "on_disk_by_dtype": dtypes,
         "matrices": matrices(model)?,

@@ -2,6 +2,7 @@
 //! the library, print the result as text or `--json`.
 
 pub mod analyze;
+pub mod attention;
 pub mod bench;
 pub mod compress;
 pub mod eval;

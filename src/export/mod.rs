@@ -44,12 +44,22 @@ pub struct Compatibility {
 }
 
 /// Decides whether the model is expressible in a stock config: only whole layers removed, all
-/// heads kept and one FFN width everywhere.
+/// heads kept, one FFN width everywhere and dense attention.
 pub fn compatibility(model: &Model) -> Compatibility {
     let s = &model.config.structure;
     let present: Vec<_> = s.layers.iter().filter(|l| !l.is_removed()).collect();
+    let approximate = s.approximate_attention();
     let reason = if present.is_empty() {
         Some("every encoder layer was removed".to_string())
+    } else if !approximate.is_empty() {
+        let layers: Vec<String> = approximate
+            .iter()
+            .map(|(l, mode)| format!("{l} ({mode})"))
+            .collect();
+        Some(format!(
+            "layers {} run approximate attention, which stock transformers would run as dense attention",
+            layers.join(", ")
+        ))
     } else if present
         .iter()
         .any(|l| l.heads.is_none() || l.ffn_width.is_none())

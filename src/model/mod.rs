@@ -1,5 +1,6 @@
 //! The one model runtime every command shares: loading, per-layer structure, forward passes.
 
+pub mod attention_mode;
 pub mod config;
 pub mod encoder;
 pub mod head;
@@ -12,6 +13,7 @@ pub mod nn;
 pub mod quant;
 pub mod slice;
 pub mod source;
+pub mod sparse_attention;
 pub mod structure;
 pub mod tokenizer;
 pub mod vocab;
@@ -25,6 +27,7 @@ use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 
 use crate::hash::Fnv1a;
+use attention_mode::ApproxAttention;
 use config::{Family, ModelConfig};
 use encoder::{
     run_layers, run_to_first_token, Attention, Embeddings, EncoderLayer, FeedForward, RunOptions,
@@ -139,6 +142,7 @@ impl Model {
                         norm: norm(&n.attention_norm)?,
                         heads: heads.clone(),
                         head_size: d,
+                        approx: shape.attention_mode,
                     })
                 }
             };
@@ -179,6 +183,23 @@ impl Model {
             storage_dtype: store.dominant_float_dtype(),
             tokenizer: None,
         })
+    }
+
+    /// The same model with layer `layer`'s attention run as `mode` (`None`: dense). Refuses a
+    /// layer without attention heads.
+    pub fn with_attention_mode(&self, layer: usize, mode: Option<ApproxAttention>) -> Result<Self> {
+        let mut out = self.clone();
+        let att = out
+            .layers
+            .get_mut(layer)
+            .and_then(|l| l.attention.as_mut())
+            .filter(|a| !a.heads.is_empty());
+        let Some(att) = att else {
+            bail!("layer {layer} has no attention heads to approximate");
+        };
+        att.approx = mode;
+        out.config.structure.layers[layer].attention_mode = mode;
+        Ok(out)
     }
 
     /// Number of encoder layers (removed ones included, as identities).

@@ -71,6 +71,10 @@ impl Model {
             let shape = &mut out.config.structure.layers[l];
             shape.heads = k.heads.clone();
             shape.ffn_width = k.neurons.as_ref().map(Vec::len);
+            if shape.head_count() == 0 {
+                // No heads left to approximate.
+                shape.attention_mode = None;
+            }
         }
         Ok(out)
     }

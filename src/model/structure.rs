@@ -16,14 +16,19 @@
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
+use super::attention_mode::ApproxAttention;
+
 /// What one encoder layer keeps.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LayerShape {
     /// Kept attention heads as indices into the original model's heads, ascending;
     /// `None` when the whole attention block is removed.
     pub heads: Option<Vec<usize>>,
     /// FFN (intermediate) width; `None` when the whole FFN block is removed.
     pub ffn_width: Option<usize>,
+    /// The attention's approximation; `None` (absent from the JSON) for dense attention.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attention_mode: Option<ApproxAttention>,
 }
 
 impl LayerShape {
@@ -39,7 +44,7 @@ impl LayerShape {
 }
 
 /// Per-layer shapes of a BERT-family encoder.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Structure {
     /// Size of every attention head (hidden / heads in the original model).
     pub head_size: usize,
@@ -55,6 +60,7 @@ impl Structure {
         let shape = LayerShape {
             heads: Some((0..heads).collect()),
             ffn_width: Some(ffn_width),
+            attention_mode: None,
         };
         Structure {
             head_size,
@@ -80,8 +86,22 @@ impl Structure {
                     );
                 }
             }
+            if let Some(mode) = &layer.attention_mode {
+                if !mode.k.is_valid() {
+                    bail!("{source}: layer {l} attention_mode k = {} must be a number of keys ≥ 1 or a fraction in (0, 1]", mode.k);
+                }
+                if layer.head_count() == 0 {
+                    bail!("{source}: layer {l} has an attention_mode but no attention heads; remove attention_mode");
+                }
+            }
         }
         Ok(())
+    }
+
+    /// Layers whose attention is approximate, with their approximation.
+    pub fn approximate_attention(&self) -> Vec<(usize, ApproxAttention)> {
+        let modes = self.layers.iter().map(|l| l.attention_mode).enumerate();
+        modes.filter_map(|(i, m)| Some((i, m?))).collect()
     }
 
     /// True when every layer keeps all original heads and the same FFN width, so a stock
@@ -130,6 +150,7 @@ mod tests {
         let l = LayerShape {
             heads: None,
             ffn_width: None,
+            attention_mode: None,
         };
         assert!(l.is_removed());
         assert_eq!(l.head_count(), 0);

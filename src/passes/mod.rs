@@ -3,9 +3,11 @@
 //!
 //! 1. [`prune`]: accuracy-driven removal of attention / FFN blocks, heads and FFN neuron groups,
 //!    sliced out of the weights after each level.
-//! 2. [`quantize`]: int8 / int4 / float per weight matrix, uniform or chosen by significance;
+//! 2. [`attention`]: sign-matching or hard top-k attention in the layers where the selection
+//!    data allows it;
+//! 3. [`quantize`]: int8 / int4 / float per weight matrix, uniform or chosen by significance;
 //!    always the last stage (a quantized matrix cannot be sliced).
-//! 3. [`vocab`]: keep the word embeddings of the tokens a corpus produces; exact on the corpus,
+//! 4. [`vocab`]: keep the word embeddings of the tokens a corpus produces; exact on the corpus,
 //!    so it takes no decisions and runs after the stages.
 //!
 //! A pass only says which changes it proposes (candidates, in significance order) and how an
@@ -15,6 +17,7 @@
 //! Every decision is recorded in the run's [`journal`], so an interrupted run resumes without
 //! redoing accepted work.
 
+pub mod attention;
 pub mod journal;
 pub mod prune;
 pub mod quantize;

@@ -265,6 +265,15 @@ impl<'a> Engine<'a> {
         })
     }
 
+    /// The selection score of `trial`, evaluated in full but neither decided nor journaled (for
+    /// ranking candidates).
+    pub fn measure(&mut self, trial: &Trial) -> Result<Score> {
+        self.refresh()?;
+        let model = trial.model.as_ref();
+        let score = self.evaluate(trial.layer, model, trial.gates.as_ref(), None)?;
+        Ok(score.expect("no rule, so no early stop"))
+    }
+
     fn accept(&mut self, trial: Trial, score: Score) {
         if let Some(model) = trial.model {
             self.model = model;

@@ -31,6 +31,7 @@ use crate::fsutil::pretty_json;
 use crate::hash::Fnv1a;
 use crate::model::tokenizer::TextEncoder;
 use crate::model::Model;
+use crate::passes::attention::{AttentionPass, AttentionSettings};
 use crate::passes::journal::Journal;
 use crate::passes::prune::{Prune, PruneSettings};
 use crate::passes::quantize::{Quantize, QuantizeSettings};
@@ -57,6 +58,8 @@ pub enum StageSpec {
     Prune(PruneSettings),
     /// int8 / int4 / float per weight matrix (the last stage).
     Quantize(QuantizeSettings),
+    /// Sign-matching or hard top-k attention in the layers that allow it.
+    Attention(AttentionSettings),
 }
 
 impl StageSpec {
@@ -71,6 +74,7 @@ impl StageSpec {
                 s.significance = s.significance.map(|p| base.join(p));
                 StageSpec::Quantize(s)
             }
+            StageSpec::Attention(s) => StageSpec::Attention(s),
         }
     }
 
@@ -78,6 +82,7 @@ impl StageSpec {
         match self {
             StageSpec::Prune(settings) => Ok(Box::new(Prune::new(settings.clone())?)),
             StageSpec::Quantize(settings) => Ok(Box::new(Quantize::new(settings.clone())?)),
+            StageSpec::Attention(settings) => Ok(Box::new(AttentionPass::new(settings.clone())?)),
         }
     }
 }

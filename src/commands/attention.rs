@@ -1,0 +1,20 @@
+//! `axcompress attention`: a one-stage pipeline (approximate attention per layer), configured by
+//! flags.
+
+use anyhow::Result;
+
+use super::run_one_stage;
+use crate::cli::{AttentionArgs, Cli};
+use crate::passes::attention::AttentionSettings;
+use crate::pipeline::StageSpec;
+
+/// Runs `axcompress attention`.
+pub fn run(args: &AttentionArgs, cli: &Cli) -> Result<()> {
+    let stage = StageSpec::Attention(AttentionSettings {
+        method: args.method,
+        k: args.k.clone(),
+        mode: args.mode,
+    });
+    let a = args;
+    run_one_stage(&a.model, &a.task, &a.selection, &a.run, &a.out, stage, cli)
+}
