@@ -3,9 +3,9 @@
 
 use std::ops::Range;
 
-use candle_core::{Device, Result, Tensor, D};
+use candle_core::{Result, Tensor, D};
 
-use super::attention_mode::{ApproxAttention, KeySelector};
+use super::attention_mode::ApproxAttention;
 use super::config::Activation;
 use super::inputs::Inputs;
 use super::linear::{Linear, Weight};
@@ -104,7 +104,7 @@ impl Attention {
             Some(approx) if diff => {
                 sparse_attention::masked_reference(&q, &k, &v, mask_bias, approx, true)
             }
-            Some(approx) => approximate(&q, &k, &v, mask_bias, approx),
+            Some(approx) => sparse_attention::context(&q, &k, &v, mask_bias, approx),
         }
     }
 
@@ -143,43 +143,6 @@ impl Attention {
         let out = self.project(&context, head_gates)?;
         self.norm.forward(&(out + x_q)?, diff)
     }
-}
-
-/// Approximate attention through the gathered kernel; `q` is scaled. Hard top-k takes its true
-/// scores from one matrix product (it needs all of them; the product is the fastest way).
-fn approximate(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    mask_bias: &Tensor,
-    approx: ApproxAttention,
-) -> Result<Tensor> {
-    let (batch, heads, queries, head_size) = q.dims4()?;
-    let keys = k.dim(2)?;
-    let scores = match approx.method {
-        KeySelector::HardTopk => Some(q.matmul(&k.t()?)?),
-        KeySelector::SignMatch => None,
-    };
-    let flat = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
-    let scores = scores.as_ref().map(flat).transpose()?;
-    let (q, k, v, bias) = (flat(q)?, flat(k)?, flat(v)?, flat(mask_bias)?);
-    let dims = sparse_attention::Dims {
-        batch,
-        heads,
-        queries,
-        keys,
-        head_size,
-    };
-    let ops = sparse_attention::Operands {
-        q: &q,
-        k: &k,
-        v: &v,
-        bias: &bias,
-        scores: scores.as_deref(),
-        dims,
-    };
-    let out = sparse_attention::gathered(&ops, approx);
-    Tensor::from_vec(out, (batch, heads, queries, head_size), &Device::Cpu)
 }
 
 /// A position-wise feed-forward block of some width.

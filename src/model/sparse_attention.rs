@@ -7,7 +7,7 @@
 //! the kept keys): it is the reference of the tests and the differentiable path (the key choice
 //! itself has no gradient).
 
-use candle_core::{Device, Result, Tensor};
+use candle_core::{Device, Layout, Result, Storage, Tensor};
 use rayon::prelude::*;
 
 use super::attention_mode::{ApproxAttention, KeySelector};
@@ -123,6 +123,7 @@ fn sign_matches_portable(q: &[u64], keys: &[u64], d: usize, out: &mut [u32]) {
 
 /// Dot product with eight independent partial sums (vectorises without reassociating a single
 /// sum).
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
@@ -133,6 +134,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
         .map(|(x, y)| x * y)
         .sum();
     for (x, y) in a8.zip(b8) {
+        let (x, y): (&[f32; 8], &[f32; 8]) = (x.try_into().unwrap(), y.try_into().unwrap());
         for i in 0..8 {
             acc[i] += x[i] * y[i];
         }
@@ -140,10 +142,82 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// Up to this many kept keys, hard top-k keeps a sorted buffer instead of a selection.
+const SMALL_K: usize = 8;
+
+/// The `keep` real keys with the most matching signs (earlier key first on a tie), ascending,
+/// into `kept`: a counting pass over the possible counts, then one scan.
+fn top_by_count(
+    matches: &[u32],
+    real: &[usize],
+    keep: usize,
+    histogram: &mut Vec<usize>,
+    kept: &mut Vec<usize>,
+) {
+    let d = real.iter().map(|&j| matches[j] as usize).max().unwrap_or(0);
+    histogram.clear();
+    histogram.resize(d + 1, 0);
+    for &j in real {
+        histogram[matches[j] as usize] += 1;
+    }
+    // The threshold count: fewer than `keep` keys match more, at least `keep` match as many.
+    let (mut above, mut threshold) = (0, d);
+    while above + histogram[threshold] < keep {
+        above += histogram[threshold];
+        threshold -= 1;
+    }
+    let mut at_threshold = keep - above;
+    for &j in real {
+        let m = matches[j] as usize;
+        if m > threshold || (m == threshold && at_threshold > 0) {
+            at_threshold -= usize::from(m == threshold);
+            kept.push(j);
+        }
+    }
+}
+
+/// The `keep` highest `(rank, key)` pairs (earlier key first on equal rank), keys ascending,
+/// into `scratch.kept`, through a sorted buffer of `keep` entries (few replacements happen).
+fn top_few(ranks: impl Iterator<Item = (u32, usize)>, keep: usize, scratch: &mut Scratch) {
+    let buffer = &mut scratch.buffer;
+    buffer.clear();
+    for (rank, j) in ranks {
+        if buffer.len() == keep {
+            if rank <= buffer[keep - 1].0 {
+                continue;
+            }
+            buffer.pop();
+        }
+        // After every entry of equal rank: those came from earlier keys.
+        let at = buffer.partition_point(|&(r, _)| r >= rank);
+        buffer.insert(at, (rank, j));
+    }
+    scratch.kept.extend(buffer.iter().map(|&(_, j)| j));
+    scratch.kept.sort_unstable();
+}
+
+/// [`top_few`] for many kept keys: one selection over packed `(rank, key)` tags.
+fn top_by_selection(ranks: impl Iterator<Item = (u32, usize)>, keep: usize, scratch: &mut Scratch) {
+    // Higher rank first; on equal rank the earlier key (larger `u32::MAX - j`).
+    let tag = |(rank, j): (u32, usize)| (u64::from(rank) << 32) | u64::from(u32::MAX - j as u32);
+    scratch.ranked.clear();
+    scratch.ranked.extend(ranks.map(tag));
+    scratch
+        .ranked
+        .select_nth_unstable_by(keep - 1, |a, b| b.cmp(a));
+    let kept = scratch.ranked[..keep]
+        .iter()
+        .map(|&t| (u32::MAX - t as u32) as usize);
+    scratch.kept.extend(kept);
+    scratch.kept.sort_unstable();
+}
+
 /// Per-head scratch space, reused across the queries of a head.
 #[derive(Default)]
 struct Scratch {
     ranked: Vec<u64>,
+    buffer: Vec<(u32, usize)>,
+    histogram: Vec<usize>,
     matches: Vec<u32>,
     kept: Vec<usize>,
     weights: Vec<f32>,
@@ -156,13 +230,15 @@ struct Head<'a> {
     v: &'a [f32],
     bias: &'a [f32],
     scores: Option<&'a [f32]>,
-    key_signs: Option<Vec<u64>>,
+    /// Packed sign bits of the keys and of the queries (sign matching only).
+    signs: Option<(Vec<u64>, Vec<u64>)>,
     real: &'a [usize],
     d: usize,
 }
 
 impl Head<'_> {
     /// The true (scaled, masked) score of query `i` with key `j`.
+    #[inline(always)]
     fn score(&self, i: usize, j: usize) -> f32 {
         let keys = self.bias.len();
         let s = match self.scores {
@@ -183,40 +259,35 @@ impl Head<'_> {
             scratch.kept.extend_from_slice(self.real);
             return;
         }
-        scratch.ranked.clear();
-        // Higher rank first; on equal rank the earlier key (larger `u32::MAX - j`).
-        let tag = |rank: u32, j: usize| (u64::from(rank) << 32) | u64::from(u32::MAX - j as u32);
         match approx.method {
             KeySelector::SignMatch => {
-                let d = self.d;
-                let words = d.div_ceil(64);
-                let signs = self.key_signs.as_deref().expect("packed for sign matching");
-                let q = pack_signs(&self.q[i * d..(i + 1) * d], d);
+                let words = self.d.div_ceil(64);
+                let (keys, queries) = self.signs.as_ref().expect("packed for sign matching");
                 scratch.matches.resize(self.bias.len(), 0);
-                sign_matches(&q, signs, d, &mut scratch.matches);
-                debug_assert_eq!(signs.len(), self.bias.len() * words);
-                let ranked = self.real.iter().map(|&j| tag(scratch.matches[j], j));
-                scratch.ranked.extend(ranked);
+                let q = &queries[i * words..(i + 1) * words];
+                sign_matches(q, keys, self.d, &mut scratch.matches);
+                let (matches, kept) = (&scratch.matches, &mut scratch.kept);
+                top_by_count(matches, self.real, keep, &mut scratch.histogram, kept);
             }
-            KeySelector::HardTopk => {
-                let ranked = self
+            KeySelector::HardTopk if keep <= SMALL_K => {
+                let ranks = self
                     .real
                     .iter()
-                    .map(|&j| tag(ordered_bits(self.score(i, j)), j));
-                scratch.ranked.extend(ranked);
+                    .map(|&j| (ordered_bits(self.score(i, j)), j));
+                top_few(ranks, keep, scratch);
+            }
+            KeySelector::HardTopk => {
+                let ranks = self
+                    .real
+                    .iter()
+                    .map(|&j| (ordered_bits(self.score(i, j)), j));
+                top_by_selection(ranks, keep, scratch);
             }
         }
-        scratch
-            .ranked
-            .select_nth_unstable_by(keep - 1, |a, b| b.cmp(a));
-        let kept = scratch.ranked[..keep]
-            .iter()
-            .map(|&t| (u32::MAX - t as u32) as usize);
-        scratch.kept.extend(kept);
-        scratch.kept.sort_unstable();
     }
 
     /// Softmax over the kept keys of query `i` and the weighted sum of their values into `out`.
+    #[inline(always)]
     fn attend(&self, i: usize, scratch: &mut Scratch, out: &mut [f32]) {
         scratch.weights.clear();
         let scores = scratch.kept.iter().map(|&j| self.score(i, j));
@@ -256,14 +327,16 @@ impl<'a> Head<'a> {
         } = ops.dims;
         let b = bh / heads;
         let k = &ops.k[bh * keys * d..(bh + 1) * keys * d];
+        let q = &ops.q[bh * queries * d..(bh + 1) * queries * d];
         let per_head = queries * keys;
         Head {
-            q: &ops.q[bh * queries * d..(bh + 1) * queries * d],
+            q,
             k,
             v: &ops.v[bh * keys * d..(bh + 1) * keys * d],
             bias: &ops.bias[b * keys..(b + 1) * keys],
             scores: ops.scores.map(|s| &s[bh * per_head..(bh + 1) * per_head]),
-            key_signs: (approx.method == KeySelector::SignMatch).then(|| pack_signs(k, d)),
+            signs: (approx.method == KeySelector::SignMatch)
+                .then(|| (pack_signs(k, d), pack_signs(q, d))),
             real: &real[b],
             d,
         }
@@ -284,15 +357,96 @@ pub fn gathered(ops: &Operands, approx: ApproxAttention) -> Vec<f32> {
     let mut out = vec![0f32; batch * heads * queries * d];
     out.par_chunks_mut(queries * d)
         .enumerate()
-        .for_each(|(bh, out)| {
-            let head = Head::of(ops, bh, &real, approx);
-            let mut scratch = Scratch::default();
-            for (i, row) in out.chunks_exact_mut(d).enumerate() {
-                head.select(approx, i, &mut scratch);
-                head.attend(i, &mut scratch, row);
-            }
-        });
+        .for_each(|(bh, out)| run_head(&Head::of(ops, bh, &real, approx), approx, out));
     out
+}
+
+/// Every query of one head, into its rows of `out`; with AVX2 where the CPU has it.
+fn run_head(head: &Head, approx: ApproxAttention, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx2") {
+            // SAFETY: the feature was just detected.
+            return unsafe { run_head_avx2(head, approx, out) };
+        }
+    }
+    run_head_portable(head, approx, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn run_head_avx2(head: &Head, approx: ApproxAttention, out: &mut [f32]) {
+    run_head_portable(head, approx, out)
+}
+
+#[inline(always)]
+fn run_head_portable(head: &Head, approx: ApproxAttention, out: &mut [f32]) {
+    let mut scratch = Scratch::default();
+    for (i, row) in out.chunks_exact_mut(head.d).enumerate() {
+        head.select(approx, i, &mut scratch);
+        head.attend(i, &mut scratch, row);
+    }
+}
+
+/// The approximate attention context `[batch, heads, queries, head_size]` of scaled `q`, `k`, `v`
+/// and `mask_bias` `[batch, 1, 1, keys]`, through [`gathered`]. Hard top-k takes its true
+/// scores from one matrix product (it needs all of them; the product is the fastest way).
+pub fn context(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask_bias: &Tensor,
+    approx: ApproxAttention,
+) -> Result<Tensor> {
+    let (batch, heads, queries, head_size) = q.dims4()?;
+    let keys = k.dim(2)?;
+    let scores = match approx.method {
+        KeySelector::HardTopk => Some(q.matmul(&k.t()?)?),
+        KeySelector::SignMatch => None,
+    };
+    // Read the operands in place (no copies).
+    let contiguous = |t: &Tensor| t.contiguous();
+    let (q, k, v, bias) = (
+        contiguous(q)?,
+        contiguous(k)?,
+        contiguous(v)?,
+        contiguous(mask_bias)?,
+    );
+    let guards = [&q, &k, &v, &bias].map(|t| t.storage_and_layout());
+    let score_guard = scores.as_ref().map(|s| s.storage_and_layout());
+    let [q, k, v, bias] = [0, 1, 2, 3].map(|i| f32_slice(&guards[i].0, guards[i].1));
+    let scores = score_guard
+        .as_ref()
+        .map(|(s, l)| f32_slice(s, l))
+        .transpose()?;
+    let dims = Dims {
+        batch,
+        heads,
+        queries,
+        keys,
+        head_size,
+    };
+    let ops = Operands {
+        q: q?,
+        k: k?,
+        v: v?,
+        bias: bias?,
+        scores,
+        dims,
+    };
+    let out = gathered(&ops, approx);
+    Tensor::from_vec(out, (batch, heads, queries, head_size), &Device::Cpu)
+}
+
+/// The f32 elements of a contiguous CPU tensor's storage.
+fn f32_slice<'s>(storage: &'s Storage, layout: &Layout) -> Result<&'s [f32]> {
+    let Storage::Cpu(cpu) = storage else {
+        candle_core::bail!("approximate attention runs on the CPU");
+    };
+    let Some((from, to)) = layout.contiguous_offsets() else {
+        candle_core::bail!("approximate attention needs contiguous operands");
+    };
+    Ok(&cpu.as_slice::<f32>()?[from..to])
 }
 
 /// A mask `[batch, heads, queries, keys]`: 0 where [`gathered`] keeps a key, `f32::MIN` elsewhere.
@@ -600,6 +754,35 @@ mod tests {
                 .collect();
             assert_eq!(fast, plain, "d={d}");
             assert_eq!(portable, plain, "d={d}");
+        }
+    }
+
+    #[test]
+    fn fast_selections_keep_the_top_keys_with_earlier_keys_winning_ties() {
+        let mut rng = Rng(13);
+        for _ in 0..200 {
+            let n = 1 + rng.below(80);
+            let real: Vec<usize> = (0..n + 5).filter(|_| rng.below(4) > 0).collect();
+            if real.is_empty() {
+                continue;
+            }
+            // Few distinct ranks, so ties are common.
+            let ranks: Vec<u32> = (0..n + 5).map(|_| rng.below(6) as u32).collect();
+            let keep = 1 + rng.below(real.len());
+            let mut naive = real.clone();
+            naive.sort_by_key(|&j| (std::cmp::Reverse(ranks[j]), j));
+            naive.truncate(keep);
+            naive.sort_unstable();
+            let pairs = || real.iter().map(|&j| (ranks[j], j));
+            let mut scratch = Scratch::default();
+            top_few(pairs(), keep, &mut scratch);
+            assert_eq!(scratch.kept, naive, "top_few");
+            scratch.kept.clear();
+            top_by_selection(pairs(), keep, &mut scratch);
+            assert_eq!(scratch.kept, naive, "top_by_selection");
+            let mut kept = Vec::new();
+            top_by_count(&ranks, &real, keep, &mut scratch.histogram, &mut kept);
+            assert_eq!(kept, naive, "top_by_count");
         }
     }
 }
