@@ -219,6 +219,12 @@ pub struct PruneFlags {
     /// Read significance from this report (of the same model) instead of recomputing it per level.
     #[arg(long)]
     pub significance: Option<PathBuf>,
+    /// Skip the layer-wise re-fit of the output projections after each level.
+    #[arg(long)]
+    pub no_reconstruct: bool,
+    /// Ridge strength of the layer-wise re-fit, relative to the mean feature energy [default: 0.1].
+    #[arg(long)]
+    pub ridge: Option<f64>,
 }
 
 /// Settings of a quantize stage. Unset flags take their defaults, or a config's values.

@@ -59,6 +59,8 @@ impl PruneFlags {
             budget: self.budget.or(settings.budget),
             patience: self.patience.unwrap_or(settings.patience),
             significance: self.significance.clone().or(settings.significance),
+            reconstruct: settings.reconstruct && !self.no_reconstruct,
+            ridge: self.ridge.unwrap_or(settings.ridge),
         }
     }
 }

@@ -21,6 +21,8 @@ pub mod attention;
 pub mod journal;
 pub mod prune;
 pub mod quantize;
+pub mod reconstruct;
+pub mod ridge;
 pub mod select;
 pub mod vocab;
 

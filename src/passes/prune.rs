@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::journal::{Journal, TrialRecord};
+use super::reconstruct::{reconstruct, BlockFit, DEFAULT_RIDGE};
 use super::select::{Engine, Rule, Score, Trial};
 use super::{significance, Pass, PassOutput, StageContext};
 use crate::analyze::elements::{Element, Level};
@@ -59,6 +60,10 @@ pub struct PruneSettings {
     pub patience: usize,
     /// A significance report of the input model to use instead of recomputing per level.
     pub significance: Option<PathBuf>,
+    /// Re-fit the output projections layer by layer after each level ([`reconstruct`]).
+    pub reconstruct: bool,
+    /// Ridge strength of the re-fit.
+    pub ridge: f64,
 }
 
 impl Default for PruneSettings {
@@ -70,6 +75,8 @@ impl Default for PruneSettings {
             budget: None,
             patience: 20,
             significance: None,
+            reconstruct: true,
+            ridge: DEFAULT_RIDGE,
         }
     }
 }
@@ -111,6 +118,18 @@ pub struct LevelOutcome {
     /// Accepted removals in order.
     pub removed: Vec<Removal>,
     /// Selection score at the end of the level.
+    pub score: Score,
+    /// The layer-wise re-fit after the level, when it ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reconstruction: Option<Reconstruction>,
+}
+
+/// A level's layer-wise reconstruction.
+#[derive(Debug, Clone, Serialize)]
+pub struct Reconstruction {
+    /// Every block re-fit, with its error before and after.
+    pub blocks: Vec<BlockFit>,
+    /// Selection score after the re-fit.
     pub score: Score,
 }
 
@@ -202,6 +221,10 @@ impl Pass for Prune {
     ) -> Result<PassOutput> {
         self.check_input(&model)?;
         let rule = self.rule(ctx.floor)?;
+        if self.settings.ridge.is_nan() || self.settings.ridge < 0.0 {
+            bail!("prune: ridge must be a non-negative number");
+        }
+        let original = model.clone();
         let mut budget = self.settings.budget.unwrap_or(usize::MAX);
         let mut outcomes = Vec::new();
         for &level in &self.settings.levels {
@@ -216,8 +239,25 @@ impl Pass for Prune {
                 rule,
                 patience: self.settings.patience,
             };
-            let (next, outcome, replayed) =
+            let (next, mut outcome, replayed) =
                 level_run.run(model, &order, &mut budget, ctx, journal)?;
+            let next = match self.settings.reconstruct && !outcome.removed.is_empty() {
+                true => {
+                    let (fitted, blocks) =
+                        reconstruct(&original, &next, &ctx.batches.batches, self.settings.ridge)?;
+                    let score = ctx.batches.score(&fitted)?;
+                    ctx.log(&format!(
+                        "{}: reconstructed {} blocks, selection {:.4} → {:.4}",
+                        level.name(),
+                        blocks.len(),
+                        outcome.score.metric,
+                        score.metric
+                    ));
+                    outcome.reconstruction = Some(Reconstruction { blocks, score });
+                    fitted
+                }
+                false => next,
+            };
             ctx.log(&format!(
                 "{}: removed {} of {} ({} decided, {replayed} replayed from the progress file), selection {:.4}",
                 level.name(),
@@ -306,6 +346,7 @@ impl LevelRun {
             trials,
             removed,
             score,
+            reconstruction: None,
         };
         Ok((model.slice(&plan)?, outcome, replayed))
     }

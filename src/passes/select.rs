@@ -352,3 +352,57 @@ impl<'a> Engine<'a> {
         self.data.metric == "accuracy" && self.data.scorer.is_classification()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::metric::accuracy;
+
+    /// The accuracy the scorer reports for `correct` hits out of `n`.
+    fn metric(correct: usize, n: usize) -> f64 {
+        let gold = vec![1usize; n];
+        let pred: Vec<usize> = (0..n).map(|i| usize::from(i < correct)).collect();
+        accuracy(&pred, &gold)
+    }
+
+    #[test]
+    fn early_rejection_never_rejects_what_full_evaluation_accepts() {
+        for n in 1..=160 {
+            for current_correct in 0..=n {
+                let current = Score {
+                    loss: 0.5,
+                    metric: metric(current_correct, n),
+                };
+                let floors = [
+                    current.metric,
+                    current.metric - 0.01,
+                    current.metric - 1e-12,
+                ];
+                let rules = floors
+                    .map(Rule::AtLeast)
+                    .into_iter()
+                    .chain([Rule::NotWorse]);
+                for rule in rules {
+                    let min = rule.min_correct(n, current);
+                    for correct in 0..=n {
+                        // Full evaluation's verdict, at the lowest possible loss.
+                        let trial = Score {
+                            loss: 0.0,
+                            metric: metric(correct, n),
+                        };
+                        // Early stopping rejects once errors exceed n - min.
+                        let cut_short = n - correct > n.saturating_sub(min) || min > n;
+                        assert!(
+                            !(rule.admits(trial, current) && cut_short),
+                            "n={n} correct={correct} rule={rule:?} min={min}"
+                        );
+                        // And it is exact: whatever it lets through to the end can pass.
+                        if !cut_short {
+                            assert!(rule.admits(trial, current), "n={n} {correct} {rule:?}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

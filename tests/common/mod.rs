@@ -162,19 +162,35 @@ pub fn reference_inputs(model: &Model, reference: &Value) -> Inputs {
 
 /// The first `n` SST-2 dev sentences, tokenized for `model` (at most 64 tokens) as one batch.
 pub fn sst2_dev_inputs(shared: &Path, model: &Model, n: usize) -> Inputs {
+    sst2_dev_batch_inputs(shared, model, 0, n, n).remove(0)
+}
+
+/// SST-2 dev sentences `start..end`, tokenized for `model` (at most 64 tokens), in batches of
+/// `batch`.
+pub fn sst2_dev_batch_inputs(
+    shared: &Path,
+    model: &Model,
+    start: usize,
+    end: usize,
+    batch: usize,
+) -> Vec<Inputs> {
     let text = std::fs::read_to_string(shared.join("data/glue/SST-2/dev.tsv")).unwrap();
     let sentences: Vec<(String, Option<String>)> = text
         .lines()
-        .skip(1)
-        .take(n)
+        .skip(1 + start)
+        .take(end - start)
         .map(|l| (l.split('\t').next().unwrap().to_string(), None))
         .collect();
     let seqs = TextEncoder::load(&model.dir, 64)
         .unwrap()
         .encode(&sentences)
         .unwrap();
-    let refs: Vec<&Sequence> = seqs.iter().collect();
-    Inputs::from_sequences(&model.config, &refs).unwrap()
+    seqs.chunks(batch)
+        .map(|chunk| {
+            let refs: Vec<&Sequence> = chunk.iter().collect();
+            Inputs::from_sequences(&model.config, &refs).unwrap()
+        })
+        .collect()
 }
 
 /// Flattens nested JSON number arrays.
