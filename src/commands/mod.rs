@@ -61,6 +61,7 @@ impl PruneFlags {
             significance: self.significance.clone().or(settings.significance),
             reconstruct: settings.reconstruct && !self.no_reconstruct,
             ridge: self.ridge.unwrap_or(settings.ridge),
+            share_tolerance: settings.share_tolerance,
         }
     }
 }

@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use super::journal::{Journal, TrialRecord};
 use super::reconstruct::{reconstruct, BlockFit, DEFAULT_RIDGE};
 use super::select::{Engine, Rule, Score, Trial};
-use super::{significance, Pass, PassOutput, StageContext};
+use super::{significance, Alternative, Pass, PassOutput, StageContext};
 use crate::analyze::elements::{Element, Level};
 use crate::analyze::report::{ElementSignificance, Report};
 use crate::analyze::summary::short_name;
@@ -64,6 +64,8 @@ pub struct PruneSettings {
     pub reconstruct: bool,
     /// Ridge strength of the re-fit.
     pub ridge: f64,
+    /// Under size / speed, give each level an equal cumulative share of the tolerance.
+    pub share_tolerance: bool,
 }
 
 impl Default for PruneSettings {
@@ -77,6 +79,7 @@ impl Default for PruneSettings {
             significance: None,
             reconstruct: true,
             ridge: DEFAULT_RIDGE,
+            share_tolerance: true,
         }
     }
 }
@@ -172,6 +175,41 @@ impl Prune {
         }
     }
 
+    /// The rule of level `index` of `count`. Under size and speed with `share_tolerance`, each
+    /// level may spend only its cumulative equal share of the allowance left at the stage's
+    /// `start` metric, so the first level cannot spend it all.
+    fn level_rule(&self, rule: Rule, start: f64, index: usize, count: usize) -> Rule {
+        match rule {
+            Rule::AtLeast(floor) if start > floor && index + 1 < count => {
+                let share = (index + 1) as f64 / count as f64;
+                Rule::AtLeast(start - (start - floor) * share)
+            }
+            _ => rule,
+        }
+    }
+
+    /// Re-fits `pruned` against `original` on the selection data, recording it in `outcome`.
+    fn reconstruct_level(
+        &self,
+        original: &Model,
+        pruned: &Model,
+        outcome: &mut LevelOutcome,
+        ctx: &StageContext,
+    ) -> Result<Model> {
+        let batches = &ctx.batches.batches;
+        let (fitted, blocks) = reconstruct(original, pruned, batches, self.settings.ridge)?;
+        let score = ctx.batches.score(&fitted)?;
+        ctx.log(&format!(
+            "{}: reconstructed {} blocks, selection {:.4} → {:.4}",
+            outcome.level.name(),
+            blocks.len(),
+            outcome.score.metric,
+            score.metric
+        ));
+        outcome.reconstruction = Some(Reconstruction { blocks, score });
+        Ok(fitted)
+    }
+
     /// The level's candidates in visiting order, from the report or a fresh analysis.
     fn candidates(&self, model: &Model, level: Level, ctx: &StageContext) -> Result<Vec<Element>> {
         let results = match &self.significance {
@@ -225,9 +263,15 @@ impl Pass for Prune {
             bail!("prune: ridge must be a non-negative number");
         }
         let original = model.clone();
+        // The same removals without any re-fit: what reconstruction is compared with.
+        let mut plain = model.clone();
         let mut budget = self.settings.budget.unwrap_or(usize::MAX);
         let mut outcomes = Vec::new();
-        for &level in &self.settings.levels {
+        let start = match (rule, self.settings.share_tolerance) {
+            (Rule::AtLeast(_), true) => ctx.batches.score(&model)?.metric,
+            _ => f64::NAN,
+        };
+        for (index, &level) in self.settings.levels.iter().enumerate() {
             if budget == 0 {
                 ctx.log(&format!("{}: skipped, the budget is spent", level.name()));
                 break;
@@ -236,26 +280,14 @@ impl Pass for Prune {
             let order = journal.begin_step(&step, || self.candidates(&model, level, ctx))?;
             let level_run = LevelRun {
                 level,
-                rule,
+                rule: self.level_rule(rule, start, index, self.settings.levels.len()),
                 patience: self.settings.patience,
             };
-            let (next, mut outcome, replayed) =
+            let (next, plan, mut outcome, replayed) =
                 level_run.run(model, &order, &mut budget, ctx, journal)?;
+            plain = plain.slice(&plan)?;
             let next = match self.settings.reconstruct && !outcome.removed.is_empty() {
-                true => {
-                    let (fitted, blocks) =
-                        reconstruct(&original, &next, &ctx.batches.batches, self.settings.ridge)?;
-                    let score = ctx.batches.score(&fitted)?;
-                    ctx.log(&format!(
-                        "{}: reconstructed {} blocks, selection {:.4} → {:.4}",
-                        level.name(),
-                        blocks.len(),
-                        outcome.score.metric,
-                        score.metric
-                    ));
-                    outcome.reconstruction = Some(Reconstruction { blocks, score });
-                    fitted
-                }
+                true => self.reconstruct_level(&original, &next, &mut outcome, ctx)?,
                 false => next,
             };
             ctx.log(&format!(
@@ -272,7 +304,10 @@ impl Pass for Prune {
         Ok(PassOutput {
             model,
             details: json!({ "levels": outcomes }),
-            alternatives: Vec::new(),
+            alternatives: match self.settings.reconstruct {
+                true => vec![Alternative::new("same removals, no reconstruction", plain)],
+                false => Vec::new(),
+            },
         })
     }
 }
@@ -286,7 +321,7 @@ struct LevelRun {
 
 impl LevelRun {
     /// Visits `order`, keeping the removals the engine accepts; returns the sliced model, the
-    /// outcome and how many verdicts were replayed from the journal.
+    /// plan it was sliced by, the outcome and how many verdicts were replayed from the journal.
     fn run(
         &self,
         model: Model,
@@ -294,7 +329,7 @@ impl LevelRun {
         budget: &mut usize,
         ctx: &StageContext,
         journal: &mut Journal,
-    ) -> Result<(Model, LevelOutcome, usize)> {
+    ) -> Result<(Model, Vec<LayerKeep>, LevelOutcome, usize)> {
         let mut engine = Engine::new(model, ctx.batches)?;
         let mut plan = engine.model().keep_all();
         let bar = progress::bar(order.len() as u64, self.level.name(), ctx.quiet);
@@ -348,7 +383,7 @@ impl LevelRun {
             score,
             reconstruction: None,
         };
-        Ok((model.slice(&plan)?, outcome, replayed))
+        Ok((model.slice(&plan)?, plan, outcome, replayed))
     }
 }
 
