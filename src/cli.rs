@@ -225,6 +225,10 @@ pub struct PruneFlags {
     /// Ridge strength of the layer-wise re-fit, relative to the mean feature energy [default: 0.1].
     #[arg(long)]
     pub ridge: Option<f64>,
+    /// Passes over the levels; a later round re-ranks and retries on the re-fit model
+    /// [default: 2].
+    #[arg(long)]
+    pub rounds: Option<usize>,
 }
 
 /// Settings of a quantize stage. Unset flags take their defaults, or a config's values.

@@ -62,6 +62,8 @@ impl PruneFlags {
             reconstruct: settings.reconstruct && !self.no_reconstruct,
             ridge: self.ridge.unwrap_or(settings.ridge),
             share_tolerance: settings.share_tolerance,
+            reconstruct_slack: settings.reconstruct_slack,
+            rounds: self.rounds.unwrap_or(settings.rounds),
         }
     }
 }

@@ -2,7 +2,10 @@
 //! kept attention blocks, then FFN neuron groups inside kept FFN blocks. At each level the
 //! candidates are visited from least to most significant (significance recomputed on the
 //! current model, or read from a report of this very model); the selection engine decides each
-//! tentative removal (gates). After each level the model is sliced physically.
+//! tentative removal (gates). After each level the model is sliced physically and, by default,
+//! re-fit layer by layer against the original ([`super::reconstruct`]); a level whose re-fit
+//! model falls below its floor keeps only the longest prefix of its removals that holds it
+//! (`Settle`). Under size / speed each level spends only its share of the tolerance.
 
 use std::path::PathBuf;
 
@@ -66,6 +69,12 @@ pub struct PruneSettings {
     pub ridge: f64,
     /// Under size / speed, give each level an equal cumulative share of the tolerance.
     pub share_tolerance: bool,
+    /// With reconstruction under size / speed: how far below its floor a level's search may go
+    /// before the re-fit, in multiples of the allowance.
+    pub reconstruct_slack: f64,
+    /// Passes over the levels: a later round re-ranks and retries on the re-fit model (it stops
+    /// early when a round removes nothing).
+    pub rounds: usize,
 }
 
 impl Default for PruneSettings {
@@ -80,6 +89,8 @@ impl Default for PruneSettings {
             reconstruct: true,
             ridge: DEFAULT_RIDGE,
             share_tolerance: true,
+            reconstruct_slack: 3.0,
+            rounds: 2,
         }
     }
 }
@@ -125,6 +136,8 @@ pub struct LevelOutcome {
     /// The layer-wise re-fit after the level, when it ran.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reconstruction: Option<Reconstruction>,
+    /// Accepted removals taken back because the re-fit model fell below the level's floor.
+    pub undone: usize,
 }
 
 /// A level's layer-wise reconstruction.
@@ -180,7 +193,9 @@ impl Prune {
     /// `start` metric, so the first level cannot spend it all.
     fn level_rule(&self, rule: Rule, start: f64, index: usize, count: usize) -> Rule {
         match rule {
-            Rule::AtLeast(floor) if start > floor && index + 1 < count => {
+            Rule::AtLeast(floor)
+                if self.settings.share_tolerance && start > floor && index + 1 < count =>
+            {
                 let share = (index + 1) as f64 / count as f64;
                 Rule::AtLeast(start - (start - floor) * share)
             }
@@ -188,26 +203,17 @@ impl Prune {
         }
     }
 
-    /// Re-fits `pruned` against `original` on the selection data, recording it in `outcome`.
-    fn reconstruct_level(
-        &self,
-        original: &Model,
-        pruned: &Model,
-        outcome: &mut LevelOutcome,
-        ctx: &StageContext,
-    ) -> Result<Model> {
-        let batches = &ctx.batches.batches;
-        let (fitted, blocks) = reconstruct(original, pruned, batches, self.settings.ridge)?;
-        let score = ctx.batches.score(&fitted)?;
-        ctx.log(&format!(
-            "{}: reconstructed {} blocks, selection {:.4} → {:.4}",
-            outcome.level.name(),
-            blocks.len(),
-            outcome.score.metric,
-            score.metric
-        ));
-        outcome.reconstruction = Some(Reconstruction { blocks, score });
-        Ok(fitted)
+    /// The rule the level's search decides by. With reconstruction under size / speed, the
+    /// search may go `reconstruct_slack` times the allowance below the level's floor: the re-fit
+    /// recovers most of it, and [`Settle`] keeps only what holds the floor after the re-fit.
+    fn search_rule(&self, floor: Rule, start: f64) -> Rule {
+        match floor {
+            Rule::AtLeast(f) if self.settings.reconstruct && start > f => {
+                let allowance = start - f;
+                Rule::AtLeast(f - self.settings.reconstruct_slack * allowance)
+            }
+            _ => floor,
+        }
     }
 
     /// The level's candidates in visiting order, from the report or a fresh analysis.
@@ -259,37 +265,64 @@ impl Pass for Prune {
     ) -> Result<PassOutput> {
         self.check_input(&model)?;
         let rule = self.rule(ctx.floor)?;
-        if self.settings.ridge.is_nan() || self.settings.ridge < 0.0 {
-            bail!("prune: ridge must be a non-negative number");
+        let non_negative = |x: f64| x >= 0.0;
+        if !non_negative(self.settings.ridge) || !non_negative(self.settings.reconstruct_slack) {
+            bail!("prune: ridge and reconstruct_slack must be non-negative numbers");
         }
         let original = model.clone();
         // The same removals without any re-fit: what reconstruction is compared with.
         let mut plain = model.clone();
         let mut budget = self.settings.budget.unwrap_or(usize::MAX);
         let mut outcomes = Vec::new();
-        let start = match (rule, self.settings.share_tolerance) {
-            (Rule::AtLeast(_), true) => ctx.batches.score(&model)?.metric,
-            _ => f64::NAN,
+        let start = match rule {
+            Rule::AtLeast(_) => ctx.batches.score(&model)?.metric,
+            Rule::NotWorse => f64::NAN,
         };
-        for (index, &level) in self.settings.levels.iter().enumerate() {
+        let levels = &self.settings.levels;
+        let rounds = self.settings.rounds.max(1);
+        let steps = (0..rounds).flat_map(|round| levels.iter().map(move |&l| (round, l)));
+        for (index, (round, level)) in steps.enumerate() {
             if budget == 0 {
                 ctx.log(&format!("{}: skipped, the budget is spent", level.name()));
                 break;
             }
-            let step = format!("stage {} prune {}", ctx.stage, level.name());
+            if round > 0 && index % levels.len() == 0 && !removed_in_round(&outcomes, levels.len())
+            {
+                break;
+            }
+            let step = format!(
+                "stage {} prune {} round {}",
+                ctx.stage,
+                level.name(),
+                round + 1
+            );
             let order = journal.begin_step(&step, || self.candidates(&model, level, ctx))?;
+            let floor = self.level_rule(rule, start, index, rounds * levels.len());
             let level_run = LevelRun {
                 level,
-                rule: self.level_rule(rule, start, index, self.settings.levels.len()),
+                rule: self.search_rule(floor, start),
                 patience: self.settings.patience,
             };
-            let (next, plan, mut outcome, replayed) =
+            let input = model.clone();
+            let (sliced, plan, mut outcome, replayed) =
                 level_run.run(model, &order, &mut budget, ctx, journal)?;
-            plain = plain.slice(&plan)?;
-            let next = match self.settings.reconstruct && !outcome.removed.is_empty() {
-                true => self.reconstruct_level(&original, &next, &mut outcome, ctx)?,
-                false => next,
+            let (next, plan) = match self.settings.reconstruct && !outcome.removed.is_empty() {
+                true => {
+                    let floor = match floor {
+                        Rule::AtLeast(f) => f,
+                        Rule::NotWorse => ctx.batches.score(&input)?.metric,
+                    };
+                    let settle = Settle {
+                        original: &original,
+                        input: &input,
+                        floor,
+                    };
+                    settle.run(self.settings.ridge, &mut outcome, ctx)?
+                }
+                false => (sliced, plan),
             };
+            plain = plain.slice(&plan)?;
+            model = next;
             ctx.log(&format!(
                 "{}: removed {} of {} ({} decided, {replayed} replayed from the progress file), selection {:.4}",
                 level.name(),
@@ -298,7 +331,6 @@ impl Pass for Prune {
                 outcome.trials.len(),
                 outcome.score.metric
             ));
-            model = next;
             outcomes.push(outcome);
         }
         Ok(PassOutput {
@@ -382,9 +414,108 @@ impl LevelRun {
             removed,
             score,
             reconstruction: None,
+            undone: 0,
         };
         Ok((model.slice(&plan)?, plan, outcome, replayed))
     }
+}
+
+/// After a level: the re-fit of the longest prefix of its accepted removals that keeps the
+/// selection metric at or above `floor` once re-fit (all of them when possible; a binary search
+/// over prefixes otherwise).
+struct Settle<'a> {
+    original: &'a Model,
+    input: &'a Model,
+    floor: f64,
+}
+
+/// A prefix of a level's removals, sliced and re-fit.
+struct Fitted {
+    model: Model,
+    plan: Vec<LayerKeep>,
+    blocks: Vec<BlockFit>,
+    score: Score,
+}
+
+impl Settle<'_> {
+    fn run(
+        &self,
+        ridge: f64,
+        outcome: &mut LevelOutcome,
+        ctx: &StageContext,
+    ) -> Result<(Model, Vec<LayerKeep>)> {
+        let n = outcome.removed.len();
+        let mut best = Some(self.prefix(n, &outcome.removed, ridge, ctx)?);
+        let mut kept = n;
+        if best.as_ref().is_some_and(|f| f.score.metric < self.floor) {
+            // The empty prefix (the level's input) holds; `n` does not.
+            let (mut lo, mut hi) = (0, n);
+            best = None;
+            while hi - lo > 1 {
+                let mid = (lo + hi) / 2;
+                let fitted = self.prefix(mid, &outcome.removed, ridge, ctx)?;
+                if fitted.score.metric >= self.floor {
+                    (lo, best) = (mid, Some(fitted));
+                } else {
+                    hi = mid;
+                }
+            }
+            kept = lo;
+        }
+        outcome.undone = n - kept;
+        outcome.removed.truncate(kept);
+        let Some(fitted) = best else {
+            return Ok((self.input.clone(), self.input.keep_all()));
+        };
+        ctx.log(&format!(
+            "{}: re-fit {} blocks, selection {:.4} → {:.4}{}",
+            outcome.level.name(),
+            fitted.blocks.len(),
+            outcome.score.metric,
+            fitted.score.metric,
+            match n - kept {
+                0 => String::new(),
+                undone => format!(" ({undone} removals taken back to hold {:.4})", self.floor),
+            }
+        ));
+        outcome.reconstruction = Some(Reconstruction {
+            blocks: fitted.blocks,
+            score: fitted.score,
+        });
+        Ok((fitted.model, fitted.plan))
+    }
+
+    /// The first `k` removals applied to the level's input, sliced, re-fit and scored.
+    fn prefix(
+        &self,
+        k: usize,
+        removed: &[Removal],
+        ridge: f64,
+        ctx: &StageContext,
+    ) -> Result<Fitted> {
+        let mut plan = self.input.keep_all();
+        for r in &removed[..k] {
+            remove(&mut plan, &r.element);
+        }
+        let sliced = self.input.slice(&plan)?;
+        let (model, blocks) = reconstruct(self.original, &sliced, &ctx.batches.batches, ridge)?;
+        let score = ctx.batches.score(&model)?;
+        Ok(Fitted {
+            model,
+            plan,
+            blocks,
+            score,
+        })
+    }
+}
+
+/// True when the last round (the last `levels` outcomes) removed something.
+fn removed_in_round(outcomes: &[LevelOutcome], levels: usize) -> bool {
+    outcomes
+        .iter()
+        .rev()
+        .take(levels)
+        .any(|o| !o.removed.is_empty())
 }
 
 fn rejected_in_a_row(trials: &[TrialRecord]) -> usize {
@@ -466,4 +597,54 @@ pub fn visiting_order(
         }),
     }
     items.into_iter().map(|r| r.element.clone()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn prune(mode: Mode, share_tolerance: bool) -> Prune {
+        Prune::new(PruneSettings {
+            mode,
+            share_tolerance,
+            ..PruneSettings::default()
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn levels_spend_cumulative_equal_shares_and_the_last_reaches_the_floor() {
+        let p = prune(Mode::Size, true);
+        let floor = Rule::AtLeast(0.88);
+        let at = |i| match p.level_rule(floor, 0.91, i, 3) {
+            Rule::AtLeast(f) => f,
+            Rule::NotWorse => panic!("size mode keeps a floor"),
+        };
+        assert!((at(0) - 0.90).abs() < 1e-12 && (at(1) - 0.89).abs() < 1e-12);
+        assert_eq!(at(2), 0.88);
+        assert_eq!(
+            prune(Mode::Size, false).level_rule(floor, 0.91, 0, 3),
+            floor
+        );
+        assert_eq!(p.level_rule(Rule::NotWorse, 0.91, 0, 3), Rule::NotWorse);
+    }
+
+    #[test]
+    fn the_search_may_go_below_the_floor_only_with_reconstruction() {
+        let p = prune(Mode::Speed, true);
+        match p.search_rule(Rule::AtLeast(0.90), 0.91) {
+            Rule::AtLeast(f) => assert!((f - 0.87).abs() < 1e-12, "{f}"),
+            Rule::NotWorse => panic!(),
+        }
+        let plain = Prune::new(PruneSettings {
+            reconstruct: false,
+            ..PruneSettings::default()
+        })
+        .unwrap();
+        assert_eq!(
+            plain.search_rule(Rule::AtLeast(0.90), 0.91),
+            Rule::AtLeast(0.90)
+        );
+        assert_eq!(p.search_rule(Rule::NotWorse, 0.91), Rule::NotWorse);
+    }
 }
