@@ -59,7 +59,7 @@ impl PruneFlags {
             budget: self.budget.or(settings.budget),
             patience: self.patience.unwrap_or(settings.patience),
             significance: self.significance.clone().or(settings.significance),
-            reconstruct: settings.reconstruct && !self.no_reconstruct,
+            reconstruct: self.reconstruct.or(settings.reconstruct),
             ridge: self.ridge.unwrap_or(settings.ridge),
             share_tolerance: settings.share_tolerance,
             reconstruct_slack: settings.reconstruct_slack,

@@ -63,8 +63,11 @@ pub struct PruneSettings {
     pub patience: usize,
     /// A significance report of the input model to use instead of recomputing per level.
     pub significance: Option<PathBuf>,
-    /// Re-fit the output projections layer by layer after each level ([`reconstruct`]).
-    pub reconstruct: bool,
+    /// Re-fit the output projections layer by layer after each level ([`reconstruct`]); unset:
+    /// under size and speed, where it holds the tolerance on unseen data, but not under
+    /// accuracy, where the removals that help the task would be fitted back towards the original
+    /// (both measured; see the README).
+    pub reconstruct: Option<bool>,
     /// Ridge strength of the re-fit.
     pub ridge: f64,
     /// Under size / speed, give each level an equal cumulative share of the tolerance.
@@ -73,7 +76,7 @@ pub struct PruneSettings {
     /// before the re-fit, in multiples of the allowance.
     pub reconstruct_slack: f64,
     /// Passes over the levels: a later round re-ranks and retries on the re-fit model (it stops
-    /// early when a round removes nothing).
+    /// early when a round removes nothing). More than one over-fits the selection split (measured).
     pub rounds: usize,
 }
 
@@ -86,11 +89,11 @@ impl Default for PruneSettings {
             budget: None,
             patience: 20,
             significance: None,
-            reconstruct: true,
+            reconstruct: None,
             ridge: DEFAULT_RIDGE,
             share_tolerance: true,
             reconstruct_slack: 3.0,
-            rounds: 2,
+            rounds: 1,
         }
     }
 }
@@ -203,12 +206,19 @@ impl Prune {
         }
     }
 
+    /// Whether levels are re-fit: as set, else under size and speed only.
+    fn reconstructs(&self) -> bool {
+        self.settings
+            .reconstruct
+            .unwrap_or(self.settings.mode != Mode::Accuracy)
+    }
+
     /// The rule the level's search decides by. With reconstruction under size / speed, the
     /// search may go `reconstruct_slack` times the allowance below the level's floor: the re-fit
     /// recovers most of it, and [`Settle`] keeps only what holds the floor after the re-fit.
     fn search_rule(&self, floor: Rule, start: f64) -> Rule {
         match floor {
-            Rule::AtLeast(f) if self.settings.reconstruct && start > f => {
+            Rule::AtLeast(f) if self.reconstructs() && start > f => {
                 let allowance = start - f;
                 Rule::AtLeast(f - self.settings.reconstruct_slack * allowance)
             }
@@ -306,7 +316,7 @@ impl Pass for Prune {
             let input = model.clone();
             let (sliced, plan, mut outcome, replayed) =
                 level_run.run(model, &order, &mut budget, ctx, journal)?;
-            let (next, plan) = match self.settings.reconstruct && !outcome.removed.is_empty() {
+            let (next, plan) = match self.reconstructs() && !outcome.removed.is_empty() {
                 true => {
                     let floor = match floor {
                         Rule::AtLeast(f) => f,
@@ -336,7 +346,7 @@ impl Pass for Prune {
         Ok(PassOutput {
             model,
             details: json!({ "levels": outcomes }),
-            alternatives: match self.settings.reconstruct {
+            alternatives: match self.reconstructs() {
                 true => vec![Alternative::new("same removals, no reconstruction", plain)],
                 false => Vec::new(),
             },
@@ -637,7 +647,7 @@ mod tests {
             Rule::NotWorse => panic!(),
         }
         let plain = Prune::new(PruneSettings {
-            reconstruct: false,
+            reconstruct: Some(false),
             ..PruneSettings::default()
         })
         .unwrap();
