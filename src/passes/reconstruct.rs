@@ -17,7 +17,7 @@ use serde::Serialize;
 
 use super::ridge::NormalEquations;
 use crate::analyze::AnalysisBatch;
-use crate::model::encoder::{Attention, FeedForward};
+use crate::model::encoder::{Attention, EncoderLayer, FeedForward};
 use crate::model::linear::Linear;
 use crate::model::Model;
 
@@ -40,7 +40,68 @@ pub struct BlockFit {
     pub error_after: f64,
 }
 
-/// Hidden states entering the current layer, per batch, for both models.
+/// The two blocks of a layer, in order.
+#[derive(Debug, Clone, Copy)]
+enum Block {
+    Attention,
+    Ffn,
+}
+
+impl Block {
+    fn name(self) -> &'static str {
+        match self {
+            Block::Attention => "attention",
+            Block::Ffn => "ffn",
+        }
+    }
+
+    /// The block's pre-LayerNorm sum on `x` (`x` itself when the block is removed).
+    fn sum(self, layer: &EncoderLayer, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        match self {
+            Block::Attention => attention_sum(layer.attention.as_ref(), x, mask),
+            Block::Ffn => ffn_sum(layer.ffn.as_ref(), x),
+        }
+    }
+
+    /// The block's output: its LayerNorm of `sum` (`sum` itself when the block is removed).
+    fn finish(self, layer: &EncoderLayer, sum: Tensor) -> Result<Tensor> {
+        let norm = match self {
+            Block::Attention => layer.attention.as_ref().map(|a| &a.norm),
+            Block::Ffn => layer.ffn.as_ref().map(|f| &f.norm),
+        };
+        Ok(match norm {
+            Some(norm) => norm.forward(&sum, false)?,
+            None => sum,
+        })
+    }
+
+    /// The features the output projection reads on `x` (kept heads' contexts or kept neurons'
+    /// activations) and the projection; `None` when the block has no weights to re-fit.
+    fn features(
+        self,
+        layer: &EncoderLayer,
+        x: &Tensor,
+        mask: &Tensor,
+    ) -> Option<candle_core::Result<Tensor>> {
+        match self {
+            Block::Attention => (layer.attention.as_ref())
+                .filter(|a| !a.heads.is_empty())
+                .map(|a| flat_context(a, x, mask)),
+            Block::Ffn => (layer.ffn.as_ref())
+                .filter(|f| f.width() > 0)
+                .map(|f| f.activations(x)),
+        }
+    }
+
+    fn output_mut(self, layer: &mut EncoderLayer) -> Option<&mut Linear> {
+        match self {
+            Block::Attention => layer.attention.as_mut().map(|a| &mut a.output),
+            Block::Ffn => layer.ffn.as_mut().map(|f| &mut f.output),
+        }
+    }
+}
+
+/// Hidden states entering the current block, per batch, for both models.
 struct States {
     original: Vec<Tensor>,
     pruned: Vec<Tensor>,
@@ -66,72 +127,29 @@ pub fn reconstruct(
     let rows: Vec<Tensor> = batches.iter().map(real_rows).collect::<Result<_>>()?;
     let mut fits = Vec::new();
     for l in 0..out.num_layers() {
-        let (orig, layer) = (&original.layers[l], &mut out.layers[l]);
-        // Attention: target sums of the original, the pruned model's features.
-        let mut targets = Vec::with_capacity(batches.len());
-        for (b, batch) in batches.iter().enumerate() {
-            let mask = &batch.inputs.mask_bias;
-            let sum = attention_sum(orig.attention.as_ref(), &states.original[b], mask)?;
-            states.original[b] = match &orig.attention {
-                Some(att) => att.norm.forward(&sum, false)?,
-                None => sum.clone(),
-            };
-            targets.push(sum);
-        }
-        if let Some(att) = layer.attention.as_mut().filter(|a| !a.heads.is_empty()) {
-            let features =
-                |b: usize| flat_context(att, &states.pruned[b], &batches[b].inputs.mask_bias);
-            let (output, fit) = refit(
-                &att.output,
-                &features,
-                &targets,
-                &states.pruned,
-                &rows,
-                ridge,
-            )?;
-            att.output = output;
-            fits.push(fit.block(l, "attention"));
-        }
-        for (b, batch) in batches.iter().enumerate() {
-            let sum = attention_sum(
-                layer.attention.as_ref(),
-                &states.pruned[b],
-                &batch.inputs.mask_bias,
-            )?;
-            states.pruned[b] = match &layer.attention {
-                Some(att) => att.norm.forward(&sum, false)?,
-                None => sum,
-            };
-        }
-        // FFN, the same way.
-        let mut targets = Vec::with_capacity(batches.len());
-        for state in states.original.iter_mut() {
-            let sum = ffn_sum(orig.ffn.as_ref(), state)?;
-            *state = match &orig.ffn {
-                Some(ffn) => ffn.norm.forward(&sum, false)?,
-                None => sum.clone(),
-            };
-            targets.push(sum);
-        }
-        if let Some(ffn) = layer.ffn.as_mut().filter(|f| f.width() > 0) {
-            let features = |b: usize| ffn.activations(&states.pruned[b]);
-            let (output, fit) = refit(
-                &ffn.output,
-                &features,
-                &targets,
-                &states.pruned,
-                &rows,
-                ridge,
-            )?;
-            ffn.output = output;
-            fits.push(fit.block(l, "ffn"));
-        }
-        for state in states.pruned.iter_mut() {
-            let sum = ffn_sum(layer.ffn.as_ref(), state)?;
-            *state = match &layer.ffn {
-                Some(ffn) => ffn.norm.forward(&sum, false)?,
-                None => sum,
-            };
+        for block in [Block::Attention, Block::Ffn] {
+            let (orig, layer) = (&original.layers[l], &mut out.layers[l]);
+            // The original's sums are the targets; the original moves past the block.
+            let mut targets = Vec::with_capacity(batches.len());
+            for (state, batch) in states.original.iter_mut().zip(batches) {
+                let sum = block.sum(orig, state, &batch.inputs.mask_bias)?;
+                *state = block.finish(orig, sum.clone())?;
+                targets.push(sum);
+            }
+            let features = (0..batches.len())
+                .map(|b| block.features(layer, &states.pruned[b], &batches[b].inputs.mask_bias))
+                .collect::<Option<candle_core::Result<Vec<_>>>>()
+                .transpose()?;
+            if let (Some(features), Some(output)) = (features, block.output_mut(layer)) {
+                let (refit, fit) =
+                    refit(output, &features, &targets, &states.pruned, &rows, ridge)?;
+                *output = refit;
+                fits.push(fit.block(l, block.name()));
+            }
+            for (state, batch) in states.pruned.iter_mut().zip(batches) {
+                let sum = block.sum(layer, state, &batch.inputs.mask_bias)?;
+                *state = block.finish(layer, sum)?;
+            }
         }
     }
     Ok((out, fits))
@@ -156,10 +174,10 @@ impl Solved {
     }
 }
 
-/// `output` re-fit so that `inputs[b] + output(features(b)) ≈ targets[b]` on the real rows.
+/// `output` re-fit so that `inputs[b] + output(features[b]) ≈ targets[b]` on the real rows.
 fn refit(
     output: &Linear,
-    features: &dyn Fn(usize) -> candle_core::Result<Tensor>,
+    features: &[Tensor],
     targets: &[Tensor],
     inputs: &[Tensor],
     rows: &[Tensor],
@@ -169,7 +187,7 @@ fn refit(
     let (hidden, width) = weight.dims2()?;
     let mut equations = NormalEquations::new(width, hidden)?;
     for (b, rows) in rows.iter().enumerate() {
-        let f = select_rows(&features(b)?, rows)?;
+        let f = select_rows(&features[b], rows)?;
         let t = select_rows(&(&targets[b] - &inputs[b])?, rows)?;
         equations.add(&f, &t)?;
     }
