@@ -17,7 +17,7 @@ use serde_json::json;
 
 use super::journal::{Journal, TrialRecord};
 use super::prune::Mode;
-use super::select::{Engine, Rule, Score, Trial};
+use super::select::{Engine, Score, Trial};
 use super::{Pass, PassOutput, StageContext};
 use crate::model::attention_mode::{ApproxAttention, Keep, KeySelector};
 use crate::model::Model;
@@ -71,17 +71,6 @@ impl AttentionPass {
             bail!("attention: k = {bad} must be a number of keys ≥ 1 or a fraction in (0, 1]");
         }
         Ok(AttentionPass { settings })
-    }
-
-    fn rule(&self, floor: Option<f64>) -> Result<Rule> {
-        match (self.settings.mode, floor) {
-            (Mode::Accuracy, _) => Ok(Rule::NotWorse),
-            (_, Some(floor)) => Ok(Rule::AtLeast(floor)),
-            (mode, None) => bail!(
-                "attention in {} mode needs --max-drop (e.g. 1.0 for one metric point, or 2%)",
-                mode.name()
-            ),
-        }
     }
 
     /// The approximations tried per layer, fewest kept keys first at the selection data's median
@@ -177,7 +166,7 @@ impl Pass for AttentionPass {
     }
 
     fn run(&self, model: Model, ctx: &StageContext, journal: &mut Journal) -> Result<PassOutput> {
-        let rule = self.rule(ctx.floor)?;
+        let rule = self.settings.mode.rule("attention", ctx.floor)?;
         let grid = self.grid(ctx);
         let mut engine = Engine::new(model, ctx.batches)?;
         let before = engine.score();

@@ -37,6 +37,19 @@ pub enum Mode {
 }
 
 impl Mode {
+    /// When `pass` keeps a change in this mode: accuracy never lowers the selection metric; size
+    /// and speed keep it at or above the run's `floor`, which they need.
+    pub fn rule(self, pass: &str, floor: Option<f64>) -> Result<Rule> {
+        match (self, floor) {
+            (Mode::Accuracy, _) => Ok(Rule::NotWorse),
+            (_, Some(floor)) => Ok(Rule::AtLeast(floor)),
+            (mode, None) => bail!(
+                "{pass} in {} mode needs --max-drop (e.g. 1.0 for one metric point, or 2%)",
+                mode.name()
+            ),
+        }
+    }
+
     /// Lower-case name.
     pub fn name(self) -> &'static str {
         match self {
@@ -180,17 +193,6 @@ impl Prune {
         })
     }
 
-    fn rule(&self, floor: Option<f64>) -> Result<Rule> {
-        match (self.settings.mode, floor) {
-            (Mode::Accuracy, _) => Ok(Rule::NotWorse),
-            (_, Some(floor)) => Ok(Rule::AtLeast(floor)),
-            (mode, None) => bail!(
-                "prune in {} mode needs --max-drop (e.g. 1.0 for one metric point, or 2%)",
-                mode.name()
-            ),
-        }
-    }
-
     /// The rule of level `index` of `count`. Under size and speed with `share_tolerance`, each
     /// level may spend only its cumulative equal share of the allowance left at the stage's
     /// `start` metric, so the first level cannot spend it all.
@@ -274,7 +276,7 @@ impl Pass for Prune {
         journal: &mut Journal,
     ) -> Result<PassOutput> {
         self.check_input(&model)?;
-        let rule = self.rule(ctx.floor)?;
+        let rule = self.settings.mode.rule("prune", ctx.floor)?;
         let non_negative = |x: f64| x >= 0.0;
         if !non_negative(self.settings.ridge) || !non_negative(self.settings.reconstruct_slack) {
             bail!("prune: ridge and reconstruct_slack must be non-negative numbers");
