@@ -15,7 +15,7 @@ use anyhow::{Context, Result};
 use candle_core::{Tensor, D};
 use serde::Serialize;
 
-use super::ridge::NormalEquations;
+use super::ridge::{Fit, NormalEquations};
 use crate::analyze::AnalysisBatch;
 use crate::model::encoder::{Attention, EncoderLayer, FeedForward};
 use crate::model::linear::Linear;
@@ -141,10 +141,15 @@ pub fn reconstruct(
                 .collect::<Option<candle_core::Result<Vec<_>>>>()
                 .transpose()?;
             if let (Some(features), Some(output)) = (features, block.output_mut(layer)) {
-                let (refit, fit) =
-                    refit(output, &features, &targets, &states.pruned, &rows, ridge)?;
-                *output = refit;
-                fits.push(fit.block(l, block.name()));
+                let fit = refit(output, &features, &targets, &states.pruned, &rows, ridge)?;
+                fits.push(BlockFit {
+                    layer: l,
+                    block: block.name(),
+                    features: fit.weight.dim(1)?,
+                    error_before: fit.error_before,
+                    error_after: fit.error_after,
+                });
+                *output = Linear::dense(fit.weight, fit.bias);
             }
             for (state, batch) in states.pruned.iter_mut().zip(batches) {
                 let sum = block.sum(layer, state, &batch.inputs.mask_bias)?;
@@ -155,26 +160,7 @@ pub fn reconstruct(
     Ok((out, fits))
 }
 
-/// A solved block fit before it is named.
-struct Solved {
-    features: usize,
-    error_before: f64,
-    error_after: f64,
-}
-
-impl Solved {
-    fn block(self, layer: usize, block: &'static str) -> BlockFit {
-        BlockFit {
-            layer,
-            block,
-            features: self.features,
-            error_before: self.error_before,
-            error_after: self.error_after,
-        }
-    }
-}
-
-/// `output` re-fit so that `inputs[b] + output(features[b]) ≈ targets[b]` on the real rows.
+/// The re-fit of `output` so that `inputs[b] + output(features[b]) ≈ targets[b]` on the real rows.
 fn refit(
     output: &Linear,
     features: &[Tensor],
@@ -182,7 +168,7 @@ fn refit(
     inputs: &[Tensor],
     rows: &[Tensor],
     ridge: f64,
-) -> Result<(Linear, Solved)> {
+) -> Result<Fit> {
     let weight = output.weight.to_dense()?;
     let (hidden, width) = weight.dims2()?;
     let mut equations = NormalEquations::new(width, hidden)?;
@@ -191,15 +177,9 @@ fn refit(
         let t = select_rows(&(&targets[b] - &inputs[b])?, rows)?;
         equations.add(&f, &t)?;
     }
-    let fit = equations
+    equations
         .solve(&weight, &output.bias, ridge)
-        .context("layer-wise reconstruction")?;
-    let solved = Solved {
-        features: width,
-        error_before: fit.error_before,
-        error_after: fit.error_after,
-    };
-    Ok((Linear::dense(fit.weight, fit.bias), solved))
+        .context("layer-wise reconstruction")
 }
 
 /// The embeddings of every batch.
