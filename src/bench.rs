@@ -7,7 +7,8 @@ use std::time::Instant;
 use anyhow::Result;
 use indicatif::ProgressBar;
 
-use crate::evaluate::predict;
+use crate::data::batch::BatchOrder;
+use crate::evaluate::predict_batches;
 use crate::model::encoder::RunOptions;
 use crate::model::inputs::{Inputs, Sequence};
 use crate::model::source::WEIGHT_FILES;
@@ -22,13 +23,18 @@ pub fn time_single(model: &Model, seq: &Sequence) -> Result<f64> {
     Ok(started.elapsed().as_secs_f64())
 }
 
-/// Sentences per second for one pass over `seqs` at `batch_size`.
-pub fn throughput(model: &Model, seqs: &[Sequence], batch_size: usize) -> Result<f64> {
+/// Sentences per second for one pass over `seqs` at `batch_size`, batched in `order`.
+pub fn throughput(
+    model: &Model,
+    seqs: &[Sequence],
+    batch_size: usize,
+    order: BatchOrder,
+) -> Result<f64> {
     let started = Instant::now();
-    predict(
+    predict_batches(
         model,
         seqs,
-        batch_size,
+        order.batches(seqs, batch_size),
         RunOptions::default(),
         &ProgressBar::hidden(),
     )?;

@@ -6,6 +6,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::analyze::elements::Level;
 use crate::analyze::report::Method;
+use crate::data::batch::BatchOrder;
 use crate::data::task::Task;
 use crate::model::attention_mode::{Keep, KeySelector};
 use crate::model::quant::Execution;
@@ -28,6 +29,10 @@ pub struct Cli {
     /// f32: the faster of each, measured), kernel, candle or dequantized [default: auto].
     #[arg(long, global = true, value_enum)]
     pub execution: Option<Execution>,
+    /// Worker threads for every kernel (candle's, gemm's and axcompress's own)
+    /// [default: $RAYON_NUM_THREADS, else every core].
+    #[arg(long, global = true, value_parser = clap::value_parser!(u16).range(1..))]
+    pub threads: Option<u16>,
     /// The command to run.
     #[command(subcommand)]
     pub command: Command,
@@ -417,4 +422,8 @@ pub struct BenchArgs {
     /// Timed passes over the dev set at --batch-size for throughput.
     #[arg(long, default_value_t = 3)]
     pub repeats: usize,
+    /// How throughput batches are formed: sorted by length (what eval does) or in file order
+    /// (padding to each batch's longest, as a plain PyTorch loop does).
+    #[arg(long, value_enum, default_value_t = BatchOrder::Sorted)]
+    pub order: BatchOrder,
 }

@@ -21,8 +21,20 @@ pub fn predict(
     opts: RunOptions,
     progress: &ProgressBar,
 ) -> Result<Vec<Vec<f32>>> {
+    let batches = length_buckets(sequences, batch_size);
+    predict_batches(model, sequences, batches, opts, progress)
+}
+
+/// Logits of every sequence, run in the given `batches` of indices.
+pub fn predict_batches(
+    model: &Model,
+    sequences: &[Sequence],
+    batches: Vec<Vec<usize>>,
+    opts: RunOptions,
+    progress: &ProgressBar,
+) -> Result<Vec<Vec<f32>>> {
     let mut logits = vec![Vec::new(); sequences.len()];
-    for batch in length_buckets(sequences, batch_size) {
+    for batch in batches {
         let seqs: Vec<&Sequence> = batch.iter().map(|&i| &sequences[i]).collect();
         let inputs = Inputs::from_sequences(&model.config, &seqs)?;
         let out: Vec<Vec<f32>> = model.forward(&inputs, opts)?.to_vec2()?;

@@ -22,3 +22,4 @@ pub mod passes;
 pub mod pipeline;
 pub mod progress;
 pub mod setup;
+pub mod threads;

@@ -9,6 +9,7 @@ use axcompress::model::quant::Execution;
 
 fn main() {
     let cli = Cli::parse();
+    axcompress::threads::configure(cli.threads);
     if let Some(execution) = cli.execution {
         Execution::set_default(execution);
     }

@@ -152,7 +152,11 @@ fn gating_nothing_changes_nothing() {
         )
         .unwrap();
     let b = model.forward(&inputs, RunOptions::default()).unwrap();
-    assert_eq!(values(&a), values(&b));
+    // Without gates, attention runs in the fused kernel (its own summation order and exp):
+    // equal up to float rounding, not bit for bit.
+    for (x, y) in values(&a).iter().zip(values(&b)) {
+        assert!((x - y).abs() <= 1e-6 * (1.0 + y.abs()), "{x} vs {y}");
+    }
 }
 
 #[test]

@@ -58,14 +58,18 @@ pub fn run(args: &BenchArgs, cli: &Cli) -> Result<()> {
             &s.setup.model,
             &s.dev[..s.dev.len().min(64)],
             args.task.batch_size,
+            args.order,
         )?;
     }
     let samples = args.samples.min(subjects[0].dev.len());
     log(
         cli,
         &format!(
-            "timing {samples} sentences at batch 1 and {} passes at batch {}, interleaved",
-            args.repeats, args.task.batch_size
+            "timing {samples} sentences at batch 1 and {} passes at batch {} ({} order), {} threads, interleaved",
+            args.repeats,
+            args.task.batch_size,
+            args.order.name(),
+            crate::threads::count()
         ),
     );
     let order = |i: usize, n: usize| -> Vec<usize> {
@@ -85,7 +89,7 @@ pub fn run(args: &BenchArgs, cli: &Cli) -> Result<()> {
     for r in 0..args.repeats {
         for k in order(r, subjects.len()) {
             let s = &mut subjects[k];
-            let t = throughput(&s.setup.model, &s.dev, args.task.batch_size)?;
+            let t = throughput(&s.setup.model, &s.dev, args.task.batch_size, args.order)?;
             s.throughputs.push(t);
         }
     }
@@ -95,14 +99,14 @@ pub fn run(args: &BenchArgs, cli: &Cli) -> Result<()> {
         rows.insert(s.name.to_string(), json!({
             "model": s.spec,
             "latency_b1_ms": {"p50": percentile(&s.latencies, 0.5), "p90": percentile(&s.latencies, 0.9), "samples": s.latencies.len()},
-            "throughput_sentences_per_second": {"batch_size": args.task.batch_size, "median": median(&s.throughputs), "runs": s.throughputs},
+            "throughput_sentences_per_second": {"batch_size": args.task.batch_size, "order": args.order.name(), "median": median(&s.throughputs), "runs": s.throughputs},
             "peak_rss_bytes": eval["peak_rss_bytes"],
             "weights_bytes": weights_bytes(&s.setup.model.dir),
             "parameters": s.setup.model.parameter_count(),
             "metrics": eval["metrics"],
         }));
     }
-    let mut report = json!({ "task": args.task.task.name(), "results": rows });
+    let mut report = json!({ "task": args.task.task.name(), "threads": crate::threads::count(), "results": rows });
     if let (Some(m), Some(b)) = (
         report["results"].get("model").cloned(),
         report["results"].get("baseline").cloned(),

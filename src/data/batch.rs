@@ -57,6 +57,37 @@ impl EncodedSet {
     }
 }
 
+/// How examples are grouped into batches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BatchOrder {
+    /// By length, so little padding is computed ([`length_buckets`]).
+    Sorted,
+    /// Consecutive examples in file order, each batch padded to its longest.
+    File,
+}
+
+impl BatchOrder {
+    /// The batches of example indices for `n` examples.
+    pub fn batches(self, sequences: &[Sequence], batch_size: usize) -> Vec<Vec<usize>> {
+        match self {
+            BatchOrder::Sorted => length_buckets(sequences, batch_size),
+            BatchOrder::File => (0..sequences.len())
+                .collect::<Vec<_>>()
+                .chunks(batch_size.max(1))
+                .map(<[usize]>::to_vec)
+                .collect(),
+        }
+    }
+
+    /// The name used on the command line and in JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            BatchOrder::Sorted => "sorted",
+            BatchOrder::File => "file",
+        }
+    }
+}
+
 /// Groups example indices into batches of similar length (ascending; ties in input order), so
 /// little padding is computed. Deterministic.
 pub fn length_buckets(sequences: &[Sequence], batch_size: usize) -> Vec<Vec<usize>> {

@@ -10,7 +10,7 @@ use super::config::Activation;
 use super::inputs::Inputs;
 use super::linear::{Linear, Weight};
 use super::nn::{activate, softmax_last, LayerNorm};
-use super::sparse_attention;
+use super::{fused_attention, sparse_attention};
 
 /// Word, position and (optionally) token-type embeddings followed by LayerNorm.
 #[derive(Debug, Clone)]
@@ -108,6 +108,21 @@ impl Attention {
         }
     }
 
+    /// Dense attention context `[batch, seq_q, heads · head_size]`, ready for the output
+    /// projection, in one fused kernel (inference only: no backward pass, no head gates).
+    fn fused_context(&self, x: &Tensor, mask_bias: &Tensor, first_only: bool) -> Result<Tensor> {
+        let nd = self.heads.len() * self.head_size;
+        let shape = (self.heads.len(), self.head_size);
+        if first_only {
+            let q = self.qkv.forward_rows(&x.narrow(1, 0, 1)?, 0, nd)?;
+            let kv = self.qkv.forward_rows(x, nd, 2 * nd)?;
+            fused_attention::dense_context(&q, 0, &kv, (0, nd), mask_bias, shape)
+        } else {
+            let qkv = self.qkv.forward(x)?;
+            fused_attention::dense_context(&qkv, 0, &qkv, (nd, 2 * nd), mask_bias, shape)
+        }
+    }
+
     /// Output projection `W_o · context + b_o`, `[batch, seq_q, hidden]`, with optional head gates.
     pub fn project(&self, context: &Tensor, head_gates: Option<&Tensor>) -> Result<Tensor> {
         let (b, n, tq, d) = context.dims4()?;
@@ -139,8 +154,13 @@ impl Attention {
                 .norm
                 .forward(&x_q.broadcast_add(&self.output.bias)?, diff);
         }
-        let context = self.context(x, mask_bias, diff, first_only)?;
-        let out = self.project(&context, head_gates)?;
+        let out = if !diff && self.approx.is_none() && head_gates.is_none() {
+            self.output
+                .forward(&self.fused_context(x, mask_bias, first_only)?)?
+        } else {
+            let context = self.context(x, mask_bias, diff, first_only)?;
+            self.project(&context, head_gates)?
+        };
         self.norm.forward(&(out + x_q)?, diff)
     }
 }
@@ -164,9 +184,10 @@ impl FeedForward {
         self.intermediate.out_features()
     }
 
-    /// Activations after the first projection, `[batch, seq, width]`.
-    pub fn activations(&self, x: &Tensor) -> Result<Tensor> {
-        activate(&self.intermediate.forward(x)?, self.activation)
+    /// Activations after the first projection, `[batch, seq, width]`; `diff` selects ops with a
+    /// backward pass.
+    pub fn activations(&self, x: &Tensor, diff: bool) -> Result<Tensor> {
+        activate(&self.intermediate.forward(x)?, self.activation, diff)
     }
 
     /// The whole block: `LayerNorm(x + W_2 · act(W_1 x + b_1) + b_2)` (see [`super::structure`]).
@@ -176,7 +197,7 @@ impl FeedForward {
                 .norm
                 .forward(&x.broadcast_add(&self.output.bias)?, diff);
         }
-        let mut h = self.activations(x)?;
+        let mut h = self.activations(x, diff)?;
         if let Some(g) = neuron_gates {
             h = h.broadcast_mul(g)?;
         }

@@ -1,4 +1,4 @@
-//! Int8 matrix multiply `y = x · Wᵀ` for CPU inference (AVX2, no VNNI needed).
+//! Int8 matrix multiply `y = x · Wᵀ` for CPU inference (AVX2; AVX-512 VNNI when present).
 //!
 //! * Weights `W` ([n, k]) arrive as symmetric int8 codes (full range `-128..=127`)
 //!   with one f32 scale per output row, and are packed once ([`PackedInt8::pack`]).
@@ -11,6 +11,8 @@
 //!   widened with `vpmaddwd(.., 1)` into i32 accumulators. The zero point is removed
 //!   exactly in integers with a per-output-row column sum:
 //!   `Σ_i (u_i - zp) w_i = Σ_i u_i w_i - zp · Σ_i w_i`.
+//!   With AVX-512 VNNI, one `vpdpbusd` per vector forms the same sums (four u8 × i8
+//!   products into each i32 lane, nothing saturates), so every path gives the same bits.
 //! * Output: `y[r][j] = (acc as f32) * (s_r * scale_j)` — the same float operations in
 //!   the same order in the SIMD and in the portable path, so both give identical bits.
 //!
@@ -173,17 +175,30 @@ enum Isa {
     /// AVX2 intrinsics (`vpmaddubsw`, `vpmaddwd`).
     #[cfg(target_arch = "x86_64")]
     Avx2,
+    /// AVX2 plus AVX-512 VNNI on 256-bit vectors: one `vpdpbusd` replaces the three
+    /// instructions of the AVX2 product, with the same exact i32 sums.
+    #[cfg(target_arch = "x86_64")]
+    Vnni,
 }
 
 impl Isa {
     fn detect() -> Isa {
+        *Isa::available()
+            .last()
+            .expect("the scalar path is always available")
+    }
+
+    /// Every instruction set this CPU runs, from the plainest to the fastest.
+    fn available() -> Vec<Isa> {
+        let mut isas = vec![Isa::Scalar];
         #[cfg(target_arch = "x86_64")]
-        {
-            if is_x86_feature_detected!("avx2") {
-                return Isa::Avx2;
+        if is_x86_feature_detected!("avx2") {
+            isas.push(Isa::Avx2);
+            if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl") {
+                isas.push(Isa::Vnni);
             }
         }
-        Isa::Scalar
+        isas
     }
 }
 
@@ -290,6 +305,17 @@ fn run_job(
                         _ => tile_avx2::<1>(&tile, dst, n),
                     }
                 },
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `Isa::Vnni` is only chosen after detecting AVX2, AVX-512 VNNI
+                // and VL; `dst` is valid as above.
+                Isa::Vnni => unsafe {
+                    match rc {
+                        4 => tile_vnni::<4>(&tile, dst, n),
+                        3 => tile_vnni::<3>(&tile, dst, n),
+                        2 => tile_vnni::<2>(&tile, dst, n),
+                        _ => tile_vnni::<1>(&tile, dst, n),
+                    }
+                },
             }
         }
         r0 += rc;
@@ -312,8 +338,8 @@ fn quantize_row(src: &[f32], dst: &mut [u8], isa: Isa) -> (f32, i32) {
     match isa {
         Isa::Scalar => quantize_row_scalar(src, dst),
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Isa::Avx2` is only chosen after detecting AVX2.
-        Isa::Avx2 => unsafe { quantize_row_avx2(src, dst) },
+        // SAFETY: `Isa::Avx2` and `Isa::Vnni` are only chosen after detecting AVX2.
+        Isa::Avx2 | Isa::Vnni => unsafe { quantize_row_avx2(src, dst) },
     }
 }
 
@@ -480,7 +506,59 @@ unsafe fn tile_avx2<const R: usize>(t: &Tile, dst: *mut f32, ldo: usize) {
             ap = ap.add(KU);
         }
     }
-    // Epilogue: remove the zero point, convert, scale by s_r · scale_j.
+    // SAFETY: forwarded from the caller.
+    unsafe { store_tile(t, &acc, dst, ldo) }
+}
+
+/// VNNI micro-kernel: [`tile_avx2`] with one `vpdpbusd` (u8 × i8, four products summed
+/// into each i32 lane, no intermediate saturation) per weight vector and row. The sums
+/// are the same integers, so the output bits are the same.
+///
+/// # Safety
+/// AVX2, AVX-512 VNNI and AVX-512 VL must be available; `dst` as for [`tile_avx2`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,avx512vnni,avx512vl")]
+unsafe fn tile_vnni<const R: usize>(t: &Tile, dst: *mut f32, ldo: usize) {
+    use std::arch::x86_64::*;
+    debug_assert!(R == t.rows && R <= MR);
+    debug_assert!(t.a.len() >= (R - 1) * t.lda + t.w.len() / 2 * KU);
+    let ksteps = t.w.len() / 2;
+    let mut acc = [[_mm256_setzero_si256(); 2]; R];
+    let mut wp = t.w.as_ptr() as *const __m256i;
+    let mut ap = t.a.as_ptr();
+    for _ in 0..ksteps {
+        // SAFETY: as in `tile_avx2`.
+        unsafe {
+            let w0 = _mm256_load_si256(wp);
+            let w1 = _mm256_load_si256(wp.add(1));
+            for (r, acc_r) in acc.iter_mut().enumerate() {
+                let a = _mm256_set1_epi32((ap.add(r * t.lda) as *const i32).read_unaligned());
+                acc_r[0] = _mm256_dpbusd_epi32(acc_r[0], a, w0);
+                acc_r[1] = _mm256_dpbusd_epi32(acc_r[1], a, w1);
+            }
+            wp = wp.add(2);
+            ap = ap.add(KU);
+        }
+    }
+    // SAFETY: forwarded from the caller.
+    unsafe { store_tile(t, &acc, dst, ldo) }
+}
+
+/// Epilogue of the SIMD tiles: removes the zero point, converts, scales by
+/// `s_r · scale_j` and stores the tile.
+///
+/// # Safety
+/// AVX2 must be available; `dst` as for [`tile_avx2`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn store_tile<const R: usize>(
+    t: &Tile,
+    acc: &[[std::arch::x86_64::__m256i; 2]; R],
+    dst: *mut f32,
+    ldo: usize,
+) {
+    use std::arch::x86_64::*;
     // SAFETY: colsum and wscale hold NR = 16 values.
     let (cs, ws) = unsafe {
         (
@@ -628,20 +706,20 @@ mod tests {
 
     #[test]
     fn simd_matches_scalar_bit_for_bit() {
-        let isa = Isa::detect();
+        let isas = Isa::available();
         #[cfg(target_arch = "x86_64")]
         if is_x86_feature_detected!("avx2") {
-            assert_eq!(isa, Isa::Avx2);
+            assert!(isas.contains(&Isa::Avx2));
         }
-        if isa == Isa::Scalar {
-            eprintln!("no AVX2: only the scalar path is available");
-        }
+        eprintln!("instruction sets compared with the scalar path: {isas:?}");
         let mut rng = Rng(1);
         for (m, n, k) in shapes() {
             let c = case(&mut rng, m, n, k);
             let a = run(&c, 1, Isa::Scalar);
-            let b = run(&c, 1, isa);
-            assert_eq!(bits(&a), bits(&b), "m={m} n={n} k={k}");
+            for &isa in &isas[1..] {
+                let b = run(&c, 1, isa);
+                assert_eq!(bits(&a), bits(&b), "{isa:?} m={m} n={n} k={k}");
+            }
         }
     }
 

@@ -3,6 +3,9 @@
 pub mod attention_mode;
 pub mod config;
 pub mod encoder;
+pub mod fastmath;
+pub mod fused_attention;
+pub mod gelu;
 pub mod head;
 pub mod inputs;
 pub mod int8_gemm;

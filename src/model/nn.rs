@@ -36,10 +36,11 @@ pub fn softmax_last(x: &Tensor, differentiable: bool) -> Result<Tensor> {
     }
 }
 
-/// Applies an FFN activation.
-pub fn activate(x: &Tensor, activation: Activation) -> Result<Tensor> {
+/// Applies an FFN activation; `differentiable` selects ops with a backward pass.
+pub fn activate(x: &Tensor, activation: Activation, differentiable: bool) -> Result<Tensor> {
     match activation {
-        Activation::Gelu => x.gelu_erf(),
+        Activation::Gelu if differentiable => x.gelu_erf(),
+        Activation::Gelu => super::gelu::gelu_erf(x),
         Activation::GeluTanh => x.gelu(),
         Activation::Relu => x.relu(),
     }

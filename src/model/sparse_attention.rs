@@ -439,7 +439,7 @@ pub fn context(
 }
 
 /// The f32 elements of a contiguous CPU tensor's storage.
-fn f32_slice<'s>(storage: &'s Storage, layout: &Layout) -> Result<&'s [f32]> {
+pub(crate) fn f32_slice<'s>(storage: &'s Storage, layout: &Layout) -> Result<&'s [f32]> {
     let Storage::Cpu(cpu) = storage else {
         candle_core::bail!("approximate attention runs on the CPU");
     };

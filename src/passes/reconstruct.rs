@@ -89,7 +89,7 @@ impl Block {
                 .map(|a| flat_context(a, x, mask)),
             Block::Ffn => (layer.ffn.as_ref())
                 .filter(|f| f.width() > 0)
-                .map(|f| f.activations(x)),
+                .map(|f| f.activations(x, false)),
         }
     }
 
@@ -226,7 +226,7 @@ fn ffn_sum(ffn: Option<&FeedForward>, x: &Tensor) -> Result<Tensor> {
     Ok(match ffn {
         None => x.clone(),
         Some(f) if f.width() == 0 => x.broadcast_add(&f.output.bias)?,
-        Some(f) => (x + f.output.forward(&f.activations(x)?)?)?,
+        Some(f) => (x + f.output.forward(&f.activations(x, false)?)?)?,
     })
 }
 

@@ -1,0 +1,314 @@
+//! Dense softmax attention for the inference path in one kernel.
+//!
+//! It reads queries, keys and values in place from the fused projection's output, skips padding
+//! keys, folds the `1/√d` scale into the score, and writes each query's context straight into the
+//! `[batch, queries, heads · head_size]` layout the output projection reads. The candle path it
+//! replaces made three transposing copies, a scaling pass, two batched products, a mask add, a
+//! softmax whose libm `expf` took its slow underflow path on every padding key, and a transposing
+//! copy before the output projection.
+//!
+//! Keys whose mask bias is `f32::MIN` (padding) get exactly zero weight in the reference too
+//! (`e^(f32::MIN)` is 0 in f32), so skipping them changes nothing; any other bias is added.
+
+use candle_core::{Device, Result, Tensor};
+use rayon::prelude::*;
+
+use super::fastmath::exp_nonpositive;
+use super::sparse_attention::f32_slice;
+
+/// Where one head's vectors sit inside rows of a projection output.
+#[derive(Debug, Clone, Copy)]
+pub struct Rows<'a> {
+    /// The projection output, `[batch, positions, width]`, row-major.
+    pub data: &'a [f32],
+    /// Positions per batch entry.
+    pub positions: usize,
+    /// Floats per position (`width`).
+    pub width: usize,
+    /// Offset of head 0's vector within a row; head `h` starts at `offset + h · head_size`.
+    pub offset: usize,
+}
+
+impl Rows<'_> {
+    fn vector(&self, batch: usize, position: usize, head: usize, head_size: usize) -> &[f32] {
+        let start =
+            (batch * self.positions + position) * self.width + self.offset + head * head_size;
+        &self.data[start..start + head_size]
+    }
+}
+
+/// The operands of one attention call.
+#[derive(Debug, Clone, Copy)]
+pub struct Operands<'a> {
+    /// Queries (`positions` = number of queries).
+    pub q: Rows<'a>,
+    /// Keys.
+    pub k: Rows<'a>,
+    /// Values.
+    pub v: Rows<'a>,
+    /// Additive mask bias per key, `[batch, keys]`.
+    pub bias: &'a [f32],
+    /// Number of heads.
+    pub heads: usize,
+    /// Size of each head.
+    pub head_size: usize,
+}
+
+/// Query rows per parallel task: enough work per task that rayon's hand-off is noise.
+const ROWS_PER_TASK: usize = 8;
+
+/// The context `[batch · queries, heads · head_size]`, row-major.
+pub fn context(ops: &Operands) -> Vec<f32> {
+    let width = ops.heads * ops.head_size;
+    let batch = ops.bias.len() / ops.k.positions.max(1);
+    let queries = ops.q.positions;
+    let kept = kept_keys(ops.bias, ops.k.positions);
+    let mut out = vec![0f32; batch * queries * width];
+    out.par_chunks_mut(width)
+        .with_min_len(ROWS_PER_TASK)
+        .enumerate()
+        .for_each_init(Vec::new, |scores, (row, ctx)| {
+            let (b, i) = (row / queries, row % queries);
+            attend(ops, &kept[b], b, i, ctx, scores);
+        });
+    out
+}
+
+/// Per batch entry, the keys that are not padding (all of them if every key is).
+fn kept_keys(bias: &[f32], keys: usize) -> Vec<Vec<usize>> {
+    bias.chunks(keys.max(1))
+        .map(|row| {
+            let kept: Vec<usize> = (0..row.len()).filter(|&j| row[j] != f32::MIN).collect();
+            if kept.is_empty() {
+                (0..row.len()).collect()
+            } else {
+                kept
+            }
+        })
+        .collect()
+}
+
+/// Every head's context for query `i` of batch entry `b`, written into `ctx` (`heads · d`).
+fn attend(
+    ops: &Operands,
+    kept: &[usize],
+    b: usize,
+    i: usize,
+    ctx: &mut [f32],
+    scores: &mut Vec<f32>,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        // SAFETY: the features were just detected.
+        return unsafe { attend_avx2(ops, kept, b, i, ctx, scores) };
+    }
+    attend_portable(ops, kept, b, i, ctx, scores)
+}
+
+/// [`attend_portable`] compiled for AVX2 + FMA, so its loops run eight lanes at a time.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attend_avx2(
+    ops: &Operands,
+    kept: &[usize],
+    b: usize,
+    i: usize,
+    ctx: &mut [f32],
+    scores: &mut Vec<f32>,
+) {
+    attend_portable(ops, kept, b, i, ctx, scores)
+}
+
+#[inline(always)]
+fn attend_portable(
+    ops: &Operands,
+    kept: &[usize],
+    b: usize,
+    i: usize,
+    ctx: &mut [f32],
+    scores: &mut Vec<f32>,
+) {
+    let d = ops.head_size;
+    let scale = 1.0 / (d as f32).sqrt();
+    let bias = &ops.bias[b * ops.k.positions..(b + 1) * ops.k.positions];
+    for (h, out) in ctx.chunks_exact_mut(d).enumerate() {
+        let q = ops.q.vector(b, i, h, d);
+        scores.clear();
+        scores.extend(
+            kept.iter()
+                .map(|&j| dot(q, ops.k.vector(b, j, h, d)) * scale + bias[j]),
+        );
+        let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+        for s in scores.iter_mut() {
+            *s = exp_nonpositive(*s - max);
+        }
+        let total = sum(scores);
+        out.fill(0.0);
+        for (&p, &j) in scores.iter().zip(kept) {
+            for (o, &v) in out.iter_mut().zip(ops.v.vector(b, j, h, d)) {
+                *o += p * v;
+            }
+        }
+        let inv = 1.0 / total;
+        for o in out.iter_mut() {
+            *o *= inv;
+        }
+    }
+}
+
+/// `Σ a_i · b_i` over eight independent lanes, so that it vectorises.
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = a8
+        .remainder()
+        .iter()
+        .zip(b8.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in a8.zip(b8) {
+        for l in 0..8 {
+            lanes[l] += x[l] * y[l];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// `Σ a_i` over eight independent lanes.
+#[inline(always)]
+fn sum(a: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let chunks = a.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for x in chunks {
+        for l in 0..8 {
+            lanes[l] += x[l];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// Dense attention context `[batch, queries, heads · head_size]` from the projection outputs:
+/// `q` `[batch, queries, ≥ heads · d]` with head 0 at `q_offset`, and `kv` `[batch, keys, ·]`
+/// with keys at `k_offset` and values at `v_offset`. `mask_bias` is `[batch, 1, 1, keys]`.
+pub fn dense_context(
+    q: &Tensor,
+    q_offset: usize,
+    kv: &Tensor,
+    (k_offset, v_offset): (usize, usize),
+    mask_bias: &Tensor,
+    (heads, head_size): (usize, usize),
+) -> Result<Tensor> {
+    let (batch, queries, q_width) = q.dims3()?;
+    let (_, keys, kv_width) = kv.dims3()?;
+    let (q, kv, bias) = (q.contiguous()?, kv.contiguous()?, mask_bias.contiguous()?);
+    let (qs, ql) = q.storage_and_layout();
+    let (kvs, kvl) = kv.storage_and_layout();
+    let (bs, bl) = bias.storage_and_layout();
+    let rows = |data, positions, width, offset| Rows {
+        data,
+        positions,
+        width,
+        offset,
+    };
+    let kv_data = f32_slice(&kvs, kvl)?;
+    let ops = Operands {
+        q: rows(f32_slice(&qs, ql)?, queries, q_width, q_offset),
+        k: rows(kv_data, keys, kv_width, k_offset),
+        v: rows(kv_data, keys, kv_width, v_offset),
+        bias: f32_slice(&bs, bl)?,
+        heads,
+        head_size,
+    };
+    let out = context(&ops);
+    Tensor::from_vec(out, (batch, queries, heads * head_size), &Device::Cpu)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::D;
+
+    /// The candle path the kernel replaces: split heads, scale, scores + mask, softmax, values.
+    fn reference(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, n: usize, d: usize) -> Tensor {
+        let heads = |t: &Tensor| {
+            let (b, t_len, _) = t.dims3().unwrap();
+            t.reshape((b, t_len, n, d))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+        };
+        let (q, k, v) = (heads(q), heads(k), heads(v));
+        let q = (q * (1.0 / (d as f64).sqrt())).unwrap();
+        let scores = q
+            .contiguous()
+            .unwrap()
+            .matmul(&k.contiguous().unwrap().t().unwrap())
+            .unwrap()
+            .broadcast_add(bias)
+            .unwrap();
+        let probs = candle_nn::ops::softmax(&scores, D::Minus1).unwrap();
+        let ctx = probs.matmul(&v.contiguous().unwrap()).unwrap();
+        let (b, _, tq, _) = ctx.dims4().unwrap();
+        ctx.transpose(1, 2)
+            .unwrap()
+            .reshape((b, tq, n * d))
+            .unwrap()
+    }
+
+    fn random(shape: (usize, usize, usize), seed: u64) -> Tensor {
+        let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        let count = shape.0 * shape.1 * shape.2;
+        let values: Vec<f32> = (0..count)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect();
+        Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    #[test]
+    fn fused_kernel_equals_the_candle_path_with_padding_and_first_query_only() {
+        for (n, d, seed) in [(2, 4, 1), (3, 13, 2), (12, 32, 3), (4, 64, 4)] {
+            let (b, t) = (3, 19);
+            let qkv = (random((b, t, 3 * n * d), seed) * 3.0).unwrap();
+            // Row 0 full, row 1 padded after 7 tokens, row 2 padded after 1; one extra bias.
+            let mut bias = vec![0f32; b * t];
+            bias[t + 7..2 * t].fill(f32::MIN);
+            bias[2 * t + 1..].fill(f32::MIN);
+            bias[3] = -2.5;
+            let bias = Tensor::from_vec(bias, (b, 1, 1, t), &Device::Cpu).unwrap();
+            let part = |i: usize| qkv.narrow(2, i * n * d, n * d).unwrap();
+            let expected = reference(&part(0), &part(1), &part(2), &bias, n, d);
+            let got = dense_context(&qkv, 0, &qkv, (n * d, 2 * n * d), &bias, (n, d)).unwrap();
+            assert!(max_diff(&got, &expected) < 1e-5, "n={n} d={d}");
+            // First query only, from separate q and kv tensors.
+            let q = part(0).narrow(1, 0, 1).unwrap();
+            let kv = qkv.narrow(2, n * d, 2 * n * d).unwrap();
+            let first = dense_context(&q, 0, &kv, (0, n * d), &bias, (n, d)).unwrap();
+            let expected_first = expected.narrow(1, 0, 1).unwrap();
+            assert!(
+                max_diff(&first, &expected_first) < 1e-5,
+                "first only, n={n} d={d}"
+            );
+        }
+    }
+}
