@@ -98,6 +98,11 @@ fn attend(
     scores: &mut Vec<f32>,
 ) {
     #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
+        // SAFETY: the features were just detected.
+        return unsafe { attend_avx512(ops, kept, b, i, ctx, scores) };
+    }
+    #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
         // SAFETY: the features were just detected.
         return unsafe { attend_avx2(ops, kept, b, i, ctx, scores) };
@@ -122,6 +127,23 @@ unsafe fn attend_avx2(
     attend_portable(ops, kept, b, i, ctx, scores)
 }
 
+/// [`attend_portable`] compiled for AVX-512, sixteen lanes at a time.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn attend_avx512(
+    ops: &Operands,
+    kept: &[usize],
+    b: usize,
+    i: usize,
+    ctx: &mut [f32],
+    scores: &mut Vec<f32>,
+) {
+    attend_portable(ops, kept, b, i, ctx, scores)
+}
+
 #[inline(always)]
 fn attend_portable(
     ops: &Operands,
@@ -136,12 +158,15 @@ fn attend_portable(
     let bias = &ops.bias[b * ops.k.positions..(b + 1) * ops.k.positions];
     for (h, out) in ctx.chunks_exact_mut(d).enumerate() {
         let q = ops.q.vector(b, i, h, d);
+        // Plain loops: iterator adapters would be compiled apart from this function, without
+        // its AVX2 features.
         scores.clear();
-        scores.extend(
-            kept.iter()
-                .map(|&j| dot(q, ops.k.vector(b, j, h, d)) * scale + bias[j]),
-        );
-        let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+        let mut max = f32::NEG_INFINITY;
+        for &j in kept {
+            let s = dot(q, ops.k.vector(b, j, h, d)) * scale + bias[j];
+            max = max.max(s);
+            scores.push(s);
+        }
         for s in scores.iter_mut() {
             *s = exp_nonpositive(*s - max);
         }
@@ -159,11 +184,14 @@ fn attend_portable(
     }
 }
 
-/// `Σ a_i · b_i` over eight independent lanes, so that it vectorises.
+/// Independent partial sums in [`dot`] and [`sum`]: one 512-bit vector.
+const LANES: usize = 16;
+
+/// `Σ a_i · b_i` over independent lanes, so that it vectorises.
 #[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0f32; 8];
-    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
+    let mut lanes = [0f32; LANES];
+    let (a8, b8) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
     let tail: f32 = a8
         .remainder()
         .iter()
@@ -171,21 +199,21 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
         .map(|(x, y)| x * y)
         .sum();
     for (x, y) in a8.zip(b8) {
-        for l in 0..8 {
+        for l in 0..LANES {
             lanes[l] += x[l] * y[l];
         }
     }
     lanes.iter().sum::<f32>() + tail
 }
 
-/// `Σ a_i` over eight independent lanes.
+/// `Σ a_i` over independent lanes.
 #[inline(always)]
 fn sum(a: &[f32]) -> f32 {
-    let mut lanes = [0f32; 8];
-    let chunks = a.chunks_exact(8);
+    let mut lanes = [0f32; LANES];
+    let chunks = a.chunks_exact(LANES);
     let tail: f32 = chunks.remainder().iter().sum();
     for x in chunks {
-        for l in 0..8 {
+        for l in 0..LANES {
             lanes[l] += x[l];
         }
     }

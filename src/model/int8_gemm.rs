@@ -1,4 +1,5 @@
-//! Int8 matrix multiply `y = x · Wᵀ` for CPU inference (AVX2; AVX-512 VNNI when present).
+//! Int8 matrix multiply `y = x · Wᵀ` for CPU inference (AVX2; AVX-512 VNNI, 256- or 512-bit,
+//! when present).
 //!
 //! * Weights `W` ([n, k]) arrive as symmetric int8 codes (full range `-128..=127`)
 //!   with one f32 scale per output row, and are packed once ([`PackedInt8::pack`]).
@@ -179,6 +180,9 @@ enum Isa {
     /// instructions of the AVX2 product, with the same exact i32 sums.
     #[cfg(target_arch = "x86_64")]
     Vnni,
+    /// AVX-512 VNNI on 512-bit vectors: one `vpdpbusd` covers a whole 16-row panel.
+    #[cfg(target_arch = "x86_64")]
+    Vnni512,
 }
 
 impl Isa {
@@ -196,6 +200,9 @@ impl Isa {
             isas.push(Isa::Avx2);
             if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl") {
                 isas.push(Isa::Vnni);
+                if is_x86_feature_detected!("avx512f") {
+                    isas.push(Isa::Vnni512);
+                }
             }
         }
         isas
@@ -275,50 +282,76 @@ fn run_job(
             let dst = &mut abuf[rr * lda..rr * lda + k];
             (s[rr], zp[rr]) = quantize_row(src, dst, isa);
         }
-        for p in panels.clone() {
-            let ncols = NR.min(n - p * NR);
-            let tile = Tile {
-                a: &abuf,
-                lda,
-                rows: rc,
-                s,
-                zp,
-                w: &w.data[p * w.ksteps * 2..(p + 1) * w.ksteps * 2],
-                colsum: &w.colsum[p * NR..(p + 1) * NR],
-                wscale: &w.scales[p * NR..(p + 1) * NR],
-                ncols,
-            };
-            // SAFETY: rows r0..r0+rc and columns p*NR..p*NR+ncols lie inside the
-            // m × n output; this job is the only one writing them (jobs own disjoint
-            // row or panel ranges) and `out` outlives the job.
-            let dst = unsafe { out.0.add(r0 * n + p * NR) };
-            match isa {
-                Isa::Scalar => tile_scalar(&tile, dst, n),
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: `Isa::Avx2` is only chosen after detecting AVX2; `dst` is
-                // valid as above.
-                Isa::Avx2 => unsafe {
-                    match rc {
-                        4 => tile_avx2::<4>(&tile, dst, n),
-                        3 => tile_avx2::<3>(&tile, dst, n),
-                        2 => tile_avx2::<2>(&tile, dst, n),
-                        _ => tile_avx2::<1>(&tile, dst, n),
-                    }
-                },
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: `Isa::Vnni` is only chosen after detecting AVX2, AVX-512 VNNI
-                // and VL; `dst` is valid as above.
-                Isa::Vnni => unsafe {
-                    match rc {
-                        4 => tile_vnni::<4>(&tile, dst, n),
-                        3 => tile_vnni::<3>(&tile, dst, n),
-                        2 => tile_vnni::<2>(&tile, dst, n),
-                        _ => tile_vnni::<1>(&tile, dst, n),
-                    }
-                },
+        let tile = |p: usize| Tile {
+            a: &abuf,
+            lda,
+            rows: rc,
+            s,
+            zp,
+            w: &w.data[p * w.ksteps * 2..(p + 1) * w.ksteps * 2],
+            colsum: &w.colsum[p * NR..(p + 1) * NR],
+            wscale: &w.scales[p * NR..(p + 1) * NR],
+            ncols: NR.min(n - p * NR),
+        };
+        // SAFETY: rows r0..r0+rc and columns p*NR..p*NR+ncols lie inside the m × n output;
+        // this job is the only one writing them (jobs own disjoint row or panel ranges) and
+        // `out` outlives the job.
+        let dst = |p: usize| unsafe { out.0.add(r0 * n + p * NR) };
+        let mut p = panels.start;
+        while p < panels.end {
+            #[cfg(target_arch = "x86_64")]
+            if isa == Isa::Vnni512 && p + 1 < panels.end {
+                // SAFETY: `Isa::Vnni512` is only chosen after detecting its features; both
+                // destinations are valid as above.
+                unsafe { tile_pair_vnni512(rc, [&tile(p), &tile(p + 1)], [dst(p), dst(p + 1)], n) };
+                p += 2;
+                continue;
             }
+            run_tile(&tile(p), dst(p), n, isa);
+            p += 1;
         }
         r0 += rc;
+    }
+}
+
+/// One tile in the kernel of `isa`.
+fn run_tile(tile: &Tile, dst: *mut f32, n: usize, isa: Isa) {
+    let rc = tile.rows;
+    match isa {
+        Isa::Scalar => tile_scalar(tile, dst, n),
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::Avx2` is only chosen after detecting AVX2; `dst` is
+        // valid as above.
+        Isa::Avx2 => unsafe {
+            match rc {
+                4 => tile_avx2::<4>(tile, dst, n),
+                3 => tile_avx2::<3>(tile, dst, n),
+                2 => tile_avx2::<2>(tile, dst, n),
+                _ => tile_avx2::<1>(tile, dst, n),
+            }
+        },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::Vnni` is only chosen after detecting AVX2, AVX-512 VNNI
+        // and VL; `dst` is valid as above.
+        Isa::Vnni => unsafe {
+            match rc {
+                4 => tile_vnni::<4>(tile, dst, n),
+                3 => tile_vnni::<3>(tile, dst, n),
+                2 => tile_vnni::<2>(tile, dst, n),
+                _ => tile_vnni::<1>(tile, dst, n),
+            }
+        },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::Vnni512` is only chosen after detecting AVX2, AVX-512 F, VNNI
+        // and VL; `dst` is valid as above.
+        Isa::Vnni512 => unsafe {
+            match rc {
+                4 => tile_vnni512::<4>(tile, dst, n),
+                3 => tile_vnni512::<3>(tile, dst, n),
+                2 => tile_vnni512::<2>(tile, dst, n),
+                _ => tile_vnni512::<1>(tile, dst, n),
+            }
+        },
     }
 }
 
@@ -339,7 +372,7 @@ fn quantize_row(src: &[f32], dst: &mut [u8], isa: Isa) -> (f32, i32) {
         Isa::Scalar => quantize_row_scalar(src, dst),
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Isa::Avx2` and `Isa::Vnni` are only chosen after detecting AVX2.
-        Isa::Avx2 | Isa::Vnni => unsafe { quantize_row_avx2(src, dst) },
+        Isa::Avx2 | Isa::Vnni | Isa::Vnni512 => unsafe { quantize_row_avx2(src, dst) },
     }
 }
 
@@ -542,6 +575,95 @@ unsafe fn tile_vnni<const R: usize>(t: &Tile, dst: *mut f32, ldo: usize) {
     }
     // SAFETY: forwarded from the caller.
     unsafe { store_tile(t, &acc, dst, ldo) }
+}
+
+/// 512-bit VNNI micro-kernel: the 64 bytes of a panel's k-step (16 rows × 4 values) are one
+/// vector, so each row takes one `vpdpbusd` per step. Same integer sums, same bits.
+///
+/// # Safety
+/// AVX2, AVX-512 F, VNNI and VL must be available; `dst` as for [`tile_avx2`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,avx512f,avx512vnni,avx512vl")]
+unsafe fn tile_vnni512<const R: usize>(t: &Tile, dst: *mut f32, ldo: usize) {
+    use std::arch::x86_64::*;
+    debug_assert!(R == t.rows && R <= MR);
+    debug_assert!(t.a.len() >= (R - 1) * t.lda + t.w.len() / 2 * KU);
+    let ksteps = t.w.len() / 2;
+    let mut acc = [_mm512_setzero_si512(); R];
+    let mut wp = t.w.as_ptr() as *const __m512i;
+    let mut ap = t.a.as_ptr();
+    for _ in 0..ksteps {
+        // SAFETY: as in `tile_avx2` (two 32-byte chunks = one 64-byte vector per step).
+        unsafe {
+            let w = _mm512_loadu_si512(wp);
+            for (r, acc_r) in acc.iter_mut().enumerate() {
+                let a = _mm512_set1_epi32((ap.add(r * t.lda) as *const i32).read_unaligned());
+                *acc_r = _mm512_dpbusd_epi32(*acc_r, a, w);
+            }
+            wp = wp.add(1);
+            ap = ap.add(KU);
+        }
+    }
+    let halves = acc.map(|a| [_mm512_castsi512_si256(a), _mm512_extracti64x4_epi64::<1>(a)]);
+    // SAFETY: forwarded from the caller.
+    unsafe { store_tile(t, &halves, dst, ldo) }
+}
+
+/// Two adjacent panels against the same `rows` activation rows in the 512-bit VNNI kernel:
+/// each broadcast activation group feeds two `vpdpbusd`, halving the broadcasts per product.
+///
+/// # Safety
+/// As for [`tile_vnni512`], for both tiles.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,avx512f,avx512vnni,avx512vl")]
+unsafe fn tile_pair_vnni512(rows: usize, t: [&Tile; 2], dst: [*mut f32; 2], ldo: usize) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        match rows {
+            4 => pair_vnni512::<4>(t, dst, ldo),
+            3 => pair_vnni512::<3>(t, dst, ldo),
+            2 => pair_vnni512::<2>(t, dst, ldo),
+            _ => pair_vnni512::<1>(t, dst, ldo),
+        }
+    }
+}
+
+/// [`tile_pair_vnni512`] for `R` rows.
+///
+/// # Safety
+/// As for [`tile_vnni512`], for both tiles.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,avx512f,avx512vnni,avx512vl")]
+unsafe fn pair_vnni512<const R: usize>(t: [&Tile; 2], dst: [*mut f32; 2], ldo: usize) {
+    use std::arch::x86_64::*;
+    debug_assert!(R == t[0].rows && R == t[1].rows && t[0].w.len() == t[1].w.len());
+    let ksteps = t[0].w.len() / 2;
+    let mut acc = [[_mm512_setzero_si512(); 2]; R];
+    let mut wp = t.map(|t| t.w.as_ptr() as *const __m512i);
+    let mut ap = t[0].a.as_ptr();
+    for _ in 0..ksteps {
+        // SAFETY: as in `tile_vnni512`, for each panel.
+        unsafe {
+            let w = [_mm512_loadu_si512(wp[0]), _mm512_loadu_si512(wp[1])];
+            for (r, acc_r) in acc.iter_mut().enumerate() {
+                let a = _mm512_set1_epi32((ap.add(r * t[0].lda) as *const i32).read_unaligned());
+                acc_r[0] = _mm512_dpbusd_epi32(acc_r[0], a, w[0]);
+                acc_r[1] = _mm512_dpbusd_epi32(acc_r[1], a, w[1]);
+            }
+            wp = wp.map(|p| p.add(1));
+            ap = ap.add(KU);
+        }
+    }
+    for panel in 0..2 {
+        let halves = acc.map(|a| {
+            [
+                _mm512_castsi512_si256(a[panel]),
+                _mm512_extracti64x4_epi64::<1>(a[panel]),
+            ]
+        });
+        // SAFETY: forwarded from the caller.
+        unsafe { store_tile(t[panel], &halves, dst[panel], ldo) }
+    }
 }
 
 /// Epilogue of the SIMD tiles: removes the zero point, converts, scales by
