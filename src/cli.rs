@@ -235,6 +235,11 @@ pub struct PruneFlags {
     /// [default: 1].
     #[arg(long)]
     pub rounds: Option<usize>,
+    /// With the re-fit: judge each FFN group removal with its layer's output projection already
+    /// corrected (closed-form least squares); true or false [default: false: it removes far more
+    /// but over-fits the selection split, measured in the README].
+    #[arg(long)]
+    pub compensate: Option<bool>,
 }
 
 /// Settings of a quantize stage. Unset flags take their defaults, or a config's values.

@@ -326,11 +326,23 @@ fn patience_ends_a_level_after_consecutive_rejections() {
 #[test]
 #[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn group_level_removes_whole_groups_within_the_budget() {
+    assert_group_level_within_budget(&[]);
+}
+
+#[test]
+#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
+fn compensated_group_level_removes_whole_groups_within_the_budget() {
+    assert_group_level_within_budget(&["--compensate", "true"]);
+}
+
+/// Groups only, size mode, 2 points, 6 trials (plus `extra` flags): within the tolerance, and
+/// the removed groups are exactly what the written widths lack.
+fn assert_group_level_within_budget(extra: &[&str]) {
     let shared = fixtures_or_skip!();
     let data = common::small_glue(&shared, "SST-2", 120);
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("o");
-    let args = [
+    let mut args = vec![
         "--levels",
         "groups",
         "--mode",
@@ -340,6 +352,7 @@ fn group_level_removes_whole_groups_within_the_budget() {
         "--budget",
         "6",
     ];
+    args.extend_from_slice(extra);
     let report = common::json_stdout(&prune_cli(&shared, data.path(), &out, &args));
     assert_within_max_drop(&report, 2.0);
     let level = &levels(&report)[0];

@@ -64,6 +64,7 @@ impl PruneFlags {
             share_tolerance: settings.share_tolerance,
             reconstruct_slack: settings.reconstruct_slack,
             rounds: self.rounds.unwrap_or(settings.rounds),
+            compensate: self.compensate.unwrap_or(settings.compensate),
         }
     }
 }

@@ -18,6 +18,7 @@
 //! redoing accepted work.
 
 pub mod attention;
+pub mod compensate;
 pub mod journal;
 pub mod prune;
 pub mod quantize;

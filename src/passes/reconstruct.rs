@@ -160,6 +160,22 @@ pub fn reconstruct(
     Ok((out, fits))
 }
 
+/// `model`'s hidden states entering layer `layer`'s FFN block, per batch.
+pub(super) fn ffn_inputs(
+    model: &Model,
+    batches: &[AnalysisBatch],
+    layer: usize,
+) -> Result<Vec<Tensor>> {
+    let mut states = embed_all(model, batches)?;
+    for (state, batch) in states.iter_mut().zip(batches) {
+        let mask = &batch.inputs.mask_bias;
+        let before = model.run_layers(state, &batch.inputs, 0..layer, Default::default())?;
+        let sum = Block::Attention.sum(&model.layers[layer], &before, mask)?;
+        *state = Block::Attention.finish(&model.layers[layer], sum)?;
+    }
+    Ok(states)
+}
+
 /// The re-fit of `output` so that `inputs[b] + output(features[b]) ≈ targets[b]` on the real rows.
 fn refit(
     output: &Linear,
@@ -191,7 +207,7 @@ fn embed_all(model: &Model, batches: &[AnalysisBatch]) -> Result<Vec<Tensor>> {
 }
 
 /// Indices (into `[batch · seq]`) of the batch's real tokens.
-fn real_rows(batch: &AnalysisBatch) -> Result<Tensor> {
+pub(super) fn real_rows(batch: &AnalysisBatch) -> Result<Tensor> {
     let bias: Vec<f32> = batch.inputs.mask_bias.flatten_all()?.to_vec1()?;
     let real: Vec<u32> = (0..bias.len() as u32)
         .filter(|&i| bias[i as usize] == 0.0)
@@ -200,7 +216,7 @@ fn real_rows(batch: &AnalysisBatch) -> Result<Tensor> {
 }
 
 /// `[batch, seq, n]` → the real rows `[tokens, n]`.
-fn select_rows(t: &Tensor, rows: &Tensor) -> Result<Tensor> {
+pub(super) fn select_rows(t: &Tensor, rows: &Tensor) -> Result<Tensor> {
     let n = t.dim(D::Minus1)?;
     Ok(t.reshape(((), n))?.index_select(rows, 0)?)
 }

@@ -93,6 +93,24 @@ impl NormalEquations {
         })
     }
 
+    /// `(AᵀA + λI)⁻¹` over the features and the bias column (`n × n`, row-major, f64), with
+    /// `λ = damping · trace(AᵀA) / n`.
+    pub fn gram_inverse(&self, damping: f64) -> Result<Vec<f64>> {
+        let n = self.ata.dim(0)?;
+        let mut ata: Vec<f64> = self.ata.flatten_all()?.to_vec1()?;
+        let trace: f64 = (0..n).map(|i| ata[i * n + i]).sum();
+        let lambda = damping * (trace / n as f64).max(f64::MIN_POSITIVE);
+        for i in 0..n {
+            ata[i * n + i] += lambda;
+        }
+        let mut inverse = vec![0f64; n * n];
+        for i in 0..n {
+            inverse[i * n + i] = 1.0;
+        }
+        cholesky_solve(&mut ata, n, &mut inverse, n)?;
+        Ok(inverse)
+    }
+
     /// `‖AΘ − T‖² / ‖T‖² = (tr(ΘᵀAᵀAΘ) − 2 tr(ΘᵀAᵀT) + ΣT²) / ΣT²`.
     fn relative_residual(&self, theta: &Tensor) -> Result<f64> {
         let quadratic = (theta * self.ata.matmul(theta)?)?
@@ -105,7 +123,7 @@ impl NormalEquations {
 
 /// Solves `S X = B` in place for symmetric positive definite `S` (`n × n`, row-major, replaced by
 /// its Cholesky factor) and `B` (`n × m`, row-major, replaced by `X`).
-fn cholesky_solve(s: &mut [f64], n: usize, b: &mut [f64], m: usize) -> Result<()> {
+pub(super) fn cholesky_solve(s: &mut [f64], n: usize, b: &mut [f64], m: usize) -> Result<()> {
     for j in 0..n {
         let row_j = &s[j * n..j * n + j];
         let d = s[j * n + j] - dot(row_j, row_j);
@@ -167,6 +185,26 @@ fn axpy(y: &mut [f64], a: f64, x: &[f64]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gram_inverse_inverts_the_damped_gram_matrix() {
+        let x = Tensor::randn(0f32, 1.0, (50, 4), &Device::Cpu).unwrap();
+        let mut ne = NormalEquations::new(4, 1).unwrap();
+        ne.add(
+            &x,
+            &Tensor::zeros((50, 1), DType::F32, &Device::Cpu).unwrap(),
+        )
+        .unwrap();
+        let inverse = ne.gram_inverse(0.0).unwrap();
+        let ata: Vec<f64> = ne.ata.flatten_all().unwrap().to_vec1().unwrap();
+        for i in 0..5 {
+            for j in 0..5 {
+                let product: f64 = (0..5).map(|k| ata[i * 5 + k] * inverse[k * 5 + j]).sum();
+                let want = if i == j { 1.0 } else { 0.0 };
+                assert!((product - want).abs() < 1e-9, "({i}, {j}): {product}");
+            }
+        }
+    }
 
     #[test]
     fn cholesky_solves_a_known_system() {
