@@ -164,8 +164,15 @@ impl PackedInt8 {
 ///
 /// # Panics
 /// If `x.len() != m * k` or `out.len() != m * n`.
-pub fn matmul_t(x: &[f32], m: usize, w: &PackedInt8, out: &mut [f32], threads: usize) {
-    matmul_t_with(x, m, w, out, threads, Isa::detect());
+pub fn matmul_t(
+    x: &[f32],
+    m: usize,
+    w: &PackedInt8,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    threads: usize,
+) {
+    matmul_t_with(x, m, w, bias, out, threads, Isa::detect());
 }
 
 /// Instruction set used by the kernels.
@@ -219,13 +226,29 @@ unsafe impl Send for OutPtr {}
 // SAFETY: as above; sharing the pointer value itself is harmless.
 unsafe impl Sync for OutPtr {}
 
-fn matmul_t_with(x: &[f32], m: usize, w: &PackedInt8, out: &mut [f32], threads: usize, isa: Isa) {
+fn matmul_t_with(
+    x: &[f32],
+    m: usize,
+    w: &PackedInt8,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    threads: usize,
+    isa: Isa,
+) {
     let (n, k) = (w.rows, w.cols);
     assert_eq!(x.len(), m * k, "x must hold m * k values");
     assert_eq!(out.len(), m * n, "out must hold m * n values");
     if m == 0 || n == 0 {
         return;
     }
+    // Zero padded to whole panels, so the tiles read 16 values.
+    let padded = bias.map(|b| {
+        assert_eq!(b.len(), n, "one bias per output");
+        let mut p = vec![0f32; w.panels * NR];
+        p[..n].copy_from_slice(b);
+        p
+    });
+    let bias = padded.as_deref();
     let ptr = OutPtr(out.as_mut_ptr());
     let threads = if m.saturating_mul(n).saturating_mul(k) < PAR_MIN_WORK {
         1
@@ -233,7 +256,7 @@ fn matmul_t_with(x: &[f32], m: usize, w: &PackedInt8, out: &mut [f32], threads: 
         threads.max(1)
     };
     if threads == 1 {
-        run_job(x, 0..m, 0..w.panels, w, ptr, isa);
+        run_job(x, 0..m, 0..w.panels, w, bias, ptr, isa);
         return;
     }
     let mut jobs: Vec<(Range<usize>, Range<usize>)> = Vec::with_capacity(threads);
@@ -254,7 +277,7 @@ fn matmul_t_with(x: &[f32], m: usize, w: &PackedInt8, out: &mut [f32], threads: 
     use rayon::prelude::*;
     jobs.into_par_iter()
         .with_max_len(1)
-        .for_each(|(rows, panels)| run_job(x, rows, panels, w, ptr, isa));
+        .for_each(|(rows, panels)| run_job(x, rows, panels, w, bias, ptr, isa));
 }
 
 /// Quantizes rows `rows` of `x` block by block and multiplies them with the weight
@@ -264,6 +287,7 @@ fn run_job(
     rows: Range<usize>,
     panels: Range<usize>,
     w: &PackedInt8,
+    bias: Option<&[f32]>,
     out: OutPtr,
     isa: Isa,
 ) {
@@ -291,6 +315,7 @@ fn run_job(
             w: &w.data[p * w.ksteps * 2..(p + 1) * w.ksteps * 2],
             colsum: &w.colsum[p * NR..(p + 1) * NR],
             wscale: &w.scales[p * NR..(p + 1) * NR],
+            bias: bias.map(|b| &b[p * NR..(p + 1) * NR]),
             ncols: NR.min(n - p * NR),
         };
         // SAFETY: rows r0..r0+rc and columns p*NR..p*NR+ncols lie inside the m × n output;
@@ -477,6 +502,8 @@ struct Tile<'a> {
     w: &'a [Chunk],
     colsum: &'a [i32],
     wscale: &'a [f32],
+    /// Added to each output column after scaling (`NR` values), if any.
+    bias: Option<&'a [f32]>,
     /// Number of valid output columns (1..=NR).
     ncols: usize,
 }
@@ -497,7 +524,10 @@ fn tile_scalar(t: &Tile, dst: *mut f32, ldo: usize) {
                 }
             }
             let v = acc.wrapping_sub(t.zp[r].wrapping_mul(t.colsum[j]));
-            let y = v as f32 * (t.s[r] * t.wscale[j]);
+            let mut y = v as f32 * (t.s[r] * t.wscale[j]);
+            if let Some(b) = t.bias {
+                y += b[j];
+            }
             // SAFETY: (r, j) is inside the tile, which the caller guarantees is
             // writable.
             unsafe { *dst.add(r * ldo + j) = y };
@@ -701,6 +731,10 @@ unsafe fn store_tile<const R: usize>(
         for h in 0..2 {
             let v = _mm256_sub_epi32(acc_r[h], _mm256_mullo_epi32(zp, cs[h]));
             y[h] = _mm256_mul_ps(_mm256_cvtepi32_ps(v), _mm256_mul_ps(s, ws[h]));
+            if let Some(b) = t.bias {
+                // SAFETY: the padded bias holds NR = 16 values per panel.
+                y[h] = _mm256_add_ps(y[h], unsafe { _mm256_loadu_ps(b.as_ptr().add(8 * h)) });
+            }
         }
         // SAFETY: the caller guarantees row r of the tile is writable for ncols
         // columns; the full-width stores are used only when ncols == NR.
@@ -798,10 +832,33 @@ mod tests {
     }
 
     fn run(c: &Case, threads: usize, isa: Isa) -> Vec<f32> {
+        run_with_bias(c, None, threads, isa)
+    }
+
+    fn run_with_bias(c: &Case, bias: Option<&[f32]>, threads: usize, isa: Isa) -> Vec<f32> {
         let w = PackedInt8::pack(&c.codes, &c.scales, c.n, c.k);
         let mut out = vec![f32::NAN; c.m * c.n];
-        matmul_t_with(&c.x, c.m, &w, &mut out, threads, isa);
+        matmul_t_with(&c.x, c.m, &w, bias, &mut out, threads, isa);
         out
+    }
+
+    #[test]
+    fn fused_bias_equals_adding_it_afterwards_bit_for_bit() {
+        let mut rng = Rng(5);
+        for (m, n, k) in shapes() {
+            let c = case(&mut rng, m, n, k);
+            let bias: Vec<f32> = (0..n).map(|_| rng.f() * 3.0).collect();
+            let plain = run(&c, 2, Isa::Scalar);
+            let added: Vec<f32> = plain
+                .iter()
+                .enumerate()
+                .map(|(i, y)| y + bias[i % n])
+                .collect();
+            for isa in Isa::available() {
+                let fused = run_with_bias(&c, Some(&bias), 2, isa);
+                assert_eq!(bits(&fused), bits(&added), "{isa:?} m={m} n={n} k={k}");
+            }
+        }
     }
 
     fn shapes() -> Vec<(usize, usize, usize)> {
@@ -975,14 +1032,14 @@ mod tests {
         let w = PackedInt8::pack(&[1, 2, 3, 4, 5, 6], &[1.0, 2.0], 2, 3);
         assert_eq!((w.rows(), w.cols()), (2, 3));
         let mut out = vec![f32::NAN; 4];
-        matmul_t(&[0.0; 6], 2, &w, &mut out, 2);
+        matmul_t(&[0.0; 6], 2, &w, None, &mut out, 2);
         assert_eq!(out, vec![0.0; 4]);
         let mut none: Vec<f32> = Vec::new();
-        matmul_t(&[], 0, &w, &mut none, 2);
+        matmul_t(&[], 0, &w, None, &mut none, 2);
         // k = 0: the product is empty, so every output is 0.
         let w0 = PackedInt8::pack(&[], &[0.5, 0.25, 1.0], 3, 0);
         let mut out = vec![f32::NAN; 6];
-        matmul_t(&[], 2, &w0, &mut out, 1);
+        matmul_t(&[], 2, &w0, None, &mut out, 1);
         assert_eq!(out, vec![0.0; 6]);
     }
 }

@@ -157,6 +157,18 @@ impl Weight {
         }
     }
 
+    /// `x Wᵀ + bias`: the int8 kernel adds the bias itself, other weights add it afterwards.
+    fn matmul_t_bias(&self, x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+        match self {
+            Weight::Quantized(q)
+            | Weight::Stacked(Stack {
+                fused: Some(Fused::Int8(q)),
+                ..
+            }) => q.matmul_t_bias(x, bias),
+            _ => self.matmul_t(x)?.broadcast_add(bias),
+        }
+    }
+
     /// The rows at `ids` (an embedding lookup), `[ids, in]`.
     pub fn lookup(&self, ids: &Tensor) -> Result<Tensor> {
         match self {
@@ -277,8 +289,7 @@ impl Linear {
         let rows = x.elem_count() / inner.max(1);
         let out = self
             .weight
-            .matmul_t(&x.reshape((rows, inner))?)?
-            .broadcast_add(&self.bias)?;
+            .matmul_t_bias(&x.reshape((rows, inner))?, &self.bias)?;
         let mut out_dims = dims;
         *out_dims.last_mut().expect("non-scalar input") = self.out_features();
         out.reshape(out_dims)

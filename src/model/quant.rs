@@ -408,7 +408,17 @@ impl QuantMatrix {
 
     /// `x Mᵀ` for `x` of shape `[n, cols]`.
     pub fn matmul_t(&self, x: &Tensor) -> Result<Tensor> {
-        match &self.kernel {
+        self.product(x, None)
+    }
+
+    /// `x Mᵀ + bias`; the int8 kernel adds the bias in its last step (the same float additions
+    /// as adding it afterwards, without another pass over the output).
+    pub fn matmul_t_bias(&self, x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+        self.product(x, Some(bias))
+    }
+
+    fn product(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        let out = match &self.kernel {
             Kernel::Int8(packed) => {
                 let packed = packed.get_or_init(|| self.codes.pack_int8());
                 let (m, _) = x.dims2()?;
@@ -420,20 +430,26 @@ impl QuantMatrix {
                 let Some((from, to)) = layout.contiguous_offsets() else {
                     bail!("the int8 kernel needs contiguous activations");
                 };
+                let bias = bias.map(|b| b.to_vec1::<f32>()).transpose()?;
                 let mut out = vec![0f32; m * packed.rows()];
                 let threads = rayon::current_num_threads();
                 int8_gemm::matmul_t(
                     &cpu.as_slice::<f32>()?[from..to],
                     m,
                     packed,
+                    bias.as_deref(),
                     &mut out,
                     threads,
                 );
-                Tensor::from_vec(out, (m, packed.rows()), &Device::Cpu)
+                return Tensor::from_vec(out, (m, packed.rows()), &Device::Cpu);
             }
-            Kernel::Candle(m, _) => m.forward(&x.contiguous()?),
-            Kernel::Dense(t) => x.matmul(&t.t()?),
-        }
+            Kernel::Candle(m, _) => m.forward(&x.contiguous()?)?,
+            Kernel::Dense(t) => x.matmul(&t.t()?)?,
+        };
+        Ok(match bias {
+            Some(b) => out.broadcast_add(b)?,
+            None => out,
+        })
     }
 
     /// The rows at `ids` (an embedding lookup), f32 `[ids, cols]`, dequantized per row.
