@@ -12,6 +12,7 @@ use crate::evaluate::predict_batches;
 use crate::model::encoder::RunOptions;
 use crate::model::inputs::{Inputs, Sequence};
 use crate::model::source::WEIGHT_FILES;
+use crate::model::tokenizer::TextEncoder;
 use crate::model::Model;
 
 /// Seconds for one forward pass of a single sequence.
@@ -21,6 +22,21 @@ pub fn time_single(model: &Model, seq: &Sequence) -> Result<f64> {
     let logits = model.forward(&inputs, RunOptions::default())?;
     let _ = logits.to_vec2::<f32>()?;
     Ok(started.elapsed().as_secs_f64())
+}
+
+/// Seconds to tokenize each text on its own (what batch-1 serving adds before the model runs).
+pub fn tokenize_times(
+    encoder: &TextEncoder,
+    texts: &[(String, Option<String>)],
+) -> Result<Vec<f64>> {
+    texts
+        .iter()
+        .map(|text| {
+            let started = Instant::now();
+            encoder.encode(std::slice::from_ref(text))?;
+            Ok(started.elapsed().as_secs_f64())
+        })
+        .collect()
 }
 
 /// Sentences per second for one pass over `seqs` at `batch_size`, batched in `order`.

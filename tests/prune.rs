@@ -578,11 +578,18 @@ fn bench_measures_the_model_against_a_different_baseline() {
         "8",
         "--repeats",
         "1",
+        "--order",
+        "file",
+        "--threads",
+        "1",
         "--json",
         "-q",
     ]));
+    assert_eq!(report["threads"], 1, "--threads reaches the thread pools");
+    assert!(report["tokenize_b1_us_p50"].as_f64().unwrap() > 0.0);
     for (key, dir) in [("model", &pruned), ("baseline", &original_dir)] {
         let r = &report["results"][key];
+        assert_eq!(r["throughput_sentences_per_second"]["order"], "file");
         assert!(r["latency_b1_ms"]["p50"].as_f64().unwrap() > 0.0);
         assert!(r["peak_rss_bytes"].as_u64().unwrap() > 0);
         let eval = common::eval_json(dir, "sst2", data.path());

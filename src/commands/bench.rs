@@ -5,7 +5,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
 use super::{log, print_json, task_setup};
-use crate::bench::{median, percentile, throughput, time_single, weights_bytes};
+use crate::bench::{median, percentile, throughput, time_single, tokenize_times, weights_bytes};
 use crate::cli::{BenchArgs, Cli, ModelArgs};
 use crate::data::batch::load_split;
 use crate::model::inputs::Sequence;
@@ -62,6 +62,7 @@ pub fn run(args: &BenchArgs, cli: &Cli) -> Result<()> {
         )?;
     }
     let samples = args.samples.min(subjects[0].dev.len());
+    let tokenize_us = tokenize_p50_us(&subjects[0].setup, samples)?;
     log(
         cli,
         &format!(
@@ -106,7 +107,12 @@ pub fn run(args: &BenchArgs, cli: &Cli) -> Result<()> {
             "metrics": eval["metrics"],
         }));
     }
-    let mut report = json!({ "task": args.task.task.name(), "threads": crate::threads::count(), "results": rows });
+    let mut report = json!({
+        "task": args.task.task.name(),
+        "threads": crate::threads::count(),
+        "tokenize_b1_us_p50": tokenize_us,
+        "results": rows,
+    });
     if let (Some(m), Some(b)) = (
         report["results"].get("model").cloned(),
         report["results"].get("baseline").cloned(),
@@ -154,6 +160,7 @@ pub fn run(args: &BenchArgs, cli: &Cli) -> Result<()> {
             metric
         );
     }
+    println!("tokenizing one sentence (before the latencies above): p50 {tokenize_us:.0} µs");
     if let Some(s) = report.get("speedup") {
         let f = |k: &str| s[k].as_f64().unwrap_or(f64::NAN);
         println!(
@@ -162,6 +169,23 @@ pub fn run(args: &BenchArgs, cli: &Cli) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Median microseconds to tokenize one of the first `samples` dev texts on its own (not part of
+/// the latency figures, which start from token ids, as PyTorch's do in the comparison script).
+fn tokenize_p50_us(setup: &TaskSetup, samples: usize) -> Result<f64> {
+    let texts: Vec<(String, Option<String>)> = setup
+        .data
+        .split("dev")?
+        .remove(0)
+        .1
+        .examples
+        .iter()
+        .take(samples)
+        .map(|e| (e.text_a.clone(), e.text_b.clone()))
+        .collect();
+    let times = tokenize_times(&setup.encoder, &texts)?;
+    Ok(median(&times) * 1e6)
 }
 
 /// Evaluates a model in a separate process so that its peak memory is its own.
