@@ -187,9 +187,9 @@ fn attend_portable(
 /// Independent partial sums in [`dot`] and [`sum`]: one 512-bit vector.
 const LANES: usize = 16;
 
-/// `Σ a_i · b_i` over independent lanes, so that it vectorises.
+/// `Σ a_i · b_i` over independent lanes, so that it vectorises without reassociating one sum.
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut lanes = [0f32; LANES];
     let (a8, b8) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
     let tail: f32 = a8

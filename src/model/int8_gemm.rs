@@ -1,5 +1,4 @@
-//! Int8 matrix multiply `y = x · Wᵀ` for CPU inference (AVX2; AVX-512 VNNI, 256- or 512-bit,
-//! when present).
+//! Int8 matrix multiply `y = x · Wᵀ` for CPU inference (AVX2; AVX-512 VNNI when present).
 //!
 //! * Weights `W` ([n, k]) arrive as symmetric int8 codes (full range `-128..=127`)
 //!   with one f32 scale per output row, and are packed once ([`PackedInt8::pack`]).
@@ -12,7 +11,7 @@
 //!   widened with `vpmaddwd(.., 1)` into i32 accumulators. The zero point is removed
 //!   exactly in integers with a per-output-row column sum:
 //!   `Σ_i (u_i - zp) w_i = Σ_i u_i w_i - zp · Σ_i w_i`.
-//!   With AVX-512 VNNI, one `vpdpbusd` per vector forms the same sums (four u8 × i8
+//!   With AVX-512 VNNI, one `vpdpbusd` per 512-bit vector forms the same sums (four u8 × i8
 //!   products into each i32 lane, nothing saturates), so every path gives the same bits.
 //! * Output: `y[r][j] = (acc as f32) * (s_r * scale_j)` — the same float operations in
 //!   the same order in the SIMD and in the portable path, so both give identical bits.
@@ -183,11 +182,9 @@ enum Isa {
     /// AVX2 intrinsics (`vpmaddubsw`, `vpmaddwd`).
     #[cfg(target_arch = "x86_64")]
     Avx2,
-    /// AVX2 plus AVX-512 VNNI on 256-bit vectors: one `vpdpbusd` replaces the three
-    /// instructions of the AVX2 product, with the same exact i32 sums.
-    #[cfg(target_arch = "x86_64")]
-    Vnni,
-    /// AVX-512 VNNI on 512-bit vectors: one `vpdpbusd` covers a whole 16-row panel.
+    /// AVX-512 VNNI: one `vpdpbusd` (four u8 × i8 products summed into each i32 lane, nothing
+    /// saturates) replaces the AVX2 path's three instructions, and one 512-bit vector covers a
+    /// whole 16-row panel. The i32 sums are the same.
     #[cfg(target_arch = "x86_64")]
     Vnni512,
 }
@@ -205,11 +202,11 @@ impl Isa {
         #[cfg(target_arch = "x86_64")]
         if is_x86_feature_detected!("avx2") {
             isas.push(Isa::Avx2);
-            if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl") {
-                isas.push(Isa::Vnni);
-                if is_x86_feature_detected!("avx512f") {
-                    isas.push(Isa::Vnni512);
-                }
+            if is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512vnni")
+                && is_x86_feature_detected!("avx512vl")
+            {
+                isas.push(Isa::Vnni512);
             }
         }
         isas
@@ -339,44 +336,29 @@ fn run_job(
     }
 }
 
+/// Calls the instance of a tile kernel for `rows` (1..=MR) activation rows.
+macro_rules! with_rows {
+    ($rows:expr, $kernel:ident($($arg:expr),*)) => {
+        match $rows {
+            4 => $kernel::<4>($($arg),*),
+            3 => $kernel::<3>($($arg),*),
+            2 => $kernel::<2>($($arg),*),
+            _ => $kernel::<1>($($arg),*),
+        }
+    };
+}
+
 /// One tile in the kernel of `isa`.
 fn run_tile(tile: &Tile, dst: *mut f32, n: usize, isa: Isa) {
-    let rc = tile.rows;
     match isa {
         Isa::Scalar => tile_scalar(tile, dst, n),
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Isa::Avx2` is only chosen after detecting AVX2; `dst` is
-        // valid as above.
-        Isa::Avx2 => unsafe {
-            match rc {
-                4 => tile_avx2::<4>(tile, dst, n),
-                3 => tile_avx2::<3>(tile, dst, n),
-                2 => tile_avx2::<2>(tile, dst, n),
-                _ => tile_avx2::<1>(tile, dst, n),
-            }
-        },
+        // SAFETY: `Isa::Avx2` is only chosen after detecting AVX2; `dst` is valid as above.
+        Isa::Avx2 => unsafe { with_rows!(tile.rows, tile_avx2(tile, dst, n)) },
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Isa::Vnni` is only chosen after detecting AVX2, AVX-512 VNNI
-        // and VL; `dst` is valid as above.
-        Isa::Vnni => unsafe {
-            match rc {
-                4 => tile_vnni::<4>(tile, dst, n),
-                3 => tile_vnni::<3>(tile, dst, n),
-                2 => tile_vnni::<2>(tile, dst, n),
-                _ => tile_vnni::<1>(tile, dst, n),
-            }
-        },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Isa::Vnni512` is only chosen after detecting AVX2, AVX-512 F, VNNI
-        // and VL; `dst` is valid as above.
-        Isa::Vnni512 => unsafe {
-            match rc {
-                4 => tile_vnni512::<4>(tile, dst, n),
-                3 => tile_vnni512::<3>(tile, dst, n),
-                2 => tile_vnni512::<2>(tile, dst, n),
-                _ => tile_vnni512::<1>(tile, dst, n),
-            }
-        },
+        // SAFETY: `Isa::Vnni512` is only chosen after detecting AVX2, AVX-512 F, VNNI and VL;
+        // `dst` is valid as above.
+        Isa::Vnni512 => unsafe { with_rows!(tile.rows, tile_vnni512(tile, dst, n)) },
     }
 }
 
@@ -396,8 +378,8 @@ fn quantize_row(src: &[f32], dst: &mut [u8], isa: Isa) -> (f32, i32) {
     match isa {
         Isa::Scalar => quantize_row_scalar(src, dst),
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Isa::Avx2` and `Isa::Vnni` are only chosen after detecting AVX2.
-        Isa::Avx2 | Isa::Vnni | Isa::Vnni512 => unsafe { quantize_row_avx2(src, dst) },
+        // SAFETY: `Isa::Avx2` and `Isa::Vnni512` are only chosen after detecting AVX2.
+        Isa::Avx2 | Isa::Vnni512 => unsafe { quantize_row_avx2(src, dst) },
     }
 }
 
@@ -573,40 +555,6 @@ unsafe fn tile_avx2<const R: usize>(t: &Tile, dst: *mut f32, ldo: usize) {
     unsafe { store_tile(t, &acc, dst, ldo) }
 }
 
-/// VNNI micro-kernel: [`tile_avx2`] with one `vpdpbusd` (u8 × i8, four products summed
-/// into each i32 lane, no intermediate saturation) per weight vector and row. The sums
-/// are the same integers, so the output bits are the same.
-///
-/// # Safety
-/// AVX2, AVX-512 VNNI and AVX-512 VL must be available; `dst` as for [`tile_avx2`].
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,avx512vnni,avx512vl")]
-unsafe fn tile_vnni<const R: usize>(t: &Tile, dst: *mut f32, ldo: usize) {
-    use std::arch::x86_64::*;
-    debug_assert!(R == t.rows && R <= MR);
-    debug_assert!(t.a.len() >= (R - 1) * t.lda + t.w.len() / 2 * KU);
-    let ksteps = t.w.len() / 2;
-    let mut acc = [[_mm256_setzero_si256(); 2]; R];
-    let mut wp = t.w.as_ptr() as *const __m256i;
-    let mut ap = t.a.as_ptr();
-    for _ in 0..ksteps {
-        // SAFETY: as in `tile_avx2`.
-        unsafe {
-            let w0 = _mm256_load_si256(wp);
-            let w1 = _mm256_load_si256(wp.add(1));
-            for (r, acc_r) in acc.iter_mut().enumerate() {
-                let a = _mm256_set1_epi32((ap.add(r * t.lda) as *const i32).read_unaligned());
-                acc_r[0] = _mm256_dpbusd_epi32(acc_r[0], a, w0);
-                acc_r[1] = _mm256_dpbusd_epi32(acc_r[1], a, w1);
-            }
-            wp = wp.add(2);
-            ap = ap.add(KU);
-        }
-    }
-    // SAFETY: forwarded from the caller.
-    unsafe { store_tile(t, &acc, dst, ldo) }
-}
-
 /// 512-bit VNNI micro-kernel: the 64 bytes of a panel's k-step (16 rows × 4 values) are one
 /// vector, so each row takes one `vpdpbusd` per step. Same integer sums, same bits.
 ///
@@ -648,14 +596,7 @@ unsafe fn tile_vnni512<const R: usize>(t: &Tile, dst: *mut f32, ldo: usize) {
 #[target_feature(enable = "avx2,avx512f,avx512vnni,avx512vl")]
 unsafe fn tile_pair_vnni512(rows: usize, t: [&Tile; 2], dst: [*mut f32; 2], ldo: usize) {
     // SAFETY: forwarded from the caller.
-    unsafe {
-        match rows {
-            4 => pair_vnni512::<4>(t, dst, ldo),
-            3 => pair_vnni512::<3>(t, dst, ldo),
-            2 => pair_vnni512::<2>(t, dst, ldo),
-            _ => pair_vnni512::<1>(t, dst, ldo),
-        }
-    }
+    unsafe { with_rows!(rows, pair_vnni512(t, dst, ldo)) }
 }
 
 /// [`tile_pair_vnni512`] for `R` rows.

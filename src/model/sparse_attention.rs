@@ -11,6 +11,7 @@ use candle_core::{Device, Layout, Result, Storage, Tensor};
 use rayon::prelude::*;
 
 use super::attention_mode::{ApproxAttention, KeySelector};
+use super::fused_attention::dot;
 
 /// Shapes of one attention call: `q` is `[batch, heads, queries, head_size]`, `k` and `v` are
 /// `[batch, heads, keys, head_size]`, the mask bias `[batch, keys]` (0 for real tokens, very
@@ -119,27 +120,6 @@ fn sign_matches_portable(q: &[u64], keys: &[u64], d: usize, out: &mut [u32]) {
         let differ: u32 = q.iter().zip(k).map(|(a, b)| (a ^ b).count_ones()).sum();
         *o = d as u32 - differ;
     }
-}
-
-/// Dot product with eight independent partial sums (vectorises without reassociating a single
-/// sum).
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = a8
-        .remainder()
-        .iter()
-        .zip(b8.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in a8.zip(b8) {
-        let (x, y): (&[f32; 8], &[f32; 8]) = (x.try_into().unwrap(), y.try_into().unwrap());
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 /// Up to this many kept keys, hard top-k keeps a sorted buffer instead of a selection.
