@@ -22,4 +22,6 @@ pub mod passes;
 pub mod pipeline;
 pub mod progress;
 pub mod setup;
+#[cfg(test)]
+mod testing;
 pub mod threads;

@@ -259,6 +259,7 @@ pub fn dense_context(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::max_abs_diff as max_diff;
     use candle_core::D;
 
     /// The candle path the kernel replaces: split heads, scale, scores + mask, softmax, values.
@@ -300,17 +301,6 @@ mod tests {
             })
             .collect();
         Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap()
     }
 
     #[test]

@@ -178,14 +178,7 @@ mod tests {
         let x = Tensor::from_vec(xs, (rows, cols), &candle_core::Device::Cpu).unwrap();
         let ours = gelu_erf(&x.t().unwrap()).unwrap();
         let candle = x.t().unwrap().gelu_erf().unwrap();
-        let diff = (ours - candle)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = crate::testing::max_abs_diff(&ours, &candle);
         assert!(diff < 5e-6, "{diff}");
     }
 }

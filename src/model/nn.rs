@@ -60,16 +60,7 @@ mod tests {
             bias: Tensor::new(&[0f32, 0.1, 0., -0.2], &dev).unwrap(),
             eps: 1e-12,
         };
-        let max_diff = |a: Tensor, b: Tensor| -> f32 {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar()
-                .unwrap()
-        };
+        let max_diff = |a: Tensor, b: Tensor| crate::testing::max_abs_diff(&a, &b);
         assert!(
             max_diff(
                 ln.forward(&x, true).unwrap(),

@@ -239,16 +239,7 @@ mod tests {
         assert_eq!(ne.rows(), 200);
         let zeros_w = w.zeros_like().unwrap();
         let zeros_b = b.zeros_like().unwrap();
-        let diff = |a: &Tensor, b: &Tensor| -> f32 {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar()
-                .unwrap()
-        };
+        let diff = crate::testing::max_abs_diff;
         let fit = ne.solve(&zeros_w, &zeros_b, 1e-9).unwrap();
         assert!(diff(&fit.weight, &w) < 1e-4 && diff(&fit.bias, &b) < 1e-4);
         assert!(
