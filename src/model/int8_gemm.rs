@@ -12,7 +12,8 @@
 //!   exactly in integers with a per-output-row column sum:
 //!   `Σ_i (u_i - zp) w_i = Σ_i u_i w_i - zp · Σ_i w_i`.
 //!   With AVX-512 VNNI, one `vpdpbusd` per 512-bit vector forms the same sums (four u8 × i8
-//!   products into each i32 lane, nothing saturates), so every path gives the same bits.
+//!   products into each i32 lane, nothing saturates), so every path gives the same bits. VNNI
+//!   alone would allow 8-bit activations; the 7-bit codes stay so that all paths agree.
 //! * Output: `y[r][j] = (acc as f32) * (s_r * scale_j)` — the same float operations in
 //!   the same order in the SIMD and in the portable path, so both give identical bits.
 //!
