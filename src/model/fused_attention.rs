@@ -7,14 +7,15 @@
 //! softmax whose libm `expf` took its slow underflow path on every padding key, and a transposing
 //! copy before the output projection.
 //!
-//! Keys whose mask bias is `f32::MIN` (padding) get exactly zero weight in the reference too
-//! (`e^(f32::MIN)` is 0 in f32), so skipping them changes nothing; any other bias is added.
+//! Padding keys (mask bias `f32::MIN`, the same test as approximate attention's) get exactly zero
+//! weight in the reference too (`e^(f32::MIN)` is 0 in f32), so skipping them changes nothing;
+//! any other bias is added. Every sequence has a real first token, so no row is all padding.
 
 use candle_core::{Device, Result, Tensor};
 use rayon::prelude::*;
 
 use super::fastmath::exp_nonpositive;
-use super::sparse_attention::f32_slice;
+use super::sparse_attention::{f32_slice, real_keys};
 
 /// Where one head's vectors sit inside rows of a projection output.
 #[derive(Debug, Clone, Copy)]
@@ -62,7 +63,7 @@ pub fn context(ops: &Operands) -> Vec<f32> {
     let width = ops.heads * ops.head_size;
     let batch = ops.bias.len() / ops.k.positions.max(1);
     let queries = ops.q.positions;
-    let kept = kept_keys(ops.bias, ops.k.positions);
+    let kept = real_keys(ops.bias, ops.k.positions);
     let mut out = vec![0f32; batch * queries * width];
     out.par_chunks_mut(width)
         .with_min_len(ROWS_PER_TASK)
@@ -72,20 +73,6 @@ pub fn context(ops: &Operands) -> Vec<f32> {
             attend(ops, &kept[b], b, i, ctx, scores);
         });
     out
-}
-
-/// Per batch entry, the keys that are not padding (all of them if every key is).
-fn kept_keys(bias: &[f32], keys: usize) -> Vec<Vec<usize>> {
-    bias.chunks(keys.max(1))
-        .map(|row| {
-            let kept: Vec<usize> = (0..row.len()).filter(|&j| row[j] != f32::MIN).collect();
-            if kept.is_empty() {
-                (0..row.len()).collect()
-            } else {
-                kept
-            }
-        })
-        .collect()
 }
 
 /// Every head's context for query `i` of batch entry `b`, written into `ctx` (`heads · d`).

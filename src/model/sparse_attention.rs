@@ -288,10 +288,10 @@ impl Head<'_> {
     }
 }
 
-/// The real key positions of each sequence.
-fn real_keys(bias: &[f32], dims: Dims) -> Vec<Vec<usize>> {
-    bias.chunks_exact(dims.keys)
-        .map(|row| (0..dims.keys).filter(|&j| is_real(row[j])).collect())
+/// The real key positions of each sequence, from the mask bias `[sequences, keys]`.
+pub(crate) fn real_keys(bias: &[f32], keys: usize) -> Vec<Vec<usize>> {
+    bias.chunks_exact(keys.max(1))
+        .map(|row| (0..row.len()).filter(|&j| is_real(row[j])).collect())
         .collect()
 }
 
@@ -333,7 +333,7 @@ pub fn gathered(ops: &Operands, approx: ApproxAttention) -> Vec<f32> {
         head_size: d,
         ..
     } = ops.dims;
-    let real = real_keys(ops.bias, ops.dims);
+    let real = real_keys(ops.bias, ops.dims.keys);
     let mut out = vec![0f32; batch * heads * queries * d];
     out.par_chunks_mut(queries * d)
         .enumerate()
@@ -438,7 +438,7 @@ pub fn kept_mask(ops: &Operands, approx: ApproxAttention) -> Vec<f32> {
         keys,
         ..
     } = ops.dims;
-    let real = real_keys(ops.bias, ops.dims);
+    let real = real_keys(ops.bias, ops.dims.keys);
     let mut out = vec![f32::MIN; batch * heads * queries * keys];
     let mut scratch = Scratch::default();
     for (bh, mask) in out.chunks_exact_mut(queries * keys).enumerate() {
