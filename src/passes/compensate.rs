@@ -23,9 +23,8 @@ use candle_core::{DType, Device, Tensor};
 use super::reconstruct::{ffn_inputs, real_rows, select_rows};
 use super::ridge::{cholesky_solve, NormalEquations};
 use crate::analyze::AnalysisBatch;
-use crate::model::encoder::FeedForward;
+use crate::model::encoder::{EncoderLayer, FeedForward};
 use crate::model::linear::Linear;
-use crate::model::Model;
 
 /// Damping of `H` relative to its mean diagonal (keeps the inverse well conditioned).
 const DAMPING: f64 = 0.01;
@@ -45,6 +44,10 @@ pub struct FfnCompensation {
 pub struct Proposal {
     /// Positions (in the level's input FFN) kept.
     pub kept: Vec<usize>,
+    /// The removed features' indices among the current ones.
+    columns: Vec<usize>,
+    /// `(H⁻¹_GG)⁻¹ · H⁻¹_G,:` for those columns, `|G| × n`.
+    correction: Vec<f64>,
     /// `[hidden, kept]` output projection.
     pub weight: Tensor,
     /// `[hidden]` output bias.
@@ -52,15 +55,16 @@ pub struct Proposal {
 }
 
 impl FfnCompensation {
-    /// Measures `H` on `model`'s own FFN inputs at `layer` over `batches`. `kept` lists the
-    /// level-input positions of the layer's current neurons, in order.
+    /// Measures `H` on `layer`'s own FFN inputs over `batches`, given the hidden states
+    /// `entering` the layer per batch. `kept` lists the level-input positions of the layer's
+    /// current neurons, in order.
     pub fn new(
-        model: &Model,
-        layer: usize,
+        layer: &EncoderLayer,
         kept: Vec<usize>,
+        entering: &[Tensor],
         batches: &[AnalysisBatch],
     ) -> Result<Self> {
-        let ffn = model.layers[layer]
+        let ffn = layer
             .ffn
             .as_ref()
             .context("compensation needs the layer's FFN")?;
@@ -70,7 +74,7 @@ impl FfnCompensation {
             "compensation: {width} neurons, {} positions",
             kept.len()
         );
-        let inputs = ffn_inputs(model, batches, layer)?;
+        let inputs = ffn_inputs(layer, entering, batches)?;
         let mut equations = NormalEquations::new(width, 1)?;
         for (x, batch) in inputs.iter().zip(batches) {
             let rows = real_rows(batch)?;
@@ -151,16 +155,16 @@ impl FfnCompensation {
         let dev = &Device::Cpu;
         Ok(Proposal {
             kept,
+            columns: g,
+            correction,
             weight: Tensor::from_vec(weight, (self.hidden, keep.len() - 1), dev)?,
             bias: Tensor::from_vec(bias, self.hidden, dev)?,
         })
     }
 
-    /// Records an accepted `proposal` of removing `removed`: downdates `H⁻¹` and keeps the
-    /// corrected weights.
-    pub fn accept(&mut self, removed: &[usize], proposal: &Proposal) -> Result<()> {
-        let (n, g) = (self.n(), self.columns(removed)?);
-        let correction = self.correction_rows(&g)?;
+    /// Records an accepted `proposal`: downdates `H⁻¹` and keeps the corrected weights.
+    pub fn accept(&mut self, proposal: &Proposal) -> Result<()> {
+        let (n, g, correction) = (self.n(), &proposal.columns, &proposal.correction);
         let keep: Vec<usize> = (0..n).filter(|c| !g.contains(c)).collect();
         let mut hinv = Vec::with_capacity(keep.len() * keep.len());
         for &i in &keep {
@@ -253,7 +257,7 @@ mod tests {
                 );
             }
         }
-        comp.accept(&removed, &proposal).unwrap();
+        comp.accept(&proposal).unwrap();
         let mut h_kk: Vec<f64> = k.iter().flat_map(|&i| k.map(|j| h[i * 7 + j])).collect();
         let mut inverse = vec![0f64; 25];
         (0..5).for_each(|i| inverse[i * 5 + i] = 1.0);

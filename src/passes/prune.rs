@@ -415,16 +415,16 @@ impl LevelRun {
             *budget -= 1;
             let (trial, proposal) = match (self.compensate, e) {
                 (true, Element::Group { layer, neurons, .. }) => {
-                    let slot = &mut compensations[*layer];
-                    let comp = match slot {
-                        Some(c) => c,
-                        None => slot.insert(FfnCompensation::new(
-                            engine.model(),
-                            *layer,
+                    if compensations[*layer].is_none() {
+                        let entering = engine.states_entering(*layer)?;
+                        compensations[*layer] = Some(FfnCompensation::new(
+                            &engine.model().layers[*layer],
                             plan[*layer].neurons.clone().context("the FFN is removed")?,
+                            &entering,
                             &ctx.batches.batches,
-                        )?),
-                    };
+                        )?);
+                    }
+                    let comp = compensations[*layer].as_ref().expect("just made");
                     let proposal = comp.propose(neurons)?;
                     let mut model = engine.model().clone();
                     let ffn = input.layers[*layer].ffn.as_ref().context("no FFN")?;
@@ -435,7 +435,7 @@ impl LevelRun {
                         gates: None,
                         label: short_name(e),
                     };
-                    (trial, Some((*layer, neurons, proposal)))
+                    (trial, Some((*layer, proposal)))
                 }
                 _ => {
                     let trial = Trial {
@@ -450,9 +450,9 @@ impl LevelRun {
             let verdict = engine.decide(trial, self.rule, journal)?;
             replayed += usize::from(verdict.replayed);
             if let (true, Some(after)) = (verdict.accepted, verdict.score) {
-                if let Some((layer, neurons, proposal)) = &proposal {
+                if let Some((layer, proposal)) = &proposal {
                     let comp = compensations[*layer].as_mut().expect("made for the trial");
-                    comp.accept(neurons, proposal)?;
+                    comp.accept(proposal)?;
                 }
                 plan = tentative;
                 removed.push(Removal {

@@ -160,20 +160,20 @@ pub fn reconstruct(
     Ok((out, fits))
 }
 
-/// `model`'s hidden states entering layer `layer`'s FFN block, per batch.
+/// The hidden states entering `layer`'s FFN block, per batch, from those entering the layer.
 pub(super) fn ffn_inputs(
-    model: &Model,
+    layer: &EncoderLayer,
+    entering: &[Tensor],
     batches: &[AnalysisBatch],
-    layer: usize,
 ) -> Result<Vec<Tensor>> {
-    let mut states = embed_all(model, batches)?;
-    for (state, batch) in states.iter_mut().zip(batches) {
-        let mask = &batch.inputs.mask_bias;
-        let before = model.run_layers(state, &batch.inputs, 0..layer, Default::default())?;
-        let sum = Block::Attention.sum(&model.layers[layer], &before, mask)?;
-        *state = Block::Attention.finish(&model.layers[layer], sum)?;
-    }
-    Ok(states)
+    entering
+        .iter()
+        .zip(batches)
+        .map(|(x, batch)| {
+            let sum = Block::Attention.sum(layer, x, &batch.inputs.mask_bias)?;
+            Block::Attention.finish(layer, sum)
+        })
+        .collect()
 }
 
 /// The re-fit of `output` so that `inputs[b] + output(features[b]) ≈ targets[b]` on the real rows.

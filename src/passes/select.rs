@@ -284,6 +284,12 @@ impl<'a> Engine<'a> {
         self.stale_from = Some(self.stale_from.map_or(trial.layer, |s| s.min(trial.layer)));
     }
 
+    /// The accepted model's hidden states entering `layer`, per batch (from the cache).
+    pub fn states_entering(&mut self, layer: usize) -> Result<Vec<Tensor>> {
+        self.refresh()?;
+        Ok(self.cache.iter().map(|c| c[layer].clone()).collect())
+    }
+
     /// Recomputes the cached states from the first stale layer on.
     fn refresh(&mut self) -> Result<()> {
         let Some(from) = self.stale_from.take() else {
