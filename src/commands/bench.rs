@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 use super::{log, print_json, task_setup};
 use crate::bench::{median, percentile, throughput, time_single, tokenize_times, weights_bytes};
 use crate::cli::{BenchArgs, Cli, ModelArgs};
-use crate::data::batch::load_split;
+use crate::data::batch::encode;
 use crate::model::inputs::Sequence;
 use crate::setup::TaskSetup;
 
@@ -17,6 +17,8 @@ struct Subject {
     spec: String,
     setup: TaskSetup,
     dev: Vec<Sequence>,
+    /// The dev texts `dev` was tokenized from.
+    texts: Vec<(String, Option<String>)>,
     latencies: Vec<f64>,
     throughputs: Vec<f64>,
 }
@@ -37,14 +39,19 @@ pub fn run(args: &BenchArgs, cli: &Cli) -> Result<()> {
             offline: args.model.offline,
         };
         let setup = task_setup(&model_args, &args.task)?;
-        let dev = load_split(&setup.data, "dev", &setup.encoder)?
-            .remove(0)
-            .sequences;
+        let (suffix, set) = setup.data.split("dev")?.remove(0);
+        let dev = encode(&set, suffix, &setup.encoder)?.sequences;
+        let texts = set
+            .examples
+            .iter()
+            .map(|e| (e.text_a.clone(), e.text_b.clone()))
+            .collect();
         subjects.push(Subject {
             name,
             spec,
             setup,
             dev,
+            texts,
             latencies: Vec::new(),
             throughputs: Vec::new(),
         });
@@ -62,7 +69,7 @@ pub fn run(args: &BenchArgs, cli: &Cli) -> Result<()> {
         )?;
     }
     let samples = args.samples.min(subjects[0].dev.len());
-    let tokenize_us = tokenize_p50_us(&subjects[0].setup, samples)?;
+    let tokenize_us = tokenize_p50_us(&subjects[0], samples)?;
     log(
         cli,
         &format!(
@@ -173,19 +180,9 @@ pub fn run(args: &BenchArgs, cli: &Cli) -> Result<()> {
 
 /// Median microseconds to tokenize one of the first `samples` dev texts on its own (not part of
 /// the latency figures, which start from token ids, as PyTorch's do in the comparison script).
-fn tokenize_p50_us(setup: &TaskSetup, samples: usize) -> Result<f64> {
-    let texts: Vec<(String, Option<String>)> = setup
-        .data
-        .split("dev")?
-        .remove(0)
-        .1
-        .examples
-        .iter()
-        .take(samples)
-        .map(|e| (e.text_a.clone(), e.text_b.clone()))
-        .collect();
-    let times = tokenize_times(&setup.encoder, &texts)?;
-    Ok(median(&times) * 1e6)
+fn tokenize_p50_us(subject: &Subject, samples: usize) -> Result<f64> {
+    let texts = &subject.texts[..samples.min(subject.texts.len())];
+    Ok(median(&tokenize_times(&subject.setup.encoder, texts)?) * 1e6)
 }
 
 /// Evaluates a model in a separate process so that its peak memory is its own.
