@@ -33,6 +33,10 @@ pub struct Cli {
     /// [default: $RAYON_NUM_THREADS, else every core].
     #[arg(long, global = true, value_parser = clap::value_parser!(u16).range(1..))]
     pub threads: Option<u16>,
+    /// Load checkpoints whose float tensors hold NaN or ±Inf (refused by default). A run still
+    /// stops if such values reach a loss or a metric.
+    #[arg(long, global = true)]
+    pub allow_nonfinite: bool,
     /// The command to run.
     #[command(subcommand)]
     pub command: Command,

@@ -25,6 +25,7 @@ use serde::Deserialize;
 
 use crate::data::splits::{SelectOn, SelectionSpec};
 use crate::data::task::Task;
+use crate::fsutil::read_text;
 use crate::passes::vocab::{VocabChoice, VocabCorpus};
 use crate::pipeline::tolerance::MaxDrop;
 use crate::pipeline::{RunSettings, StageSpec};
@@ -77,9 +78,14 @@ pub struct Config {
 
 /// Reads a config file.
 pub fn load(path: &Path) -> Result<Config> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read config {}", path.display()))?;
-    let file: File = toml::from_str(&text).map_err(|e| {
+    let text = read_text(path).context("cannot read the config")?;
+    parse(&text, path)
+}
+
+/// Parses the text of the config file at `path` (relative paths in it are taken from its
+/// directory).
+pub fn parse(text: &str, path: &Path) -> Result<Config> {
+    let file: File = toml::from_str(text).map_err(|e| {
         let line = e
             .span()
             .map(|s| text[..s.start].matches('\n').count() + 1)

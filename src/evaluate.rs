@@ -1,6 +1,7 @@
 //! Batched inference in input order, and task metrics and loss from logits.
 
-use anyhow::Result;
+use anyhow::{bail, Result};
+use candle_core::Tensor;
 use indicatif::ProgressBar;
 
 use crate::data::batch::length_buckets;
@@ -34,16 +35,29 @@ pub fn predict_batches(
     progress: &ProgressBar,
 ) -> Result<Vec<Vec<f32>>> {
     let mut logits = vec![Vec::new(); sequences.len()];
-    for batch in batches {
+    for (number, batch) in batches.into_iter().enumerate() {
         let seqs: Vec<&Sequence> = batch.iter().map(|&i| &sequences[i]).collect();
         let inputs = Inputs::from_sequences(&model.config, &seqs)?;
-        let out: Vec<Vec<f32>> = model.forward(&inputs, opts)?.to_vec2()?;
+        let out = finite_rows(&model.forward(&inputs, opts)?, "evaluation", number)?;
         for (i, row) in batch.into_iter().zip(out) {
             logits[i] = row;
         }
         progress.inc(seqs.len() as u64);
     }
     Ok(logits)
+}
+
+/// The rows of one batch's logits, or an error naming `stage` and the batch when any is NaN or
+/// infinite: no metric, loss or decision is taken on such numbers.
+pub fn finite_rows(logits: &Tensor, stage: &str, batch: usize) -> Result<Vec<Vec<f32>>> {
+    let rows: Vec<Vec<f32>> = logits.to_vec2()?;
+    let bad = rows.iter().flatten().filter(|v| !v.is_finite()).count();
+    if bad > 0 {
+        bail!(
+            "{stage}: batch {batch} gave {bad} NaN or infinite logits; the model's weights or activations are not finite, so no result is written (check the checkpoint with `axcompress eval`)"
+        );
+    }
+    Ok(rows)
 }
 
 /// Metrics and mean loss of a set of predictions.

@@ -17,6 +17,7 @@ pub mod evaluate;
 pub mod export;
 pub mod fsutil;
 pub mod hash;
+pub mod interrupt;
 pub mod model;
 pub mod passes;
 pub mod pipeline;

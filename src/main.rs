@@ -9,7 +9,11 @@ use axcompress::model::quant::Execution;
 
 fn main() {
     let cli = Cli::parse();
+    if let Err(err) = axcompress::interrupt::install() {
+        eprintln!("warning: {err:#}; Ctrl-C will stop without cleaning up");
+    }
     axcompress::threads::configure(cli.threads);
+    axcompress::model::weights::allow_nonfinite(cli.allow_nonfinite);
     if let Some(execution) = cli.execution {
         Execution::set_default(execution);
     }

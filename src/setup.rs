@@ -34,10 +34,12 @@ impl TaskSetup {
         task: Task,
         data: Option<&Path>,
         max_length: Option<usize>,
+        batch_size: usize,
     ) -> Result<Self> {
         let model = Model::load(spec, offline)?;
         let labels = LabelMap::new(&model.config, task).with_context(|| format!("model {spec}"))?;
         let max_length = checked_max_length(max_length, model.config.max_input_length())?;
+        check_batch_size(batch_size, max_length)?;
         let encoder = TextEncoder::for_model(&model, max_length)?;
         let data = TaskData::resolve(task, data, offline)?;
         Ok(TaskSetup {
@@ -48,6 +50,19 @@ impl TaskSetup {
             data,
         })
     }
+}
+
+/// Most tokens one batch may hold (batch size × max length): 2048 sentences of 128 tokens. The
+/// attention scores of such a batch take 1.6 GB in a 12-head model.
+pub const MAX_BATCH_TOKENS: usize = 1 << 18;
+
+/// Refuses a batch size of 0, or one whose batches could hold more than [`MAX_BATCH_TOKENS`].
+pub fn check_batch_size(batch_size: usize, max_length: usize) -> Result<()> {
+    let most = MAX_BATCH_TOKENS / max_length;
+    if batch_size == 0 || batch_size > most {
+        bail!("--batch-size {batch_size} is out of range: use 1..={most} at max length {max_length} (a batch holds at most {MAX_BATCH_TOKENS} tokens)");
+    }
+    Ok(())
 }
 
 /// The maximum input length to use: the requested one if the model allows it, else 128 capped at

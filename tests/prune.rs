@@ -375,6 +375,72 @@ fn assert_group_level_within_budget(extra: &[&str]) {
 
 #[test]
 #[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
+fn a_state_cache_of_zero_bytes_changes_no_decision() {
+    let shared = fixtures_or_skip!();
+    let data = common::small_glue(&shared, "SST-2", 120);
+    let model = shared.join("models/minilm-l6-sst2");
+    let tmp = tempfile::tempdir().unwrap();
+    let args = [
+        "--levels",
+        "heads,groups",
+        "--mode",
+        "speed",
+        "--max-drop",
+        "2",
+        "--budget",
+        "4",
+        "--compensate",
+        "true",
+    ];
+    let run = |name: &str, cache_mb: &str| {
+        let out = tmp.path().join(name);
+        let (m, d, o) = (
+            model.to_str().unwrap(),
+            data.path().to_str().unwrap(),
+            out.to_str().unwrap(),
+        );
+        let mut all = vec![
+            "prune", "--model", m, "--task", "sst2", "--data", d, "--out", o, "--json", "-q",
+        ];
+        all.extend_from_slice(&args);
+        let report = common::json_stdout(&common::run_with_env(
+            &all,
+            &[("AXCOMPRESS_CACHE_MB", cache_mb)],
+        ));
+        (
+            report,
+            read_json(&out.join("config.json"))["axcompress"]["structure"].clone(),
+        )
+    };
+    let (cached, cached_structure) = run("cached", "4096");
+    let (streamed, streamed_structure) = run("streamed", "0");
+    // States computed from the embeddings run the untouched layers on the gated path, which sums
+    // in another order than the cached dense path: the decisions are equal, the losses to ~1e-7.
+    let trials = |r: &Value| -> Vec<(String, bool, f64)> {
+        levels(r)
+            .iter()
+            .flat_map(|l| l["trials"].as_array().unwrap().clone())
+            .map(|t| {
+                (
+                    t["label"].to_string(),
+                    t["accepted"].as_bool().unwrap(),
+                    t["score"]["loss"].as_f64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let (a, b) = (trials(&cached), trials(&streamed));
+    assert!(a.iter().any(|t| t.1), "nothing was removed: {a:?}");
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!((&x.0, x.1), (&y.0, y.1));
+        assert!((x.2 - y.2).abs() <= 1e-6 * x.2.abs(), "{x:?} against {y:?}");
+    }
+    assert_eq!(cached_structure, streamed_structure);
+}
+
+#[test]
+#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn cached_score_equals_a_fresh_evaluation_of_the_sliced_model() {
     let shared = fixtures_or_skip!();
     let dir = shared.join("models/minilm-l6-sst2");

@@ -13,6 +13,7 @@ use indicatif::ProgressBar;
 
 use super::elements::Element;
 use super::{AnalysisBatch, Scorer};
+use crate::evaluate::finite_rows;
 use crate::model::encoder::{EncoderLayer, RunOptions};
 use crate::model::nn::LayerNorm;
 use crate::model::Model;
@@ -123,7 +124,7 @@ pub fn ablate(
         elements.len()
     ];
     let last = model.num_layers().saturating_sub(1);
-    for batch in batches {
+    for (number, batch) in batches.iter().enumerate() {
         let mask = &batch.inputs.mask_bias;
         let mut h = model.embed(&batch.inputs, false)?;
         let mut caches = Vec::with_capacity(model.num_layers());
@@ -149,9 +150,13 @@ pub fn ablate(
                     let variants = layer_variants(model, l, &cache, &group)?;
                     let k = group.len();
                     let stacked_mask = Tensor::cat(&vec![mask; k], 0)?;
-                    let logits: Vec<Vec<f32>> = model
-                        .logits_from(&variants, &stacked_mask, l + 1, RunOptions::default())?
-                        .to_vec2()?;
+                    let logits = model.logits_from(
+                        &variants,
+                        &stacked_mask,
+                        l + 1,
+                        RunOptions::default(),
+                    )?;
+                    let logits = finite_rows(&logits, "analysis (ablation)", number)?;
                     for (j, &id) in ids.iter().enumerate() {
                         let out = &mut outcomes[id];
                         for (row, &ex) in logits[j * b..(j + 1) * b].iter().zip(&batch.examples) {

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::elements::{Element, Level};
 use crate::data::splits::DataInfo;
+use crate::fsutil::read_text;
 use crate::model::structure::Structure;
 use crate::model::Model;
 
@@ -151,9 +152,12 @@ pub struct Cost {
 impl Report {
     /// Reads a report and checks its schema.
     pub fn load(path: &Path) -> Result<Report> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        let value: serde_json::Value = serde_json::from_str(&text)
+        Self::parse(&read_text(path)?, path)
+    }
+
+    /// Parses the text of the report at `path` and checks its schema.
+    pub fn parse(text: &str, path: &Path) -> Result<Report> {
+        let value: serde_json::Value = serde_json::from_str(text)
             .with_context(|| format!("{} is not valid JSON", path.display()))?;
         let schema = value
             .get("schema")

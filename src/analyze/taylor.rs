@@ -8,6 +8,7 @@ use indicatif::ProgressBar;
 
 use super::elements::Element;
 use super::AnalysisBatch;
+use crate::evaluate::finite_rows;
 use crate::model::encoder::{Gates, LayerGates, RunOptions};
 use crate::model::Model;
 
@@ -122,8 +123,9 @@ pub fn gate_gradients(
         gates: Some(&gates),
         differentiable: true,
     };
-    for batch in batches {
+    for (number, batch) in batches.iter().enumerate() {
         let logits = model.forward(&batch.inputs, opts)?;
+        finite_rows(&logits, "analysis (gradients)", number)?;
         let loss = (batch_loss_sum(&logits, batch)? / total as f64)?;
         let grads = loss.backward().context("backward pass failed")?;
         let read = |v: &Var| -> Result<Vec<f64>> {

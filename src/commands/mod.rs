@@ -12,7 +12,7 @@ pub mod quantize;
 
 use std::path::Path;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 
 use crate::cli::{Cli, ModelArgs, PruneFlags, QuantizeFlags, RunArgs, SelectionArgs, TaskArgs};
 use crate::data::splits::{SelectOn, SelectionSpec};
@@ -24,15 +24,13 @@ use crate::setup::TaskSetup;
 
 /// Loads the model, labels, tokenizer and data location the task flags name.
 pub fn task_setup(model: &ModelArgs, task: &TaskArgs) -> Result<TaskSetup> {
-    if task.batch_size == 0 {
-        bail!("--batch-size must be at least 1");
-    }
     TaskSetup::load(
         &model.model,
         model.offline,
         task.task,
         task.data.as_deref(),
         task.max_length,
+        task.batch_size,
     )
 }
 

@@ -4,6 +4,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
+use crate::fsutil::read_text;
+
 use super::task::{Layout, Task};
 
 /// The gold answer of an example.
@@ -63,11 +65,18 @@ pub fn split_paths(task: Task, data: &Path, split: &str) -> Result<Vec<(&'static
     Ok(files.into_iter().map(|(s, f)| (s, base.join(f))).collect())
 }
 
-/// Reads a GLUE TSV file for `task`.
+/// Reads a GLUE TSV file for `task` (a UTF-8 byte-order mark is dropped; bytes that are not
+/// UTF-8 are an error naming the line).
 pub fn read(task: Task, path: &Path) -> Result<Dataset> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let shown = path.display();
+    let examples = parse(task, &read_text(path)?, &path.display().to_string())?;
+    Ok(Dataset {
+        path: path.to_path_buf(),
+        examples,
+    })
+}
+
+/// The examples of the text of a GLUE TSV file for `task`; `shown` names the file in errors.
+pub fn parse(task: Task, text: &str, shown: &str) -> Result<Vec<Example>> {
     let mut lines = text
         .lines()
         .enumerate()
@@ -129,10 +138,7 @@ pub fn read(task: Task, path: &Path) -> Result<Dataset> {
     if examples.is_empty() {
         bail!("{shown}: no examples; the dataset is empty");
     }
-    Ok(Dataset {
-        path: path.to_path_buf(),
-        examples,
-    })
+    Ok(examples)
 }
 
 struct Columns {
@@ -211,5 +217,15 @@ mod tests {
         );
         let f = write("sentence\tlabel\n");
         assert!(format!("{:#}", read(Task::Sst2, f.path()).unwrap_err()).contains("empty"));
+    }
+
+    #[test]
+    fn a_byte_order_mark_is_dropped_and_bad_bytes_name_their_line() {
+        let f = write("\u{feff}sentence\tlabel\r\ngood\t1\r\n");
+        assert_eq!(read(Task::Sst2, f.path()).unwrap().examples.len(), 1);
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), b"sentence\tlabel\ngood\t1\nbad \xE9t\xE9\t0\n").unwrap();
+        let err = format!("{:#}", read(Task::Sst2, f.path()).unwrap_err());
+        assert!(err.contains(":3: byte 5 is not UTF-8"), "{err}");
     }
 }

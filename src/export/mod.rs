@@ -7,6 +7,7 @@
 pub mod compressed;
 
 use std::collections::BTreeMap;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -14,7 +15,8 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
 use serde_json::{json, Value};
 
-use crate::fsutil::pretty_json;
+use crate::fsutil::{pretty_json, remove_stale_siblings, temporary_sibling};
+use crate::interrupt;
 use crate::model::config::Family;
 use crate::model::linear::{Linear, Weight};
 use crate::model::names::{self, full_name};
@@ -320,7 +322,9 @@ impl Prepared {
     pub fn write(&self, out: &Path, extra: &[(&str, Vec<u8>)], force: bool) -> Result<()> {
         check_destination(&self.source_dir, out, force)?;
         create_parent(out)?;
-        let tmp = sibling(out, "tmp");
+        remove_stale_siblings(out);
+        let tmp = temporary_sibling(out, "tmp")?;
+        let _tracked = interrupt::track(&tmp);
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp)
                 .with_context(|| format!("cannot clear {}", tmp.display()))?;
@@ -337,7 +341,9 @@ impl Prepared {
     fn write_files(&self, dir: &Path, extra: &[(&str, Vec<u8>)]) -> Result<()> {
         let write = |name: &str, bytes: &[u8]| -> Result<()> {
             let path = dir.join(name);
-            std::fs::write(&path, bytes).with_context(|| format!("cannot write {}", path.display()))
+            std::fs::File::create(&path)
+                .and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_all()))
+                .with_context(|| format!("cannot write {}", path.display()))
         };
         write("model.safetensors", &self.weights)?;
         write("config.json", &pretty_json(&self.config)?)?;
@@ -379,7 +385,8 @@ pub fn write_model_dir(
 /// Renames the finished temporary directory to `out`, replacing an existing `out`.
 fn move_into_place(tmp: &Path, out: &Path) -> Result<()> {
     if out.exists() {
-        let old = sibling(out, "old");
+        // Not tracked: interrupted between the two renames, the previous model stays here.
+        let old = temporary_sibling(out, "old")?;
         std::fs::rename(out, &old)
             .with_context(|| format!("cannot move the existing {} aside", out.display()))?;
         std::fs::rename(tmp, out)?;
@@ -390,12 +397,4 @@ fn move_into_place(tmp: &Path, out: &Path) -> Result<()> {
             .with_context(|| format!("cannot move {} to {}", tmp.display(), out.display()))?;
     }
     Ok(())
-}
-
-fn sibling(out: &Path, tag: &str) -> PathBuf {
-    let name = out
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    out.with_file_name(format!(".{name}.{tag}-{}", std::process::id()))
 }

@@ -6,6 +6,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
 use super::structure::Structure;
+use crate::fsutil::read_text;
 
 /// The BERT-family architectures axcompress runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,8 +73,7 @@ pub struct ModelConfig {
 impl ModelConfig {
     /// Reads and validates `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
+        let text = read_text(path)?;
         let raw: Value = serde_json::from_str(&text)
             .with_context(|| format!("{} is not valid JSON", path.display()))?;
         Self::from_json(raw, &path.display().to_string())

@@ -13,6 +13,7 @@ use tokenizers::{EncodeInput, ModelWrapper, Tokenizer, TruncationParams, Truncat
 
 use super::inputs::Sequence;
 use super::Model;
+use crate::fsutil::read_text;
 
 /// A tokenizer configured for classification inputs of at most `max_length` tokens.
 pub struct TextEncoder {
@@ -94,7 +95,7 @@ pub fn source_tokenizer(dir: &Path) -> Result<Tokenizer> {
     let json = dir.join("tokenizer.json");
     let vocab = dir.join("vocab.txt");
     if json.is_file() {
-        Tokenizer::from_file(&json)
+        Tokenizer::from_bytes(read_text(&json)?)
             .map_err(|e| anyhow!("{}: cannot load tokenizer ({e})", json.display()))
     } else if vocab.is_file() {
         wordpiece_from_vocab(dir, &vocab)
@@ -108,7 +109,7 @@ pub fn source_tokenizer(dir: &Path) -> Result<Tokenizer> {
 
 fn wordpiece_from_vocab(dir: &Path, vocab: &Path) -> Result<Tokenizer> {
     let settings = dir.join("tokenizer_config.json");
-    let config: serde_json::Value = match std::fs::read_to_string(&settings) {
+    let config: serde_json::Value = match read_text(&settings) {
         Ok(text) => serde_json::from_str(&text)
             .with_context(|| format!("{} is not valid JSON", settings.display()))?,
         Err(_) => serde_json::Value::Null,
@@ -127,10 +128,11 @@ fn wordpiece_from_vocab(dir: &Path, vocab: &Path) -> Result<Tokenizer> {
         token("cls_token", "[CLS]"),
         token("sep_token", "[SEP]"),
     );
-    let path = vocab
-        .to_str()
-        .with_context(|| format!("{}: path is not UTF-8", vocab.display()))?;
-    let model = WordPiece::from_file(path)
+    let model = WordPiece::builder()
+        .vocab(
+            WordPiece::read_bytes(read_text(vocab)?.as_bytes())
+                .map_err(|e| anyhow!("{}: cannot read vocabulary ({e})", vocab.display()))?,
+        )
         .unk_token(unk)
         .build()
         .map_err(|e| anyhow!("{}: cannot read vocabulary ({e})", vocab.display()))?;

@@ -4,6 +4,7 @@
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -14,6 +15,15 @@ use super::linear::Weight;
 use super::quant::{Precision, QuantMatrix};
 use super::source::WEIGHT_FILES;
 use crate::export::compressed::read_codes;
+use crate::fsutil::read_text;
+
+/// Set by `--allow-nonfinite`: load checkpoints whose float tensors hold NaN or ±Inf.
+static ALLOW_NONFINITE: AtomicBool = AtomicBool::new(false);
+
+/// Lets every later load accept float tensors holding NaN or ±Inf (`--allow-nonfinite`).
+pub fn allow_nonfinite(allow: bool) {
+    ALLOW_NONFINITE.store(allow, Ordering::Relaxed);
+}
 
 /// Parameter count and bytes of the tensors read, grouped by their dtype on disk.
 pub type DtypeStats = BTreeMap<String, (usize, usize)>;
@@ -45,6 +55,9 @@ impl WeightStore {
             );
         };
         let (tensors, raw) = read_file(&file)?;
+        if !ALLOW_NONFINITE.load(Ordering::Relaxed) {
+            refuse_nonfinite(&tensors, &file)?;
+        }
         Ok(WeightStore {
             tensors,
             raw,
@@ -176,6 +189,37 @@ fn candidate_names(prefix: &str, name: &str) -> Vec<String> {
     out
 }
 
+/// Refuses a checkpoint whose float tensors hold NaN or ±Inf, naming the first such tensor (in
+/// name order) and its count of bad values.
+fn refuse_nonfinite(tensors: &HashMap<String, Tensor>, file: &Path) -> Result<()> {
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    let mut broken = Vec::new();
+    for name in names {
+        let bad = nonfinite_count(&tensors[name])?;
+        if bad > 0 {
+            broken.push((name, bad));
+        }
+    }
+    let Some(&(name, bad)) = broken.first() else {
+        return Ok(());
+    };
+    let others = match broken.len() - 1 {
+        0 => String::new(),
+        n => format!(" ({n} more tensors too)"),
+    };
+    bail!(
+        "{}: tensor {name} holds {bad} NaN or infinite values{others}; the checkpoint is broken (a diverged fine-tune or a bad conversion): export it again, or pass --allow-nonfinite to load it anyway",
+        file.display()
+    )
+}
+
+/// NaN and ±Inf values in a float tensor.
+fn nonfinite_count(t: &Tensor) -> Result<usize> {
+    let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    Ok(values.iter().filter(|v| !v.is_finite()).count())
+}
+
 /// Float tensors, and integer tensors as bytes.
 type Contents = (HashMap<String, Tensor>, HashMap<String, Raw>);
 
@@ -227,8 +271,7 @@ fn read_file(file: &Path) -> Result<Contents> {
 
 /// The distinct shard file names listed in a `model.safetensors.index.json`, sorted.
 pub fn shard_files(index: &Path) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(index)
-        .with_context(|| format!("cannot read {}", index.display()))?;
+    let text = read_text(index)?;
     let json: serde_json::Value = serde_json::from_str(&text)
         .with_context(|| format!("{} is not valid JSON", index.display()))?;
     let map = json
@@ -279,6 +322,28 @@ mod tests {
         assert_eq!(store.get("x", &[2, 3]).unwrap().dims(), &[2, 3]);
         assert_eq!(store.used_stats()["f32"], (6, 24));
         assert_eq!(store.dominant_float_dtype(), DType::F32);
+    }
+
+    #[test]
+    fn nonfinite_values_are_counted_and_named() {
+        let t = Tensor::new(
+            &[1f32, f32::NAN, f32::INFINITY, -f32::INFINITY, 0.0],
+            &Device::Cpu,
+        )
+        .unwrap();
+        assert_eq!(nonfinite_count(&t).unwrap(), 3);
+        let half = t.to_dtype(DType::F16).unwrap();
+        assert_eq!(nonfinite_count(&half).unwrap(), 3);
+        let good = Tensor::ones(3, DType::F32, &Device::Cpu).unwrap();
+        let tensors = HashMap::from([("b".to_string(), t), ("a".to_string(), good)]);
+        let err = refuse_nonfinite(&tensors, Path::new("m.safetensors"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("m.safetensors: tensor b holds 3 NaN"),
+            "{err}"
+        );
+        assert!(err.contains("--allow-nonfinite"), "{err}");
     }
 
     #[test]

@@ -16,7 +16,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::select::Score;
-use crate::fsutil::write_atomic;
+use crate::fsutil::{read_text, write_atomic};
+use crate::interrupt;
 
 /// Schema identifier of the progress file.
 const SCHEMA: &str = "axcompress.progress.v1";
@@ -66,6 +67,7 @@ impl Journal {
     /// progress is replayed; otherwise an existing file is an error (an interrupted run that the
     /// user should resume or discard).
     pub fn open(path: &Path, key: &str, resume: bool) -> Result<Self> {
+        interrupt::set_progress(Some(path));
         if !path.exists() {
             return Ok(Self::fresh(Some(path.to_path_buf()), key.to_string()));
         }
@@ -75,8 +77,7 @@ impl Journal {
                 path.display()
             );
         }
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
+        let text = read_text(path)?;
         let progress: Progress = serde_json::from_str(&text)
             .with_context(|| format!("{}: not a progress file of axcompress", path.display()))?;
         if progress.schema != SCHEMA || progress.key != key {
@@ -157,6 +158,7 @@ impl Journal {
 
     /// Deletes the progress file (the run finished).
     pub fn finish(self) -> Result<()> {
+        interrupt::set_progress(None);
         match &self.path {
             Some(p) if p.exists() => {
                 std::fs::remove_file(p).with_context(|| format!("cannot remove {}", p.display()))

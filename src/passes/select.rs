@@ -7,6 +7,10 @@
 //! evaluation). Every decision goes through the [`Journal`], so an interrupted run replays its
 //! decisions instead of recomputing them.
 //!
+//! The cache is bounded: batches past `AXCOMPRESS_CACHE_MB` (default 4096) of cached states are
+//! run from the embeddings at each evaluation instead, so a large selection set costs time, not
+//! memory.
+//!
 //! Under an accuracy metric an evaluation stops as soon as the errors already made rule out
 //! acceptance: the verdict is the same as a full evaluation's, at a fraction of the cost.
 
@@ -19,6 +23,7 @@ use crate::analyze::{batches, AnalysisBatch, Scorer};
 use crate::data::batch::EncodedSet;
 use crate::data::labels::LabelMap;
 use crate::data::task::Task;
+use crate::evaluate::finite_rows;
 use crate::model::encoder::{Gates, RunOptions};
 use crate::model::Model;
 
@@ -119,9 +124,9 @@ impl<'a> SelectionBatches<'a> {
     /// The score of `model` from a plain forward pass (no caches).
     pub fn score(&self, model: &Model) -> Result<Score> {
         let mut tally = Tally::new(self);
-        for batch in &self.batches {
+        for (number, batch) in self.batches.iter().enumerate() {
             let logits = model.forward(&batch.inputs, RunOptions::default())?;
-            tally.add(&logits.to_vec2()?, &batch.examples);
+            tally.add(&finite_rows(&logits, "selection", number)?, &batch.examples);
         }
         Ok(tally.score())
     }
@@ -169,7 +174,8 @@ pub struct Engine<'a> {
     data: &'a SelectionBatches<'a>,
     model: Model,
     gates: Option<Gates>,
-    /// `cache[b][l]`: hidden states of batch `b` entering layer `l`.
+    /// `cache[b][l]`: hidden states of batch `b` entering layer `l`; empty for the batches past
+    /// the cache budget.
     cache: Vec<Vec<Tensor>>,
     /// Where the cache stops matching the accepted model: `Some(None)` from the embeddings on,
     /// `Some(Some(l))` from layer `l` on, `None` nowhere.
@@ -181,10 +187,13 @@ pub struct Engine<'a> {
 impl<'a> Engine<'a> {
     /// Caches `model`'s hidden states on the selection data and scores it.
     pub fn new(model: Model, data: &'a SelectionBatches<'a>) -> Result<Self> {
+        let cached = cached_batches(&data.batches, &model, cache_budget()?);
         let cache = data
             .batches
             .iter()
+            .take(cached)
             .map(|b| Ok(vec![model.embed(&b.inputs, false)?]))
+            .chain((cached..data.batches.len()).map(|_| Ok(Vec::new())))
             .collect::<Result<_>>()?;
         let mut engine = Engine {
             data,
@@ -284,10 +293,27 @@ impl<'a> Engine<'a> {
         self.stale_from = Some(self.stale_from.map_or(trial.layer, |s| s.min(trial.layer)));
     }
 
-    /// The accepted model's hidden states entering `layer`, per batch (from the cache).
+    /// The accepted model's hidden states entering `layer`, per batch.
     pub fn states_entering(&mut self, layer: usize) -> Result<Vec<Tensor>> {
         self.refresh()?;
-        Ok(self.cache.iter().map(|c| c[layer].clone()).collect())
+        (0..self.cache.len())
+            .map(|b| self.entering(b, layer))
+            .collect()
+    }
+
+    /// The accepted model's hidden states of batch `b` entering `layer`: from the cache (which
+    /// must be fresh), or computed from the embeddings for a batch past the cache budget.
+    fn entering(&self, b: usize, layer: usize) -> Result<Tensor> {
+        if let Some(states) = self.cache[b].get(layer) {
+            return Ok(states.clone());
+        }
+        let opts = RunOptions {
+            gates: self.gates.as_ref(),
+            differentiable: false,
+        };
+        let inputs = &self.data.batches[b].inputs;
+        let embedded = self.model.embed(inputs, false)?;
+        self.model.run_layers(&embedded, inputs, 0..layer, opts)
     }
 
     /// Recomputes the cached states from the first stale layer on.
@@ -300,7 +326,8 @@ impl<'a> Engine<'a> {
             differentiable: false,
         };
         let last = self.model.num_layers().saturating_sub(1);
-        for (batch, cache) in self.data.batches.iter().zip(self.cache.iter_mut()) {
+        let cached = self.cache.iter_mut().filter(|c| !c.is_empty());
+        for (batch, cache) in self.data.batches.iter().zip(cached) {
             if from.is_none() {
                 cache[0] = self.model.embed(&batch.inputs, false)?;
             }
@@ -340,12 +367,17 @@ impl<'a> Engine<'a> {
             },
         };
         let mut tally = Tally::new(self.data);
-        for (batch, cache) in self.data.batches.iter().zip(&self.cache) {
+        for (number, batch) in self.data.batches.iter().enumerate() {
             let logits = match from {
-                Some(l) => model.logits_from(&cache[l], &batch.inputs.mask_bias, l, opts)?,
+                Some(l) => model.logits_from(
+                    &self.entering(number, l)?,
+                    &batch.inputs.mask_bias,
+                    l,
+                    opts,
+                )?,
                 None => model.forward(&batch.inputs, opts)?,
             };
-            tally.add(&logits.to_vec2()?, &batch.examples);
+            tally.add(&finite_rows(&logits, "selection", number)?, &batch.examples);
             if tally.errors > max_errors {
                 return Ok(None);
             }
@@ -359,6 +391,30 @@ impl<'a> Engine<'a> {
     }
 }
 
+/// Bytes of hidden states the engine may cache: `AXCOMPRESS_CACHE_MB` MiB, 4096 by default.
+fn cache_budget() -> Result<usize> {
+    let Ok(value) = std::env::var("AXCOMPRESS_CACHE_MB") else {
+        return Ok(4096 << 20);
+    };
+    let mb: usize = value.trim().parse().with_context(|| {
+        format!("AXCOMPRESS_CACHE_MB={value:?} is not a number of MiB; unset it or use e.g. 4096")
+    })?;
+    Ok(mb.saturating_mul(1 << 20))
+}
+
+/// How many leading `batches` have their states entering every layer of `model` within `budget`
+/// bytes.
+fn cached_batches(batches: &[AnalysisBatch], model: &Model, budget: usize) -> usize {
+    let bytes_per_token = model.config.hidden_size * 4 * model.num_layers().max(1);
+    let mut used = 0usize;
+    batches
+        .iter()
+        .take_while(|b| {
+            used += b.inputs.input_ids.elem_count() * bytes_per_token;
+            used <= budget
+        })
+        .count()
+}
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,7 +14,7 @@ use serde_json::Value;
 use tokenizers::{EncodeInput, Tokenizer};
 
 use crate::data::glue::Dataset;
-use crate::fsutil::pretty_json;
+use crate::fsutil::{pretty_json, read_text};
 use crate::model::tokenizer::model_tokenizer;
 use crate::model::vocab::{
     corpus_ids, prune_tokenizer_config, prune_tokenizer_json, vocab_txt, KeptIds, TokenizerFiles,
@@ -69,7 +69,7 @@ pub fn dataset_texts(sets: &[Dataset]) -> Vec<String> {
 
 /// The texts of a corpus file: every tab-separated field of every non-empty line.
 pub fn file_texts(path: &Path) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(path).with_context(|| {
+    let text = read_text(path).with_context(|| {
         format!(
             "--vocab-corpus {}: cannot read it; pass a UTF-8 text file, one text per line",
             path.display()
@@ -153,7 +153,7 @@ fn tokenizer_files(model: &Model, tokenizer: &Tokenizer, kept: &KeptIds) -> Resu
         files.insert("vocab.txt", vocab_txt(tokenizer, kept)?);
     }
     let config = model.dir.join("tokenizer_config.json");
-    if let Ok(text) = std::fs::read_to_string(&config) {
+    if let Ok(text) = read_text(&config) {
         let value: Value = serde_json::from_str(&text)
             .with_context(|| format!("{} is not valid JSON", config.display()))?;
         files.insert(

@@ -153,6 +153,7 @@ pub fn run(spec: &RunSettings, out: &Output, quiet: bool) -> Result<Finished> {
         spec.task,
         spec.data.as_deref(),
         spec.max_length,
+        spec.batch_size,
     )?;
     check_destination(&setup.model.dir, &out.dir, out.force)?;
     passes[0].check_input(&setup.model)?;
@@ -225,9 +226,6 @@ pub fn run(spec: &RunSettings, out: &Output, quiet: bool) -> Result<Finished> {
 fn build_passes(spec: &RunSettings) -> Result<Vec<Box<dyn Pass>>> {
     if spec.stages.is_empty() {
         bail!("the pipeline has no stages; add at least one [[stages]] entry");
-    }
-    if spec.batch_size == 0 {
-        bail!("--batch-size must be at least 1");
     }
     let last = spec.stages.len() - 1;
     if let Some(i) = (0..last).find(|&i| matches!(spec.stages[i], StageSpec::Quantize(_))) {

@@ -1,0 +1,349 @@
+//! Reliability: broken weights and awkward text are refused or handled with one clear line,
+//! limits are enforced, and no writer leaves a half-written file at its final path, whether the
+//! run is killed (SIGKILL) or interrupted (SIGINT, exit 130 with the resumable state named).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{assert_clean_error, copy_model, run};
+
+const NAN_TENSOR: &str = "bert.encoder.layer.0.output.dense.weight";
+
+/// Replaces the first value of the f32 tensor `name` in `dir/model.safetensors` by `value` (the
+/// fixture's weights are symlinked by `copy_model`: the file is written anew).
+fn poison(dir: &Path, name: &str, value: f32) {
+    let path = dir.join("model.safetensors");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
+    assert_eq!(header[name]["dtype"], "F32");
+    let start = 8 + header_len + header[name]["data_offsets"][0].as_u64().unwrap() as usize;
+    bytes[start..start + 4].copy_from_slice(&value.to_le_bytes());
+    std::fs::remove_file(&path).unwrap();
+    std::fs::write(&path, bytes).unwrap();
+}
+
+fn eval(model: &Path, data: &Path, extra: &[&str]) -> Output {
+    let (m, d) = (model.to_str().unwrap(), data.to_str().unwrap());
+    let mut args = vec![
+        "eval", "--model", m, "--task", "sst2", "--data", d, "--json", "-q",
+    ];
+    args.extend_from_slice(extra);
+    run(&args)
+}
+
+fn tsv(bytes: &[u8]) -> tempfile::NamedTempFile {
+    let f = tempfile::Builder::new().suffix(".tsv").tempfile().unwrap();
+    std::fs::write(f.path(), bytes).unwrap();
+    f
+}
+
+fn examples(out: &Output) -> u64 {
+    common::json_stdout(out)["examples"].as_u64().unwrap()
+}
+
+/// The logits `eval --predictions` wrote to `path`.
+fn logits(path: &Path) -> serde_json::Value {
+    common::read_json(path)["logits"].clone()
+}
+
+#[test]
+#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
+fn a_nan_weight_is_refused_naming_the_tensor_unless_allowed() {
+    let shared = fixtures_or_skip!();
+    let dir = copy_model(&shared.join("models/tiny-bert"));
+    poison(dir.path(), NAN_TENSOR, f32::NAN);
+    let model = dir.path().to_str().unwrap();
+    assert_clean_error(
+        &run(&["inspect", "--model", model]),
+        &[
+            NAN_TENSOR,
+            "holds 1 NaN or infinite values",
+            "--allow-nonfinite",
+        ],
+    );
+    let allowed = run(&["inspect", "--model", model, "--allow-nonfinite"]);
+    assert!(allowed.status.success(), "{allowed:?}");
+}
+
+#[test]
+#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
+fn an_infinite_weight_is_refused_and_when_allowed_stops_the_evaluation() {
+    let shared = fixtures_or_skip!();
+    let dir = copy_model(&shared.join("models/minilm-l6-sst2"));
+    poison(dir.path(), NAN_TENSOR, f32::INFINITY);
+    let data = common::small_glue(&shared, "SST-2", 8);
+    let out = eval(dir.path(), data.path(), &[]);
+    assert_clean_error(&out, &[NAN_TENSOR, "holds 1 NaN or infinite values"]);
+    // Allowed at load, the infinity reaches the logits: no accuracy or loss is reported on them.
+    let out = eval(dir.path(), data.path(), &["--allow-nonfinite"]);
+    assert_clean_error(&out, &["evaluation: batch 0", "NaN or infinite logits"]);
+    assert!(out.stdout.is_empty(), "a result was printed");
+}
+
+#[test]
+#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
+fn a_byte_order_mark_is_ignored_in_tsv_config_and_tokenizer_files() {
+    let shared = fixtures_or_skip!();
+    let dir = copy_model(&shared.join("models/minilm-l6-sst2"));
+    for file in [
+        "config.json",
+        "tokenizer.json",
+        "vocab.txt",
+        "tokenizer_config.json",
+    ] {
+        let path = dir.path().join(file);
+        let mut bytes = b"\xEF\xBB\xBF".to_vec();
+        bytes.extend(std::fs::read(&path).unwrap());
+        std::fs::write(&path, bytes).unwrap();
+    }
+    let data = tsv(b"\xEF\xBB\xBFsentence\tlabel\r\na gripping film .\t1\r\ndull .\t0\r\n");
+    let with_bom = eval(dir.path(), data.path(), &[]);
+    assert_eq!(examples(&with_bom), 2);
+    let plain = eval(&shared.join("models/minilm-l6-sst2"), data.path(), &[]);
+    let loss = |o: &Output| common::json_stdout(o)["sets"][0]["loss"].clone();
+    assert_eq!(loss(&with_bom), loss(&plain));
+}
+
+#[test]
+#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
+fn a_line_that_is_not_utf8_is_an_error_naming_file_and_line() {
+    let shared = fixtures_or_skip!();
+    let data = tsv(b"sentence\tlabel\ngood .\t1\nd\xE9j\xE0 vu .\t0\n");
+    let out = eval(&shared.join("models/minilm-l6-sst2"), data.path(), &[]);
+    let at = format!("{}:3: byte 2 is not UTF-8", data.path().display());
+    assert_clean_error(&out, &[&at]);
+}
+
+#[test]
+#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
+fn a_one_megabyte_line_is_truncated_to_max_length() {
+    let shared = fixtures_or_skip!();
+    let long = "a gripping , funny film . ".repeat(40_000);
+    assert!(long.len() > 1_000_000);
+    let data = tsv(format!("sentence\tlabel\n{long}\t1\nshort .\t0\n").as_bytes());
+    let model = shared.join("models/minilm-l6-sst2");
+    let tmp = tempfile::tempdir().unwrap();
+    let (whole, cut) = (tmp.path().join("whole.json"), tmp.path().join("cut.json"));
+    let out = eval(
+        &model,
+        data.path(),
+        &["--predictions", whole.to_str().unwrap()],
+    );
+    assert_eq!(examples(&out), 2);
+    // The long line's logits equal those of a 2,000-byte prefix: both are truncated to 128 tokens.
+    let head = tsv(format!("sentence\tlabel\n{}\t1\nshort .\t0\n", &long[..2_000]).as_bytes());
+    eval(
+        &model,
+        head.path(),
+        &["--predictions", cut.to_str().unwrap()],
+    );
+    assert_eq!(logits(&whole), logits(&cut));
+}
+
+#[test]
+#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
+fn batch_sizes_of_zero_and_absurd_size_are_refused() {
+    let shared = fixtures_or_skip!();
+    let model = shared.join("models/minilm-l6-sst2");
+    let data = common::small_glue(&shared, "SST-2", 4);
+    let out = eval(&model, data.path(), &["--batch-size", "0"]);
+    assert_clean_error(&out, &["--batch-size 0 is out of range", "use 1..=2048"]);
+    let out = eval(&model, data.path(), &["--batch-size", "1000000"]);
+    assert_clean_error(&out, &["--batch-size 1000000 is out of range"]);
+    let out = eval(
+        &model,
+        data.path(),
+        &["--batch-size", "513", "--max-length", "512"],
+    );
+    assert_clean_error(&out, &["--batch-size 513", "use 1..=512 at max length 512"]);
+}
+
+#[test]
+#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
+fn a_one_example_dataset_evaluates_and_prunes() {
+    let shared = fixtures_or_skip!();
+    let model = shared.join("models/minilm-l6-sst2");
+    let data = common::small_glue(&shared, "SST-2", 1);
+    assert_eq!(examples(&eval(&model, data.path(), &[])), 1);
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("o");
+    let args = ["--levels", "blocks", "--budget", "2"];
+    let report = common::json_stdout(&common::run_stage(
+        "prune",
+        &model,
+        data.path(),
+        &out,
+        &args,
+    ));
+    assert_eq!(report["data"]["selection"]["examples"], 1, "{report}");
+    assert!(report["data"]["report"].is_null(), "{report}");
+    assert!(out.join("model.safetensors").is_file());
+}
+
+/// Starts `axcompress args…` with its output piped.
+fn spawn(args: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_axcompress"))
+        .args(args)
+        .env_remove("HF_HUB_OFFLINE")
+        .env_remove("GLUE_DIR")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits (polling every millisecond, at most 10 minutes) until `ready` holds; false when the
+/// child ended first.
+fn wait_until(child: &mut Child, ready: impl Fn() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while Instant::now() < deadline {
+        if ready() {
+            return true;
+        }
+        if child.try_wait().unwrap().is_some() {
+            return ready();
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    panic!("timed out");
+}
+
+fn signal(child: &Child, name: &str) {
+    let status = Command::new("kill")
+        .args([name, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// Names in `dir` that start with `.<name>.` (what a writer of `<name>` keeps beside it).
+fn leftovers(dir: &Path, name: &str) -> Vec<String> {
+    let prefix = format!(".{name}.");
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(&prefix))
+        .collect()
+}
+
+/// Checks that `out` is absent, or a complete model directory that loads.
+fn absent_or_complete(out: &Path) {
+    if !out.exists() {
+        return;
+    }
+    for file in [
+        "config.json",
+        "model.safetensors",
+        "report.json",
+        "tokenizer.json",
+    ] {
+        assert!(out.join(file).is_file(), "{} lacks {file}", out.display());
+    }
+    axcompress::model::Model::from_dir(out).expect("the written model loads");
+}
+
+#[test]
+#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
+fn kill_9_during_export_leaves_the_destination_absent_or_complete() {
+    let shared = fixtures_or_skip!();
+    let model = shared.join("models/minilm-l6-sst2");
+    let data = common::small_glue(&shared, "SST-2", 16);
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("q");
+    let (m, d, o) = (
+        model.to_str().unwrap(),
+        data.path().to_str().unwrap(),
+        out.to_str().unwrap(),
+    );
+    let args = [
+        "quantize", "--model", m, "--task", "sst2", "--data", d, "--out", o, "--bits", "8",
+        "--force", "-q",
+    ];
+    let temporary = |pid: u32| tmp.path().join(format!(".q.tmp-{pid}"));
+    // Killed: as soon as the temporary directory exists, once its weights file has bytes, and
+    // once the weights are being replaced on a second run over a complete destination.
+    let moments: [&dyn Fn(u32) -> bool; 3] = [
+        &|pid| temporary(pid).is_dir(),
+        &|pid| {
+            std::fs::metadata(temporary(pid).join("model.safetensors")).is_ok_and(|m| m.len() > 0)
+        },
+        &|pid| temporary(pid).join("config.json").exists(),
+    ];
+    let mut killed_mid_export = 0;
+    for (i, moment) in moments.iter().enumerate() {
+        if i == 2 {
+            assert!(run(&args).status.success());
+        }
+        let mut child = spawn(&args);
+        let pid = child.id();
+        let reached = wait_until(&mut child, || moment(pid));
+        signal(&child, "-KILL");
+        child.wait().unwrap();
+        killed_mid_export += usize::from(reached && temporary(pid).exists());
+        absent_or_complete(&out);
+    }
+    assert!(killed_mid_export > 0, "no kill landed during an export");
+    assert!(!leftovers(tmp.path(), "q").is_empty());
+    // The next run removes what the killed ones left.
+    assert!(run(&args).status.success());
+    absent_or_complete(&out);
+    assert_eq!(leftovers(tmp.path(), "q"), Vec::<String>::new());
+}
+
+#[test]
+#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
+fn ctrl_c_during_prune_exits_130_naming_the_progress_and_resume_finishes() {
+    let shared = fixtures_or_skip!();
+    let model = shared.join("models/minilm-l6-sst2");
+    let data = common::small_glue(&shared, "SST-2", 40);
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("p");
+    let progress: PathBuf = tmp.path().join("p.progress.json");
+    let (m, d, o) = (
+        model.to_str().unwrap(),
+        data.path().to_str().unwrap(),
+        out.to_str().unwrap(),
+    );
+    let mut args = vec![
+        "prune",
+        "--model",
+        m,
+        "--task",
+        "sst2",
+        "--data",
+        d,
+        "--out",
+        o,
+        "--levels",
+        "heads",
+        "--budget",
+        "3",
+        "--max-drop",
+        "5",
+        "-q",
+    ];
+    let mut child = spawn(&args);
+    assert!(
+        wait_until(&mut child, || progress.is_file()),
+        "the run ended before saving progress"
+    );
+    signal(&child, "-INT");
+    let ended = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&ended.stderr);
+    assert_eq!(ended.status.code(), Some(130), "{stderr}");
+    assert!(
+        stderr.contains(&format!("saved in {}", progress.display())) && stderr.contains("--resume"),
+        "{stderr}"
+    );
+    assert!(!out.exists());
+    assert_eq!(leftovers(tmp.path(), "p"), Vec::<String>::new());
+    args.push("--resume");
+    let resumed = run(&args);
+    assert!(resumed.status.success(), "{resumed:?}");
+    absent_or_complete(&out);
+    assert!(!progress.exists());
+}
