@@ -93,8 +93,8 @@ impl ModelConfig {
         };
         let names = FieldNames::of(family);
         let hidden_size = fields.usize(names.hidden)?;
-        let layers = fields.usize(names.layers)?;
-        let heads = fields.usize(names.heads)?;
+        let layers = fields.usize_at_most(names.layers, MAX_LAYERS_OR_HEADS)?;
+        let heads = fields.usize_at_most(names.heads, MAX_LAYERS_OR_HEADS)?;
         let ffn = fields.usize(names.ffn)?;
         if heads == 0 || hidden_size % heads != 0 {
             bail!(
@@ -183,6 +183,16 @@ impl ModelConfig {
     }
 }
 
+/// Largest size field (hidden size, FFN width, vocabulary, positions) a config may give: far above
+/// any real model, low enough that a corrupt value cannot ask for terabytes.
+const MAX_SIZE: usize = 1 << 24;
+
+/// Most layers or attention heads a config may give (the structure holds layers × heads).
+const MAX_LAYERS_OR_HEADS: usize = 1 << 10;
+
+/// Most labels `num_labels` may give.
+const MAX_LABELS: usize = 1 << 16;
+
 /// Config field names that differ between families.
 struct FieldNames {
     hidden: &'static str,
@@ -220,15 +230,22 @@ struct Fields<'a> {
 }
 
 impl Fields<'_> {
+    /// A size field, at most [`MAX_SIZE`].
     fn usize(&self, name: &str) -> Result<usize> {
-        match self.raw.get(name) {
-            Some(v) => v.as_u64().map(|n| n as usize).with_context(|| {
-                format!(
-                    "{}: field {name} must be a non-negative integer, got {v}",
-                    self.source
-                )
-            }),
-            None => bail!("{}: missing field {name}", self.source),
+        self.usize_at_most(name, MAX_SIZE)
+    }
+
+    fn usize_at_most(&self, name: &str, limit: usize) -> Result<usize> {
+        let source = self.source;
+        let Some(v) = self.raw.get(name) else {
+            bail!("{source}: missing field {name}");
+        };
+        let n = v.as_u64().with_context(|| {
+            format!("{source}: field {name} must be a non-negative integer, got {v}")
+        })?;
+        match usize::try_from(n) {
+            Ok(n) if n <= limit => Ok(n),
+            _ => bail!("{source}: field {name} = {n} is larger than any model axcompress runs (at most {limit})"),
         }
     }
 
@@ -262,7 +279,10 @@ fn parse_labels(raw: &Value, source: &str) -> Result<Vec<String>> {
         }
         return Ok(labels.into_iter().map(|l| l.unwrap_or_default()).collect());
     }
-    let n = raw.get("num_labels").and_then(Value::as_u64).unwrap_or(2) as usize;
+    let n = raw.get("num_labels").and_then(Value::as_u64).unwrap_or(2);
+    if n > MAX_LABELS as u64 {
+        bail!("{source}: num_labels = {n} is larger than any classifier axcompress runs (at most {MAX_LABELS})");
+    }
     Ok((0..n).map(|i| format!("LABEL_{i}")).collect())
 }
 
@@ -276,6 +296,32 @@ mod tests {
                "num_attention_heads": 2, "intermediate_size": 16, "hidden_act": "gelu",
                "vocab_size": 10, "max_position_embeddings": 12, "type_vocab_size": 2,
                "id2label": {"0": "negative", "1": "positive"}})
+    }
+
+    #[test]
+    fn absurd_sizes_are_refused_before_anything_is_allocated() {
+        for (field, value) in [
+            ("num_hidden_layers", 1u64 << 40),
+            ("num_attention_heads", 4096),
+            ("vocab_size", u64::MAX),
+        ] {
+            let mut raw = bert();
+            raw[field] = json!(value);
+            let err = ModelConfig::from_json(raw, "config.json")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(&format!("field {field} = {value} is larger")),
+                "{err}"
+            );
+        }
+        let mut raw = bert();
+        raw.as_object_mut().unwrap().remove("id2label");
+        raw["num_labels"] = json!(1u64 << 50);
+        let err = ModelConfig::from_json(raw, "config.json")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("num_labels"), "{err}");
     }
 
     #[test]

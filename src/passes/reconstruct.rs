@@ -16,6 +16,7 @@ use candle_core::{Tensor, D};
 use serde::Serialize;
 
 use super::ridge::{Fit, NormalEquations};
+use super::select::{cache_budget, cached_batches};
 use crate::analyze::AnalysisBatch;
 use crate::model::encoder::{Attention, EncoderLayer, FeedForward};
 use crate::model::linear::Linear;
@@ -83,13 +84,30 @@ impl Block {
         x: &Tensor,
         mask: &Tensor,
     ) -> Option<candle_core::Result<Tensor>> {
+        if !self.fits(layer) {
+            return None;
+        }
         match self {
-            Block::Attention => (layer.attention.as_ref())
-                .filter(|a| !a.heads.is_empty())
-                .map(|a| flat_context(a, x, mask)),
-            Block::Ffn => (layer.ffn.as_ref())
-                .filter(|f| f.width() > 0)
-                .map(|f| f.activations(x, false)),
+            Block::Attention => (layer.attention.as_ref()).map(|a| flat_context(a, x, mask)),
+            Block::Ffn => (layer.ffn.as_ref()).map(|f| f.activations(x, false)),
+        }
+    }
+
+    /// True when the block has weights to re-fit (kept heads or neurons).
+    fn fits(self, layer: &EncoderLayer) -> bool {
+        match self {
+            Block::Attention => layer
+                .attention
+                .as_ref()
+                .is_some_and(|a| !a.heads.is_empty()),
+            Block::Ffn => layer.ffn.as_ref().is_some_and(|f| f.width() > 0),
+        }
+    }
+
+    fn output(self, layer: &EncoderLayer) -> Option<&Linear> {
+        match self {
+            Block::Attention => layer.attention.as_ref().map(|a| &a.output),
+            Block::Ffn => layer.ffn.as_ref().map(|f| &f.output),
         }
     }
 
@@ -101,10 +119,63 @@ impl Block {
     }
 }
 
-/// Hidden states entering the current block, per batch, for both models.
+/// The original's and the pruned model's hidden states entering the current block, per batch:
+/// kept for the batches within the state budget ([`super::select::cache_budget`]), `None` for
+/// the others, which are recomputed from the embeddings when needed.
 struct States {
-    original: Vec<Tensor>,
-    pruned: Vec<Tensor>,
+    kept: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl States {
+    fn new(original: &Model, pruned: &Model, batches: &[AnalysisBatch]) -> Result<Self> {
+        // Two models' states per batch: count each batch twice against the budget.
+        let cached = cached_batches(batches, original, cache_budget()? / 2);
+        let kept = batches
+            .iter()
+            .enumerate()
+            .map(|(b, batch)| {
+                (b < cached)
+                    .then(|| {
+                        let (x, x_hat) = (
+                            original.embed(&batch.inputs, false)?,
+                            pruned.embed(&batch.inputs, false)?,
+                        );
+                        Ok((x, x_hat))
+                    })
+                    .transpose()
+            })
+            .collect::<Result<_>>()?;
+        Ok(States { kept })
+    }
+
+    /// Batch `b`'s states entering `block` of layer `l`: the original's, and the pruned
+    /// model's (whose layers before `l`, and before `block`, are already re-fit in `pruned`).
+    fn entering(
+        &self,
+        b: usize,
+        at: (usize, Block),
+        original: &Model,
+        pruned: &Model,
+        batch: &AnalysisBatch,
+    ) -> Result<(Tensor, Tensor)> {
+        if let Some(states) = &self.kept[b] {
+            return Ok(states.clone());
+        }
+        let from_embeddings = |model: &Model| -> Result<Tensor> {
+            let (l, block) = at;
+            let x = model.embed(&batch.inputs, false)?;
+            let x = model.run_layers(&x, &batch.inputs, 0..l, Default::default())?;
+            match block {
+                Block::Attention => Ok(x),
+                Block::Ffn => {
+                    let layer = &model.layers[l];
+                    let sum = Block::Attention.sum(layer, &x, &batch.inputs.mask_bias)?;
+                    Block::Attention.finish(layer, sum)
+                }
+            }
+        };
+        Ok((from_embeddings(original)?, from_embeddings(pruned)?))
+    }
 }
 
 /// `pruned` (a pruned copy of `original`, same layers) with its output projections re-fit on
@@ -120,28 +191,14 @@ pub fn reconstruct(
         "reconstruction needs a pruned copy of the original (the same layers)"
     );
     let mut out = pruned.clone();
-    let mut states = States {
-        original: embed_all(original, batches)?,
-        pruned: embed_all(pruned, batches)?,
-    };
+    let mut states = States::new(original, pruned, batches)?;
     let rows: Vec<Tensor> = batches.iter().map(real_rows).collect::<Result<_>>()?;
     let mut fits = Vec::new();
     for l in 0..out.num_layers() {
         for block in [Block::Attention, Block::Ffn] {
-            let (orig, layer) = (&original.layers[l], &mut out.layers[l]);
-            // The original's sums are the targets; the original moves past the block.
-            let mut targets = Vec::with_capacity(batches.len());
-            for (state, batch) in states.original.iter_mut().zip(batches) {
-                let sum = block.sum(orig, state, &batch.inputs.mask_bias)?;
-                *state = block.finish(orig, sum.clone())?;
-                targets.push(sum);
-            }
-            let features = (0..batches.len())
-                .map(|b| block.features(layer, &states.pruned[b], &batches[b].inputs.mask_bias))
-                .collect::<Option<candle_core::Result<Vec<_>>>>()
-                .transpose()?;
-            if let (Some(features), Some(output)) = (features, block.output_mut(layer)) {
-                let fit = refit(output, &features, &targets, &states.pruned, &rows, ridge)?;
+            if let Some(fit) =
+                refit_block(original, &out, (l, block), &states, batches, &rows, ridge)?
+            {
                 fits.push(BlockFit {
                     layer: l,
                     block: block.name(),
@@ -149,15 +206,74 @@ pub fn reconstruct(
                     error_before: fit.error_before,
                     error_after: fit.error_after,
                 });
+                let output = block
+                    .output_mut(&mut out.layers[l])
+                    .expect("a fitted block has an output");
                 *output = Linear::dense(fit.weight, fit.bias);
             }
-            for (state, batch) in states.pruned.iter_mut().zip(batches) {
-                let sum = block.sum(layer, state, &batch.inputs.mask_bias)?;
-                *state = block.finish(layer, sum)?;
-            }
+            advance(
+                &mut states,
+                block,
+                (&original.layers[l], &out.layers[l]),
+                batches,
+            )?;
         }
     }
     Ok((out, fits))
+}
+
+/// The re-fit of `block` of layer `l` of `pruned` so that `x̂ + output(features(x̂)) ≈ x +
+/// block(x)` on the real rows; `None` when the block has no weights to re-fit.
+fn refit_block(
+    original: &Model,
+    pruned: &Model,
+    at: (usize, Block),
+    states: &States,
+    batches: &[AnalysisBatch],
+    rows: &[Tensor],
+    ridge: f64,
+) -> Result<Option<Fit>> {
+    let (l, block) = at;
+    let layer = &pruned.layers[l];
+    let Some(output) = block.output(layer).filter(|_| block.fits(layer)) else {
+        return Ok(None);
+    };
+    let weight = output.weight.to_dense()?;
+    let (hidden, width) = weight.dims2()?;
+    let mut equations = NormalEquations::new(width, hidden)?;
+    for (b, batch) in batches.iter().enumerate() {
+        let mask = &batch.inputs.mask_bias;
+        let (x, x_hat) = states.entering(b, at, original, pruned, batch)?;
+        let target = block.sum(&original.layers[l], &x, mask)?;
+        let features = block
+            .features(layer, &x_hat, mask)
+            .expect("the block fits")?;
+        let f = select_rows(&features, &rows[b])?;
+        let t = select_rows(&(&target - &x_hat)?, &rows[b])?;
+        equations.add(&f, &t)?;
+    }
+    let fit = equations
+        .solve(&weight, &output.bias, ridge)
+        .context("layer-wise reconstruction")?;
+    Ok(Some(fit))
+}
+
+/// Moves the kept states of both models past `block` (`layers`: the original's and the re-fit
+/// pruned model's layer).
+fn advance(
+    states: &mut States,
+    block: Block,
+    layers: (&EncoderLayer, &EncoderLayer),
+    batches: &[AnalysisBatch],
+) -> Result<()> {
+    for (kept, batch) in states.kept.iter_mut().zip(batches) {
+        if let Some((x, x_hat)) = kept {
+            let mask = &batch.inputs.mask_bias;
+            *x = block.finish(layers.0, block.sum(layers.0, x, mask)?)?;
+            *x_hat = block.finish(layers.1, block.sum(layers.1, x_hat, mask)?)?;
+        }
+    }
+    Ok(())
 }
 
 /// The hidden states entering `layer`'s FFN block, per batch, from those entering the layer.
@@ -173,36 +289,6 @@ pub(super) fn ffn_inputs(
             let sum = Block::Attention.sum(layer, x, &batch.inputs.mask_bias)?;
             Block::Attention.finish(layer, sum)
         })
-        .collect()
-}
-
-/// The re-fit of `output` so that `inputs[b] + output(features[b]) ≈ targets[b]` on the real rows.
-fn refit(
-    output: &Linear,
-    features: &[Tensor],
-    targets: &[Tensor],
-    inputs: &[Tensor],
-    rows: &[Tensor],
-    ridge: f64,
-) -> Result<Fit> {
-    let weight = output.weight.to_dense()?;
-    let (hidden, width) = weight.dims2()?;
-    let mut equations = NormalEquations::new(width, hidden)?;
-    for (b, rows) in rows.iter().enumerate() {
-        let f = select_rows(&features[b], rows)?;
-        let t = select_rows(&(&targets[b] - &inputs[b])?, rows)?;
-        equations.add(&f, &t)?;
-    }
-    equations
-        .solve(&weight, &output.bias, ridge)
-        .context("layer-wise reconstruction")
-}
-
-/// The embeddings of every batch.
-fn embed_all(model: &Model, batches: &[AnalysisBatch]) -> Result<Vec<Tensor>> {
-    batches
-        .iter()
-        .map(|b| model.embed(&b.inputs, false))
         .collect()
 }
 

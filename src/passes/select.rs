@@ -392,7 +392,7 @@ impl<'a> Engine<'a> {
 }
 
 /// Bytes of hidden states the engine may cache: `AXCOMPRESS_CACHE_MB` MiB, 4096 by default.
-fn cache_budget() -> Result<usize> {
+pub(super) fn cache_budget() -> Result<usize> {
     let Ok(value) = std::env::var("AXCOMPRESS_CACHE_MB") else {
         return Ok(4096 << 20);
     };
@@ -404,7 +404,7 @@ fn cache_budget() -> Result<usize> {
 
 /// How many leading `batches` have their states entering every layer of `model` within `budget`
 /// bytes.
-fn cached_batches(batches: &[AnalysisBatch], model: &Model, budget: usize) -> usize {
+pub(super) fn cached_batches(batches: &[AnalysisBatch], model: &Model, budget: usize) -> usize {
     let bytes_per_token = model.config.hidden_size * 4 * model.num_layers().max(1);
     let mut used = 0usize;
     batches
