@@ -544,6 +544,13 @@ fn a_significance_report_of_another_model_is_refused() {
         &["the report was computed for model", "not for this model"],
     );
     assert!(!tmp.path().join("o").exists());
+    // The right model, but an element edited out of its range (this used to panic).
+    let mut report = read_json(&report_path);
+    report["elements"][0]["layer"] = json!(99);
+    std::fs::write(&report_path, report.to_string()).unwrap();
+    let extra = ["--significance", report_path.to_str().unwrap()];
+    let o = prune_cli(&shared, data.path(), &tmp.path().join("o"), &extra);
+    common::assert_clean_error(&o, &["element L99.", "is not in this model"]);
 }
 
 /// A failure from argument parsing (clap): non-zero exit, no panic, the option named.

@@ -5,6 +5,7 @@ use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::model::slice::LayerKeep;
+use crate::model::structure::Structure;
 use crate::model::Model;
 
 /// Granularity of an element.
@@ -95,6 +96,25 @@ impl Element {
         }
     }
 
+    /// True when `structure` has this element: its layer, block, head, or neurons (positions in
+    /// the layer's FFN, ascending and distinct).
+    pub fn exists_in(&self, structure: &Structure) -> bool {
+        let Some(shape) = structure.layers.get(self.layer()) else {
+            return false;
+        };
+        match self {
+            Element::AttentionBlock { .. } => shape.heads.is_some(),
+            Element::FfnBlock { .. } => shape.ffn_width.is_some(),
+            Element::Head { head, .. } => shape.heads.as_ref().is_some_and(|h| h.contains(head)),
+            Element::Group { neurons, .. } => {
+                let width = shape.ffn_width.unwrap_or(0);
+                !neurons.is_empty()
+                    && neurons.windows(2).all(|w| w[0] < w[1])
+                    && neurons.last().is_some_and(|&n| n < width)
+            }
+        }
+    }
+
     /// The pruning plan that removes just this element from `model`.
     pub fn removal_plan(&self, model: &Model) -> Vec<LayerKeep> {
         let mut keep = model.keep_all();
@@ -182,6 +202,26 @@ pub fn groups_by_score(scores: &[Vec<f64>], group_size: usize) -> Vec<Element> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn elements_outside_the_structure_do_not_exist_in_it() {
+        let mut s = Structure::uniform(2, 3, 4, 8);
+        s.layers[1].heads = Some(vec![0, 2]);
+        s.layers[1].ffn_width = None;
+        let group = |neurons: Vec<usize>| Element::Group {
+            layer: 0,
+            index: 0,
+            neurons,
+        };
+        assert!(Element::Head { layer: 1, head: 2 }.exists_in(&s));
+        assert!(!Element::Head { layer: 1, head: 1 }.exists_in(&s));
+        assert!(!Element::AttentionBlock { layer: 2 }.exists_in(&s));
+        assert!(!Element::FfnBlock { layer: 1 }.exists_in(&s));
+        assert!(group(vec![0, 7]).exists_in(&s));
+        for bad in [vec![], vec![8], vec![3, 3], vec![4, 1]] {
+            assert!(!group(bad.clone()).exists_in(&s), "{bad:?}");
+        }
+    }
 
     #[test]
     fn groups_collect_lowest_scores_first() {

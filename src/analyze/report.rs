@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::elements::{Element, Level};
+use super::summary::short_name;
 use crate::data::splits::DataInfo;
 use crate::fsutil::read_text;
 use crate::model::structure::Structure;
@@ -182,6 +183,22 @@ impl Report {
                 path.display(),
                 self.model.source,
                 self.model.fingerprint
+            );
+        }
+        self.check_elements(&model.config.structure, path)
+    }
+
+    /// Refuses the report unless every element it names is in `structure`.
+    pub fn check_elements(&self, structure: &Structure, path: &Path) -> Result<()> {
+        let missing = self
+            .elements
+            .iter()
+            .find(|e| !e.element.exists_in(structure));
+        if let Some(e) = missing {
+            bail!(
+                "{}: element {} is not in this model (the report was edited or is corrupt); rerun axcompress analyze",
+                path.display(),
+                short_name(&e.element)
             );
         }
         Ok(())
