@@ -4,11 +4,15 @@
 
 mod common;
 
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{assert_clean_error, copy_model, run};
+
+/// SIGPIPE's number on Linux and the BSDs.
+const SIGPIPE: i32 = 13;
 
 const NAN_TENSOR: &str = "bert.encoder.layer.0.output.dense.weight";
 
@@ -346,4 +350,18 @@ fn ctrl_c_during_prune_exits_130_naming_the_progress_and_resume_finishes() {
     assert!(resumed.status.success(), "{resumed:?}");
     absent_or_complete(&out);
     assert!(!progress.exists());
+}
+
+#[test]
+#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
+fn a_closed_stdout_ends_the_process_quietly_like_head_does() {
+    let shared = fixtures_or_skip!();
+    let model = shared.join("models/minilm-l6-sst2");
+    let mut child = spawn(&["inspect", "--model", model.to_str().unwrap()]);
+    // The reader goes away before the first line is printed, as `inspect | head -0` would.
+    drop(child.stdout.take());
+    let ended = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&ended.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(ended.status.signal(), Some(SIGPIPE), "{ended:?}");
 }
