@@ -54,7 +54,7 @@ pub fn finite_rows(logits: &Tensor, stage: &str, batch: usize) -> Result<Vec<Vec
     let bad = rows.iter().flatten().filter(|v| !v.is_finite()).count();
     if bad > 0 {
         bail!(
-            "{stage}: batch {batch} gave {bad} NaN or infinite logits; the model's weights or activations are not finite, so no result is written (check the checkpoint with `axcompress eval`)"
+            "{stage}: batch {batch} gave {bad} NaN or infinite logits, so no result is written; the weights or activations are not finite (loaded without --allow-nonfinite, the checkpoint's non-finite tensors are named)"
         );
     }
     Ok(rows)
