@@ -60,10 +60,14 @@ pub fn remove_stale_siblings(path: &Path) {
             continue;
         };
         if pid != std::process::id() && !process_runs(pid) {
-            let stale = entry.path();
-            let _ = std::fs::remove_dir_all(&stale).or_else(|_| std::fs::remove_file(&stale));
+            remove_file_or_dir(&entry.path());
         }
     }
+}
+
+/// Removes `path`, a directory with its contents or a file; best effort.
+pub fn remove_file_or_dir(path: &Path) {
+    let _ = std::fs::remove_dir_all(path).or_else(|_| std::fs::remove_file(path));
 }
 
 /// The directory holding `path` (`.` for a bare file name).

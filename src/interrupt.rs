@@ -8,6 +8,8 @@ use std::sync::Mutex;
 
 use anyhow::{Context, Result};
 
+use crate::fsutil::remove_file_or_dir;
+
 /// Exit status of a run stopped by SIGINT (128 + 2, as shells report it).
 pub const EXIT_INTERRUPTED: i32 = 130;
 
@@ -38,11 +40,9 @@ pub fn install() -> Result<()> {
 
 /// Runs on SIGINT: removes the temporaries, says where the progress is, exits 130.
 fn stop() {
-    let registry = REGISTRY
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let registry = lock();
     for path in &registry.temporaries {
-        let _ = std::fs::remove_dir_all(path).or_else(|_| std::fs::remove_file(path));
+        remove_file_or_dir(path);
     }
     match &registry.progress {
         Some(p) if p.is_file() => eprintln!(

@@ -136,11 +136,8 @@ impl States {
             .map(|(b, batch)| {
                 (b < cached)
                     .then(|| {
-                        let (x, x_hat) = (
-                            original.embed(&batch.inputs, false)?,
-                            pruned.embed(&batch.inputs, false)?,
-                        );
-                        Ok((x, x_hat))
+                        let embed = |m: &Model| m.embed(&batch.inputs, false);
+                        Ok((embed(original)?, embed(pruned)?))
                     })
                     .transpose()
             })
