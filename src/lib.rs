@@ -26,3 +26,4 @@ pub mod setup;
 #[cfg(test)]
 mod testing;
 pub mod threads;
+pub mod train;

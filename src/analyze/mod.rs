@@ -113,39 +113,47 @@ pub fn batches(
     labels: &LabelMap,
     batch_size: usize,
 ) -> Result<Vec<AnalysisBatch>> {
-    let regression = model.config.regression;
     length_buckets(&set.sequences, batch_size)
         .into_iter()
-        .map(|examples| {
-            let seqs: Vec<&Sequence> = examples.iter().map(|&i| &set.sequences[i]).collect();
-            let dev = &Device::Cpu;
-            let loss_targets = if regression {
-                let v: Vec<f32> = examples
-                    .iter()
-                    .map(|&i| match set.targets[i] {
-                        Target::Score(s) => s,
-                        Target::Class(c) => c as f32,
-                    })
-                    .collect();
-                Tensor::new(v, dev)?
-            } else {
-                let v: Vec<u32> = examples
-                    .iter()
-                    .map(|&i| match set.targets[i] {
-                        Target::Class(c) => labels.model_index(c) as u32,
-                        Target::Score(s) => s as u32,
-                    })
-                    .collect();
-                Tensor::new(v, dev)?
-            };
-            Ok(AnalysisBatch {
-                inputs: Inputs::from_sequences(&model.config, &seqs)?,
-                examples,
-                loss_targets,
-                regression,
-            })
-        })
+        .map(|examples| batch(model, set, labels, examples))
         .collect()
+}
+
+/// One batch of the examples of `set` at `examples`, in that order, with their loss targets.
+pub fn batch(
+    model: &Model,
+    set: &EncodedSet,
+    labels: &LabelMap,
+    examples: Vec<usize>,
+) -> Result<AnalysisBatch> {
+    let regression = model.config.regression;
+    let seqs: Vec<&Sequence> = examples.iter().map(|&i| &set.sequences[i]).collect();
+    let dev = &Device::Cpu;
+    let loss_targets = if regression {
+        let v: Vec<f32> = examples
+            .iter()
+            .map(|&i| match set.targets[i] {
+                Target::Score(s) => s,
+                Target::Class(c) => c as f32,
+            })
+            .collect();
+        Tensor::new(v, dev)?
+    } else {
+        let v: Vec<u32> = examples
+            .iter()
+            .map(|&i| match set.targets[i] {
+                Target::Class(c) => labels.model_index(c) as u32,
+                Target::Score(s) => s as u32,
+            })
+            .collect();
+        Tensor::new(v, dev)?
+    };
+    Ok(AnalysisBatch {
+        inputs: Inputs::from_sequences(&model.config, &seqs)?,
+        examples,
+        loss_targets,
+        regression,
+    })
 }
 
 /// A finished analysis with its wall-clock figures (kept out of the report so that equal inputs

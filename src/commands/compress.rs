@@ -34,7 +34,7 @@ pub fn run(args: &CompressArgs, cli: &Cli) -> Result<()> {
                 q.bits = args.bits.unwrap_or(q.bits);
                 StageSpec::Quantize(q)
             }
-            StageSpec::Attention(a) => StageSpec::Attention(a),
+            other => other,
         })
         .collect();
     let dir = args.out.clone().or(config.out).with_context(|| {

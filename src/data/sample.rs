@@ -46,6 +46,14 @@ pub fn sample_indices(n: usize, k: usize, seed: u64) -> Vec<usize> {
     picked
 }
 
+/// Shuffles `items` in place (Fisher–Yates) with `rng`.
+pub fn shuffle<T>(items: &mut [T], rng: &mut SplitMix64) {
+    for i in (1..items.len()).rev() {
+        let j = rng.below(i as u64 + 1) as usize;
+        items.swap(i, j);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -199,17 +199,32 @@ fn report_part(
 }
 
 fn train_holdout(spec: &SelectionSpec, data: &TaskData, encoder: &TextEncoder) -> Result<Part> {
+    let (subset, available) = train_sample(data, Some(spec.holdout), spec.seed)?;
+    let mut info = info(
+        "train-holdout",
+        &subset,
+        subset.examples.len(),
+        Some(spec.seed),
+    );
+    info.available = available;
+    Ok(Part {
+        set: encode(&subset, "", encoder)?,
+        info,
+        dev_indices: None,
+    })
+}
+
+/// `k` examples of the train split drawn with `seed`, in file order (all of them when `k` is
+/// `None` or larger), and the number of train examples there are.
+pub fn train_sample(data: &TaskData, k: Option<usize>, seed: u64) -> Result<(Dataset, usize)> {
     let train = data.first("train")?;
-    let picked = sample_indices(train.examples.len(), spec.holdout, spec.seed);
+    let n = train.examples.len();
+    let picked = sample_indices(n, k.unwrap_or(n), seed);
     let subset = Dataset {
         path: train.path.clone(),
         examples: picked.iter().map(|&i| train.examples[i].clone()).collect(),
     };
-    Ok(Part {
-        set: encode(&subset, "", encoder)?,
-        info: info("train-holdout", &train, picked.len(), Some(spec.seed)),
-        dev_indices: None,
-    })
+    Ok((subset, n))
 }
 
 fn labelled_file(path: &std::path::Path, data: &TaskData, encoder: &TextEncoder) -> Result<Part> {

@@ -55,6 +55,10 @@ pub struct Journal {
     begun: usize,
     /// Next recorded trial of the current step to replay.
     replayed: usize,
+    /// Whether the progress was read from a saved run.
+    resumed: bool,
+    /// Checkpoint files handed out (removed when the run finishes).
+    checkpoints: Vec<PathBuf>,
 }
 
 impl Journal {
@@ -91,6 +95,8 @@ impl Journal {
             progress,
             begun: 0,
             replayed: 0,
+            resumed: true,
+            checkpoints: Vec::new(),
         })
     }
 
@@ -104,6 +110,8 @@ impl Journal {
             },
             begun: 0,
             replayed: 0,
+            resumed: false,
+            checkpoints: Vec::new(),
         }
     }
 
@@ -156,9 +164,28 @@ impl Journal {
         self.save()
     }
 
-    /// Deletes the progress file (the run finished).
+    /// Where the current step keeps a checkpoint (`<out>.progress.<tag>.safetensors`, beside
+    /// the progress file) and the key naming this run in it; `None` for an in-memory journal. A
+    /// run that is not resumed starts without the checkpoint an earlier run left there.
+    pub fn checkpoint(&mut self, tag: &str) -> Result<Option<(PathBuf, String)>> {
+        let Some(progress) = &self.path else {
+            return Ok(None);
+        };
+        let path = progress.with_extension(format!("{tag}.safetensors"));
+        if !self.resumed && path.exists() {
+            std::fs::remove_file(&path)
+                .with_context(|| format!("cannot remove {}", path.display()))?;
+        }
+        self.checkpoints.push(path.clone());
+        Ok(Some((path, format!("{}:{tag}", self.progress.key))))
+    }
+
+    /// Deletes the progress file and the checkpoints (the run finished).
     pub fn finish(self) -> Result<()> {
         interrupt::set_progress(None);
+        for c in self.checkpoints.iter().filter(|c| c.exists()) {
+            std::fs::remove_file(c).with_context(|| format!("cannot remove {}", c.display()))?;
+        }
         match &self.path {
             Some(p) if p.exists() => {
                 std::fs::remove_file(p).with_context(|| format!("cannot remove {}", p.display()))

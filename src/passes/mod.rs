@@ -7,7 +7,9 @@
 //!    data allows it;
 //! 3. [`quantize`]: int8 / int4 / float per weight matrix, uniform or chosen by significance;
 //!    always the last stage (a quantized matrix cannot be sliced).
-//! 4. [`vocab`]: keep the word embeddings of the tokens a corpus produces; exact on the corpus,
+//! 4. [`recover`]: fine-tuning after any other stage (distillation from the original model on
+//!    the train split), keeping the best parameters on the selection split;
+//! 5. [`vocab`]: keep the word embeddings of the tokens a corpus produces; exact on the corpus,
 //!    so it takes no decisions and runs after the stages.
 //!
 //! A pass only says which changes it proposes (candidates, in significance order) and how an
@@ -23,6 +25,7 @@ pub mod journal;
 pub mod prune;
 pub mod quantize;
 pub mod reconstruct;
+pub mod recover;
 pub mod ridge;
 pub mod select;
 pub mod vocab;
@@ -34,8 +37,10 @@ use crate::analyze::elements::Level;
 use crate::analyze::report::{ElementSignificance, Method, Settings};
 use crate::analyze::{analyze, Subject};
 use crate::data::labels::LabelMap;
+use crate::data::source::TaskData;
 use crate::data::splits::Part;
 use crate::data::task::Task;
+use crate::model::tokenizer::TextEncoder;
 use crate::model::Model;
 use journal::Journal;
 use select::SelectionBatches;
@@ -105,6 +110,12 @@ pub struct StageContext<'a> {
     pub max_length: usize,
     /// No progress bars or logs.
     pub quiet: bool,
+    /// The run's input model (the teacher of recovery training).
+    pub original: &'a Model,
+    /// The task's data (recovery trains on its train split).
+    pub data: &'a TaskData,
+    /// The tokenizer, truncating at `max_length`.
+    pub encoder: &'a TextEncoder,
 }
 
 impl StageContext<'_> {

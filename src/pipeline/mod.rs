@@ -35,10 +35,12 @@ use crate::passes::attention::{AttentionPass, AttentionSettings};
 use crate::passes::journal::Journal;
 use crate::passes::prune::{Prune, PruneSettings};
 use crate::passes::quantize::{Quantize, QuantizeSettings};
+use crate::passes::recover::Recover;
 use crate::passes::select::{Score, SelectionBatches};
 use crate::passes::vocab::VocabCorpus;
 use crate::passes::{Alternative, Pass, StageContext};
 use crate::setup::TaskSetup;
+use crate::train::fit::TrainSettings;
 use evaluation::{Comparison, Judge, Subject};
 use report::{
     points, AlternativeReport, BeforeAfter, DataReport, RunReport, StageReport, Timing,
@@ -60,6 +62,8 @@ pub enum StageSpec {
     Quantize(QuantizeSettings),
     /// Sign-matching or hard top-k attention in the layers that allow it.
     Attention(AttentionSettings),
+    /// Fine-tuning (distillation from the input model) to recover accuracy.
+    Recover(TrainSettings),
 }
 
 impl StageSpec {
@@ -74,7 +78,7 @@ impl StageSpec {
                 s.significance = s.significance.map(|p| base.join(p));
                 StageSpec::Quantize(s)
             }
-            StageSpec::Attention(s) => StageSpec::Attention(s),
+            other => other,
         }
     }
 
@@ -83,6 +87,7 @@ impl StageSpec {
             StageSpec::Prune(settings) => Ok(Box::new(Prune::new(settings.clone())?)),
             StageSpec::Quantize(settings) => Ok(Box::new(Quantize::new(settings.clone())?)),
             StageSpec::Attention(settings) => Ok(Box::new(AttentionPass::new(settings.clone())?)),
+            StageSpec::Recover(settings) => Ok(Box::new(Recover::new(settings.clone())?)),
         }
     }
 }
@@ -287,6 +292,9 @@ impl Run<'_> {
                 batch_size: self.spec.batch_size,
                 max_length: self.setup.max_length,
                 quiet: self.quiet,
+                original: &self.setup.model,
+                data: &self.setup.data,
+                encoder: &self.setup.encoder,
             };
             ctx.log(&format!(
                 "stage {}: {} {}",

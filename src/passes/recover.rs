@@ -1,0 +1,115 @@
+//! Recovery fine-tuning: after pruning (or any other stage), train the remaining weights on a
+//! seeded sample of the train split — by default distilling the run's input model, which
+//! already knows the task, so no second model is downloaded — and keep the parameters that score
+//! best on the selection split (the model before training included, so it never ends worse
+//! there). The train split is fine for this: the student learns to copy the teacher; decisions
+//! are still taken on the selection split and judged on the report split.
+
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use serde_json::{json, Value};
+
+use super::journal::Journal;
+use super::{Pass, PassOutput, StageContext};
+use crate::data::batch::encode;
+use crate::data::splits::train_sample;
+use crate::model::Model;
+use crate::train::checkpoint::TrainLog;
+use crate::train::fit::{fine_tune, TrainRun, TrainSettings};
+
+/// The recover pass.
+pub struct Recover {
+    settings: TrainSettings,
+}
+
+impl Recover {
+    /// Checks the settings.
+    pub fn new(settings: TrainSettings) -> Result<Self> {
+        let s = &settings;
+        if s.epochs == 0 || s.train_limit == Some(0) {
+            bail!("recover: epochs and train_limit must be at least 1");
+        }
+        if !(s.learning_rate > 0.0 && s.learning_rate < 1.0) {
+            bail!("recover: learning_rate must be in (0, 1), e.g. 5e-5");
+        }
+        if !(0.0..1.0).contains(&s.warmup) || s.temperature <= 0.0 {
+            bail!("recover: warmup must be in [0, 1) and temperature above 0");
+        }
+        let weights = [s.task_weight, s.distill_weight, s.hidden_weight];
+        if weights.iter().any(|w| w.is_nan() || *w < 0.0) || weights.iter().all(|w| *w == 0.0) {
+            bail!(
+                "recover: task_weight, distill_weight and hidden_weight must be ≥ 0, one above 0"
+            );
+        }
+        Ok(Recover { settings })
+    }
+}
+
+impl Pass for Recover {
+    fn name(&self) -> &'static str {
+        "recover"
+    }
+
+    fn settings(&self) -> Value {
+        serde_json::to_value(&self.settings).unwrap_or(Value::Null)
+    }
+
+    fn check_input(&self, model: &Model) -> Result<()> {
+        crate::train::params::Trainable::check(model)
+    }
+
+    fn run(&self, model: Model, ctx: &StageContext, journal: &mut Journal) -> Result<PassOutput> {
+        let s = &self.settings;
+        let started = Instant::now();
+        let (train, available) = train_sample(ctx.data, s.train_limit, s.seed)?;
+        let data = encode(&train, "", ctx.encoder)?;
+        ctx.log(&format!(
+            "recover: {} epoch(s) on {} of {available} train examples ({}), distilling the input model",
+            s.epochs,
+            data.sequences.len(),
+            train.path.display()
+        ));
+        journal.begin_step(&format!("stage{}-recover", ctx.stage), || Ok(()))?;
+        let judge = |m: &Model| ctx.batches.score(m);
+        let run = TrainRun {
+            data: &data,
+            labels: ctx.labels,
+            batch_size: ctx.batch_size,
+            teacher: ctx.original,
+            judge: &judge,
+            checkpoint: journal.checkpoint(&format!("stage{}-recover", ctx.stage))?,
+            quiet: ctx.quiet,
+        };
+        let (model, log) = fine_tune(&model, s, &run)?;
+        let seconds = started.elapsed().as_secs_f64();
+        ctx.log(&format!(
+            "recover: kept step {} of {} (selection {:.4}); {seconds:.0} s, {:.3} s per step",
+            log.best.step,
+            log.losses.len(),
+            log.best.selection.metric,
+            seconds / log.losses.len().max(1) as f64
+        ));
+        let details = details(&log, data.sequences.len());
+        Ok(PassOutput {
+            model,
+            details,
+            alternatives: Vec::new(),
+        })
+    }
+}
+
+/// The pass's report (wall times stay out of it: same inputs, same bytes): data, steps, losses at the start and end, every evaluation.
+fn details(log: &TrainLog, examples: usize) -> Value {
+    let steps = log.losses.len();
+    let window = (steps / 10).max(1);
+    let mean = |v: &[f32]| v.iter().map(|&x| x as f64).sum::<f64>() / v.len().max(1) as f64;
+    json!({
+        "train_examples": examples,
+        "steps": steps,
+        "loss_first_tenth": mean(&log.losses[..window.min(steps)]),
+        "loss_last_tenth": mean(&log.losses[steps.saturating_sub(window)..]),
+        "evaluations": log.evaluations,
+        "kept": log.best,
+    })
+}

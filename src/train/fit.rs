@@ -1,0 +1,248 @@
+//! The training loop: seeded shuffled batches (sorted by length within windows, so padding stays
+//! small), the objective on the differentiable path, AdamW under a linear schedule, periodic
+//! evaluation on the selection split keeping the best parameters, and a checkpoint after each
+//! evaluation.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+
+use super::checkpoint::{self, Evaluation, TrainLog};
+use super::loss::Objective;
+use super::optimizer::{AdamSettings, AdamW};
+use super::params::Trainable;
+use super::schedule::LinearSchedule;
+use crate::analyze::batch;
+use crate::data::batch::EncodedSet;
+use crate::data::labels::LabelMap;
+use crate::data::sample::{shuffle, SplitMix64};
+use crate::model::Model;
+use crate::passes::select::{Rule, Score};
+use crate::progress;
+
+/// How to train (the `[[stages]]` keys of a `recover` stage).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainSettings {
+    /// Training examples sampled (seeded) from the train split; unset: all of them.
+    pub train_limit: Option<usize>,
+    /// Passes over the training examples.
+    pub epochs: usize,
+    /// Peak learning rate.
+    pub learning_rate: f64,
+    /// Fraction of the steps spent warming up.
+    pub warmup: f64,
+    /// Seed of the sample and the shuffling.
+    pub seed: u64,
+    /// Evaluations on the selection split over the run (the best is kept; the untrained model
+    /// counts as one more).
+    pub evaluations: usize,
+    /// Decoupled weight decay of the matrices.
+    pub weight_decay: f64,
+    /// Gradient clipping (global L2 norm).
+    pub max_grad_norm: f64,
+    /// Weight of the task loss on the gold labels.
+    pub task_weight: f64,
+    /// Weight of distillation from the original model's logits.
+    pub distill_weight: f64,
+    /// Temperature of the distillation.
+    pub temperature: f64,
+    /// Weight of the squared error of the final hidden states against the original's.
+    pub hidden_weight: f64,
+}
+
+impl Default for TrainSettings {
+    /// Distillation from the original model for one epoch of 8,000 train examples.
+    fn default() -> Self {
+        TrainSettings {
+            train_limit: Some(8000),
+            epochs: 1,
+            learning_rate: 5e-5,
+            warmup: 0.1,
+            seed: 0,
+            evaluations: 4,
+            weight_decay: 0.01,
+            max_grad_norm: 1.0,
+            task_weight: 0.0,
+            distill_weight: 1.0,
+            temperature: 2.0,
+            hidden_weight: 0.0,
+        }
+    }
+}
+
+impl TrainSettings {
+    /// The objective these settings describe.
+    pub fn objective(&self) -> Objective {
+        Objective {
+            task_weight: self.task_weight,
+            distill_weight: self.distill_weight,
+            temperature: self.temperature,
+            hidden_weight: self.hidden_weight,
+        }
+    }
+}
+
+/// Examples sorted by length within windows of this many batches, so that a batch pads little.
+const SORT_WINDOW: usize = 50;
+
+/// Everything a training run reads besides its settings.
+pub struct TrainRun<'a> {
+    /// The training examples.
+    pub data: &'a EncodedSet,
+    /// Model outputs → task labels.
+    pub labels: &'a LabelMap,
+    /// Sentences per step.
+    pub batch_size: usize,
+    /// The teacher of distillation.
+    pub teacher: &'a Model,
+    /// Scores a model on the selection split.
+    pub judge: &'a dyn Fn(&Model) -> Result<Score>,
+    /// Where the checkpoint is kept, and the key naming this run in it.
+    pub checkpoint: Option<(PathBuf, String)>,
+    /// No progress bar.
+    pub quiet: bool,
+}
+
+/// Trains `student`; returns the best model on the selection split and the run's log.
+pub fn fine_tune(
+    student: &Model,
+    settings: &TrainSettings,
+    run: &TrainRun,
+) -> Result<(Model, TrainLog)> {
+    if run.data.sequences.is_empty() {
+        bail!("no training examples");
+    }
+    let trainable = Trainable::new(student)?;
+    let adam = AdamSettings {
+        weight_decay: settings.weight_decay,
+        max_grad_norm: Some(settings.max_grad_norm),
+        ..AdamSettings::default()
+    };
+    let mut optimizer = AdamW::new(&trainable.params, adam)?;
+    let lengths: Vec<usize> = run.data.sequences.iter().map(|s| s.ids.len()).collect();
+    let per_epoch = lengths.len().div_ceil(run.batch_size);
+    let total = per_epoch * settings.epochs;
+    let schedule = LinearSchedule {
+        peak: settings.learning_rate,
+        warmup: (settings.warmup * total as f64).round() as usize,
+        total,
+    };
+    let objective = settings.objective();
+    let every = total.div_ceil(settings.evaluations.max(1));
+    let (mut best, mut log) = match &run.checkpoint {
+        Some((path, key)) if path.exists() => {
+            checkpoint::load(path, key, &trainable, &mut optimizer)?
+        }
+        _ => {
+            let before = Evaluation {
+                step: 0,
+                selection: (run.judge)(student)?,
+            };
+            let log = TrainLog {
+                losses: Vec::new(),
+                evaluations: vec![before],
+                best: before,
+            };
+            (trainable.snapshot()?, log)
+        }
+    };
+    let pb = progress::bar(total as u64, "training", run.quiet);
+    pb.set_position(log.losses.len() as u64);
+    let mut order: Option<(usize, Vec<Vec<usize>>)> = None;
+    for step in log.losses.len()..total {
+        let epoch = step / per_epoch;
+        if order.as_ref().is_none_or(|(e, _)| *e != epoch) {
+            let batches = epoch_batches(&lengths, run.batch_size, settings.seed, epoch);
+            order = Some((epoch, batches));
+        }
+        let examples = order.as_ref().expect("set above").1[step % per_epoch].clone();
+        let batch = batch(&trainable.model, run.data, run.labels, examples)?;
+        let loss = objective.loss(&trainable.model, run.teacher, &batch)?;
+        let value = loss.to_scalar::<f32>()?;
+        if !value.is_finite() {
+            bail!(
+                "training: step {step} gave a non-finite loss ({value}); lower the learning rate"
+            );
+        }
+        let lr = schedule.at(step);
+        optimizer.step(&trainable.params, &loss.backward()?, lr)?;
+        log.losses.push(value);
+        pb.set_message(format!("training: loss {value:.4} lr {lr:.1e}"));
+        pb.inc(1);
+        if (step + 1) % every != 0 && step + 1 != total {
+            continue;
+        }
+        let score = (run.judge)(&trainable.finish()?)?;
+        let now = Evaluation {
+            step: step + 1,
+            selection: score,
+        };
+        log.evaluations.push(now);
+        if Rule::NotWorse.admits(score, log.best.selection) && score != log.best.selection {
+            (best, log.best) = (trainable.snapshot()?, now);
+        }
+        if let Some((path, key)) = &run.checkpoint {
+            checkpoint::save(path, key, &trainable, &optimizer, &best, &log)?;
+        }
+    }
+    pb.finish_and_clear();
+    Ok((restored(&trainable, &best)?, log))
+}
+
+/// The model with the parameters `values` (leaves `trainable` as it was).
+fn restored(trainable: &Trainable, values: &[Tensor]) -> Result<Model> {
+    let now = trainable.snapshot()?;
+    trainable.restore(values)?;
+    let model = trainable.finish();
+    trainable.restore(&now)?;
+    model
+}
+
+/// The batches of one epoch: the examples shuffled with `(seed, epoch)`, sorted by length within
+/// windows of [`SORT_WINDOW`] batches, cut into batches, and the batches shuffled.
+pub fn epoch_batches(
+    lengths: &[usize],
+    batch_size: usize,
+    seed: u64,
+    epoch: usize,
+) -> Vec<Vec<usize>> {
+    let mut rng = SplitMix64::new(seed ^ (epoch as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
+    shuffle(&mut order, &mut rng);
+    for window in order.chunks_mut(batch_size * SORT_WINDOW) {
+        window.sort_by_key(|&i| lengths[i]);
+    }
+    let mut batches: Vec<Vec<usize>> = order.chunks(batch_size).map(<[usize]>::to_vec).collect();
+    shuffle(&mut batches, &mut rng);
+    batches
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_example_is_in_one_batch_per_epoch_and_epochs_differ() {
+        let lengths: Vec<usize> = (0..1000).map(|i| 3 + i % 40).collect();
+        let a = epoch_batches(&lengths, 16, 7, 0);
+        let mut seen: Vec<usize> = a.iter().flatten().copied().collect();
+        seen.sort_unstable();
+        assert_eq!(seen, (0..1000).collect::<Vec<_>>());
+        assert_eq!(a, epoch_batches(&lengths, 16, 7, 0));
+        assert_ne!(a, epoch_batches(&lengths, 16, 7, 1));
+        let spread: usize = a
+            .iter()
+            .map(|b| {
+                b.iter().map(|&i| lengths[i]).max().unwrap()
+                    - b.iter().map(|&i| lengths[i]).min().unwrap()
+            })
+            .sum();
+        assert!(
+            spread < a.len() * 10,
+            "batches are sorted by length within windows"
+        );
+    }
+}

@@ -1,0 +1,112 @@
+//! Training objectives: the task loss, and distillation from a teacher (the original model) — KL
+//! divergence of the logits at a temperature (squared error for regression), plus optionally
+//! the squared error of the final hidden states over real tokens.
+
+use anyhow::Result;
+use candle_core::{DType, Tensor, D};
+
+use crate::analyze::taylor::batch_loss_sum;
+use crate::analyze::AnalysisBatch;
+use crate::model::encoder::RunOptions;
+use crate::model::Model;
+
+/// What the student is trained to do.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Objective {
+    /// Weight of the task loss on the gold labels.
+    pub task_weight: f64,
+    /// Weight of the distillation loss on the teacher's logits (0: no teacher is run).
+    pub distill_weight: f64,
+    /// Softmax temperature of the distillation loss (scaled by T² as in Hinton et al.).
+    pub temperature: f64,
+    /// Weight of the squared error of the final hidden states (0: not computed).
+    pub hidden_weight: f64,
+}
+
+impl Objective {
+    /// Whether the teacher has to be run.
+    pub fn needs_teacher(&self) -> bool {
+        self.distill_weight > 0.0 || self.hidden_weight > 0.0
+    }
+
+    /// The loss of `student` on `batch` (a scalar with gradients to the student's variables).
+    pub fn loss(&self, student: &Model, teacher: &Model, batch: &AnalysisBatch) -> Result<Tensor> {
+        let diff = RunOptions {
+            gates: None,
+            differentiable: true,
+        };
+        let hidden = student.encode(&batch.inputs, diff)?;
+        let logits = student.classify(&hidden)?;
+        let rows = logits.dim(0)? as f64;
+        let mut total = (batch_loss_sum(&logits, batch)? * (self.task_weight / rows))?;
+        if !self.needs_teacher() {
+            return Ok(total);
+        }
+        let fast = RunOptions::default();
+        let (teacher_logits, teacher_hidden) = if self.hidden_weight > 0.0 {
+            let h = teacher.encode(&batch.inputs, fast)?;
+            (teacher.classify(&h)?, Some(h))
+        } else {
+            (teacher.forward(&batch.inputs, fast)?, None)
+        };
+        if self.distill_weight > 0.0 {
+            let kd = distillation(&logits, &teacher_logits, self.temperature, batch.regression)?;
+            total = (total + (kd * self.distill_weight)?)?;
+        }
+        if let Some(th) = teacher_hidden {
+            let mse = hidden_error(&hidden, &th, &batch.inputs.mask_bias)?;
+            total = (total + (mse * self.hidden_weight)?)?;
+        }
+        Ok(total)
+    }
+}
+
+/// `T² · mean KL(softmax(t/T) ‖ softmax(s/T))` over the batch; squared error for regression.
+pub fn distillation(
+    student: &Tensor,
+    teacher: &Tensor,
+    t: f64,
+    regression: bool,
+) -> Result<Tensor> {
+    let teacher = teacher.detach();
+    let rows = student.dim(0)? as f64;
+    if regression {
+        return Ok(((student - teacher)?.sqr()?.sum_all()? / rows)?);
+    }
+    let log_p_s = candle_nn::ops::log_softmax(&(student / t)?, D::Minus1)?;
+    let log_p_t = candle_nn::ops::log_softmax(&(teacher / t)?, D::Minus1)?;
+    let kl = (log_p_t.exp()? * (&log_p_t - log_p_s)?)?.sum_all()?;
+    Ok((kl * (t * t / rows))?)
+}
+
+/// Mean over real tokens (mask bias 0) of the squared error per hidden unit.
+fn hidden_error(student: &Tensor, teacher: &Tensor, mask_bias: &Tensor) -> Result<Tensor> {
+    let (b, t, h) = student.dims3()?;
+    let mask = mask_bias.reshape((b, t))?.eq(0f32)?.to_dtype(DType::F32)?;
+    let tokens = mask.sum_all()?.to_scalar::<f32>()? as f64;
+    let per_token = (student - teacher.detach())?.sqr()?.sum(D::Minus1)?;
+    Ok(((per_token * mask)?.sum_all()? / (tokens * h as f64).max(1.0))?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn distillation_is_zero_on_equal_logits_and_matches_kl_by_hand() {
+        let dev = Device::Cpu;
+        let s = Tensor::new(&[[1f32, 0.0]], &dev).unwrap();
+        let same = distillation(&s, &s, 2.0, false).unwrap();
+        assert!(same.to_scalar::<f32>().unwrap().abs() < 1e-7);
+        let t = Tensor::new(&[[0f32, 1.0]], &dev).unwrap();
+        let got = distillation(&s, &t, 2.0, false).unwrap();
+        let softmax = |a: f64, b: f64| {
+            let (ea, eb) = ((a / 2.0).exp(), (b / 2.0).exp());
+            [ea / (ea + eb), eb / (ea + eb)]
+        };
+        let (ps, pt) = (softmax(1.0, 0.0), softmax(0.0, 1.0));
+        let want = 4.0 * (0..2).map(|i| pt[i] * (pt[i] / ps[i]).ln()).sum::<f64>();
+        assert!((got.to_scalar::<f32>().unwrap() as f64 - want).abs() < 1e-6);
+    }
+}
