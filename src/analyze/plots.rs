@@ -203,6 +203,102 @@ fn draw_colour_bar(canvas: &mut Canvas, grid: &Grid, scale: f64) {
     }
 }
 
+/// Bins of a [`histogram`], per decade of the value.
+const BINS_PER_DECADE: f64 = 4.0;
+
+/// An SVG histogram of positive values on a log scale, one outlined series per entry (e.g. group
+/// norms before and after training), counts on a square-root scale so that both the crowd and
+/// the few show.
+pub fn histogram(title: &str, x_label: &str, series: &[(&str, &[f64])]) -> String {
+    let positive = |v: &[f64]| v.iter().copied().filter(|x| *x > 0.0).collect::<Vec<_>>();
+    let all: Vec<f64> = series.iter().flat_map(|(_, v)| positive(v)).collect();
+    let lo = all
+        .iter()
+        .copied()
+        .fold(f64::INFINITY, f64::min)
+        .log10()
+        .floor();
+    let hi = all
+        .iter()
+        .copied()
+        .fold(f64::NEG_INFINITY, f64::max)
+        .log10()
+        .ceil();
+    let (lo, hi) = if lo.is_finite() && hi > lo {
+        (lo, hi)
+    } else {
+        (0.0, 1.0)
+    };
+    let bins = ((hi - lo) * BINS_PER_DECADE) as usize;
+    let counts: Vec<Vec<usize>> = series
+        .iter()
+        .map(|(_, v)| {
+            let mut c = vec![0; bins];
+            for x in positive(v) {
+                let b = ((x.log10() - lo) * BINS_PER_DECADE) as usize;
+                c[b.min(bins - 1)] += 1;
+            }
+            c
+        })
+        .collect();
+    let peak = counts.iter().flatten().copied().max().unwrap_or(1).max(1) as f64;
+    let (w, h, bar) = (bins as f64 * CELL / 2.0, 160.0, CELL / 2.0);
+    let mut canvas = Canvas::new();
+    canvas.text(LEFT, TOP - 24.0, Anchor::Start, TITLE_SIZE, title);
+    canvas.rect((LEFT, TOP, w, h), r##"fill="none" stroke="#999""##, None);
+    let colours = ["#1f77b4", "#d62728", "#2ca02c"];
+    for (i, (c, (name, _))) in counts.iter().zip(series).enumerate() {
+        let colour = colours[i % colours.len()];
+        for (b, &n) in c.iter().enumerate().filter(|(_, n)| **n > 0) {
+            let bh = h * (n as f64 / peak).sqrt();
+            let style = format!(r#"fill="{colour}" fill-opacity="0.35" stroke="{colour}""#);
+            let tip = format!(
+                "{name}: {n} in [1e{:.2}, 1e{:.2})",
+                lo + b as f64 / BINS_PER_DECADE,
+                lo + (b + 1) as f64 / BINS_PER_DECADE
+            );
+            canvas.rect(
+                (LEFT + b as f64 * bar, TOP + h - bh, bar, bh),
+                &style,
+                Some(&tip),
+            );
+        }
+        let y = TOP + 14.0 * (i as f64 + 1.0);
+        canvas.rect(
+            (LEFT + w + 12.0, y - 9.0, 10.0, 10.0),
+            &format!(r#"fill="{colour}""#),
+            None,
+        );
+        canvas.text(LEFT + w + 26.0, y, Anchor::Start, FONT_SIZE, name);
+    }
+    for d in 0..=(hi - lo) as usize {
+        let x = LEFT + d as f64 * BINS_PER_DECADE * bar;
+        canvas.text(
+            x,
+            TOP + h + 14.0,
+            Anchor::Middle,
+            FONT_SIZE,
+            &format!("1e{}", lo as i64 + d as i64),
+        );
+    }
+    canvas.text(
+        LEFT + w / 2.0,
+        TOP + h + 30.0,
+        Anchor::Middle,
+        FONT_SIZE,
+        x_label,
+    );
+    canvas.text(
+        LEFT - 6.0,
+        TOP + 9.0,
+        Anchor::End,
+        FONT_SIZE,
+        &format!("{peak}"),
+    );
+    canvas.text(LEFT - 6.0, TOP + h, Anchor::End, FONT_SIZE, "0");
+    canvas.finish()
+}
+
 /// Where a text sits relative to its anchor point (SVG `text-anchor`).
 #[derive(Debug, Clone, Copy)]
 enum Anchor {

@@ -22,6 +22,7 @@ use safetensors::{Dtype, View};
 use serde_json::{json, Value};
 
 use crate::model::quant::{Bits, Codes};
+use crate::model::striped::Striped;
 
 /// A tensor ready to be written: dtype, shape and little-endian bytes.
 #[derive(Debug, Clone, PartialEq)]
@@ -127,6 +128,41 @@ pub fn quantized_entries(module: &str, codes: &Codes) -> Vec<(String, Stored)> {
         }
     }
     out
+}
+
+/// The tensors of a block-sparse matrix `module` (full name): `M.weight_stripes` (float,
+/// `[kept segments, width]`, stripe after stripe), `M.weight_stripe_rows` (I32, the output row
+/// of each segment, ascending within a stripe) and `M.weight_stripe_counts` (I32, segments per
+/// stripe; its length is the number of stripes).
+pub fn striped_entries(module: &str, s: &Striped, dtype: DType) -> Result<Vec<(String, Stored)>> {
+    let (counts, rows, values) = s.packed()?;
+    let int32 = |v: Vec<i32>| Stored {
+        dtype: Dtype::I32,
+        shape: vec![v.len()],
+        data: le(v, i32::to_le_bytes),
+    };
+    Ok(vec![
+        (
+            format!("{module}.weight_stripes"),
+            Stored::float(&values, dtype)?,
+        ),
+        (
+            format!("{module}.weight_stripe_rows"),
+            int32(rows.iter().map(|&r| r as i32).collect()),
+        ),
+        (
+            format!("{module}.weight_stripe_counts"),
+            int32(counts.iter().map(|&c| c as i32).collect()),
+        ),
+    ])
+}
+
+/// Reads the I32 tensor `bytes` of a block-sparse matrix as non-negative integers.
+pub fn read_stripe_ints(bytes: &[u8]) -> Option<Vec<u32>> {
+    bytes
+        .chunks_exact(4)
+        .map(|b| u32::try_from(i32::from_le_bytes(b.try_into().ok()?)).ok())
+        .collect()
 }
 
 /// Reads a quantized module back: `weight` I8 (int8) or `weight_packed` + `weight_shape` (int4 or

@@ -24,7 +24,7 @@ use crate::model::nn::LayerNorm;
 use crate::model::quant::Bits;
 use crate::model::vocab::TokenizerFiles;
 use crate::model::Model;
-use compressed::{quantization_config, quantized_entries, Stored};
+use compressed::{quantization_config, quantized_entries, striped_entries, Stored};
 
 /// Tokenizer and auxiliary files copied from the source model when present.
 const TOKENIZER_FILES: [&str; 6] = [
@@ -53,6 +53,8 @@ pub fn compatibility(model: &Model) -> Compatibility {
     let approximate = s.approximate_attention();
     let reason = if present.is_empty() {
         Some("every encoder layer was removed".to_string())
+    } else if model.has_block_sparse() {
+        Some("block-sparse matrices (weight_stripes) need axcompress to load".to_string())
     } else if !approximate.is_empty() {
         let layers: Vec<String> = approximate
             .iter()
@@ -87,6 +89,10 @@ pub struct HfTensors {
     pub quantized: BTreeMap<Bits, Vec<String>>,
     /// Modules with a weight matrix left float (full names).
     pub float: Vec<String>,
+    /// Block-sparse modules (names without the base prefix) that run as dense products.
+    pub striped_dense: Vec<String>,
+    /// Whether any module is stored block-sparse.
+    pub any_striped: bool,
     family: Family,
     dtype: DType,
 }
@@ -99,6 +105,8 @@ impl HfTensors {
             tensors: BTreeMap::new(),
             quantized: BTreeMap::new(),
             float: Vec::new(),
+            striped_dense: Vec::new(),
+            any_striped: false,
             family: model.config.family,
             dtype,
         };
@@ -167,6 +175,14 @@ impl HfTensors {
                 self.quantized.entry(q.bits()).or_default().push(full);
                 Ok(())
             }
+            Weight::Striped(st) => {
+                self.tensors.extend(striped_entries(&full, st, self.dtype)?);
+                self.any_striped = true;
+                if st.dense_execution() {
+                    self.striped_dense.push(module.to_string());
+                }
+                Ok(())
+            }
             _ if w.is_dense() => {
                 self.float.push(full);
                 self.float(&format!("{module}.weight"), &w.to_dense()?)
@@ -175,6 +191,17 @@ impl HfTensors {
                 "{full}: one module holds parts of different precisions; it cannot be exported"
             ),
         }
+    }
+
+    /// The `axcompress.block_sparse` section, when a module is stored block-sparse.
+    pub fn block_sparse_config(&self) -> Option<Value> {
+        self.any_striped.then(|| {
+            json!({
+                "format": "column-stripes",
+                "tensors": "M.weight_stripes [kept segments, width], M.weight_stripe_rows I32 (output row of each segment), M.weight_stripe_counts I32 (segments per stripe)",
+                "dense_execution": self.striped_dense,
+            })
+        })
     }
 
     /// `config.json`'s `quantization_config`, when anything is quantized.
@@ -190,8 +217,9 @@ pub fn config_json(
     model: &Model,
     history: &[Value],
     compat: &Compatibility,
-    quantization: Option<Value>,
+    tensors: &HfTensors,
 ) -> Value {
+    let quantization = tensors.quantization_config();
     let mut config = model.config.raw.clone();
     let s = &model.config.structure;
     let obj = config.as_object_mut().expect("config.json is an object");
@@ -223,6 +251,9 @@ pub fn config_json(
     } else {
         section["structure"] = serde_json::to_value(s).expect("structure serialises");
         section["reason"] = json!(compat.reason);
+    }
+    if let Some(b) = tensors.block_sparse_config() {
+        section["block_sparse"] = b;
     }
     obj.insert("axcompress".into(), section);
     config
@@ -309,7 +340,7 @@ pub fn prepare(model: &Model, history: &[Value]) -> Result<Prepared> {
         safetensors::serialize(&tensors.tensors, None).context("cannot serialise the weights")?;
     Ok(Prepared {
         weights,
-        config: config_json(model, history, &compat, tensors.quantization_config()),
+        config: config_json(model, history, &compat, &tensors),
         compat,
         source_dir: model.dir.clone(),
         tokenizer: model.tokenizer.clone(),

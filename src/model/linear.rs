@@ -5,6 +5,7 @@
 use candle_core::{bail, DType, Device, Result, Tensor, D};
 
 use super::quant::{Bits, Codes, Execution, Precision, QuantMatrix};
+use super::striped::Striped;
 
 /// The weight matrix of a linear layer, `[out, in]` as in PyTorch.
 #[derive(Debug, Clone)]
@@ -16,6 +17,8 @@ pub enum Weight {
     /// Parts stacked along the outputs, e.g. a fused query/key/value projection whose parts
     /// have different precisions.
     Stacked(Stack),
+    /// Block-sparse column stripes (block-structured pruning), zeros neither stored nor run.
+    Striped(Striped),
 }
 
 /// Weights stacked along the outputs. When every part runs the same way — as an f32 matrix, or
@@ -69,6 +72,7 @@ impl Weight {
         match self {
             Weight::Dense(w) => (w.dims()[0], w.dims()[1]),
             Weight::Quantized(q) => q.dims(),
+            Weight::Striped(s) => s.dims,
             Weight::Stacked(s) => (
                 s.parts.iter().map(|p| p.dims().0).sum(),
                 s.parts.first().map_or(0, |p| p.dims().1),
@@ -76,8 +80,11 @@ impl Weight {
         }
     }
 
-    /// Number of parameters.
+    /// Number of parameters (the kept ones of a block-sparse matrix).
     pub fn elem_count(&self) -> usize {
+        if let Weight::Striped(s) = self {
+            return s.kept();
+        }
         let (out, inp) = self.dims();
         out * inp
     }
@@ -87,6 +94,7 @@ impl Weight {
         match self {
             Weight::Dense(w) => Ok(w.clone()),
             Weight::Quantized(q) => q.dequantize(),
+            Weight::Striped(s) => s.to_dense(),
             Weight::Stacked(s) => {
                 let dense = s
                     .parts
@@ -101,7 +109,7 @@ impl Weight {
     /// The matrix's precision.
     pub fn precision(&self) -> Precision {
         match self {
-            Weight::Dense(_) => Precision::Float,
+            Weight::Dense(_) | Weight::Striped(_) => Precision::Float,
             Weight::Quantized(q) => q.bits().into(),
             Weight::Stacked(s) => {
                 let mut all = s.parts.iter().map(Weight::precision);
@@ -119,6 +127,7 @@ impl Weight {
     fn f32_matrix(&self) -> Option<Tensor> {
         match self {
             Weight::Dense(w) => Some(w.clone()),
+            Weight::Striped(s) if s.dense_execution() => s.to_dense().ok(),
             Weight::Quantized(q) if q.execution == Execution::Dequantized => q.dequantize().ok(),
             _ => None,
         }
@@ -127,7 +136,7 @@ impl Weight {
     /// True when no part of the matrix is quantized.
     pub fn is_dense(&self) -> bool {
         match self {
-            Weight::Dense(_) => true,
+            Weight::Dense(_) | Weight::Striped(_) => true,
             Weight::Quantized(_) => false,
             Weight::Stacked(s) => s.parts.iter().all(Weight::is_dense),
         }
@@ -138,6 +147,7 @@ impl Weight {
         match self {
             Weight::Dense(w) => x.matmul(&w.t()?),
             Weight::Quantized(q) => q.matmul_t(x),
+            Weight::Striped(s) => s.matmul_t(x),
             Weight::Stacked(Stack {
                 fused: Some(Fused::F32(w)),
                 ..
@@ -174,7 +184,7 @@ impl Weight {
         match self {
             Weight::Dense(w) => w.index_select(ids, 0),
             Weight::Quantized(q) => q.rows(ids),
-            Weight::Stacked(_) => self.to_dense()?.index_select(ids, 0),
+            Weight::Stacked(_) | Weight::Striped(_) => self.to_dense()?.index_select(ids, 0),
         }
     }
 
@@ -194,6 +204,7 @@ impl Weight {
     pub fn narrow_rows(&self, start: usize, len: usize) -> Result<Weight> {
         match self {
             Weight::Dense(w) => Ok(Weight::Dense(w.narrow(0, start, len)?)),
+            Weight::Striped(s) => Ok(Weight::Striped(s.narrow_rows(start, len)?)),
             Weight::Quantized(q) => Ok(Weight::Quantized(
                 q.select_rows(&(start..start + len).collect::<Vec<_>>())?,
             )),
@@ -265,7 +276,16 @@ impl Linear {
     /// is dense, otherwise the parts side by side.
     pub fn concat_rows(parts: &[Linear]) -> Result<Self> {
         let b: Vec<&Tensor> = parts.iter().map(|p| &p.bias).collect();
-        let weight = if parts.iter().all(|p| p.weight.is_dense()) {
+        let striped: Option<Vec<&Striped>> = parts
+            .iter()
+            .map(|p| match &p.weight {
+                Weight::Striped(s) => Some(s),
+                _ => None,
+            })
+            .collect();
+        let weight = if let Some(striped) = striped {
+            Weight::Striped(Striped::stack(&striped)?)
+        } else if parts.iter().all(|p| p.weight.is_dense()) {
             let w = parts
                 .iter()
                 .map(|p| p.weight.to_dense())

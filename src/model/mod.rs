@@ -17,6 +17,7 @@ pub mod quant;
 pub mod slice;
 pub mod source;
 pub mod sparse_attention;
+pub mod striped;
 pub mod structure;
 pub mod tokenizer;
 pub mod vocab;
@@ -37,7 +38,7 @@ use encoder::{
 };
 use head::ClassifierHead;
 use inputs::Inputs;
-use linear::Linear;
+use linear::{Linear, Weight};
 use nn::LayerNorm;
 use vocab::TokenizerFiles;
 use weights::{DtypeStats, WeightStore};
@@ -89,9 +90,16 @@ impl Model {
     /// Builds a model from `config` and tensors, checking every shape.
     pub fn from_store(config: ModelConfig, store: &WeightStore) -> Result<Self> {
         let h = config.hidden_size;
+        let dense_execution = block_sparse_dense_execution(&config.raw);
         let linear = |name: &str, out: usize, inp: usize| -> Result<Linear> {
+            let weight = match store.weight(name, &[out, inp])? {
+                Weight::Striped(s) if dense_execution.iter().any(|d| d == name) => {
+                    Weight::Striped(s.with_dense_execution(true)?)
+                }
+                w => w,
+            };
             Ok(Linear {
-                weight: store.weight(name, &[out, inp])?,
+                weight,
                 bias: store.get(&format!("{name}.bias"), &[out])?,
             })
         };
@@ -262,6 +270,21 @@ impl Model {
         self.logits_from(&h, &inputs.mask_bias, 0, opts)
     }
 
+    /// Whether any encoder matrix is stored block-sparse (see [`striped`]).
+    pub fn has_block_sparse(&self) -> bool {
+        let striped = |l: &Linear| matches!(l.weight, Weight::Striped(_));
+        self.layers.iter().any(|layer| {
+            layer
+                .attention
+                .as_ref()
+                .is_some_and(|a| striped(&a.qkv) || striped(&a.output))
+                || layer
+                    .ffn
+                    .as_ref()
+                    .is_some_and(|f| striped(&f.intermediate) || striped(&f.output))
+        })
+    }
+
     /// Total number of parameters the runtime uses (the fused QKV counted once).
     pub fn parameter_count(&self) -> usize {
         let norm = |n: &LayerNorm| n.weight.elem_count() + n.bias.elem_count();
@@ -322,4 +345,17 @@ impl Model {
         );
         Ok(out)
     }
+}
+
+/// The block-sparse modules a config says run as dense products
+/// (`axcompress.block_sparse.dense_execution`).
+fn block_sparse_dense_execution(raw: &serde_json::Value) -> Vec<String> {
+    raw.pointer("/axcompress/block_sparse/dense_execution")
+        .and_then(serde_json::Value::as_array)
+        .map(|v| {
+            v.iter()
+                .filter_map(|m| m.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
 }

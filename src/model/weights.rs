@@ -14,7 +14,8 @@ use safetensors::{Dtype, SafeTensors};
 use super::linear::Weight;
 use super::quant::{Precision, QuantMatrix};
 use super::source::WEIGHT_FILES;
-use crate::export::compressed::read_codes;
+use super::striped::Striped;
+use crate::export::compressed::{read_codes, read_stripe_ints};
 use crate::fsutil::read_text;
 
 /// Set by `--allow-nonfinite`: load checkpoints whose float tensors hold NaN or ±Inf.
@@ -113,6 +114,12 @@ impl WeightStore {
     /// The weight of module `module` (`[out, in]`): quantized when the checkpoint holds it in the
     /// compressed-tensors layout, dense otherwise.
     pub fn weight(&self, module: &str, shape: &[usize]) -> Result<Weight> {
+        let striped = candidate_names(self.prefix, module)
+            .into_iter()
+            .find(|n| self.tensors.contains_key(&format!("{n}.weight_stripes")));
+        if let Some(full) = striped {
+            return self.striped(&full, shape).map(Weight::Striped);
+        }
         let found = candidate_names(self.prefix, module).into_iter().find(|n| {
             ["weight_packed", "weight_scale"].iter().any(|t| {
                 self.raw.contains_key(&format!("{n}.{t}"))
@@ -150,6 +157,43 @@ impl WeightStore {
         entry.1 += codes.stored_bytes();
         drop(used);
         Ok(Weight::Quantized(QuantMatrix::new(codes)?))
+    }
+
+    /// The block-sparse matrix stored under `full` (see
+    /// [`crate::export::compressed::striped_entries`]), checked against `shape`.
+    fn striped(&self, full: &str, shape: &[usize]) -> Result<Striped> {
+        let ints = |suffix: &str| -> Result<Vec<u32>> {
+            let name = format!("{full}.{suffix}");
+            let (_, _, bytes) = self.raw.get(&name).with_context(|| {
+                format!("{}: {full} has weight_stripes but no {suffix}", self.file)
+            })?;
+            read_stripe_ints(bytes)
+                .with_context(|| format!("{}: {name} holds negative entries", self.file))
+        };
+        let values = &self.tensors[&format!("{full}.weight_stripes")];
+        let counts: Vec<usize> = ints("weight_stripe_counts")?
+            .into_iter()
+            .map(|c| c as usize)
+            .collect();
+        let striped = Striped::from_parts(
+            shape[0],
+            &counts,
+            &ints("weight_stripe_rows")?,
+            &values.to_dtype(DType::F32)?,
+        )
+        .with_context(|| format!("{}: block-sparse matrix {full}", self.file))?;
+        if [striped.dims.0, striped.dims.1] != shape {
+            bail!(
+                "{}: {full} is stored as [{}, {}] but config.json implies {shape:?}; the weights do not match config.json",
+                self.file, striped.dims.0, striped.dims.1
+            );
+        }
+        let name = format!("{:?}", values.dtype()).to_lowercase();
+        let mut used = self.used.borrow_mut();
+        let entry = used.entry(name).or_insert((0, 0));
+        entry.0 += values.elem_count();
+        entry.1 += values.elem_count() * values.dtype().size_in_bytes() + 4 * counts.len();
+        Ok(striped)
     }
 
     /// Parameters and bytes, by on-disk dtype, of every tensor fetched so far.

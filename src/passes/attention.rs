@@ -215,6 +215,7 @@ impl Pass for AttentionPass {
                 "switched": switched,
             }),
             alternatives: Vec::new(),
+            files: Vec::new(),
         })
     }
 }

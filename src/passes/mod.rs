@@ -7,9 +7,11 @@
 //!    data allows it;
 //! 3. [`quantize`]: int8 / int4 / float per weight matrix, uniform or chosen by significance;
 //!    always the last stage (a quantized matrix cannot be sliced).
-//! 4. [`recover`]: fine-tuning after any other stage (distillation from the original model on
+//! 4. [`bsp`]: block-structured pruning — reweighted group lasso, hard prune of the smallest
+//!    weight groups, masked retraining;
+//! 5. [`recover`]: fine-tuning after any other stage (distillation from the original model on
 //!    the train split), keeping the best parameters on the selection split;
-//! 5. [`vocab`]: keep the word embeddings of the tokens a corpus produces; exact on the corpus,
+//! 6. [`vocab`]: keep the word embeddings of the tokens a corpus produces; exact on the corpus,
 //!    so it takes no decisions and runs after the stages.
 //!
 //! A pass only says which changes it proposes (candidates, in significance order) and how an
@@ -20,6 +22,7 @@
 //! redoing accepted work.
 
 pub mod attention;
+pub mod bsp;
 pub mod compensate;
 pub mod journal;
 pub mod prune;
@@ -70,6 +73,8 @@ pub struct PassOutput {
     /// Models the result should be compared with (e.g. uniform quantization), which the
     /// pipeline evaluates beside it.
     pub alternatives: Vec<Alternative>,
+    /// Files written beside `report.json` (name, bytes), e.g. plots.
+    pub files: Vec<(String, Vec<u8>)>,
 }
 
 /// A model a pass's result is compared with.

@@ -365,6 +365,7 @@ impl Pass for Prune {
                 true => vec![Alternative::new("same removals, no reconstruction", plain)],
                 false => Vec::new(),
             },
+            files: Vec::new(),
         })
     }
 }

@@ -311,6 +311,7 @@ impl Pass for Quantize {
             model: out,
             details: json!({ "matrices": outcomes, "trials": trials }),
             alternatives,
+            files: Vec::new(),
         })
     }
 }

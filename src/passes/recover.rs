@@ -65,20 +65,37 @@ impl Pass for Recover {
         let (train, available) = train_sample(ctx.data, s.train_limit, s.seed)?;
         let data = encode(&train, "", ctx.encoder)?;
         ctx.log(&format!(
-            "recover: {} epoch(s) on {} of {available} train examples ({}), distilling the input model",
+            "recover: {} epoch(s) on {} of {available} train examples ({}), distilling {}",
             s.epochs,
             data.sequences.len(),
-            train.path.display()
+            train.path.display(),
+            s.teacher.as_deref().unwrap_or("the input model")
         ));
+        let loaded = s
+            .teacher
+            .as_deref()
+            .map(|t| Model::load(t, false))
+            .transpose()?;
+        let teacher = loaded.as_ref().unwrap_or(ctx.original);
+        if teacher.config.num_labels() != model.config.num_labels() {
+            bail!(
+                "recover: the teacher has {} outputs and the model {}; distil a model of the same task",
+                teacher.config.num_labels(),
+                model.config.num_labels()
+            );
+        }
         journal.begin_step(&format!("stage{}-recover", ctx.stage), || Ok(()))?;
         let judge = |m: &Model| ctx.batches.score(m);
         let run = TrainRun {
             data: &data,
             labels: ctx.labels,
             batch_size: ctx.batch_size,
-            teacher: ctx.original,
+            teacher,
             judge: &judge,
             checkpoint: journal.checkpoint(&format!("stage{}-recover", ctx.stage))?,
+            penalty: None,
+            masks: None,
+            keep_best: true,
             quiet: ctx.quiet,
         };
         let (model, log) = fine_tune(&model, s, &run)?;
@@ -95,6 +112,7 @@ impl Pass for Recover {
             model,
             details,
             alternatives: Vec::new(),
+            files: Vec::new(),
         })
     }
 }

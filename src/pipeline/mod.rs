@@ -32,6 +32,7 @@ use crate::hash::Fnv1a;
 use crate::model::tokenizer::TextEncoder;
 use crate::model::Model;
 use crate::passes::attention::{AttentionPass, AttentionSettings};
+use crate::passes::bsp::{Bsp, BspSettings};
 use crate::passes::journal::Journal;
 use crate::passes::prune::{Prune, PruneSettings};
 use crate::passes::quantize::{Quantize, QuantizeSettings};
@@ -64,6 +65,8 @@ pub enum StageSpec {
     Attention(AttentionSettings),
     /// Fine-tuning (distillation from the input model) to recover accuracy.
     Recover(TrainSettings),
+    /// Block-structured pruning: group lasso, hard prune, masked retraining.
+    Bsp(BspSettings),
 }
 
 impl StageSpec {
@@ -88,6 +91,7 @@ impl StageSpec {
             StageSpec::Quantize(settings) => Ok(Box::new(Quantize::new(settings.clone())?)),
             StageSpec::Attention(settings) => Ok(Box::new(AttentionPass::new(settings.clone())?)),
             StageSpec::Recover(settings) => Ok(Box::new(Recover::new(settings.clone())?)),
+            StageSpec::Bsp(settings) => Ok(Box::new(Bsp::new(settings.clone())?)),
         }
     }
 }
@@ -219,10 +223,13 @@ pub fn run(spec: &RunSettings, out: &Output, quiet: bool) -> Result<Finished> {
     let prepared = prepare(model, &history)?;
     let report = run.report(model, &prepared, baseline, stages, evaluation, vocab);
     let timing = timing(started, [&original, &compressed])?;
-    let files = [
+    let mut files = vec![
         ("report.json", pretty_json(&report)?),
         ("timing.json", pretty_json(&timing)?),
     ];
+    for stage in &report.stages {
+        files.extend(stage.files.iter().map(|(n, b)| (n.as_str(), b.clone())));
+    }
     prepared.write(&out.dir, &files, out.force)?;
     journal.finish()?;
     Ok(Finished { report, timing })
@@ -313,6 +320,7 @@ impl Run<'_> {
                 spent_points: points(before.metric, after.metric),
                 details: out.details,
                 alternatives: self.alternatives(&out.alternatives)?,
+                files: out.files,
             });
             before = after;
         }

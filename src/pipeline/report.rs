@@ -96,6 +96,9 @@ pub struct StageReport {
     /// The models the pass compares its result with, evaluated like the result.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub alternatives: Vec<AlternativeReport>,
+    /// Files the pass writes beside `report.json` (name, bytes).
+    #[serde(skip)]
+    pub files: Vec<(String, Vec<u8>)>,
 }
 
 /// A model a stage's result is compared with (e.g. uniform int8 beside mixed precision).

@@ -3,6 +3,7 @@
 //! evaluation on the selection split keeping the best parameters, and a checkpoint after each
 //! evaluation.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
@@ -51,6 +52,8 @@ pub struct TrainSettings {
     pub temperature: f64,
     /// Weight of the squared error of the final hidden states against the original's.
     pub hidden_weight: f64,
+    /// The model distilled (directory or hub id); unset: the run's input model.
+    pub teacher: Option<String>,
 }
 
 impl Default for TrainSettings {
@@ -69,6 +72,7 @@ impl Default for TrainSettings {
             distill_weight: 1.0,
             temperature: 2.0,
             hidden_weight: 0.0,
+            teacher: None,
         }
     }
 }
@@ -84,6 +88,9 @@ impl TrainSettings {
         }
     }
 }
+
+/// A regulariser added to the loss, given the parameters and the step.
+pub type Penalty<'a> = dyn Fn(&Trainable, usize) -> Result<Tensor> + 'a;
 
 /// Examples sorted by length within windows of this many batches, so that a batch pads little.
 const SORT_WINDOW: usize = 50;
@@ -102,6 +109,12 @@ pub struct TrainRun<'a> {
     pub judge: &'a dyn Fn(&Model) -> Result<Score>,
     /// Where the checkpoint is kept, and the key naming this run in it.
     pub checkpoint: Option<(PathBuf, String)>,
+    /// A regulariser added to the loss, given the parameters and the step.
+    pub penalty: Option<&'a Penalty<'a>>,
+    /// Fixed masks (1 kept, 0 removed) by parameter name: those entries stay zero.
+    pub masks: Option<&'a BTreeMap<String, Tensor>>,
+    /// Keep the parameters that score best on the selection split; otherwise the last ones.
+    pub keep_best: bool,
     /// No progress bar.
     pub quiet: bool,
 }
@@ -115,7 +128,10 @@ pub fn fine_tune(
     if run.data.sequences.is_empty() {
         bail!("no training examples");
     }
-    let trainable = Trainable::new(student)?;
+    let mut trainable = Trainable::new(student)?;
+    if let Some(masks) = run.masks {
+        trainable.set_masks(masks)?;
+    }
     let adam = AdamSettings {
         weight_decay: settings.weight_decay,
         max_grad_norm: Some(settings.max_grad_norm),
@@ -139,7 +155,7 @@ pub fn fine_tune(
         _ => {
             let before = Evaluation {
                 step: 0,
-                selection: (run.judge)(student)?,
+                selection: (run.judge)(&trainable.finish()?)?,
             };
             let log = TrainLog {
                 losses: Vec::new(),
@@ -160,7 +176,10 @@ pub fn fine_tune(
         }
         let examples = order.as_ref().expect("set above").1[step % per_epoch].clone();
         let batch = batch(&trainable.model, run.data, run.labels, examples)?;
-        let loss = objective.loss(&trainable.model, run.teacher, &batch)?;
+        let mut loss = objective.loss(&trainable.model, run.teacher, &batch)?;
+        if let Some(penalty) = run.penalty {
+            loss = (loss + penalty(&trainable, step)?)?;
+        }
         let value = loss.to_scalar::<f32>()?;
         if !value.is_finite() {
             bail!(
@@ -181,7 +200,9 @@ pub fn fine_tune(
             selection: score,
         };
         log.evaluations.push(now);
-        if Rule::NotWorse.admits(score, log.best.selection) && score != log.best.selection {
+        let better =
+            Rule::NotWorse.admits(score, log.best.selection) && score != log.best.selection;
+        if better || !run.keep_best {
             (best, log.best) = (trainable.snapshot()?, now);
         }
         if let Some((path, key)) = &run.checkpoint {

@@ -41,8 +41,13 @@ impl Grouping {
         }
     }
 
-    /// The L2 norm of every group, `[rows, cols]` of [`Self::grid`] (differentiable).
+    /// The L2 norm of every group, `[rows, cols]` of [`Self::grid`].
     pub fn norms(self, w: &Tensor) -> Result<Tensor> {
+        Ok(self.squares(w)?.sqrt()?)
+    }
+
+    /// The sum of squares of every group, `[rows, cols]` of [`Self::grid`] (differentiable).
+    fn squares(self, w: &Tensor) -> Result<Tensor> {
         let (out, inp) = w.dims2()?;
         let (r, c) = self.grid(out, inp)?;
         let sq = w.sqr()?;
@@ -52,7 +57,7 @@ impl Grouping {
             Grouping::Rows => sq.sum_keepdim(1)?,
             Grouping::Columns => sq.sum_keepdim(0)?,
         };
-        Ok((sums + ROOT_EPS)?.sqrt()?)
+        Ok(sums)
     }
 
     /// Expands a per-group grid `[rows, cols]` to the matrix's shape (a mask from kept groups).
@@ -97,7 +102,8 @@ impl GroupPenalty {
 
     /// `λ Σ_g γ_g ‖W_g‖₂` (a scalar with gradients to `w`).
     pub fn value(&self, w: &Tensor) -> Result<Tensor> {
-        let weighted = (self.grouping.norms(w)? * &self.gamma)?.sum_all()?;
+        let norms = (self.grouping.squares(w)? + ROOT_EPS)?.sqrt()?;
+        let weighted = (norms * &self.gamma)?.sum_all()?;
         Ok((weighted * self.lambda)?)
     }
 }

@@ -79,7 +79,10 @@ impl AdamW {
             let Some(g) = grads.get(p.var.as_tensor()) else {
                 continue;
             };
-            let g = (g.detach() * clip)?;
+            let mut g = (g.detach() * clip)?;
+            if let Some(mask) = &p.mask {
+                g = (g * mask)?;
+            }
             *m = ((&*m * s.beta1)? + (&g * (1.0 - s.beta1))?)?;
             *v = ((&*v * s.beta2)? + (g.sqr()? * (1.0 - s.beta2))?)?;
             let update = ((&*m / c1)? / ((&*v / c2)?.sqrt()? + s.eps)?)?;
@@ -88,7 +91,11 @@ impl AdamW {
                 true => (&theta * (1.0 - lr * s.weight_decay))?,
                 false => theta,
             };
-            p.var.set(&(decayed - (update * lr)?)?)?;
+            let mut next = (decayed - (update * lr)?)?;
+            if let Some(mask) = &p.mask {
+                next = (next * mask)?;
+            }
+            p.var.set(&next)?;
         }
         Ok(norm)
     }
@@ -116,6 +123,7 @@ mod tests {
             name: "w".into(),
             var: Var::from_tensor(&t).unwrap(),
             decay,
+            mask: None,
         }
     }
 

@@ -2,6 +2,8 @@
 //! copy, so the input model is never changed), named as in checkpoints, with the flag that says
 //! whether weight decay applies (matrices yes; biases and LayerNorm no, as in BERT fine-tuning).
 
+use std::collections::BTreeMap;
+
 use anyhow::{bail, Result};
 use candle_core::{Tensor, Var};
 
@@ -18,6 +20,8 @@ pub struct Param {
     pub var: Var,
     /// Whether decoupled weight decay applies.
     pub decay: bool,
+    /// Entries held at zero (0) and trained (1), when some are removed.
+    pub mask: Option<Tensor>,
 }
 
 /// A copy of a model whose encoder and head tensors are variables.
@@ -44,10 +48,22 @@ impl Trainable {
                 name: name.to_string(),
                 var,
                 decay,
+                mask: None,
             });
             Ok(tensor)
         })?;
         Ok(Trainable { model, params })
+    }
+
+    /// Holds the entries masked out in `masks` (by parameter name) at zero from now on.
+    pub fn set_masks(&mut self, masks: &BTreeMap<String, Tensor>) -> Result<()> {
+        for p in &mut self.params {
+            if let Some(m) = masks.get(&p.name) {
+                p.var.set(&(p.var.as_tensor().detach() * m)?)?;
+                p.mask = Some(m.clone());
+            }
+        }
+        Ok(())
     }
 
     /// Refuses a model that cannot be trained (quantized matrices).

@@ -1,0 +1,392 @@
+//! Block-structured pruning (Li et al. 2020, arXiv 2009.08065), in three phases:
+//!
+//! 1. **Reweighted group lasso**: train with `λ Σ_g γ_g ‖W_g‖₂` added over the groups of the
+//!    chosen encoder matrices ([`crate::train::lasso`]); γ is refreshed from the weights at each
+//!    evaluation point (so a resumed run refreshes it from the same weights).
+//! 2. **Hard prune**: zero the groups with the smallest norms, a `ratio` of each matrix's groups
+//!    (or of all groups against one global threshold).
+//! 3. **Masked retraining**: train again with the pruned groups held at zero, keeping the
+//!    parameters that score best on the selection split.
+//!
+//! A histogram of the group norms before the lasso, after it and after retraining is written
+//! beside the report (`bsp-group-norms.svg`).
+
+use std::collections::BTreeMap;
+
+use anyhow::{bail, Result};
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+mod penalty;
+mod storage;
+
+use super::journal::Journal;
+use super::{Pass, PassOutput, StageContext};
+use crate::analyze::plots::histogram;
+use crate::bench::median;
+use crate::data::batch::{encode, EncodedSet};
+use crate::data::splits::train_sample;
+use crate::model::Model;
+use crate::train::checkpoint::{Evaluation, TrainLog};
+use crate::train::fit::{fine_tune, Penalty, TrainRun, TrainSettings};
+use crate::train::lasso::Grouping;
+use crate::train::params::Trainable;
+use penalty::LassoPenalty;
+use storage::{store_striped, StoredMatrix};
+
+/// The encoder matrices BSP may prune.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Matrix {
+    /// The fused query/key/value projection (a column is an input of all three).
+    Qkv,
+    /// The attention output projection.
+    AttentionOutput,
+    /// The FFN's first projection.
+    FfnIn,
+    /// The FFN's second projection.
+    FfnOut,
+}
+
+impl Matrix {
+    /// The parameter name of this matrix in layer `layer` (see [`Trainable`]).
+    fn param(self, layer: usize) -> String {
+        let part = match self {
+            Matrix::Qkv => "attention.qkv",
+            Matrix::AttentionOutput => "attention.output",
+            Matrix::FfnIn => "ffn.intermediate",
+            Matrix::FfnOut => "ffn.output",
+        };
+        format!("layer.{layer}.{part}.weight")
+    }
+}
+
+/// Where the hard-prune threshold is drawn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Threshold {
+    /// The same ratio of every matrix's groups.
+    PerMatrix,
+    /// One norm threshold over the groups of every matrix.
+    Global,
+}
+
+/// Settings of the bsp pass (`[[stages]]` keys; `[stages.lasso]` and `[stages.retrain]` are
+/// the two training phases).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BspSettings {
+    /// How each matrix is cut into groups.
+    pub grouping: Grouping,
+    /// The matrices pruned, in every layer.
+    pub matrices: Vec<Matrix>,
+    /// Lasso strength λ per matrix.
+    pub lambda: f64,
+    /// Fraction of the groups removed.
+    pub ratio: f64,
+    /// Per matrix or global threshold.
+    pub threshold: Threshold,
+    /// Phase 1: training with the penalty (the last parameters are kept).
+    pub lasso: TrainSettings,
+    /// Phase 3: training with the removed groups masked (the best on selection is kept).
+    pub retrain: TrainSettings,
+}
+
+impl Default for BspSettings {
+    /// Eight column stripes of every matrix, half the groups removed, λ = 1e-4.
+    fn default() -> Self {
+        BspSettings {
+            grouping: Grouping::Stripes(8),
+            matrices: vec![
+                Matrix::Qkv,
+                Matrix::AttentionOutput,
+                Matrix::FfnIn,
+                Matrix::FfnOut,
+            ],
+            lambda: 1e-4,
+            ratio: 0.5,
+            threshold: Threshold::PerMatrix,
+            lasso: TrainSettings::default(),
+            retrain: TrainSettings::default(),
+        }
+    }
+}
+
+/// The bsp pass.
+pub struct Bsp {
+    settings: BspSettings,
+}
+
+impl Bsp {
+    /// Checks the settings.
+    pub fn new(settings: BspSettings) -> Result<Self> {
+        if !(settings.ratio > 0.0 && settings.ratio < 1.0) {
+            bail!("bsp: ratio must be in (0, 1), e.g. 0.5");
+        }
+        if settings.matrices.is_empty() || settings.lambda.is_nan() || settings.lambda < 0.0 {
+            bail!("bsp: name at least one matrix, and a lambda ≥ 0");
+        }
+        super::recover::Recover::new(settings.lasso.clone())?;
+        super::recover::Recover::new(settings.retrain.clone())?;
+        Ok(Bsp { settings })
+    }
+
+    /// The penalised matrices of `model`: (parameter name, weight).
+    fn targets(&self, model: &Model) -> Result<Vec<(String, Tensor)>> {
+        let t = Trainable::new(model)?;
+        let mut out = Vec::new();
+        for l in 0..model.num_layers() {
+            for m in &self.settings.matrices {
+                let name = m.param(l);
+                if let Some(p) = t.params.iter().find(|p| p.name == name) {
+                    let w = p.var.as_tensor().detach();
+                    let (o, i) = w.dims2()?;
+                    self.settings.grouping.grid(o, i)?;
+                    out.push((name, w));
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Pass for Bsp {
+    fn name(&self) -> &'static str {
+        "bsp"
+    }
+
+    fn settings(&self) -> Value {
+        serde_json::to_value(&self.settings).unwrap_or(Value::Null)
+    }
+
+    fn check_input(&self, model: &Model) -> Result<()> {
+        self.targets(model).map(|_| ())
+    }
+
+    fn run(&self, model: Model, ctx: &StageContext, journal: &mut Journal) -> Result<PassOutput> {
+        let g = self.settings.grouping;
+        let before = norms(&self.targets(&model)?, g)?;
+        // 1. Reweighted group lasso.
+        let lassoed = self.lasso(&model, ctx, journal)?;
+        let lassoed_targets = self.targets(&lassoed)?;
+        let after_lasso = norms(&lassoed_targets, g)?;
+        // 2. Hard prune.
+        let masks = self.masks(&lassoed_targets)?;
+        // 3. Masked retraining.
+        let (pruned, log) = self.retrain(&lassoed, &masks, ctx, journal)?;
+        let after = norms(&self.targets(&pruned)?, g)?;
+        // 4. Storage that skips the removed groups.
+        let (pruned, stored) = match g {
+            Grouping::Stripes(n) => {
+                store_striped(&pruned, &masks.keys().cloned().collect::<Vec<_>>(), n)?
+            }
+            _ => (pruned, Vec::new()),
+        };
+        let stages = [
+            ("fine-tuned", flat(&before)),
+            ("after group lasso", flat(&after_lasso)),
+            ("after prune + retraining", flat(&after)),
+        ];
+        let details = self.details(&masks, &log.best, &stored, &stages)?;
+        ctx.log(&format!(
+            "bsp: {}",
+            details["summary"].as_str().unwrap_or_default()
+        ));
+        Ok(PassOutput {
+            model: pruned,
+            details,
+            alternatives: Vec::new(),
+            files: vec![(
+                "bsp-group-norms.svg".into(),
+                self.plot(&stages).into_bytes(),
+            )],
+        })
+    }
+}
+
+impl Bsp {
+    /// Phase 1: training with the group-lasso penalty; the last parameters are kept.
+    fn lasso(&self, model: &Model, ctx: &StageContext, journal: &mut Journal) -> Result<Model> {
+        let s = &self.settings;
+        let data = training_data(ctx, &s.lasso)?;
+        ctx.log(&format!(
+            "bsp: group lasso on {} train examples",
+            data.sequences.len()
+        ));
+        let penalty = LassoPenalty::new(s, data.sequences.len(), ctx.batch_size);
+        let penalise = |t: &Trainable, step: usize| penalty.value(t, step);
+        let phase = Phase {
+            penalty: Some(&penalise),
+            masks: None,
+            keep_best: false,
+        };
+        Ok(train_phase(ctx, journal, model, &s.lasso, &data, "lasso", phase)?.0)
+    }
+
+    /// Phase 3: training with the removed groups held at zero; the best on selection is kept.
+    fn retrain(
+        &self,
+        model: &Model,
+        masks: &BTreeMap<String, Tensor>,
+        ctx: &StageContext,
+        journal: &mut Journal,
+    ) -> Result<(Model, TrainLog)> {
+        let data = training_data(ctx, &self.settings.retrain)?;
+        ctx.log(&format!(
+            "bsp: masked retraining on {} train examples",
+            data.sequences.len()
+        ));
+        let phase = Phase {
+            penalty: None,
+            masks: Some(masks),
+            keep_best: true,
+        };
+        train_phase(
+            ctx,
+            journal,
+            model,
+            &self.settings.retrain,
+            &data,
+            "retrain",
+            phase,
+        )
+    }
+
+    /// The histogram of the group norms at each stage.
+    fn plot(&self, stages: &[(&str, Vec<f64>)]) -> String {
+        let series: Vec<(&str, &[f64])> = stages.iter().map(|(n, v)| (*n, v.as_slice())).collect();
+        histogram(
+            &format!(
+                "BSP group norms ({:?}, λ {:e})",
+                self.settings.grouping, self.settings.lambda
+            ),
+            "group L2 norm (log scale); removed groups are 0 and not drawn",
+            &series,
+        )
+    }
+}
+
+/// How one training phase differs from plain recovery.
+struct Phase<'a> {
+    penalty: Option<&'a Penalty<'a>>,
+    masks: Option<&'a BTreeMap<String, Tensor>>,
+    keep_best: bool,
+}
+
+/// Runs one training phase, checkpointed under its own name.
+fn train_phase(
+    ctx: &StageContext,
+    journal: &mut Journal,
+    model: &Model,
+    settings: &TrainSettings,
+    data: &EncodedSet,
+    name: &str,
+    phase: Phase,
+) -> Result<(Model, TrainLog)> {
+    let tag = format!("stage{}-bsp-{name}", ctx.stage);
+    journal.begin_step(&tag, || Ok(()))?;
+    let judge = |m: &Model| ctx.batches.score(m);
+    let run = TrainRun {
+        data,
+        labels: ctx.labels,
+        batch_size: ctx.batch_size,
+        teacher: ctx.original,
+        judge: &judge,
+        checkpoint: journal.checkpoint(&tag)?,
+        penalty: phase.penalty,
+        masks: phase.masks,
+        keep_best: phase.keep_best,
+        quiet: ctx.quiet,
+    };
+    fine_tune(model, settings, &run)
+}
+
+/// The seeded train sample of a phase, tokenised.
+fn training_data(ctx: &StageContext, settings: &TrainSettings) -> Result<EncodedSet> {
+    let (train, _) = train_sample(ctx.data, settings.train_limit, settings.seed)?;
+    encode(&train, "", ctx.encoder)
+}
+
+/// Group norms of every target, by parameter name.
+fn norms(targets: &[(String, Tensor)], g: Grouping) -> Result<BTreeMap<String, Vec<f32>>> {
+    targets
+        .iter()
+        .map(|(n, w)| Ok((n.clone(), g.norms(w)?.flatten_all()?.to_vec1::<f32>()?)))
+        .collect()
+}
+
+/// The value below which a `ratio` of the sorted `values` lie (the smallest kept value).
+fn quantile(sorted: &[f32], ratio: f64) -> f32 {
+    let at = ((sorted.len() as f64 * ratio) as usize).min(sorted.len().saturating_sub(1));
+    sorted.get(at).copied().unwrap_or(0.0)
+}
+
+fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len().max(1) as f64
+}
+
+fn flat(norms: &BTreeMap<String, Vec<f32>>) -> Vec<f64> {
+    norms.values().flatten().map(|&x| x as f64).collect()
+}
+
+impl Bsp {
+    /// The kept-entry masks of `targets` (1 kept, 0 removed) from their group norms.
+    fn masks(&self, targets: &[(String, Tensor)]) -> Result<BTreeMap<String, Tensor>> {
+        let s = &self.settings;
+        let g = s.grouping;
+        let norms = norms(targets, g)?;
+        let global = {
+            let mut all: Vec<f32> = norms.values().flatten().copied().collect();
+            all.sort_by(f32::total_cmp);
+            quantile(&all, s.ratio)
+        };
+        let mut out = BTreeMap::new();
+        for (name, w) in targets {
+            let v = &norms[name];
+            let threshold = match s.threshold {
+                Threshold::Global => global,
+                Threshold::PerMatrix => {
+                    let mut sorted = v.clone();
+                    sorted.sort_by(f32::total_cmp);
+                    quantile(&sorted, s.ratio)
+                }
+            };
+            let keep: Vec<f32> = v.iter().map(|&x| f32::from(x >= threshold)).collect();
+            let (o, i) = w.dims2()?;
+            let grid = Tensor::from_vec(keep, g.grid(o, i)?, w.device())?;
+            out.insert(name.clone(), g.expand(&grid, o, i)?);
+        }
+        Ok(out)
+    }
+
+    /// What was removed, per matrix and in all.
+    fn details(
+        &self,
+        masks: &BTreeMap<String, Tensor>,
+        kept: &Evaluation,
+        stored: &[StoredMatrix],
+        stages: &[(&str, Vec<f64>)],
+    ) -> Result<Value> {
+        let mut per = BTreeMap::new();
+        let (mut total, mut zero) = (0usize, 0usize);
+        for (name, m) in masks {
+            let n = m.elem_count();
+            let k = m.sum_all()?.to_scalar::<f32>()? as usize;
+            per.insert(name.clone(), json!({"weights": n, "kept": k}));
+            total += n;
+            zero += n - k;
+        }
+        let ratio = total as f64 / (total - zero).max(1) as f64;
+        Ok(json!({
+            "summary": format!("{zero} of {total} weights of the pruned matrices removed ({ratio:.2}× fewer); retraining kept step {}", kept.step),
+            "pruned_weights": total,
+            "removed_weights": zero,
+            "compression": ratio,
+            "matrices": per,
+            "retraining_kept": kept,
+            "storage": stored,
+            "group_norms": stages.iter().map(|(n, v)| json!({"stage": n, "mean": mean(v), "median": median(v)})).collect::<Vec<_>>(),
+        }))
+    }
+}

@@ -1,0 +1,95 @@
+//! Block-structured pruning end to end on MiniLM with a little data: the lasso lowers the group
+//! norms, the hard prune removes the asked share of every matrix, the stripes run equal to the
+//! masked dense model, the stored file shrinks, and the exported model reloads equal to itself.
+
+mod common;
+
+use std::path::Path;
+
+use serde_json::Value;
+
+/// Runs `compress` with one bsp stage of `settings` on the SST-2 data at `data`.
+fn bsp(shared: &Path, data: &Path, out: &Path, settings: &str) -> Value {
+    let config = out.with_extension("toml");
+    let text = format!(
+        "model = \"{}\"\ntask = \"sst2\"\ndata = \"{}\"\n\n[[stages]]\npass = \"bsp\"\n{settings}\n",
+        shared.join("models/minilm-l6-sst2").display(),
+        data.display()
+    );
+    std::fs::write(&config, text).unwrap();
+    let o = common::run(&[
+        "compress",
+        "--config",
+        config.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--json",
+        "-q",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    common::read_json(&out.join("report.json"))
+}
+
+#[test]
+#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
+fn bsp_prunes_the_asked_share_stores_stripes_and_reloads_equal() {
+    let shared = fixtures_or_skip!();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("bsp");
+    let data = common::small_glue(&shared, "SST-2", 64);
+    let settings = "ratio = 0.875\nlambda = 0.1\n[stages.lasso]\nepochs = 3\nlearning_rate = 1e-3\nevaluations = 1\n[stages.retrain]\nevaluations = 2";
+    let report = bsp(&shared, data.path(), &out, settings);
+    let stage = &report["stages"][0];
+    let d = &stage["details"];
+
+    // The lasso drives the group norms down.
+    let mean = |i: usize| d["group_norms"][i]["mean"].as_f64().unwrap();
+    assert!(mean(1) < 0.97 * mean(0), "lasso: {} → {}", mean(0), mean(1));
+
+    // Seven of every eight groups removed in each matrix: 8× fewer weights.
+    assert_eq!(d["compression"].as_f64().unwrap(), 8.0, "{d}");
+    let storage = d["storage"].as_array().unwrap();
+    assert_eq!(storage.len(), 24, "four matrices in six layers");
+    assert!(storage.iter().all(|m| m["execution"] == "stripes"), "{d}");
+
+    // The stripes compute what the masked dense model computed.
+    let kept = &d["retraining_kept"]["selection"];
+    let after = &stage["selection_after"];
+    assert_eq!(kept["metric"], after["metric"]);
+    let gap = (kept["loss"].as_f64().unwrap() - after["loss"].as_f64().unwrap()).abs();
+    assert!(gap < 1e-4, "masked {kept} vs stripes {after}");
+
+    // The file shrinks by about the removed weights (f32), and the reload equals the run.
+    let size = |dir: &Path| {
+        std::fs::metadata(dir.join("model.safetensors"))
+            .unwrap()
+            .len()
+    };
+    let removed = d["removed_weights"].as_u64().unwrap();
+    let original = size(&shared.join("models/minilm-l6-sst2"));
+    assert!(
+        size(&out) < original - removed * 4 * 9 / 10,
+        "{} vs {original}",
+        size(&out)
+    );
+    let config = common::read_json(&out.join("config.json"));
+    assert_eq!(
+        config["axcompress"]["block_sparse"]["format"],
+        "column-stripes"
+    );
+    assert!(out.join("bsp-group-norms.svg").is_file());
+    let eval = &common::eval_json(&out, "sst2", data.path())["sets"][0];
+    let dev = report["evaluation"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["split"] == "dev")
+        .unwrap()["after"]
+        .clone();
+    let loss = |v: &Value| v["loss"].as_f64().unwrap();
+    assert!(
+        (loss(eval) - loss(&dev)).abs() < 1e-5,
+        "reloaded {eval} vs run {dev}"
+    );
+    assert_eq!(eval["metrics"]["accuracy"], dev["metrics"]["accuracy"]);
+}
