@@ -17,17 +17,7 @@ fn bsp(shared: &Path, data: &Path, out: &Path, settings: &str) -> Value {
         data.display()
     );
     std::fs::write(&config, text).unwrap();
-    let o = common::run(&[
-        "compress",
-        "--config",
-        config.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--json",
-        "-q",
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    common::read_json(&out.join("report.json"))
+    common::compress_json(&config, out, &[])
 }
 
 #[test]

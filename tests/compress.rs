@@ -20,19 +20,9 @@ fn configs() -> Vec<PathBuf> {
 
 /// `compress --config config --data data --out out --json` with `extra` flags; the report.
 fn compress(config: &Path, data: &Path, out: &Path, extra: &[&str]) -> Value {
-    let mut args = vec![
-        "compress",
-        "--config",
-        config.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--json",
-        "-q",
-    ];
-    args.extend_from_slice(extra);
-    common::json_stdout(&common::run(&args))
+    let mut flags = vec!["--data", data.to_str().unwrap()];
+    flags.extend_from_slice(extra);
+    common::compress_json(config, out, &flags)
 }
 
 /// The task and GLUE directory name a config is for.

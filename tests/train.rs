@@ -124,18 +124,7 @@ fn recovery_training_on_the_task_loss_lowers_it() {
     let tmp = tempfile::tempdir().unwrap();
     let settings = "task_weight = 1.0\ndistill_weight = 0.0\nepochs = 6\nlearning_rate = 2e-4\nwarmup = 0.0\nevaluations = 2";
     let config = recover_config(tmp.path(), &shared, data.path(), settings);
-    let out = tmp.path().join("out");
-    let o = common::run(&[
-        "compress",
-        "--config",
-        config.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--json",
-        "-q",
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let report = common::read_json(&out.join("report.json"));
+    let report = common::compress_json(&config, &tmp.path().join("out"), &[]);
     let d = &report["stages"][0]["details"];
     assert_eq!(d["train_examples"], 48);
     assert_eq!(d["steps"], 12);

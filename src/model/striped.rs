@@ -2,11 +2,15 @@
 //! groups: the columns of a `[out, in]` matrix are cut into stripes of equal width, and each
 //! stripe keeps only the rows whose segment survived. `x Wᵀ` is then, per stripe, a dense product
 //! of the stripe's input columns with its kept segments, scattered into the kept outputs — the
-//! removed zeros are neither stored nor multiplied. Where that is slower than the dense product,
-//! the matrix is also materialised dense and runs as such (see [`Striped::dense_execution`]).
+//! removed zeros are neither stored nor multiplied. A few input rows (one sentence at batch 1)
+//! take direct dot products over the kept segments instead, faster than candle's dense product.
+//! Where the stripes are slower than the dense product for many rows, the matrix is also
+//! materialised dense for those (see [`Striped::dense_execution`]).
 
 use candle_core::{bail, DType, Device, Result, Tensor};
 use rayon::prelude::*;
+
+use super::fused_attention::dot;
 
 /// Inputs of at most this many rows are multiplied by direct dot products; more rows go
 /// through a dense product per stripe (see `cargo bench --bench striped`).
@@ -142,15 +146,16 @@ impl Striped {
         }
     }
 
-    /// `x Wᵀ` for `x` of shape `[n, in]`: per stripe, the stripe's columns of `x` times its kept
-    /// segments (a dense product), added into the kept outputs of every row.
+    /// `x Wᵀ` for `x` of shape `[n, in]`: direct dot products for a few rows; otherwise per
+    /// stripe, the stripe's columns of `x` times its kept segments (a dense product), added into
+    /// the kept outputs of every row — or the dense product, when the matrix runs dense.
     pub fn matmul_t(&self, x: &Tensor) -> Result<Tensor> {
-        if let Some(d) = &self.dense {
-            return x.matmul(&d.t()?);
-        }
         let (n, out) = (x.dim(0)?, self.dims.0);
         if n <= DIRECT_ROWS {
             return self.matmul_t_direct(x);
+        }
+        if let Some(d) = &self.dense {
+            return x.matmul(&d.t()?);
         }
         let width = self.width();
         let mut y = vec![0f32; n * out];
@@ -245,24 +250,6 @@ impl Striped {
         let values: Vec<Tensor> = self.stripes.iter().map(|s| s.values.clone()).collect();
         Ok((counts, rows, Tensor::cat(&values, 0)?))
     }
-}
-
-/// `Σ a·b` in eight independent lanes (vectorised by the compiler).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0f32; 8];
-    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = a8
-        .remainder()
-        .iter()
-        .zip(b8.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in a8.zip(b8) {
-        for k in 0..8 {
-            lanes[k] += x[k] * y[k];
-        }
-    }
-    lanes.iter().sum::<f32>() + tail
 }
 
 /// `rows` as an index tensor.

@@ -99,6 +99,21 @@ pub fn json_stdout(out: &Output) -> Value {
     serde_json::from_slice(&out.stdout).expect("stdout is JSON")
 }
 
+/// `compress --config config --out out --json -q` with `extra` flags; the report (stdout).
+pub fn compress_json(config: &Path, out: &Path, extra: &[&str]) -> Value {
+    let mut args = vec![
+        "compress",
+        "--config",
+        config.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--json",
+        "-q",
+    ];
+    args.extend_from_slice(extra);
+    json_stdout(&run(&args))
+}
+
 /// `eval --json` of `model` on `task` with the data at `data`.
 pub fn eval_json(model: &Path, task: &str, data: &Path) -> Value {
     json_stdout(&run(&[
