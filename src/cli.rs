@@ -332,6 +332,10 @@ pub struct PruneArgs {
     /// Pruning settings.
     #[command(flatten)]
     pub prune: PruneFlags,
+    /// After pruning, fine-tune by distilling the input model on this many train examples (a
+    /// `recover` stage with its defaults; the best parameters on the selection split are kept).
+    #[arg(long, value_name = "EXAMPLES")]
+    pub recover: Option<usize>,
     /// Tolerance, test data, resume.
     #[command(flatten)]
     pub run: RunArgs,

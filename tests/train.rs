@@ -203,3 +203,37 @@ fn recovery_interrupted_by_ctrl_c_resumes_to_the_same_model() {
         assert!(a == b, "{file} differs after resuming");
     }
 }
+
+#[test]
+#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
+fn prune_with_recover_runs_a_recovery_stage_after_pruning() {
+    let shared = fixtures_or_skip!();
+    let data = common::small_glue(&shared, "SST-2", 64);
+    let tmp = tempfile::tempdir().unwrap();
+    let model = shared.join("models/minilm-l6-sst2");
+    let extra = [
+        "--levels",
+        "blocks",
+        "--budget",
+        "2",
+        "--max-drop",
+        "5",
+        "--mode",
+        "size",
+        "--recover",
+        "32",
+    ];
+    let o = common::run_stage("prune", &model, data.path(), &tmp.path().join("p"), &extra);
+    let report = common::json_stdout(&o);
+    let stages = report["stages"].as_array().unwrap();
+    assert_eq!(stages.len(), 2);
+    assert_eq!(stages[1]["pass"], "recover");
+    assert_eq!(stages[1]["details"]["train_examples"], 32);
+    assert_eq!(stages[1]["settings"]["train_limit"], 32);
+    let before = stages[1]["selection_before"]["metric"].as_f64().unwrap();
+    let after = stages[1]["selection_after"]["metric"].as_f64().unwrap();
+    assert!(
+        after >= before,
+        "the best kept includes the model before training"
+    );
+}

@@ -3,7 +3,7 @@
 
 use anyhow::Result;
 
-use super::run_one_stage;
+use super::run_stages;
 use crate::cli::{AttentionArgs, Cli};
 use crate::passes::attention::AttentionSettings;
 use crate::pipeline::StageSpec;
@@ -16,5 +16,13 @@ pub fn run(args: &AttentionArgs, cli: &Cli) -> Result<()> {
         mode: args.mode,
     });
     let a = args;
-    run_one_stage(&a.model, &a.task, &a.selection, &a.run, &a.out, stage, cli)
+    run_stages(
+        &a.model,
+        &a.task,
+        &a.selection,
+        &a.run,
+        &a.out,
+        vec![stage],
+        cli,
+    )
 }

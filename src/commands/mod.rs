@@ -81,14 +81,14 @@ impl QuantizeFlags {
     }
 }
 
-/// Runs a one-stage pipeline from a command's flags (`prune`, `quantize`).
-pub fn run_one_stage(
+/// Runs a pipeline of `stages` from a command's flags (`prune`, `quantize`, `attention`).
+pub fn run_stages(
     model: &ModelArgs,
     task: &TaskArgs,
     selection: &SelectionArgs,
     run: &RunArgs,
     out: &Path,
-    stage: StageSpec,
+    stages: Vec<StageSpec>,
     cli: &Cli,
 ) -> Result<()> {
     let settings = RunSettings {
@@ -101,7 +101,7 @@ pub fn run_one_stage(
         selection: selection.apply(SelectionSpec::default()),
         test: run.test.clone(),
         max_drop: run.max_drop,
-        stages: vec![stage],
+        stages,
         vocab: VocabCorpus::from_flags(run.vocab, run.vocab_corpus.clone()),
     };
     let out = Output {

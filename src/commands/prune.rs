@@ -1,15 +1,23 @@
-//! `axcompress prune`: a one-stage pipeline (accuracy-driven pruning), configured by flags.
+//! `axcompress prune`: a pipeline of accuracy-driven pruning, optionally followed by recovery
+//! fine-tuning (`--recover`), configured by flags.
 
 use anyhow::Result;
 
-use super::run_one_stage;
+use super::run_stages;
 use crate::cli::{Cli, PruneArgs};
 use crate::passes::prune::PruneSettings;
 use crate::pipeline::StageSpec;
+use crate::train::fit::TrainSettings;
 
 /// Runs `axcompress prune`.
 pub fn run(args: &PruneArgs, cli: &Cli) -> Result<()> {
-    let stage = StageSpec::Prune(args.prune.apply(PruneSettings::default()));
+    let mut stages = vec![StageSpec::Prune(args.prune.apply(PruneSettings::default()))];
+    if let Some(examples) = args.recover {
+        stages.push(StageSpec::Recover(TrainSettings {
+            train_limit: Some(examples),
+            ..TrainSettings::default()
+        }));
+    }
     let a = args;
-    run_one_stage(&a.model, &a.task, &a.selection, &a.run, &a.out, stage, cli)
+    run_stages(&a.model, &a.task, &a.selection, &a.run, &a.out, stages, cli)
 }

@@ -3,7 +3,7 @@
 
 use anyhow::Result;
 
-use super::run_one_stage;
+use super::run_stages;
 use crate::cli::{Cli, QuantizeArgs};
 use crate::passes::quantize::QuantizeSettings;
 use crate::pipeline::StageSpec;
@@ -12,5 +12,13 @@ use crate::pipeline::StageSpec;
 pub fn run(args: &QuantizeArgs, cli: &Cli) -> Result<()> {
     let stage = StageSpec::Quantize(args.quantize.apply(QuantizeSettings::default()));
     let a = args;
-    run_one_stage(&a.model, &a.task, &a.selection, &a.run, &a.out, stage, cli)
+    run_stages(
+        &a.model,
+        &a.task,
+        &a.selection,
+        &a.run,
+        &a.out,
+        vec![stage],
+        cli,
+    )
 }

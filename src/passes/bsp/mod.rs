@@ -28,7 +28,7 @@ use crate::bench::median;
 use crate::data::batch::{encode, EncodedSet};
 use crate::data::splits::train_sample;
 use crate::model::Model;
-use crate::train::checkpoint::{Evaluation, TrainLog};
+use crate::train::checkpoint::TrainLog;
 use crate::train::fit::{fine_tune, Penalty, TrainRun, TrainSettings};
 use crate::train::lasso::Grouping;
 use crate::train::params::Trainable;
@@ -188,7 +188,7 @@ impl Pass for Bsp {
             ("after group lasso", flat(&after_lasso)),
             ("after prune + retraining", flat(&after)),
         ];
-        let details = self.details(&masks, &log.best, &stored, &stages)?;
+        let details = self.details(&masks, &log, &stored, &stages)?;
         ctx.log(&format!(
             "bsp: {}",
             details["summary"].as_str().unwrap_or_default()
@@ -364,7 +364,7 @@ impl Bsp {
     fn details(
         &self,
         masks: &BTreeMap<String, Tensor>,
-        kept: &Evaluation,
+        log: &TrainLog,
         stored: &[StoredMatrix],
         stages: &[(&str, Vec<f64>)],
     ) -> Result<Value> {
@@ -379,12 +379,13 @@ impl Bsp {
         }
         let ratio = total as f64 / (total - zero).max(1) as f64;
         Ok(json!({
-            "summary": format!("{zero} of {total} weights of the pruned matrices removed ({ratio:.2}× fewer); retraining kept step {}", kept.step),
+            "summary": format!("{zero} of {total} weights of the pruned matrices removed ({ratio:.2}× fewer); retraining kept step {}", log.best.step),
             "pruned_weights": total,
             "removed_weights": zero,
             "compression": ratio,
             "matrices": per,
-            "retraining_kept": kept,
+            "retraining_kept": log.best,
+            "retraining_evaluations": log.evaluations,
             "storage": stored,
             "group_norms": stages.iter().map(|(n, v)| json!({"stage": n, "mean": mean(v), "median": median(v)})).collect::<Vec<_>>(),
         }))
