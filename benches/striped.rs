@@ -1,8 +1,9 @@
 //! Block-sparse column stripes (BSP's storage) against the dense product, for MiniLM's and
 //! BERT-base's FFN and attention matrix shapes, at the kept fractions BSP reaches, with 8
-//! stripes and 256 input rows (a batch of 32 sentences of 8 tokens) or 1 row (one token). Ratios
-//! above 1 mean the stripes are faster. `cargo bench --bench striped`; the crossover sets
-//! `STRIPED_MAX_DENSITY` in the BSP pass.
+//! stripes and 256 input rows (a batch of 32 sentences of 8 tokens), 32 or 16 (one sentence) or
+//! 1 row (the first token of the last layer). Ratios above 1 mean the stripes are faster.
+//! `cargo bench --bench striped`; the crossovers set `STRIPED_MAX_DENSITY` (BSP's storage) and
+//! `DIRECT_ROWS` (the stripes' direct products).
 
 use std::time::Instant;
 
@@ -51,7 +52,7 @@ fn main() {
         (3072, 768),
         (768, 3072),
     ] {
-        for rows in [256, 1] {
+        for rows in [256, 32, 16, 1] {
             let x = Tensor::randn(0f32, 1.0, (rows, inp), &Device::Cpu).unwrap();
             for density in [0.5, 0.33, 0.2, 0.1] {
                 let w = matrix(out, inp, density);

@@ -62,7 +62,7 @@ impl Default for TrainSettings {
         TrainSettings {
             train_limit: Some(8000),
             epochs: 1,
-            learning_rate: 5e-5,
+            learning_rate: 1e-4,
             warmup: 0.1,
             seed: 0,
             evaluations: 4,
