@@ -3,7 +3,7 @@
 //! stripes and 256 input rows (a batch of 32 sentences of 8 tokens), 32 or 16 (one sentence) or
 //! 1 row (the first token of the last layer). Ratios above 1 mean the stripes are faster.
 //! `cargo bench --bench striped`; the crossovers set `STRIPED_MAX_DENSITY` (BSP's storage) and
-//! `DIRECT_ROWS` (the stripes' direct products).
+//! `DIRECT_WORK` (the stripes' direct products).
 
 use std::time::Instant;
 
@@ -44,7 +44,7 @@ fn matrix(out: usize, inp: usize, density: f64) -> Tensor {
 }
 
 fn main() {
-    println!("shape        rows  density  dense us  stripes us  ratio");
+    println!("shape        rows  density  dense us  stripes us  ratio  direct us  ratio");
     for (out, inp) in [
         (1536, 384),
         (384, 1536),
@@ -52,16 +52,18 @@ fn main() {
         (3072, 768),
         (768, 3072),
     ] {
-        for rows in [256, 32, 16, 1] {
+        for rows in [256, 64, 32, 16, 1] {
             let x = Tensor::randn(0f32, 1.0, (rows, inp), &Device::Cpu).unwrap();
             for density in [0.5, 0.33, 0.2, 0.1] {
                 let w = matrix(out, inp, density);
                 let s = Striped::from_dense(&w, 8).unwrap();
                 let dense = time(&|| x.matmul(&w.t().unwrap()).unwrap());
                 let sparse = time(&|| s.matmul_t(&x).unwrap());
+                let direct = time(&|| s.matmul_t_direct(&x).unwrap());
                 println!(
-                    "{out:>4}x{inp:<5} {rows:>5}  {density:>7.2}  {dense:>8.1}  {sparse:>10.1}  {:>5.2}",
-                    dense / sparse
+                    "{out:>4}x{inp:<5} {rows:>5}  {density:>7.2}  {dense:>8.1}  {sparse:>10.1}  {:>5.2}  {direct:>9.1}  {:>5.2}",
+                    dense / sparse,
+                    dense / direct
                 );
             }
         }

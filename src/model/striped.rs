@@ -2,8 +2,9 @@
 //! groups: the columns of a `[out, in]` matrix are cut into stripes of equal width, and each
 //! stripe keeps only the rows whose segment survived. `x Wᵀ` is then, per stripe, a dense product
 //! of the stripe's input columns with its kept segments, scattered into the kept outputs — the
-//! removed zeros are neither stored nor multiplied. A few input rows (one sentence at batch 1)
-//! take direct dot products over the kept segments instead, faster than candle's dense product.
+//! removed zeros are neither stored nor multiplied. Few input rows, the fewer the denser the
+//! matrix (a sentence at batch 1 when most weights are removed), take direct dot products over
+//! the kept segments instead, faster than either product there.
 //! Where the stripes are slower than the dense product for many rows, the matrix is also
 //! materialised dense for those (see [`Striped::dense_execution`]).
 
@@ -12,9 +13,10 @@ use rayon::prelude::*;
 
 use super::fused_attention::dot;
 
-/// Inputs of at most this many rows are multiplied by direct dot products; more rows go
-/// through a dense product per stripe (see `cargo bench --bench striped`).
-const DIRECT_ROWS: usize = 8;
+/// Inputs whose rows × kept fraction is at most this are multiplied by direct dot products;
+/// larger ones go through a dense product per stripe (the crossover of `cargo bench --bench
+/// striped`: e.g. 16 rows at 20 % kept, 32 at 10 %, a single row at any density).
+const DIRECT_WORK: f64 = 4.0;
 
 /// One stripe: the kept output rows and their segments.
 #[derive(Debug, Clone)]
@@ -111,6 +113,11 @@ impl Striped {
         self.stripes.iter().map(|s| s.rows.len()).sum::<usize>() * self.width()
     }
 
+    /// Kept weights / weights of the dense matrix.
+    pub fn density(&self) -> f64 {
+        self.kept() as f64 / (self.dims.0 * self.dims.1).max(1) as f64
+    }
+
     /// Whether the matrix runs as a dense product.
     pub fn dense_execution(&self) -> bool {
         self.dense.is_some()
@@ -146,12 +153,12 @@ impl Striped {
         }
     }
 
-    /// `x Wᵀ` for `x` of shape `[n, in]`: direct dot products for a few rows; otherwise per
+    /// `x Wᵀ` for `x` of shape `[n, in]`: direct dot products for few rows; otherwise per
     /// stripe, the stripe's columns of `x` times its kept segments (a dense product), added into
     /// the kept outputs of every row — or the dense product, when the matrix runs dense.
     pub fn matmul_t(&self, x: &Tensor) -> Result<Tensor> {
         let (n, out) = (x.dim(0)?, self.dims.0);
-        if n <= DIRECT_ROWS {
+        if n as f64 * self.density() <= DIRECT_WORK {
             return self.matmul_t_direct(x);
         }
         if let Some(d) = &self.dense {
@@ -177,8 +184,8 @@ impl Striped {
         Tensor::from_vec(y, (n, out), &Device::Cpu)
     }
 
-    /// `x Wᵀ` for a few rows of `x`: one dot product per kept segment and row.
-    fn matmul_t_direct(&self, x: &Tensor) -> Result<Tensor> {
+    /// `x Wᵀ` by one dot product per kept segment and row (what a few rows of `x` take).
+    pub fn matmul_t_direct(&self, x: &Tensor) -> Result<Tensor> {
         let (n, out) = (x.dim(0)?, self.dims.0);
         let (inp, width) = (self.dims.1, self.width());
         let x: Vec<f32> = x.contiguous()?.flatten_all()?.to_vec1()?;
@@ -278,7 +285,8 @@ mod tests {
         assert_eq!(s.kept(), 12 * 16 * 2 / 3);
         assert_eq!(max_abs_diff(&s.to_dense().unwrap(), &w), 0.0);
         let dense = s.clone().with_dense_execution(true).unwrap();
-        for rows in [1, DIRECT_ROWS, DIRECT_ROWS + 1, 40] {
+        assert!(6.0 * s.density() <= DIRECT_WORK && 7.0 * s.density() > DIRECT_WORK);
+        for rows in [1, 6, 7, 40] {
             let x = Tensor::randn(0f32, 1.0, (rows, 16), &Device::Cpu).unwrap();
             let want = x.matmul(&w.t().unwrap()).unwrap();
             assert!(

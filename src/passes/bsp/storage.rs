@@ -1,7 +1,7 @@
 //! BSP's last step: every pruned matrix is stored as column stripes ([`Striped`]), so the
-//! removed groups take no space. A few input rows always run on the stripes (direct dot
-//! products, faster than the dense product at every density measured); many rows run stripe by
-//! stripe where that is faster than the dense product, on the materialised dense matrix
+//! removed groups take no space. Few input rows run on the stripes by direct dot products
+//! (faster than the dense product where they are used, see [`Striped::matmul_t`]); many rows run
+//! stripe by stripe where that is faster than the dense product, on the materialised dense matrix
 //! otherwise. The choice is a fixed kept-fraction threshold measured with `cargo bench --bench
 //! striped` (a decision timed during the run would make equal runs write different bytes).
 
