@@ -15,14 +15,6 @@ pub fn run(args: &AttentionArgs, cli: &Cli) -> Result<()> {
         k: args.k.clone(),
         mode: args.mode,
     });
-    let a = args;
-    run_stages(
-        &a.model,
-        &a.task,
-        &a.selection,
-        &a.run,
-        &a.out,
-        vec![stage],
-        cli,
-    )
+    let (a, stages) = (args, vec![stage]);
+    run_stages(&a.model, &a.task, &a.selection, &a.run, &a.out, stages, cli)
 }

@@ -11,14 +11,6 @@ use crate::pipeline::StageSpec;
 /// Runs `axcompress quantize`.
 pub fn run(args: &QuantizeArgs, cli: &Cli) -> Result<()> {
     let stage = StageSpec::Quantize(args.quantize.apply(QuantizeSettings::default()));
-    let a = args;
-    run_stages(
-        &a.model,
-        &a.task,
-        &a.selection,
-        &a.run,
-        &a.out,
-        vec![stage],
-        cli,
-    )
+    let (a, stages) = (args, vec![stage]);
+    run_stages(&a.model, &a.task, &a.selection, &a.run, &a.out, stages, cli)
 }
