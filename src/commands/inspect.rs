@@ -75,6 +75,7 @@ fn matrices(model: &Model) -> Result<Vec<Value>> {
             let (rows, cols) = w.dims();
             let runs_as = match &w {
                 Weight::Quantized(q) => q.runs_as().to_string(),
+                Weight::Striped(s) => s.runs_as(),
                 _ => match unquantizable(cols) {
                     Some(why) => format!("f32; cannot be quantized: {why}"),
                     None => "f32".to_string(),

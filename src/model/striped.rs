@@ -118,6 +118,17 @@ impl Striped {
         self.kept() as f64 / (self.dims.0 * self.dims.1).max(1) as f64
     }
 
+    /// How the matrix runs, for `inspect`: its stripes and kept share, and whether many rows run
+    /// dense.
+    pub fn runs_as(&self) -> String {
+        let how = match self.dense_execution() {
+            true => "dense for many rows",
+            false => "stripes",
+        };
+        let (stripes, kept) = (self.stripes.len(), 100.0 * self.density());
+        format!("{stripes} column stripes, {kept:.1} % kept; direct products for few rows, {how}")
+    }
+
     /// Whether the matrix runs as a dense product.
     pub fn dense_execution(&self) -> bool {
         self.dense.is_some()
