@@ -128,57 +128,101 @@ pub fn fine_tune(
     if run.data.sequences.is_empty() {
         bail!("no training examples");
     }
-    let mut trainable = Trainable::new(student)?;
-    if let Some(masks) = run.masks {
-        trainable.set_masks(masks)?;
-    }
-    let adam = AdamSettings {
-        weight_decay: settings.weight_decay,
-        max_grad_norm: Some(settings.max_grad_norm),
-        ..AdamSettings::default()
-    };
-    let mut optimizer = AdamW::new(&trainable.params, adam)?;
-    let lengths: Vec<usize> = run.data.sequences.iter().map(|s| s.ids.len()).collect();
-    let per_epoch = lengths.len().div_ceil(run.batch_size);
-    let total = per_epoch * settings.epochs;
-    let schedule = LinearSchedule {
-        peak: settings.learning_rate,
-        warmup: (settings.warmup * total as f64).round() as usize,
-        total,
-    };
-    let objective = settings.objective();
-    let every = total.div_ceil(settings.evaluations.max(1));
-    let (mut best, mut log) = match &run.checkpoint {
-        Some((path, key)) if path.exists() => {
-            checkpoint::load(path, key, &trainable, &mut optimizer)?
-        }
-        _ => {
-            let before = Evaluation {
-                step: 0,
-                selection: (run.judge)(&trainable.finish()?)?,
-            };
-            let log = TrainLog {
-                losses: Vec::new(),
-                evaluations: vec![before],
-                best: before,
-            };
-            (trainable.snapshot()?, log)
-        }
-    };
+    let mut t = Trainer::new(student, settings, run)?;
+    let (mut best, mut log) = t.resume_or_start()?;
+    let total = t.schedule.total;
     let pb = progress::bar(total as u64, "training", run.quiet);
     pb.set_position(log.losses.len() as u64);
     let mut order: Option<(usize, Vec<Vec<usize>>)> = None;
     for step in log.losses.len()..total {
-        let epoch = step / per_epoch;
+        let epoch = step / t.per_epoch;
         if order.as_ref().is_none_or(|(e, _)| *e != epoch) {
-            let batches = epoch_batches(&lengths, run.batch_size, settings.seed, epoch);
+            let batches = epoch_batches(&t.lengths, run.batch_size, settings.seed, epoch);
             order = Some((epoch, batches));
         }
-        let examples = order.as_ref().expect("set above").1[step % per_epoch].clone();
-        let batch = batch(&trainable.model, run.data, run.labels, examples)?;
-        let mut loss = objective.loss(&trainable.model, run.teacher, &batch)?;
+        let examples = order.as_ref().expect("set above").1[step % t.per_epoch].clone();
+        let (value, lr) = t.step(step, examples)?;
+        log.losses.push(value);
+        pb.set_message(format!("training: loss {value:.4} lr {lr:.1e}"));
+        pb.inc(1);
+        if (step + 1) % t.every == 0 || step + 1 == total {
+            t.evaluate(step + 1, &mut best, &mut log)?;
+        }
+    }
+    pb.finish_and_clear();
+    Ok((restored(&t.trainable, &best)?, log))
+}
+
+/// A training run in progress: the parameters, the optimizer and the schedule.
+struct Trainer<'r, 'a> {
+    run: &'r TrainRun<'a>,
+    objective: Objective,
+    trainable: Trainable,
+    optimizer: AdamW,
+    schedule: LinearSchedule,
+    /// Token count of every training example.
+    lengths: Vec<usize>,
+    per_epoch: usize,
+    /// Steps between evaluations.
+    every: usize,
+}
+
+impl<'r, 'a> Trainer<'r, 'a> {
+    fn new(student: &Model, settings: &TrainSettings, run: &'r TrainRun<'a>) -> Result<Self> {
+        let mut trainable = Trainable::new(student)?;
+        if let Some(masks) = run.masks {
+            trainable.set_masks(masks)?;
+        }
+        let adam = AdamSettings {
+            weight_decay: settings.weight_decay,
+            max_grad_norm: Some(settings.max_grad_norm),
+            ..AdamSettings::default()
+        };
+        let optimizer = AdamW::new(&trainable.params, adam)?;
+        let lengths: Vec<usize> = run.data.sequences.iter().map(|s| s.ids.len()).collect();
+        let per_epoch = lengths.len().div_ceil(run.batch_size);
+        let total = per_epoch * settings.epochs;
+        Ok(Trainer {
+            run,
+            objective: settings.objective(),
+            trainable,
+            optimizer,
+            schedule: LinearSchedule {
+                peak: settings.learning_rate,
+                warmup: (settings.warmup * total as f64).round() as usize,
+                total,
+            },
+            lengths,
+            per_epoch,
+            every: total.div_ceil(settings.evaluations.max(1)),
+        })
+    }
+
+    /// The best parameters and the log: from the checkpoint when there is one, else the
+    /// untrained model scored as step 0.
+    fn resume_or_start(&mut self) -> Result<(Vec<Tensor>, TrainLog)> {
+        if let Some((path, key)) = self.run.checkpoint.as_ref().filter(|(p, _)| p.exists()) {
+            return checkpoint::load(path, key, &self.trainable, &mut self.optimizer);
+        }
+        let before = Evaluation {
+            step: 0,
+            selection: (self.run.judge)(&self.trainable.finish()?)?,
+        };
+        let log = TrainLog {
+            losses: Vec::new(),
+            evaluations: vec![before],
+            best: before,
+        };
+        Ok((self.trainable.snapshot()?, log))
+    }
+
+    /// One optimizer step on `examples`; returns the loss and the learning rate.
+    fn step(&mut self, step: usize, examples: Vec<usize>) -> Result<(f32, f64)> {
+        let (run, model) = (self.run, &self.trainable.model);
+        let batch = batch(model, run.data, run.labels, examples)?;
+        let mut loss = self.objective.loss(model, run.teacher, &batch)?;
         if let Some(penalty) = run.penalty {
-            loss = (loss + penalty(&trainable, step)?)?;
+            loss = (loss + penalty(&self.trainable, step)?)?;
         }
         let value = loss.to_scalar::<f32>()?;
         if !value.is_finite() {
@@ -186,31 +230,33 @@ pub fn fine_tune(
                 "training: step {step} gave a non-finite loss ({value}); lower the learning rate"
             );
         }
-        let lr = schedule.at(step);
-        optimizer.step(&trainable.params, &loss.backward()?, lr)?;
-        log.losses.push(value);
-        pb.set_message(format!("training: loss {value:.4} lr {lr:.1e}"));
-        pb.inc(1);
-        if (step + 1) % every != 0 && step + 1 != total {
-            continue;
-        }
-        let score = (run.judge)(&trainable.finish()?)?;
+        let lr = self.schedule.at(step);
+        self.optimizer
+            .step(&self.trainable.params, &loss.backward()?, lr)?;
+        Ok((value, lr))
+    }
+
+    /// Scores the parameters after `steps` steps on the selection split, keeps them when they are
+    /// the best (or always, without `keep_best`), and saves the checkpoint.
+    fn evaluate(&self, steps: usize, best: &mut Vec<Tensor>, log: &mut TrainLog) -> Result<()> {
+        let score = (self.run.judge)(&self.trainable.finish()?)?;
         let now = Evaluation {
-            step: step + 1,
+            step: steps,
             selection: score,
         };
         log.evaluations.push(now);
         let better =
             Rule::NotWorse.admits(score, log.best.selection) && score != log.best.selection;
-        if better || !run.keep_best {
-            (best, log.best) = (trainable.snapshot()?, now);
+        if better || !self.run.keep_best {
+            (*best, log.best) = (self.trainable.snapshot()?, now);
         }
-        if let Some((path, key)) = &run.checkpoint {
-            checkpoint::save(path, key, &trainable, &optimizer, &best, &log)?;
+        match &self.run.checkpoint {
+            Some((path, key)) => {
+                checkpoint::save(path, key, &self.trainable, &self.optimizer, best, log)
+            }
+            None => Ok(()),
         }
     }
-    pb.finish_and_clear();
-    Ok((restored(&trainable, &best)?, log))
 }
 
 /// The model with the parameters `values` (leaves `trainable` as it was).
