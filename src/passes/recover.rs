@@ -26,22 +26,7 @@ pub struct Recover {
 impl Recover {
     /// Checks the settings.
     pub fn new(settings: TrainSettings) -> Result<Self> {
-        let s = &settings;
-        if s.epochs == 0 || s.train_limit == Some(0) {
-            bail!("recover: epochs and train_limit must be at least 1");
-        }
-        if !(s.learning_rate > 0.0 && s.learning_rate < 1.0) {
-            bail!("recover: learning_rate must be in (0, 1), e.g. 5e-5");
-        }
-        if !(0.0..1.0).contains(&s.warmup) || s.temperature <= 0.0 {
-            bail!("recover: warmup must be in [0, 1) and temperature above 0");
-        }
-        let weights = [s.task_weight, s.distill_weight, s.hidden_weight];
-        if weights.iter().any(|w| w.is_nan() || *w < 0.0) || weights.iter().all(|w| *w == 0.0) {
-            bail!(
-                "recover: task_weight, distill_weight and hidden_weight must be ≥ 0, one above 0"
-            );
-        }
+        settings.check("recover")?;
         Ok(Recover { settings })
     }
 }

@@ -78,6 +78,26 @@ impl Default for TrainSettings {
 }
 
 impl TrainSettings {
+    /// Refuses settings no run can use; `stage` names them in the message (`recover`).
+    pub fn check(&self, stage: &str) -> Result<()> {
+        if self.epochs == 0 || self.train_limit == Some(0) {
+            bail!("{stage}: epochs and train_limit must be at least 1");
+        }
+        if !(self.learning_rate > 0.0 && self.learning_rate < 1.0) {
+            bail!("{stage}: learning_rate must be in (0, 1), e.g. 1e-4");
+        }
+        if !(0.0..1.0).contains(&self.warmup) || self.temperature <= 0.0 {
+            bail!("{stage}: warmup must be in [0, 1) and temperature above 0");
+        }
+        let weights = [self.task_weight, self.distill_weight, self.hidden_weight];
+        if weights.iter().any(|w| w.is_nan() || *w < 0.0) || weights.iter().all(|w| *w == 0.0) {
+            bail!(
+                "{stage}: task_weight, distill_weight and hidden_weight must be ≥ 0, one above 0"
+            );
+        }
+        Ok(())
+    }
+
     /// The objective these settings describe.
     pub fn objective(&self) -> Objective {
         Objective {

@@ -27,6 +27,8 @@ use crate::analyze::plots::histogram;
 use crate::bench::median;
 use crate::data::batch::{encode, EncodedSet};
 use crate::data::splits::train_sample;
+use crate::model::encoder::EncoderLayer;
+use crate::model::linear::{Linear, Weight};
 use crate::model::Model;
 use crate::train::checkpoint::TrainLog;
 use crate::train::fit::{fine_tune, Penalty, TrainRun, TrainSettings};
@@ -50,6 +52,16 @@ pub enum Matrix {
 }
 
 impl Matrix {
+    /// This matrix's layer of `layer`, when the block is present.
+    fn linear_mut(self, layer: &mut EncoderLayer) -> Option<&mut Linear> {
+        match self {
+            Matrix::Qkv => layer.attention.as_mut().map(|a| &mut a.qkv),
+            Matrix::AttentionOutput => layer.attention.as_mut().map(|a| &mut a.output),
+            Matrix::FfnIn => layer.ffn.as_mut().map(|f| &mut f.intermediate),
+            Matrix::FfnOut => layer.ffn.as_mut().map(|f| &mut f.output),
+        }
+    }
+
     /// The parameter name of this matrix in layer `layer` (see [`Trainable`]).
     fn param(self, layer: usize) -> String {
         let part = match self {
@@ -127,24 +139,30 @@ impl Bsp {
         if settings.matrices.is_empty() || settings.lambda.is_nan() || settings.lambda < 0.0 {
             bail!("bsp: name at least one matrix, and a lambda ≥ 0");
         }
-        super::recover::Recover::new(settings.lasso.clone())?;
-        super::recover::Recover::new(settings.retrain.clone())?;
+        settings.lasso.check("bsp lasso")?;
+        settings.retrain.check("bsp retrain")?;
         Ok(Bsp { settings })
     }
 
-    /// The penalised matrices of `model`: (parameter name, weight).
+    /// The penalised matrices of `model`: (parameter name, weight). Refuses weights that are
+    /// not float matrices or that the grouping does not tile.
     fn targets(&self, model: &Model) -> Result<Vec<(String, Tensor)>> {
-        let t = Trainable::new(model)?;
         let mut out = Vec::new();
-        for l in 0..model.num_layers() {
-            for m in &self.settings.matrices {
-                let name = m.param(l);
-                if let Some(p) = t.params.iter().find(|p| p.name == name) {
-                    let w = p.var.as_tensor().detach();
-                    let (o, i) = w.dims2()?;
-                    self.settings.grouping.grid(o, i)?;
-                    out.push((name, w));
-                }
+        let mut model = model.clone();
+        for (l, layer) in model.layers.iter_mut().enumerate() {
+            for &m in &self.settings.matrices {
+                let Some(linear) = m.linear_mut(layer).filter(|x| x.out_features() > 0) else {
+                    continue;
+                };
+                let Weight::Dense(w) = &linear.weight else {
+                    bail!(
+                        "bsp: {} is quantized or block-sparse; bsp needs float weights",
+                        m.param(l)
+                    );
+                };
+                let (o, i) = w.dims2()?;
+                self.settings.grouping.grid(o, i)?;
+                out.push((m.param(l), w.clone()));
             }
         }
         Ok(out)
@@ -178,9 +196,7 @@ impl Pass for Bsp {
         let after = norms(&self.targets(&pruned)?, g)?;
         // 4. Storage that skips the removed groups.
         let (pruned, stored) = match g {
-            Grouping::Stripes(n) => {
-                store_striped(&pruned, &masks.keys().cloned().collect::<Vec<_>>(), n)?
-            }
+            Grouping::Stripes(n) => store_striped(&pruned, &self.settings.matrices, n)?,
             _ => (pruned, Vec::new()),
         };
         let stages = [

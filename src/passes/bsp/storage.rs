@@ -8,7 +8,8 @@
 use anyhow::Result;
 use serde::Serialize;
 
-use crate::model::linear::{Linear, Weight};
+use super::Matrix;
+use crate::model::linear::Weight;
 use crate::model::striped::Striped;
 use crate::model::Model;
 
@@ -27,43 +28,31 @@ pub struct StoredMatrix {
     pub execution: &'static str,
 }
 
-/// `model` with each matrix in `names` (parameter names) stored as `stripes` column stripes.
+/// `model` with every matrix of the kinds `matrices` stored as `stripes` column stripes.
 pub fn store_striped(
     model: &Model,
-    names: &[String],
+    matrices: &[Matrix],
     stripes: usize,
 ) -> Result<(Model, Vec<StoredMatrix>)> {
     let mut out = model.clone();
     let mut stored = Vec::new();
-    let mut convert = |name: String, linear: &mut Linear| -> Result<()> {
-        if !names.contains(&name) {
-            return Ok(());
-        }
-        let Weight::Dense(w) = &linear.weight else {
-            return Ok(());
-        };
-        let striped = Striped::from_dense(w, stripes)?;
-        let density = striped.kept() as f64 / w.elem_count().max(1) as f64;
-        let dense = density > STRIPED_MAX_DENSITY;
-        stored.push(StoredMatrix {
-            name,
-            density,
-            execution: if dense { "dense" } else { "stripes" },
-        });
-        linear.weight = Weight::Striped(striped.with_dense_execution(dense)?);
-        Ok(())
-    };
     for (l, layer) in out.layers.iter_mut().enumerate() {
-        if let Some(a) = layer.attention.as_mut() {
-            convert(format!("layer.{l}.attention.qkv.weight"), &mut a.qkv)?;
-            convert(format!("layer.{l}.attention.output.weight"), &mut a.output)?;
-        }
-        if let Some(f) = layer.ffn.as_mut() {
-            convert(
-                format!("layer.{l}.ffn.intermediate.weight"),
-                &mut f.intermediate,
-            )?;
-            convert(format!("layer.{l}.ffn.output.weight"), &mut f.output)?;
+        for &m in matrices {
+            let Some(linear) = m.linear_mut(layer).filter(|x| x.out_features() > 0) else {
+                continue;
+            };
+            let Weight::Dense(w) = &linear.weight else {
+                continue;
+            };
+            let striped = Striped::from_dense(w, stripes)?;
+            let density = striped.density();
+            let dense = density > STRIPED_MAX_DENSITY;
+            stored.push(StoredMatrix {
+                name: m.param(l),
+                density,
+                execution: if dense { "dense" } else { "stripes" },
+            });
+            linear.weight = Weight::Striped(striped.with_dense_execution(dense)?);
         }
     }
     Ok((out, stored))
