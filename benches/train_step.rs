@@ -1,7 +1,8 @@
 //! One training step of MiniLM-L6 (SST-2) on the differentiable path: the loss (forward),
 //! `backward`, and the AdamW update, timed apart, for the task loss alone and with distillation
 //! (a teacher forward on the fast path added), at batch 32 on the first 32 SST-2 dev sentences
-//! (padded to the longest), on `RAYON_NUM_THREADS` threads. `scripts/compare_pytorch_train.py`
+//! (padded to the longest), on `RAYON_NUM_THREADS` threads (candle's element-wise pool on one,
+//! as in the binary). `scripts/compare_pytorch_train.py`
 //! times the same step in PyTorch. `cargo bench --bench train_step` (needs ../shared).
 
 use std::path::PathBuf;
@@ -24,6 +25,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() {
+    // As the binary does: candle's element-wise pool on one thread (see `threads`).
+    axcompress::threads::configure(None);
     let shared = std::env::var_os("AXCOMPRESS_FIXTURES")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared"));

@@ -206,7 +206,7 @@ fn kernels_match_the_dequantized_product_within_the_derived_bound() {
     let model = Model::from_dir(&shared.join("models/minilm-l6-sst2")).unwrap();
     let hidden = real_activations(&model, &shared);
     let ffn = model.layers[1].ffn.as_ref().unwrap();
-    let wide = ffn.activations(&hidden, false).unwrap();
+    let wide = ffn.activations(&hidden).unwrap();
     for m in model
         .matrices()
         .into_iter()

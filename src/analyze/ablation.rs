@@ -69,7 +69,7 @@ impl LayerCache {
                 let (act, pre) = if ffn.width() == 0 {
                     (None, after_attention.broadcast_add(&ffn.output.bias)?)
                 } else {
-                    let h = ffn.activations(&after_attention, false)?;
+                    let h = ffn.activations(&after_attention)?;
                     let pre = (ffn.output.forward(&h)? + &after_attention)?;
                     (Some(h), pre)
                 };

@@ -184,10 +184,9 @@ impl FeedForward {
         self.intermediate.out_features()
     }
 
-    /// Activations after the first projection, `[batch, seq, width]`; `diff` selects ops with a
-    /// backward pass.
-    pub fn activations(&self, x: &Tensor, diff: bool) -> Result<Tensor> {
-        activate(&self.intermediate.forward(x)?, self.activation, diff)
+    /// Activations after the first projection, `[batch, seq, width]`.
+    pub fn activations(&self, x: &Tensor) -> Result<Tensor> {
+        activate(&self.intermediate.forward(x)?, self.activation)
     }
 
     /// The whole block: `LayerNorm(x + W_2 · act(W_1 x + b_1) + b_2)` (see [`super::structure`]).
@@ -197,7 +196,7 @@ impl FeedForward {
                 .norm
                 .forward(&x.broadcast_add(&self.output.bias)?, diff);
         }
-        let mut h = self.activations(x, diff)?;
+        let mut h = self.activations(x)?;
         if let Some(g) = neuron_gates {
             h = h.broadcast_mul(g)?;
         }

@@ -1,4 +1,7 @@
-//! Branch-free f32 math the compiler vectorises, for the inference kernels.
+//! Branch-free f32 math the compiler vectorises, for the element-wise kernels, and
+//! [`vectorised`], which compiles a kernel for the widest vector unit the CPU has.
+
+use candle_core::{CpuStorage, Layout, Result};
 
 /// `e^y` for `y ≤ 0` (larger inputs are not needed here), relative error ≈ 1e-7; NaN stays NaN.
 #[inline(always)]
@@ -24,6 +27,49 @@ pub fn exp_nonpositive(y: f32) -> f32 {
     }
     let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
     p * scale
+}
+
+/// The f32 elements of a contiguous CPU tensor; `op` names the caller in the error.
+pub fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
+    let Some((from, to)) = layout.contiguous_offsets() else {
+        candle_core::bail!("{op}: the input must be contiguous");
+    };
+    Ok(&storage.as_slice::<f32>()?[from..to])
+}
+
+/// Runs `kernel` compiled for the widest vector unit this CPU has (AVX-512, AVX2 + FMA, or
+/// portable code), so that its loops over f32 run eight or sixteen lanes at a time. Mark the
+/// closure `#[inline(always)]` and keep it a call of `#[inline(always)]` functions: code that is
+/// not inlined into the wrapper compiles for no vector unit at all.
+#[inline(always)]
+pub fn vectorised<R>(kernel: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
+        // SAFETY: the features were just detected.
+        return unsafe { with_avx512(kernel) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        // SAFETY: the features were just detected.
+        return unsafe { with_avx2(kernel) };
+    }
+    kernel()
+}
+
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn with_avx2<R>(kernel: impl FnOnce() -> R) -> R {
+    kernel()
+}
+
+/// # Safety
+/// The CPU must support AVX-512 F, AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn with_avx512<R>(kernel: impl FnOnce() -> R) -> R {
+    kernel()
 }
 
 #[cfg(test)]

@@ -133,6 +133,18 @@ impl Weight {
         }
     }
 
+    /// The matrix itself when it is stored and run as one dense f32 tensor.
+    fn plain_f32(&self) -> Option<&Tensor> {
+        match self {
+            Weight::Dense(w)
+            | Weight::Stacked(Stack {
+                fused: Some(Fused::F32(w)),
+                ..
+            }) => Some(w),
+            _ => None,
+        }
+    }
+
     /// True when no part of the matrix is quantized.
     pub fn is_dense(&self) -> bool {
         match self {
@@ -304,6 +316,9 @@ impl Linear {
 
     /// Applies the layer to `x` of shape `[..., in]` as one 2-D matrix product.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(w) = self.weight.plain_f32() {
+            return super::dense_product::linear(x, w, &self.bias);
+        }
         let dims = x.dims().to_vec();
         let inner = dims[dims.len() - 1];
         let rows = x.elem_count() / inner.max(1);

@@ -2,6 +2,7 @@
 
 pub mod attention_mode;
 pub mod config;
+pub mod dense_product;
 pub mod encoder;
 pub mod fastmath;
 pub mod fused_attention;
@@ -9,12 +10,14 @@ pub mod gelu;
 pub mod head;
 pub mod inputs;
 pub mod int8_gemm;
+pub mod layer_norm;
 pub mod linear;
 pub mod matrices;
 pub mod names;
 pub mod nn;
 pub mod quant;
 pub mod slice;
+pub mod softmax;
 pub mod source;
 pub mod sparse_attention;
 pub mod striped;

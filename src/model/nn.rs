@@ -1,7 +1,7 @@
-//! Small building blocks of the runtime: LayerNorm, softmax and activations, each with a fast
-//! inference path and a differentiable path (ops that have a backward pass).
+//! Small building blocks of the runtime: LayerNorm and softmax, each with a fast inference path
+//! and a differentiable path (ops that have a backward pass), and the FFN activations.
 
-use candle_core::{Result, Tensor, D};
+use candle_core::{Result, Tensor};
 
 use super::config::Activation;
 
@@ -20,7 +20,7 @@ impl LayerNorm {
     /// Normalises `x`; `differentiable` selects the op with a backward pass.
     pub fn forward(&self, x: &Tensor, differentiable: bool) -> Result<Tensor> {
         if differentiable {
-            candle_nn::ops::layer_norm_slow(x, &self.weight, &self.bias, self.eps as f32)
+            super::layer_norm::layer_norm(x, &self.weight, &self.bias, self.eps as f32)
         } else {
             candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps as f32)
         }
@@ -30,16 +30,15 @@ impl LayerNorm {
 /// Softmax over the last dimension; `differentiable` selects the op with a backward pass.
 pub fn softmax_last(x: &Tensor, differentiable: bool) -> Result<Tensor> {
     if differentiable {
-        candle_nn::ops::softmax(x, D::Minus1)
+        super::softmax::softmax_last(x)
     } else {
         candle_nn::ops::softmax_last_dim(x)
     }
 }
 
-/// Applies an FFN activation; `differentiable` selects ops with a backward pass.
-pub fn activate(x: &Tensor, activation: Activation, differentiable: bool) -> Result<Tensor> {
+/// Applies an FFN activation (every one has a backward pass).
+pub fn activate(x: &Tensor, activation: Activation) -> Result<Tensor> {
     match activation {
-        Activation::Gelu if differentiable => x.gelu_erf(),
         Activation::Gelu => super::gelu::gelu_erf(x),
         Activation::GeluTanh => x.gelu(),
         Activation::Relu => x.relu(),

@@ -78,7 +78,7 @@ impl FfnCompensation {
         let mut equations = NormalEquations::new(width, 1)?;
         for (x, batch) in inputs.iter().zip(batches) {
             let rows = real_rows(batch)?;
-            let features = select_rows(&ffn.activations(x, false)?, &rows)?;
+            let features = select_rows(&ffn.activations(x)?, &rows)?;
             let zeros = Tensor::zeros((features.dim(0)?, 1), DType::F32, &Device::Cpu)?;
             equations.add(&features, &zeros)?;
         }

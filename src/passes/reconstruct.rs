@@ -89,7 +89,7 @@ impl Block {
         }
         match self {
             Block::Attention => (layer.attention.as_ref()).map(|a| flat_context(a, x, mask)),
-            Block::Ffn => (layer.ffn.as_ref()).map(|f| f.activations(x, false)),
+            Block::Ffn => (layer.ffn.as_ref()).map(|f| f.activations(x)),
         }
     }
 
@@ -325,7 +325,7 @@ fn ffn_sum(ffn: Option<&FeedForward>, x: &Tensor) -> Result<Tensor> {
     Ok(match ffn {
         None => x.clone(),
         Some(f) if f.width() == 0 => x.broadcast_add(&f.output.bias)?,
-        Some(f) => (x + f.output.forward(&f.activations(x, false)?)?)?,
+        Some(f) => (x + f.output.forward(&f.activations(x)?)?)?,
     })
 }
 

@@ -19,6 +19,9 @@ const ROOT_EPS: f64 = 1e-12;
 pub enum Grouping {
     /// The columns cut into this many stripes; each row's segment in a stripe is a group.
     Stripes(usize),
+    /// The columns cut into stripes of this width, so that every group holds as many weights
+    /// whatever the matrix's shape (a global threshold then compares like with like).
+    StripeWidth(usize),
     /// Square blocks of this side.
     Blocks(usize),
     /// Whole rows (outputs).
@@ -34,6 +37,7 @@ impl Grouping {
         let tiles = |n: usize, k: usize| k > 0 && n.is_multiple_of(k);
         match self {
             Grouping::Stripes(s) if tiles(inp, s) => Ok((out, s)),
+            Grouping::StripeWidth(w) if tiles(inp, w) => Ok((out, inp / w)),
             Grouping::Blocks(b) if tiles(out, b) && tiles(inp, b) => Ok((out / b, inp / b)),
             Grouping::Rows => Ok((out, 1)),
             Grouping::Columns => Ok((1, inp)),
@@ -52,7 +56,9 @@ impl Grouping {
         let (r, c) = self.grid(out, inp)?;
         let sq = w.sqr()?;
         let sums = match self {
-            Grouping::Stripes(_) => sq.reshape((out, c, inp / c))?.sum(D::Minus1)?,
+            Grouping::Stripes(_) | Grouping::StripeWidth(_) => {
+                sq.reshape((out, c, inp / c))?.sum(D::Minus1)?
+            }
             Grouping::Blocks(b) => sq.reshape((r, b, c, b))?.sum(3)?.sum(1)?,
             Grouping::Rows => sq.sum_keepdim(1)?,
             Grouping::Columns => sq.sum_keepdim(0)?,
@@ -131,13 +137,12 @@ mod tests {
             }
             s.sqrt()
         };
-        let cases: [(Grouping, Vec<f64>); 4] = [
-            (
-                Grouping::Stripes(2),
-                (0..4)
-                    .flat_map(|i| [norm(i..i + 1, 0..4), norm(i..i + 1, 4..8)])
-                    .collect(),
-            ),
+        let two_stripes: Vec<f64> = (0..4)
+            .flat_map(|i| [norm(i..i + 1, 0..4), norm(i..i + 1, 4..8)])
+            .collect();
+        let cases: [(Grouping, Vec<f64>); 5] = [
+            (Grouping::Stripes(2), two_stripes.clone()),
+            (Grouping::StripeWidth(4), two_stripes),
             (
                 Grouping::Blocks(2),
                 (0..2)

@@ -196,7 +196,9 @@ impl Pass for Bsp {
         let after = norms(&self.targets(&pruned)?, g)?;
         // 4. Storage that skips the removed groups.
         let (pruned, stored) = match g {
-            Grouping::Stripes(n) => store_striped(&pruned, &self.settings.matrices, n)?,
+            Grouping::Stripes(_) | Grouping::StripeWidth(_) => {
+                store_striped(&pruned, &self.settings.matrices, g)?
+            }
             _ => (pruned, Vec::new()),
         };
         let stages = [

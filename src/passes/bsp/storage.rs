@@ -12,6 +12,7 @@ use super::Matrix;
 use crate::model::linear::Weight;
 use crate::model::striped::Striped;
 use crate::model::Model;
+use crate::train::lasso::Grouping;
 
 /// Kept fraction at or below which the stripes ran faster than the dense product at 256 input
 /// rows for MiniLM's and BERT-base's shapes on the 2-core machine (see the bench).
@@ -28,11 +29,11 @@ pub struct StoredMatrix {
     pub execution: &'static str,
 }
 
-/// `model` with every matrix of the kinds `matrices` stored as `stripes` column stripes.
+/// `model` with every matrix of the kinds `matrices` stored as the column stripes of `grouping`.
 pub fn store_striped(
     model: &Model,
     matrices: &[Matrix],
-    stripes: usize,
+    grouping: Grouping,
 ) -> Result<(Model, Vec<StoredMatrix>)> {
     let mut out = model.clone();
     let mut stored = Vec::new();
@@ -44,6 +45,8 @@ pub fn store_striped(
             let Weight::Dense(w) = &linear.weight else {
                 continue;
             };
+            let (out_features, in_features) = w.dims2()?;
+            let (_, stripes) = grouping.grid(out_features, in_features)?;
             let striped = Striped::from_dense(w, stripes)?;
             let density = striped.density();
             let dense = density > STRIPED_MAX_DENSITY;

@@ -1,0 +1,172 @@
+//! `y = x Wᵀ + b` for a dense f32 weight as one candle op, with a backward pass.
+//!
+//! Built from candle ops, a linear layer is a reshape, a transpose, a product and a broadcast
+//! addition, and candle's backward pass allocates and adds a zero gradient for every one of
+//! them: about four activation-sized buffers per layer and step. This op is one node: its
+//! forward pass is one gemm call that starts from the bias, and its backward pass is the two
+//! products and a column sum.
+
+use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use gemm::{gemm, Parallelism};
+
+use super::fastmath::contiguous_f32;
+
+/// `x Wᵀ + b` over the last dimension of `x`, in one gemm call.
+struct Linear;
+
+/// `rows × out` outputs of `x [rows, in]` against `weight [out, in]`, each row starting from `bias`.
+fn product(x: &[f32], weight: &[f32], bias: &[f32]) -> Vec<f32> {
+    let out = bias.len();
+    let inner = weight.len() / out.max(1);
+    let rows = x.len() / inner.max(1);
+    let mut dst: Vec<f32> = Vec::with_capacity(rows * out);
+    for _ in 0..rows {
+        dst.extend_from_slice(bias);
+    }
+    if rows == 0 || out == 0 || inner == 0 {
+        return dst;
+    }
+    let threads = crate::threads::count();
+    let parallelism = if threads > 1 {
+        Parallelism::Rayon(threads)
+    } else {
+        Parallelism::None
+    };
+    // SAFETY: the strides describe `dst` as rows × out, `x` as rows × inner and `weight`
+    // transposed (inner × out), all inside their slices.
+    unsafe {
+        gemm(
+            rows,
+            out,
+            inner,
+            dst.as_mut_ptr(),
+            1,
+            out as isize,
+            true,
+            x.as_ptr(),
+            1,
+            inner as isize,
+            weight.as_ptr(),
+            inner as isize,
+            1,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+    dst
+}
+
+impl CustomOp3 for Linear {
+    fn name(&self) -> &'static str {
+        "axcompress-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        weight: &CpuStorage,
+        weight_layout: &Layout,
+        bias: &CpuStorage,
+        bias_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(x, x_layout, "linear")?;
+        let weight = contiguous_f32(weight, weight_layout, "linear")?;
+        let bias = contiguous_f32(bias, bias_layout, "linear")?;
+        let mut dims = x_layout.dims().to_vec();
+        *dims.last_mut().expect("checked by `linear`") = bias.len();
+        Ok((CpuStorage::F32(product(x, weight, bias)), Shape::from(dims)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        _bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (out, inner) = weight.dims2()?;
+        let rows = x.elem_count() / inner.max(1);
+        let grad = grad.contiguous()?.reshape((rows, out))?;
+        let x2 = x.reshape((rows, inner))?;
+        let dx = grad.matmul(weight)?.reshape(x.shape())?;
+        let dw = grad.t()?.matmul(&x2)?;
+        let db = grad.sum(0)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+/// `x Wᵀ + b` for `x [..., in]`, `weight [out, in]` and `bias [out]` (f32, CPU), with a
+/// backward pass.
+pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let (out, inner) = weight.dims2()?;
+    if x.rank() == 0 || x.dims()[x.rank() - 1] != inner || bias.dims() != [out] {
+        bail!(
+            "linear: input {:?}, weight {:?} and bias {:?} do not fit",
+            x.dims(),
+            weight.dims(),
+            bias.dims()
+        );
+    }
+    x.contiguous()?
+        .apply_op3(&weight.contiguous()?, &bias.contiguous()?, Linear)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn values(n: usize, seed: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i + seed) * 7919) % 1001) as f32 / 500.0 - 1.0)
+            .collect()
+    }
+
+    #[test]
+    fn forward_and_gradients_equal_candles_ops() {
+        let dev = Device::Cpu;
+        let (b, t, inner, out) = (3, 5, 19, 7);
+        let x = Var::from_vec(values(b * t * inner, 0), (b, t, inner), &dev).unwrap();
+        let w = Var::from_vec(values(out * inner, 3), (out, inner), &dev).unwrap();
+        let bias = Var::from_vec(values(out, 7), out, &dev).unwrap();
+        let weights = Tensor::from_vec(values(b * t * out, 11), (b, t, out), &dev).unwrap();
+        let ours = linear(&x, &w, &bias).unwrap();
+        let candle = x
+            .broadcast_matmul(&w.t().unwrap())
+            .unwrap()
+            .broadcast_add(&bias)
+            .unwrap();
+        assert!(crate::testing::max_abs_diff(&ours, &candle) < 1e-5);
+        let grads = |y: Tensor| {
+            let g = (y * &weights)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            [&x, &w, &bias].map(|v| g.get(v).unwrap().clone())
+        };
+        for (name, (a, b)) in ["x", "weight", "bias"]
+            .iter()
+            .zip(grads(ours).into_iter().zip(grads(candle)))
+        {
+            let diff = crate::testing::max_abs_diff(&a, &b);
+            assert!(diff < 1e-5, "{name}: {diff}");
+        }
+    }
+
+    #[test]
+    fn mismatched_shapes_are_an_error() {
+        let dev = Device::Cpu;
+        let x = Tensor::zeros((2, 4), candle_core::DType::F32, &dev).unwrap();
+        let w = Tensor::zeros((3, 5), candle_core::DType::F32, &dev).unwrap();
+        let b = Tensor::zeros(3, candle_core::DType::F32, &dev).unwrap();
+        assert!(linear(&x, &w, &b).is_err());
+    }
+}
