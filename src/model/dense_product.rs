@@ -120,53 +120,30 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
-
-    fn values(n: usize, seed: usize) -> Vec<f32> {
-        (0..n)
-            .map(|i| (((i + seed) * 7919) % 1001) as f32 / 500.0 - 1.0)
-            .collect()
-    }
+    use crate::testing::{assert_same_gradients, spread};
+    use candle_core::{DType, Device, Var};
 
     #[test]
     fn forward_and_gradients_equal_candles_ops() {
         let dev = Device::Cpu;
         let (b, t, inner, out) = (3, 5, 19, 7);
-        let x = Var::from_vec(values(b * t * inner, 0), (b, t, inner), &dev).unwrap();
-        let w = Var::from_vec(values(out * inner, 3), (out, inner), &dev).unwrap();
-        let bias = Var::from_vec(values(out, 7), out, &dev).unwrap();
-        let weights = Tensor::from_vec(values(b * t * out, 11), (b, t, out), &dev).unwrap();
+        let x = Var::from_vec(spread(b * t * inner, 0, 2.0, -1.0), (b, t, inner), &dev).unwrap();
+        let w = Var::from_vec(spread(out * inner, 3, 2.0, -1.0), (out, inner), &dev).unwrap();
+        let bias = Var::from_vec(spread(out, 7, 2.0, -1.0), out, &dev).unwrap();
+        let weights =
+            Tensor::from_vec(spread(b * t * out, 11, 2.0, -1.0), (b, t, out), &dev).unwrap();
         let ours = linear(&x, &w, &bias).unwrap();
-        let candle = x
-            .broadcast_matmul(&w.t().unwrap())
-            .unwrap()
-            .broadcast_add(&bias)
-            .unwrap();
+        let candle = x.broadcast_matmul(&w.t().unwrap()).unwrap();
+        let candle = candle.broadcast_add(&bias).unwrap();
         assert!(crate::testing::max_abs_diff(&ours, &candle) < 1e-5);
-        let grads = |y: Tensor| {
-            let g = (y * &weights)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            [&x, &w, &bias].map(|v| g.get(v).unwrap().clone())
-        };
-        for (name, (a, b)) in ["x", "weight", "bias"]
-            .iter()
-            .zip(grads(ours).into_iter().zip(grads(candle)))
-        {
-            let diff = crate::testing::max_abs_diff(&a, &b);
-            assert!(diff < 1e-5, "{name}: {diff}");
-        }
+        let vars = [("x", &x), ("weight", &w), ("bias", &bias)];
+        assert_same_gradients(ours, candle, &weights, &vars, 1e-5);
     }
 
     #[test]
     fn mismatched_shapes_are_an_error() {
-        let dev = Device::Cpu;
-        let x = Tensor::zeros((2, 4), candle_core::DType::F32, &dev).unwrap();
-        let w = Tensor::zeros((3, 5), candle_core::DType::F32, &dev).unwrap();
-        let b = Tensor::zeros(3, candle_core::DType::F32, &dev).unwrap();
-        assert!(linear(&x, &w, &b).is_err());
+        let zeros = |shape: &[usize]| Tensor::zeros(shape, DType::F32, &Device::Cpu).unwrap();
+        assert!(linear(&zeros(&[2, 4]), &zeros(&[3, 5]), &zeros(&[3])).is_err());
+        assert!(linear(&zeros(&[2, 5]), &zeros(&[3, 5]), &zeros(&[4])).is_err());
     }
 }

@@ -1,7 +1,52 @@
 //! Branch-free f32 math the compiler vectorises, for the element-wise kernels, and
 //! [`vectorised`], which compiles a kernel for the widest vector unit the CPU has.
 
-use candle_core::{CpuStorage, Layout, Result};
+use candle_core::{CpuStorage, Layout, Result, Storage, Tensor};
+use rayon::prelude::*;
+
+/// Elements per parallel task of [`par_rows`]: large enough that rayon's hand-off is noise.
+const TASK_ELEMENTS: usize = 16384;
+
+/// Elements per task: whole rows of `row` elements, about [`TASK_ELEMENTS`] in all.
+pub fn task_len(row: usize) -> usize {
+    (TASK_ELEMENTS / row.max(1)).max(1) * row.max(1)
+}
+
+/// `kernel(input rows, output rows)` over whole rows of `row` elements, in parallel tasks, each
+/// run through [`vectorised`] (mark `kernel` `#[inline(always)]`).
+pub fn par_rows(input: &[f32], row: usize, kernel: impl Fn(&[f32], &mut [f32]) + Sync) -> Vec<f32> {
+    let mut out = vec![0f32; input.len()];
+    let task = task_len(row);
+    out.par_chunks_mut(task)
+        .zip(input.par_chunks(task))
+        .for_each(|(o, i)| {
+            vectorised(
+                #[inline(always)]
+                || kernel(i, o),
+            )
+        });
+    out
+}
+
+/// [`par_rows`] over two inputs of the same shape: `kernel(a rows, b rows, output rows)`.
+pub fn par_rows2(
+    a: &[f32],
+    b: &[f32],
+    row: usize,
+    kernel: impl Fn(&[f32], &[f32], &mut [f32]) + Sync,
+) -> Vec<f32> {
+    let mut out = vec![0f32; a.len()];
+    let task = task_len(row);
+    out.par_chunks_mut(task)
+        .zip(a.par_chunks(task).zip(b.par_chunks(task)))
+        .for_each(|(o, (a, b))| {
+            vectorised(
+                #[inline(always)]
+                || kernel(a, b, o),
+            )
+        });
+    out
+}
 
 /// `e^y` for `y ≤ 0` (larger inputs are not needed here), relative error ≈ 1e-7; NaN stays NaN.
 #[inline(always)]
@@ -35,6 +80,15 @@ pub fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) ->
         candle_core::bail!("{op}: the input must be contiguous");
     };
     Ok(&storage.as_slice::<f32>()?[from..to])
+}
+
+/// Runs `f` on the f32 elements of a contiguous CPU tensor, without copying them.
+pub fn read_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        candle_core::bail!("this op runs on the CPU");
+    };
+    Ok(f(contiguous_f32(cpu, layout, "read")?))
 }
 
 /// Runs `kernel` compiled for the widest vector unit this CPU has (AVX-512, AVX2 + FMA, or

@@ -10,16 +10,13 @@
 //! for `a = |x|` and odd symmetry, whose bound is 1.5e-7. With f32 arithmetic and [`exp_nonpositive`]
 //! the error against f64 libm stays below [`ERF_MAX_ERROR`] on every f32 input (tested).
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
+use candle_core::{Result, Tensor};
 
-use super::fastmath::{contiguous_f32, exp_nonpositive, vectorised};
+use super::fastmath::{exp_nonpositive, par_rows, par_rows2};
+use super::row_op::{RowOp, Saved};
 
 /// Largest absolute error of [`erf`] against f64 libm `erf`, over all f32 inputs (tested).
 pub const ERF_MAX_ERROR: f32 = 1e-6;
-
-/// Elements per parallel task: large enough that rayon's hand-off is noise.
-const CHUNK: usize = 8192;
 
 /// The error function (see the module docs for the method and its bound).
 #[inline(always)]
@@ -57,26 +54,14 @@ fn gelu_derivative(x: f32) -> f32 {
 
 /// GELU of every element of `input`, in parallel over chunks.
 pub fn gelu_slice(input: &[f32]) -> Vec<f32> {
-    let mut out = vec![0f32; input.len()];
-    if input.len() < 2 * CHUNK {
-        vectorised(
-            #[inline(always)]
-            || gelu_chunk(input, &mut out),
-        );
-    } else {
-        out.par_chunks_mut(CHUNK)
-            .zip(input.par_chunks(CHUNK))
-            .for_each(|(o, i)| {
-                vectorised(
-                    #[inline(always)]
-                    || gelu_chunk(i, o),
-                )
-            });
-    }
-    out
+    par_rows(input, 1, gelu_chunk)
 }
 
-/// Inlined into [`vectorised`]'s wrappers, so that it compiles for their vector unit.
+/// `grad · gelu'(x)`, element by element, in parallel over chunks.
+fn gelu_backward_slice(x: &[f32], grad: &[f32]) -> Vec<f32> {
+    par_rows2(x, grad, 1, gelu_backward_chunk)
+}
+
 #[inline(always)]
 fn gelu_chunk(input: &[f32], out: &mut [f32]) {
     for (o, &x) in out.iter_mut().zip(input) {
@@ -84,7 +69,6 @@ fn gelu_chunk(input: &[f32], out: &mut [f32]) {
     }
 }
 
-/// Inlined into [`vectorised`]'s wrappers, so that it compiles for their vector unit.
 #[inline(always)]
 fn gelu_backward_chunk(x: &[f32], grad: &[f32], out: &mut [f32]) {
     for ((o, &x), &g) in out.iter_mut().zip(x).zip(grad) {
@@ -92,67 +76,16 @@ fn gelu_backward_chunk(x: &[f32], grad: &[f32], out: &mut [f32]) {
     }
 }
 
-/// `grad · gelu'(x)`, element by element, in parallel over chunks.
-fn gelu_backward_slice(x: &[f32], grad: &[f32]) -> Vec<f32> {
-    let mut out = vec![0f32; x.len()];
-    out.par_chunks_mut(CHUNK)
-        .zip(x.par_chunks(CHUNK).zip(grad.par_chunks(CHUNK)))
-        .for_each(|(o, (x, g))| {
-            vectorised(
-                #[inline(always)]
-                || gelu_backward_chunk(x, g, o),
-            )
-        });
-    out
-}
-
-/// The exact GELU as a candle op, with a backward pass.
-struct GeluErf;
-
-impl CustomOp1 for GeluErf {
-    fn name(&self) -> &'static str {
-        "axcompress-gelu-erf"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let input = contiguous_f32(storage, layout, "gelu")?;
-        Ok((CpuStorage::F32(gelu_slice(input)), layout.shape().clone()))
-    }
-
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(
-            arg.apply_op2_no_bwd(&grad.contiguous()?, &GeluBackward)?,
-        ))
-    }
-}
-
-/// `grad · gelu'(x)` as a candle op on `(x, grad)`.
-struct GeluBackward;
-
-impl CustomOp2 for GeluBackward {
-    fn name(&self) -> &'static str {
-        "axcompress-gelu-erf-backward"
-    }
-
-    fn cpu_fwd(
-        &self,
-        x: &CpuStorage,
-        x_layout: &Layout,
-        grad: &CpuStorage,
-        grad_layout: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(x, x_layout, "gelu backward")?;
-        let grad = contiguous_f32(grad, grad_layout, "gelu backward")?;
-        Ok((
-            CpuStorage::F32(gelu_backward_slice(x, grad)),
-            x_layout.shape().clone(),
-        ))
-    }
-}
-
 /// Exact GELU of an f32 CPU tensor, with a backward pass (fused and parallel, unlike candle's).
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(GeluErf)
+    RowOp {
+        name: "axcompress-gelu-erf",
+        whole_rows: false,
+        forward: |x, _| gelu_slice(x),
+        saved: Saved::Input,
+        gradient: |x, grad, _| gelu_backward_slice(x, grad),
+    }
+    .apply(x)
 }
 
 #[cfg(test)]
@@ -205,8 +138,8 @@ mod tests {
 
     #[test]
     fn tensor_op_equals_candle_gelu_erf_across_chunks() {
-        let (rows, cols) = (1500, 17);
-        assert!(rows * cols > 3 * CHUNK);
+        let (rows, cols) = (3000, 17);
+        assert!(rows * cols > 3 * crate::model::fastmath::task_len(1));
         let xs: Vec<f32> = (0..rows * cols)
             .map(|i| ((i * 7919) % 2001) as f32 / 200.0 - 5.0)
             .collect();
@@ -215,5 +148,16 @@ mod tests {
         let candle = x.t().unwrap().gelu_erf().unwrap();
         let diff = crate::testing::max_abs_diff(&ours, &candle);
         assert!(diff < 5e-6, "{diff}");
+    }
+
+    #[test]
+    fn gradient_equals_candles_gelu_erf_gradient() {
+        use crate::testing::{assert_same_gradients, spread};
+        let n = 3 * crate::model::fastmath::task_len(1) + 5;
+        let dev = candle_core::Device::Cpu;
+        let x = candle_core::Var::from_vec(spread(n, 0, 12.0, -6.0), n, &dev).unwrap();
+        let weights = Tensor::from_vec(spread(n, 5, 2.0, -1.0), n, &dev).unwrap();
+        let (ours, candle) = (gelu_erf(&x).unwrap(), x.gelu_erf().unwrap());
+        assert_same_gradients(ours, candle, &weights, &[("x", &x)], 2e-6);
     }
 }

@@ -11,10 +11,7 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::fastmath::{contiguous_f32, vectorised};
-
-/// Elements per parallel task (whole rows are handed out).
-const TASK_ELEMENTS: usize = 16384;
+use super::fastmath::{contiguous_f32, par_rows, read_f32, task_len, vectorised};
 
 /// Mean and `1/√(variance + eps)` of one row.
 #[inline(always)]
@@ -57,7 +54,6 @@ fn backward_row(x: &[f32], g: &[f32], scale: &[f32], eps: f32, dx: &mut [f32], s
     }
 }
 
-/// Inlined into [`vectorised`]'s wrappers, so that it compiles for their vector unit.
 #[inline(always)]
 fn normalise_rows(x: &[f32], params: (&[f32], &[f32]), eps: f32, y: &mut [f32]) {
     let len = params.0.len();
@@ -66,7 +62,6 @@ fn normalise_rows(x: &[f32], params: (&[f32], &[f32]), eps: f32, y: &mut [f32]) 
     }
 }
 
-/// Inlined into [`vectorised`]'s wrappers, so that it compiles for their vector unit.
 #[inline(always)]
 fn backward_rows(x: &[f32], g: &[f32], scale: &[f32], eps: f32, dx: &mut [f32], sums: &mut [f32]) {
     let len = scale.len();
@@ -75,32 +70,22 @@ fn backward_rows(x: &[f32], g: &[f32], scale: &[f32], eps: f32, dx: &mut [f32], 
     }
 }
 
-fn rows_per_task(len: usize) -> usize {
-    (TASK_ELEMENTS / len.max(1)).max(1) * len.max(1)
-}
-
 /// LayerNorm of rows of `scale.len()` elements.
 fn forward_slice(x: &[f32], scale: &[f32], shift: &[f32], eps: f32) -> Vec<f32> {
-    let len = scale.len();
-    let mut out = vec![0f32; x.len()];
-    let task = rows_per_task(len);
-    out.par_chunks_mut(task)
-        .zip(x.par_chunks(task))
-        .for_each(|(y, x)| {
-            vectorised(
-                #[inline(always)]
-                || normalise_rows(x, (scale, shift), eps, y),
-            )
-        });
-    out
+    par_rows(
+        x,
+        scale.len(),
+        #[inline(always)]
+        |x, y| normalise_rows(x, (scale, shift), eps, y),
+    )
 }
 
-/// The gradients of input, scale and shift, packed as `[dx rows…, dw, db]`.
+/// The gradients of input, scale and shift, packed as `[dx rows…, dw, db]` (one allocation).
 fn backward_slice(x: &[f32], g: &[f32], scale: &[f32], eps: f32) -> Vec<f32> {
     let len = scale.len();
     let mut out = vec![0f32; x.len() + 2 * len];
     let (dx, sums) = out.split_at_mut(x.len());
-    let task = rows_per_task(len);
+    let task = task_len(len);
     let partial: Vec<Vec<f32>> = dx
         .par_chunks_mut(task)
         .zip(x.par_chunks(task).zip(g.par_chunks(task)))
@@ -153,47 +138,19 @@ impl CustomOp3 for LayerNormOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let len = scale.elem_count();
-        let rows = x.elem_count() / len;
-        let packed = x.apply_op3_no_bwd(
-            &grad.contiguous()?,
-            scale,
-            &LayerNormBackward { eps: self.eps },
-        )?;
+        let rows = x.elem_count() / scale.elem_count().max(1);
+        let grad = grad.contiguous()?;
+        let packed = read_f32(x, |x| {
+            read_f32(&grad, |g| {
+                read_f32(scale, |s| backward_slice(x, g, s, self.eps))
+            })
+        })???;
+        let packed = Tensor::from_vec(packed, (rows + 2, scale.elem_count()), x.device())?;
         Ok((
             Some(packed.narrow(0, 0, rows)?.reshape(x.shape())?),
             Some(packed.get(rows)?),
             Some(packed.get(rows + 1)?),
         ))
-    }
-}
-
-/// LayerNorm's gradients as a candle op on `(x, grad, scale)`: `[rows + 2, len]`, the input
-/// gradient's rows, then the scale's and the shift's gradients.
-struct LayerNormBackward {
-    eps: f32,
-}
-
-impl CustomOp3 for LayerNormBackward {
-    fn name(&self) -> &'static str {
-        "axcompress-layer-norm-backward"
-    }
-
-    fn cpu_fwd(
-        &self,
-        x: &CpuStorage,
-        x_layout: &Layout,
-        grad: &CpuStorage,
-        grad_layout: &Layout,
-        scale: &CpuStorage,
-        scale_layout: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(x, x_layout, "layer norm backward")?;
-        let grad = contiguous_f32(grad, grad_layout, "layer norm backward")?;
-        let scale = contiguous_f32(scale, scale_layout, "layer norm backward")?;
-        let packed = backward_slice(x, grad, scale, self.eps);
-        let shape = Shape::from((x.len() / scale.len() + 2, scale.len()));
-        Ok((CpuStorage::F32(packed), shape))
     }
 }
 
@@ -209,48 +166,23 @@ pub fn layer_norm(x: &Tensor, scale: &Tensor, shift: &Tensor, eps: f32) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::{assert_same_gradients, spread};
     use candle_core::{Device, Var};
-
-    fn values(n: usize, seed: usize) -> Vec<f32> {
-        (0..n)
-            .map(|i| (((i + seed) * 7919) % 1001) as f32 / 150.0 - 3.0)
-            .collect()
-    }
 
     #[test]
     fn forward_and_gradients_equal_candles_composite_layer_norm() {
         // More rows than one task holds, and a width that is not a vector width.
         let (rows, len) = (700, 37);
         let dev = Device::Cpu;
-        let x = Var::from_vec(values(rows * len, 0), (7, 100, len), &dev).unwrap();
-        let scale = Var::from_vec(values(len, 3), len, &dev).unwrap();
-        let shift = Var::from_vec(values(len, 5), len, &dev).unwrap();
-        let weights = Tensor::from_vec(values(rows * len, 11), (7, 100, len), &dev).unwrap();
+        let x = Var::from_vec(spread(rows * len, 0, 6.7, -3.0), (7, 100, len), &dev).unwrap();
+        let scale = Var::from_vec(spread(len, 3, 6.7, -3.0), len, &dev).unwrap();
+        let shift = Var::from_vec(spread(len, 5, 6.7, -3.0), len, &dev).unwrap();
+        let weights =
+            Tensor::from_vec(spread(rows * len, 11, 6.7, -3.0), (7, 100, len), &dev).unwrap();
         let ours = layer_norm(&x, &scale, &shift, 1e-5).unwrap();
         let candle = candle_nn::ops::layer_norm_slow(&x, &scale, &shift, 1e-5).unwrap();
         assert!(crate::testing::max_abs_diff(&ours, &candle) < 1e-5);
-        let grads = |y: Tensor| {
-            let g = (y * &weights)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            [&x, &scale, &shift].map(|v| g.get(v).unwrap().clone())
-        };
-        for (name, (a, b)) in ["x", "scale", "shift"]
-            .iter()
-            .zip(grads(ours).into_iter().zip(grads(candle)))
-        {
-            let diff = crate::testing::max_abs_diff(&a, &b);
-            let size = b
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert!(diff <= 1e-5 * size.max(1.0), "{name}: {diff} of {size}");
-        }
+        let vars = [("x", &x), ("scale", &scale), ("shift", &shift)];
+        assert_same_gradients(ours, candle, &weights, &vars, 1e-5);
     }
 }

@@ -16,6 +16,7 @@ pub mod matrices;
 pub mod names;
 pub mod nn;
 pub mod quant;
+pub mod row_op;
 pub mod slice;
 pub mod softmax;
 pub mod source;

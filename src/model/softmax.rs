@@ -5,18 +5,10 @@
 //! tokens); the fused `softmax_last_dim` has no backward pass. This op computes each row in one
 //! pass and its gradient, `y ⊙ (g − Σ g ⊙ y)`, in another.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
+use candle_core::{Result, Tensor};
 
-use super::fastmath::{contiguous_f32, exp_nonpositive, vectorised};
-
-/// Elements per parallel task (whole rows are handed out).
-const TASK_ELEMENTS: usize = 16384;
-
-/// Rows of `len` elements per task.
-fn rows_per_task(len: usize) -> usize {
-    (TASK_ELEMENTS / len.max(1)).max(1) * len.max(1)
-}
+use super::fastmath::{exp_nonpositive, par_rows, par_rows2};
+use super::row_op::{RowOp, Saved};
 
 #[inline(always)]
 fn softmax_row(x: &[f32], y: &mut [f32]) {
@@ -38,7 +30,6 @@ fn softmax_backward_row(y: &[f32], g: &[f32], out: &mut [f32]) {
     }
 }
 
-/// Inlined into [`vectorised`]'s wrappers, so that it compiles for their vector unit.
 #[inline(always)]
 fn softmax_rows(x: &[f32], y: &mut [f32], len: usize) {
     for (y, x) in y.chunks_mut(len).zip(x.chunks(len)) {
@@ -46,7 +37,6 @@ fn softmax_rows(x: &[f32], y: &mut [f32], len: usize) {
     }
 }
 
-/// Inlined into [`vectorised`]'s wrappers, so that it compiles for their vector unit.
 #[inline(always)]
 fn softmax_backward_rows(y: &[f32], g: &[f32], out: &mut [f32], len: usize) {
     for ((o, y), g) in out.chunks_mut(len).zip(y.chunks(len)).zip(g.chunks(len)) {
@@ -56,112 +46,54 @@ fn softmax_backward_rows(y: &[f32], g: &[f32], out: &mut [f32], len: usize) {
 
 /// Softmax of rows of `len` elements.
 fn softmax_slice(x: &[f32], len: usize) -> Vec<f32> {
-    let mut out = vec![0f32; x.len()];
-    let task = rows_per_task(len);
-    out.par_chunks_mut(task)
-        .zip(x.par_chunks(task))
-        .for_each(|(y, x)| {
-            vectorised(
-                #[inline(always)]
-                || softmax_rows(x, y, len),
-            )
-        });
-    out
+    par_rows(
+        x,
+        len,
+        #[inline(always)]
+        |x, y| softmax_rows(x, y, len),
+    )
 }
 
 /// The softmax's gradient for outputs `y` and output gradients `g`, rows of `len` elements.
 fn softmax_backward_slice(y: &[f32], g: &[f32], len: usize) -> Vec<f32> {
-    let mut out = vec![0f32; y.len()];
-    let task = rows_per_task(len);
-    out.par_chunks_mut(task)
-        .zip(y.par_chunks(task).zip(g.par_chunks(task)))
-        .for_each(|(o, (y, g))| {
-            vectorised(
-                #[inline(always)]
-                || softmax_backward_rows(y, g, o, len),
-            )
-        });
-    out
-}
-
-fn last_dim(layout: &Layout) -> usize {
-    layout.dims().last().copied().unwrap_or(1)
-}
-
-struct SoftmaxLast;
-
-impl CustomOp1 for SoftmaxLast {
-    fn name(&self) -> &'static str {
-        "axcompress-softmax-last"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(storage, layout, "softmax")?;
-        let y = softmax_slice(x, last_dim(layout));
-        Ok((CpuStorage::F32(y), layout.shape().clone()))
-    }
-
-    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(
-            res.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxBackward)?,
-        ))
-    }
-}
-
-/// The softmax's gradient as a candle op on `(y, grad)`.
-struct SoftmaxBackward;
-
-impl CustomOp2 for SoftmaxBackward {
-    fn name(&self) -> &'static str {
-        "axcompress-softmax-last-backward"
-    }
-
-    fn cpu_fwd(
-        &self,
-        y: &CpuStorage,
-        y_layout: &Layout,
-        grad: &CpuStorage,
-        grad_layout: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let y_values = contiguous_f32(y, y_layout, "softmax backward")?;
-        let grad = contiguous_f32(grad, grad_layout, "softmax backward")?;
-        let out = softmax_backward_slice(y_values, grad, last_dim(y_layout));
-        Ok((CpuStorage::F32(out), y_layout.shape().clone()))
-    }
+    par_rows2(
+        y,
+        g,
+        len,
+        #[inline(always)]
+        |y, g, o| softmax_backward_rows(y, g, o, len),
+    )
 }
 
 /// Softmax over the last dimension of an f32 CPU tensor, with a backward pass.
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(SoftmaxLast)
+    RowOp {
+        name: "axcompress-softmax-last",
+        whole_rows: true,
+        forward: softmax_slice,
+        saved: Saved::Output,
+        gradient: softmax_backward_slice,
+    }
+    .apply(x)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::{assert_same_gradients, spread};
     use candle_core::{Device, Var, D};
-
-    fn input(shape: (usize, usize, usize)) -> Tensor {
-        let n = shape.0 * shape.1 * shape.2;
-        let xs: Vec<f32> = (0..n)
-            .map(|i| ((i * 7919) % 1001) as f32 / 100.0 - 5.0)
-            .collect();
-        Tensor::from_vec(xs, shape, &Device::Cpu).unwrap()
-    }
 
     #[test]
     fn forward_and_gradient_equal_candles_composite_softmax() {
         // More rows than one task holds, and a row length that is not a vector width.
-        let x = Var::from_tensor(&input((40, 30, 37))).unwrap();
-        let weights = input((40, 30, 37)).sin().unwrap();
+        let shape = (40, 30, 37);
+        let n = 40 * 30 * 37;
+        let x = Var::from_vec(spread(n, 0, 10.0, -5.0), shape, &Device::Cpu).unwrap();
+        let weights = Tensor::from_vec(spread(n, 7, 2.0, -1.0), shape, &Device::Cpu).unwrap();
         let ours = softmax_last(&x).unwrap();
         let candle = candle_nn::ops::softmax(&x, D::Minus1).unwrap();
         assert!(crate::testing::max_abs_diff(&ours, &candle) < 1e-6);
-        let grad = |y: Tensor| {
-            let loss = (y * &weights).unwrap().sum_all().unwrap();
-            loss.backward().unwrap().get(&x).unwrap().clone()
-        };
-        let diff = crate::testing::max_abs_diff(&grad(ours), &grad(candle));
-        assert!(diff < 1e-6, "{diff}");
+        assert_same_gradients(ours, candle, &weights, &[("x", &x)], 1e-6);
     }
 
     #[test]
