@@ -1,6 +1,7 @@
 //! Block-structured pruning end to end on MiniLM with a little data: the lasso lowers the group
 //! norms, the hard prune removes the asked share of every matrix, the stripes run equal to the
-//! masked dense model, the stored file shrinks, and the exported model reloads equal to itself.
+//! masked dense model, the stored file shrinks, and the exported model reloads equal to itself;
+//! gradual rounds reach the ratio in steps.
 
 mod common;
 
@@ -82,4 +83,25 @@ fn bsp_prunes_the_asked_share_stores_stripes_and_reloads_equal() {
         "reloaded {eval} vs run {dev}"
     );
     assert_eq!(eval["metrics"]["accuracy"], dev["metrics"]["accuracy"]);
+}
+
+#[test]
+#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
+fn gradual_rounds_reach_the_ratio_of_equal_width_stripes_in_steps() {
+    let shared = fixtures_or_skip!();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("bsp");
+    let data = common::small_glue(&shared, "SST-2", 32);
+    let settings = "grouping = { stripe-width = 16 }\nratio = 0.5\nthreshold = \"global\"\nprune_rounds = 2\n[stages.lasso]\nevaluations = 1\n[stages.retrain]\nevaluations = 1";
+    let report = bsp(&shared, data.path(), &out, settings);
+    let d = &report["stages"][0]["details"];
+    // Equal-size groups: half the groups is half the weights, whatever the matrix shapes.
+    assert_eq!(d["compression"].as_f64().unwrap(), 2.0, "{d}");
+    let rounds = d["rounds"].as_array().unwrap();
+    let ratio = |i: usize| rounds[i]["ratio"].as_f64().unwrap();
+    assert_eq!(rounds.len(), 2);
+    assert!(
+        (ratio(0) - 0.4375).abs() < 1e-12 && ratio(1) == 0.5,
+        "{rounds:?}"
+    );
 }

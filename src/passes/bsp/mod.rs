@@ -8,6 +8,11 @@
 //! 3. **Masked retraining**: train again with the pruned groups held at zero, keeping the
 //!    parameters that score best on the selection split.
 //!
+//! With `prune_rounds` = n > 1, phases 2 and 3 repeat n times at a growing ratio (the cubic
+//! schedule of Zhu & Gupta 2017, reaching `ratio` in the last round): each round prunes from the
+//! weights the previous round's retraining left, on its own train sample, and only the last round
+//! keeps its best parameters (the earlier ones keep their last).
+//!
 //! A histogram of the group norms before the lasso, after it and after retraining is written
 //! beside the report (`bsp-group-norms.svg`).
 
@@ -99,6 +104,8 @@ pub struct BspSettings {
     pub ratio: f64,
     /// Per matrix or global threshold.
     pub threshold: Threshold,
+    /// Prune-and-retrain rounds that reach `ratio` gradually (1: one hard prune).
+    pub prune_rounds: usize,
     /// Phase 1: training with the penalty (the last parameters are kept).
     pub lasso: TrainSettings,
     /// Phase 3: training with the removed groups masked (the best on selection is kept).
@@ -119,6 +126,7 @@ impl Default for BspSettings {
             lambda: 1e-4,
             ratio: 0.5,
             threshold: Threshold::PerMatrix,
+            prune_rounds: 1,
             lasso: TrainSettings::default(),
             retrain: TrainSettings::default(),
         }
@@ -135,6 +143,9 @@ impl Bsp {
     pub fn new(settings: BspSettings) -> Result<Self> {
         if !(settings.ratio > 0.0 && settings.ratio < 1.0) {
             bail!("bsp: ratio must be in (0, 1), e.g. 0.5");
+        }
+        if settings.prune_rounds == 0 {
+            bail!("bsp: prune_rounds must be at least 1");
         }
         if settings.matrices.is_empty() || settings.lambda.is_nan() || settings.lambda < 0.0 {
             bail!("bsp: name at least one matrix, and a lambda ≥ 0");
@@ -189,10 +200,13 @@ impl Pass for Bsp {
         let lassoed = self.lasso(&model, ctx, journal)?;
         let lassoed_targets = self.targets(&lassoed)?;
         let after_lasso = norms(&lassoed_targets, g)?;
-        // 2. Hard prune.
-        let masks = self.masks(&lassoed_targets)?;
-        // 3. Masked retraining.
-        let (pruned, log) = self.retrain(&lassoed, &masks, ctx, journal)?;
+        // 2 and 3. Hard prune and masked retraining, in one or more rounds.
+        let Pruned {
+            model: pruned,
+            masks,
+            log,
+            rounds,
+        } = self.prune_and_retrain(lassoed, ctx, journal)?;
         let after = norms(&self.targets(&pruned)?, g)?;
         // 4. Storage that skips the removed groups.
         let (pruned, stored) = match g {
@@ -206,7 +220,8 @@ impl Pass for Bsp {
             ("after group lasso", flat(&after_lasso)),
             ("after prune + retraining", flat(&after)),
         ];
-        let details = self.details(&masks, &log, &stored, &stages)?;
+        let mut details = self.details(&masks, &log, &stored, &stages)?;
+        details["rounds"] = Value::Array(rounds);
         ctx.log(&format!(
             "bsp: {}",
             details["summary"].as_str().unwrap_or_default()
@@ -242,33 +257,60 @@ impl Bsp {
         Ok(train_phase(ctx, journal, model, &s.lasso, &data, "lasso", phase)?.0)
     }
 
-    /// Phase 3: training with the removed groups held at zero; the best on selection is kept.
+    /// Phases 2 and 3 in `prune_rounds` rounds.
+    fn prune_and_retrain(
+        &self,
+        mut model: Model,
+        ctx: &StageContext,
+        journal: &mut Journal,
+    ) -> Result<Pruned> {
+        let rounds = self.settings.prune_rounds;
+        let (mut last, mut summary) = (None, Vec::new());
+        for round in 1..=rounds {
+            let ratio = scheduled_ratio(self.settings.ratio, round, rounds);
+            let masks = self.masks(&self.targets(&model)?, ratio)?;
+            let (retrained, log) = self.retrain(&model, &masks, round, ctx, journal)?;
+            summary.push(json!({"round": round, "ratio": ratio, "kept": log.best}));
+            model = retrained;
+            last = Some((masks, log));
+        }
+        let (masks, log) = last.expect("at least one round (checked in `new`)");
+        Ok(Pruned {
+            model,
+            masks,
+            log,
+            rounds: summary,
+        })
+    }
+
+    /// Phase 3 of round `round`: training with the removed groups held at zero. The last round
+    /// keeps the parameters that score best on selection, earlier rounds their last.
     fn retrain(
         &self,
         model: &Model,
         masks: &BTreeMap<String, Tensor>,
+        round: usize,
         ctx: &StageContext,
         journal: &mut Journal,
     ) -> Result<(Model, TrainLog)> {
-        let data = training_data(ctx, &self.settings.retrain)?;
+        let rounds = self.settings.prune_rounds;
+        let mut settings = self.settings.retrain.clone();
+        settings.seed += (round - 1) as u64;
+        let data = training_data(ctx, &settings)?;
         ctx.log(&format!(
-            "bsp: masked retraining on {} train examples",
+            "bsp: masked retraining (round {round} of {rounds}) on {} train examples",
             data.sequences.len()
         ));
         let phase = Phase {
             penalty: None,
             masks: Some(masks),
-            keep_best: true,
+            keep_best: round == rounds,
         };
-        train_phase(
-            ctx,
-            journal,
-            model,
-            &self.settings.retrain,
-            &data,
-            "retrain",
-            phase,
-        )
+        let name = match rounds {
+            1 => "retrain".to_string(),
+            _ => format!("retrain-{round}"),
+        };
+        train_phase(ctx, journal, model, &settings, &data, &name, phase)
     }
 
     /// The histogram of the group norms at each stage.
@@ -283,6 +325,18 @@ impl Bsp {
             &series,
         )
     }
+}
+
+/// What the prune-and-retrain rounds leave.
+struct Pruned {
+    /// The model after the last round.
+    model: Model,
+    /// The last round's kept-entry masks.
+    masks: BTreeMap<String, Tensor>,
+    /// The last round's training log.
+    log: TrainLog,
+    /// Each round's ratio and kept evaluation, for the report.
+    rounds: Vec<Value>,
 }
 
 /// How one training phase differs from plain recovery.
@@ -326,6 +380,11 @@ fn training_data(ctx: &StageContext, settings: &TrainSettings) -> Result<Encoded
     encode(&train, "", ctx.encoder)
 }
 
+/// The share of groups removed after `round` of `rounds`: `ratio · (1 − (1 − round/rounds)³)`.
+fn scheduled_ratio(ratio: f64, round: usize, rounds: usize) -> f64 {
+    ratio * (1.0 - (1.0 - round as f64 / rounds as f64).powi(3))
+}
+
 /// Group norms of every target, by parameter name.
 fn norms(targets: &[(String, Tensor)], g: Grouping) -> Result<BTreeMap<String, Vec<f32>>> {
     targets
@@ -349,15 +408,16 @@ fn flat(norms: &BTreeMap<String, Vec<f32>>) -> Vec<f64> {
 }
 
 impl Bsp {
-    /// The kept-entry masks of `targets` (1 kept, 0 removed) from their group norms.
-    fn masks(&self, targets: &[(String, Tensor)]) -> Result<BTreeMap<String, Tensor>> {
+    /// The kept-entry masks of `targets` (1 kept, 0 removed) from their group norms, removing a
+    /// `ratio` of the groups.
+    fn masks(&self, targets: &[(String, Tensor)], ratio: f64) -> Result<BTreeMap<String, Tensor>> {
         let s = &self.settings;
         let g = s.grouping;
         let norms = norms(targets, g)?;
         let global = {
             let mut all: Vec<f32> = norms.values().flatten().copied().collect();
             all.sort_by(f32::total_cmp);
-            quantile(&all, s.ratio)
+            quantile(&all, ratio)
         };
         let mut out = BTreeMap::new();
         for (name, w) in targets {
@@ -367,7 +427,7 @@ impl Bsp {
                 Threshold::PerMatrix => {
                     let mut sorted = v.clone();
                     sorted.sort_by(f32::total_cmp);
-                    quantile(&sorted, s.ratio)
+                    quantile(&sorted, ratio)
                 }
             };
             let keep: Vec<f32> = v.iter().map(|&x| f32::from(x >= threshold)).collect();
@@ -407,5 +467,35 @@ impl Bsp {
             "storage": stored,
             "group_norms": stages.iter().map(|(n, v)| json!({"stage": n, "mean": mean(v), "median": median(v)})).collect::<Vec<_>>(),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_schedule_grows_to_the_ratio_fastest_at_first() {
+        assert_eq!(scheduled_ratio(0.5, 1, 1), 0.5);
+        let r: Vec<f64> = (1..=4).map(|k| scheduled_ratio(0.5, k, 4)).collect();
+        assert_eq!(r[3], 0.5);
+        assert!((r[0] - 0.5 * (1.0 - 0.75f64.powi(3))).abs() < 1e-12);
+        let steps: Vec<f64> = [0.0]
+            .iter()
+            .chain(&r)
+            .collect::<Vec<_>>()
+            .windows(2)
+            .map(|w| w[1] - w[0])
+            .collect();
+        assert!(steps.windows(2).all(|w| w[0] > w[1]), "{steps:?}");
+    }
+
+    #[test]
+    fn zero_rounds_are_refused() {
+        let settings = BspSettings {
+            prune_rounds: 0,
+            ..BspSettings::default()
+        };
+        assert!(Bsp::new(settings).is_err());
     }
 }

@@ -18,6 +18,11 @@ use crate::train::lasso::Grouping;
 /// rows for MiniLM's and BERT-base's shapes on the 2-core machine (see the bench).
 pub const STRIPED_MAX_DENSITY: f64 = 0.21;
 
+/// The narrowest stripes that bench measured (48 columns, 8 stripes of 384). Narrower stripes
+/// run the dense product: a per-stripe gemm over 16 columns lost to it (a model of 16-column
+/// stripes ran one sentence 2.5× slower than the original).
+pub const STRIPED_MIN_WIDTH: usize = 48;
+
 /// How one matrix was stored.
 #[derive(Debug, Clone, Serialize)]
 pub struct StoredMatrix {
@@ -49,7 +54,7 @@ pub fn store_striped(
             let (_, stripes) = grouping.grid(out_features, in_features)?;
             let striped = Striped::from_dense(w, stripes)?;
             let density = striped.density();
-            let dense = density > STRIPED_MAX_DENSITY;
+            let dense = density > STRIPED_MAX_DENSITY || striped.width() < STRIPED_MIN_WIDTH;
             stored.push(StoredMatrix {
                 name: m.param(l),
                 density,
