@@ -197,7 +197,7 @@ impl Pass for Bsp {
         let g = self.settings.grouping;
         let before = norms(&self.targets(&model)?, g)?;
         // 1. Reweighted group lasso.
-        let lassoed = self.lasso(&model, ctx, journal)?;
+        let (lassoed, lasso_log) = self.lasso(&model, ctx, journal)?;
         let lassoed_targets = self.targets(&lassoed)?;
         let after_lasso = norms(&lassoed_targets, g)?;
         // 2 and 3. Hard prune and masked retraining, in one or more rounds.
@@ -222,6 +222,7 @@ impl Pass for Bsp {
         ];
         let mut details = self.details(&masks, &log, &stored, &stages)?;
         details["rounds"] = Value::Array(rounds);
+        details["lasso_evaluations"] = json!(lasso_log.evaluations);
         ctx.log(&format!(
             "bsp: {}",
             details["summary"].as_str().unwrap_or_default()
@@ -239,8 +240,14 @@ impl Pass for Bsp {
 }
 
 impl Bsp {
-    /// Phase 1: training with the group-lasso penalty; the last parameters are kept.
-    fn lasso(&self, model: &Model, ctx: &StageContext, journal: &mut Journal) -> Result<Model> {
+    /// Phase 1: training with the group-lasso penalty; the last parameters are kept (its
+    /// evaluations go in the report: what the penalty costs before anything is pruned).
+    fn lasso(
+        &self,
+        model: &Model,
+        ctx: &StageContext,
+        journal: &mut Journal,
+    ) -> Result<(Model, TrainLog)> {
         let s = &self.settings;
         let data = training_data(ctx, &s.lasso)?;
         ctx.log(&format!(
@@ -254,7 +261,7 @@ impl Bsp {
             masks: None,
             keep_best: false,
         };
-        Ok(train_phase(ctx, journal, model, &s.lasso, &data, "lasso", phase)?.0)
+        train_phase(ctx, journal, model, &s.lasso, &data, "lasso", phase)
     }
 
     /// Phases 2 and 3 in `prune_rounds` rounds.
