@@ -105,3 +105,27 @@ fn gradual_rounds_reach_the_ratio_of_equal_width_stripes_in_steps() {
         "{rounds:?}"
     );
 }
+
+#[test]
+#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
+fn whole_rows_slice_ffn_neurons_and_compute_what_the_masked_model_did() {
+    let shared = fixtures_or_skip!();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("bsp");
+    let data = common::small_glue(&shared, "SST-2", 32);
+    let settings = "grouping = \"rows\"\nmatrices = [\"ffn-in\"]\nratio = 0.5\n[stages.lasso]\nevaluations = 1\n[stages.retrain]\nevaluations = 1";
+    let report = bsp(&shared, data.path(), &out, settings);
+    let stage = &report["stages"][0];
+    let d = &stage["details"];
+    // Half of each layer's 1536 FFN input rows are zero: those neurons are cut out.
+    assert_eq!(d["ffn_neurons_sliced"], 6 * 768, "{d}");
+    let config = common::read_json(&out.join("config.json"));
+    // Every layer keeps 768 neurons: a uniform shape, written as the standard field.
+    assert_eq!(config["intermediate_size"], 768, "{config}");
+    // Their constant outputs (GELU of the bias) moved into the output bias: the sliced model
+    // computes what the masked one did.
+    let kept = &d["retraining_kept"]["selection"];
+    let after = &stage["selection_after"];
+    let gap = (kept["loss"].as_f64().unwrap() - after["loss"].as_f64().unwrap()).abs();
+    assert!(gap < 1e-4, "masked {kept} vs sliced {after}");
+}

@@ -13,6 +13,9 @@
 //! weights the previous round's retraining left, on its own train sample, and only the last round
 //! keeps its best parameters (the earlier ones keep their last).
 //!
+//! Column stripes are then stored without the removed groups; with whole rows or columns, FFN
+//! neurons left without input or output are sliced out (see [`dead_neurons`]).
+//!
 //! A histogram of the group norms before the lasso, after it and after retraining is written
 //! beside the report (`bsp-group-norms.svg`).
 
@@ -23,6 +26,7 @@ use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+mod dead_neurons;
 mod penalty;
 mod storage;
 
@@ -39,6 +43,7 @@ use crate::train::checkpoint::TrainLog;
 use crate::train::fit::{fine_tune, Penalty, TrainRun, TrainSettings};
 use crate::train::lasso::Grouping;
 use crate::train::params::Trainable;
+use dead_neurons::slice_dead_neurons;
 use penalty::LassoPenalty;
 use storage::{store_striped, StoredMatrix};
 
@@ -209,11 +214,16 @@ impl Pass for Bsp {
         } = self.prune_and_retrain(lassoed, ctx, journal)?;
         let after = norms(&self.targets(&pruned)?, g)?;
         // 4. Storage that skips the removed groups.
-        let (pruned, stored) = match g {
+        // Whole rows and columns: FFN neurons left with no input or no output are sliced out.
+        let ((pruned, stored), neurons_sliced) = match g {
             Grouping::Stripes(_) | Grouping::StripeWidth(_) => {
-                store_striped(&pruned, &self.settings.matrices, g)?
+                (store_striped(&pruned, &self.settings.matrices, g)?, 0)
             }
-            _ => (pruned, Vec::new()),
+            Grouping::Rows | Grouping::Columns => {
+                let (sliced, count) = slice_dead_neurons(&pruned)?;
+                ((sliced, Vec::new()), count)
+            }
+            Grouping::Blocks(_) => ((pruned, Vec::new()), 0),
         };
         let stages = [
             ("fine-tuned", flat(&before)),
@@ -223,6 +233,7 @@ impl Pass for Bsp {
         let mut details = self.details(&masks, &log, &stored, &stages)?;
         details["rounds"] = Value::Array(rounds);
         details["lasso_evaluations"] = json!(lasso_log.evaluations);
+        details["ffn_neurons_sliced"] = json!(neurons_sliced);
         ctx.log(&format!(
             "bsp: {}",
             details["summary"].as_str().unwrap_or_default()
