@@ -9,6 +9,28 @@ use std::path::Path;
 
 use serde_json::Value;
 
+/// One bsp run on the first `rows` SST-2 sentences: its temporary directories and report.
+struct Run {
+    _tmp: tempfile::TempDir,
+    data: tempfile::TempDir,
+    out: std::path::PathBuf,
+    report: Value,
+}
+
+/// Runs `compress` with one bsp stage of `settings` on `rows` sentences of SST-2's train and dev.
+fn run_bsp(shared: &Path, rows: usize, settings: &str) -> Run {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("bsp");
+    let data = common::small_glue(shared, "SST-2", rows);
+    let report = bsp(shared, data.path(), &out, settings);
+    Run {
+        _tmp: tmp,
+        data,
+        out,
+        report,
+    }
+}
+
 /// Runs `compress` with one bsp stage of `settings` on the SST-2 data at `data`.
 fn bsp(shared: &Path, data: &Path, out: &Path, settings: &str) -> Value {
     let config = out.with_extension("toml");
@@ -25,11 +47,9 @@ fn bsp(shared: &Path, data: &Path, out: &Path, settings: &str) -> Value {
 #[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn bsp_prunes_the_asked_share_stores_stripes_and_reloads_equal() {
     let shared = fixtures_or_skip!();
-    let tmp = tempfile::tempdir().unwrap();
-    let out = tmp.path().join("bsp");
-    let data = common::small_glue(&shared, "SST-2", 64);
     let settings = "ratio = 0.875\nlambda = 0.1\n[stages.lasso]\nepochs = 3\nlearning_rate = 1e-3\nevaluations = 1\n[stages.retrain]\nevaluations = 2";
-    let report = bsp(&shared, data.path(), &out, settings);
+    let run = run_bsp(&shared, 64, settings);
+    let (report, out, data) = (&run.report, &run.out, &run.data);
     let stage = &report["stages"][0];
     let d = &stage["details"];
 
@@ -59,9 +79,9 @@ fn bsp_prunes_the_asked_share_stores_stripes_and_reloads_equal() {
     let removed = d["removed_weights"].as_u64().unwrap();
     let original = size(&shared.join("models/minilm-l6-sst2"));
     assert!(
-        size(&out) < original - removed * 4 * 9 / 10,
+        size(out) < original - removed * 4 * 9 / 10,
         "{} vs {original}",
-        size(&out)
+        size(out)
     );
     let config = common::read_json(&out.join("config.json"));
     assert_eq!(
@@ -69,7 +89,7 @@ fn bsp_prunes_the_asked_share_stores_stripes_and_reloads_equal() {
         "column-stripes"
     );
     assert!(out.join("bsp-group-norms.svg").is_file());
-    let eval = &common::eval_json(&out, "sst2", data.path())["sets"][0];
+    let eval = &common::eval_json(out, "sst2", data.path())["sets"][0];
     let dev = report["evaluation"]
         .as_array()
         .unwrap()
@@ -89,11 +109,8 @@ fn bsp_prunes_the_asked_share_stores_stripes_and_reloads_equal() {
 #[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn gradual_rounds_reach_the_ratio_of_equal_width_stripes_in_steps() {
     let shared = fixtures_or_skip!();
-    let tmp = tempfile::tempdir().unwrap();
-    let out = tmp.path().join("bsp");
-    let data = common::small_glue(&shared, "SST-2", 32);
     let settings = "grouping = { stripe-width = 16 }\nratio = 0.5\nthreshold = \"global\"\nprune_rounds = 2\n[stages.lasso]\nevaluations = 1\n[stages.retrain]\nevaluations = 1";
-    let report = bsp(&shared, data.path(), &out, settings);
+    let report = run_bsp(&shared, 32, settings).report;
     let d = &report["stages"][0]["details"];
     // Equal-size groups: half the groups is half the weights, whatever the matrix shapes.
     assert_eq!(d["compression"].as_f64().unwrap(), 2.0, "{d}");
@@ -110,16 +127,13 @@ fn gradual_rounds_reach_the_ratio_of_equal_width_stripes_in_steps() {
 #[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn whole_rows_slice_ffn_neurons_and_compute_what_the_masked_model_did() {
     let shared = fixtures_or_skip!();
-    let tmp = tempfile::tempdir().unwrap();
-    let out = tmp.path().join("bsp");
-    let data = common::small_glue(&shared, "SST-2", 32);
     let settings = "grouping = \"rows\"\nmatrices = [\"ffn-in\"]\nratio = 0.5\n[stages.lasso]\nevaluations = 1\n[stages.retrain]\nevaluations = 1";
-    let report = bsp(&shared, data.path(), &out, settings);
-    let stage = &report["stages"][0];
+    let run = run_bsp(&shared, 32, settings);
+    let stage = &run.report["stages"][0];
     let d = &stage["details"];
     // Half of each layer's 1536 FFN input rows are zero: those neurons are cut out.
     assert_eq!(d["ffn_neurons_sliced"], 6 * 768, "{d}");
-    let config = common::read_json(&out.join("config.json"));
+    let config = common::read_json(&run.out.join("config.json"));
     // Every layer keeps 768 neurons: a uniform shape, written as the standard field.
     assert_eq!(config["intermediate_size"], 768, "{config}");
     // Their constant outputs (GELU of the bias) moved into the output bias: the sliced model
