@@ -423,10 +423,7 @@ pub(crate) fn f32_slice<'s>(storage: &'s Storage, layout: &Layout) -> Result<&'s
     let Storage::Cpu(cpu) = storage else {
         candle_core::bail!("approximate attention runs on the CPU");
     };
-    let Some((from, to)) = layout.contiguous_offsets() else {
-        candle_core::bail!("approximate attention needs contiguous operands");
-    };
-    Ok(&cpu.as_slice::<f32>()?[from..to])
+    super::fastmath::contiguous_f32(cpu, layout, "approximate attention")
 }
 
 /// A mask `[batch, heads, queries, keys]`: 0 where [`gathered`] keeps a key, `f32::MIN` elsewhere.
