@@ -19,8 +19,8 @@ use crate::train::lasso::Grouping;
 pub const STRIPED_MAX_DENSITY: f64 = 0.21;
 
 /// The narrowest stripes that bench measured (48 columns, 8 stripes of 384). Narrower stripes
-/// run the dense product: a per-stripe gemm over 16 columns lost to it (a model of 16-column
-/// stripes ran one sentence 2.5× slower than the original).
+/// run the dense product: a per-stripe gemm over 16 columns lost to it (`bench` of a model of
+/// 16-column stripes stored before this rule: b1 p50 0.64×, b32 0.88× against the original).
 pub const STRIPED_MIN_WIDTH: usize = 48;
 
 /// How one matrix was stored.
