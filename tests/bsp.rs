@@ -1,7 +1,7 @@
 //! Block-structured pruning end to end on MiniLM with a little data: the lasso lowers the group
 //! norms, the hard prune removes the asked share of every matrix, the stripes run equal to the
 //! masked dense model, the stored file shrinks, and the exported model reloads equal to itself;
-//! gradual rounds reach the ratio in steps.
+//! gradual rounds reach the ratio in steps; the surgeon prunes with less output error.
 
 mod common;
 
@@ -142,4 +142,35 @@ fn whole_rows_slice_ffn_neurons_and_compute_what_the_masked_model_did() {
     let after = &stage["selection_after"];
     let gap = (kept["loss"].as_f64().unwrap() - after["loss"].as_f64().unwrap()).abs();
     assert!(gap < 1e-4, "masked {kept} vs sliced {after}");
+}
+
+#[test]
+#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
+fn the_surgeon_removes_the_same_share_with_less_output_error_than_magnitude() {
+    let shared = fixtures_or_skip!();
+    let settings = "grouping = { stripe-width = 16 }\nratio = 0.5\nthreshold = \"global\"\nlambda = 0.0\nhard_prune = \"obs\"\ncalibration = 32\n[stages.retrain]\nevaluations = 1";
+    let run = run_bsp(&shared, 32, settings);
+    let stage = &run.report["stages"][0];
+    let d = &stage["details"];
+    // λ = 0: no lasso phase.
+    assert_eq!(d["lasso_evaluations"].as_array().unwrap().len(), 0, "{d}");
+    // Each matrix loses the magnitude rule's share (up to rounding per block of columns).
+    let compression = d["compression"].as_f64().unwrap();
+    assert!((compression - 2.0).abs() < 0.02, "{compression}");
+    // On the calibration inputs, every matrix's outputs move less than with the magnitude
+    // rule's groups removed and no correction.
+    let fits = d["rounds"][0]["surgeon"].as_array().unwrap();
+    assert_eq!(fits.len(), 24, "four matrices in six layers");
+    for fit in fits {
+        let (error, magnitude) = (
+            fit["error"].as_f64().unwrap(),
+            fit["magnitude_error"].as_f64().unwrap(),
+        );
+        assert!(error > 0.0 && error < magnitude, "{fit}");
+    }
+    // The stored stripes compute what the masked model computed.
+    let kept = &d["retraining_kept"]["selection"];
+    let after = &stage["selection_after"];
+    let gap = (kept["loss"].as_f64().unwrap() - after["loss"].as_f64().unwrap()).abs();
+    assert!(gap < 1e-4, "masked {kept} vs stripes {after}");
 }

@@ -108,6 +108,14 @@ impl Attention {
         }
     }
 
+    /// The per-head contexts side by side, `[batch, seq, heads · head_size]`: the output
+    /// projection's input (inference path, every position).
+    pub fn flat_context(&self, x: &Tensor, mask_bias: &Tensor) -> Result<Tensor> {
+        let c = self.context(x, mask_bias, false, false)?;
+        let (b, n, t, d) = c.dims4()?;
+        c.transpose(1, 2)?.reshape((b, t, n * d))
+    }
+
     /// Dense attention context `[batch, seq_q, heads · head_size]`, ready for the output
     /// projection, in one fused kernel (inference only: no backward pass, no head gates).
     fn fused_context(&self, x: &Tensor, mask_bias: &Tensor, first_only: bool) -> Result<Tensor> {
@@ -271,6 +279,15 @@ fn gated_block(
 }
 
 impl EncoderLayer {
+    /// The states leaving the attention block (entering the FFN) on `x` (inference path; `x`
+    /// itself when the block is removed).
+    pub fn after_attention(&self, x: &Tensor, mask_bias: &Tensor) -> Result<Tensor> {
+        match &self.attention {
+            Some(att) => att.forward(x, mask_bias, None, false, false),
+            None => Ok(x.clone()),
+        }
+    }
+
     /// Runs the layer on `[batch, seq, hidden]`; with `first_only` the output is `[batch, 1, hidden]`
     /// for the first position only (exactly what the full run gives there).
     pub fn forward(

@@ -77,7 +77,7 @@ impl FfnCompensation {
         let inputs = ffn_inputs(layer, entering, batches)?;
         let mut equations = NormalEquations::new(width, 1)?;
         for (x, batch) in inputs.iter().zip(batches) {
-            let rows = real_rows(batch)?;
+            let rows = real_rows(&batch.inputs)?;
             let features = select_rows(&ffn.activations(x)?, &rows)?;
             let zeros = Tensor::zeros((features.dim(0)?, 1), DType::F32, &Device::Cpu)?;
             equations.add(&features, &zeros)?;

@@ -19,6 +19,7 @@ use super::ridge::{Fit, NormalEquations};
 use super::select::{cache_budget, cached_batches};
 use crate::analyze::AnalysisBatch;
 use crate::model::encoder::{Attention, EncoderLayer, FeedForward};
+use crate::model::inputs::Inputs;
 use crate::model::linear::Linear;
 use crate::model::Model;
 
@@ -88,7 +89,7 @@ impl Block {
             return None;
         }
         match self {
-            Block::Attention => (layer.attention.as_ref()).map(|a| flat_context(a, x, mask)),
+            Block::Attention => (layer.attention.as_ref()).map(|a| a.flat_context(x, mask)),
             Block::Ffn => (layer.ffn.as_ref()).map(|f| f.activations(x)),
         }
     }
@@ -189,7 +190,10 @@ pub fn reconstruct(
     );
     let mut out = pruned.clone();
     let mut states = States::new(original, pruned, batches)?;
-    let rows: Vec<Tensor> = batches.iter().map(real_rows).collect::<Result<_>>()?;
+    let rows: Vec<Tensor> = batches
+        .iter()
+        .map(|b| real_rows(&b.inputs))
+        .collect::<Result<_>>()?;
     let mut fits = Vec::new();
     for l in 0..out.num_layers() {
         for block in [Block::Attention, Block::Ffn] {
@@ -289,9 +293,9 @@ pub(super) fn ffn_inputs(
         .collect()
 }
 
-/// Indices (into `[batch · seq]`) of the batch's real tokens.
-pub(super) fn real_rows(batch: &AnalysisBatch) -> Result<Tensor> {
-    let bias: Vec<f32> = batch.inputs.mask_bias.flatten_all()?.to_vec1()?;
+/// Indices (into `[batch · seq]`) of the real (not padding) tokens of `inputs`.
+pub(super) fn real_rows(inputs: &Inputs) -> Result<Tensor> {
+    let bias: Vec<f32> = inputs.mask_bias.flatten_all()?.to_vec1()?;
     let real: Vec<u32> = (0..bias.len() as u32)
         .filter(|&i| bias[i as usize] == 0.0)
         .collect();
@@ -304,19 +308,12 @@ pub(super) fn select_rows(t: &Tensor, rows: &Tensor) -> Result<Tensor> {
     Ok(t.reshape(((), n))?.index_select(rows, 0)?)
 }
 
-/// The per-head contexts of `att` on `x`, side by side: `[batch, seq, heads · head_size]`.
-fn flat_context(att: &Attention, x: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
-    let c = att.context(x, mask, false, false)?;
-    let (b, n, t, d) = c.dims4()?;
-    c.transpose(1, 2)?.reshape((b, t, n * d))
-}
-
 /// The attention block's pre-LayerNorm sum `x + W_o·context + b_o` (`x` for a removed block).
 fn attention_sum(att: Option<&Attention>, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
     Ok(match att {
         None => x.clone(),
         Some(a) if a.heads.is_empty() => x.broadcast_add(&a.output.bias)?,
-        Some(a) => (x + a.output.forward(&flat_context(a, x, mask)?)?)?,
+        Some(a) => (x + a.output.forward(&a.flat_context(x, mask)?)?)?,
     })
 }
 
@@ -339,7 +336,7 @@ pub fn hidden_errors(
     let layers = original.num_layers();
     let (mut err, mut norm) = (vec![0f64; layers], vec![0f64; layers]);
     for batch in batches {
-        let rows = real_rows(batch)?;
+        let rows = real_rows(&batch.inputs)?;
         let (mut h, mut g) = (
             original.embed(&batch.inputs, false)?,
             model.embed(&batch.inputs, false)?,

@@ -124,20 +124,7 @@ impl NormalEquations {
 /// Solves `S X = B` in place for symmetric positive definite `S` (`n × n`, row-major, replaced by
 /// its Cholesky factor) and `B` (`n × m`, row-major, replaced by `X`).
 pub(super) fn cholesky_solve(s: &mut [f64], n: usize, b: &mut [f64], m: usize) -> Result<()> {
-    for j in 0..n {
-        let row_j = &s[j * n..j * n + j];
-        let d = s[j * n + j] - dot(row_j, row_j);
-        if d <= 0.0 || !d.is_finite() {
-            bail!("reconstruction: the regularised normal equations are not positive definite (column {j})");
-        }
-        s[j * n + j] = d.sqrt();
-        for i in j + 1..n {
-            let (upper, lower) = s.split_at_mut(i * n);
-            let row_j = &upper[j * n..j * n + j + 1];
-            let row_i = &mut lower[..n];
-            row_i[j] = (row_i[j] - dot(&row_i[..j], &row_j[..j])) / row_j[j];
-        }
-    }
+    cholesky(s, n)?;
     // L Y = B, then Lᵀ X = Y, a row of m right-hand sides at a time.
     for i in 0..n {
         let (solved, rest) = b.split_at_mut(i * m);
@@ -159,7 +146,27 @@ pub(super) fn cholesky_solve(s: &mut [f64], n: usize, b: &mut [f64], m: usize) -
     Ok(())
 }
 
-fn dot(a: &[f64], b: &[f64]) -> f64 {
+/// Factors symmetric positive definite `s` (`n × n`, row-major) as `L Lᵀ` in place: `L` fills
+/// the lower triangle and the diagonal; the strict upper triangle is left as it was.
+pub(super) fn cholesky(s: &mut [f64], n: usize) -> Result<()> {
+    for j in 0..n {
+        let row_j = &s[j * n..j * n + j];
+        let d = s[j * n + j] - dot(row_j, row_j);
+        if d <= 0.0 || !d.is_finite() {
+            bail!("the regularised normal equations are not positive definite (column {j})");
+        }
+        s[j * n + j] = d.sqrt();
+        for i in j + 1..n {
+            let (upper, lower) = s.split_at_mut(i * n);
+            let row_j = &upper[j * n..j * n + j + 1];
+            let row_i = &mut lower[..n];
+            row_i[j] = (row_i[j] - dot(&row_i[..j], &row_j[..j])) / row_j[j];
+        }
+    }
+    Ok(())
+}
+
+pub(super) fn dot(a: &[f64], b: &[f64]) -> f64 {
     let mut acc = [0f64; 4];
     let (a4, b4) = (a.chunks_exact(4), b.chunks_exact(4));
     let tail: f64 = a4
@@ -176,7 +183,7 @@ fn dot(a: &[f64], b: &[f64]) -> f64 {
     acc.iter().sum::<f64>() + tail
 }
 
-fn axpy(y: &mut [f64], a: f64, x: &[f64]) {
+pub(super) fn axpy(y: &mut [f64], a: f64, x: &[f64]) {
     for (y, x) in y.iter_mut().zip(x) {
         *y += a * x;
     }

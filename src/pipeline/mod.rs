@@ -66,7 +66,7 @@ pub enum StageSpec {
     /// Fine-tuning (distillation from the input model) to recover accuracy.
     Recover(TrainSettings),
     /// Block-structured pruning: group lasso, hard prune, masked retraining.
-    Bsp(BspSettings),
+    Bsp(Box<BspSettings>),
 }
 
 impl StageSpec {
@@ -91,7 +91,7 @@ impl StageSpec {
             StageSpec::Quantize(settings) => Ok(Box::new(Quantize::new(settings.clone())?)),
             StageSpec::Attention(settings) => Ok(Box::new(AttentionPass::new(settings.clone())?)),
             StageSpec::Recover(settings) => Ok(Box::new(Recover::new(settings.clone())?)),
-            StageSpec::Bsp(settings) => Ok(Box::new(Bsp::new(settings.clone())?)),
+            StageSpec::Bsp(settings) => Ok(Box::new(Bsp::new(settings.as_ref().clone())?)),
         }
     }
 }

@@ -2,9 +2,11 @@
 //!
 //! 1. **Reweighted group lasso**: train with `λ Σ_g γ_g ‖W_g‖₂` added over the groups of the
 //!    chosen encoder matrices ([`crate::train::lasso`]); γ is refreshed from the weights at each
-//!    evaluation point (so a resumed run refreshes it from the same weights).
+//!    evaluation point (so a resumed run refreshes it from the same weights). λ = 0 skips it.
 //! 2. **Hard prune**: zero the groups with the smallest norms, a `ratio` of each matrix's groups
-//!    (or of all groups against one global threshold).
+//!    (or of all groups against one global threshold). With `hard_prune = "obs"` each matrix
+//!    loses as many groups, but the optimal brain surgeon chooses them on calibration sentences
+//!    and corrects the weights that stay ([`obs`]).
 //! 3. **Masked retraining**: train again with the pruned groups held at zero, keeping the
 //!    parameters that score best on the selection split.
 //!
@@ -27,19 +29,23 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 mod dead_neurons;
+mod obs;
 mod penalty;
 mod storage;
+mod surgeon;
 
 use super::journal::Journal;
 use super::{Pass, PassOutput, StageContext};
 use crate::analyze::plots::histogram;
 use crate::bench::median;
-use crate::data::batch::{encode, EncodedSet};
+use crate::data::batch::{encode, length_buckets, EncodedSet};
 use crate::data::splits::train_sample;
 use crate::model::encoder::EncoderLayer;
+use crate::model::inputs::{Inputs, Sequence};
 use crate::model::linear::{Linear, Weight};
 use crate::model::Model;
-use crate::train::checkpoint::TrainLog;
+use crate::progress;
+use crate::train::checkpoint::{Evaluation, TrainLog};
 use crate::train::fit::{fine_tune, Penalty, TrainRun, TrainSettings};
 use crate::train::lasso::Grouping;
 use crate::train::params::Trainable;
@@ -94,6 +100,17 @@ pub enum Threshold {
     Global,
 }
 
+/// How the hard prune chooses the groups it removes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HardPrune {
+    /// The smallest group norms (the authors').
+    Magnitude,
+    /// As many groups per matrix, chosen and compensated by the optimal brain surgeon on
+    /// calibration sentences ([`obs`]).
+    Obs,
+}
+
 /// Settings of the bsp pass (`[[stages]]` keys; `[stages.lasso]` and `[stages.retrain]` are
 /// the two training phases).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -111,6 +128,10 @@ pub struct BspSettings {
     pub threshold: Threshold,
     /// Prune-and-retrain rounds that reach `ratio` gradually (1: one hard prune).
     pub prune_rounds: usize,
+    /// How the hard prune chooses the groups.
+    pub hard_prune: HardPrune,
+    /// Train sentences whose inputs the surgeon fits (`hard_prune = "obs"`).
+    pub calibration: usize,
     /// Phase 1: training with the penalty (the last parameters are kept).
     pub lasso: TrainSettings,
     /// Phase 3: training with the removed groups masked (the best on selection is kept).
@@ -132,6 +153,8 @@ impl Default for BspSettings {
             ratio: 0.5,
             threshold: Threshold::PerMatrix,
             prune_rounds: 1,
+            hard_prune: HardPrune::Magnitude,
+            calibration: 1024,
             lasso: TrainSettings::default(),
             retrain: TrainSettings::default(),
         }
@@ -149,8 +172,8 @@ impl Bsp {
         if !(settings.ratio > 0.0 && settings.ratio < 1.0) {
             bail!("bsp: ratio must be in (0, 1), e.g. 0.5");
         }
-        if settings.prune_rounds == 0 {
-            bail!("bsp: prune_rounds must be at least 1");
+        if settings.prune_rounds == 0 || settings.calibration == 0 {
+            bail!("bsp: prune_rounds and calibration must be at least 1");
         }
         if settings.matrices.is_empty() || settings.lambda.is_nan() || settings.lambda < 0.0 {
             bail!("bsp: name at least one matrix, and a lambda ≥ 0");
@@ -202,7 +225,7 @@ impl Pass for Bsp {
         let g = self.settings.grouping;
         let before = norms(&self.targets(&model)?, g)?;
         // 1. Reweighted group lasso.
-        let (lassoed, lasso_log) = self.lasso(&model, ctx, journal)?;
+        let (lassoed, lasso_evaluations) = self.lasso(&model, ctx, journal)?;
         let lassoed_targets = self.targets(&lassoed)?;
         let after_lasso = norms(&lassoed_targets, g)?;
         // 2 and 3. Hard prune and masked retraining, in one or more rounds.
@@ -232,7 +255,7 @@ impl Pass for Bsp {
         ];
         let mut details = self.details(&masks, &log, &stored, &stages)?;
         details["rounds"] = Value::Array(rounds);
-        details["lasso_evaluations"] = json!(lasso_log.evaluations);
+        details["lasso_evaluations"] = json!(lasso_evaluations);
         details["ffn_neurons_sliced"] = json!(neurons_sliced);
         ctx.log(&format!(
             "bsp: {}",
@@ -252,14 +275,19 @@ impl Pass for Bsp {
 
 impl Bsp {
     /// Phase 1: training with the group-lasso penalty; the last parameters are kept (its
-    /// evaluations go in the report: what the penalty costs before anything is pruned).
+    /// evaluations go in the report: what the penalty costs before anything is pruned). None
+    /// at λ = 0.
     fn lasso(
         &self,
         model: &Model,
         ctx: &StageContext,
         journal: &mut Journal,
-    ) -> Result<(Model, TrainLog)> {
+    ) -> Result<(Model, Vec<Evaluation>)> {
         let s = &self.settings;
+        if s.lambda == 0.0 {
+            ctx.log("bsp: λ = 0, no group-lasso phase");
+            return Ok((model.clone(), Vec::new()));
+        }
         let data = training_data(ctx, &s.lasso)?;
         ctx.log(&format!(
             "bsp: group lasso on {} train examples",
@@ -272,7 +300,8 @@ impl Bsp {
             masks: None,
             keep_best: false,
         };
-        train_phase(ctx, journal, model, &s.lasso, &data, "lasso", phase)
+        let (lassoed, log) = train_phase(ctx, journal, model, &s.lasso, &data, "lasso", phase)?;
+        Ok((lassoed, log.evaluations))
     }
 
     /// Phases 2 and 3 in `prune_rounds` rounds.
@@ -287,8 +316,10 @@ impl Bsp {
         for round in 1..=rounds {
             let ratio = scheduled_ratio(self.settings.ratio, round, rounds);
             let masks = self.masks(&self.targets(&model)?, ratio)?;
-            let (retrained, log) = self.retrain(&model, &masks, round, ctx, journal)?;
-            summary.push(json!({"round": round, "ratio": ratio, "kept": log.best}));
+            let (pruned, masks, fits) = self.hard_prune(model, masks, round, ctx)?;
+            let (retrained, log) = self.retrain(&pruned, &masks, round, ctx, journal)?;
+            summary
+                .push(json!({"round": round, "ratio": ratio, "surgeon": fits, "kept": log.best}));
             model = retrained;
             last = Some((masks, log));
         }
@@ -299,6 +330,31 @@ impl Bsp {
             log,
             rounds: summary,
         })
+    }
+
+    /// Phase 2 of round `round`: the magnitude rule's `masks` as they are, or the surgeon's
+    /// groups at the same share per matrix (the model with the groups removed, the masks, and
+    /// the surgeon's errors per matrix).
+    fn hard_prune(
+        &self,
+        model: Model,
+        masks: BTreeMap<String, Tensor>,
+        round: usize,
+        ctx: &StageContext,
+    ) -> Result<(Model, BTreeMap<String, Tensor>, Vec<obs::MatrixFit>)> {
+        if self.settings.hard_prune == HardPrune::Magnitude {
+            return Ok((model, masks, Vec::new()));
+        }
+        let seed = self.settings.retrain.seed + (round - 1) as u64;
+        let calibration = calibration_batches(ctx, self.settings.calibration, seed)?;
+        ctx.log(&format!(
+            "bsp: surgeon prune on {} calibration sentences",
+            self.settings.calibration
+        ));
+        let bar = progress::bar(masks.len() as u64, "bsp surgeon", ctx.quiet);
+        let surgery = obs::operate(&model, &masks, self.settings.grouping, &calibration, &bar)?;
+        bar.finish_and_clear();
+        Ok((surgery.model, surgery.masks, surgery.fits))
     }
 
     /// Phase 3 of round `round`: training with the removed groups held at zero. The last round
@@ -396,6 +452,19 @@ fn train_phase(
 fn training_data(ctx: &StageContext, settings: &TrainSettings) -> Result<EncodedSet> {
     let (train, _) = train_sample(ctx.data, settings.train_limit, settings.seed)?;
     encode(&train, "", ctx.encoder)
+}
+
+/// A seeded sample of `count` train sentences in length-sorted batches (the surgeon's inputs).
+fn calibration_batches(ctx: &StageContext, count: usize, seed: u64) -> Result<Vec<Inputs>> {
+    let (sample, _) = train_sample(ctx.data, Some(count), seed)?;
+    let set = encode(&sample, "", ctx.encoder)?;
+    length_buckets(&set.sequences, ctx.batch_size)
+        .iter()
+        .map(|batch| {
+            let seqs: Vec<&Sequence> = batch.iter().map(|&i| &set.sequences[i]).collect();
+            Inputs::from_sequences(&ctx.original.config, &seqs)
+        })
+        .collect()
 }
 
 /// The share of groups removed after `round` of `rounds`: `ratio · (1 − (1 − round/rounds)³)`.
