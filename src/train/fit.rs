@@ -10,6 +10,7 @@ use anyhow::{bail, Result};
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
+use super::augment::replace_tokens;
 use super::checkpoint::{self, Evaluation, TrainLog};
 use super::loss::Objective;
 use super::optimizer::{AdamSettings, AdamW};
@@ -54,6 +55,9 @@ pub struct TrainSettings {
     pub hidden_weight: f64,
     /// The model distilled (directory or hub id); unset: the run's input model.
     pub teacher: Option<String>,
+    /// Probability that each ordinary token of a training sentence is replaced by one from
+    /// another sentence of the batch ([`super::augment`]); pure distillation only.
+    pub augment: f64,
 }
 
 impl Default for TrainSettings {
@@ -73,6 +77,7 @@ impl Default for TrainSettings {
             temperature: 2.0,
             hidden_weight: 0.0,
             teacher: None,
+            augment: 0.0,
         }
     }
 }
@@ -88,6 +93,9 @@ impl TrainSettings {
         }
         if !(0.0..1.0).contains(&self.warmup) || self.temperature <= 0.0 {
             bail!("{stage}: warmup must be in [0, 1) and temperature above 0");
+        }
+        if !(0.0..1.0).contains(&self.augment) || (self.augment > 0.0 && self.task_weight > 0.0) {
+            bail!("{stage}: augment must be in [0, 1), and 0 when task_weight is above 0 (an altered sentence may not fit its gold label)");
         }
         let weights = [self.task_weight, self.distill_weight, self.hidden_weight];
         if weights.iter().any(|w| w.is_nan() || *w < 0.0) || weights.iter().all(|w| *w == 0.0) {
@@ -111,6 +119,9 @@ impl TrainSettings {
 
 /// A regulariser added to the loss, given the parameters and the step.
 pub type Penalty<'a> = dyn Fn(&Trainable, usize) -> Result<Tensor> + 'a;
+
+/// Mixes an epoch or step number into a seed (the golden-ratio constant of SplitMix64).
+const SEED_MIX: u64 = 0x9e37_79b9_7f4a_7c15;
 
 /// Examples sorted by length within windows of this many batches, so that a batch pads little.
 const SORT_WINDOW: usize = 50;
@@ -185,6 +196,8 @@ struct Trainer<'r, 'a> {
     per_epoch: usize,
     /// Steps between evaluations.
     every: usize,
+    /// Token replacement probability and seed.
+    augment: (f64, u64),
 }
 
 impl<'r, 'a> Trainer<'r, 'a> {
@@ -215,6 +228,7 @@ impl<'r, 'a> Trainer<'r, 'a> {
             lengths,
             per_epoch,
             every: total.div_ceil(settings.evaluations.max(1)),
+            augment: (settings.augment, settings.seed),
         })
     }
 
@@ -239,7 +253,14 @@ impl<'r, 'a> Trainer<'r, 'a> {
     /// One optimizer step on `examples`; returns the loss and the learning rate.
     fn step(&mut self, step: usize, examples: Vec<usize>) -> Result<(f32, f64)> {
         let (run, model) = (self.run, &self.trainable.model);
-        let batch = batch(model, run.data, run.labels, examples)?;
+        let batch = match self.augment {
+            (p, seed) if p > 0.0 => {
+                let mut altered = run.data.subset(&examples);
+                replace_tokens(&mut altered, p, seed ^ (step as u64).wrapping_mul(SEED_MIX));
+                batch(model, &altered, run.labels, (0..examples.len()).collect())?
+            }
+            _ => batch(model, run.data, run.labels, examples)?,
+        };
         let mut loss = self.objective.loss(model, run.teacher, &batch)?;
         if let Some(penalty) = run.penalty {
             loss = (loss + penalty(&self.trainable, step)?)?;
@@ -296,7 +317,7 @@ pub fn epoch_batches(
     seed: u64,
     epoch: usize,
 ) -> Vec<Vec<usize>> {
-    let mut rng = SplitMix64::new(seed ^ (epoch as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    let mut rng = SplitMix64::new(seed ^ (epoch as u64).wrapping_mul(SEED_MIX));
     let mut order: Vec<usize> = (0..lengths.len()).collect();
     shuffle(&mut order, &mut rng);
     for window in order.chunks_mut(batch_size * SORT_WINDOW) {
@@ -331,5 +352,18 @@ mod tests {
             spread < a.len() * 10,
             "batches are sorted by length within windows"
         );
+    }
+
+    #[test]
+    fn augmentation_is_refused_beside_the_task_loss() {
+        let with = |task_weight: f64, augment: f64| TrainSettings {
+            task_weight,
+            augment,
+            ..TrainSettings::default()
+        };
+        assert!(with(0.0, 0.2).check("t").is_ok());
+        assert!(with(1.0, 0.2).check("t").is_err());
+        assert!(with(1.0, 0.0).check("t").is_ok());
+        assert!(with(0.0, 1.0).check("t").is_err());
     }
 }
