@@ -133,14 +133,16 @@ impl Weight {
         }
     }
 
-    /// The matrix itself when it is stored and run as one dense f32 tensor.
-    fn plain_f32(&self) -> Option<&Tensor> {
+    /// The matrix itself when it runs as one dense f32 tensor at `rows` input rows (stored so,
+    /// or a striped matrix that runs dense).
+    fn plain_f32(&self, rows: usize) -> Option<&Tensor> {
         match self {
             Weight::Dense(w)
             | Weight::Stacked(Stack {
                 fused: Some(Fused::F32(w)),
                 ..
             }) => Some(w),
+            Weight::Striped(s) => s.dense_for(rows),
             _ => None,
         }
     }
@@ -216,7 +218,12 @@ impl Weight {
     pub fn narrow_rows(&self, start: usize, len: usize) -> Result<Weight> {
         match self {
             Weight::Dense(w) => Ok(Weight::Dense(w.narrow(0, start, len)?)),
-            Weight::Striped(s) => Ok(Weight::Striped(s.narrow_rows(start, len)?)),
+            // A matrix that runs dense is narrowed as a view (this runs on every forward pass
+            // that computes only some rows), not rebuilt stripe by stripe.
+            Weight::Striped(s) => match s.dense_for(usize::MAX) {
+                Some(dense) => Ok(Weight::Dense(dense.narrow(0, start, len)?)),
+                None => Ok(Weight::Striped(s.narrow_rows(start, len)?)),
+            },
             Weight::Quantized(q) => Ok(Weight::Quantized(
                 q.select_rows(&(start..start + len).collect::<Vec<_>>())?,
             )),
@@ -316,12 +323,12 @@ impl Linear {
 
     /// Applies the layer to `x` of shape `[..., in]` as one 2-D matrix product.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if let Some(w) = self.weight.plain_f32() {
-            return super::dense_product::linear(x, w, &self.bias);
-        }
         let dims = x.dims().to_vec();
         let inner = dims[dims.len() - 1];
         let rows = x.elem_count() / inner.max(1);
+        if let Some(w) = self.weight.plain_f32(rows) {
+            return super::dense_product::linear(x, w, &self.bias);
+        }
         let out = self
             .weight
             .matmul_t_bias(&x.reshape((rows, inner))?, &self.bias)?;

@@ -134,6 +134,17 @@ impl Striped {
         self.dense.is_some()
     }
 
+    /// The materialised dense matrix when `rows` input rows run on it (a matrix that runs dense,
+    /// at more rows than the direct products take).
+    pub fn dense_for(&self, rows: usize) -> Option<&Tensor> {
+        self.dense.as_ref().filter(|_| !self.runs_direct(rows))
+    }
+
+    /// True when `rows` input rows run by direct dot products.
+    fn runs_direct(&self, rows: usize) -> bool {
+        rows as f64 * self.density() <= DIRECT_WORK
+    }
+
     /// The same matrix, run dense (`true`) or stripe by stripe.
     pub fn with_dense_execution(mut self, dense: bool) -> Result<Self> {
         self.dense = match dense {
@@ -169,7 +180,7 @@ impl Striped {
     /// the kept outputs of every row — or the dense product, when the matrix runs dense.
     pub fn matmul_t(&self, x: &Tensor) -> Result<Tensor> {
         let (n, out) = (x.dim(0)?, self.dims.0);
-        if n as f64 * self.density() <= DIRECT_WORK {
+        if self.runs_direct(n) {
             return self.matmul_t_direct(x);
         }
         if let Some(d) = &self.dense {
