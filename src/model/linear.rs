@@ -220,10 +220,10 @@ impl Weight {
             Weight::Dense(w) => Ok(Weight::Dense(w.narrow(0, start, len)?)),
             // A matrix that runs dense is narrowed as a view (this runs on every forward pass
             // that computes only some rows), not rebuilt stripe by stripe.
-            Weight::Striped(s) => match s.dense_for(usize::MAX) {
-                Some(dense) => Ok(Weight::Dense(dense.narrow(0, start, len)?)),
-                None => Ok(Weight::Striped(s.narrow_rows(start, len)?)),
-            },
+            Weight::Striped(s) if s.dense_execution() => {
+                Ok(Weight::Dense(s.to_dense()?.narrow(0, start, len)?))
+            }
+            Weight::Striped(s) => Ok(Weight::Striped(s.narrow_rows(start, len)?)),
             Weight::Quantized(q) => Ok(Weight::Quantized(
                 q.select_rows(&(start..start + len).collect::<Vec<_>>())?,
             )),

@@ -36,12 +36,12 @@ mod surgeon;
 
 use super::journal::Journal;
 use super::{Pass, PassOutput, StageContext};
-use crate::analyze::plots::histogram;
+use crate::analyze::{self, plots::histogram};
 use crate::bench::median;
-use crate::data::batch::{encode, length_buckets, EncodedSet};
+use crate::data::batch::{encode, EncodedSet};
 use crate::data::splits::train_sample;
 use crate::model::encoder::EncoderLayer;
-use crate::model::inputs::{Inputs, Sequence};
+use crate::model::inputs::Inputs;
 use crate::model::linear::{Linear, Weight};
 use crate::model::Model;
 use crate::progress;
@@ -458,13 +458,8 @@ fn training_data(ctx: &StageContext, settings: &TrainSettings) -> Result<Encoded
 fn calibration_batches(ctx: &StageContext, count: usize, seed: u64) -> Result<Vec<Inputs>> {
     let (sample, _) = train_sample(ctx.data, Some(count), seed)?;
     let set = encode(&sample, "", ctx.encoder)?;
-    length_buckets(&set.sequences, ctx.batch_size)
-        .iter()
-        .map(|batch| {
-            let seqs: Vec<&Sequence> = batch.iter().map(|&i| &set.sequences[i]).collect();
-            Inputs::from_sequences(&ctx.original.config, &seqs)
-        })
-        .collect()
+    let batches = analyze::batches(ctx.original, &set, ctx.labels, ctx.batch_size)?;
+    Ok(batches.into_iter().map(|b| b.inputs).collect())
 }
 
 /// The share of groups removed after `round` of `rounds`: `ratio · (1 − (1 − round/rounds)³)`.
