@@ -244,6 +244,11 @@ pub struct PruneFlags {
     /// but over-fits the selection split, measured in the README].
     #[arg(long)]
     pub compensate: Option<bool>,
+    /// Under size / speed with a recovery after the prune (--recover): how far below the floor
+    /// the prune may go, in multiples of --max-drop; the recovery is to win it back, and the
+    /// result is judged against --max-drop itself [default: 4].
+    #[arg(long)]
+    pub recover_slack: Option<f64>,
 }
 
 /// Settings of a quantize stage. Unset flags take their defaults, or a config's values.
@@ -336,6 +341,10 @@ pub struct PruneArgs {
     /// `recover` stage with its defaults; the best parameters on the selection split are kept).
     #[arg(long, value_name = "EXAMPLES")]
     pub recover: Option<usize>,
+    /// With --recover: replace each ordinary token of a training sentence, with probability P,
+    /// by a token of another sentence of the batch (augmented distillation) [default: 0].
+    #[arg(long, value_name = "P", requires = "recover")]
+    pub augment: Option<f64>,
     /// Tolerance, test data, resume.
     #[command(flatten)]
     pub run: RunArgs,

@@ -222,6 +222,8 @@ fn prune_with_recover_runs_a_recovery_stage_after_pruning() {
         "size",
         "--recover",
         "32",
+        "--augment",
+        "0.2",
     ];
     let o = common::run_stage("prune", &model, data.path(), &tmp.path().join("p"), &extra);
     let report = common::json_stdout(&o);
@@ -230,6 +232,12 @@ fn prune_with_recover_runs_a_recovery_stage_after_pruning() {
     assert_eq!(stages[1]["pass"], "recover");
     assert_eq!(stages[1]["details"]["train_examples"], 32);
     assert_eq!(stages[1]["settings"]["train_limit"], 32);
+    assert_eq!(stages[1]["settings"]["augment"], 0.2);
+    assert_eq!(stages[0]["settings"]["recover_slack"], 4.0);
+    assert!(
+        stages[0]["alternatives"].is_null(),
+        "with a recovery after it, the size prune does not re-fit (no unfitted alternative)"
+    );
     let before = stages[1]["selection_before"]["metric"].as_f64().unwrap();
     let after = stages[1]["selection_after"]["metric"].as_f64().unwrap();
     assert!(

@@ -61,6 +61,7 @@ impl PruneFlags {
             ridge: self.ridge.unwrap_or(settings.ridge),
             share_tolerance: settings.share_tolerance,
             reconstruct_slack: settings.reconstruct_slack,
+            recover_slack: self.recover_slack.unwrap_or(settings.recover_slack),
             rounds: self.rounds.unwrap_or(settings.rounds),
             compensate: self.compensate.unwrap_or(settings.compensate),
         }

@@ -15,6 +15,7 @@ pub fn run(args: &PruneArgs, cli: &Cli) -> Result<()> {
     if let Some(examples) = args.recover {
         stages.push(StageSpec::Recover(TrainSettings {
             train_limit: Some(examples),
+            augment: args.augment.unwrap_or_default(),
             ..TrainSettings::default()
         }));
     }

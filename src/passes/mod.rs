@@ -62,6 +62,11 @@ pub trait Pass {
     /// Runs the pass on `model`, recording its decisions in `journal`; returns the new model and
     /// the pass's own report.
     fn run(&self, model: Model, ctx: &StageContext, journal: &mut Journal) -> Result<PassOutput>;
+    /// True for a stage that trains the model back towards the original (`recover`): the
+    /// stages before it may spend more of the tolerance.
+    fn recovers(&self) -> bool {
+        false
+    }
 }
 
 /// What a pass returns.
@@ -107,6 +112,8 @@ pub struct StageContext<'a> {
     pub batches: &'a SelectionBatches<'a>,
     /// The lowest selection metric the whole run may end with (`None` without a `max_drop`).
     pub floor: Option<f64>,
+    /// A later stage trains the model back towards the original ([`Pass::recovers`]).
+    pub recovery_follows: bool,
     /// Position of this stage in the pipeline (0-based), for journal step names.
     pub stage: usize,
     /// Sentences per batch.

@@ -79,8 +79,9 @@ pub struct PruneSettings {
     pub significance: Option<PathBuf>,
     /// Re-fit the output projections layer by layer after each level ([`reconstruct`]); unset:
     /// under size and speed, where it holds the tolerance on unseen data, but not under
-    /// accuracy, where the removals that help the task would be fitted back towards the original
-    /// (both measured; see the README).
+    /// accuracy, where the removals that help the task would be fitted back towards the original,
+    /// nor when a recovery stage follows, where the re-fit of a deep prune over-fits the
+    /// selection split and training never beats it there (all measured; see the README).
     pub reconstruct: Option<bool>,
     /// Ridge strength of the re-fit.
     pub ridge: f64,
@@ -89,6 +90,10 @@ pub struct PruneSettings {
     /// With reconstruction under size / speed: how far below its floor a level's search may go
     /// before the re-fit, in multiples of the allowance.
     pub reconstruct_slack: f64,
+    /// Under size / speed with a recovery stage after this one: how far below the run's floor
+    /// the prune may go, in multiples of the allowance; the recovery is to win it back, and the
+    /// run's result is judged against the floor itself.
+    pub recover_slack: f64,
     /// Passes over the levels: a later round re-ranks and retries on the re-fit model (it stops
     /// early when a round removes nothing). More than one over-fits the selection split (measured).
     pub rounds: usize,
@@ -111,6 +116,7 @@ impl Default for PruneSettings {
             ridge: DEFAULT_RIDGE,
             share_tolerance: true,
             reconstruct_slack: 3.0,
+            recover_slack: 4.0,
             rounds: 1,
             compensate: false,
         }
@@ -214,19 +220,30 @@ impl Prune {
         }
     }
 
-    /// Whether levels are re-fit: as set, else under size and speed only.
-    fn reconstructs(&self) -> bool {
+    /// Whether levels are re-fit: as set, else under size and speed when no recovery follows.
+    fn reconstructs(&self, recovery_follows: bool) -> bool {
         self.settings
             .reconstruct
-            .unwrap_or(self.settings.mode != Mode::Accuracy)
+            .unwrap_or(self.settings.mode != Mode::Accuracy && !recovery_follows)
+    }
+
+    /// The stage's rule: under size / speed with a recovery after it, `recover_slack` times the
+    /// allowance (from the stage's `start` metric) below the run's floor.
+    fn stage_rule(&self, rule: Rule, start: f64, recovery_follows: bool) -> Rule {
+        match rule {
+            Rule::AtLeast(f) if recovery_follows && start > f => {
+                Rule::AtLeast(f - self.settings.recover_slack * (start - f))
+            }
+            _ => rule,
+        }
     }
 
     /// The rule the level's search decides by. With reconstruction under size / speed, the
     /// search may go `reconstruct_slack` times the allowance below the level's floor: the re-fit
     /// recovers most of it, and [`Settle`] keeps only what holds the floor after the re-fit.
-    fn search_rule(&self, floor: Rule, start: f64) -> Rule {
+    fn search_rule(&self, floor: Rule, start: f64, reconstructs: bool) -> Rule {
         match floor {
-            Rule::AtLeast(f) if self.reconstructs() && start > f => {
+            Rule::AtLeast(f) if reconstructs && start > f => {
                 let allowance = start - f;
                 Rule::AtLeast(f - self.settings.reconstruct_slack * allowance)
             }
@@ -283,10 +300,14 @@ impl Pass for Prune {
     ) -> Result<PassOutput> {
         self.check_input(&model)?;
         let rule = self.settings.mode.rule("prune", ctx.floor)?;
-        let non_negative = |x: f64| x >= 0.0;
-        if !non_negative(self.settings.ridge) || !non_negative(self.settings.reconstruct_slack) {
-            bail!("prune: ridge and reconstruct_slack must be non-negative numbers");
+        let s = &self.settings;
+        if [s.ridge, s.reconstruct_slack, s.recover_slack]
+            .iter()
+            .any(|x| x.is_nan() || *x < 0.0)
+        {
+            bail!("prune: ridge, reconstruct_slack and recover_slack must be non-negative numbers");
         }
+        let reconstructs = self.reconstructs(ctx.recovery_follows);
         let original = model.clone();
         // The same removals without any re-fit: what reconstruction is compared with.
         let mut plain = model.clone();
@@ -296,6 +317,7 @@ impl Pass for Prune {
             Rule::AtLeast(_) => ctx.batches.score(&model)?.metric,
             Rule::NotWorse => f64::NAN,
         };
+        let rule = self.stage_rule(rule, start, ctx.recovery_follows);
         let levels = &self.settings.levels;
         let rounds = self.settings.rounds.max(1);
         let steps = (0..rounds).flat_map(|round| levels.iter().map(move |&l| (round, l)));
@@ -317,13 +339,12 @@ impl Pass for Prune {
             let order = journal.begin_step(&step, || self.candidates(&model, level, ctx))?;
             let floor = self.level_rule(rule, start, index, rounds * levels.len());
             // Compensated trials already include most of the re-fit: they get no slack.
-            let compensate =
-                level == Level::Groups && self.reconstructs() && self.settings.compensate;
+            let compensate = level == Level::Groups && reconstructs && self.settings.compensate;
             let level_run = LevelRun {
                 level,
                 rule: match compensate {
                     true => floor,
-                    false => self.search_rule(floor, start),
+                    false => self.search_rule(floor, start, reconstructs),
                 },
                 patience: self.settings.patience,
                 compensate,
@@ -331,7 +352,7 @@ impl Pass for Prune {
             let input = model.clone();
             let (sliced, plan, mut outcome, replayed) =
                 level_run.run(model, &order, &mut budget, ctx, journal)?;
-            let (next, plan) = match self.reconstructs() && !outcome.removed.is_empty() {
+            let (next, plan) = match reconstructs && !outcome.removed.is_empty() {
                 true => {
                     let floor = match floor {
                         Rule::AtLeast(f) => f,
@@ -361,7 +382,7 @@ impl Pass for Prune {
         Ok(PassOutput {
             model,
             details: json!({ "levels": outcomes }),
-            alternatives: match self.reconstructs() {
+            alternatives: match reconstructs {
                 true => vec![Alternative::new("same removals, no reconstruction", plain)],
                 false => Vec::new(),
             },
@@ -701,19 +722,35 @@ mod tests {
     #[test]
     fn the_search_may_go_below_the_floor_only_with_reconstruction() {
         let p = prune(Mode::Speed, true);
-        match p.search_rule(Rule::AtLeast(0.90), 0.91) {
+        match p.search_rule(Rule::AtLeast(0.90), 0.91, true) {
             Rule::AtLeast(f) => assert!((f - 0.87).abs() < 1e-12, "{f}"),
             Rule::NotWorse => panic!(),
         }
-        let plain = Prune::new(PruneSettings {
-            reconstruct: Some(false),
+        assert_eq!(
+            p.search_rule(Rule::AtLeast(0.90), 0.91, false),
+            Rule::AtLeast(0.90)
+        );
+        assert_eq!(p.search_rule(Rule::NotWorse, 0.91, true), Rule::NotWorse);
+    }
+
+    #[test]
+    fn a_following_recovery_widens_the_floor_and_turns_the_refit_off_unless_asked() {
+        let p = prune(Mode::Speed, true);
+        match p.stage_rule(Rule::AtLeast(0.90), 0.91, true) {
+            Rule::AtLeast(f) => assert!((f - 0.86).abs() < 1e-12, "{f}"),
+            Rule::NotWorse => panic!("speed mode keeps a floor"),
+        }
+        let floor = Rule::AtLeast(0.90);
+        assert_eq!(p.stage_rule(floor, 0.91, false), floor);
+        assert_eq!(p.stage_rule(Rule::NotWorse, 0.91, true), Rule::NotWorse);
+        assert!(p.reconstructs(false) && !p.reconstructs(true));
+        assert!(!prune(Mode::Accuracy, true).reconstructs(false));
+        let asked = Prune::new(PruneSettings {
+            mode: Mode::Speed,
+            reconstruct: Some(true),
             ..PruneSettings::default()
         })
         .unwrap();
-        assert_eq!(
-            plain.search_rule(Rule::AtLeast(0.90), 0.91),
-            Rule::AtLeast(0.90)
-        );
-        assert_eq!(p.search_rule(Rule::NotWorse, 0.91), Rule::NotWorse);
+        assert!(asked.reconstructs(true));
     }
 }

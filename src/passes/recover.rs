@@ -44,6 +44,10 @@ impl Pass for Recover {
         crate::train::params::Trainable::check(model)
     }
 
+    fn recovers(&self) -> bool {
+        true
+    }
+
     fn run(&self, model: Model, ctx: &StageContext, journal: &mut Journal) -> Result<PassOutput> {
         let s = &self.settings;
         let started = Instant::now();

@@ -295,6 +295,7 @@ impl Run<'_> {
                 selection: &self.splits.selection,
                 batches: self.batches,
                 floor: self.floor,
+                recovery_follows: passes[stage + 1..].iter().any(|p| p.recovers()),
                 stage,
                 batch_size: self.spec.batch_size,
                 max_length: self.setup.max_length,
@@ -325,8 +326,12 @@ impl Run<'_> {
             before = after;
         }
         if let Some(floor) = self.floor.filter(|&f| before.metric < f) {
+            let advice = match passes.iter().any(|p| p.recovers()) {
+                true => "the recovery did not win back what the stages before it spent; recover on more examples or lower recover_slack",
+                false => "a uniform stage takes no decisions; use --bits mixed or a larger --max-drop",
+            };
             self.log(&format!(
-                "warning: the selection {} {:.4} is below the floor {floor:.4}: a uniform stage takes no decisions; use --bits mixed or a larger --max-drop",
+                "warning: the selection {} {:.4} is below the floor {floor:.4}: {advice}",
                 self.batches.metric, before.metric
             ));
         }
