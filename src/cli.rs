@@ -246,7 +246,7 @@ pub struct PruneFlags {
     pub compensate: Option<bool>,
     /// Under size / speed with a recovery after the prune (--recover): how far below the floor
     /// the prune may go, in multiples of --max-drop; the recovery is to win it back, and the
-    /// result is judged against --max-drop itself [default: 2].
+    /// result is judged against --max-drop itself [default: 1].
     #[arg(long)]
     pub recover_slack: Option<f64>,
 }

@@ -233,7 +233,7 @@ fn prune_with_recover_runs_a_recovery_stage_after_pruning() {
     assert_eq!(stages[1]["details"]["train_examples"], 32);
     assert_eq!(stages[1]["settings"]["train_limit"], 32);
     assert_eq!(stages[1]["settings"]["augment"], 0.2);
-    assert_eq!(stages[0]["settings"]["recover_slack"], 2.0);
+    assert_eq!(stages[0]["settings"]["recover_slack"], 1.0);
     assert!(
         stages[0]["alternatives"].is_null(),
         "with a recovery after it, the size prune does not re-fit (no unfitted alternative)"
