@@ -230,11 +230,9 @@ impl Prune {
     /// The stage's rule: under size / speed with a recovery after it, `recover_slack` times the
     /// allowance (from the stage's `start` metric) below the run's floor.
     fn stage_rule(&self, rule: Rule, start: f64, recovery_follows: bool) -> Rule {
-        match rule {
-            Rule::AtLeast(f) if recovery_follows && start > f => {
-                Rule::AtLeast(f - self.settings.recover_slack * (start - f))
-            }
-            _ => rule,
+        match recovery_follows {
+            true => below_floor(rule, start, self.settings.recover_slack),
+            false => rule,
         }
     }
 
@@ -242,12 +240,9 @@ impl Prune {
     /// search may go `reconstruct_slack` times the allowance below the level's floor: the re-fit
     /// recovers most of it, and [`Settle`] keeps only what holds the floor after the re-fit.
     fn search_rule(&self, floor: Rule, start: f64, reconstructs: bool) -> Rule {
-        match floor {
-            Rule::AtLeast(f) if reconstructs && start > f => {
-                let allowance = start - f;
-                Rule::AtLeast(f - self.settings.reconstruct_slack * allowance)
-            }
-            _ => floor,
+        match reconstructs {
+            true => below_floor(floor, start, self.settings.reconstruct_slack),
+            false => floor,
         }
     }
 
@@ -596,6 +591,15 @@ impl Settle<'_> {
             blocks,
             score,
         })
+    }
+}
+
+/// `rule` with its floor moved `times` the allowance (the distance from `start` down to the
+/// floor) lower; a rule without a floor, or a floor at or above `start`, stays as it is.
+fn below_floor(rule: Rule, start: f64, times: f64) -> Rule {
+    match rule {
+        Rule::AtLeast(f) if start > f => Rule::AtLeast(f - times * (start - f)),
+        _ => rule,
     }
 }
 
