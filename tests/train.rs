@@ -138,6 +138,18 @@ fn recovery_training_on_the_task_loss_lowers_it() {
 
 #[test]
 #[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
+fn recovery_never_trains_on_a_train_holdout_selection() {
+    let shared = fixtures_or_skip!();
+    let data = common::small_glue(&shared, "SST-2", 48);
+    let tmp = tempfile::tempdir().unwrap();
+    let config = recover_config(tmp.path(), &shared, data.path(), "train_limit = 1000");
+    let holdout = ["--on", "train-holdout", "--holdout", "16"];
+    let report = common::compress_json(&config, &tmp.path().join("out"), &holdout);
+    assert_eq!(report["stages"][0]["details"]["train_examples"], 48 - 16);
+}
+
+#[test]
+#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn recovery_interrupted_by_ctrl_c_resumes_to_the_same_model() {
     let shared = fixtures_or_skip!();
     let data = common::small_glue(&shared, "SST-2", 96);

@@ -37,6 +37,16 @@ pub struct Dataset {
     pub examples: Vec<Example>,
 }
 
+impl Dataset {
+    /// The examples at `indices`, in that order, from the same file.
+    pub fn subset(&self, indices: &[usize]) -> Dataset {
+        Dataset {
+            path: self.path.clone(),
+            examples: indices.iter().map(|&i| self.examples[i].clone()).collect(),
+        }
+    }
+}
+
 /// Locates the files of `split` for `task` under `data`: a file is used as it is; a directory
 /// may hold the split files directly or in the task's GLUE sub-directory (e.g. `SST-2/`).
 pub fn split_paths(task: Task, data: &Path, split: &str) -> Result<Vec<(&'static str, PathBuf)>> {

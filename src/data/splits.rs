@@ -96,6 +96,9 @@ pub struct Part {
     pub info: DataInfo,
     /// Positions of the examples in the dev split, when they are a part of it.
     pub dev_indices: Option<Vec<usize>>,
+    /// Positions of the examples in the train split, when drawn from it: training in the run
+    /// leaves them out, so the data that judges a training run is not trained on.
+    pub train_indices: Option<Vec<usize>>,
 }
 
 /// Selection, report and dev data of one run.
@@ -133,6 +136,7 @@ impl Splits {
                         ..info
                     },
                     dev_indices: Some(picked.clone()),
+                    train_indices: None,
                 };
                 (part, picked)
             }
@@ -164,7 +168,10 @@ impl Part {
         let keep: Vec<usize> = (0..self.set.sequences.len().min(limit)).collect();
         self.set = self.set.subset(&keep);
         self.info.examples = keep.len();
-        if let Some(idx) = &mut self.dev_indices {
+        for idx in [&mut self.dev_indices, &mut self.train_indices]
+            .into_iter()
+            .flatten()
+        {
             idx.truncate(keep.len());
         }
     }
@@ -178,11 +185,7 @@ fn report_part(
     chosen: &[usize],
     split_seed: Option<u64>,
 ) -> Option<Part> {
-    let mut taken = vec![false; dev.sequences.len()];
-    for &i in chosen {
-        taken[i] = true;
-    }
-    let others: Vec<usize> = (0..taken.len()).filter(|&i| !taken[i]).collect();
+    let others = complement(dev.sequences.len(), chosen);
     if others.is_empty() {
         return None;
     }
@@ -195,36 +198,61 @@ fn report_part(
         set: dev.subset(&others),
         info: info(source, file, others.len(), split_seed),
         dev_indices: Some(others),
+        train_indices: None,
     })
 }
 
 fn train_holdout(spec: &SelectionSpec, data: &TaskData, encoder: &TextEncoder) -> Result<Part> {
-    let (subset, available) = train_sample(data, Some(spec.holdout), spec.seed)?;
+    let train = data.first("train")?;
+    let picked = draw(train.examples.len(), Some(spec.holdout), spec.seed, &[]);
+    let subset = train.subset(&picked);
     let mut info = info(
         "train-holdout",
         &subset,
         subset.examples.len(),
         Some(spec.seed),
     );
-    info.available = available;
+    info.available = train.examples.len();
     Ok(Part {
         set: encode(&subset, "", encoder)?,
         info,
         dev_indices: None,
+        train_indices: Some(picked),
     })
 }
 
-/// `k` examples of the train split drawn with `seed`, in file order (all of them when `k` is
-/// `None` or larger), and the number of train examples there are.
-pub fn train_sample(data: &TaskData, k: Option<usize>, seed: u64) -> Result<(Dataset, usize)> {
+/// `k` examples of the train split drawn with `seed` from those not in `held_out` (positions in
+/// the train split), in file order (all of them when `k` is `None` or larger), and the number
+/// there were to draw from.
+pub fn train_sample(
+    data: &TaskData,
+    k: Option<usize>,
+    seed: u64,
+    held_out: &[usize],
+) -> Result<(Dataset, usize)> {
     let train = data.first("train")?;
     let n = train.examples.len();
-    let picked = sample_indices(n, k.unwrap_or(n), seed);
-    let subset = Dataset {
-        path: train.path.clone(),
-        examples: picked.iter().map(|&i| train.examples[i].clone()).collect(),
-    };
-    Ok((subset, n))
+    let picked = draw(n, k, seed, held_out);
+    Ok((train.subset(&picked), n - held_out.len()))
+}
+
+/// Positions of `k` of `0..n` outside `held_out`, drawn with `seed`, ascending (all of them when
+/// `k` is `None` or larger); with nothing held out, exactly [`sample_indices`]`(n, k, seed)`.
+fn draw(n: usize, k: Option<usize>, seed: u64, held_out: &[usize]) -> Vec<usize> {
+    let pool = complement(n, held_out);
+    sample_indices(pool.len(), k.unwrap_or(pool.len()), seed)
+        .into_iter()
+        .map(|i| pool[i])
+        .collect()
+}
+
+/// The positions of `0..n` not in `taken`, ascending.
+fn complement(n: usize, taken: &[usize]) -> Vec<usize> {
+    let mut is_taken = vec![false; n];
+    for &i in taken {
+        is_taken[i] = true;
+    }
+    (0..n).filter(|&i| !is_taken[i]).collect()
 }
 
 fn labelled_file(path: &std::path::Path, data: &TaskData, encoder: &TextEncoder) -> Result<Part> {
@@ -239,6 +267,7 @@ fn labelled_file(path: &std::path::Path, data: &TaskData, encoder: &TextEncoder)
         set: encode(&file, "", encoder)?,
         info: info("file", &file, file.examples.len(), None),
         dev_indices: None,
+        train_indices: None,
     })
 }
 
@@ -315,6 +344,31 @@ mod tests {
         assert_eq!(s.selection.info.source, "train-holdout");
         assert_eq!(s.selection.set.sequences.len(), 5);
         assert_eq!(s.report.unwrap().set.sequences.len(), 12);
+    }
+
+    #[test]
+    fn training_samples_leave_the_train_holdout_out_and_are_unchanged_without_one() {
+        let (_dir, data, encoder) = fixture(12);
+        let mut s = spec(SelectOn::TrainHoldout, 0.5, 3);
+        s.holdout = 5;
+        let s = Splits::load(&s, &data, &encoder).unwrap();
+        let held_out = s.selection.train_indices.clone().unwrap();
+        assert_eq!(held_out, sample_indices(12, 5, 3));
+        let (rest, available) = train_sample(&data, None, 0, &held_out).unwrap();
+        assert_eq!((rest.examples.len(), available), (7, 7));
+        let held: Vec<String> = held_out.iter().map(|&i| text(&data, i)).collect();
+        assert!(rest.examples.iter().all(|e| !held.contains(&e.text_a)));
+        let (plain, n) = train_sample(&data, Some(4), 9, &[]).unwrap();
+        let expected: Vec<String> = sample_indices(12, 4, 9)
+            .iter()
+            .map(|&i| text(&data, i))
+            .collect();
+        let drawn: Vec<String> = plain.examples.iter().map(|e| e.text_a.clone()).collect();
+        assert_eq!((drawn, n), (expected, 12));
+    }
+
+    fn text(data: &TaskData, i: usize) -> String {
+        data.first("train").unwrap().examples[i].text_a.clone()
     }
 
     #[test]

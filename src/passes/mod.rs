@@ -39,9 +39,10 @@ use serde_json::Value;
 use crate::analyze::elements::Level;
 use crate::analyze::report::{ElementSignificance, Method, Settings};
 use crate::analyze::{analyze, Subject};
+use crate::data::glue::Dataset;
 use crate::data::labels::LabelMap;
 use crate::data::source::TaskData;
-use crate::data::splits::Part;
+use crate::data::splits::{train_sample, Part};
 use crate::data::task::Task;
 use crate::model::tokenizer::TextEncoder;
 use crate::model::Model;
@@ -131,6 +132,14 @@ pub struct StageContext<'a> {
 }
 
 impl StageContext<'_> {
+    /// `k` train examples drawn with `seed` (all when `None`), leaving out the selection's own
+    /// when it came from train, so training never sees the data that judges it; and how many
+    /// there were to draw from.
+    pub fn train_sample(&self, k: Option<usize>, seed: u64) -> Result<(Dataset, usize)> {
+        let held_out = self.selection.train_indices.as_deref().unwrap_or_default();
+        train_sample(self.data, k, seed, held_out)
+    }
+
     /// Prints a human log line on stderr unless quiet.
     pub fn log(&self, line: &str) {
         if !self.quiet {

@@ -13,7 +13,6 @@ use serde_json::{json, Value};
 use super::journal::Journal;
 use super::{Pass, PassOutput, StageContext};
 use crate::data::batch::encode;
-use crate::data::splits::train_sample;
 use crate::model::Model;
 use crate::train::checkpoint::TrainLog;
 use crate::train::fit::{fine_tune, TrainRun, TrainSettings};
@@ -51,10 +50,10 @@ impl Pass for Recover {
     fn run(&self, model: Model, ctx: &StageContext, journal: &mut Journal) -> Result<PassOutput> {
         let s = &self.settings;
         let started = Instant::now();
-        let (train, available) = train_sample(ctx.data, s.train_limit, s.seed)?;
+        let (train, available) = ctx.train_sample(s.train_limit, s.seed)?;
         let data = encode(&train, "", ctx.encoder)?;
         ctx.log(&format!(
-            "recover: {} epoch(s) on {} of {available} train examples ({}), distilling {}",
+            "recover: {} epoch(s) on {} of the {available} train examples outside the selection ({}), distilling {}",
             s.epochs,
             data.sequences.len(),
             train.path.display(),

@@ -39,7 +39,6 @@ use super::{Pass, PassOutput, StageContext};
 use crate::analyze::{self, plots::histogram};
 use crate::bench::median;
 use crate::data::batch::{encode, EncodedSet};
-use crate::data::splits::train_sample;
 use crate::model::encoder::EncoderLayer;
 use crate::model::inputs::Inputs;
 use crate::model::linear::{Linear, Weight};
@@ -450,13 +449,13 @@ fn train_phase(
 
 /// The seeded train sample of a phase, tokenised.
 fn training_data(ctx: &StageContext, settings: &TrainSettings) -> Result<EncodedSet> {
-    let (train, _) = train_sample(ctx.data, settings.train_limit, settings.seed)?;
+    let (train, _) = ctx.train_sample(settings.train_limit, settings.seed)?;
     encode(&train, "", ctx.encoder)
 }
 
 /// A seeded sample of `count` train sentences in length-sorted batches (the surgeon's inputs).
 fn calibration_batches(ctx: &StageContext, count: usize, seed: u64) -> Result<Vec<Inputs>> {
-    let (sample, _) = train_sample(ctx.data, Some(count), seed)?;
+    let (sample, _) = ctx.train_sample(Some(count), seed)?;
     let set = encode(&sample, "", ctx.encoder)?;
     let batches = analyze::batches(ctx.original, &set, ctx.labels, ctx.batch_size)?;
     Ok(batches.into_iter().map(|b| b.inputs).collect())
