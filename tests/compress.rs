@@ -61,7 +61,7 @@ fn every_config_in_configs_runs_and_writes_a_loadable_model() {
             &config,
             data.path(),
             &out,
-            &["--levels", "blocks", "--budget", "3"],
+            &["--levels", "blocks", "--budget", "3", "--holdout", "20"],
         );
         for stage in report["stages"].as_array().unwrap() {
             if stage["pass"] == "prune" {

@@ -146,6 +146,22 @@ fn recovery_never_trains_on_a_train_holdout_selection() {
     let holdout = ["--on", "train-holdout", "--holdout", "16"];
     let report = common::compress_json(&config, &tmp.path().join("out"), &holdout);
     assert_eq!(report["stages"][0]["details"]["train_examples"], 48 - 16);
+    let out = tmp.path().join("all");
+    let config = config.to_str().unwrap();
+    let args = [
+        "compress",
+        "--config",
+        config,
+        "--out",
+        out.to_str().unwrap(),
+        "-q",
+    ];
+    let all_held_out =
+        common::run(&[&args[..], &["--on", "train-holdout", "--holdout", "48"]].concat());
+    common::assert_clean_error(
+        &all_held_out,
+        &["no train examples outside the selection", "--holdout"],
+    );
 }
 
 #[test]

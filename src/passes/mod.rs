@@ -33,7 +33,7 @@ pub mod ridge;
 pub mod select;
 pub mod vocab;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use serde_json::Value;
 
 use crate::analyze::elements::Level;
@@ -137,7 +137,15 @@ impl StageContext<'_> {
     /// there were to draw from.
     pub fn train_sample(&self, k: Option<usize>, seed: u64) -> Result<(Dataset, usize)> {
         let held_out = self.selection.train_indices.as_deref().unwrap_or_default();
-        train_sample(self.data, k, seed, held_out)
+        let (sample, available) = train_sample(self.data, k, seed, held_out)?;
+        if sample.examples.is_empty() {
+            bail!(
+                "{}: no train examples outside the selection ({} of them are its train-holdout); lower --holdout",
+                sample.path.display(),
+                held_out.len()
+            );
+        }
+        Ok((sample, available))
     }
 
     /// Prints a human log line on stderr unless quiet.

@@ -28,7 +28,8 @@ use crate::progress;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainSettings {
-    /// Training examples sampled (seeded) from the train split; unset: all of them.
+    /// Training examples sampled (seeded) from the train split outside the selection (all of
+    /// them when this is larger, or `None`).
     pub train_limit: Option<usize>,
     /// Passes over the training examples.
     pub epochs: usize,
