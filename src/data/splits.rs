@@ -335,12 +335,18 @@ mod tests {
         assert_ne!(other.selection.dev_indices, Some(chosen));
     }
 
+    /// The splits of a 12-row fixture with a train-holdout of 5 drawn with `seed`.
+    fn holdout_of_5(seed: u64) -> (tempfile::TempDir, TaskData, Splits) {
+        let (dir, data, encoder) = fixture(12);
+        let mut s = spec(SelectOn::TrainHoldout, 0.5, seed);
+        s.holdout = 5;
+        let splits = Splits::load(&s, &data, &encoder).unwrap();
+        (dir, data, splits)
+    }
+
     #[test]
     fn train_holdout_leaves_all_of_dev_for_the_report() {
-        let (_dir, data, encoder) = fixture(12);
-        let mut s = spec(SelectOn::TrainHoldout, 0.5, 0);
-        s.holdout = 5;
-        let s = Splits::load(&s, &data, &encoder).unwrap();
+        let (_dir, _data, s) = holdout_of_5(0);
         assert_eq!(s.selection.info.source, "train-holdout");
         assert_eq!(s.selection.set.sequences.len(), 5);
         assert_eq!(s.report.unwrap().set.sequences.len(), 12);
@@ -348,10 +354,7 @@ mod tests {
 
     #[test]
     fn training_samples_leave_the_train_holdout_out_and_are_unchanged_without_one() {
-        let (_dir, data, encoder) = fixture(12);
-        let mut s = spec(SelectOn::TrainHoldout, 0.5, 3);
-        s.holdout = 5;
-        let s = Splits::load(&s, &data, &encoder).unwrap();
+        let (_dir, data, s) = holdout_of_5(3);
         let held_out = s.selection.train_indices.clone().unwrap();
         assert_eq!(held_out, sample_indices(12, 5, 3));
         let (rest, available) = train_sample(&data, None, 0, &held_out).unwrap();
