@@ -355,23 +355,21 @@ mod tests {
     #[test]
     fn training_samples_leave_the_train_holdout_out_and_are_unchanged_without_one() {
         let (_dir, data, s) = holdout_of_5(3);
+        let train = data.first("train").unwrap();
+        let texts = |idx: &[usize]| -> Vec<String> {
+            idx.iter()
+                .map(|&i| train.examples[i].text_a.clone())
+                .collect()
+        };
         let held_out = s.selection.train_indices.clone().unwrap();
         assert_eq!(held_out, sample_indices(12, 5, 3));
         let (rest, available) = train_sample(&data, None, 0, &held_out).unwrap();
         assert_eq!((rest.examples.len(), available), (7, 7));
-        let held: Vec<String> = held_out.iter().map(|&i| text(&data, i)).collect();
+        let held = texts(&held_out);
         assert!(rest.examples.iter().all(|e| !held.contains(&e.text_a)));
         let (plain, n) = train_sample(&data, Some(4), 9, &[]).unwrap();
-        let expected: Vec<String> = sample_indices(12, 4, 9)
-            .iter()
-            .map(|&i| text(&data, i))
-            .collect();
         let drawn: Vec<String> = plain.examples.iter().map(|e| e.text_a.clone()).collect();
-        assert_eq!((drawn, n), (expected, 12));
-    }
-
-    fn text(data: &TaskData, i: usize) -> String {
-        data.first("train").unwrap().examples[i].text_a.clone()
+        assert_eq!((drawn, n), (texts(&sample_indices(12, 4, 9)), 12));
     }
 
     #[test]

@@ -230,9 +230,10 @@ impl Prune {
     /// The stage's rule: under size / speed with a recovery after it, `recover_slack` times the
     /// allowance (from the stage's `start` metric) below the run's floor.
     fn stage_rule(&self, rule: Rule, start: f64, recovery_follows: bool) -> Rule {
-        match recovery_follows {
-            true => below_floor(rule, start, self.settings.recover_slack),
-            false => rule,
+        if recovery_follows {
+            below_floor(rule, start, self.settings.recover_slack)
+        } else {
+            rule
         }
     }
 
@@ -240,9 +241,10 @@ impl Prune {
     /// search may go `reconstruct_slack` times the allowance below the level's floor: the re-fit
     /// recovers most of it, and [`Settle`] keeps only what holds the floor after the re-fit.
     fn search_rule(&self, floor: Rule, start: f64, reconstructs: bool) -> Rule {
-        match reconstructs {
-            true => below_floor(floor, start, self.settings.reconstruct_slack),
-            false => floor,
+        if reconstructs {
+            below_floor(floor, start, self.settings.reconstruct_slack)
+        } else {
+            floor
         }
     }
 
