@@ -125,13 +125,16 @@ pub struct SelectionArgs {
     /// Decide on: `dev` (a seeded --select-fraction of the task's dev split; the rest of dev is
     /// the report split that shows how the decisions hold), `train-holdout` (a seeded sample of
     /// the train split; honest only for a model that never saw those examples, and a fine-tuned
-    /// model has usually seen all of train), or a labelled TSV file [default: dev].
+    /// model has usually seen all of train), `train-perturbed` (such a sample with a fifth of its
+    /// words replaced by words of other sampled sentences, labelled by the input model itself:
+    /// the metric is agreement with the input on text it has not seen, and all of dev is the
+    /// report split), or a labelled TSV file [default: dev].
     #[arg(long)]
     pub on: Option<String>,
     /// Fraction of the dev split used for selection under `--on dev` [default: 0.5].
     #[arg(long)]
     pub select_fraction: Option<f64>,
-    /// Examples in the train hold-out under `--on train-holdout` [default: 2000].
+    /// Examples sampled from train under `--on train-holdout` / `train-perturbed` [default: 2000].
     #[arg(long)]
     pub holdout: Option<usize>,
     /// Seed of the dev split or the train hold-out [default: 0].

@@ -4,7 +4,7 @@ use anyhow::{bail, Result};
 use candle_core::Tensor;
 use indicatif::ProgressBar;
 
-use crate::data::batch::length_buckets;
+use crate::data::batch::{length_buckets, EncodedSet};
 use crate::data::glue::Target;
 use crate::data::labels::LabelMap;
 use crate::data::metric;
@@ -24,6 +24,30 @@ pub fn predict(
 ) -> Result<Vec<Vec<f32>>> {
     let batches = length_buckets(sequences, batch_size);
     predict_batches(model, sequences, batches, opts, progress)
+}
+
+/// The model's own answers for `set` as targets: predicted labels, or scores under regression.
+pub fn model_targets(
+    model: &Model,
+    task: Task,
+    map: &LabelMap,
+    set: &EncodedSet,
+    batch_size: usize,
+) -> Result<Vec<Target>> {
+    let logits = predict(
+        model,
+        &set.sequences,
+        batch_size,
+        RunOptions::default(),
+        &ProgressBar::hidden(),
+    )?;
+    Ok(if task.is_regression() {
+        logits.iter().map(|row| Target::Score(row[0])).collect()
+    } else {
+        (predicted_labels(&logits, map).into_iter())
+            .map(Target::Class)
+            .collect()
+    })
 }
 
 /// Logits of every sequence, run in the given `batches` of indices.

@@ -138,7 +138,7 @@ fn recovery_training_on_the_task_loss_lowers_it() {
 
 #[test]
 #[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
-fn recovery_never_trains_on_a_train_holdout_selection() {
+fn recovery_never_trains_on_a_train_holdout_or_perturbed_selection() {
     let shared = fixtures_or_skip!();
     let data = common::small_glue(&shared, "SST-2", 48);
     let tmp = tempfile::tempdir().unwrap();
@@ -146,6 +146,15 @@ fn recovery_never_trains_on_a_train_holdout_selection() {
     let holdout = ["--on", "train-holdout", "--holdout", "16"];
     let report = common::compress_json(&config, &tmp.path().join("out"), &holdout);
     assert_eq!(report["stages"][0]["details"]["train_examples"], 48 - 16);
+    // Perturbed and labelled by the input model: the input agrees with itself, and the
+    // sentences the selection was made from are not trained on either.
+    let perturbed = ["--on", "train-perturbed", "--holdout", "16"];
+    let report = common::compress_json(&config, &tmp.path().join("perturbed"), &perturbed);
+    assert_eq!(report["data"]["selection"]["source"], "train-perturbed");
+    assert_eq!(report["stages"][0]["details"]["train_examples"], 48 - 16);
+    let selection = &report["evaluation"][0];
+    assert_eq!(selection["split"], "selection");
+    assert_eq!(selection["before"]["metrics"]["accuracy"], 1.0);
     let out = tmp.path().join("all");
     let config = config.to_str().unwrap();
     let args = [

@@ -12,7 +12,9 @@ use crate::analyze::elements::Level;
 use crate::analyze::report::{Method, Settings};
 use crate::analyze::{analyze, plots, summary, Subject};
 use crate::cli::{AnalyzeArgs, Cli, CountOrAll};
+use crate::data::batch::EncodedSet;
 use crate::data::splits::{SelectionSpec, Splits};
+use crate::evaluate::model_targets;
 use crate::fsutil::{pretty_json, write_atomic};
 
 /// Runs `axcompress analyze`.
@@ -23,7 +25,10 @@ pub fn run(args: &AnalyzeArgs, cli: &Cli) -> Result<()> {
     let setup = task_setup(&args.model, &args.task)?;
     let task = args.task.task;
     let spec = args.selection.apply(SelectionSpec::default());
-    let selection = Splits::load(&spec, &setup.data, &setup.encoder)?.selection;
+    let label = |set: &EncodedSet| {
+        model_targets(&setup.model, task, &setup.labels, set, args.task.batch_size)
+    };
+    let selection = Splits::load(&spec, &setup.data, &setup.encoder, &label)?.selection;
     let (set, data) = (selection.set, selection.info);
     log(
         cli,

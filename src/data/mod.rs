@@ -7,6 +7,7 @@ pub mod glue;
 pub mod hub;
 pub mod labels;
 pub mod metric;
+pub mod perturb;
 pub mod sample;
 pub mod source;
 pub mod splits;

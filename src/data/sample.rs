@@ -19,6 +19,12 @@ impl SplitMix64 {
         z ^ (z >> 31)
     }
 
+    /// True with probability `p` (clamped to [0, 1]), from 53 uniform bits.
+    pub fn chance(&mut self, p: f64) -> bool {
+        let threshold = (p.clamp(0.0, 1.0) * (1u64 << 53) as f64) as u64;
+        self.next_u64() >> 11 < threshold
+    }
+
     /// A uniform integer in `0..n` (n > 0), without modulo bias.
     pub fn below(&mut self, n: u64) -> u64 {
         let zone = u64::MAX - u64::MAX % n;

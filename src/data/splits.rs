@@ -4,7 +4,10 @@
 //! A fine-tuned model has usually seen every training example, so by default the selection data
 //! is a seeded part (`select_fraction`) of the dev/validation split and the rest of dev is the
 //! report split. `train-holdout` (a seeded sample of train) is for models known never to have
-//! seen those examples; a labelled file can be given too.
+//! seen those examples. `train-perturbed` takes such a sample, replaces a fifth of its words
+//! ([`replace_words`]) and labels the new sentences with the input model's own predictions: the
+//! selection metric is then agreement with the input on text it has not seen, and all of dev is
+//! the report split. A labelled file can be given too.
 
 use std::path::PathBuf;
 
@@ -12,7 +15,8 @@ use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
 use super::batch::{encode, EncodedSet};
-use super::glue::{self, Dataset};
+use super::glue::{self, Dataset, Target};
+use super::perturb::{replace_words, REPLACED_SHARE};
 use super::sample::sample_indices;
 use super::source::TaskData;
 use crate::model::tokenizer::TextEncoder;
@@ -25,16 +29,19 @@ pub enum SelectOn {
     Dev,
     /// A seeded sample of the train split (only honest when the model never saw it).
     TrainHoldout,
+    /// A seeded sample of the train split with words replaced, labelled by the input model.
+    TrainPerturbed,
     /// A labelled TSV file of the task.
     File(PathBuf),
 }
 
 impl SelectOn {
-    /// Parses `dev`, `train-holdout` or a file path.
+    /// Parses `dev`, `train-holdout`, `train-perturbed` or a file path.
     pub fn parse(s: &str) -> Self {
         match s {
             "dev" => SelectOn::Dev,
             "train-holdout" => SelectOn::TrainHoldout,
+            "train-perturbed" => SelectOn::TrainPerturbed,
             file => SelectOn::File(PathBuf::from(file)),
         }
     }
@@ -47,7 +54,8 @@ pub struct SelectionSpec {
     pub on: SelectOn,
     /// Under [`SelectOn::Dev`]: the fraction of dev used for selection (0 < f ≤ 1).
     pub select_fraction: f64,
-    /// Under [`SelectOn::TrainHoldout`]: examples sampled from train.
+    /// Under [`SelectOn::TrainHoldout`] and [`SelectOn::TrainPerturbed`]: examples sampled from
+    /// train.
     pub holdout: usize,
     /// Seed of the dev split or the train sample.
     pub seed: u64,
@@ -72,7 +80,7 @@ impl Default for SelectionSpec {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DataInfo {
     /// `dev-split` (seeded part of dev), `dev-rest` (the dev examples not selected), `dev`,
-    /// `train-holdout` or `file`.
+    /// `train-holdout`, `train-perturbed` (labelled by the input model) or `file`.
     pub source: String,
     /// The file read (a TSV file, or the first parquet file of a hub split).
     pub path: String,
@@ -112,9 +120,18 @@ pub struct Splits {
     pub dev: EncodedSet,
 }
 
+/// The input model's answers for a tokenised set (labels of a `train-perturbed` selection).
+pub type Labeller<'a> = &'a dyn Fn(&EncodedSet) -> Result<Vec<Target>>;
+
 impl Splits {
-    /// Reads, splits and tokenises the data of a run.
-    pub fn load(spec: &SelectionSpec, data: &TaskData, encoder: &TextEncoder) -> Result<Self> {
+    /// Reads, splits and tokenises the data of a run; `label` answers for the input model when
+    /// the selection is labelled by it.
+    pub fn load(
+        spec: &SelectionSpec,
+        data: &TaskData,
+        encoder: &TextEncoder,
+        label: Labeller,
+    ) -> Result<Self> {
         if !(spec.select_fraction > 0.0 && spec.select_fraction <= 1.0) {
             bail!(
                 "--select-fraction {} is out of range: use a fraction in (0, 1], e.g. 0.5",
@@ -140,7 +157,8 @@ impl Splits {
                 };
                 (part, picked)
             }
-            SelectOn::TrainHoldout => (train_holdout(spec, data, encoder)?, Vec::new()),
+            SelectOn::TrainHoldout => (train_holdout(spec, data, encoder, false)?, Vec::new()),
+            SelectOn::TrainPerturbed => (train_holdout(spec, data, encoder, true)?, Vec::new()),
             SelectOn::File(path) => (labelled_file(path, data, encoder)?, Vec::new()),
         };
         if let Some(limit) = spec.limit {
@@ -151,6 +169,9 @@ impl Splits {
                 "{}: the selection data is empty (check --limit / --holdout)",
                 selection.info.path
             );
+        }
+        if spec.on == SelectOn::TrainPerturbed {
+            selection.set.targets = label(&selection.set)?;
         }
         let rest_of_split = (spec.on == SelectOn::Dev).then_some(spec.seed);
         let report = report_part(&dev, &dev_data, &chosen, rest_of_split);
@@ -202,16 +223,23 @@ fn report_part(
     })
 }
 
-fn train_holdout(spec: &SelectionSpec, data: &TaskData, encoder: &TextEncoder) -> Result<Part> {
+/// A seeded sample of train; `perturbed`: with a share of its words replaced (seeded too).
+fn train_holdout(
+    spec: &SelectionSpec,
+    data: &TaskData,
+    encoder: &TextEncoder,
+    perturbed: bool,
+) -> Result<Part> {
     let train = data.first("train")?;
     let picked = draw(train.examples.len(), Some(spec.holdout), spec.seed, &[]);
-    let subset = train.subset(&picked);
-    let mut info = info(
-        "train-holdout",
-        &subset,
-        subset.examples.len(),
-        Some(spec.seed),
-    );
+    let mut subset = train.subset(&picked);
+    let source = if perturbed {
+        subset = replace_words(&subset, REPLACED_SHARE, spec.seed);
+        "train-perturbed"
+    } else {
+        "train-holdout"
+    };
+    let mut info = info(source, &subset, subset.examples.len(), Some(spec.seed));
     info.available = train.examples.len();
     Ok(Part {
         set: encode(&subset, "", encoder)?,
@@ -258,7 +286,7 @@ fn complement(n: usize, taken: &[usize]) -> Vec<usize> {
 fn labelled_file(path: &std::path::Path, data: &TaskData, encoder: &TextEncoder) -> Result<Part> {
     if !path.is_file() {
         bail!(
-            "--on {}: no such file; use dev, train-holdout or a labelled TSV file",
+            "--on {}: no such file; use dev, train-holdout, train-perturbed or a labelled TSV file",
             path.display()
         );
     }
@@ -307,6 +335,11 @@ mod tests {
         (dir, data, encoder)
     }
 
+    /// The labeller of runs whose selection has gold labels: never asked.
+    fn unlabelled(_: &EncodedSet) -> Result<Vec<Target>> {
+        panic!("only a train-perturbed selection asks the input model for labels")
+    }
+
     fn spec(on: SelectOn, fraction: f64, seed: u64) -> SelectionSpec {
         SelectionSpec {
             on,
@@ -319,7 +352,7 @@ mod tests {
     #[test]
     fn dev_split_is_seeded_and_the_report_split_is_the_rest() {
         let (_dir, data, encoder) = fixture(40);
-        let s = Splits::load(&spec(SelectOn::Dev, 0.25, 7), &data, &encoder).unwrap();
+        let s = Splits::load(&spec(SelectOn::Dev, 0.25, 7), &data, &encoder, &unlabelled).unwrap();
         let chosen = s.selection.dev_indices.clone().unwrap();
         let rest = s.report.as_ref().unwrap().dev_indices.clone().unwrap();
         assert_eq!((chosen.len(), rest.len()), (10, 30));
@@ -329,9 +362,11 @@ mod tests {
         assert_eq!(s.selection.set.targets[0], s.dev.targets[chosen[0]]);
         assert_eq!(s.selection.info.source, "dev-split");
         assert_eq!(s.report.as_ref().unwrap().info.source, "dev-rest");
-        let again = Splits::load(&spec(SelectOn::Dev, 0.25, 7), &data, &encoder).unwrap();
+        let again =
+            Splits::load(&spec(SelectOn::Dev, 0.25, 7), &data, &encoder, &unlabelled).unwrap();
         assert_eq!(again.selection.dev_indices, Some(chosen.clone()));
-        let other = Splits::load(&spec(SelectOn::Dev, 0.25, 8), &data, &encoder).unwrap();
+        let other =
+            Splits::load(&spec(SelectOn::Dev, 0.25, 8), &data, &encoder, &unlabelled).unwrap();
         assert_ne!(other.selection.dev_indices, Some(chosen));
     }
 
@@ -340,7 +375,7 @@ mod tests {
         let (dir, data, encoder) = fixture(12);
         let mut s = spec(SelectOn::TrainHoldout, 0.5, seed);
         s.holdout = 5;
-        let splits = Splits::load(&s, &data, &encoder).unwrap();
+        let splits = Splits::load(&s, &data, &encoder, &unlabelled).unwrap();
         (dir, data, splits)
     }
 
@@ -350,6 +385,35 @@ mod tests {
         assert_eq!(s.selection.info.source, "train-holdout");
         assert_eq!(s.selection.set.sequences.len(), 5);
         assert_eq!(s.report.unwrap().set.sequences.len(), 12);
+    }
+
+    #[test]
+    fn train_perturbed_changes_words_takes_the_model_labels_and_is_held_out_of_training() {
+        let (_dir, data, encoder) = fixture(40);
+        let mut s = spec(SelectOn::TrainPerturbed, 0.5, 4);
+        (s.holdout, s.limit) = (20, Some(15));
+        let asked = std::cell::Cell::new(0);
+        let label = |set: &EncodedSet| -> Result<Vec<Target>> {
+            asked.set(set.sequences.len());
+            Ok(vec![Target::Class(0); set.sequences.len()])
+        };
+        let splits = Splits::load(&s, &data, &encoder, &label).unwrap();
+        let selection = &splits.selection;
+        assert_eq!(selection.info.source, "train-perturbed");
+        assert_eq!(asked.get(), 15, "labelled after --limit");
+        assert!(selection.set.targets.iter().all(|t| *t == Target::Class(0)));
+        let picked = selection.train_indices.clone().unwrap();
+        assert_eq!(picked, sample_indices(40, 20, 4)[..15]);
+        let original = encode(&data.first("train").unwrap().subset(&picked), "", &encoder);
+        let changed = (original.unwrap().sequences.iter())
+            .zip(&selection.set.sequences)
+            .filter(|(a, b)| a != b)
+            .count();
+        assert!(
+            (1..15).contains(&changed),
+            "{changed} of 15 sentences changed"
+        );
+        assert_eq!(splits.report.unwrap().set.sequences.len(), 40);
     }
 
     #[test]
@@ -375,10 +439,11 @@ mod tests {
     #[test]
     fn all_of_dev_leaves_no_report_split_and_bad_fractions_are_refused() {
         let (_dir, data, encoder) = fixture(6);
-        let s = Splits::load(&spec(SelectOn::Dev, 1.0, 0), &data, &encoder).unwrap();
+        let s = Splits::load(&spec(SelectOn::Dev, 1.0, 0), &data, &encoder, &unlabelled).unwrap();
         assert!(s.report.is_none());
         for bad in [0.0, 1.5, f64::NAN] {
-            let err = Splits::load(&spec(SelectOn::Dev, bad, 0), &data, &encoder).unwrap_err();
+            let err = Splits::load(&spec(SelectOn::Dev, bad, 0), &data, &encoder, &unlabelled)
+                .unwrap_err();
             assert!(err.to_string().contains("--select-fraction"), "{err}");
         }
     }

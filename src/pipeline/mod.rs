@@ -24,8 +24,9 @@ use serde_json::{json, Value};
 use crate::bench::{median, time_single, weights_bytes};
 use crate::data::batch::{encode, EncodedSet};
 use crate::data::glue;
-use crate::data::splits::{SelectionSpec, Splits};
+use crate::data::splits::{SelectOn, SelectionSpec, Splits};
 use crate::data::task::Task;
+use crate::evaluate::model_targets;
 use crate::export::{check_destination, create_parent, prepare, Prepared};
 use crate::fsutil::pretty_json;
 use crate::hash::Fnv1a;
@@ -169,7 +170,10 @@ pub fn run(spec: &RunSettings, out: &Output, quiet: bool) -> Result<Finished> {
     create_parent(&out.dir)?;
     let mut journal = open_journal(spec, out, &setup)?;
     // 2. Data: the selection split decides; the report split, dev and --test judge.
-    let splits = Splits::load(&spec.selection, &setup.data, &setup.encoder)?;
+    let label = |set: &EncodedSet| {
+        model_targets(&setup.model, spec.task, &setup.labels, set, spec.batch_size)
+    };
+    let splits = Splits::load(&spec.selection, &setup.data, &setup.encoder, &label)?;
     let test = spec
         .test
         .as_deref()
@@ -264,13 +268,19 @@ impl Run<'_> {
     fn log_start(&self, baseline: Score) {
         if !self.quiet {
             let selection = &self.splits.selection.info;
+            let labels = match self.spec.selection.on {
+                SelectOn::TrainPerturbed => {
+                    "; labelled by the input model, so the metric is agreement with it"
+                }
+                _ => "",
+            };
             eprintln!(
-                "compressing {} for {} on {} selection examples ({}, {}); selection {} {:.4}",
+                "compressing {} for {} on {} selection examples ({}, {}{labels}); selection {} {:.4}",
                 self.spec.model,
                 self.spec.task,
                 selection.examples,
                 selection.source,
-                self.setup.data.location(),
+                selection.path,
                 self.batches.metric,
                 baseline.metric
             );

@@ -89,7 +89,9 @@ pub fn prune(
     };
     let (pruned, kept) = prune_vocabulary(model, &texts)?;
     let encoder = TextEncoder::for_model(&pruned, setup.max_length)?;
-    let new_splits = Splits::load(&spec.selection, &setup.data, &encoder)?;
+    // The same examples as before: a selection labelled by the input model keeps its labels.
+    let same_labels = |_: &EncodedSet| Ok(splits.selection.set.targets.clone());
+    let new_splits = Splits::load(&spec.selection, &setup.data, &encoder, &same_labels)?;
     let test = spec
         .test
         .as_deref()

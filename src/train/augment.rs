@@ -19,12 +19,10 @@ pub fn replace_tokens(batch: &mut EncodedSet, p: f64, seed: u64) {
         return;
     }
     let mut rng = SplitMix64::new(seed);
-    // The draw `p` as a threshold on 53 uniform bits.
-    let threshold = (p.min(1.0) * (1u64 << 53) as f64) as u64;
     for s in &mut batch.sequences {
         let positions: Vec<usize> = ordinary(&s.ids).collect();
         for i in positions {
-            if rng.next_u64() >> 11 < threshold {
+            if rng.chance(p) {
                 s.ids[i] = pool[rng.below(pool.len() as u64) as usize];
             }
         }
