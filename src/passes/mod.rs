@@ -140,7 +140,7 @@ impl StageContext<'_> {
         let (sample, available) = train_sample(self.data, k, seed, held_out)?;
         if sample.examples.is_empty() {
             bail!(
-                "{}: no train examples outside the selection ({} of them are its train-holdout); lower --holdout",
+                "{}: no train examples outside the selection ({} of them are the sentences it was drawn from); lower --holdout",
                 sample.path.display(),
                 held_out.len()
             );
