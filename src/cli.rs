@@ -306,6 +306,12 @@ pub struct RunArgs {
     /// absolute points (1.0 = one accuracy point) or relative with a `%` suffix (e.g. `2%`).
     #[arg(long, value_parser = MaxDrop::parse)]
     pub max_drop: Option<MaxDrop>,
+    /// Confidence of the promise: every decision keeps the one-sided bound of the drop against
+    /// the original (paired outcomes on the selection data) within --max-drop at this level, and
+    /// reports give the report split's drop with an interval at it; 0.5 decides by the point
+    /// estimate [default: 0.9].
+    #[arg(long)]
+    pub confidence: Option<f64>,
     /// Also report before/after on this labelled TSV file of the task.
     #[arg(long)]
     pub test: Option<PathBuf>,

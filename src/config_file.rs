@@ -7,6 +7,7 @@
 //! model = "../models/minilm-l6-sst2"   # directory or hub id
 //! task = "sst2"
 //! max_drop = 1.0                       # points, or "2%"
+//! confidence = 0.9                     # of the one-sided bound every decision keeps
 //! vocab = "corpus"                     # optional: keep the train + dev vocabulary
 //!
 //! [selection]
@@ -26,6 +27,7 @@ use serde::Deserialize;
 use crate::data::splits::{SelectOn, SelectionSpec};
 use crate::data::task::Task;
 use crate::fsutil::read_text;
+use crate::passes::guard::DEFAULT_CONFIDENCE;
 use crate::passes::vocab::{VocabChoice, VocabCorpus};
 use crate::pipeline::tolerance::MaxDrop;
 use crate::pipeline::{RunSettings, StageSpec};
@@ -43,6 +45,7 @@ struct File {
     batch_size: usize,
     max_length: Option<usize>,
     max_drop: Option<MaxDrop>,
+    confidence: Option<f64>,
     vocab: Option<VocabChoice>,
     vocab_corpus: Option<PathBuf>,
     out: Option<PathBuf>,
@@ -137,6 +140,7 @@ impl File {
                 selection,
                 test: s.test.map(rel),
                 max_drop: self.max_drop,
+                confidence: self.confidence.unwrap_or(DEFAULT_CONFIDENCE),
                 stages,
                 vocab: VocabCorpus::from_flags(self.vocab, self.vocab_corpus.map(rel)),
             },

@@ -24,6 +24,7 @@ pub fn run(args: &CompressArgs, cli: &Cli) -> Result<()> {
     s.selection = args.selection.apply(s.selection);
     s.test = args.run.test.clone().or(s.test);
     s.max_drop = args.run.max_drop.or(s.max_drop);
+    s.confidence = args.run.confidence.unwrap_or(s.confidence);
     s.vocab = VocabCorpus::from_flags(args.run.vocab, args.run.vocab_corpus.clone()).or(s.vocab);
     s.stages = s
         .stages

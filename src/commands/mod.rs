@@ -16,6 +16,7 @@ use anyhow::Result;
 
 use crate::cli::{Cli, ModelArgs, PruneFlags, QuantizeFlags, RunArgs, SelectionArgs, TaskArgs};
 use crate::data::splits::{SelectOn, SelectionSpec};
+use crate::passes::guard::DEFAULT_CONFIDENCE;
 use crate::passes::prune::PruneSettings;
 use crate::passes::quantize::QuantizeSettings;
 use crate::passes::vocab::VocabCorpus;
@@ -102,6 +103,7 @@ pub fn run_stages(
         selection: selection.apply(SelectionSpec::default()),
         test: run.test.clone(),
         max_drop: run.max_drop,
+        confidence: run.confidence.unwrap_or(DEFAULT_CONFIDENCE),
         stages,
         vocab: VocabCorpus::from_flags(run.vocab, run.vocab_corpus.clone()),
     };

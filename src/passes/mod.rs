@@ -24,6 +24,7 @@
 pub mod attention;
 pub mod bsp;
 pub mod compensate;
+pub mod guard;
 pub mod journal;
 pub mod prune;
 pub mod quantize;

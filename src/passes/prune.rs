@@ -38,11 +38,13 @@ pub enum Mode {
 }
 
 impl Mode {
-    /// When `pass` keeps a change in this mode: accuracy never lowers the selection metric; size
-    /// and speed keep it at or above the run's `floor`, which they need.
+    /// When `pass` keeps a change in this mode: accuracy never lowers the selection metric (and,
+    /// with a floor, keeps its guarded value at or above it); size and speed keep the guarded
+    /// metric at or above the run's `floor`, which they need.
     pub fn rule(self, pass: &str, floor: Option<f64>) -> Result<Rule> {
         match (self, floor) {
-            (Mode::Accuracy, _) => Ok(Rule::NotWorse),
+            (Mode::Accuracy, None) => Ok(Rule::NotWorse),
+            (Mode::Accuracy, Some(floor)) => Ok(Rule::NotWorseAtLeast(floor)),
             (_, Some(floor)) => Ok(Rule::AtLeast(floor)),
             (mode, None) => bail!(
                 "{pass} in {} mode needs --max-drop (e.g. 1.0 for one metric point, or 2%)",
@@ -310,9 +312,9 @@ impl Pass for Prune {
         let mut plain = model.clone();
         let mut budget = self.settings.budget.unwrap_or(usize::MAX);
         let mut outcomes = Vec::new();
-        let start = match rule {
-            Rule::AtLeast(_) => ctx.batches.score(&model)?.metric,
-            Rule::NotWorse => f64::NAN,
+        let start = match rule.floor() {
+            Some(_) => ctx.batches.score(&model)?.metric,
+            None => f64::NAN,
         };
         let rule = self.stage_rule(rule, start, ctx.recovery_follows);
         let levels = &self.settings.levels;
@@ -351,9 +353,9 @@ impl Pass for Prune {
                 level_run.run(model, &order, &mut budget, ctx, journal)?;
             let (next, plan) = match reconstructs && !outcome.removed.is_empty() {
                 true => {
-                    let floor = match floor {
-                        Rule::AtLeast(f) => f,
-                        Rule::NotWorse => ctx.batches.score(&input)?.metric,
+                    let floor = match floor.floor() {
+                        Some(f) => Settled::Guarded(f),
+                        None => Settled::NotBelow(ctx.batches.score(&input)?.metric),
                     };
                     let settle = Settle {
                         original: &original,
@@ -513,7 +515,31 @@ impl LevelRun {
 struct Settle<'a> {
     original: &'a Model,
     input: &'a Model,
-    floor: f64,
+    floor: Settled,
+}
+
+/// What a re-fit level must hold.
+#[derive(Debug, Clone, Copy)]
+enum Settled {
+    /// The guarded metric at or above a floor.
+    Guarded(f64),
+    /// The metric at or above the level input's (accuracy mode without a floor).
+    NotBelow(f64),
+}
+
+impl Settled {
+    fn holds(self, score: &Score) -> bool {
+        match self {
+            Settled::Guarded(f) => score.judged() >= f,
+            Settled::NotBelow(f) => score.metric >= f,
+        }
+    }
+
+    fn value(self) -> f64 {
+        match self {
+            Settled::Guarded(f) | Settled::NotBelow(f) => f,
+        }
+    }
 }
 
 /// A prefix of a level's removals, sliced and re-fit.
@@ -534,14 +560,14 @@ impl Settle<'_> {
         let n = outcome.removed.len();
         let mut best = Some(self.prefix(n, &outcome.removed, ridge, ctx)?);
         let mut kept = n;
-        if best.as_ref().is_some_and(|f| f.score.metric < self.floor) {
+        if best.as_ref().is_some_and(|f| !self.floor.holds(&f.score)) {
             // The empty prefix (the level's input) holds; `n` does not.
             let (mut lo, mut hi) = (0, n);
             best = None;
             while hi - lo > 1 {
                 let mid = (lo + hi) / 2;
                 let fitted = self.prefix(mid, &outcome.removed, ridge, ctx)?;
-                if fitted.score.metric >= self.floor {
+                if self.floor.holds(&fitted.score) {
                     (lo, best) = (mid, Some(fitted));
                 } else {
                     hi = mid;
@@ -562,7 +588,10 @@ impl Settle<'_> {
             fitted.score.metric,
             match n - kept {
                 0 => String::new(),
-                undone => format!(" ({undone} removals taken back to hold {:.4})", self.floor),
+                undone => format!(
+                    " ({undone} removals taken back to hold {:.4})",
+                    self.floor.value()
+                ),
             }
         ));
         outcome.reconstruction = Some(Reconstruction {
@@ -714,7 +743,7 @@ mod tests {
         let floor = Rule::AtLeast(0.88);
         let at = |i| match p.level_rule(floor, 0.91, i, 3) {
             Rule::AtLeast(f) => f,
-            Rule::NotWorse => panic!("size mode keeps a floor"),
+            other => panic!("size mode keeps a floor: {other:?}"),
         };
         assert!((at(0) - 0.90).abs() < 1e-12 && (at(1) - 0.89).abs() < 1e-12);
         assert_eq!(at(2), 0.88);
@@ -730,7 +759,7 @@ mod tests {
         let p = prune(Mode::Speed, true);
         match p.search_rule(Rule::AtLeast(0.90), 0.91, true) {
             Rule::AtLeast(f) => assert!((f - 0.87).abs() < 1e-12, "{f}"),
-            Rule::NotWorse => panic!(),
+            other => panic!("{other:?}"),
         }
         assert_eq!(
             p.search_rule(Rule::AtLeast(0.90), 0.91, false),
@@ -744,7 +773,7 @@ mod tests {
         let p = prune(Mode::Speed, true);
         match p.stage_rule(Rule::AtLeast(0.90), 0.91, true) {
             Rule::AtLeast(f) => assert!((f - 0.89).abs() < 1e-12, "{f}"),
-            Rule::NotWorse => panic!("speed mode keeps a floor"),
+            other => panic!("speed mode keeps a floor: {other:?}"),
         }
         let floor = Rule::AtLeast(0.90);
         assert_eq!(p.stage_rule(floor, 0.91, false), floor);

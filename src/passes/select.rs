@@ -11,13 +11,19 @@
 //! run from the embeddings at each evaluation instead, so a large selection set costs time, not
 //! memory.
 //!
-//! Under an accuracy metric an evaluation stops as soon as the errors already made rule out
+//! Every floor is judged by the [`guard`](super::guard): under an accuracy metric the engine pairs
+//! each example's outcome with the original model's and a trial must reach the floor with its
+//! *guarded* metric, the one-sided lower confidence bound of its paired difference to the
+//! original.
+//!
+//! Under an accuracy metric an evaluation stops as soon as the outcomes already seen rule out
 //! acceptance: the verdict is the same as a full evaluation's, at a fraction of the cost.
 
 use anyhow::{Context, Result};
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
+use super::guard::{drop_bound, z_one_sided};
 use super::journal::{Journal, TrialRecord};
 use crate::analyze::{batches, AnalysisBatch, Scorer};
 use crate::data::batch::EncodedSet;
@@ -34,6 +40,30 @@ pub struct Score {
     pub loss: f64,
     /// Primary metric.
     pub metric: f64,
+    /// Under an accuracy metric: examples whose correctness differs from the original model's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub discordant: Option<usize>,
+    /// Under an accuracy metric: the metric less the guard's margin for `discordant` (the
+    /// one-sided lower confidence bound that floors are judged by).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guarded: Option<f64>,
+}
+
+impl Score {
+    /// A score without paired outcomes (judged by its point estimate).
+    pub fn point(loss: f64, metric: f64) -> Self {
+        Score {
+            loss,
+            metric,
+            discordant: None,
+            guarded: None,
+        }
+    }
+
+    /// The value floors are judged by: the guarded metric, else the metric.
+    pub fn judged(&self) -> f64 {
+        self.guarded.unwrap_or(self.metric)
+    }
 }
 
 /// When a trial is accepted.
@@ -42,32 +72,87 @@ pub enum Rule {
     /// The selection metric must not drop below the accepted model's (on a tie, the loss must
     /// not rise).
     NotWorse,
-    /// The selection metric must stay at or above this floor.
+    /// The selection metric, guarded ([`Score::judged`]), must stay at or above this floor.
     AtLeast(f64),
+    /// Both: not worse than the accepted model, and the guarded metric at or above the floor.
+    NotWorseAtLeast(f64),
 }
 
 impl Rule {
     /// Whether `trial` is acceptable when the accepted model scores `current`.
     pub fn admits(self, trial: Score, current: Score) -> bool {
+        let not_worse = || {
+            trial.metric > current.metric
+                || (trial.metric == current.metric && trial.loss <= current.loss)
+        };
         match self {
-            Rule::NotWorse => {
-                trial.metric > current.metric
-                    || (trial.metric == current.metric && trial.loss <= current.loss)
-            }
-            Rule::AtLeast(floor) => trial.metric >= floor,
+            Rule::NotWorse => not_worse(),
+            Rule::AtLeast(floor) => trial.judged() >= floor,
+            Rule::NotWorseAtLeast(floor) => not_worse() && trial.judged() >= floor,
         }
     }
 
-    /// The fewest correct predictions out of `n` that can still be accepted under an accuracy
-    /// metric (`n + 1` when none can).
+    /// The floor of the rule, if it has one.
+    pub fn floor(self) -> Option<f64> {
+        match self {
+            Rule::NotWorse => None,
+            Rule::AtLeast(f) | Rule::NotWorseAtLeast(f) => Some(f),
+        }
+    }
+
+    /// The same rule with its floor moved to `f(floor)`.
+    pub fn with_floor(self, f: impl Fn(f64) -> f64) -> Self {
+        match self {
+            Rule::NotWorse => Rule::NotWorse,
+            Rule::AtLeast(x) => Rule::AtLeast(f(x)),
+            Rule::NotWorseAtLeast(x) => Rule::NotWorseAtLeast(f(x)),
+        }
+    }
+
+    /// Under [`Rule::NotWorse`]: the fewest correct predictions out of `n` that can still be
+    /// accepted under an accuracy metric (`n + 1` when none can); 0 for a pure floor, which the
+    /// paired test below rules on.
     fn min_correct(self, n: usize, current: Score) -> usize {
-        let floor = match self {
-            Rule::NotWorse => current.metric,
-            Rule::AtLeast(floor) => floor,
-        };
-        (0..=n)
-            .find(|&c| c as f64 / n as f64 >= floor)
-            .unwrap_or(n + 1)
+        match self {
+            Rule::AtLeast(_) => 0,
+            Rule::NotWorse | Rule::NotWorseAtLeast(_) => (0..=n)
+                .find(|&c| c as f64 / n as f64 >= current.metric)
+                .unwrap_or(n + 1),
+        }
+    }
+}
+
+/// The guarded accuracy of a trial that lost `lost` and gained `gained` examples against an
+/// original that got `original_correct` of `n` right: the original's accuracy less the one-sided
+/// bound of the drop ([`drop_bound`]); the value a floor is judged by.
+fn guarded_accuracy(original_correct: usize, lost: usize, gained: usize, n: usize, z: f64) -> f64 {
+    (original_correct as f64 - drop_bound(lost, gained, z)) / n.max(1) as f64
+}
+
+/// What an evaluation under way has seen of the paired outcomes.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+struct Seen {
+    /// Examples.
+    n: usize,
+    /// Examples the original got right.
+    original_correct: usize,
+    /// Right under the original, wrong under the trial, so far.
+    lost: usize,
+    /// Wrong under the original, right under the trial, so far.
+    gained: usize,
+    /// Examples the original got wrong that are not seen yet.
+    original_wrong_left: usize,
+}
+
+impl Seen {
+    /// True when no completion of the evaluation can reach `floor` with its guarded metric.
+    /// The guarded metric falls as `lost` grows, so the best completion keeps `lost` as it is;
+    /// every count of further gains is tried: the test is exact.
+    fn rules_out(&self, floor: f64, z: f64) -> bool {
+        let gains = self.gained..=self.gained + self.original_wrong_left;
+        !gains
+            .map(|g| guarded_accuracy(self.original_correct, self.lost, g, self.n, z))
+            .any(|best| best >= floor - 1e-12)
     }
 }
 
@@ -103,32 +188,74 @@ pub struct SelectionBatches<'a> {
     pub scorer: Scorer<'a>,
     /// Name of the primary metric decisions use.
     pub metric: &'static str,
+    /// The original model's score, paired with itself.
+    pub baseline: Score,
+    /// Under an accuracy metric: which examples the original model gets right (the guard pairs
+    /// every trial's outcomes with these).
+    reference: Option<Vec<bool>>,
+    /// The guard's one-sided normal quantile.
+    z: f64,
 }
 
 impl<'a> SelectionBatches<'a> {
-    /// Batches `set` for `model` and scores it for `task` with the task's primary metric.
+    /// Batches `set` for the `original` model, scores it for `task` with the task's primary
+    /// metric, and pairs later scores with its outcomes at `confidence` (see [`super::guard`]).
     pub fn new(
-        model: &Model,
+        original: &Model,
         set: &'a EncodedSet,
         task: Task,
         labels: &'a LabelMap,
         batch_size: usize,
+        confidence: f64,
     ) -> Result<Self> {
-        Ok(SelectionBatches {
-            batches: batches(model, set, labels, batch_size)?,
+        let mut data = SelectionBatches {
+            batches: batches(original, set, labels, batch_size)?,
             scorer: Scorer::new(task, labels, &set.targets),
             metric: task.primary_metric(),
-        })
+            baseline: Score::point(f64::NAN, f64::NAN),
+            reference: None,
+            z: z_one_sided(confidence),
+        };
+        let (score, correct) = {
+            let tally = data.run(original)?;
+            (tally.score(), tally.correct)
+        };
+        data.baseline = score;
+        if data.metric == "accuracy" && data.scorer.is_classification() {
+            let right = correct.iter().filter(|&&c| c).count();
+            data.baseline = Score {
+                discordant: Some(0),
+                guarded: Some(guarded_accuracy(right, 0, 0, data.len(), data.z)),
+                ..score
+            };
+            data.reference = Some(correct);
+        }
+        Ok(data)
     }
 
-    /// The score of `model` from a plain forward pass (no caches).
+    /// Examples.
+    pub fn len(&self) -> usize {
+        self.scorer.len()
+    }
+
+    /// True when there are no examples.
+    pub fn is_empty(&self) -> bool {
+        self.scorer.is_empty()
+    }
+
+    /// The score of `model` from a plain forward pass (no caches), paired with the original's.
     pub fn score(&self, model: &Model) -> Result<Score> {
+        Ok(self.run(model)?.score())
+    }
+
+    /// The tally of `model` from a plain forward pass.
+    fn run(&self, model: &Model) -> Result<Tally<'_>> {
         let mut tally = Tally::new(self);
         for (number, batch) in self.batches.iter().enumerate() {
             let logits = model.forward(&batch.inputs, RunOptions::default())?;
             tally.add(&finite_rows(&logits, "selection", number)?, &batch.examples);
         }
-        Ok(tally.score())
+        Ok(tally)
     }
 }
 
@@ -136,17 +263,29 @@ impl<'a> SelectionBatches<'a> {
 struct Tally<'s> {
     data: &'s SelectionBatches<'s>,
     predictions: Vec<f32>,
+    correct: Vec<bool>,
     loss_sum: f64,
     errors: usize,
+    seen: Seen,
 }
 
 impl<'s> Tally<'s> {
     fn new(data: &'s SelectionBatches<'s>) -> Self {
+        let n = data.scorer.len();
+        let reference = data.reference.as_deref().unwrap_or_default();
+        let original_correct = reference.iter().filter(|&&c| c).count();
         Tally {
             data,
-            predictions: vec![0f32; data.scorer.len()],
+            predictions: vec![0f32; n],
+            correct: vec![false; n],
             loss_sum: 0.0,
             errors: 0,
+            seen: Seen {
+                n,
+                original_correct,
+                original_wrong_left: reference.len() - original_correct,
+                ..Seen::default()
+            },
         }
     }
 
@@ -156,15 +295,49 @@ impl<'s> Tally<'s> {
         for (row, &ex) in logits.iter().zip(examples) {
             self.loss_sum += scorer.example_loss(row, ex);
             self.predictions[ex] = scorer.prediction(row);
-            self.errors += usize::from(!scorer.is_correct(row, ex));
+            let correct = scorer.is_correct(row, ex);
+            self.correct[ex] = correct;
+            self.errors += usize::from(!correct);
+            if let Some(reference) = &self.data.reference {
+                let seen = &mut self.seen;
+                match (reference[ex], correct) {
+                    (true, false) => seen.lost += 1,
+                    (false, true) => seen.gained += 1,
+                    _ => {}
+                }
+                seen.original_wrong_left -= usize::from(!reference[ex]);
+            }
         }
+    }
+
+    /// True when, under `rule` against `current`, no completion of this evaluation can be
+    /// accepted (accuracy metrics only).
+    fn rules_out(&self, rule: Rule, current: Score) -> bool {
+        let n = self.data.scorer.len();
+        let max_errors = n.checked_sub(rule.min_correct(n, current));
+        let not_worse_lost = max_errors.is_none_or(|m| self.errors > m);
+        let floor_lost = match (rule.floor(), &self.data.reference) {
+            (Some(floor), Some(_)) => self.seen.rules_out(floor, self.data.z),
+            _ => false,
+        };
+        not_worse_lost || floor_lost
     }
 
     fn score(&self) -> Score {
         let s = self.data.scorer.scores(self.loss_sum, &self.predictions);
-        Score {
-            loss: s.loss,
-            metric: s.get(self.data.metric).unwrap_or(f64::NAN),
+        let metric = s.get(self.data.metric).unwrap_or(f64::NAN);
+        match &self.data.reference {
+            Some(_) => {
+                let seen = &self.seen;
+                let (correct, z) = (seen.original_correct, self.data.z);
+                Score {
+                    loss: s.loss,
+                    metric,
+                    discordant: Some(seen.lost + seen.gained),
+                    guarded: Some(guarded_accuracy(correct, seen.lost, seen.gained, seen.n, z)),
+                }
+            }
+            None => Score::point(s.loss, metric),
         }
     }
 }
@@ -201,10 +374,7 @@ impl<'a> Engine<'a> {
             gates: None,
             cache,
             stale_from: Some(Some(0)),
-            score: Score {
-                loss: f64::NAN,
-                metric: f64::NAN,
-            },
+            score: Score::point(f64::NAN, f64::NAN),
             evaluations: 0,
         };
         engine.refresh()?;
@@ -358,14 +528,11 @@ impl<'a> Engine<'a> {
             gates,
             differentiable: false,
         };
-        let total = self.data.scorer.len();
-        let max_errors = match rule.filter(|_| self.early_stop_applies()) {
-            None => total,
-            Some(r) => match total.checked_sub(r.min_correct(total, self.score)) {
-                Some(m) => m,
-                None => return Ok(None),
-            },
-        };
+        if let Some(r) = rule.filter(|_| self.early_stop_applies()) {
+            if Tally::new(self.data).rules_out(r, self.score) {
+                return Ok(None);
+            }
+        }
         let mut tally = Tally::new(self.data);
         for (number, batch) in self.data.batches.iter().enumerate() {
             let logits = match from {
@@ -378,7 +545,7 @@ impl<'a> Engine<'a> {
                 None => model.forward(&batch.inputs, opts)?,
             };
             tally.add(&finite_rows(&logits, "selection", number)?, &batch.examples);
-            if tally.errors > max_errors {
+            if rule.is_some_and(|r| self.early_stop_applies() && tally.rules_out(r, self.score)) {
                 return Ok(None);
             }
         }
@@ -428,43 +595,110 @@ mod tests {
     }
 
     #[test]
-    fn early_rejection_never_rejects_what_full_evaluation_accepts() {
+    fn early_rejection_under_not_worse_never_rejects_what_full_evaluation_accepts() {
         for n in 1..=160 {
             for current_correct in 0..=n {
-                let current = Score {
-                    loss: 0.5,
-                    metric: metric(current_correct, n),
-                };
-                let floors = [
-                    current.metric,
-                    current.metric - 0.01,
-                    current.metric - 1e-12,
-                ];
-                let rules = floors
-                    .map(Rule::AtLeast)
-                    .into_iter()
-                    .chain([Rule::NotWorse]);
-                for rule in rules {
-                    let min = rule.min_correct(n, current);
-                    for correct in 0..=n {
-                        // Full evaluation's verdict, at the lowest possible loss.
-                        let trial = Score {
-                            loss: 0.0,
-                            metric: metric(correct, n),
-                        };
-                        // Early stopping rejects once errors exceed n - min.
-                        let cut_short = n - correct > n.saturating_sub(min) || min > n;
-                        assert!(
-                            !(rule.admits(trial, current) && cut_short),
-                            "n={n} correct={correct} rule={rule:?} min={min}"
-                        );
-                        // And it is exact: whatever it lets through to the end can pass.
-                        if !cut_short {
-                            assert!(rule.admits(trial, current), "n={n} {correct} {rule:?}");
+                let current = Score::point(0.5, metric(current_correct, n));
+                let min = Rule::NotWorse.min_correct(n, current);
+                for correct in 0..=n {
+                    // Full evaluation's verdict, at the lowest possible loss.
+                    let trial = Score::point(0.0, metric(correct, n));
+                    // Early stopping rejects once errors exceed n - min.
+                    let cut_short = n - correct > n.saturating_sub(min) || min > n;
+                    let admitted = Rule::NotWorse.admits(trial, current);
+                    assert!(
+                        !(admitted && cut_short),
+                        "n={n} correct={correct} min={min}"
+                    );
+                    // And it is exact: whatever it lets through to the end can pass.
+                    assert!(cut_short || admitted, "n={n} {correct}");
+                }
+            }
+        }
+    }
+
+    /// Every way the unseen examples of an evaluation under way can turn out: the final
+    /// (lost, gained) pairs reachable from `seen` with `original_right_left` unseen examples that
+    /// the original got right.
+    fn completions(seen: Seen, original_right_left: usize) -> Vec<(usize, usize)> {
+        let mut out = Vec::new();
+        for more_lost in 0..=original_right_left {
+            for more_gained in 0..=seen.original_wrong_left {
+                out.push((seen.lost + more_lost, seen.gained + more_gained));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn early_rejection_under_the_guard_is_exact() {
+        let mut checked = 0usize;
+        for n in 1..=12 {
+            for original_correct in 0..=n {
+                let wrong = n - original_correct;
+                let floors =
+                    [0.0, 0.3, 0.5, 0.75, 0.9, 1.0].map(|f| f * original_correct as f64 / n as f64);
+                for z in [0.0, 1.2816, 1.6449, 2.3263] {
+                    for right_seen in 0..=original_correct {
+                        for wrong_seen in 0..=wrong {
+                            for lost in 0..=right_seen {
+                                for gained in 0..=wrong_seen {
+                                    let seen = Seen {
+                                        n,
+                                        original_correct,
+                                        lost,
+                                        gained,
+                                        original_wrong_left: wrong - wrong_seen,
+                                    };
+                                    let finals = completions(seen, original_correct - right_seen);
+                                    for floor in floors {
+                                        let best = finals
+                                            .iter()
+                                            .map(|&(l, g)| {
+                                                guarded_accuracy(original_correct, l, g, n, z)
+                                            })
+                                            .fold(f64::NEG_INFINITY, f64::max);
+                                        let ruled_out = seen.rules_out(floor, z);
+                                        // Never rejects what a full evaluation could accept…
+                                        assert!(
+                                            !(ruled_out && best >= floor),
+                                            "{seen:?} z={z} floor={floor} best={best}"
+                                        );
+                                        // …and rejects as soon as nothing can be accepted.
+                                        assert!(
+                                            ruled_out || best >= floor - 1e-12,
+                                            "{seen:?} z={z} floor={floor} best={best}"
+                                        );
+                                        checked += 1;
+                                    }
+                                }
+                            }
                         }
                     }
                 }
             }
         }
+        assert!(checked > 100_000, "{checked}");
+    }
+
+    #[test]
+    fn floors_judge_the_guarded_metric_and_not_worse_the_point_estimate() {
+        let current = Score::point(0.4, 0.9);
+        let trial = Score {
+            loss: 0.3,
+            metric: 0.9,
+            discordant: Some(16),
+            guarded: Some(0.88),
+        };
+        assert!(Rule::AtLeast(0.88).admits(trial, current));
+        assert!(!Rule::AtLeast(0.89).admits(trial, current));
+        assert!(Rule::NotWorse.admits(trial, current));
+        assert!(Rule::NotWorseAtLeast(0.88).admits(trial, current));
+        assert!(!Rule::NotWorseAtLeast(0.89).admits(trial, current));
+        let worse = Score {
+            metric: 0.895,
+            ..trial
+        };
+        assert!(!Rule::NotWorseAtLeast(0.8).admits(worse, current));
     }
 }

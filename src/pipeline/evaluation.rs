@@ -9,12 +9,14 @@ use indicatif::ProgressBar;
 use serde::Serialize;
 
 use crate::data::batch::EncodedSet;
+use crate::data::glue::Target;
 use crate::data::labels::LabelMap;
 use crate::data::splits::{Part, Splits};
 use crate::data::task::Task;
 use crate::evaluate::{predict, predicted_labels, score};
 use crate::model::encoder::RunOptions;
 use crate::model::Model;
+use crate::passes::guard::Paired;
 
 /// Metrics and loss of one model on one split.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -38,6 +40,46 @@ pub struct Comparison {
     pub after: SetScores,
     /// Examples whose predicted label changed (classification only).
     pub flipped: Option<usize>,
+    /// Classification: the accuracy drop from the original to the compressed model with its
+    /// paired standard error and interval.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub paired: Option<PairedDrop>,
+}
+
+/// The accuracy drop on one split from paired outcomes ([`Paired`]), in points (positive: lost).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PairedDrop {
+    /// Examples the original got right and the compressed model gets wrong.
+    pub lost: usize,
+    /// Examples the original got wrong and the compressed model gets right.
+    pub gained: usize,
+    /// The drop, in points.
+    pub drop_points: f64,
+    /// Its paired standard error (McNemar's), in points.
+    pub standard_error_points: f64,
+    /// Its two-sided interval at `confidence`, in points.
+    pub interval_points: [f64; 2],
+    /// The interval's confidence.
+    pub confidence: f64,
+}
+
+impl PairedDrop {
+    /// The drop of `paired`, with its interval at `confidence`.
+    pub fn new(paired: Paired, confidence: f64) -> Self {
+        PairedDrop {
+            lost: paired.lost,
+            gained: paired.gained,
+            drop_points: paired.drop() * 100.0,
+            standard_error_points: paired.standard_error() * 100.0,
+            interval_points: paired.interval(confidence).map(|x| x * 100.0),
+            confidence,
+        }
+    }
+
+    /// True when the interval reaches beyond a drop of `max_drop_points`.
+    pub fn may_exceed(&self, max_drop_points: f64) -> bool {
+        self.interval_points[1] > max_drop_points
+    }
 }
 
 /// A model and the run's data as its tokenizer encodes it.
@@ -58,6 +100,8 @@ pub struct Judge<'a> {
     pub labels: &'a LabelMap,
     /// Sentences per batch.
     pub batch_size: usize,
+    /// Confidence of the paired intervals.
+    pub confidence: f64,
 }
 
 impl Judge<'_> {
@@ -131,9 +175,19 @@ impl Judge<'_> {
                 loss: s.loss,
             }
         };
-        let flipped = (!self.task.is_regression()).then(|| {
-            let [a, b] = [&logits[0], &logits[1]].map(|l| predicted_labels(l, self.labels));
-            a.iter().zip(&b).filter(|(x, y)| x != y).count()
+        let predicted = (!self.task.is_regression())
+            .then(|| [&logits[0], &logits[1]].map(|l| predicted_labels(l, self.labels)));
+        let flipped = predicted
+            .as_ref()
+            .map(|[a, b]| a.iter().zip(b).filter(|(x, y)| x != y).count());
+        let paired = predicted.map(|[a, b]| {
+            let right = |p: &[usize]| -> Vec<bool> {
+                p.iter()
+                    .zip(&set.targets)
+                    .map(|(&p, t)| matches!(t, Target::Class(c) if *c == p))
+                    .collect()
+            };
+            PairedDrop::new(Paired::of(&right(&a), &right(&b)), self.confidence)
         });
         Comparison {
             split,
@@ -141,6 +195,7 @@ impl Judge<'_> {
             before: scores(&logits[0]),
             after: scores(&logits[1]),
             flipped,
+            paired,
         }
     }
 }

@@ -34,6 +34,7 @@ use crate::model::tokenizer::TextEncoder;
 use crate::model::Model;
 use crate::passes::attention::{AttentionPass, AttentionSettings};
 use crate::passes::bsp::{Bsp, BspSettings};
+use crate::passes::guard::check_confidence;
 use crate::passes::journal::Journal;
 use crate::passes::prune::{Prune, PruneSettings};
 use crate::passes::quantize::{Quantize, QuantizeSettings};
@@ -45,8 +46,8 @@ use crate::setup::TaskSetup;
 use crate::train::fit::TrainSettings;
 use evaluation::{Comparison, Judge, Subject};
 use report::{
-    points, AlternativeReport, BeforeAfter, DataReport, RunReport, StageReport, Timing,
-    ToleranceReport,
+    points, promise_warnings, AlternativeReport, BeforeAfter, DataReport, RunReport, StageReport,
+    Timing, ToleranceReport,
 };
 use tolerance::MaxDrop;
 use vocabulary::VocabReport;
@@ -118,6 +119,8 @@ pub struct RunSettings {
     pub test: Option<PathBuf>,
     /// The run's tolerance, from the original model.
     pub max_drop: Option<MaxDrop>,
+    /// Confidence of the guard on every decision and of the report's intervals.
+    pub confidence: f64,
     /// The stages, in order.
     pub stages: Vec<StageSpec>,
     /// Prune the vocabulary to this corpus after the stages.
@@ -156,6 +159,7 @@ pub fn progress_path(out: &Path) -> PathBuf {
 pub fn run(spec: &RunSettings, out: &Output, quiet: bool) -> Result<Finished> {
     let started = Instant::now();
     // 1. Settings, model, destination, progress journal.
+    check_confidence(spec.confidence)?;
     let passes = build_passes(spec)?;
     let setup = TaskSetup::load(
         &spec.model,
@@ -186,8 +190,9 @@ pub fn run(spec: &RunSettings, out: &Output, quiet: bool) -> Result<Finished> {
         spec.task,
         &setup.labels,
         spec.batch_size,
+        spec.confidence,
     )?;
-    let baseline = batches.score(&setup.model)?;
+    let baseline = batches.baseline;
     let run = Run {
         spec,
         setup: &setup,
@@ -335,14 +340,14 @@ impl Run<'_> {
             });
             before = after;
         }
-        if let Some(floor) = self.floor.filter(|&f| before.metric < f) {
+        if let Some(floor) = self.floor.filter(|&f| before.judged() < f) {
             let advice = match passes.iter().any(|p| p.recovers()) {
                 true => "the recovery did not win back what the stages before it spent; recover on more examples or lower recover_slack",
                 false => "a uniform stage takes no decisions; use --bits mixed or a larger --max-drop",
             };
             self.log(&format!(
-                "warning: the selection {} {:.4} is below the floor {floor:.4}: {advice}",
-                self.batches.metric, before.metric
+                "warning: the selection {} {:.4} (guarded {:.4} at confidence {}) is below the floor {floor:.4}: {advice}",
+                self.batches.metric, before.metric, before.judged(), self.spec.confidence
             ));
         }
         Ok((model, reports))
@@ -382,6 +387,7 @@ impl Run<'_> {
             task: self.spec.task,
             labels: &self.setup.labels,
             batch_size: self.spec.batch_size,
+            confidence: self.spec.confidence,
         }
     }
 
@@ -420,6 +426,9 @@ impl Run<'_> {
                 baseline: baseline.metric,
                 floor: self.floor,
                 spent_points: points(baseline.metric, last.metric),
+                confidence: spec.confidence,
+                guarded_spent_points: points(baseline.metric, last.judged()),
+                warnings: promise_warnings(&evaluation, spec.max_drop),
             },
             stages,
             vocabulary,

@@ -76,6 +76,42 @@ pub struct ToleranceReport {
     pub floor: Option<f64>,
     /// Selection metric points lost by the whole run (negative: gained).
     pub spent_points: f64,
+    /// Confidence of the guard on every decision and of the intervals.
+    pub confidence: f64,
+    /// The one-sided bound of the drop on the selection data at `confidence`, in points: what
+    /// the decisions kept within `max_drop`.
+    pub guarded_spent_points: f64,
+    /// One line for each split the decisions did not see whose interval of the drop reaches
+    /// beyond `max_drop`.
+    pub warnings: Vec<String>,
+}
+
+/// The warning lines for the splits in `evaluation` that no decision saw (report, test) whose
+/// interval of the drop reaches beyond `max_drop`.
+pub fn promise_warnings(evaluation: &[Comparison], max_drop: Option<MaxDrop>) -> Vec<String> {
+    let Some(max_drop) = max_drop else {
+        return Vec::new();
+    };
+    evaluation
+        .iter()
+        .filter(|c| matches!(c.split, "report" | "test"))
+        .filter_map(|c| {
+            let p = c.paired.as_ref()?;
+            let before = c.before.metrics.get("accuracy").copied()?;
+            let allowed = max_drop.points_at(before);
+            p.may_exceed(allowed).then(|| {
+                format!(
+                    "warning: on the {} split the drop is {:+.2} ± {:.2} points; its {:.0}% interval [{:+.2}, {:+.2}] reaches beyond max_drop {allowed:.2}",
+                    c.split,
+                    p.drop_points,
+                    p.standard_error_points,
+                    p.confidence * 100.0,
+                    p.interval_points[0],
+                    p.interval_points[1],
+                )
+            })
+        })
+        .collect()
 }
 
 /// What one stage did.
@@ -201,17 +237,31 @@ fn render_evaluation(s: &mut String, report: &RunReport) {
     let metric = report.metric;
     let _ = writeln!(
         s,
-        "  {metric:<16} {:>9} {:>8} {:>8} {:>9} {:>8}",
-        "examples", "before", "after", "points", "flipped"
+        "  {metric:<16} {:>9} {:>8} {:>8} {:>9} {:>8}  {}",
+        "examples",
+        "before",
+        "after",
+        "points",
+        "flipped",
+        format_args!(
+            "drop ± se [{:.0}% interval]",
+            report.tolerance.confidence * 100.0
+        )
     );
     for c in &report.evaluation {
         let get =
             |v: &super::evaluation::SetScores| v.metrics.get(metric).copied().unwrap_or(f64::NAN);
         let (b, a) = (get(&c.before), get(&c.after));
         let flipped = c.flipped.map_or("-".to_string(), |f| f.to_string());
+        let paired = c.paired.as_ref().map_or(String::new(), |p| {
+            format!(
+                "  {:+.2} ± {:.2} [{:+.2}, {:+.2}]",
+                p.drop_points, p.standard_error_points, p.interval_points[0], p.interval_points[1]
+            )
+        });
         let _ = writeln!(
             s,
-            "    {:<14} {:>9} {b:>8.4} {a:>8.4} {:>+9.2} {flipped:>8}",
+            "    {:<14} {:>9} {b:>8.4} {a:>8.4} {:>+9.2} {flipped:>8}{paired}",
             c.split,
             c.examples,
             (a - b) * 100.0
@@ -227,8 +277,8 @@ fn render_tolerance(s: &mut String, report: &RunReport) {
     };
     let _ = writeln!(
         s,
-        "  tolerance        {allowed}; spent {:+.2} points of selection {} {:.4}",
-        t.spent_points, report.metric, t.baseline
+        "  tolerance        {allowed}; spent {:+.2} points of selection {} {:.4} (bound {:+.2} at confidence {})",
+        t.spent_points, report.metric, t.baseline, t.guarded_spent_points, t.confidence
     );
     for (i, st) in report.stages.iter().enumerate() {
         let _ = writeln!(
@@ -240,5 +290,8 @@ fn render_tolerance(s: &mut String, report: &RunReport) {
             st.selection_after.metric,
             st.spent_points
         );
+    }
+    for w in &t.warnings {
+        let _ = writeln!(s, "  {w}");
     }
 }

@@ -33,6 +33,11 @@ impl MaxDrop {
         })
     }
 
+    /// The allowed drop in points for a split where the original scores `baseline`.
+    pub fn points_at(self, baseline: f64) -> f64 {
+        (baseline - self.floor(baseline)) * 100.0
+    }
+
     /// The lowest acceptable metric given the original model's `baseline`.
     pub fn floor(self, baseline: f64) -> f64 {
         match self {
