@@ -195,6 +195,9 @@ fn the_pass_switches_layers_the_selection_allows_and_eval_runs_them() {
         "speed",
         "--max-drop",
         "5",
+        // The point estimate: the guard is tested in tests/prune.rs on a larger selection.
+        "--confidence",
+        "0.5",
     ];
     let report = common::json_stdout(&common::run_stage(
         "attention",

@@ -1,7 +1,9 @@
 //! Pruning as a pipeline stage, export and bench: exported models equal gated originals (fp16
 //! checkpoints stay fp16), the tolerance holds on the selection data in size and speed modes,
 //! patience and budget end levels, the group level keeps widths aligned, the engine's cached
-//! score equals a fresh evaluation, another model's report is refused, and clear errors.
+//! score equals a fresh evaluation, another model's report is refused, and clear errors. Tests of
+//! the mechanics on 60 selection sentences decide by the point estimate (`--confidence 0.5`): so
+//! few sentences cannot keep a bound of two points; the guard is tested on 200 of them.
 
 mod common;
 
@@ -231,6 +233,8 @@ fn size_mode_respects_max_drop_and_the_output_round_trips() {
         "size",
         "--max-drop",
         "2",
+        "--confidence",
+        "0.5",
         "--levels",
         "blocks,heads",
     ];
@@ -276,6 +280,75 @@ fn size_mode_respects_max_drop_and_the_output_round_trips() {
     }
 }
 
+/// The selection split's one-sided bound of the drop, in points, recomputed from the report's
+/// paired counts at `confidence` (as the guard computes it).
+fn selection_bound_points(report: &Value, confidence: f64) -> f64 {
+    use axcompress::passes::guard::{drop_bound, z_one_sided};
+    let selection = split(report, "selection");
+    let p = &selection["paired"];
+    let (lost, gained) = (p["lost"].as_u64().unwrap(), p["gained"].as_u64().unwrap());
+    let n = selection["examples"].as_f64().unwrap();
+    let bound = drop_bound(lost as usize, gained as usize, z_one_sided(confidence));
+    bound / n * 100.0
+}
+
+#[test]
+#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
+fn the_guard_keeps_the_bound_within_max_drop_where_the_point_estimate_need_not() {
+    let shared = fixtures_or_skip!();
+    let data = common::small_glue(&shared, "SST-2", 400);
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |confidence: &str| {
+        let out = tmp.path().join(format!("c{confidence}"));
+        let args = [
+            "--mode",
+            "size",
+            "--max-drop",
+            "4",
+            "--levels",
+            "blocks",
+            "--reconstruct",
+            "false",
+            "--confidence",
+            confidence,
+        ];
+        common::json_stdout(&prune_cli(&shared, data.path(), &out, &args))
+    };
+    let (point, guarded) = (run("0.5"), run("0.9"));
+    // The guarded run: the bound the decisions kept, as reported and recomputed, is within 4.
+    assert_eq!(guarded["tolerance"]["confidence"], 0.9);
+    let reported = guarded["tolerance"]["guarded_spent_points"].as_f64().unwrap();
+    let recomputed = selection_bound_points(&guarded, 0.9);
+    assert!((reported - recomputed).abs() < 1e-9, "{reported} vs {recomputed}");
+    assert!(recomputed <= 4.0 + 1e-9, "bound {recomputed}");
+    // Every accepted trial's guarded metric reached the floor and lies below its metric.
+    let floor = guarded["tolerance"]["floor"].as_f64().unwrap();
+    for t in levels(&guarded)[0]["trials"].as_array().unwrap() {
+        if t["accepted"] == true {
+            let (m, g) = (t["score"]["metric"].as_f64(), t["score"]["guarded"].as_f64());
+            assert!(g.unwrap() >= floor && g < m, "{t}");
+        }
+    }
+    // The point estimate removes at least as much here, and its guarded figure is its metric.
+    let removed = |r: &Value| levels(r)[0]["removed"].as_array().unwrap().len();
+    assert!(removed(&point) >= removed(&guarded), "{} < {}", removed(&point), removed(&guarded));
+    assert_eq!(
+        point["tolerance"]["guarded_spent_points"],
+        point["tolerance"]["spent_points"]
+    );
+    // The paired drop of every split agrees with its accuracies.
+    for c in guarded["evaluation"].as_array().unwrap() {
+        let p = &c["paired"];
+        let n = c["examples"].as_f64().unwrap();
+        let (lost, gained) = (p["lost"].as_f64().unwrap(), p["gained"].as_f64().unwrap());
+        let drop = (accuracy(&c["before"]) - accuracy(&c["after"])) * 100.0;
+        assert!((p["drop_points"].as_f64().unwrap() - drop).abs() < 1e-9, "{c}");
+        assert!(((lost - gained) / n * 100.0 - drop).abs() < 1e-9, "{c}");
+        let [lo, hi] = [0, 1].map(|i| p["interval_points"][i].as_f64().unwrap());
+        assert!(lo <= drop && drop <= hi && p["standard_error_points"].as_f64() > Some(0.0) || lost + gained == 0.0, "{c}");
+    }
+}
+
 #[test]
 #[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn speed_mode_respects_max_drop() {
@@ -287,6 +360,8 @@ fn speed_mode_respects_max_drop() {
         "speed",
         "--max-drop",
         "2",
+        "--confidence",
+        "0.5",
         "--levels",
         "blocks,heads",
     ];
@@ -349,6 +424,8 @@ fn assert_group_level_within_budget(extra: &[&str]) {
         "size",
         "--max-drop",
         "2",
+        "--confidence",
+        "0.5",
         "--budget",
         "6",
     ];
@@ -387,6 +464,8 @@ fn a_state_cache_of_zero_bytes_changes_no_decision() {
         "speed",
         "--max-drop",
         "2",
+        "--confidence",
+        "0.5",
         "--budget",
         "4",
         "--compensate",
@@ -451,7 +530,7 @@ fn cached_score_equals_a_fresh_evaluation_of_the_sliced_model() {
     let set = encode(&dev, "", &encoder)
         .unwrap()
         .subset(&(0..96).collect::<Vec<_>>());
-    let batches = SelectionBatches::new(&model, &set, Task::Sst2, &labels, 16).unwrap();
+    let batches = SelectionBatches::new(&model, &set, Task::Sst2, &labels, 16, 0.9).unwrap();
     let mut engine = Engine::new(model.clone(), &batches).unwrap();
     assert_eq!(engine.score(), batches.score(&model).unwrap());
     let mut journal = Journal::in_memory();
@@ -483,6 +562,8 @@ fn cached_score_equals_a_fresh_evaluation_of_the_sliced_model() {
         let fresh = batches.score(&model.slice(&plan).unwrap()).unwrap();
         let cached = engine.score();
         assert_eq!(cached.metric, fresh.metric, "after {}", short_name(e));
+        assert_eq!(cached.guarded, fresh.guarded, "after {}", short_name(e));
+        assert_eq!(cached.discordant, fresh.discordant, "after {}", short_name(e));
         assert!(
             (cached.loss - fresh.loss).abs() < 1e-5,
             "{cached:?} vs {fresh:?}"

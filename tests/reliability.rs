@@ -328,6 +328,8 @@ fn ctrl_c_during_prune_exits_130_naming_the_progress_and_resume_finishes() {
         "3",
         "--max-drop",
         "5",
+        "--confidence",
+        "0.5",
         "-q",
     ];
     let mut child = spawn(&args);

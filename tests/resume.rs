@@ -26,6 +26,8 @@ fn prune_args(shared: &Path, data: &Path, out: &Path) -> Vec<String> {
         "size",
         "--max-drop",
         "2",
+        "--confidence",
+        "0.5",
         "--levels",
         "blocks,heads",
         "--budget",

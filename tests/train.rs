@@ -255,6 +255,8 @@ fn prune_with_recover_runs_a_recovery_stage_after_pruning() {
         "2",
         "--max-drop",
         "5",
+        "--confidence",
+        "0.5",
         "--mode",
         "size",
         "--recover",

@@ -60,6 +60,7 @@ impl PruneFlags {
             significance: self.significance.clone().or(settings.significance),
             reconstruct: self.reconstruct.or(settings.reconstruct),
             ridge: self.ridge.unwrap_or(settings.ridge),
+            calibration: settings.calibration,
             share_tolerance: settings.share_tolerance,
             reconstruct_slack: settings.reconstruct_slack,
             recover_slack: self.recover_slack.unwrap_or(settings.recover_slack),

@@ -43,7 +43,7 @@ use crate::analyze::{analyze, Subject};
 use crate::data::glue::Dataset;
 use crate::data::labels::LabelMap;
 use crate::data::source::TaskData;
-use crate::data::splits::{train_sample, Part};
+use crate::data::splits::{train_sample, DataInfo, Part};
 use crate::data::task::Task;
 use crate::model::tokenizer::TextEncoder;
 use crate::model::Model;
@@ -157,9 +157,14 @@ impl StageContext<'_> {
     }
 }
 
-/// The significance of every element of `level` in `model`, on the selection split: exact
-/// ablation, with FFN groups of `group_size` neurons pre-ranked by a Taylor estimate (the 8 most
-/// promising per layer are ablated exactly).
+/// Selection examples the significance that orders a pass's candidates is measured on, at most:
+/// the order needs fewer than the decisions, which use every selection example.
+pub const SIGNIFICANCE_EXAMPLES: usize = 1000;
+
+/// The significance of every element of `level` in `model`, on the first
+/// [`SIGNIFICANCE_EXAMPLES`] of the selection split (a seeded sample, so any prefix is one too):
+/// exact ablation, with FFN groups of `group_size` neurons pre-ranked by a Taylor estimate (the 8
+/// most promising per layer are ablated exactly).
 pub fn significance(
     model: &Model,
     level: Level,
@@ -185,7 +190,16 @@ pub fn significance(
         batch_size: ctx.batch_size,
         max_length: ctx.max_length,
     };
-    let info = ctx.selection.info.clone();
-    let analysis = analyze(&subject, &ctx.selection.set, info, settings, ctx.quiet)?;
+    let all = &ctx.selection.set;
+    let examples = all.sequences.len().min(SIGNIFICANCE_EXAMPLES);
+    let set = match examples < all.sequences.len() {
+        true => all.subset(&(0..examples).collect::<Vec<_>>()),
+        false => all.clone(),
+    };
+    let info = DataInfo {
+        examples,
+        ..ctx.selection.info.clone()
+    };
+    let analysis = analyze(&subject, &set, info, settings, ctx.quiet)?;
     Ok(analysis.report.elements)
 }

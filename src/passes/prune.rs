@@ -19,6 +19,8 @@ use super::reconstruct::{reconstruct, BlockFit, DEFAULT_RIDGE};
 use super::select::{Engine, Rule, Score, Trial};
 use super::{significance, Alternative, Pass, PassOutput, StageContext};
 use crate::analyze::elements::{Element, Level};
+use crate::analyze::{batches, AnalysisBatch};
+use crate::data::batch::encode;
 use crate::analyze::report::{ElementSignificance, Report};
 use crate::analyze::summary::short_name;
 use crate::model::slice::LayerKeep;
@@ -87,6 +89,10 @@ pub struct PruneSettings {
     pub reconstruct: Option<bool>,
     /// Ridge strength of the re-fit.
     pub ridge: f64,
+    /// Train sentences the re-fit is fitted on, drawn outside the selection (the selection data
+    /// itself when the task has no train split): a re-fit on the selection data would make the
+    /// selection metric that judges it an in-sample figure.
+    pub calibration: usize,
     /// Under size / speed, give each level an equal cumulative share of the tolerance.
     pub share_tolerance: bool,
     /// With reconstruction under size / speed: how far below its floor a level's search may go
@@ -116,6 +122,7 @@ impl Default for PruneSettings {
             significance: None,
             reconstruct: None,
             ridge: DEFAULT_RIDGE,
+            calibration: 512,
             share_tolerance: true,
             reconstruct_slack: 3.0,
             recover_slack: 1.0,
@@ -196,6 +203,9 @@ impl Prune {
         if settings.group_size == 0 {
             bail!("--group-size must be at least 1");
         }
+        if settings.calibration == 0 {
+            bail!("prune: calibration must be at least 1 (train sentences the re-fit is fitted on)");
+        }
         let significance = settings
             .significance
             .as_deref()
@@ -248,6 +258,23 @@ impl Prune {
         } else {
             floor
         }
+    }
+
+    /// The re-fit's sentences: `calibration` train sentences outside the selection, batched;
+    /// `None` (the selection data) when the task's data has no train split.
+    fn calibration(&self, model: &Model, ctx: &StageContext) -> Result<Option<Vec<AnalysisBatch>>> {
+        let seed = ctx.selection.info.seed.unwrap_or(0);
+        let sample = match ctx.train_sample(Some(self.settings.calibration), seed) {
+            Ok((sample, _)) => sample,
+            Err(e) => {
+                ctx.log(&format!(
+                    "the re-fit is fitted on the selection data, which then judges it in-sample: {e:#}"
+                ));
+                return Ok(None);
+            }
+        };
+        let set = encode(&sample, "", ctx.encoder)?;
+        Ok(Some(batches(model, &set, ctx.labels, ctx.batch_size)?))
     }
 
     /// The level's candidates in visiting order, from the report or a fresh analysis.
@@ -307,6 +334,11 @@ impl Pass for Prune {
             bail!("prune: ridge, reconstruct_slack and recover_slack must be non-negative numbers");
         }
         let reconstructs = self.reconstructs(ctx.recovery_follows);
+        let calibration = match reconstructs {
+            true => self.calibration(&model, ctx)?,
+            false => None,
+        };
+        let calibration = calibration.as_deref().unwrap_or(&ctx.batches.batches);
         let original = model.clone();
         // The same removals without any re-fit: what reconstruction is compared with.
         let mut plain = model.clone();
@@ -361,6 +393,7 @@ impl Pass for Prune {
                         original: &original,
                         input: &input,
                         floor,
+                        calibration,
                     };
                     settle.run(self.settings.ridge, &mut outcome, ctx)?
                 }
@@ -516,6 +549,8 @@ struct Settle<'a> {
     original: &'a Model,
     input: &'a Model,
     floor: Settled,
+    /// The sentences the re-fit is fitted on.
+    calibration: &'a [AnalysisBatch],
 }
 
 /// What a re-fit level must hold.
@@ -614,7 +649,7 @@ impl Settle<'_> {
             remove(&mut plan, &r.element);
         }
         let sliced = self.input.slice(&plan)?;
-        let (model, blocks) = reconstruct(self.original, &sliced, &ctx.batches.batches, ridge)?;
+        let (model, blocks) = reconstruct(self.original, &sliced, self.calibration, ridge)?;
         let score = ctx.batches.score(&model)?;
         Ok(Fitted {
             model,
