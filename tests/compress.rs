@@ -87,7 +87,14 @@ fn rte_config_keeps_the_fp16_weights() {
         &config,
         data.path(),
         &out,
-        &["--levels", "blocks", "--max-drop", "20", "--confidence", "0.5"],
+        &[
+            "--levels",
+            "blocks",
+            "--max-drop",
+            "20",
+            "--confidence",
+            "0.5",
+        ],
     );
     let w = &report["weights_bytes"];
     assert!(w["after"].as_u64() < w["before"].as_u64(), "{w}");

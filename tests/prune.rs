@@ -317,21 +317,34 @@ fn the_guard_keeps_the_bound_within_max_drop_where_the_point_estimate_need_not()
     let (point, guarded) = (run("0.5"), run("0.9"));
     // The guarded run: the bound the decisions kept, as reported and recomputed, is within 4.
     assert_eq!(guarded["tolerance"]["confidence"], 0.9);
-    let reported = guarded["tolerance"]["guarded_spent_points"].as_f64().unwrap();
+    let reported = guarded["tolerance"]["guarded_spent_points"]
+        .as_f64()
+        .unwrap();
     let recomputed = selection_bound_points(&guarded, 0.9);
-    assert!((reported - recomputed).abs() < 1e-9, "{reported} vs {recomputed}");
+    assert!(
+        (reported - recomputed).abs() < 1e-9,
+        "{reported} vs {recomputed}"
+    );
     assert!(recomputed <= 4.0 + 1e-9, "bound {recomputed}");
     // Every accepted trial's guarded metric reached the floor and lies below its metric.
     let floor = guarded["tolerance"]["floor"].as_f64().unwrap();
     for t in levels(&guarded)[0]["trials"].as_array().unwrap() {
         if t["accepted"] == true {
-            let (m, g) = (t["score"]["metric"].as_f64(), t["score"]["guarded"].as_f64());
+            let (m, g) = (
+                t["score"]["metric"].as_f64(),
+                t["score"]["guarded"].as_f64(),
+            );
             assert!(g.unwrap() >= floor && g < m, "{t}");
         }
     }
     // The point estimate removes at least as much here, and its guarded figure is its metric.
     let removed = |r: &Value| levels(r)[0]["removed"].as_array().unwrap().len();
-    assert!(removed(&point) >= removed(&guarded), "{} < {}", removed(&point), removed(&guarded));
+    assert!(
+        removed(&point) >= removed(&guarded),
+        "{} < {}",
+        removed(&point),
+        removed(&guarded)
+    );
     assert_eq!(
         point["tolerance"]["guarded_spent_points"],
         point["tolerance"]["spent_points"]
@@ -342,10 +355,17 @@ fn the_guard_keeps_the_bound_within_max_drop_where_the_point_estimate_need_not()
         let n = c["examples"].as_f64().unwrap();
         let (lost, gained) = (p["lost"].as_f64().unwrap(), p["gained"].as_f64().unwrap());
         let drop = (accuracy(&c["before"]) - accuracy(&c["after"])) * 100.0;
-        assert!((p["drop_points"].as_f64().unwrap() - drop).abs() < 1e-9, "{c}");
+        assert!(
+            (p["drop_points"].as_f64().unwrap() - drop).abs() < 1e-9,
+            "{c}"
+        );
         assert!(((lost - gained) / n * 100.0 - drop).abs() < 1e-9, "{c}");
         let [lo, hi] = [0, 1].map(|i| p["interval_points"][i].as_f64().unwrap());
-        assert!(lo <= drop && drop <= hi && p["standard_error_points"].as_f64() > Some(0.0) || lost + gained == 0.0, "{c}");
+        assert!(
+            lo <= drop && drop <= hi && p["standard_error_points"].as_f64() > Some(0.0)
+                || lost + gained == 0.0,
+            "{c}"
+        );
     }
 }
 
@@ -563,7 +583,12 @@ fn cached_score_equals_a_fresh_evaluation_of_the_sliced_model() {
         let cached = engine.score();
         assert_eq!(cached.metric, fresh.metric, "after {}", short_name(e));
         assert_eq!(cached.guarded, fresh.guarded, "after {}", short_name(e));
-        assert_eq!(cached.discordant, fresh.discordant, "after {}", short_name(e));
+        assert_eq!(
+            cached.discordant,
+            fresh.discordant,
+            "after {}",
+            short_name(e)
+        );
         assert!(
             (cached.loss - fresh.loss).abs() < 1e-5,
             "{cached:?} vs {fresh:?}"

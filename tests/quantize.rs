@@ -300,7 +300,14 @@ fn mixed_precision_holds_the_floor_and_reports_the_uniform_baselines() {
         fixtures_or_skip!(),
         60,
         // The point estimate: 30 selection sentences are too few for the guard at 2 points.
-        &["--bits", "mixed", "--max-drop", "2.0", "--confidence", "0.5"],
+        &[
+            "--bits",
+            "mixed",
+            "--max-drop",
+            "2.0",
+            "--confidence",
+            "0.5",
+        ],
     );
     let Quantized {
         data, out, report, ..

@@ -19,10 +19,10 @@ use super::reconstruct::{reconstruct, BlockFit, DEFAULT_RIDGE};
 use super::select::{Engine, Rule, Score, Trial};
 use super::{significance, Alternative, Pass, PassOutput, StageContext};
 use crate::analyze::elements::{Element, Level};
-use crate::analyze::{batches, AnalysisBatch};
-use crate::data::batch::encode;
 use crate::analyze::report::{ElementSignificance, Report};
 use crate::analyze::summary::short_name;
+use crate::analyze::{batches, AnalysisBatch};
+use crate::data::batch::encode;
 use crate::model::slice::LayerKeep;
 use crate::model::Model;
 use crate::progress;
@@ -204,7 +204,9 @@ impl Prune {
             bail!("--group-size must be at least 1");
         }
         if settings.calibration == 0 {
-            bail!("prune: calibration must be at least 1 (train sentences the re-fit is fitted on)");
+            bail!(
+                "prune: calibration must be at least 1 (train sentences the re-fit is fitted on)"
+            );
         }
         let significance = settings
             .significance
