@@ -404,11 +404,12 @@ impl Pass for Prune {
             plain = plain.slice(&plan)?;
             model = next;
             ctx.log(&format!(
-                "{}: removed {} of {} ({} decided, {replayed} replayed from the progress file), selection {:.4}",
+                "{}: removed {} of {} ({} decided, {replayed} replayed from the progress file, {} taken back after the re-fit), the search ended at selection {:.4}",
                 level.name(),
                 outcome.removed.len(),
                 outcome.candidates,
                 outcome.trials.len(),
+                outcome.undone,
                 outcome.score.metric
             ));
             outcomes.push(outcome);
