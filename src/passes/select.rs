@@ -43,8 +43,8 @@ pub struct Score {
     /// Under an accuracy metric: examples whose correctness differs from the original model's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub discordant: Option<usize>,
-    /// Under an accuracy metric: the metric less the guard's margin for `discordant` (the
-    /// one-sided lower confidence bound that floors are judged by).
+    /// Under an accuracy metric: the original's metric less the one-sided bound of the drop
+    /// ([`super::guard::drop_bound`]), the value floors are judged by.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guarded: Option<f64>,
 }
@@ -97,15 +97,6 @@ impl Rule {
         match self {
             Rule::NotWorse => None,
             Rule::AtLeast(f) | Rule::NotWorseAtLeast(f) => Some(f),
-        }
-    }
-
-    /// The same rule with its floor moved to `f(floor)`.
-    pub fn with_floor(self, f: impl Fn(f64) -> f64) -> Self {
-        match self {
-            Rule::NotWorse => Rule::NotWorse,
-            Rule::AtLeast(x) => Rule::AtLeast(f(x)),
-            Rule::NotWorseAtLeast(x) => Rule::NotWorseAtLeast(f(x)),
         }
     }
 
