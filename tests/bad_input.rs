@@ -220,3 +220,29 @@ fn data_directory_without_split_file() {
     let out = eval(&shared.join("models/minilm-l6-sst2"), empty.path(), &[]);
     assert_clean_error(&out, &["no dev.tsv for task sst2"]);
 }
+
+#[test]
+fn a_confidence_out_of_range_is_refused_before_any_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    for bad in ["1.5", "0.3", "1"] {
+        let o = common::run(&[
+            "prune",
+            "--model",
+            "/nonexistent/model-dir",
+            "--task",
+            "sst2",
+            "--mode",
+            "size",
+            "--max-drop",
+            "1",
+            "--confidence",
+            bad,
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        // Refused by its value, before the (missing) model is even looked for.
+        assert_clean_error(&o, &["confidence", bad, "out of range"]);
+        assert!(!out.exists());
+    }
+}
