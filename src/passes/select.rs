@@ -23,7 +23,7 @@ use anyhow::{Context, Result};
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use super::guard::{drop_bound, z_one_sided};
+use super::guard::{decision_bound, z_one_sided};
 use super::journal::{Journal, TrialRecord};
 use crate::analyze::{batches, AnalysisBatch, Scorer};
 use crate::data::batch::EncodedSet;
@@ -43,8 +43,8 @@ pub struct Score {
     /// Under an accuracy metric: examples whose correctness differs from the original model's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub discordant: Option<usize>,
-    /// Under an accuracy metric: the original's metric less the one-sided bound of the drop
-    /// ([`super::guard::drop_bound`]), the value floors are judged by.
+    /// Under an accuracy metric: the original's metric less the bound a decision keeps
+    /// ([`super::guard::decision_bound`]), the value floors are judged by.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guarded: Option<f64>,
 }
@@ -114,10 +114,11 @@ impl Rule {
 }
 
 /// The guarded accuracy of a trial that lost `lost` and gained `gained` examples against an
-/// original that got `original_correct` of `n` right: the original's accuracy less the one-sided
-/// bound of the drop ([`drop_bound`]); the value a floor is judged by.
+/// original that got `original_correct` of `n` right: the original's accuracy less the bound a
+/// decision keeps ([`decision_bound`]: under the guard, gains are not credited); the value a floor
+/// is judged by.
 fn guarded_accuracy(original_correct: usize, lost: usize, gained: usize, n: usize, z: f64) -> f64 {
-    (original_correct as f64 - drop_bound(lost, gained, z)) / n.max(1) as f64
+    (original_correct as f64 - decision_bound(lost, gained, z)) / n.max(1) as f64
 }
 
 /// What an evaluation under way has seen of the paired outcomes.
