@@ -395,6 +395,7 @@ impl Pass for Prune {
                         original: &original,
                         input: &input,
                         floor,
+                        compensated: compensate,
                         calibration,
                     };
                     settle.run(self.settings.ridge, &mut outcome, ctx)?
@@ -545,13 +546,17 @@ impl LevelRun {
     }
 }
 
-/// After a level: the re-fit of the longest prefix of its accepted removals that keeps the
-/// selection metric at or above `floor` once re-fit (all of them when possible; a binary search
-/// over prefixes otherwise).
+/// After a level: the re-fit of all its accepted removals when that holds `floor`; otherwise the
+/// longest prefix that holds it, re-fit (a binary search over the prefixes longer than the plain
+/// one) or, when no longer prefix holds re-fit, the longest that the search left holding it
+/// without a re-fit. Under the guard a re-fit can lose examples the search's model kept: it is
+/// fitted to the original's hidden states, not to the selection.
 struct Settle<'a> {
     original: &'a Model,
     input: &'a Model,
     floor: Settled,
+    /// The level's trials carried compensated FFNs (not plain slices of `input`).
+    compensated: bool,
     /// The sentences the re-fit is fitted on.
     calibration: &'a [AnalysisBatch],
 }
@@ -596,27 +601,29 @@ impl Settle<'_> {
         ctx: &StageContext,
     ) -> Result<(Model, Vec<LayerKeep>)> {
         let n = outcome.removed.len();
-        let mut best = Some(self.prefix(n, &outcome.removed, ridge, ctx)?);
-        let mut kept = n;
-        if best.as_ref().is_some_and(|f| !self.floor.holds(&f.score)) {
-            // The empty prefix (the level's input) holds; `n` does not.
-            let (mut lo, mut hi) = (0, n);
-            best = None;
-            while hi - lo > 1 {
-                let mid = (lo + hi) / 2;
-                let fitted = self.prefix(mid, &outcome.removed, ridge, ctx)?;
-                if self.floor.holds(&fitted.score) {
-                    (lo, best) = (mid, Some(fitted));
-                } else {
-                    hi = mid;
+        let full = self.prefix(n, &outcome.removed, ridge, ctx)?;
+        let (kept, best) = match self.floor.holds(&full.score) {
+            true => (n, Some(full)),
+            false => {
+                // Prefixes up to `plain` hold without a re-fit; longer ones are searched re-fit.
+                let plain = self.plain_prefix(&outcome.removed);
+                let (mut lo, mut hi, mut best) = (plain, n, None);
+                while hi - lo > 1 {
+                    let mid = (lo + hi) / 2;
+                    let fitted = self.prefix(mid, &outcome.removed, ridge, ctx)?;
+                    if self.floor.holds(&fitted.score) {
+                        (lo, best) = (mid, Some(fitted));
+                    } else {
+                        hi = mid;
+                    }
                 }
+                (lo, best)
             }
-            kept = lo;
-        }
+        };
         outcome.undone = n - kept;
         outcome.removed.truncate(kept);
         let Some(fitted) = best else {
-            return Ok((self.input.clone(), self.input.keep_all()));
+            return self.unfitted(kept, outcome, ctx);
         };
         ctx.log(&format!(
             "{}: re-fit {} blocks, selection {:.4} → {:.4}{}",
@@ -637,6 +644,44 @@ impl Settle<'_> {
             score: fitted.score,
         });
         Ok((fitted.model, fitted.plan))
+    }
+
+    /// The longest prefix of `removed` that the search itself left holding the floor, without
+    /// any re-fit (its recorded score is the prefix's own); 0 for compensated levels, whose
+    /// trials are not plain slices.
+    fn plain_prefix(&self, removed: &[Removal]) -> usize {
+        match self.compensated {
+            true => 0,
+            false => removed
+                .iter()
+                .rposition(|r| self.floor.holds(&r.after))
+                .map_or(0, |i| i + 1),
+        }
+    }
+
+    /// No re-fit holds: the first `kept` removals, sliced without one (the level's input when
+    /// `kept` is 0).
+    fn unfitted(
+        &self,
+        kept: usize,
+        outcome: &mut LevelOutcome,
+        ctx: &StageContext,
+    ) -> Result<(Model, Vec<LayerKeep>)> {
+        let mut plan = self.input.keep_all();
+        for r in &outcome.removed[..kept] {
+            remove(&mut plan, &r.element);
+        }
+        if kept == 0 {
+            return Ok((self.input.clone(), plan));
+        }
+        outcome.score = outcome.removed[kept - 1].after;
+        ctx.log(&format!(
+            "{}: no re-fit holds {:.4}; kept the first {kept} removals without one, selection {:.4}",
+            outcome.level.name(),
+            self.floor.value(),
+            outcome.score.metric
+        ));
+        Ok((self.input.slice(&plan)?, plan))
     }
 
     /// The first `k` removals applied to the level's input, sliced, re-fit and scored.
