@@ -3,7 +3,7 @@
 //! patience and budget end levels, the group level keeps widths aligned, the engine's cached
 //! score equals a fresh evaluation, another model's report is refused, and clear errors. Tests of
 //! the mechanics on 60 selection sentences decide by the point estimate (`--confidence 0.5`): so
-//! few sentences cannot keep a bound of two points; the guard is tested on 200 of them.
+//! few sentences cannot keep a bound of two points; the guard is tested on 120 of them.
 
 mod common;
 
@@ -283,12 +283,12 @@ fn size_mode_respects_max_drop_and_the_output_round_trips() {
 /// The selection split's one-sided bound of the drop, in points, recomputed from the report's
 /// paired counts at `confidence` (as the guard computes it).
 fn selection_bound_points(report: &Value, confidence: f64) -> f64 {
-    use axcompress::passes::guard::{drop_bound, z_one_sided};
+    use axcompress::passes::guard::{decision_bound, z_one_sided};
     let selection = split(report, "selection");
     let p = &selection["paired"];
     let (lost, gained) = (p["lost"].as_u64().unwrap(), p["gained"].as_u64().unwrap());
     let n = selection["examples"].as_f64().unwrap();
-    let bound = drop_bound(lost as usize, gained as usize, z_one_sided(confidence));
+    let bound = decision_bound(lost as usize, gained as usize, z_one_sided(confidence));
     bound / n * 100.0
 }
 
@@ -296,7 +296,7 @@ fn selection_bound_points(report: &Value, confidence: f64) -> f64 {
 #[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn the_guard_keeps_the_bound_within_max_drop_where_the_point_estimate_need_not() {
     let shared = fixtures_or_skip!();
-    let data = common::small_glue(&shared, "SST-2", 400);
+    let data = common::small_glue(&shared, "SST-2", 240);
     let tmp = tempfile::tempdir().unwrap();
     let run = |confidence: &str| {
         let out = tmp.path().join(format!("c{confidence}"));
@@ -304,7 +304,7 @@ fn the_guard_keeps_the_bound_within_max_drop_where_the_point_estimate_need_not()
             "--mode",
             "size",
             "--max-drop",
-            "4",
+            "6",
             "--levels",
             "blocks",
             "--reconstruct",
@@ -315,7 +315,7 @@ fn the_guard_keeps_the_bound_within_max_drop_where_the_point_estimate_need_not()
         common::json_stdout(&prune_cli(&shared, data.path(), &out, &args))
     };
     let (point, guarded) = (run("0.5"), run("0.9"));
-    // The guarded run: the bound the decisions kept, as reported and recomputed, is within 4.
+    // The guarded run: the bound the decisions kept, as reported and recomputed, is within 6.
     assert_eq!(guarded["tolerance"]["confidence"], 0.9);
     let reported = guarded["tolerance"]["guarded_spent_points"]
         .as_f64()
@@ -325,7 +325,7 @@ fn the_guard_keeps_the_bound_within_max_drop_where_the_point_estimate_need_not()
         (reported - recomputed).abs() < 1e-9,
         "{reported} vs {recomputed}"
     );
-    assert!(recomputed <= 4.0 + 1e-9, "bound {recomputed}");
+    assert!(recomputed <= 6.0 + 1e-9, "bound {recomputed}");
     // Every accepted trial's guarded metric reached the floor and lies below its metric.
     let floor = guarded["tolerance"]["floor"].as_f64().unwrap();
     for t in levels(&guarded)[0]["trials"].as_array().unwrap() {
@@ -384,6 +384,9 @@ fn speed_mode_respects_max_drop() {
         "0.5",
         "--levels",
         "blocks,heads",
+        // The re-fit is tested with size mode above; this test is about the speed order.
+        "--reconstruct",
+        "false",
     ];
     // Missing parent directories of --out are created.
     let out = tmp.path().join("new/dir/o");
@@ -421,7 +424,8 @@ fn patience_ends_a_level_after_consecutive_rejections() {
 #[test]
 #[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn group_level_removes_whole_groups_within_the_budget() {
-    assert_group_level_within_budget(&[]);
+    // The widths are the subject; the re-fit runs in the compensated test below.
+    assert_group_level_within_budget(&["--reconstruct", "false"]);
 }
 
 #[test]
