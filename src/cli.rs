@@ -128,7 +128,8 @@ pub struct SelectionArgs {
     /// model has usually seen all of train), `train-perturbed` (such a sample with a fifth of its
     /// words replaced by words of other sampled sentences, labelled by the input model itself:
     /// the metric is agreement with the input on text it has not seen, and all of dev is the
-    /// report split), or a labelled TSV file [default: dev].
+    /// report split), or a labelled TSV file [default: train-perturbed when a prune runs in size or
+    /// speed mode, else dev].
     #[arg(long)]
     pub on: Option<String>,
     /// Fraction of the dev split used for selection under `--on dev` [default: 0.5].

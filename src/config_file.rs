@@ -30,7 +30,7 @@ use crate::fsutil::read_text;
 use crate::passes::guard::DEFAULT_CONFIDENCE;
 use crate::passes::vocab::{VocabChoice, VocabCorpus};
 use crate::pipeline::tolerance::MaxDrop;
-use crate::pipeline::{RunSettings, StageSpec};
+use crate::pipeline::{default_selection, RunSettings, StageSpec};
 
 /// A config as written in the file.
 #[derive(Debug, Deserialize)]
@@ -110,7 +110,12 @@ impl File {
             bail!("no [[stages]]: add at least one stage, e.g. [[stages]] pass = \"prune\"");
         }
         let rel = |p: PathBuf| base.join(p);
-        let defaults = SelectionSpec::default();
+        let stages: Vec<StageSpec> = self
+            .stages
+            .into_iter()
+            .map(|stage| stage.with_paths_from(base))
+            .collect();
+        let defaults = default_selection(&stages);
         let s = self.selection;
         let on = match s.on.as_deref().map(SelectOn::parse) {
             Some(SelectOn::File(f)) => SelectOn::File(rel(f)),
@@ -124,11 +129,6 @@ impl File {
             seed: s.seed.unwrap_or(defaults.seed),
             limit: s.limit,
         };
-        let stages = self
-            .stages
-            .into_iter()
-            .map(|stage| stage.with_paths_from(base))
-            .collect();
         Ok(Config {
             settings: RunSettings {
                 model: model_spec(base, &self.model),
@@ -187,13 +187,24 @@ mod tests {
         assert_eq!(s.task, Task::Sst2);
         assert_eq!(s.max_drop, Some(MaxDrop::Relative(0.02)));
         assert_eq!(s.selection.select_fraction, 0.25);
-        assert_eq!(s.selection.on, SelectOn::Dev);
+        // A size-mode prune decides on perturbed train sentences unless the config says otherwise.
+        assert_eq!(s.selection.on, SelectOn::TrainPerturbed);
         assert_eq!(s.test, Some(dir.path().join("t.tsv")));
         let StageSpec::Prune(p) = &s.stages[0] else {
             panic!("the first stage is prune: {:?}", s.stages[0]);
         };
         assert_eq!((p.mode, p.budget, p.patience), (Mode::Size, Some(4), 20));
         assert_eq!(c.out, None);
+    }
+
+    #[test]
+    fn accuracy_mode_decides_on_half_of_dev_unless_told_otherwise() {
+        let stages = "[[stages]]\npass = \"prune\"\nmode = \"accuracy\"\n";
+        let (_dir, path) = write(&format!("model = \"m\"\ntask = \"sst2\"\n{stages}"));
+        assert_eq!(load(&path).unwrap().settings.selection.on, SelectOn::Dev);
+        let told = format!("model = \"m\"\ntask = \"sst2\"\n[selection]\non = \"dev\"\n{stages}");
+        let (_dir, path) = write(&told.replace("accuracy", "speed"));
+        assert_eq!(load(&path).unwrap().settings.selection.on, SelectOn::Dev);
     }
 
     #[test]

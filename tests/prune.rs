@@ -176,10 +176,13 @@ fn fp16_checkpoint_stays_fp16_and_shrinks() {
     );
 }
 
-/// `prune` of the SST-2 model on `data` (a small GLUE directory) into `out`, with `--json`.
+/// `prune` of the SST-2 model on `data` (a small GLUE directory) into `out`, with `--json`,
+/// deciding on half of dev (size and speed modes would otherwise decide on perturbed train
+/// sentences).
 fn prune_cli(shared: &Path, data: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
     let model = shared.join("models/minilm-l6-sst2");
-    common::run_stage("prune", &model, data, out, extra)
+    let extra = [&["--on", "dev"], extra].concat();
+    common::run_stage("prune", &model, data, out, &extra)
 }
 
 /// The before/after entry of `split` in a run report.
@@ -494,6 +497,8 @@ fn a_state_cache_of_zero_bytes_changes_no_decision() {
         "4",
         "--compensate",
         "true",
+        "--on",
+        "dev",
     ];
     let run = |name: &str, cache_mb: &str| {
         let out = tmp.path().join(name);

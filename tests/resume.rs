@@ -24,6 +24,8 @@ fn prune_args(shared: &Path, data: &Path, out: &Path) -> Vec<String> {
         data.to_str().unwrap(),
         "--mode",
         "size",
+        "--on",
+        "dev",
         "--max-drop",
         "2",
         "--confidence",

@@ -259,6 +259,8 @@ fn prune_with_recover_runs_a_recovery_stage_after_pruning() {
         "0.5",
         "--mode",
         "size",
+        "--on",
+        "dev",
         "--recover",
         "32",
         "--augment",

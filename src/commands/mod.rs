@@ -20,7 +20,7 @@ use crate::passes::guard::DEFAULT_CONFIDENCE;
 use crate::passes::prune::PruneSettings;
 use crate::passes::quantize::QuantizeSettings;
 use crate::passes::vocab::VocabCorpus;
-use crate::pipeline::{self, Finished, Output, RunSettings, StageSpec};
+use crate::pipeline::{self, default_selection, Finished, Output, RunSettings, StageSpec};
 use crate::setup::TaskSetup;
 
 /// Loads the model, labels, tokenizer and data location the task flags name.
@@ -101,7 +101,7 @@ pub fn run_stages(
         data: task.data.clone(),
         batch_size: task.batch_size,
         max_length: task.max_length,
-        selection: selection.apply(SelectionSpec::default()),
+        selection: selection.apply(default_selection(&stages)),
         test: run.test.clone(),
         max_drop: run.max_drop,
         confidence: run.confidence.unwrap_or(DEFAULT_CONFIDENCE),

@@ -11,7 +11,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::batch::{encode, EncodedSet};
@@ -230,7 +230,10 @@ fn train_holdout(
     encoder: &TextEncoder,
     perturbed: bool,
 ) -> Result<Part> {
-    let train = data.first("train")?;
+    let train = data.first("train").context(
+        "the selection data is sampled from the task's train split (--on train-perturbed is the \
+         default under size and speed modes); add the train split, or pass --on dev",
+    )?;
     let picked = draw(train.examples.len(), Some(spec.holdout), spec.seed, &[]);
     let mut subset = train.subset(&picked);
     let source = if perturbed {
