@@ -50,7 +50,7 @@ def run(args):
         command = [args.axcompress, "compress", "--config", path, "--data", args.data,
                    "--out", out, "--force", "--seed", str(seed), "--max-drop", str(max_drop),
                    "-q", *extra]
-        timer = shutil.which("time") or ("/usr/bin/time" if os.path.exists("/usr/bin/time") else None)
+        timer = shutil.which("time")
         if timer:
             command = [timer, "-f", "cpu_s=%U+%S", "-o", out + ".cpu", *command]
         print(f"{time.strftime('%H:%M:%S')} {name}", file=sys.stderr, flush=True)
