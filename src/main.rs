@@ -1,11 +1,12 @@
 //! The `axcompress` binary: parse the command line and dispatch. Errors are printed on one line
-//! and exit with status 1.
+//! and exit with status 1; a run that wrote its output below its floor exits with status 3.
 
 use clap::Parser;
 
 use axcompress::cli::{Cli, Command};
 use axcompress::commands;
 use axcompress::model::quant::Execution;
+use axcompress::pipeline::{FloorMissed, EXIT_FLOOR_MISSED};
 
 fn main() {
     let cli = Cli::parse();
@@ -31,6 +32,7 @@ fn main() {
         // One line: the context chain; a backtrace some libraries append goes on later lines.
         let text = format!("{err:#}");
         eprintln!("error: {}", text.lines().next().unwrap_or_default());
-        std::process::exit(1);
+        let missed = err.downcast_ref::<FloorMissed>().is_some();
+        std::process::exit(if missed { EXIT_FLOOR_MISSED } else { 1 });
     }
 }

@@ -61,7 +61,18 @@ fn every_config_in_configs_runs_and_writes_a_loadable_model() {
             &config,
             data.path(),
             &out,
-            &["--levels", "blocks", "--budget", "3", "--holdout", "20"],
+            // 20 selection sentences bound no drop of one point: an allowance they can
+            // certify, so a config whose recovery or uniform stage spends some still exits 0.
+            &[
+                "--levels",
+                "blocks",
+                "--budget",
+                "3",
+                "--holdout",
+                "20",
+                "--max-drop",
+                "50",
+            ],
         );
         for stage in report["stages"].as_array().unwrap() {
             if stage["pass"] == "prune" {

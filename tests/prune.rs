@@ -291,7 +291,7 @@ fn selection_bound_points(report: &Value, confidence: f64) -> f64 {
     let p = &selection["paired"];
     let (lost, gained) = (p["lost"].as_u64().unwrap(), p["gained"].as_u64().unwrap());
     let n = selection["examples"].as_f64().unwrap();
-    let bound = decision_bound(lost as usize, gained as usize, z_one_sided(confidence));
+    let bound = decision_bound(lost as f64, gained as f64, z_one_sided(confidence));
     bound / n * 100.0
 }
 
@@ -795,4 +795,80 @@ fn bench_measures_the_model_against_a_different_baseline() {
     let ratio = report["speedup"]["weights_bytes"].as_f64().unwrap();
     assert!((ratio - bytes(&original_dir) / bytes(&pruned)).abs() < 1e-9);
     assert!(ratio > 1.0);
+}
+
+#[test]
+#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
+fn a_self_labelled_selection_charges_each_disagreement_the_originals_confidence_margin() {
+    use axcompress::evaluate::{finite_rows, model_targets};
+    use axcompress::passes::guard::{decision_bound, z_one_sided};
+    let shared = fixtures_or_skip!();
+    let dir = shared.join("models/minilm-l6-sst2");
+    let model = Model::from_dir(&dir).unwrap();
+    let labels = LabelMap::new(&model.config, Task::Sst2).unwrap();
+    let encoder = TextEncoder::load(&dir, 128).unwrap();
+    let dev = glue::read(Task::Sst2, &shared.join("data/glue/SST-2/dev.tsv")).unwrap();
+    let mut set = encode(&dev, "", &encoder)
+        .unwrap()
+        .subset(&(0..160).collect::<Vec<_>>());
+    // Labelled by the original itself, as train-perturbed is.
+    set.targets = model_targets(&model, Task::Sst2, &labels, &set, 16).unwrap();
+    let counted = SelectionBatches::new(&model, &set, Task::Sst2, &labels, 16, 0.9).unwrap();
+    let weighted = SelectionBatches::new(&model, &set, Task::Sst2, &labels, 16, 0.9)
+        .unwrap()
+        .weigh_by_margins(&model)
+        .unwrap();
+    assert_eq!(counted.baseline, weighted.baseline);
+    // A damaged model: two FFN blocks and an attention block removed.
+    let mut plan = model.keep_all();
+    for e in [
+        Element::FfnBlock { layer: 1 },
+        Element::FfnBlock { layer: 4 },
+        Element::AttentionBlock { layer: 3 },
+    ] {
+        assert!(remove(&mut plan, &e));
+    }
+    let damaged = model.slice(&plan).unwrap();
+    let (c, w) = (
+        counted.score(&damaged).unwrap(),
+        weighted.score(&damaged).unwrap(),
+    );
+    assert_eq!((c.metric, c.discordant), (w.metric, w.discordant));
+    let lost = c.discordant.unwrap();
+    assert!(lost >= 3, "the damage changes too few predictions ({lost})");
+    // The margins, recomputed from both models' logits.
+    let softmax = |row: &[f32]| {
+        let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let e: Vec<f32> = row.iter().map(|v| (v - m).exp()).collect();
+        let s: f32 = e.iter().sum();
+        e.into_iter().map(|v| v / s).collect::<Vec<f32>>()
+    };
+    let argmax = |r: &[f32]| (0..r.len()).fold(0, |b, i| if r[i] > r[b] { i } else { b });
+    let mut margin = 0f64;
+    for (i, batch) in counted.batches.iter().enumerate() {
+        let rows = |m: &Model| {
+            finite_rows(
+                &m.forward(&batch.inputs, RunOptions::default()).unwrap(),
+                "t",
+                i,
+            )
+            .unwrap()
+        };
+        for (o, d) in rows(&model).iter().zip(rows(&damaged)) {
+            let p = softmax(o);
+            margin += f64::from(p[argmax(o)] - p[argmax(&d)]);
+        }
+    }
+    let n = set.targets.len() as f64;
+    let z = z_one_sided(0.9);
+    let expected = [lost as f64, margin].map(|l| 1.0 - decision_bound(l, 0.0, z) / n);
+    assert!((c.guarded.unwrap() - expected[0]).abs() < 1e-9, "{c:?}");
+    assert!(
+        (w.guarded.unwrap() - expected[1]).abs() < 1e-5,
+        "{w:?} vs {}",
+        expected[1]
+    );
+    // Each margin is at most one example, and these flips are not all sure calls.
+    assert!(margin < lost as f64 - 0.5, "{margin} of {lost}");
+    assert!(w.guarded > c.guarded);
 }

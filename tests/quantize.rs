@@ -414,3 +414,51 @@ fn quantization_is_the_last_stage() {
     );
     assert!(report.is_file());
 }
+
+#[test]
+#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
+fn a_run_that_ends_below_its_floor_writes_its_output_and_exits_with_status_3() {
+    let shared = fixtures_or_skip!();
+    let source = shared.join("models/minilm-l6-sst2");
+    let data = common::small_glue(&shared, "SST-2", 40);
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |name: &str, extra: &[&str]| {
+        let out = tmp.path().join(name);
+        let flags = [&["--bits", "8"], extra].concat();
+        (
+            common::run_stage("quantize", &source, data.path(), &out, &flags),
+            out,
+        )
+    };
+    // At confidence 0.9 no 20-sentence selection can bound a drop of 0 points, whatever the
+    // quantization does: the guard keeps a positive bound even when nothing flips.
+    let (missed, out) = run("missed", &["--max-drop", "0"]);
+    let stderr = String::from_utf8_lossy(&missed.stderr);
+    assert_eq!(missed.status.code(), Some(3), "{stderr}");
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "{stderr}");
+    assert!(
+        errors[0].contains("below its floor") && errors[0].contains(&out.display().to_string()),
+        "{stderr}"
+    );
+    let report: Value = serde_json::from_slice(&missed.stdout).expect("stdout is JSON");
+    assert_eq!(report["tolerance"]["kept"], false, "{report}");
+    assert!(report["tolerance"]["advice"]
+        .as_str()
+        .unwrap()
+        .contains("--bits mixed"));
+    assert_eq!(
+        read_json(&out.join("report.json"))["tolerance"]["kept"],
+        false
+    );
+    // The same run with an allowance the guard can certify keeps it and exits 0.
+    let (kept, _) = run("kept", &["--max-drop", "50"]);
+    assert!(
+        kept.status.success(),
+        "{}",
+        String::from_utf8_lossy(&kept.stderr)
+    );
+    let report = common::json_stdout(&kept);
+    assert_eq!(report["tolerance"]["kept"], true, "{report}");
+    assert!(report["tolerance"].get("advice").is_none(), "{report}");
+}

@@ -254,7 +254,7 @@ fn prune_with_recover_runs_a_recovery_stage_after_pruning() {
         "--budget",
         "2",
         "--max-drop",
-        "5",
+        "50",
         "--confidence",
         "0.5",
         "--mode",

@@ -117,18 +117,21 @@ pub fn run_stages(
 }
 
 /// Runs a pipeline and prints its report: the human summary, or the report (with the timing
-/// and the output path) as JSON.
+/// and the output path) as JSON; then fails with [`pipeline::FloorMissed`] if the run ended
+/// below its floor.
 pub fn run_pipeline(settings: &RunSettings, out: &Output, cli: &Cli) -> Result<()> {
-    let Finished { report, timing } = pipeline::run(settings, out, cli.quiet)?;
+    let finished = pipeline::run(settings, out, cli.quiet)?;
+    let Finished { report, timing } = &finished;
     let shown = out.dir.display().to_string();
     if cli.json {
-        let mut value = serde_json::to_value(&report)?;
-        value["timing"] = serde_json::to_value(&timing)?;
+        let mut value = serde_json::to_value(report)?;
+        value["timing"] = serde_json::to_value(timing)?;
         value["out"] = serde_json::Value::String(shown);
-        return print_json(&value);
+        print_json(&value)?;
+    } else {
+        print!("{}", pipeline::report::render(report, timing, &shown));
     }
-    print!("{}", pipeline::report::render(&report, &timing, &shown));
-    Ok(())
+    finished.check_floor(&out.dir)
 }
 
 /// Prints a human log line on stderr unless `--quiet`.

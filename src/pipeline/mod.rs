@@ -167,6 +167,77 @@ pub struct Finished {
     pub timing: Timing,
 }
 
+/// Exit status of a run that wrote its output but ended below its floor ([`FloorMissed`]).
+pub const EXIT_FLOOR_MISSED: i32 = 3;
+
+/// The error of a run that wrote its output but whose selection metric, guarded, ended below the
+/// floor `max_drop` sets: the promise is not kept, so a pipeline that gates on the exit status
+/// stops. The output and its report stay for inspection; the process exits with
+/// [`EXIT_FLOOR_MISSED`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct FloorMissed {
+    /// The selection metric's name.
+    pub metric: &'static str,
+    /// Its value at the end of the run.
+    pub value: f64,
+    /// Its guarded value (the original's, less the bound of the drop).
+    pub guarded: f64,
+    /// The guard's confidence.
+    pub confidence: f64,
+    /// The floor.
+    pub floor: f64,
+    /// What to change.
+    pub advice: &'static str,
+    /// The output directory.
+    pub out: PathBuf,
+}
+
+impl std::fmt::Display for FloorMissed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the run ended at selection {} {:.4} (guarded {:.4} at confidence {}), below its floor {:.4}, so max_drop is not kept: {}; the output is written to {} for inspection (exit status {EXIT_FLOOR_MISSED})",
+            self.metric,
+            self.value,
+            self.guarded,
+            self.confidence,
+            self.floor,
+            self.advice,
+            self.out.display()
+        )
+    }
+}
+
+impl std::error::Error for FloorMissed {}
+
+impl Finished {
+    /// `Err(FloorMissed)` when the run ended below its floor, else `Ok`.
+    pub fn check_floor(&self, out: &Path) -> Result<()> {
+        let t = &self.report.tolerance;
+        if t.kept {
+            return Ok(());
+        }
+        Err(FloorMissed {
+            metric: self.report.metric,
+            value: self.report.tolerance.baseline - t.spent_points / 100.0,
+            guarded: self.report.tolerance.baseline - t.guarded_spent_points / 100.0,
+            confidence: t.confidence,
+            floor: t.floor.unwrap_or_default(),
+            advice: t.advice.unwrap_or_default(),
+            out: out.to_path_buf(),
+        }
+        .into())
+    }
+}
+
+/// What to change when a run's stages end below the floor.
+fn floor_advice(passes: &[Box<dyn Pass>]) -> &'static str {
+    match passes.iter().any(|p| p.recovers()) {
+        true => "the recovery did not win back what the stages before it spent; recover on more examples or lower recover_slack",
+        false => "a stage that takes no decisions (uniform quantization) spent more than the allowance; use --bits mixed or a larger --max-drop",
+    }
+}
+
 /// The progress file of a run writing `out`: `<out>.progress.json` beside it.
 pub fn progress_path(out: &Path) -> PathBuf {
     let name = out
@@ -213,6 +284,10 @@ pub fn run(spec: &RunSettings, out: &Output, quiet: bool) -> Result<Finished> {
         spec.batch_size,
         spec.confidence,
     )?;
+    let batches = match spec.selection.on {
+        SelectOn::TrainPerturbed => batches.weigh_by_margins(&setup.model)?,
+        _ => batches,
+    };
     let baseline = batches.baseline;
     let run = Run {
         spec,
@@ -220,6 +295,7 @@ pub fn run(spec: &RunSettings, out: &Output, quiet: bool) -> Result<Finished> {
         splits: &splits,
         batches: &batches,
         floor: spec.max_drop.map(|d| d.floor(baseline.metric)),
+        advice: floor_advice(&passes),
         quiet,
     };
     run.log_start(baseline);
@@ -287,6 +363,8 @@ struct Run<'a> {
     splits: &'a Splits,
     batches: &'a SelectionBatches<'a>,
     floor: Option<f64>,
+    /// What to change if the run ends below `floor`.
+    advice: &'static str,
     quiet: bool,
 }
 
@@ -361,16 +439,6 @@ impl Run<'_> {
             });
             before = after;
         }
-        if let Some(floor) = self.floor.filter(|&f| before.judged() < f) {
-            let advice = match passes.iter().any(|p| p.recovers()) {
-                true => "the recovery did not win back what the stages before it spent; recover on more examples or lower recover_slack",
-                false => "a uniform stage takes no decisions; use --bits mixed or a larger --max-drop",
-            };
-            self.log(&format!(
-                "warning: the selection {} {:.4} (guarded {:.4} at confidence {}) is below the floor {floor:.4}: {advice}",
-                self.batches.metric, before.metric, before.judged(), self.spec.confidence
-            ));
-        }
         Ok((model, reports))
     }
 }
@@ -430,6 +498,7 @@ impl Run<'_> {
     ) -> RunReport {
         let (spec, original) = (self.spec, &self.setup.model);
         let last = stages.last().map_or(baseline, |s| s.selection_after);
+        let kept = self.floor.is_none_or(|f| last.judged() >= f);
         RunReport {
             schema: report::SCHEMA,
             model: spec.model.clone(),
@@ -449,6 +518,8 @@ impl Run<'_> {
                 spent_points: points(baseline.metric, last.metric),
                 confidence: spec.confidence,
                 guarded_spent_points: points(baseline.metric, last.judged()),
+                kept,
+                advice: (!kept).then_some(self.advice),
                 warnings: promise_warnings(&evaluation, spec.max_drop),
             },
             stages,

@@ -81,6 +81,12 @@ pub struct ToleranceReport {
     /// The one-sided bound of the drop on the selection data at `confidence`, in points: what
     /// the decisions kept within `max_drop`.
     pub guarded_spent_points: f64,
+    /// Whether the run kept its floor: the selection metric, guarded, ended at or above it
+    /// (true without a floor). A run that does not exits with status 3 after writing.
+    pub kept: bool,
+    /// When the floor is not kept: what to change.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub advice: Option<&'static str>,
     /// One line for each split the decisions did not see whose interval of the drop reaches
     /// beyond `max_drop`.
     pub warnings: Vec<String>,
@@ -289,6 +295,14 @@ fn render_tolerance(s: &mut String, report: &RunReport) {
             st.selection_before.metric,
             st.selection_after.metric,
             st.spent_points
+        );
+    }
+    if !t.kept {
+        let _ = writeln!(
+            s,
+            "  not kept         the guarded selection {} ends below the floor: {}",
+            report.metric,
+            t.advice.unwrap_or_default()
         );
     }
     for w in &t.warnings {
