@@ -872,3 +872,46 @@ fn a_self_labelled_selection_charges_each_disagreement_the_originals_confidence_
     assert!(margin < lost as f64 - 0.5, "{margin} of {lost}");
     assert!(w.guarded > c.guarded);
 }
+
+#[test]
+#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
+fn a_search_that_fits_chance_on_a_tiny_selection_fails_the_final_check_with_status_3() {
+    let shared = fixtures_or_skip!();
+    let data = common::small_glue(&shared, "SST-2", 200);
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("fitted");
+    // Six selection sentences at the point estimate: nearly any removal keeps them.
+    let args = [
+        "--limit",
+        "6",
+        "--levels",
+        "heads",
+        "--max-drop",
+        "10",
+        "--confidence",
+        "0.5",
+        "--mode",
+        "size",
+    ];
+    let o = prune_cli(&shared, data.path(), &out, &args);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains("check sentences no decision saw"),
+        "{stderr}"
+    );
+    let report: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let t = &report["tolerance"];
+    assert_eq!(t["kept"], false, "{t}");
+    // The selection itself held: the check is what caught it.
+    assert!(
+        t["guarded_spent_points"].as_f64().unwrap() <= 10.0 + 1e-9,
+        "{t}"
+    );
+    assert!(t["check_bound_points"].as_f64().unwrap() > 10.0, "{t}");
+    let check = split(&report, "check");
+    assert_eq!(check["examples"], 100, "half of the 200 train sentences");
+    assert_eq!(accuracy(&check["before"]), 1.0, "labelled by the original");
+    assert_eq!(report["data"]["check"]["source"], "check");
+    assert_eq!(read_json(&out.join("report.json"))["tolerance"], *t);
+}

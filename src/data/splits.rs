@@ -118,7 +118,15 @@ pub struct Splits {
     pub report: Option<Part>,
     /// The whole dev split (MNLI: the matched file).
     pub dev: EncodedSet,
+    /// Perturbed train sentences labelled by the input model that no decision sees, for the
+    /// run's final check of its floor ([`Splits::with_check`]); training leaves their originals
+    /// out too.
+    pub check: Option<Part>,
 }
+
+/// Sentences of the check split, at most (and at most half of the train sentences outside the
+/// selection, so training keeps the other half).
+pub const CHECK_SENTENCES: usize = 2000;
 
 /// The input model's answers for a tokenised set (labels of a `train-perturbed` selection).
 pub type Labeller<'a> = &'a dyn Fn(&EncodedSet) -> Result<Vec<Target>>;
@@ -179,9 +187,56 @@ impl Splits {
             selection,
             report,
             dev,
+            check: None,
         })
     }
+
+    /// Adds the check split: up to [`CHECK_SENTENCES`] train sentences outside the selection,
+    /// drawn and perturbed like `train-perturbed` with their own seed, labelled by `label` (the
+    /// input model). None when the task has no train split or nothing is left of it.
+    pub fn with_check(
+        mut self,
+        spec: &SelectionSpec,
+        data: &TaskData,
+        encoder: &TextEncoder,
+        label: Labeller,
+    ) -> Result<Self> {
+        let Ok(train) = data.first("train") else {
+            return Ok(self);
+        };
+        let held_out = self.selection.train_indices.as_deref().unwrap_or_default();
+        let left = train.examples.len().saturating_sub(held_out.len());
+        let k = CHECK_SENTENCES.min(left / 2);
+        if k == 0 {
+            return Ok(self);
+        }
+        let seed = spec.seed ^ CHECK_SEED;
+        let picked = draw(train.examples.len(), Some(k), seed, held_out);
+        let subset = replace_words(&train.subset(&picked), REPLACED_SHARE, seed);
+        let mut set = encode(&subset, "", encoder)?;
+        set.targets = label(&set)?;
+        let mut info = info("check", &subset, k, Some(seed));
+        info.available = train.examples.len();
+        self.check = Some(Part {
+            set,
+            info,
+            dev_indices: None,
+            train_indices: Some(picked),
+        });
+        Ok(self)
+    }
+
+    /// The train positions no training may use: the selection's and the check's originals.
+    pub fn held_out_train(&self) -> Vec<usize> {
+        std::iter::once(&self.selection)
+            .chain(&self.check)
+            .flat_map(|p| p.train_indices.iter().flatten().copied())
+            .collect()
+    }
 }
+
+/// Mixed into the selection seed for the check split's draw and perturbation.
+const CHECK_SEED: u64 = 0x00c4_ec4e;
 
 impl Part {
     /// Keeps the first `limit` examples.
@@ -417,6 +472,52 @@ mod tests {
             "{changed} of 15 sentences changed"
         );
         assert_eq!(splits.report.unwrap().set.sequences.len(), 40);
+    }
+
+    #[test]
+    fn the_check_split_takes_half_of_the_train_left_perturbed_labelled_and_held_out_of_training() {
+        let (_dir, data, encoder) = fixture(40);
+        let mut s = spec(SelectOn::TrainPerturbed, 0.5, 4);
+        s.holdout = 10;
+        let label = |set: &EncodedSet| Ok(vec![Target::Class(1); set.sequences.len()]);
+        let splits = Splits::load(&s, &data, &encoder, &label).unwrap();
+        assert!(splits.check.is_none(), "only with_check draws it");
+        let splits = splits.with_check(&s, &data, &encoder, &label).unwrap();
+        let check = splits.check.as_ref().unwrap();
+        assert_eq!(check.info.source, "check");
+        // 30 train sentences are left outside the selection: the check takes 15.
+        let picked = check.train_indices.clone().unwrap();
+        assert_eq!(picked.len(), 15);
+        let selection = splits.selection.train_indices.clone().unwrap();
+        assert!(
+            picked.iter().all(|i| !selection.contains(i)),
+            "{picked:?} {selection:?}"
+        );
+        assert!(check.set.targets.iter().all(|t| *t == Target::Class(1)));
+        let original = encode(&data.first("train").unwrap().subset(&picked), "", &encoder);
+        assert_ne!(
+            original.unwrap().sequences,
+            check.set.sequences,
+            "perturbed"
+        );
+        let mut held = splits.held_out_train();
+        held.sort_unstable();
+        let mut both: Vec<usize> = selection.iter().chain(&picked).copied().collect();
+        both.sort_unstable();
+        assert_eq!(held, both);
+        // Seeded: the same spec draws the same check; dev selection draws from all of train.
+        let again = Splits::load(&s, &data, &encoder, &label)
+            .unwrap()
+            .with_check(&s, &data, &encoder, &label)
+            .unwrap();
+        assert_eq!(again.check.unwrap().train_indices, Some(picked));
+        let dev = spec(SelectOn::Dev, 0.5, 4);
+        let on_dev = Splits::load(&dev, &data, &encoder, &unlabelled)
+            .unwrap()
+            .with_check(&dev, &data, &encoder, &label)
+            .unwrap();
+        assert_eq!(on_dev.held_out_train().len(), 20);
+        assert_eq!(on_dev.check.unwrap().set.sequences.len(), 20);
     }
 
     #[test]

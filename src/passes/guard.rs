@@ -118,6 +118,28 @@ pub fn decision_bound(lost: f64, gained: f64, z: f64) -> f64 {
     drop_bound(lost, credited, z)
 }
 
+/// The cost of a disagreement on one example of a selection labelled by the original itself:
+/// the original's confidence margin between its own label and the candidate's, `p(ŷ) − p(c)`,
+/// from the two models' logit rows (0 when they agree; see the module's text).
+pub fn margin(original: &[f32], candidate: &[f32]) -> f64 {
+    let p = softmax(original);
+    let (label, other) = (first_argmax(original), first_argmax(candidate));
+    f64::from(p[label] - p[other]).clamp(0.0, 1.0)
+}
+
+/// The softmax of a logit row.
+fn softmax(row: &[f32]) -> Vec<f32> {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let exp: Vec<f32> = row.iter().map(|&v| (v - max).exp()).collect();
+    let sum: f32 = exp.iter().sum();
+    exp.iter().map(|&e| e / sum).collect()
+}
+
+/// The index of the first largest value (as predictions break ties).
+fn first_argmax(row: &[f32]) -> usize {
+    (0..row.len()).fold(0, |best, i| if row[i] > row[best] { i } else { best })
+}
+
 /// Checks a confidence level: 0.5 (no margin: the point estimate) up to 0.9999.
 pub fn check_confidence(confidence: f64) -> Result<()> {
     if !(0.5..=0.9999).contains(&confidence) {
@@ -209,6 +231,20 @@ mod tests {
     }
 
     #[test]
+    fn a_disagreement_costs_the_originals_margin_between_the_two_labels() {
+        // The original says 0 with p = e²/(e² + 1) ≈ 0.881: flipping it costs 0.881 − 0.119.
+        let original = [2.0f32, 0.0];
+        let m = margin(&original, &[0.0, 1.0]);
+        assert!((m - 1f64.tanh()).abs() < 1e-6, "{m}");
+        assert_eq!(margin(&original, &[3.0, 1.0]), 0.0);
+        // A coin toss costs nothing, three classes take the candidate's class.
+        assert!(margin(&[1.0, 1.0 + 1e-7], &[1.0, 0.0]) < 1e-6);
+        let m3 = margin(&[2.0, 1.0, 0.0], &[0.0, 0.0, 5.0]);
+        let z = 1.0 + (-1f64).exp() + (-2f64).exp();
+        assert!((m3 - (1.0 - (-2f64).exp()) / z).abs() < 1e-6, "{m3}");
+    }
+
+    #[test]
     fn paired_counts_and_error() {
         let p = Paired::of(&[true, true, false, false], &[false, true, true, false]);
         assert_eq!((p.n, p.lost, p.gained), (4, 1, 1));
@@ -275,6 +311,9 @@ mod tests {
         }
     }
 
+    /// A margin drawn from a uniform `u`.
+    type Margin = fn(f64) -> f64;
+
     /// A uniform draw in [0, 1).
     fn unit(rng: &mut SplitMix64) -> f64 {
         (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64
@@ -286,7 +325,7 @@ mod tests {
     fn weighted_admit_rate(
         n: usize,
         flip: f64,
-        weight: fn(f64) -> f64,
+        weight: Margin,
         confidence: f64,
         allowed: f64,
     ) -> f64 {
@@ -310,8 +349,7 @@ mod tests {
     #[test]
     fn margin_weighted_losses_are_admitted_at_most_one_minus_confidence_at_the_allowance() {
         // Margins uniform (mean ½), skewed to small (u², mean ⅓), and all sure (1: counts).
-        let weights: [(fn(f64) -> f64, f64); 3] =
-            [(|u| u, 0.5), (|u| u * u, 1.0 / 3.0), (|_| 1.0, 1.0)];
+        let weights: [(Margin, f64); 3] = [(|u| u, 0.5), (|u| u * u, 1.0 / 3.0), (|_| 1.0, 1.0)];
         for (weight, mean) in weights {
             for (n, confidence) in [(2000, 0.9), (1000, 0.9), (1000, 0.95), (436, 0.8)] {
                 // True expected drop exactly the allowance of 1 point.

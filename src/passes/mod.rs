@@ -110,6 +110,8 @@ pub struct StageContext<'a> {
     pub labels: &'a LabelMap,
     /// The selection split.
     pub selection: &'a Part,
+    /// Train positions training must leave out: the selection's and the check split's originals.
+    pub held_out_train: &'a [usize],
     /// The selection split, batched for the engine.
     pub batches: &'a SelectionBatches<'a>,
     /// The lowest selection metric the whole run may end with (`None` without a `max_drop`).
@@ -133,15 +135,16 @@ pub struct StageContext<'a> {
 }
 
 impl StageContext<'_> {
-    /// `k` train examples drawn with `seed` (all when `None`), leaving out the selection's own
-    /// when it came from train, so training never sees the data that judges it; and how many
+    /// `k` train examples drawn with `seed` (all when `None`), leaving out the selection's and
+    /// the check split's own when they came from train, so training never sees the data that
+    /// judges it; and how many
     /// there were to draw from.
     pub fn train_sample(&self, k: Option<usize>, seed: u64) -> Result<(Dataset, usize)> {
-        let held_out = self.selection.train_indices.as_deref().unwrap_or_default();
+        let held_out = self.held_out_train;
         let (sample, available) = train_sample(self.data, k, seed, held_out)?;
         if sample.examples.is_empty() {
             bail!(
-                "{}: no train examples outside the selection ({} of them are the sentences it was drawn from); lower --holdout",
+                "{}: no train examples outside the selection ({} of them are the sentences it and the final check were drawn from); lower --holdout",
                 sample.path.display(),
                 held_out.len()
             );

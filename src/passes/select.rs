@@ -23,7 +23,7 @@ use anyhow::{Context, Result};
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use super::guard::{decision_bound, z_one_sided};
+use super::guard::{decision_bound, margin, z_one_sided};
 use super::journal::{Journal, TrialRecord};
 use crate::analyze::{batches, AnalysisBatch, Scorer};
 use crate::data::batch::EncodedSet;
@@ -190,9 +190,9 @@ pub struct SelectionBatches<'a> {
     /// Under an accuracy metric: which examples the original model gets right (the guard pairs
     /// every trial's outcomes with these).
     reference: Option<Vec<bool>>,
-    /// Under a selection labelled by the original itself: its softmax on every example, so a
+    /// Under a selection labelled by the original itself: its logits on every example, so a
     /// disagreement costs the original's confidence margin ([`SelectionBatches::weigh_by_margins`]).
-    margins: Option<Vec<Vec<f32>>>,
+    original_logits: Option<Vec<Vec<f32>>>,
     /// The guard's one-sided normal quantile.
     z: f64,
 }
@@ -214,7 +214,7 @@ impl<'a> SelectionBatches<'a> {
             metric: task.primary_metric(),
             baseline: Score::point(f64::NAN, f64::NAN),
             reference: None,
-            margins: None,
+            original_logits: None,
             z: z_one_sided(confidence),
         };
         let (score, correct) = {
@@ -238,29 +238,27 @@ impl<'a> SelectionBatches<'a> {
     /// the original's confidence margin between its label and the trial's, `p(ŷ) − p(c)`, not a
     /// whole example (see [`super::guard`]). Without it every disagreement costs one example.
     pub fn weigh_by_margins(mut self, original: &Model) -> Result<Self> {
-        let mut probabilities = vec![Vec::new(); self.len()];
+        let mut logits = vec![Vec::new(); self.len()];
         for (number, batch) in self.batches.iter().enumerate() {
-            let logits = original.forward(&batch.inputs, RunOptions::default())?;
-            for (row, &ex) in finite_rows(&logits, "selection", number)?
-                .iter()
+            let out = original.forward(&batch.inputs, RunOptions::default())?;
+            for (row, &ex) in finite_rows(&out, "selection", number)?
+                .into_iter()
                 .zip(&batch.examples)
             {
-                probabilities[ex] = softmax(row);
+                logits[ex] = row;
             }
         }
-        self.margins = Some(probabilities);
+        self.original_logits = Some(logits);
         Ok(self)
     }
 
     /// What a trial whose logits on example `ex` are `row` loses there, when the original was
     /// right and the trial is not: one example, or the original's confidence margin.
     fn lost_weight(&self, ex: usize, row: &[f32]) -> f64 {
-        let Some(margins) = &self.margins else {
-            return 1.0;
-        };
-        let p = &margins[ex];
-        let (label, trial) = (first_argmax(p), first_argmax(row));
-        f64::from(p[label] - p[trial]).clamp(0.0, 1.0)
+        match &self.original_logits {
+            Some(logits) => margin(&logits[ex], row),
+            None => 1.0,
+        }
     }
 
     /// Examples.
@@ -379,19 +377,6 @@ impl<'s> Tally<'s> {
             None => Score::point(s.loss, metric),
         }
     }
-}
-
-/// The softmax of a logit row.
-fn softmax(row: &[f32]) -> Vec<f32> {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let exp: Vec<f32> = row.iter().map(|&v| (v - max).exp()).collect();
-    let sum: f32 = exp.iter().sum();
-    exp.iter().map(|&e| e / sum).collect()
-}
-
-/// The index of the first largest value (as predictions break ties).
-fn first_argmax(row: &[f32]) -> usize {
-    (0..row.len()).fold(0, |best, i| if row[i] > row[best] { i } else { best })
 }
 
 /// The accepted model with its cached hidden states.

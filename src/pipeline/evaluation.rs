@@ -16,7 +16,7 @@ use crate::data::task::Task;
 use crate::evaluate::{predict, predicted_labels, score};
 use crate::model::encoder::RunOptions;
 use crate::model::Model;
-use crate::passes::guard::Paired;
+use crate::passes::guard::{decision_bound, margin, z_one_sided, Paired};
 
 /// Metrics and loss of one model on one split.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -30,7 +30,7 @@ pub struct SetScores {
 /// One split, before and after.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Comparison {
-    /// `selection`, `report`, `dev` or `test`.
+    /// `selection`, `report`, `dev`, `check` or `test`.
     pub split: &'static str,
     /// Examples in the split.
     pub examples: usize,
@@ -44,6 +44,10 @@ pub struct Comparison {
     /// paired standard error and interval.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub paired: Option<PairedDrop>,
+    /// The check split (labelled by the original): the one-sided bound, at the confidence, of
+    /// the drop with each disagreement charged the original's confidence margin, in points.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub margin_bound_points: Option<f64>,
 }
 
 /// The accuracy drop on one split from paired outcomes ([`Paired`]), in points (positive: lost).
@@ -123,6 +127,15 @@ impl Judge<'_> {
             out.push(self.part("report", [rb, ra], &dev, before, after)?);
         }
         out.push(self.comparison("dev", &b.dev, &dev));
+        if let (Some(cb), Some(ca)) = (&b.check, &a.check) {
+            let logits = [
+                self.logits(before.model, &cb.set)?,
+                self.logits(after.model, &ca.set)?,
+            ];
+            let mut check = self.comparison("check", &cb.set, &logits);
+            check.margin_bound_points = Some(self.margin_bound_points(&logits));
+            out.push(check);
+        }
         if let (Some(tb), Some(ta)) = (before.test, after.test) {
             let logits = [
                 self.logits(before.model, tb)?,
@@ -150,6 +163,18 @@ impl Judge<'_> {
             ],
         };
         Ok(self.comparison(name, &parts[0].set, &logits))
+    }
+
+    /// The bound of the margin-weighted drop from the original's logits to the compressed
+    /// model's, in points (see [`crate::passes::guard`]).
+    fn margin_bound_points(&self, logits: &[Vec<Vec<f32>>; 2]) -> f64 {
+        let lost: f64 = logits[0]
+            .iter()
+            .zip(&logits[1])
+            .map(|(o, c)| margin(o, c))
+            .sum();
+        let n = logits[0].len().max(1) as f64;
+        decision_bound(lost, 0.0, z_one_sided(self.confidence)) / n * 100.0
     }
 
     fn logits(&self, model: &Model, set: &EncodedSet) -> Result<Vec<Vec<f32>>> {
@@ -196,6 +221,7 @@ impl Judge<'_> {
             after: scores(&logits[1]),
             flipped,
             paired,
+            margin_bound_points: None,
         }
     }
 }

@@ -170,24 +170,14 @@ pub struct Finished {
 /// Exit status of a run that wrote its output but ended below its floor ([`FloorMissed`]).
 pub const EXIT_FLOOR_MISSED: i32 = 3;
 
-/// The error of a run that wrote its output but whose selection metric, guarded, ended below the
-/// floor `max_drop` sets: the promise is not kept, so a pipeline that gates on the exit status
-/// stops. The output and its report stay for inspection; the process exits with
-/// [`EXIT_FLOOR_MISSED`].
+/// The error of a run that wrote its output but cannot vouch for `max_drop`: its selection
+/// metric, guarded, ended below the floor, or the check split no decision saw bounds the drop
+/// beyond `max_drop`. A pipeline that gates on the exit status stops; the output and its report
+/// stay for inspection, and the process exits with [`EXIT_FLOOR_MISSED`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct FloorMissed {
-    /// The selection metric's name.
-    pub metric: &'static str,
-    /// Its value at the end of the run.
-    pub value: f64,
-    /// Its guarded value (the original's, less the bound of the drop).
-    pub guarded: f64,
-    /// The guard's confidence.
-    pub confidence: f64,
-    /// The floor.
-    pub floor: f64,
-    /// What to change.
-    pub advice: &'static str,
+    /// What was missed and what to change.
+    pub reason: String,
     /// The output directory.
     pub out: PathBuf,
 }
@@ -196,13 +186,8 @@ impl std::fmt::Display for FloorMissed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "the run ended at selection {} {:.4} (guarded {:.4} at confidence {}), below its floor {:.4}, so max_drop is not kept: {}; the output is written to {} for inspection (exit status {EXIT_FLOOR_MISSED})",
-            self.metric,
-            self.value,
-            self.guarded,
-            self.confidence,
-            self.floor,
-            self.advice,
+            "{}; the output is written to {} for inspection (exit status {EXIT_FLOOR_MISSED})",
+            self.reason,
             self.out.display()
         )
     }
@@ -211,24 +196,39 @@ impl std::fmt::Display for FloorMissed {
 impl std::error::Error for FloorMissed {}
 
 impl Finished {
-    /// `Err(FloorMissed)` when the run ended below its floor, else `Ok`.
+    /// `Err(FloorMissed)` when the run cannot vouch for its `max_drop`, else `Ok`.
     pub fn check_floor(&self, out: &Path) -> Result<()> {
-        let t = &self.report.tolerance;
+        let (r, t) = (&self.report, &self.report.tolerance);
         if t.kept {
             return Ok(());
         }
+        let advice = t.advice.unwrap_or_default();
+        let reason = match (t.floor, t.check_bound_points) {
+            (Some(floor), _) if r.last_guarded() < floor => format!(
+                "the run ended at selection {} {:.4} (guarded {:.4} at confidence {}), below its floor {floor:.4}, so max_drop is not kept: {advice}",
+                r.metric,
+                t.baseline - t.spent_points / 100.0,
+                r.last_guarded(),
+                t.confidence,
+            ),
+            (_, Some(bound)) => format!(
+                "on {} check sentences no decision saw, the drop's bound is {bound:.2} points at confidence {}, beyond max_drop {}: {advice}",
+                r.check_examples(),
+                t.confidence,
+                t.max_drop.map(|d| d.to_string()).unwrap_or_default(),
+            ),
+            _ => format!("max_drop is not kept: {advice}"),
+        };
         Err(FloorMissed {
-            metric: self.report.metric,
-            value: self.report.tolerance.baseline - t.spent_points / 100.0,
-            guarded: self.report.tolerance.baseline - t.guarded_spent_points / 100.0,
-            confidence: t.confidence,
-            floor: t.floor.unwrap_or_default(),
-            advice: t.advice.unwrap_or_default(),
+            reason,
             out: out.to_path_buf(),
         }
         .into())
     }
 }
+
+/// What to change when the decisions held on the selection data but not on the check split.
+const CHECK_ADVICE: &str = "the search fitted chance on its selection sentences; decide on more of them (--holdout) or allow a larger drop";
 
 /// What to change when a run's stages end below the floor.
 fn floor_advice(passes: &[Box<dyn Pass>]) -> &'static str {
@@ -270,6 +270,11 @@ pub fn run(spec: &RunSettings, out: &Output, quiet: bool) -> Result<Finished> {
         model_targets(&setup.model, spec.task, &setup.labels, set, spec.batch_size)
     };
     let splits = Splits::load(&spec.selection, &setup.data, &setup.encoder, &label)?;
+    // With a floor, perturbed train sentences no decision sees check it at the end.
+    let splits = match spec.max_drop {
+        Some(_) => splits.with_check(&spec.selection, &setup.data, &setup.encoder, &label)?,
+        None => splits,
+    };
     let test = spec
         .test
         .as_deref()
@@ -296,6 +301,7 @@ pub fn run(spec: &RunSettings, out: &Output, quiet: bool) -> Result<Finished> {
         batches: &batches,
         floor: spec.max_drop.map(|d| d.floor(baseline.metric)),
         advice: floor_advice(&passes),
+        held_out_train: splits.held_out_train(),
         quiet,
     };
     run.log_start(baseline);
@@ -365,6 +371,8 @@ struct Run<'a> {
     floor: Option<f64>,
     /// What to change if the run ends below `floor`.
     advice: &'static str,
+    /// Train positions training leaves out ([`Splits::held_out_train`]).
+    held_out_train: Vec<usize>,
     quiet: bool,
 }
 
@@ -407,6 +415,7 @@ impl Run<'_> {
                 task: self.spec.task,
                 labels: &self.setup.labels,
                 selection: &self.splits.selection,
+                held_out_train: &self.held_out_train,
                 batches: self.batches,
                 floor: self.floor,
                 recovery_follows: passes[stage + 1..].iter().any(|p| p.recovers()),
@@ -498,7 +507,21 @@ impl Run<'_> {
     ) -> RunReport {
         let (spec, original) = (self.spec, &self.setup.model);
         let last = stages.last().map_or(baseline, |s| s.selection_after);
-        let kept = self.floor.is_none_or(|f| last.judged() >= f);
+        let selection_kept = self.floor.is_none_or(|f| last.judged() >= f);
+        let check_bound_points = evaluation
+            .iter()
+            .find(|c| c.split == "check")
+            .and_then(|c| c.margin_bound_points);
+        let check_kept = match (spec.max_drop, check_bound_points) {
+            (Some(d), Some(bound)) => bound <= d.points_at(1.0) + 1e-9,
+            _ => true,
+        };
+        let kept = selection_kept && check_kept;
+        let advice = match (selection_kept, check_kept) {
+            (false, _) => Some(self.advice),
+            (true, false) => Some(CHECK_ADVICE),
+            (true, true) => None,
+        };
         RunReport {
             schema: report::SCHEMA,
             model: spec.model.clone(),
@@ -509,6 +532,7 @@ impl Run<'_> {
                 location: self.setup.data.location(),
                 selection: self.splits.selection.info.clone(),
                 report: self.splits.report.as_ref().map(|r| r.info.clone()),
+                check: self.splits.check.as_ref().map(|c| c.info.clone()),
                 test: spec.test.as_ref().map(|p| p.display().to_string()),
             },
             tolerance: ToleranceReport {
@@ -518,8 +542,9 @@ impl Run<'_> {
                 spent_points: points(baseline.metric, last.metric),
                 confidence: spec.confidence,
                 guarded_spent_points: points(baseline.metric, last.judged()),
+                check_bound_points,
                 kept,
-                advice: (!kept).then_some(self.advice),
+                advice,
                 warnings: promise_warnings(&evaluation, spec.max_drop),
             },
             stages,

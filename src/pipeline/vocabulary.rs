@@ -92,6 +92,13 @@ pub fn prune(
     // The same examples as before: a selection labelled by the input model keeps its labels.
     let same_labels = |_: &EncodedSet| Ok(splits.selection.set.targets.clone());
     let new_splits = Splits::load(&spec.selection, &setup.data, &encoder, &same_labels)?;
+    let new_splits = match &splits.check {
+        Some(check) => {
+            let same_check_labels = |_: &EncodedSet| Ok(check.set.targets.clone());
+            new_splits.with_check(&spec.selection, &setup.data, &encoder, &same_check_labels)?
+        }
+        None => new_splits,
+    };
     let test = spec
         .test
         .as_deref()
