@@ -241,8 +241,14 @@ fn size_mode_respects_max_drop_and_the_output_round_trips() {
         "--levels",
         "blocks,heads",
     ];
-    let report = common::json_stdout(&prune_cli(&shared, data.path(), &out, &args));
+    let report = common::json_report(&prune_cli(&shared, data.path(), &out, &args));
     assert_within_max_drop(&report, 2.0);
+    // 60 selection sentences at the point estimate: the check split (half of the 120 train
+    // sentences, perturbed) says whether the run may vouch for the 2 points, and `kept` with it.
+    let t = &report["tolerance"];
+    let check = t["check_bound_points"].as_f64().unwrap();
+    assert_eq!(t["kept"], check <= 2.0 + 1e-9, "{t}");
+    assert_eq!(split(&report, "check")["examples"], 60);
     assert_eq!(report["data"]["selection"]["source"], "dev-split");
     assert_eq!(split(&report, "selection")["examples"], 60);
     assert_eq!(split(&report, "report")["examples"], 60);
@@ -393,7 +399,7 @@ fn speed_mode_respects_max_drop() {
     ];
     // Missing parent directories of --out are created.
     let out = tmp.path().join("new/dir/o");
-    let report = common::json_stdout(&prune_cli(&shared, data.path(), &out, &args));
+    let report = common::json_report(&prune_cli(&shared, data.path(), &out, &args));
     assert_within_max_drop(&report, 2.0);
     assert!(out.join("model.safetensors").is_file());
 }
@@ -457,7 +463,7 @@ fn assert_group_level_within_budget(extra: &[&str]) {
         "6",
     ];
     args.extend_from_slice(extra);
-    let report = common::json_stdout(&prune_cli(&shared, data.path(), &out, &args));
+    let report = common::json_report(&prune_cli(&shared, data.path(), &out, &args));
     assert_within_max_drop(&report, 2.0);
     let level = &levels(&report)[0];
     assert!(level["trials"].as_array().unwrap().len() <= 6);
@@ -511,7 +517,7 @@ fn a_state_cache_of_zero_bytes_changes_no_decision() {
             "prune", "--model", m, "--task", "sst2", "--data", d, "--out", o, "--json", "-q",
         ];
         all.extend_from_slice(&args);
-        let report = common::json_stdout(&common::run_with_env(
+        let report = common::json_report(&common::run_with_env(
             &all,
             &[("AXCOMPRESS_CACHE_MB", cache_mb)],
         ));

@@ -82,7 +82,12 @@ fn a_killed_run_resumes_to_the_same_model() {
 
     let args = prune_args(&shared, data.path(), &whole);
     let o = common::run(&as_str(&args));
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // 20 check sentences cannot vouch for 2 points: status 3 writes the output all the same.
+    assert!(
+        common::wrote_output(&o),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 
     let args = prune_args(&shared, data.path(), &resumed);
     let progress = tmp.path().join("resumed.progress.json");
@@ -97,7 +102,7 @@ fn a_killed_run_resumes_to_the_same_model() {
     resume.push("--resume".into());
     let o = common::run(&as_str(&resume));
     let log = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "{log}");
+    assert!(common::wrote_output(&o), "{log}");
     assert!(
         !log.contains("significance of blocks"),
         "blocks were analysed again: {log}"
