@@ -23,7 +23,7 @@ use anyhow::{Context, Result};
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use super::guard::{decision_bound, margin, z_one_sided};
+use super::guard::{decision_bound, z_one_sided};
 use super::journal::{Journal, TrialRecord};
 use crate::analyze::{batches, AnalysisBatch, Scorer};
 use crate::data::batch::EncodedSet;
@@ -113,13 +113,12 @@ impl Rule {
     }
 }
 
-/// The guarded accuracy of a trial that lost `lost` (examples, or their summed confidence
-/// margins under a self-labelled selection) and gained `gained` examples against an
+/// The guarded accuracy of a trial that lost `lost` and gained `gained` examples against an
 /// original that got `original_correct` of `n` right: the original's accuracy less the bound a
 /// decision keeps ([`decision_bound`]: under the guard, gains are not credited); the value a floor
 /// is judged by.
-fn guarded_accuracy(original_correct: usize, lost: f64, gained: usize, n: usize, z: f64) -> f64 {
-    (original_correct as f64 - decision_bound(lost, gained as f64, z)) / n.max(1) as f64
+fn guarded_accuracy(original_correct: usize, lost: usize, gained: usize, n: usize, z: f64) -> f64 {
+    (original_correct as f64 - decision_bound(lost as f64, gained as f64, z)) / n.max(1) as f64
 }
 
 /// What an evaluation under way has seen of the paired outcomes.
@@ -131,9 +130,6 @@ struct Seen {
     original_correct: usize,
     /// Right under the original, wrong under the trial, so far.
     lost: usize,
-    /// What those cost: `lost`, or under a self-labelled selection the sum of the original's
-    /// confidence margins on them (see [`super::guard`]).
-    lost_weight: f64,
     /// Wrong under the original, right under the trial, so far.
     gained: usize,
     /// Examples the original got wrong that are not seen yet.
@@ -142,13 +138,12 @@ struct Seen {
 
 impl Seen {
     /// True when no completion of the evaluation can reach `floor` with its guarded metric.
-    /// The guarded metric falls as `lost_weight` grows, so the best completion keeps it as it is
-    /// (further losses cost at least nothing); every count of further gains is tried: the test
-    /// is exact.
+    /// The guarded metric falls as `lost` grows, so the best completion keeps `lost` as it is;
+    /// every count of further gains is tried: the test is exact.
     fn rules_out(&self, floor: f64, z: f64) -> bool {
         let gains = self.gained..=self.gained + self.original_wrong_left;
         !gains
-            .map(|g| guarded_accuracy(self.original_correct, self.lost_weight, g, self.n, z))
+            .map(|g| guarded_accuracy(self.original_correct, self.lost, g, self.n, z))
             .any(|best| best >= floor - 1e-12)
     }
 }
@@ -190,9 +185,6 @@ pub struct SelectionBatches<'a> {
     /// Under an accuracy metric: which examples the original model gets right (the guard pairs
     /// every trial's outcomes with these).
     reference: Option<Vec<bool>>,
-    /// Under a selection labelled by the original itself: its logits on every example, so a
-    /// disagreement costs the original's confidence margin ([`SelectionBatches::weigh_by_margins`]).
-    original_logits: Option<Vec<Vec<f32>>>,
     /// The guard's one-sided normal quantile.
     z: f64,
 }
@@ -214,7 +206,6 @@ impl<'a> SelectionBatches<'a> {
             metric: task.primary_metric(),
             baseline: Score::point(f64::NAN, f64::NAN),
             reference: None,
-            original_logits: None,
             z: z_one_sided(confidence),
         };
         let (score, correct) = {
@@ -226,39 +217,12 @@ impl<'a> SelectionBatches<'a> {
             let right = correct.iter().filter(|&&c| c).count();
             data.baseline = Score {
                 discordant: Some(0),
-                guarded: Some(guarded_accuracy(right, 0.0, 0, data.len(), data.z)),
+                guarded: Some(guarded_accuracy(right, 0, 0, data.len(), data.z)),
                 ..score
             };
             data.reference = Some(correct);
         }
         Ok(data)
-    }
-
-    /// Under a selection labelled by `original` itself (`train-perturbed`): a disagreement costs
-    /// the original's confidence margin between its label and the trial's, `p(ŷ) − p(c)`, not a
-    /// whole example (see [`super::guard`]). Without it every disagreement costs one example.
-    pub fn weigh_by_margins(mut self, original: &Model) -> Result<Self> {
-        let mut logits = vec![Vec::new(); self.len()];
-        for (number, batch) in self.batches.iter().enumerate() {
-            let out = original.forward(&batch.inputs, RunOptions::default())?;
-            for (row, &ex) in finite_rows(&out, "selection", number)?
-                .into_iter()
-                .zip(&batch.examples)
-            {
-                logits[ex] = row;
-            }
-        }
-        self.original_logits = Some(logits);
-        Ok(self)
-    }
-
-    /// What a trial whose logits on example `ex` are `row` loses there, when the original was
-    /// right and the trial is not: one example, or the original's confidence margin.
-    fn lost_weight(&self, ex: usize, row: &[f32]) -> f64 {
-        match &self.original_logits {
-            Some(logits) => margin(&logits[ex], row),
-            None => 1.0,
-        }
     }
 
     /// Examples.
@@ -329,10 +293,7 @@ impl<'s> Tally<'s> {
             if let Some(reference) = &self.data.reference {
                 let seen = &mut self.seen;
                 match (reference[ex], correct) {
-                    (true, false) => {
-                        seen.lost += 1;
-                        seen.lost_weight += self.data.lost_weight(ex, row);
-                    }
+                    (true, false) => seen.lost += 1,
                     (false, true) => seen.gained += 1,
                     _ => {}
                 }
@@ -365,13 +326,7 @@ impl<'s> Tally<'s> {
                     loss: s.loss,
                     metric,
                     discordant: Some(seen.lost + seen.gained),
-                    guarded: Some(guarded_accuracy(
-                        correct,
-                        seen.lost_weight,
-                        seen.gained,
-                        seen.n,
-                        z,
-                    )),
+                    guarded: Some(guarded_accuracy(correct, seen.lost, seen.gained, seen.n, z)),
                 }
             }
             None => Score::point(s.loss, metric),
@@ -655,17 +610,13 @@ mod tests {
     }
 
     /// Every way the unseen examples of an evaluation under way can turn out: the final
-    /// (lost weight, gained) pairs reachable from `seen` with `original_right_left` unseen
-    /// examples that the original got right, each further loss costing `0` (a margin-weighted
-    /// flip of a coin-toss call, the cheapest) or `1` (a whole example).
-    fn completions(seen: Seen, original_right_left: usize) -> Vec<(f64, usize)> {
+    /// (lost, gained) pairs reachable from `seen` with `original_right_left` unseen examples that
+    /// the original got right.
+    fn completions(seen: Seen, original_right_left: usize) -> Vec<(usize, usize)> {
         let mut out = Vec::new();
         for more_lost in 0..=original_right_left {
-            for cost in [0.0, 1.0] {
-                for more_gained in 0..=seen.original_wrong_left {
-                    let lost = seen.lost_weight + more_lost as f64 * cost;
-                    out.push((lost, seen.gained + more_gained));
-                }
+            for more_gained in 0..=seen.original_wrong_left {
+                out.push((seen.lost + more_lost, seen.gained + more_gained));
             }
         }
         out
@@ -682,15 +633,12 @@ mod tests {
                 for z in [0.0, 1.2816, 1.6449, 2.3263] {
                     for right_seen in 0..=original_correct {
                         for wrong_seen in 0..=wrong {
-                            for (lost, margin) in
-                                (0..=right_seen).flat_map(|l| [(l, 1.0), (l, 0.37)])
-                            {
+                            for lost in 0..=right_seen {
                                 for gained in 0..=wrong_seen {
                                     let seen = Seen {
                                         n,
                                         original_correct,
                                         lost,
-                                        lost_weight: lost as f64 * margin,
                                         gained,
                                         original_wrong_left: wrong - wrong_seen,
                                     };

@@ -16,7 +16,7 @@ use crate::data::task::Task;
 use crate::evaluate::{predict, predicted_labels, score};
 use crate::model::encoder::RunOptions;
 use crate::model::Model;
-use crate::passes::guard::{decision_bound, margin, z_one_sided, Paired};
+use crate::passes::guard::{decision_bound, z_one_sided, Paired};
 
 /// Metrics and loss of one model on one split.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -45,9 +45,10 @@ pub struct Comparison {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub paired: Option<PairedDrop>,
     /// The check split (labelled by the original): the one-sided bound, at the confidence, of
-    /// the drop with each disagreement charged the original's confidence margin, in points.
+    /// the share of predictions that changed (which bounds the accuracy drop on such text from
+    /// above), in points.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub margin_bound_points: Option<f64>,
+    pub bound_points: Option<f64>,
 }
 
 /// The accuracy drop on one split from paired outcomes ([`Paired`]), in points (positive: lost).
@@ -133,7 +134,9 @@ impl Judge<'_> {
                 self.logits(after.model, &ca.set)?,
             ];
             let mut check = self.comparison("check", &cb.set, &logits);
-            check.margin_bound_points = Some(self.margin_bound_points(&logits));
+            check.bound_points = check
+                .flipped
+                .map(|f| self.bound_points(f, cb.set.sequences.len()));
             out.push(check);
         }
         if let (Some(tb), Some(ta)) = (before.test, after.test) {
@@ -165,16 +168,11 @@ impl Judge<'_> {
         Ok(self.comparison(name, &parts[0].set, &logits))
     }
 
-    /// The bound of the margin-weighted drop from the original's logits to the compressed
-    /// model's, in points (see [`crate::passes::guard`]).
-    fn margin_bound_points(&self, logits: &[Vec<Vec<f32>>; 2]) -> f64 {
-        let lost: f64 = logits[0]
-            .iter()
-            .zip(&logits[1])
-            .map(|(o, c)| margin(o, c))
-            .sum();
-        let n = logits[0].len().max(1) as f64;
-        decision_bound(lost, 0.0, z_one_sided(self.confidence)) / n * 100.0
+    /// The one-sided bound at the confidence of `changed` predictions of `n`, in points (see
+    /// [`crate::passes::guard`]).
+    fn bound_points(&self, changed: usize, n: usize) -> f64 {
+        let z = z_one_sided(self.confidence);
+        decision_bound(changed as f64, 0.0, z) / n.max(1) as f64 * 100.0
     }
 
     fn logits(&self, model: &Model, set: &EncodedSet) -> Result<Vec<Vec<f32>>> {
@@ -221,7 +219,7 @@ impl Judge<'_> {
             after: scores(&logits[1]),
             flipped,
             paired,
-            margin_bound_points: None,
+            bound_points: None,
         }
     }
 }

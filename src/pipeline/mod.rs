@@ -289,10 +289,6 @@ pub fn run(spec: &RunSettings, out: &Output, quiet: bool) -> Result<Finished> {
         spec.batch_size,
         spec.confidence,
     )?;
-    let batches = match spec.selection.on {
-        SelectOn::TrainPerturbed => batches.weigh_by_margins(&setup.model)?,
-        _ => batches,
-    };
     let baseline = batches.baseline;
     let run = Run {
         spec,
@@ -511,7 +507,7 @@ impl Run<'_> {
         let check_bound_points = evaluation
             .iter()
             .find(|c| c.split == "check")
-            .and_then(|c| c.margin_bound_points);
+            .and_then(|c| c.bound_points);
         let check_kept = match (spec.max_drop, check_bound_points) {
             (Some(d), Some(bound)) => bound <= d.points_at(1.0) + 1e-9,
             _ => true,
