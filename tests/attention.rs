@@ -199,7 +199,8 @@ fn the_pass_switches_layers_the_selection_allows_and_eval_runs_them() {
         "--confidence",
         "0.5",
     ];
-    let report = common::json_stdout(&common::run_stage(
+    // 60 check sentences may not vouch for 5 points: status 3 writes the output all the same.
+    let report = common::json_report(&common::run_stage(
         "attention",
         &model,
         data.path(),

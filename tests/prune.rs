@@ -321,7 +321,9 @@ fn the_guard_keeps_the_bound_within_max_drop_where_the_point_estimate_need_not()
             "--confidence",
             confidence,
         ];
-        common::json_stdout(&prune_cli(&shared, data.path(), &out, &args))
+        // The check split (120 perturbed train sentences) may not vouch for 6 points; this test
+        // is about the selection's guard.
+        common::json_report(&prune_cli(&shared, data.path(), &out, &args))
     };
     let (point, guarded) = (run("0.5"), run("0.9"));
     // The guarded run: the bound the decisions kept, as reported and recomputed, is within 6.
