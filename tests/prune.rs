@@ -297,7 +297,7 @@ fn selection_bound_points(report: &Value, confidence: f64) -> f64 {
     let p = &selection["paired"];
     let (lost, gained) = (p["lost"].as_u64().unwrap(), p["gained"].as_u64().unwrap());
     let n = selection["examples"].as_f64().unwrap();
-    let bound = decision_bound(lost as f64, gained as f64, z_one_sided(confidence));
+    let bound = decision_bound(lost as usize, gained as usize, z_one_sided(confidence));
     bound / n * 100.0
 }
 

@@ -89,13 +89,13 @@ impl Paired {
 
 /// The one-sided upper bound of the drop, in examples, from `lost` and `gained` at the normal
 /// quantile `z` (see the module's text); the point estimate `lost − gained` when `z` is 0.
-pub fn drop_bound(lost: f64, gained: f64, z: f64) -> f64 {
-    let raw = lost - gained;
+pub fn drop_bound(lost: usize, gained: usize, z: f64) -> f64 {
+    let raw = lost as f64 - gained as f64;
     if z <= 0.0 {
         return raw;
     }
     let d = raw + 0.5;
-    let wald = d + z * (lost + gained).sqrt();
+    let wald = d + z * ((lost + gained) as f64).sqrt();
     // The root of a − z·√a = d, where the variance floor binds; none below d = −z²/4.
     if d < -z * z / 4.0 {
         return wald;
@@ -107,8 +107,8 @@ pub fn drop_bound(lost: f64, gained: f64, z: f64) -> f64 {
 /// The bound a decision keeps, in examples: under the guard (`z > 0`) the bound of `lost` alone,
 /// gains not credited (see the module's text); at `z = 0`, no guard, the point estimate
 /// `lost − gained` (the rule before 2026-12-05).
-pub fn decision_bound(lost: f64, gained: f64, z: f64) -> f64 {
-    let credited = if z > 0.0 { 0.0 } else { gained };
+pub fn decision_bound(lost: usize, gained: usize, z: f64) -> f64 {
+    let credited = if z > 0.0 { 0 } else { gained };
     drop_bound(lost, credited, z)
 }
 
@@ -232,7 +232,7 @@ mod tests {
             candidate.push(c);
         }
         let p = Paired::of(&original, &candidate);
-        drop_bound(p.lost as f64, p.gained as f64, z) <= allowed * n as f64 + 1e-9
+        drop_bound(p.lost, p.gained, z) <= allowed * n as f64 + 1e-9
     }
 
     /// The rate at which the guard admits candidates of a known true drop, over seeded draws.
@@ -271,14 +271,14 @@ mod tests {
 
     #[test]
     fn the_bound_is_the_point_estimate_at_confidence_one_half_and_grows_with_it() {
-        assert_eq!(drop_bound(7.0, 3.0, 0.0), 4.0);
-        let at = |c| drop_bound(7.0, 3.0, z_one_sided(c));
+        assert_eq!(drop_bound(7, 3, 0.0), 4.0);
+        let at = |c| drop_bound(7, 3, z_one_sided(c));
         assert!(at(0.8) > 4.0 && at(0.9) > at(0.8) && at(0.95) > at(0.9));
         // Nothing changed: still no promise of a drop below z² examples.
         let z = z_one_sided(0.9);
-        assert!((drop_bound(0.0, 0.0, z) - (z + (z * z + 2.0).sqrt()).powi(2) / 4.0).abs() < 1e-12);
+        assert!((drop_bound(0, 0, z) - (z + (z * z + 2.0).sqrt()).powi(2) / 4.0).abs() < 1e-12);
         // Many more gains than losses: a bound below zero (a gain) is possible.
-        assert!(drop_bound(2.0, 60.0, z) < 0.0);
+        assert!(drop_bound(2, 60, z) < 0.0);
     }
 
     #[test]
@@ -300,9 +300,9 @@ mod tests {
     #[test]
     fn decisions_credit_no_gains_under_the_guard_and_all_of_them_without() {
         let z = z_one_sided(0.9);
-        assert_eq!(decision_bound(7.0, 30.0, z), drop_bound(7.0, 0.0, z));
-        assert!(decision_bound(7.0, 30.0, z) > drop_bound(7.0, 30.0, z));
-        assert_eq!(decision_bound(7.0, 3.0, 0.0), 4.0);
+        assert_eq!(decision_bound(7, 30, z), drop_bound(7, 0, z));
+        assert!(decision_bound(7, 30, z) > drop_bound(7, 30, z));
+        assert_eq!(decision_bound(7, 3, 0.0), 4.0);
     }
 
     /// Of `candidates` draws of a candidate whose true drop is 1.5 points on 436 examples (it
@@ -310,13 +310,13 @@ mod tests {
     fn any_of_many_passes(
         rng: &mut SplitMix64,
         candidates: usize,
-        bound: fn(f64, f64, f64) -> f64,
+        bound: fn(usize, usize, f64) -> f64,
     ) -> bool {
         let (n, z) = (436, z_one_sided(0.9));
         (0..candidates).any(|_| {
             let lost = (0..n).filter(|_| rng.chance(0.035)).count();
             let gained = (0..n).filter(|_| rng.chance(0.02)).count();
-            bound(lost as f64, gained as f64, z) <= 0.01 * n as f64
+            bound(lost, gained, z) <= 0.01 * n as f64
         })
     }
 

@@ -118,7 +118,7 @@ impl Rule {
 /// decision keeps ([`decision_bound`]: under the guard, gains are not credited); the value a floor
 /// is judged by.
 fn guarded_accuracy(original_correct: usize, lost: usize, gained: usize, n: usize, z: f64) -> f64 {
-    (original_correct as f64 - decision_bound(lost as f64, gained as f64, z)) / n.max(1) as f64
+    (original_correct as f64 - decision_bound(lost, gained, z)) / n.max(1) as f64
 }
 
 /// What an evaluation under way has seen of the paired outcomes.

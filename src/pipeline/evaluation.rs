@@ -172,7 +172,7 @@ impl Judge<'_> {
     /// [`crate::passes::guard`]).
     fn bound_points(&self, changed: usize, n: usize) -> f64 {
         let z = z_one_sided(self.confidence);
-        decision_bound(changed as f64, 0.0, z) / n.max(1) as f64 * 100.0
+        decision_bound(changed, 0, z) / n.max(1) as f64 * 100.0
     }
 
     fn logits(&self, model: &Model, set: &EncodedSet) -> Result<Vec<Vec<f32>>> {

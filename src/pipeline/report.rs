@@ -102,8 +102,7 @@ pub struct ToleranceReport {
     /// the decisions kept within `max_drop`.
     pub guarded_spent_points: f64,
     /// On the check split (perturbed train sentences no decision saw, labelled by the original):
-    /// the one-sided bound of the drop at `confidence`, each disagreement charged the original's
-    /// confidence margin, in points.
+    /// the one-sided bound at `confidence` of the share of predictions that changed, in points.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub check_bound_points: Option<f64>,
     /// Whether the run kept its promise: the selection metric, guarded, ended at or above the
@@ -326,7 +325,7 @@ fn render_tolerance(s: &mut String, report: &RunReport) {
     if let Some(bound) = t.check_bound_points {
         let _ = writeln!(
             s,
-            "  check            {} perturbed train sentences no decision saw: drop bound {bound:+.2} points at confidence {} (disagreements charged the input's confidence margin)",
+            "  check            {} perturbed train sentences no decision saw: drop bound {bound:+.2} points at confidence {}",
             report.check_examples(),
             t.confidence
         );
