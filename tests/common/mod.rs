@@ -117,7 +117,8 @@ pub fn wrote_output(out: &Output) -> bool {
     matches!(out.status.code(), Some(0 | 3))
 }
 
-/// `compress --config config --out out --json -q` with `extra` flags; the report (stdout).
+/// `compress --config config --out out --json -q` with `extra` flags; the report (stdout), of a
+/// run that wrote its output (status 0, or 3 when its check split could not vouch for max_drop).
 pub fn compress_json(config: &Path, out: &Path, extra: &[&str]) -> Value {
     let mut args = vec![
         "compress",
@@ -129,7 +130,7 @@ pub fn compress_json(config: &Path, out: &Path, extra: &[&str]) -> Value {
         "-q",
     ];
     args.extend_from_slice(extra);
-    json_stdout(&run(&args))
+    json_report(&run(&args))
 }
 
 /// `eval --json` of `model` on `task` with the data at `data`.
