@@ -6,7 +6,8 @@ its standard error, run by run, and the mean.
 Never needed by the build or the tests; standard library only.
 
   cargo build --release
-  python3 scripts/promise.py run --data ../shared/data/glue/SST-2 --out /tmp/promise
+  python3 scripts/promise.py run --model ../shared/models/minilm-l6-sst2 \
+      --data ../shared/data/glue/SST-2 --out /tmp/promise
   python3 scripts/promise.py table --out /tmp/promise
 
 `run` skips the runs whose report.json is already in --out (so an interrupted campaign goes on
@@ -48,7 +49,8 @@ def run(args):
         if (only and name not in only) or os.path.isfile(os.path.join(out, "report.json")):
             continue
         path, extra = CONFIGS[config]
-        command = [args.axcompress, "compress", "--config", path, "--data", args.data,
+        model = ["--model", args.model] if args.model else []
+        command = [args.axcompress, "compress", "--config", path, *model, "--data", args.data,
                    "--out", out, "--force", "--seed", str(seed), "--max-drop", str(max_drop),
                    "-q", *extra]
         timer = shutil.which("time")
@@ -116,6 +118,8 @@ def main():
     sub = parser.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run")
     r.add_argument("--data", required=True, help="the SST-2 GLUE directory")
+    r.add_argument("--model", help="the model (default: the configs' hub checkpoint); the "
+                   "measured tables used the MiniLM-L6 SST-2 fixture")
     r.add_argument("--out", required=True)
     r.add_argument("--axcompress", default="target/release/axcompress")
     r.add_argument("--only", help="comma-separated run names, e.g. size-1.0-s0,speed-0.5-s2")

@@ -18,15 +18,21 @@ fn configs() -> Vec<PathBuf> {
     files
 }
 
-/// `compress --config config --data data --out out --json` with `extra` flags; the report.
-fn compress(config: &Path, data: &Path, out: &Path, extra: &[&str]) -> Value {
-    let mut flags = vec!["--data", data.to_str().unwrap()];
+/// `compress --config config --model model --data data --out out --json` with `extra` flags; the
+/// report. The configs name hub checkpoints; the tests run them on the fixture of their task.
+fn compress(config: &Path, model: &Path, data: &Path, out: &Path, extra: &[&str]) -> Value {
+    let mut flags = vec![
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+    ];
     flags.extend_from_slice(extra);
     common::compress_json(config, out, &flags)
 }
 
-/// The task and GLUE directory name a config is for.
-fn task_of(config: &Path) -> (String, &'static str) {
+/// The task a config is for, its GLUE directory name and its fixture model's directory name.
+fn task_of(config: &Path) -> (String, &'static str, &'static str) {
     let text = std::fs::read_to_string(config).unwrap();
     let task = text
         .lines()
@@ -34,15 +40,48 @@ fn task_of(config: &Path) -> (String, &'static str) {
         .and_then(|l| l.split('"').next())
         .unwrap_or_else(|| panic!("{}: no task", config.display()))
         .to_string();
-    let glue_dir = match task.as_str() {
-        "sst2" => "SST-2",
-        "rte" => "RTE",
+    let (glue_dir, model) = match task.as_str() {
+        "sst2" => ("SST-2", "minilm-l6-sst2"),
+        "rte" => ("RTE", "minilm-l6-rte"),
         other => panic!(
             "{}: no small fixture data for task {other}",
             config.display()
         ),
     };
-    (task, glue_dir)
+    (task, glue_dir, model)
+}
+
+#[test]
+fn no_config_points_outside_the_repository() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .canonicalize()
+        .unwrap();
+    for config in configs() {
+        let settings = axcompress::config_file::load(&config).unwrap().settings;
+        let local = [Some(PathBuf::from(&settings.model)), settings.data]
+            .into_iter()
+            .flatten()
+            .filter(|p| p.exists());
+        for path in local {
+            let path = path.canonicalize().unwrap();
+            assert!(
+                path.starts_with(&repo),
+                "{}: {}",
+                config.display(),
+                path.display()
+            );
+        }
+        // A model that is not a local path is a hub id `org/name` (a path in a config is
+        // resolved against the config's directory, so it starts with `/` here).
+        let hub_id =
+            !settings.model.starts_with(['/', '.']) && settings.model.matches('/').count() <= 1;
+        assert!(
+            Path::new(&settings.model).exists() || hub_id,
+            "{}: model {} is neither in the repository nor a hub id",
+            config.display(),
+            settings.model
+        );
+    }
 }
 
 #[test]
@@ -54,11 +93,12 @@ fn every_config_in_configs_runs_and_writes_a_loadable_model() {
     let tmp = tempfile::tempdir().unwrap();
     for config in configs {
         let name = config.file_stem().unwrap().to_string_lossy().into_owned();
-        let (task, glue_dir) = task_of(&config);
+        let (task, glue_dir, model) = task_of(&config);
         let data = common::small_glue(&shared, glue_dir, 40);
         let out = tmp.path().join(&name);
         let report = compress(
             &config,
+            &shared.join("models").join(model),
             data.path(),
             &out,
             // 20 selection sentences bound no drop of one point: a wide allowance keeps the
@@ -97,6 +137,7 @@ fn rte_config_keeps_the_fp16_weights() {
     let out = tmp.path().join("rte");
     let report = compress(
         &config,
+        &shared.join("models/minilm-l6-rte"),
         data.path(),
         &out,
         &[
