@@ -1,5 +1,6 @@
 //! The `axcompress` binary: parse the command line and dispatch. Errors are printed on one line
-//! and exit with status 1; a run that wrote its output below its floor exits with status 3.
+//! and exit with status 1; a run that wrote its output but cannot vouch for `max_drop` exits with
+//! status 3.
 
 use clap::Parser;
 

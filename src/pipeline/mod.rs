@@ -167,7 +167,7 @@ pub struct Finished {
     pub timing: Timing,
 }
 
-/// Exit status of a run that wrote its output but ended below its floor ([`FloorMissed`]).
+/// Exit status of a run that wrote its output but cannot vouch for `max_drop` ([`FloorMissed`]).
 pub const EXIT_FLOOR_MISSED: i32 = 3;
 
 /// The error of a run that wrote its output but cannot vouch for `max_drop`: its selection
@@ -186,7 +186,7 @@ impl std::fmt::Display for FloorMissed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{}; the output is written to {} for inspection (exit status {EXIT_FLOOR_MISSED})",
+            "{}, so max_drop is not kept; the output is written to {} for inspection (exit status {EXIT_FLOOR_MISSED})",
             self.reason,
             self.out.display()
         )
@@ -198,32 +198,14 @@ impl std::error::Error for FloorMissed {}
 impl Finished {
     /// `Err(FloorMissed)` when the run cannot vouch for its `max_drop`, else `Ok`.
     pub fn check_floor(&self, out: &Path) -> Result<()> {
-        let (r, t) = (&self.report, &self.report.tolerance);
-        if t.kept {
-            return Ok(());
+        match &self.report.tolerance.advice {
+            None => Ok(()),
+            Some(reason) => Err(FloorMissed {
+                reason: reason.clone(),
+                out: out.to_path_buf(),
+            }
+            .into()),
         }
-        let advice = t.advice.unwrap_or_default();
-        let reason = match (t.floor, t.check_bound_points) {
-            (Some(floor), _) if r.last_guarded() < floor => format!(
-                "the run ended at selection {} {:.4} (guarded {:.4} at confidence {}), below its floor {floor:.4}, so max_drop is not kept: {advice}",
-                r.metric,
-                t.baseline - t.spent_points / 100.0,
-                r.last_guarded(),
-                t.confidence,
-            ),
-            (_, Some(bound)) => format!(
-                "on {} check sentences no decision saw, the drop's bound is {bound:.2} points at confidence {}, beyond max_drop {}: {advice}",
-                r.check_examples(),
-                t.confidence,
-                t.max_drop.map(|d| d.to_string()).unwrap_or_default(),
-            ),
-            _ => format!("max_drop is not kept: {advice}"),
-        };
-        Err(FloorMissed {
-            reason,
-            out: out.to_path_buf(),
-        }
-        .into())
     }
 }
 
@@ -491,6 +473,29 @@ impl Run<'_> {
         }
     }
 
+    /// Why the run cannot vouch for its `max_drop`, and what to change; `None` when it can: the
+    /// selection metric the run ended at (`last`), guarded, holds the floor, and the check
+    /// split's bound is within `max_drop`.
+    fn not_kept(&self, last: Score, check_bound_points: Option<f64>) -> Option<String> {
+        let (c, metric) = (self.spec.confidence, self.batches.metric);
+        if let Some(floor) = self.floor.filter(|&f| last.judged() < f) {
+            return Some(format!(
+                "the run ended at selection {metric} {:.4} (guarded {:.4} at confidence {c}), below its floor {floor:.4}: {}",
+                last.metric,
+                last.judged(),
+                self.advice
+            ));
+        }
+        let (max_drop, bound) = (self.spec.max_drop?, check_bound_points?);
+        let check = self.splits.check.as_ref()?;
+        (bound > max_drop.points_at(1.0) + 1e-9).then(|| {
+            format!(
+                "on {} check sentences no decision saw, the drop's bound is {bound:.2} points at confidence {c}, beyond max_drop {max_drop}: {CHECK_ADVICE}",
+                check.info.examples
+            )
+        })
+    }
+
     /// The report of the run, from what every step produced.
     fn report(
         &self,
@@ -503,21 +508,11 @@ impl Run<'_> {
     ) -> RunReport {
         let (spec, original) = (self.spec, &self.setup.model);
         let last = stages.last().map_or(baseline, |s| s.selection_after);
-        let selection_kept = self.floor.is_none_or(|f| last.judged() >= f);
         let check_bound_points = evaluation
             .iter()
             .find(|c| c.split == "check")
             .and_then(|c| c.bound_points);
-        let check_kept = match (spec.max_drop, check_bound_points) {
-            (Some(d), Some(bound)) => bound <= d.points_at(1.0) + 1e-9,
-            _ => true,
-        };
-        let kept = selection_kept && check_kept;
-        let advice = match (selection_kept, check_kept) {
-            (false, _) => Some(self.advice),
-            (true, false) => Some(CHECK_ADVICE),
-            (true, true) => None,
-        };
+        let advice = self.not_kept(last, check_bound_points);
         RunReport {
             schema: report::SCHEMA,
             model: spec.model.clone(),
@@ -539,7 +534,7 @@ impl Run<'_> {
                 confidence: spec.confidence,
                 guarded_spent_points: points(baseline.metric, last.judged()),
                 check_bound_points,
-                kept,
+                kept: advice.is_none(),
                 advice,
                 warnings: promise_warnings(&evaluation, spec.max_drop),
             },

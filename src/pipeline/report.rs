@@ -50,22 +50,6 @@ pub struct RunReport {
     pub structure: Structure,
 }
 
-impl RunReport {
-    /// The guarded selection metric the run ended at.
-    pub fn last_guarded(&self) -> f64 {
-        let t = &self.tolerance;
-        t.baseline - t.guarded_spent_points / 100.0
-    }
-
-    /// Examples of the check split (0 without one).
-    pub fn check_examples(&self) -> usize {
-        self.evaluation
-            .iter()
-            .find(|c| c.split == "check")
-            .map_or(0, |c| c.examples)
-    }
-}
-
 /// Where the data came from.
 #[derive(Debug, Clone, Serialize)]
 pub struct DataReport {
@@ -109,9 +93,9 @@ pub struct ToleranceReport {
     /// floor, and the check split's bound is within `max_drop` (true without a `max_drop`). A
     /// run that does not exits with status 3 after writing.
     pub kept: bool,
-    /// When the floor is not kept: what to change.
+    /// When the run is not kept: why, and what to change (the line it exits with).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub advice: Option<&'static str>,
+    pub advice: Option<String>,
     /// One line for each split the decisions did not see whose interval of the drop reaches
     /// beyond `max_drop`.
     pub warnings: Vec<String>,
@@ -326,12 +310,12 @@ fn render_tolerance(s: &mut String, report: &RunReport) {
         let _ = writeln!(
             s,
             "  check            {} perturbed train sentences no decision saw: drop bound {bound:+.2} points at confidence {}",
-            report.check_examples(),
+            report.data.check.as_ref().map_or(0, |c| c.examples),
             t.confidence
         );
     }
-    if !t.kept {
-        let _ = writeln!(s, "  not kept         {}", t.advice.unwrap_or_default());
+    if let Some(advice) = &t.advice {
+        let _ = writeln!(s, "  not kept         {advice}");
     }
     for w in &t.warnings {
         let _ = writeln!(s, "  {w}");
