@@ -13,8 +13,8 @@ Never needed by the build or the tests; standard library only.
 `run` skips the runs whose report.json is already in --out (so an interrupted campaign goes on
 where it stopped); --only NAME[,NAME] runs some of them (names as in the table, e.g.
 size-1.0-s3). Each run's wall and CPU time are recorded beside it (GNU time when present).
-`table` prints one Markdown row per run (with the check split's bound and whether the run kept
-its promise; a run that did not exits with status 3 and still writes its report) and a line per
+`table` prints one Markdown row per run (with the bounds of the check and the report split, and
+whether the run kept its promise; a run that did not exits with status 3 and still writes its report) and a line per
 config and max_drop with the mean and the worst report-split drop.
 """
 import argparse
@@ -89,17 +89,17 @@ def table(args):
         cpu_s = sum(float(x) for x in cpu.split("+")) if cpu else None
         wall = read(out + ".wall")
         tolerance = report["tolerance"]
-        check = tolerance.get("check_bound_points")
+        check = (tolerance.get("check_bound_points"), tolerance.get("report_bound_points"))
         kept = {True: "yes", False: "**no (exit 3)**"}.get(tolerance.get("kept"), "")
         rows.append((config, max_drop, seed, report["parameters"]["ratio"], splits["selection"],
                      splits["report"], int(wall) if wall else None, cpu_s, check, kept))
     print("| config | max_drop | seed | parameters | selection drop | report drop ± se "
-          "| check bound | kept | wall | CPU |")
+          "| bound: check / report | kept | wall | CPU |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for config, max_drop, seed, ratio, sel, rep, wall, cpu, check, kept in rows:
         w = f"{wall // 60} min {wall % 60:02d} s" if wall is not None else ""
         c = f"{cpu:.0f} s" if cpu is not None else ""
-        b = f"{check:+.2f}" if check is not None else ""
+        b = " / ".join(f"{x:+.2f}" if x is not None else "–" for x in check)
         print(f"| {config} | {max_drop} | {seed} | {ratio:.2f}× | {sel['drop_points']:+.2f} | "
               f"{rep['drop_points']:+.2f} ± {rep['standard_error_points']:.2f} | {b} | {kept} "
               f"| {w} | {c} |")

@@ -16,7 +16,7 @@ use crate::data::task::Task;
 use crate::evaluate::{predict, predicted_labels, score};
 use crate::model::encoder::RunOptions;
 use crate::model::Model;
-use crate::passes::guard::{decision_bound, z_one_sided, Paired};
+use crate::passes::guard::{drop_bound, z_one_sided, Paired};
 
 /// Metrics and loss of one model on one split.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -44,11 +44,16 @@ pub struct Comparison {
     /// paired standard error and interval.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub paired: Option<PairedDrop>,
-    /// The check split (labelled by the original): the one-sided bound, at the confidence, of
-    /// the share of predictions that changed (which bounds the accuracy drop on such text from
-    /// above), in points.
+    /// A split that may vouch for `max_drop` ([`Judge::compare`]: the check split, and the report
+    /// split under an accuracy metric): the one-sided upper bound of the paired drop at
+    /// `bound_confidence`, in points. On the check split, labelled by the original, it bounds the
+    /// share of predictions that changed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bound_points: Option<f64>,
+    /// The confidence of `bound_points`: the run's, shared among the splits that may vouch
+    /// (Bonferroni), so that the run vouches falsely at most `1 − confidence` of the time.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bound_confidence: Option<f64>,
 }
 
 /// The accuracy drop on one split from paired outcomes ([`Paired`]), in points (positive: lost).
@@ -133,11 +138,7 @@ impl Judge<'_> {
                 self.logits(before.model, &cb.set)?,
                 self.logits(after.model, &ca.set)?,
             ];
-            let mut check = self.comparison("check", &cb.set, &logits);
-            check.bound_points = check
-                .flipped
-                .map(|f| self.bound_points(f, cb.set.sequences.len()));
-            out.push(check);
+            out.push(self.comparison("check", &cb.set, &logits));
         }
         if let (Some(tb), Some(ta)) = (before.test, after.test) {
             let logits = [
@@ -146,7 +147,37 @@ impl Judge<'_> {
             ];
             out.push(self.comparison("test", tb, &logits));
         }
+        self.bound_witnesses(&mut out);
         Ok(out)
+    }
+
+    /// True when `split` may vouch for `max_drop`: data no decision saw, paired against the
+    /// original under the metric the allowance is in. The check split is labelled by the
+    /// original, so its paired drop is the share of predictions that changed, which bounds an
+    /// accuracy drop from above; the report split is gold-labelled, and vouches under an
+    /// accuracy metric. (`test` is the user's own, and only reported.)
+    fn may_vouch(&self, c: &Comparison) -> bool {
+        c.paired.is_some()
+            && match c.split {
+                "check" => true,
+                "report" => self.task.primary_metric() == "accuracy",
+                _ => false,
+            }
+    }
+
+    /// Bounds the drop on every split that may vouch, each at the run's confidence shared among
+    /// them, so that a run vouched for by any one of them is wrong at most `1 − confidence` of
+    /// the time. Gains count: no decision chose these examples (see [`crate::passes::guard`]).
+    fn bound_witnesses(&self, out: &mut [Comparison]) {
+        let witnesses = out.iter().filter(|c| self.may_vouch(c)).count();
+        let confidence = 1.0 - (1.0 - self.confidence) / witnesses.max(1) as f64;
+        let z = z_one_sided(confidence);
+        for c in out.iter_mut().filter(|c| self.may_vouch(c)) {
+            let Some(p) = &c.paired else { continue };
+            let bound = drop_bound(p.lost, p.gained, z) / c.examples.max(1) as f64 * 100.0;
+            c.bound_points = Some(bound);
+            c.bound_confidence = Some(confidence);
+        }
     }
 
     /// A part of dev takes its rows of the dev logits; other data is run.
@@ -166,13 +197,6 @@ impl Judge<'_> {
             ],
         };
         Ok(self.comparison(name, &parts[0].set, &logits))
-    }
-
-    /// The one-sided bound at the confidence of `changed` predictions of `n`, in points (see
-    /// [`crate::passes::guard`]).
-    fn bound_points(&self, changed: usize, n: usize) -> f64 {
-        let z = z_one_sided(self.confidence);
-        decision_bound(changed, 0, z) / n.max(1) as f64 * 100.0
     }
 
     fn logits(&self, model: &Model, set: &EncodedSet) -> Result<Vec<Vec<f32>>> {
@@ -220,6 +244,7 @@ impl Judge<'_> {
             flipped,
             paired,
             bound_points: None,
+            bound_confidence: None,
         }
     }
 }

@@ -210,7 +210,7 @@ impl Finished {
 }
 
 /// What to change when the decisions held on the selection data but not on the check split.
-const CHECK_ADVICE: &str = "the search fitted chance on its selection sentences; decide on more of them (--holdout) or allow a larger drop";
+const CHECK_ADVICE: &str = "the search fitted chance on its selection sentences, or the unseen data is too small to tell; decide on more sentences (--holdout) or allow a larger drop";
 
 /// What to change when a run's stages end below the floor.
 fn floor_advice(passes: &[Box<dyn Pass>]) -> &'static str {
@@ -474,9 +474,11 @@ impl Run<'_> {
     }
 
     /// Why the run cannot vouch for its `max_drop`, and what to change; `None` when it can: the
-    /// selection metric the run ended at (`last`), guarded, holds the floor, and the check
-    /// split's bound is within `max_drop`.
-    fn not_kept(&self, last: Score, check_bound_points: Option<f64>) -> Option<String> {
+    /// selection metric the run ended at (`last`), guarded, holds the floor, and one of the
+    /// splits no decision saw that may vouch (`witnesses`, [`Judge::compare`]) bounds the drop
+    /// within `max_drop` (or there is none: a task without a train split and with no gold report
+    /// split).
+    fn not_kept(&self, last: Score, witnesses: &[&Comparison]) -> Option<String> {
         let (c, metric) = (self.spec.confidence, self.batches.metric);
         if let Some(floor) = self.floor.filter(|&f| last.judged() < f) {
             return Some(format!(
@@ -486,14 +488,23 @@ impl Run<'_> {
                 self.advice
             ));
         }
-        let (max_drop, bound) = (self.spec.max_drop?, check_bound_points?);
-        let check = self.splits.check.as_ref()?;
-        (bound > max_drop.points_at(1.0) + 1e-9).then(|| {
-            format!(
-                "on {} check sentences no decision saw, the drop's bound is {bound:.2} points at confidence {c}, beyond max_drop {max_drop}: {CHECK_ADVICE}",
-                check.info.examples
-            )
-        })
+        let allowed = self.spec.max_drop?.points_at(1.0) + 1e-9;
+        let bounds: Vec<_> = witnesses
+            .iter()
+            .filter_map(|w| Some((w, w.bound_points?)))
+            .collect();
+        if bounds.is_empty() || bounds.iter().any(|(_, b)| *b <= allowed) {
+            return None;
+        }
+        let each = bounds
+            .iter()
+            .map(|(w, b)| format!("{b:.2} points on {} {} sentences", w.examples, w.split))
+            .collect::<Vec<_>>()
+            .join(" and ");
+        Some(format!(
+            "on the data no decision saw, the drop's bound is {each} (confidence {c} together), beyond max_drop {}: {CHECK_ADVICE}",
+            self.spec.max_drop?
+        ))
     }
 
     /// The report of the run, from what every step produced.
@@ -508,11 +519,18 @@ impl Run<'_> {
     ) -> RunReport {
         let (spec, original) = (self.spec, &self.setup.model);
         let last = stages.last().map_or(baseline, |s| s.selection_after);
-        let check_bound_points = evaluation
+        let witnesses: Vec<&Comparison> = evaluation
             .iter()
-            .find(|c| c.split == "check")
-            .and_then(|c| c.bound_points);
-        let advice = self.not_kept(last, check_bound_points);
+            .filter(|c| c.bound_points.is_some())
+            .collect();
+        let bound_of = |split: &str| {
+            witnesses
+                .iter()
+                .find(|c| c.split == split)
+                .and_then(|c| c.bound_points)
+        };
+        let (check_bound_points, report_bound_points) = (bound_of("check"), bound_of("report"));
+        let advice = self.not_kept(last, &witnesses);
         RunReport {
             schema: report::SCHEMA,
             model: spec.model.clone(),
@@ -534,6 +552,7 @@ impl Run<'_> {
                 confidence: spec.confidence,
                 guarded_spent_points: points(baseline.metric, last.judged()),
                 check_bound_points,
+                report_bound_points,
                 kept: advice.is_none(),
                 advice,
                 warnings: promise_warnings(&evaluation, spec.max_drop),

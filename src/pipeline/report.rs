@@ -86,12 +86,17 @@ pub struct ToleranceReport {
     /// the decisions kept within `max_drop`.
     pub guarded_spent_points: f64,
     /// On the check split (perturbed train sentences no decision saw, labelled by the original):
-    /// the one-sided bound at `confidence` of the share of predictions that changed, in points.
+    /// the one-sided upper bound of the share of predictions that changed, in points, at the
+    /// confidence shared among the splits that may vouch (the `check` entry of `evaluation`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub check_bound_points: Option<f64>,
+    /// On the gold-labelled report split, under an accuracy metric: the one-sided upper bound of
+    /// the paired accuracy drop, gains included, in points, at the same shared confidence.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub report_bound_points: Option<f64>,
     /// Whether the run kept its promise: the selection metric, guarded, ended at or above the
-    /// floor, and the check split's bound is within `max_drop` (true without a `max_drop`). A
-    /// run that does not exits with status 3 after writing.
+    /// floor, and the check or the report split bounds the drop within `max_drop` (true without
+    /// a `max_drop`). A run that does not exits with status 3 after writing.
     pub kept: bool,
     /// When the run is not kept: why, and what to change (the line it exits with).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -306,12 +311,14 @@ fn render_tolerance(s: &mut String, report: &RunReport) {
             st.spent_points
         );
     }
-    if let Some(bound) = t.check_bound_points {
+    for c in report.evaluation.iter() {
+        let (Some(bound), Some(confidence)) = (c.bound_points, c.bound_confidence) else {
+            continue;
+        };
         let _ = writeln!(
             s,
-            "  check            {} perturbed train sentences no decision saw: drop bound {bound:+.2} points at confidence {}",
-            report.data.check.as_ref().map_or(0, |c| c.examples),
-            t.confidence
+            "  vouch {:<10} {} sentences no decision saw: drop bound {bound:+.2} points at confidence {confidence:.3}",
+            c.split, c.examples
         );
     }
     if let Some(advice) = &t.advice {
