@@ -10,6 +10,7 @@ use crate::data::batch::BatchOrder;
 use crate::data::task::Task;
 use crate::model::attention_mode::{Keep, KeySelector};
 use crate::model::quant::Execution;
+use crate::model::source::HubAccess;
 use crate::passes::prune::Mode;
 use crate::passes::quantize::{BitsChoice, QuantMode};
 use crate::passes::vocab::VocabChoice;
@@ -72,6 +73,19 @@ pub struct ModelArgs {
     /// Never use the network for hub ids (also `HF_HUB_OFFLINE=1`).
     #[arg(long)]
     pub offline: bool,
+    /// Branch, tag or commit of a hub id [default: main].
+    #[arg(long)]
+    pub revision: Option<String>,
+}
+
+impl ModelArgs {
+    /// How the model's hub id is fetched.
+    pub fn hub(&self) -> HubAccess {
+        HubAccess {
+            offline: self.offline,
+            revision: self.revision.clone(),
+        }
+    }
 }
 
 /// The task, its data and how to batch it.
@@ -407,6 +421,9 @@ pub struct CompressArgs {
     /// Never use the network for hub ids and datasets (also `HF_HUB_OFFLINE=1`).
     #[arg(long)]
     pub offline: bool,
+    /// Branch, tag or commit of the model's hub id (overrides `revision`) [default: main].
+    #[arg(long)]
+    pub revision: Option<String>,
     /// GLUE task (overrides `task`).
     #[arg(long, short, value_enum)]
     pub task: Option<Task>,

@@ -27,6 +27,7 @@ use serde::Deserialize;
 use crate::data::splits::{SelectOn, SelectionSpec};
 use crate::data::task::Task;
 use crate::fsutil::read_text;
+use crate::model::source::HubAccess;
 use crate::passes::guard::DEFAULT_CONFIDENCE;
 use crate::passes::vocab::{VocabChoice, VocabCorpus};
 use crate::pipeline::tolerance::MaxDrop;
@@ -41,6 +42,7 @@ struct File {
     data: Option<PathBuf>,
     #[serde(default)]
     offline: bool,
+    revision: Option<String>,
     #[serde(default = "default_batch_size")]
     batch_size: usize,
     max_length: Option<usize>,
@@ -132,7 +134,10 @@ impl File {
         Ok(Config {
             settings: RunSettings {
                 model: model_spec(base, &self.model),
-                offline: self.offline,
+                hub: HubAccess {
+                    offline: self.offline,
+                    revision: self.revision,
+                },
                 task: self.task,
                 data: self.data.map(rel),
                 batch_size: self.batch_size,

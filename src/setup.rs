@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use crate::data::labels::LabelMap;
 use crate::data::source::TaskData;
 use crate::data::task::Task;
+use crate::model::source::HubAccess;
 use crate::model::tokenizer::TextEncoder;
 use crate::model::Model;
 
@@ -30,18 +31,18 @@ impl TaskSetup {
     /// tokenizer and resolves the task's data (`data`, else `$GLUE_DIR`, else the hub dataset).
     pub fn load(
         spec: &str,
-        offline: bool,
+        hub: &HubAccess,
         task: Task,
         data: Option<&Path>,
         max_length: Option<usize>,
         batch_size: usize,
     ) -> Result<Self> {
-        let model = Model::load(spec, offline)?;
+        let model = Model::load(spec, hub)?;
         let labels = LabelMap::new(&model.config, task).with_context(|| format!("model {spec}"))?;
         let max_length = checked_max_length(max_length, model.config.max_input_length())?;
         check_batch_size(batch_size, max_length)?;
         let encoder = TextEncoder::for_model(&model, max_length)?;
-        let data = TaskData::resolve(task, data, offline)?;
+        let data = TaskData::resolve(task, data, hub.offline)?;
         Ok(TaskSetup {
             model,
             labels,

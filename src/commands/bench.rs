@@ -37,6 +37,8 @@ pub fn run(args: &BenchArgs, cli: &Cli) -> Result<()> {
         let model_args = ModelArgs {
             model: spec.clone(),
             offline: args.model.offline,
+            // The revision names the model's hub id, not the baseline's.
+            revision: args.model.revision.clone().filter(|_| name == "model"),
         };
         let setup = task_setup(&model_args, &args.task)?;
         let (suffix, set) = setup.data.split("dev")?.remove(0);
@@ -103,7 +105,8 @@ pub fn run(args: &BenchArgs, cli: &Cli) -> Result<()> {
     }
     let mut rows = serde_json::Map::new();
     for s in &subjects {
-        let eval = eval_in_child(&s.spec, args)?;
+        // The directory the model resolved to: the child needs no hub access or revision.
+        let eval = eval_in_child(&s.setup.model.dir.to_string_lossy(), args)?;
         rows.insert(s.name.to_string(), json!({
             "model": s.spec,
             "latency_b1_ms": {"p50": percentile(&s.latencies, 0.5), "p90": percentile(&s.latencies, 0.9), "samples": s.latencies.len()},

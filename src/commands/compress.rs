@@ -16,7 +16,8 @@ pub fn run(args: &CompressArgs, cli: &Cli) -> Result<()> {
     if let Some(m) = &args.model {
         s.model = m.clone();
     }
-    s.offline |= args.offline;
+    s.hub.offline |= args.offline;
+    s.hub.revision = args.revision.clone().or(s.hub.revision);
     s.task = args.task.unwrap_or(s.task);
     s.data = args.data.clone().or(s.data);
     s.batch_size = args.batch_size.unwrap_or(s.batch_size);

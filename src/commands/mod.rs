@@ -27,7 +27,7 @@ use crate::setup::TaskSetup;
 pub fn task_setup(model: &ModelArgs, task: &TaskArgs) -> Result<TaskSetup> {
     TaskSetup::load(
         &model.model,
-        model.offline,
+        &model.hub(),
         task.task,
         task.data.as_deref(),
         task.max_length,
@@ -96,7 +96,7 @@ pub fn run_stages(
 ) -> Result<()> {
     let settings = RunSettings {
         model: model.model.clone(),
-        offline: model.offline,
+        hub: model.hub(),
         task: task.task,
         data: task.data.clone(),
         batch_size: task.batch_size,

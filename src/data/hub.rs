@@ -14,7 +14,7 @@ use parquet::schema::types::SchemaDescriptor;
 
 use super::glue::{Dataset, Example, Target};
 use super::task::Task;
-use crate::model::source::env_flag;
+use crate::model::source::{describe_hub_error, env_flag, hub_api};
 
 /// Where the hub cache is (for error messages): the same place models are looked for
 /// (`HF_HUB_CACHE`, else `HF_HOME/hub`, else `~/.cache/huggingface/hub`).
@@ -94,15 +94,11 @@ fn cached(cache: &Path, task: Task, splits: &[(&'static str, String)]) -> Option
 
 /// Lists [`DATASET`]'s files on the hub and downloads the shards of `splits` into `cache`.
 fn download(cache: &Path, task: Task, splits: &[(&'static str, String)]) -> Result<SplitFiles> {
-    let api = hf_hub::api::sync::ApiBuilder::new()
-        .with_cache_dir(cache.to_path_buf())
-        .with_progress(false)
-        .build()
-        .context("cannot start the hub client")?;
+    let api = hub_api(cache.to_path_buf())?;
     let repo = api.dataset(DATASET.to_string());
     let info = repo
         .info()
-        .with_context(|| format!("cannot list the files of the hub dataset {DATASET}"))?;
+        .map_err(|e| describe_hub_error(e, DATASET, "the file list"))?;
     let folder = format!("{}/", task.name());
     let names: Vec<&str> = info
         .siblings
@@ -111,7 +107,7 @@ fn download(cache: &Path, task: Task, splits: &[(&'static str, String)]) -> Resu
         .collect();
     let fetch = |name: String| {
         repo.get(&name)
-            .with_context(|| format!("cannot download {name} of the hub dataset {DATASET}"))
+            .map_err(|e| describe_hub_error(e, DATASET, &name))
     };
     let files = splits.iter().map(|(suffix, split)| {
         let Some(shards) = complete_shards(names.iter().copied(), split) else {

@@ -70,8 +70,8 @@ pub struct Model {
 
 impl Model {
     /// Loads a model from a directory or hub id (see [`source::resolve`]).
-    pub fn load(spec: &str, offline: bool) -> Result<Self> {
-        let dir = source::resolve(spec, offline)?;
+    pub fn load(spec: &str, hub: &source::HubAccess) -> Result<Self> {
+        let dir = source::resolve(spec, hub)?;
         Self::from_dir(&dir)
     }
 

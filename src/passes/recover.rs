@@ -13,6 +13,7 @@ use serde_json::{json, Value};
 use super::journal::Journal;
 use super::{Pass, PassOutput, StageContext};
 use crate::data::batch::encode;
+use crate::model::source::HubAccess;
 use crate::model::Model;
 use crate::train::checkpoint::TrainLog;
 use crate::train::fit::{fine_tune, TrainRun, TrainSettings};
@@ -62,7 +63,7 @@ impl Pass for Recover {
         let loaded = s
             .teacher
             .as_deref()
-            .map(|t| Model::load(t, false))
+            .map(|t| Model::load(t, &HubAccess::default()))
             .transpose()?;
         let teacher = loaded.as_ref().unwrap_or(ctx.original);
         if teacher.config.num_labels() != model.config.num_labels() {

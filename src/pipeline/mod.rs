@@ -30,6 +30,7 @@ use crate::evaluate::model_targets;
 use crate::export::{check_destination, create_parent, prepare, Prepared};
 use crate::fsutil::pretty_json;
 use crate::hash::Fnv1a;
+use crate::model::source::HubAccess;
 use crate::model::tokenizer::TextEncoder;
 use crate::model::Model;
 use crate::passes::attention::{AttentionPass, AttentionSettings};
@@ -124,8 +125,9 @@ pub fn default_selection(stages: &[StageSpec]) -> SelectionSpec {
 pub struct RunSettings {
     /// Model directory or hub id.
     pub model: String,
-    /// Never use the network.
-    pub offline: bool,
+    /// How a hub id is fetched: offline, and the model's revision.
+    #[serde(flatten)]
+    pub hub: HubAccess,
     /// The task.
     pub task: Task,
     /// Task data (else `$GLUE_DIR`, else the hub dataset).
@@ -237,7 +239,7 @@ pub fn run(spec: &RunSettings, out: &Output, quiet: bool) -> Result<Finished> {
     let passes = build_passes(spec)?;
     let setup = TaskSetup::load(
         &spec.model,
-        spec.offline,
+        &spec.hub,
         spec.task,
         spec.data.as_deref(),
         spec.max_length,
@@ -591,7 +593,7 @@ fn run_key(spec: &RunSettings, setup: &TaskSetup) -> Result<String> {
     let obj = settings
         .as_object_mut()
         .context("run settings are an object")?;
-    for k in ["model", "offline", "test"] {
+    for k in ["model", "offline", "revision", "test"] {
         obj.remove(k);
     }
     let mut h = Fnv1a::default();

@@ -77,12 +77,14 @@ pub fn run_task_stage(
 }
 
 /// Runs the `axcompress` binary with `args` and extra environment variables. The caller's
-/// `HF_HUB_OFFLINE` and `GLUE_DIR` are not passed on: a test sets what it relies on.
+/// `HF_HUB_OFFLINE`, `GLUE_DIR`, `HF_ENDPOINT` and `HF_TOKEN` are not passed on: a test sets
+/// what it relies on.
 pub fn run_with_env(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_axcompress"));
-    cmd.args(args)
-        .env_remove("HF_HUB_OFFLINE")
-        .env_remove("GLUE_DIR");
+    cmd.args(args);
+    for k in ["HF_HUB_OFFLINE", "GLUE_DIR", "HF_ENDPOINT", "HF_TOKEN"] {
+        cmd.env_remove(k);
+    }
     for (k, v) in env {
         cmd.env(k, v);
     }
