@@ -81,8 +81,11 @@ impl Batch {
     }
 }
 
+/// Last hidden states and logits, flattened.
+type Outputs = (Vec<f32>, Vec<f32>);
+
 /// Our last hidden states and logits, flattened.
-fn our_outputs(model: &Model, batch: &Batch) -> (Vec<f32>, Vec<f32>) {
+fn our_outputs(model: &Model, batch: &Batch) -> Outputs {
     let hidden = model
         .encode(&batch.ours(model), RunOptions::default())
         .unwrap();
@@ -105,7 +108,7 @@ fn config(dir: &Path) -> Value {
 }
 
 /// Candle's BERT encoder, then the pooler (tanh) and the classifier on the first token.
-fn candle_bert(dir: &Path, batch: &Batch) -> (Vec<f32>, Vec<f32>) {
+fn candle_bert(dir: &Path, batch: &Batch) -> Outputs {
     let cfg: bert::Config = serde_json::from_value(config(dir)).unwrap();
     let vb = weights(dir);
     let model = bert::BertModel::load(vb.clone(), &cfg).unwrap();
@@ -126,7 +129,7 @@ fn candle_bert(dir: &Path, batch: &Batch) -> (Vec<f32>, Vec<f32>) {
 }
 
 /// Candle's DistilBERT, then pre-classifier (ReLU) and classifier on the first token.
-fn candle_distilbert(dir: &Path, batch: &Batch) -> (Vec<f32>, Vec<f32>) {
+fn candle_distilbert(dir: &Path, batch: &Batch) -> Outputs {
     let cfg: distilbert::Config = serde_json::from_value(config(dir)).unwrap();
     let vb = weights(dir);
     let model = distilbert::DistilBertModel::load(vb.pp("distilbert"), &cfg).unwrap();
@@ -150,7 +153,7 @@ fn candle_distilbert(dir: &Path, batch: &Batch) -> (Vec<f32>, Vec<f32>) {
 }
 
 /// Candle's XLM-RoBERTa encoder (RoBERTa's layout), then dense (tanh) and out_proj.
-fn candle_roberta(dir: &Path, batch: &Batch) -> (Vec<f32>, Vec<f32>) {
+fn candle_roberta(dir: &Path, batch: &Batch) -> Outputs {
     let mut raw = config(dir);
     raw["position_embedding_type"] = "absolute".into();
     let cfg: xlm_roberta::Config = serde_json::from_value(raw).unwrap();
@@ -176,7 +179,7 @@ fn candle_roberta(dir: &Path, batch: &Batch) -> (Vec<f32>, Vec<f32>) {
 }
 
 /// Asserts that ours and candle's hidden states and logits agree.
-fn assert_agree(name: &str, ours: (Vec<f32>, Vec<f32>), candle: (Vec<f32>, Vec<f32>)) {
+fn assert_agree(name: &str, ours: Outputs, candle: Outputs) {
     let hidden = max_abs_diff(&ours.0, &candle.0);
     assert!(hidden <= 1e-4, "{name}: hidden states differ by {hidden}");
     let scale = candle.1.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -184,7 +187,7 @@ fn assert_agree(name: &str, ours: (Vec<f32>, Vec<f32>), candle: (Vec<f32>, Vec<f
     assert!(logits <= 1e-4, "{name}: logits differ by {logits} relative");
 }
 
-fn tiny(name: &str, candle: fn(&Path, &Batch) -> (Vec<f32>, Vec<f32>)) {
+fn tiny(name: &str, candle: fn(&Path, &Batch) -> Outputs) {
     let shared = fixtures_or_skip!();
     let dir = shared.join("models").join(name);
     let batch = Batch::of_reference(&read_json(&dir.join("reference.json")));
