@@ -14,7 +14,9 @@ use serde_json::Value;
 /// unless `AXCOMPRESS_FIXTURES=none` declares a machine without them.
 pub fn fixtures() -> Option<PathBuf> {
     if std::env::var("AXCOMPRESS_FIXTURES").is_ok_and(|v| v == "none") {
-        eprintln!("\n*** SKIPPED: AXCOMPRESS_FIXTURES=none (the extended suite is not run here) ***\n");
+        eprintln!(
+            "\n*** SKIPPED: AXCOMPRESS_FIXTURES=none (the extended suite is not run here) ***\n"
+        );
         return None;
     }
     let dir = std::env::var_os("AXCOMPRESS_FIXTURES")
