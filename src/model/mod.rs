@@ -17,6 +17,7 @@ pub mod names;
 pub mod nn;
 pub mod quant;
 pub mod row_op;
+pub mod shape;
 pub mod slice;
 pub mod softmax;
 pub mod source;
