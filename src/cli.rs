@@ -11,6 +11,7 @@ use crate::data::task::Task;
 use crate::model::attention_mode::{Keep, KeySelector};
 use crate::model::quant::Execution;
 use crate::model::source::HubAccess;
+use crate::model::storage::StorageDtype;
 use crate::passes::prune::Mode;
 use crate::passes::quantize::{BitsChoice, QuantMode};
 use crate::passes::vocab::VocabChoice;
@@ -338,6 +339,10 @@ pub struct RunArgs {
     /// separate texts). Implies --vocab corpus.
     #[arg(long)]
     pub vocab_corpus: Option<PathBuf>,
+    /// Write the weights in this float precision; the model is judged as written [default:
+    /// the input's].
+    #[arg(long, value_enum)]
+    pub dtype: Option<StorageDtype>,
     /// Replace an existing output directory (and discard an interrupted run's progress).
     #[arg(long)]
     pub force: bool,

@@ -28,6 +28,7 @@ use crate::data::splits::{SelectOn, SelectionSpec};
 use crate::data::task::Task;
 use crate::fsutil::read_text;
 use crate::model::source::HubAccess;
+use crate::model::storage::StorageDtype;
 use crate::passes::guard::DEFAULT_CONFIDENCE;
 use crate::passes::vocab::{VocabChoice, VocabCorpus};
 use crate::pipeline::tolerance::MaxDrop;
@@ -50,6 +51,7 @@ struct File {
     confidence: Option<f64>,
     vocab: Option<VocabChoice>,
     vocab_corpus: Option<PathBuf>,
+    dtype: Option<StorageDtype>,
     out: Option<PathBuf>,
     #[serde(default)]
     selection: Selection,
@@ -148,6 +150,7 @@ impl File {
                 confidence: self.confidence.unwrap_or(DEFAULT_CONFIDENCE),
                 stages,
                 vocab: VocabCorpus::from_flags(self.vocab, self.vocab_corpus.map(rel)),
+                dtype: self.dtype,
             },
             out: self.out.map(rel),
         })

@@ -27,6 +27,7 @@ pub fn run(args: &CompressArgs, cli: &Cli) -> Result<()> {
     s.max_drop = args.run.max_drop.or(s.max_drop);
     s.confidence = args.run.confidence.unwrap_or(s.confidence);
     s.vocab = VocabCorpus::from_flags(args.run.vocab, args.run.vocab_corpus.clone()).or(s.vocab);
+    s.dtype = args.run.dtype.or(s.dtype);
     s.stages = s
         .stages
         .into_iter()

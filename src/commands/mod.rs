@@ -107,6 +107,7 @@ pub fn run_stages(
         confidence: run.confidence.unwrap_or(DEFAULT_CONFIDENCE),
         stages,
         vocab: VocabCorpus::from_flags(run.vocab, run.vocab_corpus.clone()),
+        dtype: run.dtype,
     };
     let out = Output {
         dir: out.to_path_buf(),

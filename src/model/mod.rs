@@ -22,6 +22,7 @@ pub mod slice;
 pub mod softmax;
 pub mod source;
 pub mod sparse_attention;
+pub mod storage;
 pub mod striped;
 pub mod structure;
 pub mod tokenizer;

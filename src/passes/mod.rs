@@ -11,7 +11,9 @@
 //!    weight groups, masked retraining;
 //! 5. [`recover`]: fine-tuning after any other stage (distillation from the original model on
 //!    the train split), keeping the best parameters on the selection split;
-//! 6. [`vocab`]: keep the word embeddings of the tokens a corpus produces; exact on the corpus,
+//! 6. [`shape`]: cut the model to a smaller uniform one of its family (layers, heads, FFN
+//!    width, hidden size), a stock checkpoint; a `recover` stage follows it;
+//! 7. [`vocab`]: keep the word embeddings of the tokens a corpus produces; exact on the corpus,
 //!    so it takes no decisions and runs after the stages.
 //!
 //! A pass only says which changes it proposes (candidates, in significance order) and how an
@@ -32,6 +34,7 @@ pub mod reconstruct;
 pub mod recover;
 pub mod ridge;
 pub mod select;
+pub mod shape;
 pub mod vocab;
 
 use anyhow::{bail, Result};

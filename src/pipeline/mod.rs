@@ -31,6 +31,7 @@ use crate::export::{check_destination, create_parent, prepare, Prepared};
 use crate::fsutil::pretty_json;
 use crate::hash::Fnv1a;
 use crate::model::source::HubAccess;
+use crate::model::storage::StorageDtype;
 use crate::model::tokenizer::TextEncoder;
 use crate::model::Model;
 use crate::passes::attention::{AttentionPass, AttentionSettings};
@@ -41,6 +42,7 @@ use crate::passes::prune::{Mode, Prune, PruneSettings};
 use crate::passes::quantize::{Quantize, QuantizeSettings};
 use crate::passes::recover::Recover;
 use crate::passes::select::{Score, SelectionBatches};
+use crate::passes::shape::{ShapePass, ShapeSettings};
 use crate::passes::vocab::VocabCorpus;
 use crate::passes::{Alternative, Pass, StageContext};
 use crate::setup::TaskSetup;
@@ -70,6 +72,8 @@ pub enum StageSpec {
     Recover(TrainSettings),
     /// Block-structured pruning: group lasso, hard prune, masked retraining.
     Bsp(Box<BspSettings>),
+    /// A smaller uniform model of the same family (layers, heads, FFN width, hidden size).
+    Shape(ShapeSettings),
 }
 
 impl StageSpec {
@@ -100,6 +104,7 @@ impl StageSpec {
             StageSpec::Attention(settings) => Ok(Box::new(AttentionPass::new(settings.clone())?)),
             StageSpec::Recover(settings) => Ok(Box::new(Recover::new(settings.clone())?)),
             StageSpec::Bsp(settings) => Ok(Box::new(Bsp::new(settings.as_ref().clone())?)),
+            StageSpec::Shape(settings) => Ok(Box::new(ShapePass::new(settings.clone())?)),
         }
     }
 }
@@ -148,6 +153,10 @@ pub struct RunSettings {
     pub stages: Vec<StageSpec>,
     /// Prune the vocabulary to this corpus after the stages.
     pub vocab: Option<VocabCorpus>,
+    /// Write the weights in this float precision (the model is judged as written); default:
+    /// the input's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dtype: Option<StorageDtype>,
 }
 
 /// Where and how a run writes.
@@ -287,6 +296,10 @@ pub fn run(spec: &RunSettings, out: &Output, quiet: bool) -> Result<Finished> {
     run.log_start(baseline);
     // 4. Every stage, on the selection engine.
     let (model, stages) = run.stages(&passes, baseline, &mut journal)?;
+    let model = match spec.dtype {
+        Some(dtype) => model.stored_as(dtype)?,
+        None => model,
+    };
     // 4b. Vocabulary pruning: exact on its corpus; the data is encoded anew for the judge.
     let original = Subject {
         model: &setup.model,
