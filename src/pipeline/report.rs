@@ -311,7 +311,9 @@ fn render_tolerance(s: &mut String, report: &RunReport) {
             st.spent_points
         );
     }
-    for c in report.evaluation.iter() {
+    // The splits that vouch for a promise; without a max_drop there is none to vouch for.
+    let promised = t.max_drop.is_some();
+    for c in report.evaluation.iter().filter(|_| promised) {
         let (Some(bound), Some(confidence)) = (c.bound_points, c.bound_confidence) else {
             continue;
         };
