@@ -227,6 +227,16 @@ pub fn config_json(
         Some(q) => obj.insert("quantization_config".into(), q),
         None => obj.remove("quantization_config"),
     };
+    // The float precision the weights are written in (transformers 5 reads `dtype`, 4.x
+    // `torch_dtype`): the input's, or `--dtype`.
+    let dtype = dtype_name(model.storage_dtype);
+    let keys: Vec<&str> = ["dtype", "torch_dtype"]
+        .into_iter()
+        .filter(|k| obj.get(*k).is_some_and(|v| !v.is_null()))
+        .collect();
+    for key in if keys.is_empty() { vec!["dtype"] } else { keys } {
+        obj.insert(key.into(), json!(dtype));
+    }
     let mut section = json!({
         "version": 1,
         "hf_compatible": compat.hf_compatible,
@@ -257,6 +267,15 @@ pub fn config_json(
     }
     obj.insert("axcompress".into(), section);
     config
+}
+
+/// The Hugging Face name of a float dtype.
+fn dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F16 => "float16",
+        DType::BF16 => "bfloat16",
+        _ => "float32",
+    }
 }
 
 /// The parent of `out` as an absolute path with links resolved, even when it does not exist yet
