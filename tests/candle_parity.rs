@@ -3,7 +3,7 @@
 //! classification heads (BERT's pooler and classifier, DistilBERT's pre-classifier, RoBERTa's
 //! dense + out_proj) are applied here to candle's first-token states, from the same weights.
 //! Both runtimes compute in f32; the last hidden states agree to 1e-4 and the logits to 1e-4
-//! relative.
+//! relative. The demo model in the repository runs anywhere; the fixtures' models need them.
 
 mod common;
 
@@ -228,6 +228,24 @@ fn minilm_on_real_sentences_matches_candle_transformers() {
     let model = Model::from_dir(&dir).unwrap();
     assert_agree(
         "minilm-l6-sst2",
+        our_outputs(&model, &batch),
+        candle_bert(&dir, &batch),
+    );
+}
+
+#[test]
+fn the_demo_model_on_real_sentences_matches_candle_transformers() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("demo/model");
+    let sentences = [
+        "it 's a charming and often affecting journey . ",
+        "unflinchingly bleak and desperate ",
+        "the acting , costumes , music , cinematography and sound are all astounding given the production 's austere locales . ",
+        "a sometimes tedious film . ",
+    ];
+    let batch = Batch::of_sentences(&dir, &sentences, 0);
+    let model = Model::from_dir(&dir).unwrap();
+    assert_agree(
+        "demo",
         our_outputs(&model, &batch),
         candle_bert(&dir, &batch),
     );

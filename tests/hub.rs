@@ -8,7 +8,9 @@
 //! /{repo}/resolve/{revision}/{file}` (models), `GET /datasets/{repo}/resolve/{revision}/{file}`
 //! (with `Range`, `x-repo-commit`, `etag` and `content-range`, as the hub answers) and `GET
 //! /api/{models|datasets}/{repo}/revision/{revision}` (the file list). It listens on 127.0.0.1
-//! only, handles one connection at a time, and stops when dropped or after five minutes.
+//! only, handles one connection at a time, and stops when dropped or after five minutes. It
+//! serves the demo model in the repository (these tests run anywhere), and for the data test the
+//! fixtures' MiniLM and their `nyu-mll/glue` parquet files.
 
 mod common;
 
@@ -322,10 +324,15 @@ fn glue_repo(shared: &Path) -> MockRepo {
     }
 }
 
-/// The model `org/minilm`: main is the SST-2 fixture; branch `v1` the same weights with its
+/// The demo model in the repository: the hub tests that need no data run anywhere.
+fn demo_model() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("demo/model")
+}
+
+/// The model `org/minilm` serving `model`: main is it; branch `v1` the same weights with its
 /// labels renamed (so a test can tell which revision it got).
-fn model_repo(shared: &Path, v1_dir: &Path) -> MockRepo {
-    let model = shared.join("models/minilm-l6-sst2");
+fn model_repo(model: &Path, v1_dir: &Path) -> MockRepo {
+    let model = model.to_path_buf();
     for entry in std::fs::read_dir(&model).unwrap() {
         let path = entry.unwrap().path();
         std::fs::copy(&path, v1_dir.join(path.file_name().unwrap())).unwrap();
@@ -383,7 +390,10 @@ fn a_hub_id_and_task_data_download_into_the_cache_once_then_run_from_it() {
     let shared = fixtures_or_skip!();
     let v1 = tempfile::tempdir().unwrap();
     let hub = MockHub::start(
-        vec![model_repo(&shared, v1.path()), glue_repo(&shared)],
+        vec![
+            model_repo(&shared.join("models/minilm-l6-sst2"), v1.path()),
+            glue_repo(&shared),
+        ],
         Behaviour::default(),
     );
     let machine = Machine::new();
@@ -429,11 +439,12 @@ fn a_hub_id_and_task_data_download_into_the_cache_once_then_run_from_it() {
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn offline_refuses_what_is_not_cached_with_one_line() {
-    let shared = fixtures_or_skip!();
     let v1 = tempfile::tempdir().unwrap();
-    let hub = MockHub::start(vec![model_repo(&shared, v1.path())], Behaviour::default());
+    let hub = MockHub::start(
+        vec![model_repo(&demo_model(), v1.path())],
+        Behaviour::default(),
+    );
     let machine = Machine::new();
     let inspect = ["inspect", "--model", "org/minilm", "--json"];
     for (flag, env) in [("--offline", vec![]), ("", vec![("HF_HUB_OFFLINE", "1")])] {
@@ -453,15 +464,13 @@ fn offline_refuses_what_is_not_cached_with_one_line() {
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn an_interrupted_download_is_not_taken_for_a_complete_one() {
-    let shared = fixtures_or_skip!();
     let v1 = tempfile::tempdir().unwrap();
     let behaviour = Behaviour {
         interrupt: Some("model.safetensors".to_string()),
         ..Behaviour::default()
     };
-    let hub = MockHub::start(vec![model_repo(&shared, v1.path())], behaviour);
+    let hub = MockHub::start(vec![model_repo(&demo_model(), v1.path())], behaviour);
     let machine = Machine::new();
     let inspect = ["inspect", "--model", "org/minilm", "--json"];
     let cut = machine.run(&hub.endpoint, &inspect, &[]);
@@ -475,7 +484,7 @@ fn an_interrupted_download_is_not_taken_for_a_complete_one() {
     let report = common::json_stdout(&machine.run(&hub.endpoint, &inspect, &[]));
     let dir = PathBuf::from(report["dir"].as_str().unwrap());
     let fetched = std::fs::read(dir.join("model.safetensors")).unwrap();
-    let original = std::fs::read(shared.join("models/minilm-l6-sst2/model.safetensors")).unwrap();
+    let original = std::fs::read(demo_model().join("model.safetensors")).unwrap();
     assert!(
         fetched == original,
         "the weights differ from the served file"
@@ -483,11 +492,12 @@ fn an_interrupted_download_is_not_taken_for_a_complete_one() {
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn revision_selects_a_branch_or_a_commit() {
-    let shared = fixtures_or_skip!();
     let v1 = tempfile::tempdir().unwrap();
-    let hub = MockHub::start(vec![model_repo(&shared, v1.path())], Behaviour::default());
+    let hub = MockHub::start(
+        vec![model_repo(&demo_model(), v1.path())],
+        Behaviour::default(),
+    );
     let machine = Machine::new();
     let labels = |revision: Option<&str>| {
         let mut args = vec!["inspect", "--model", "org/minilm", "--json"];
@@ -515,15 +525,13 @@ fn revision_selects_a_branch_or_a_commit() {
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn a_token_is_sent_as_a_bearer_and_errors_name_the_repository() {
-    let shared = fixtures_or_skip!();
     let v1 = tempfile::tempdir().unwrap();
     let behaviour = Behaviour {
         token: Some("hf_secret".to_string()),
         ..Behaviour::default()
     };
-    let hub = MockHub::start(vec![model_repo(&shared, v1.path())], behaviour);
+    let hub = MockHub::start(vec![model_repo(&demo_model(), v1.path())], behaviour);
     let machine = Machine::new();
     let inspect = ["inspect", "--model", "org/minilm", "--json"];
     let refused = machine.run(&hub.endpoint, &inspect, &[]);

@@ -39,7 +39,10 @@ fn a_shaped_float16_model_is_stock_and_reloads_to_what_the_run_judged() {
         assert_eq!(written[key], value, "{key}");
     }
     assert_eq!(written["axcompress"]["hf_compatible"], true);
-    assert_eq!(written["dtype"], "float16", "the config names the written precision");
+    assert_eq!(
+        written["dtype"], "float16",
+        "the config names the written precision"
+    );
     assert_eq!(report["hf_compatible"], true);
     // Every tensor is float16 on disk.
     let bytes = std::fs::read(out.join("model.safetensors")).unwrap();
