@@ -488,13 +488,23 @@ impl Run<'_> {
         }
     }
 
-    /// Why the run cannot vouch for its `max_drop`, and what to change; `None` when it can: the
-    /// selection metric the run ended at (`last`), guarded, holds the floor, and one of the
-    /// splits no decision saw that may vouch (`witnesses`, [`Judge::compare`]) bounds the drop
-    /// within `max_drop` (or there is none: a task without a train split and with no gold report
-    /// split).
+    /// Why the run cannot vouch for its `max_drop`, and what to change; `None` when it can. A
+    /// split no decision saw that may vouch (`witnesses`, [`Judge::compare`]) and bounds the
+    /// drop within `max_drop` is the promise kept, whatever the selection data says (a stage
+    /// that takes no decisions, uniform quantization, may end below the selection floor and
+    /// still be vouched for there). Without such a split, the selection metric the run ended at
+    /// (`last`), guarded, must hold the floor.
     fn not_kept(&self, last: Score, witnesses: &[&Comparison]) -> Option<String> {
         let (c, metric) = (self.spec.confidence, self.batches.metric);
+        let max_drop = self.spec.max_drop?;
+        let allowed = max_drop.points_at(1.0) + 1e-9;
+        let bounds: Vec<_> = witnesses
+            .iter()
+            .filter_map(|w| Some((w, w.bound_points?)))
+            .collect();
+        if bounds.iter().any(|(_, b)| *b <= allowed) {
+            return None;
+        }
         if let Some(floor) = self.floor.filter(|&f| last.judged() < f) {
             return Some(format!(
                 "the run ended at selection {metric} {:.4} (guarded {:.4} at confidence {c}), below its floor {floor:.4}: {}",
@@ -503,12 +513,7 @@ impl Run<'_> {
                 self.advice
             ));
         }
-        let allowed = self.spec.max_drop?.points_at(1.0) + 1e-9;
-        let bounds: Vec<_> = witnesses
-            .iter()
-            .filter_map(|w| Some((w, w.bound_points?)))
-            .collect();
-        if bounds.is_empty() || bounds.iter().any(|(_, b)| *b <= allowed) {
+        if bounds.is_empty() {
             return None;
         }
         let each = bounds
@@ -517,8 +522,7 @@ impl Run<'_> {
             .collect::<Vec<_>>()
             .join(" and ");
         Some(format!(
-            "on the data no decision saw, the drop's bound is {each} (confidence {c} together), beyond max_drop {}: {CHECK_ADVICE}",
-            self.spec.max_drop?
+            "on the data no decision saw, the drop's bound is {each} (confidence {c} together), beyond max_drop {max_drop}: {CHECK_ADVICE}"
         ))
     }
 
