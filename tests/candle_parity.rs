@@ -213,40 +213,28 @@ fn tiny_roberta_matches_candle_transformers() {
     tiny("tiny-roberta", candle_roberta);
 }
 
+/// The BERT classifier at `dir` on four SST-2 dev sentences, ours against candle's.
+fn bert_on_real_sentences(name: &str, dir: &Path) {
+    let sentences = [
+        "it 's a charming and often affecting journey . ",
+        "unflinchingly bleak and desperate ",
+        "the acting , costumes , music , cinematography and sound are all astounding given the production 's austere locales . ",
+        "a sometimes tedious film . ",
+    ];
+    let batch = Batch::of_sentences(dir, &sentences, 0);
+    let model = Model::from_dir(dir).unwrap();
+    assert_agree(name, our_outputs(&model, &batch), candle_bert(dir, &batch));
+}
+
 #[test]
 #[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn minilm_on_real_sentences_matches_candle_transformers() {
     let shared = fixtures_or_skip!();
-    let dir = shared.join("models/minilm-l6-sst2");
-    let sentences = [
-        "it 's a charming and often affecting journey . ",
-        "unflinchingly bleak and desperate ",
-        "the acting , costumes , music , cinematography and sound are all astounding given the production 's austere locales . ",
-        "a sometimes tedious film . ",
-    ];
-    let batch = Batch::of_sentences(&dir, &sentences, 0);
-    let model = Model::from_dir(&dir).unwrap();
-    assert_agree(
-        "minilm-l6-sst2",
-        our_outputs(&model, &batch),
-        candle_bert(&dir, &batch),
-    );
+    bert_on_real_sentences("minilm-l6-sst2", &shared.join("models/minilm-l6-sst2"));
 }
 
 #[test]
 fn the_demo_model_on_real_sentences_matches_candle_transformers() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("demo/model");
-    let sentences = [
-        "it 's a charming and often affecting journey . ",
-        "unflinchingly bleak and desperate ",
-        "the acting , costumes , music , cinematography and sound are all astounding given the production 's austere locales . ",
-        "a sometimes tedious film . ",
-    ];
-    let batch = Batch::of_sentences(&dir, &sentences, 0);
-    let model = Model::from_dir(&dir).unwrap();
-    assert_agree(
-        "demo",
-        our_outputs(&model, &batch),
-        candle_bert(&dir, &batch),
-    );
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("demo/model");
+    bert_on_real_sentences("demo", &dir);
 }

@@ -352,6 +352,14 @@ fn model_repo(model: &Path, v1_dir: &Path) -> MockRepo {
     }
 }
 
+/// The mock hub serving the demo model as `org/minilm` (with its `v1` branch, whose files live
+/// in the returned directory), behaving as `behaviour` says.
+fn demo_hub(behaviour: Behaviour) -> (MockHub, tempfile::TempDir) {
+    let v1 = tempfile::tempdir().unwrap();
+    let hub = MockHub::start(vec![model_repo(&demo_model(), v1.path())], behaviour);
+    (hub, v1)
+}
+
 /// A user's machine: an empty hub cache and `HF_HOME`, the mock as `HF_ENDPOINT`.
 struct Machine {
     home: tempfile::TempDir,
@@ -440,11 +448,7 @@ fn a_hub_id_and_task_data_download_into_the_cache_once_then_run_from_it() {
 
 #[test]
 fn offline_refuses_what_is_not_cached_with_one_line() {
-    let v1 = tempfile::tempdir().unwrap();
-    let hub = MockHub::start(
-        vec![model_repo(&demo_model(), v1.path())],
-        Behaviour::default(),
-    );
+    let (hub, _v1) = demo_hub(Behaviour::default());
     let machine = Machine::new();
     let inspect = ["inspect", "--model", "org/minilm", "--json"];
     for (flag, env) in [("--offline", vec![]), ("", vec![("HF_HUB_OFFLINE", "1")])] {
@@ -465,12 +469,10 @@ fn offline_refuses_what_is_not_cached_with_one_line() {
 
 #[test]
 fn an_interrupted_download_is_not_taken_for_a_complete_one() {
-    let v1 = tempfile::tempdir().unwrap();
-    let behaviour = Behaviour {
+    let (hub, _v1) = demo_hub(Behaviour {
         interrupt: Some("model.safetensors".to_string()),
         ..Behaviour::default()
-    };
-    let hub = MockHub::start(vec![model_repo(&demo_model(), v1.path())], behaviour);
+    });
     let machine = Machine::new();
     let inspect = ["inspect", "--model", "org/minilm", "--json"];
     let cut = machine.run(&hub.endpoint, &inspect, &[]);
@@ -493,11 +495,7 @@ fn an_interrupted_download_is_not_taken_for_a_complete_one() {
 
 #[test]
 fn revision_selects_a_branch_or_a_commit() {
-    let v1 = tempfile::tempdir().unwrap();
-    let hub = MockHub::start(
-        vec![model_repo(&demo_model(), v1.path())],
-        Behaviour::default(),
-    );
+    let (hub, _v1) = demo_hub(Behaviour::default());
     let machine = Machine::new();
     let labels = |revision: Option<&str>| {
         let mut args = vec!["inspect", "--model", "org/minilm", "--json"];
@@ -526,12 +524,10 @@ fn revision_selects_a_branch_or_a_commit() {
 
 #[test]
 fn a_token_is_sent_as_a_bearer_and_errors_name_the_repository() {
-    let v1 = tempfile::tempdir().unwrap();
-    let behaviour = Behaviour {
+    let (hub, _v1) = demo_hub(Behaviour {
         token: Some("hf_secret".to_string()),
         ..Behaviour::default()
-    };
-    let hub = MockHub::start(vec![model_repo(&demo_model(), v1.path())], behaviour);
+    });
     let machine = Machine::new();
     let inspect = ["inspect", "--model", "org/minilm", "--json"];
     let refused = machine.run(&hub.endpoint, &inspect, &[]);

@@ -22,6 +22,7 @@ use crate::model::linear::{Linear, Weight};
 use crate::model::names::{self, full_name};
 use crate::model::nn::LayerNorm;
 use crate::model::quant::Bits;
+use crate::model::storage::StorageDtype;
 use crate::model::vocab::TokenizerFiles;
 use crate::model::Model;
 use compressed::{quantization_config, quantized_entries, striped_entries, Stored};
@@ -229,7 +230,7 @@ pub fn config_json(
     };
     // The float precision the weights are written in (transformers 5 reads `dtype`, 4.x
     // `torch_dtype`): the input's, or `--dtype`.
-    let dtype = dtype_name(model.storage_dtype);
+    let dtype = StorageDtype::of(model.storage_dtype).name();
     let keys: Vec<&str> = ["dtype", "torch_dtype"]
         .into_iter()
         .filter(|k| obj.get(*k).is_some_and(|v| !v.is_null()))
@@ -267,15 +268,6 @@ pub fn config_json(
     }
     obj.insert("axcompress".into(), section);
     config
-}
-
-/// The Hugging Face name of a float dtype.
-fn dtype_name(dtype: DType) -> &'static str {
-    match dtype {
-        DType::F16 => "float16",
-        DType::BF16 => "bfloat16",
-        _ => "float32",
-    }
 }
 
 /// The parent of `out` as an absolute path with links resolved, even when it does not exist yet

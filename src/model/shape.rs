@@ -39,7 +39,8 @@ impl Model {
     /// Checks that the model is a plain float model every one of whose layers has both blocks
     /// and dense attention: the input a reshape needs.
     pub fn check_reshapable(&self) -> Result<()> {
-        if self.has_block_sparse() || self.is_quantized() || !self.embeddings.word.is_dense() {
+        // Every matrix, the word embeddings included, must be dense.
+        if self.has_block_sparse() || self.is_quantized() {
             bail!("reshape needs float dense weights: run it before quantize and bsp stages");
         }
         for (l, layer) in self.layers.iter().enumerate() {
@@ -137,8 +138,12 @@ fn check_shape(model: &Model, shape: &Shape) -> Result<(usize, usize)> {
     Ok((heads, width))
 }
 
-/// Cuts every tensor on the residual stream down to the hidden dimensions `dims`.
+/// Cuts every tensor on the residual stream down to the hidden dimensions `dims`; nothing to do
+/// (no copy) when they are all of them in order.
 fn slice_hidden(model: &mut Model, dims: &[usize]) -> Result<()> {
+    if dims.iter().copied().eq(0..model.config.hidden_size) {
+        return Ok(());
+    }
     let columns = |t: &Tensor| select(t, 1, dims);
     let e = &mut model.embeddings;
     e.word = Weight::Dense(columns(&e.word.to_dense()?)?);
@@ -239,6 +244,16 @@ mod tests {
         out.flatten_all().unwrap().to_vec1().unwrap()
     }
 
+    /// The logits of `model` with only what `keep` keeps, by gates.
+    fn gated_logits(model: &Model, keep: &[LayerKeep]) -> Vec<f32> {
+        let gates = model.gates_for(keep).unwrap();
+        let opts = RunOptions {
+            gates: Some(&gates),
+            differentiable: false,
+        };
+        logits(model, opts)
+    }
+
     fn max_diff(a: &[f32], b: &[f32]) -> f32 {
         assert_eq!(a.len(), b.len());
         a.iter()
@@ -294,34 +309,16 @@ mod tests {
             heads: Some(vec![1, 2]),
             neurons: Some((0..12).collect()),
         };
-        let gates = model.gates_for(&keep).unwrap();
-        let gated = logits(
-            &model,
-            RunOptions {
-                gates: Some(&gates),
-                differentiable: false,
-            },
-        );
+        let gated = gated_logits(&model, &keep);
         // Two heads of 4 need a hidden size of 8: keep every dimension by widening the heads.
         let err = model.reshape(&shape).unwrap_err().to_string();
         assert!(err.contains("keep 8 hidden dimensions"), "{err}");
-        let shaped = Model {
-            config: model.config.clone(),
-            ..model.clone()
-        };
         let mut wide = shape.clone();
         wide.heads = vec![vec![0, 1, 2, 3]; 2];
         keep[0].heads = Some(vec![0, 1, 2, 3]);
         keep[2].heads = Some(vec![0, 1, 2, 3]);
-        let gates = shaped.gates_for(&keep).unwrap();
-        let gated_wide = logits(
-            &shaped,
-            RunOptions {
-                gates: Some(&gates),
-                differentiable: false,
-            },
-        );
-        let reshaped = shaped.reshape(&wide).unwrap();
+        let gated_wide = gated_logits(&model, &keep);
+        let reshaped = model.reshape(&wide).unwrap();
         let d = max_diff(&logits(&reshaped, RunOptions::default()), &gated_wide);
         assert!(d < 1e-5, "{d}");
         assert_ne!(gated, gated_wide);

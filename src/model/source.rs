@@ -88,22 +88,17 @@ pub fn hub_endpoint() -> String {
 /// and what to do about it.
 pub fn describe_hub_error(err: ApiError, repo: &str, file: &str) -> anyhow::Error {
     let endpoint = hub_endpoint();
-    let status = match &err {
-        ApiError::RequestError(e) => match e.as_ref() {
-            ureq::Error::Status(code, _) => Some(*code),
-            ureq::Error::Transport(t) => {
-                return anyhow!(
-                    "cannot reach the hub at {endpoint} for {repo} ({}); check the network or HF_ENDPOINT, or run with --offline on a cached copy",
-                    t.kind()
-                )
-            }
-        },
-        _ => None,
-    };
-    match status {
-        Some(401 | 403) => anyhow!(
-            "the hub at {endpoint} refused {file} of {repo} (HTTP {}): set HF_TOKEN to a token that can read the repository",
-            status.unwrap_or_default()
+    if let ApiError::RequestError(e) = &err {
+        if let ureq::Error::Transport(t) = e.as_ref() {
+            return anyhow!(
+                "cannot reach the hub at {endpoint} for {repo} ({}); check the network or HF_ENDPOINT, or run with --offline on a cached copy",
+                t.kind()
+            );
+        }
+    }
+    match http_status(&err) {
+        Some(code @ (401 | 403)) => anyhow!(
+            "the hub at {endpoint} refused {file} of {repo} (HTTP {code}): set HF_TOKEN to a token that can read the repository"
         ),
         Some(404) => anyhow!(
             "the hub at {endpoint} has no {file} in {repo} at that revision (HTTP 404); check the repository id and --revision"
@@ -113,9 +108,20 @@ pub fn describe_hub_error(err: ApiError, repo: &str, file: &str) -> anyhow::Erro
     }
 }
 
+/// The HTTP status the hub answered with, when it answered.
+fn http_status(err: &ApiError) -> Option<u16> {
+    match err {
+        ApiError::RequestError(e) => match e.as_ref() {
+            ureq::Error::Status(code, _) => Some(*code),
+            ureq::Error::Transport(_) => None,
+        },
+        _ => None,
+    }
+}
+
 /// True when the hub answered 404 (the file does not exist there).
 fn is_not_found(err: &ApiError) -> bool {
-    matches!(err, ApiError::RequestError(e) if matches!(e.as_ref(), ureq::Error::Status(404, _)))
+    http_status(err) == Some(404)
 }
 
 /// The Hugging Face hub cache directory (`HF_HUB_CACHE`, else `HF_HOME/hub`, else `~/.cache/huggingface/hub`).

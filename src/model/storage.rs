@@ -22,6 +22,25 @@ pub enum StorageDtype {
 }
 
 impl StorageDtype {
+    /// The precision a candle float dtype is written in (f32 for anything that is not a
+    /// half-precision float).
+    pub fn of(dtype: DType) -> Self {
+        match dtype {
+            DType::F16 => StorageDtype::Float16,
+            DType::BF16 => StorageDtype::Bfloat16,
+            _ => StorageDtype::Float32,
+        }
+    }
+
+    /// The Hugging Face name (`float16`), as in config.json and in axcompress configs.
+    pub fn name(self) -> &'static str {
+        match self {
+            StorageDtype::Float32 => "float32",
+            StorageDtype::Float16 => "float16",
+            StorageDtype::Bfloat16 => "bfloat16",
+        }
+    }
+
     /// The candle dtype.
     pub fn dtype(self) -> DType {
         match self {

@@ -5,14 +5,15 @@
 //! reject decisions: it goes where its settings say, so a `recover` stage (distillation from the
 //! input model) follows it, and the run's checks judge the result.
 //!
-//! What "most significant" means, measured on the first `examples` selection sentences:
-//! - layers: removed one at a time, each time the one whose removal raises the selection loss
-//!   least (exact: the model is run without it);
-//! - heads and FFN neurons: the magnitude of the first-order (Taylor) estimate of the loss change
-//!   when each is removed (Michel et al. 2019 for heads), on the model with its layers cut;
-//! - hidden dimensions: the mean magnitude of the residual stream in that dimension over every
-//!   token, at the embeddings' output and after every kept layer (Minitron's activation-based
-//!   width importance).
+//! What "most significant" means:
+//! - layers: removed one at a time, each time the one whose removal raises the loss on all the
+//!   selection sentences least (exact: the model is run without it);
+//! - heads and FFN neurons, on the first `examples` selection sentences: the magnitude of the
+//!   first-order (Taylor) estimate of the loss change when each is removed (Michel et al. 2019
+//!   for heads), on the model with its layers cut;
+//! - hidden dimensions, on the same sentences: the mean magnitude of the residual stream in that
+//!   dimension over every token, at the embeddings' output and after every kept layer
+//!   (Minitron's activation-based width importance).
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
@@ -38,7 +39,8 @@ pub struct ShapeSettings {
     pub hidden: Option<usize>,
     /// FFN width of every layer.
     pub ffn: Option<usize>,
-    /// Selection sentences the significance is measured on (default 512).
+    /// Selection sentences the heads, neurons and hidden dimensions are ranked on (default 512;
+    /// layers are ranked on all of them).
     pub examples: Option<usize>,
 }
 
@@ -216,7 +218,7 @@ fn choose_layers(model: &Model, keep: usize, ctx: &StageContext) -> Result<(Vec<
     let mut losses = Vec::new();
     while kept.len() > keep {
         let mut best: Option<(f64, usize)> = None;
-        for (i, _) in kept.iter().enumerate() {
+        for i in 0..kept.len() {
             let mut without = kept.clone();
             without.remove(i);
             let loss = ctx

@@ -169,10 +169,11 @@ impl Judge<'_> {
     /// them, so that a run vouched for by any one of them is wrong at most `1 − confidence` of
     /// the time. Gains count: no decision chose these examples (see [`crate::passes::guard`]).
     fn bound_witnesses(&self, out: &mut [Comparison]) {
-        let witnesses = out.iter().filter(|c| self.may_vouch(c)).count();
+        let vouches: Vec<bool> = out.iter().map(|c| self.may_vouch(c)).collect();
+        let witnesses = vouches.iter().filter(|&&v| v).count();
         let confidence = 1.0 - (1.0 - self.confidence) / witnesses.max(1) as f64;
         let z = z_one_sided(confidence);
-        for c in out.iter_mut().filter(|c| self.may_vouch(c)) {
+        for (c, _) in out.iter_mut().zip(vouches).filter(|(_, v)| *v) {
             let Some(p) = &c.paired else { continue };
             let bound = drop_bound(p.lost, p.gained, z) / c.examples.max(1) as f64 * 100.0;
             c.bound_points = Some(bound);

@@ -489,16 +489,16 @@ impl Run<'_> {
     }
 
     /// Why the run cannot vouch for its `max_drop`, and what to change; `None` when it can. A
-    /// split no decision saw that may vouch (`witnesses`, [`Judge::compare`]) and bounds the
+    /// split no decision saw that may vouch (one of `evaluation` with a bound, [`Judge::compare`]) and bounds the
     /// drop within `max_drop` is the promise kept, whatever the selection data says (a stage
     /// that takes no decisions, uniform quantization, may end below the selection floor and
     /// still be vouched for there). Without such a split, the selection metric the run ended at
     /// (`last`), guarded, must hold the floor.
-    fn not_kept(&self, last: Score, witnesses: &[&Comparison]) -> Option<String> {
+    fn not_kept(&self, last: Score, evaluation: &[Comparison]) -> Option<String> {
         let (c, metric) = (self.spec.confidence, self.batches.metric);
         let max_drop = self.spec.max_drop?;
         let allowed = max_drop.points_at(1.0) + 1e-9;
-        let bounds: Vec<_> = witnesses
+        let bounds: Vec<_> = evaluation
             .iter()
             .filter_map(|w| Some((w, w.bound_points?)))
             .collect();
@@ -538,18 +538,12 @@ impl Run<'_> {
     ) -> RunReport {
         let (spec, original) = (self.spec, &self.setup.model);
         let last = stages.last().map_or(baseline, |s| s.selection_after);
-        let witnesses: Vec<&Comparison> = evaluation
-            .iter()
-            .filter(|c| c.bound_points.is_some())
-            .collect();
         let bound_of = |split: &str| {
-            witnesses
-                .iter()
-                .find(|c| c.split == split)
-                .and_then(|c| c.bound_points)
+            let c = evaluation.iter().find(|c| c.split == split);
+            c.and_then(|c| c.bound_points)
         };
         let (check_bound_points, report_bound_points) = (bound_of("check"), bound_of("report"));
-        let advice = self.not_kept(last, &witnesses);
+        let advice = self.not_kept(last, &evaluation);
         RunReport {
             schema: report::SCHEMA,
             model: spec.model.clone(),
