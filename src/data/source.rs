@@ -30,7 +30,7 @@ impl Origin {
     /// The name reports use.
     pub fn name(self) -> &'static str {
         match self {
-            Origin::Argument => "--data",
+            Origin::Argument => "--data or the config",
             Origin::GlueDir => "$GLUE_DIR",
             Origin::Hub => "hub cache or download",
         }
