@@ -129,7 +129,7 @@ impl HfTensors {
                 if !att.heads.is_empty() {
                     let width = att.heads.len() * att.head_size;
                     for (part, name) in n.qkv.iter().enumerate() {
-                        out.linear(name, &att.qkv.narrow_rows(part * width, width)?)?;
+                        out.linear(name, &att.qkv.narrow_rows_stored(part * width, width)?)?;
                     }
                     out.weight(&n.attention_output, &att.output.weight)?;
                 }

@@ -214,6 +214,17 @@ impl Weight {
         }
     }
 
+    /// Rows `start..start + len` as they are stored: a striped matrix stays striped (and runs as
+    /// before) even when it runs dense, where [`Weight::narrow_rows`] takes a dense view. The
+    /// exporter writes the fused query/key/value matrix's parts with it, so that their removed
+    /// weights stay out of the file.
+    pub fn narrow_rows_stored(&self, start: usize, len: usize) -> Result<Weight> {
+        match self {
+            Weight::Striped(s) => Ok(Weight::Striped(s.narrow_rows(start, len)?)),
+            other => other.narrow_rows(start, len),
+        }
+    }
+
     /// Output rows `start..start + len`.
     pub fn narrow_rows(&self, start: usize, len: usize) -> Result<Weight> {
         match self {
@@ -346,6 +357,14 @@ impl Linear {
     pub fn narrow_rows(&self, start: usize, len: usize) -> Result<Linear> {
         Ok(Linear {
             weight: self.weight.narrow_rows(start, len)?,
+            bias: self.bias.narrow(0, start, len)?,
+        })
+    }
+
+    /// Output rows `start..start + len` as stored ([`Weight::narrow_rows_stored`]).
+    pub fn narrow_rows_stored(&self, start: usize, len: usize) -> Result<Linear> {
+        Ok(Linear {
+            weight: self.weight.narrow_rows_stored(start, len)?,
             bias: self.bias.narrow(0, start, len)?,
         })
     }
