@@ -143,11 +143,9 @@ fn check_ablation_matches_pruned(
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn ablation_equals_explicitly_pruned_models_on_tiny_fixtures() {
-    let shared = fixtures_or_skip!();
     for name in ["tiny-bert", "tiny-roberta", "tiny-distilbert"] {
-        let dir = shared.join("models").join(name);
+        let dir = common::tiny(name);
         let model = Model::from_dir(&dir).unwrap();
         let set = tiny_set(&dir);
         check_ablation_matches_pruned(&model, &set, Task::Mnli, &identity_labels(3), 16);
@@ -155,31 +153,27 @@ fn ablation_equals_explicitly_pruned_models_on_tiny_fixtures() {
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
-fn ablation_equals_explicitly_pruned_minilm_on_a_reshaped_model() {
-    let shared = fixtures_or_skip!();
-    let dir = shared.join("models/minilm-l6-sst2");
+fn ablation_equals_explicitly_pruned_models_on_a_reshaped_demo_model() {
+    let dir = common::demo_model();
     let full = Model::from_dir(&dir).unwrap();
     // A model whose layers differ: drop some heads and neurons first.
     let mut keep = full.keep_all();
-    keep[1].heads = Some(vec![0, 2, 3, 5, 7, 8, 11]);
-    keep[2].neurons = Some((0..1536).filter(|n| n % 3 != 0).take(768).collect());
-    keep[4].heads = None;
+    keep[0].heads = Some(vec![0, 2, 3, 5, 7]);
+    keep[1].neurons = Some((0..768).filter(|n| n % 3 != 0).take(512).collect());
+    keep[2].heads = None;
     let model = full.slice(&keep).unwrap();
     let encoder = axcompress::model::tokenizer::TextEncoder::load(&dir, 64).unwrap();
     let glue =
-        axcompress::data::glue::read(Task::Sst2, &shared.join("data/glue/SST-2/dev.tsv")).unwrap();
+        axcompress::data::glue::read(Task::Sst2, &common::demo_sst2().join("dev.tsv")).unwrap();
     let mut set = axcompress::data::batch::encode(&glue, "", &encoder).unwrap();
     set = set.subset(&(0..12).collect::<Vec<_>>());
     let labels = LabelMap::new(&model.config, Task::Sst2).unwrap();
-    check_ablation_matches_pruned(&model, &set, Task::Sst2, &labels, 384);
+    check_ablation_matches_pruned(&model, &set, Task::Sst2, &labels, 256);
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn taylor_gradients_equal_finite_differences() {
-    let shared = fixtures_or_skip!();
-    let dir = shared.join("models/tiny-bert");
+    let dir = common::tiny("tiny-bert");
     let model = Model::from_dir(&dir).unwrap();
     let set = tiny_set(&dir);
     let labels = identity_labels(3);
@@ -259,10 +253,8 @@ fn taylor_gradients_equal_finite_differences() {
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn report_for_another_model_is_refused() {
-    let shared = fixtures_or_skip!();
-    let dir = shared.join("models/tiny-bert");
+    let dir = common::tiny("tiny-bert");
     let model = Model::from_dir(&dir).unwrap();
     let set = tiny_set(&dir);
     let labels = identity_labels(3);
@@ -296,7 +288,7 @@ fn report_for_another_model_is_refused() {
             && err.contains("rerun axcompress analyze"),
         "{err}"
     );
-    let other = Model::from_dir(&shared.join("models/tiny-roberta")).unwrap();
+    let other = Model::from_dir(&common::tiny("tiny-roberta")).unwrap();
     assert!(loaded.check_model(&other, &path).is_err());
     std::fs::write(&path, r#"{"schema": "something-else"}"#).unwrap();
     assert!(Report::load(&path)
@@ -305,25 +297,15 @@ fn report_for_another_model_is_refused() {
         .contains("schema"));
 }
 
-fn analyze_cli(shared: &Path, extra: &[&str]) -> std::process::Output {
+fn analyze_cli(extra: &[&str]) -> std::process::Output {
     let mut args = vec![
         "analyze",
         "--model",
-        shared
-            .join("models/minilm-l6-sst2")
-            .to_str()
-            .unwrap()
-            .to_owned()
-            .leak(),
+        common::demo_model().to_str().unwrap().to_owned().leak(),
         "--task",
         "sst2",
         "--data",
-        shared
-            .join("data/glue/SST-2")
-            .to_str()
-            .unwrap()
-            .to_owned()
-            .leak(),
+        common::demo_sst2().to_str().unwrap().to_owned().leak(),
         "-q",
     ];
     args.extend_from_slice(extra);
@@ -331,28 +313,23 @@ fn analyze_cli(shared: &Path, extra: &[&str]) -> std::process::Output {
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
-fn minilm_report_is_complete_finite_and_byte_identical() {
-    let shared = fixtures_or_skip!();
+fn the_report_is_complete_finite_and_byte_identical() {
     let tmp = tempfile::tempdir().unwrap();
     let (a, b) = (
         tmp.path().join("a/report.json"),
         tmp.path().join("b/report.json"),
     );
     for out in [&a, &b] {
-        let o = analyze_cli(
-            &shared,
-            &[
-                "--on",
-                "train-holdout",
-                "--holdout",
-                "40",
-                "--seed",
-                "3",
-                "--out",
-                out.to_str().unwrap(),
-            ],
-        );
+        let o = analyze_cli(&[
+            "--on",
+            "train-holdout",
+            "--holdout",
+            "40",
+            "--seed",
+            "3",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     }
     assert_eq!(
@@ -374,7 +351,8 @@ fn minilm_report_is_complete_finite_and_byte_identical() {
             count(Level::Heads),
             count(Level::Groups)
         ),
-        (12, 72, 6 * 1536 / 32)
+        // The demo model: 3 layers of 2 blocks, 8 heads and 768 / 32 neuron groups.
+        (6, 24, 3 * 768 / 32)
     );
     assert!(report
         .elements
@@ -395,20 +373,17 @@ fn minilm_report_is_complete_finite_and_byte_identical() {
         assert_eq!(svg.matches("<title>").count(), expected, "{level}.svg");
     }
     // A different seed draws different data.
-    let o = analyze_cli(
-        &shared,
-        &[
-            "--on",
-            "train-holdout",
-            "--holdout",
-            "40",
-            "--seed",
-            "4",
-            "--levels",
-            "blocks",
-            "--json",
-        ],
-    );
+    let o = analyze_cli(&[
+        "--on",
+        "train-holdout",
+        "--holdout",
+        "40",
+        "--seed",
+        "4",
+        "--levels",
+        "blocks",
+        "--json",
+    ]);
     let other: serde_json::Value = common::json_stdout(&o);
     assert_ne!(
         other["baseline"]["loss"].as_f64(),
@@ -417,23 +392,18 @@ fn minilm_report_is_complete_finite_and_byte_identical() {
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn both_methods_report_rank_correlation() {
-    let shared = fixtures_or_skip!();
-    let o = analyze_cli(
-        &shared,
-        &[
-            "--on",
-            "dev",
-            "--limit",
-            "24",
-            "--method",
-            "both",
-            "--levels",
-            "blocks,heads",
-            "--json",
-        ],
-    );
+    let o = analyze_cli(&[
+        "--on",
+        "dev",
+        "--limit",
+        "24",
+        "--method",
+        "both",
+        "--levels",
+        "blocks,heads",
+        "--json",
+    ]);
     let report: Report = serde_json::from_value(common::json_stdout(&o)).unwrap();
     assert_eq!(report.data.source, "dev-split");
     assert_eq!(report.data.fraction, Some(0.5));
@@ -451,24 +421,20 @@ fn both_methods_report_rank_correlation() {
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn group_size_must_divide_ffn_width() {
-    let shared = fixtures_or_skip!();
-    let o = analyze_cli(&shared, &["--limit", "8", "--group-size", "100"]);
+    let o = analyze_cli(&["--limit", "8", "--group-size", "100"]);
     common::assert_clean_error(
         &o,
-        &["--group-size 100 does not divide the FFN width 1536 of layer 0"],
+        &["--group-size 100 does not divide the FFN width 768 of layer 0"],
     );
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn empty_analysis_data_is_refused() {
-    let shared = fixtures_or_skip!();
     let empty = tempfile::Builder::new().suffix(".tsv").tempfile().unwrap();
     std::fs::write(empty.path(), "sentence\tlabel\n").unwrap();
-    let o = analyze_cli(&shared, &["--on", empty.path().to_str().unwrap()]);
+    let o = analyze_cli(&["--on", empty.path().to_str().unwrap()]);
     common::assert_clean_error(&o, &["dataset is empty"]);
-    let o = analyze_cli(&shared, &["--limit", "0"]);
+    let o = analyze_cli(&["--limit", "0"]);
     common::assert_clean_error(&o, &["selection data is empty"]);
 }

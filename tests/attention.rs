@@ -57,11 +57,9 @@ fn assert_all_keys_equal_dense(model: &Model, inputs: &Inputs, name: &str) {
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn every_key_kept_equals_dense_attention_on_the_tiny_fixtures() {
-    let shared = fixtures_or_skip!();
     for name in ["tiny-bert", "tiny-roberta", "tiny-distilbert"] {
-        let dir = shared.join("models").join(name);
+        let dir = common::tiny(name);
         let model = Model::from_dir(&dir).unwrap();
         let inputs = reference_inputs(&model, &read_json(&dir.join("reference.json")));
         assert_all_keys_equal_dense(&model, &inputs, name);
@@ -69,20 +67,16 @@ fn every_key_kept_equals_dense_attention_on_the_tiny_fixtures() {
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
-fn every_key_kept_equals_dense_attention_on_minilm() {
-    let shared = fixtures_or_skip!();
-    let model = Model::from_dir(&shared.join("models/minilm-l6-sst2")).unwrap();
-    let inputs = common::sst2_dev_inputs(&shared, &model, 48);
-    assert_all_keys_equal_dense(&model, &inputs, "minilm-l6-sst2");
+fn every_key_kept_equals_dense_attention_on_the_demo_model() {
+    let model = Model::from_dir(&common::demo_model()).unwrap();
+    let inputs = common::sst2_dev_inputs(&model, 48);
+    assert_all_keys_equal_dense(&model, &inputs, "demo");
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
-fn gathered_equals_the_masked_reference_in_minilm_for_varied_k() {
-    let shared = fixtures_or_skip!();
-    let model = Model::from_dir(&shared.join("models/minilm-l6-sst2")).unwrap();
-    let inputs = common::sst2_dev_inputs(&shared, &model, 48);
+fn gathered_equals_the_masked_reference_in_the_demo_model_for_varied_k() {
+    let model = Model::from_dir(&common::demo_model()).unwrap();
+    let inputs = common::sst2_dev_inputs(&model, 48);
     let grid = [
         Keep::Count(1),
         Keep::Fraction(0.3),
@@ -137,10 +131,8 @@ fn gathered_equals_the_masked_reference_in_minilm_for_varied_k() {
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn the_mode_survives_export_and_reload_and_is_not_stock_compatible() {
-    let shared = fixtures_or_skip!();
-    let dir = shared.join("models/tiny-roberta");
+    let dir = common::tiny("tiny-roberta");
     let model = Model::from_dir(&dir).unwrap();
     let inputs = reference_inputs(&model, &read_json(&dir.join("reference.json")));
     let sign = ApproxAttention {
@@ -181,13 +173,11 @@ fn the_mode_survives_export_and_reload_and_is_not_stock_compatible() {
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn the_pass_switches_layers_the_selection_allows_and_eval_runs_them() {
-    let shared = fixtures_or_skip!();
-    let data = common::small_glue(&shared, "SST-2", 120);
+    let data = common::small_sst2(120);
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("hard");
-    let model = shared.join("models/minilm-l6-sst2");
+    let model = common::demo_model();
     let extra = [
         "--method",
         "hard-topk",
@@ -208,13 +198,13 @@ fn the_pass_switches_layers_the_selection_allows_and_eval_runs_them() {
         &extra,
     ));
     let details = &report["stages"][0]["details"];
-    assert_eq!(details["significance"].as_array().unwrap().len(), 6);
+    assert_eq!(details["significance"].as_array().unwrap().len(), 3);
     let switched = details["switched"].as_array().unwrap();
     assert!(!switched.is_empty(), "{details}");
     // Per layer, K is tried smallest first and the search stops at the first accepted one.
     assert_eq!(details["grid"], json!([0.125, 0.25, 0.5]));
     let trials = details["trials"].as_array().unwrap();
-    for l in 0..6 {
+    for l in 0..3 {
         let mine: Vec<_> = trials
             .iter()
             .filter(|t| t["label"].as_str().unwrap().starts_with(&format!("L{l} ")))

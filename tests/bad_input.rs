@@ -27,8 +27,8 @@ fn inspect(model: &Path) -> Output {
     common::run(&["inspect", "--model", model.to_str().unwrap()])
 }
 
-fn sst2(shared: &Path) -> PathBuf {
-    shared.join("data/glue/SST-2")
+fn sst2() -> PathBuf {
+    common::demo_sst2()
 }
 
 fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
@@ -51,19 +51,15 @@ fn missing_model_directory() {
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn missing_config_json() {
-    let shared = fixtures_or_skip!();
-    let dir = copy_model(&shared.join("models/tiny-bert"));
+    let dir = copy_model(&common::tiny("tiny-bert"));
     std::fs::remove_file(dir.path().join("config.json")).unwrap();
     assert_clean_error(&inspect(dir.path()), &["missing config.json"]);
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn unknown_model_type() {
-    let shared = fixtures_or_skip!();
-    let dir = copy_model(&shared.join("models/tiny-bert"));
+    let dir = copy_model(&common::tiny("tiny-bert"));
     edit_config(dir.path(), |c| c["model_type"] = "gpt2".into());
     assert_clean_error(
         &inspect(dir.path()),
@@ -72,10 +68,8 @@ fn unknown_model_type() {
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn truncated_safetensors() {
-    let shared = fixtures_or_skip!();
-    let dir = copy_model(&shared.join("models/tiny-bert"));
+    let dir = copy_model(&common::tiny("tiny-bert"));
     let weights = dir.path().join("model.safetensors");
     let bytes = std::fs::read(&weights).unwrap();
     std::fs::write(&weights, &bytes[..bytes.len() / 2]).unwrap();
@@ -86,10 +80,8 @@ fn truncated_safetensors() {
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn corrupt_safetensors() {
-    let shared = fixtures_or_skip!();
-    let dir = copy_model(&shared.join("models/tiny-bert"));
+    let dir = copy_model(&common::tiny("tiny-bert"));
     std::fs::write(
         dir.path().join("model.safetensors"),
         b"\xff\xff\xff\xff\xff\xff\xff\x7fgarbage",
@@ -102,10 +94,8 @@ fn corrupt_safetensors() {
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn corrupt_pytorch_bin() {
-    let shared = fixtures_or_skip!();
-    let dir = copy_model(&shared.join("models/tiny-bert-bin"));
+    let dir = copy_model(&common::tiny("tiny-bert-bin"));
     std::fs::write(dir.path().join("pytorch_model.bin"), b"not a zip").unwrap();
     assert_clean_error(
         &inspect(dir.path()),
@@ -114,10 +104,8 @@ fn corrupt_pytorch_bin() {
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn weight_shape_disagrees_with_config() {
-    let shared = fixtures_or_skip!();
-    let dir = copy_model(&shared.join("models/tiny-bert"));
+    let dir = copy_model(&common::tiny("tiny-bert"));
     edit_config(dir.path(), |c| c["intermediate_size"] = 96.into());
     assert_clean_error(
         &inspect(dir.path()),
@@ -129,10 +117,8 @@ fn weight_shape_disagrees_with_config() {
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn missing_weights() {
-    let shared = fixtures_or_skip!();
-    let dir = copy_model(&shared.join("models/tiny-bert"));
+    let dir = copy_model(&common::tiny("tiny-bert"));
     std::fs::remove_file(dir.path().join("model.safetensors")).unwrap();
     assert_clean_error(
         &inspect(dir.path()),
@@ -141,42 +127,34 @@ fn missing_weights() {
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn missing_tokenizer() {
-    let shared = fixtures_or_skip!();
-    let dir = copy_model(&shared.join("models/minilm-l6-sst2"));
+    let dir = copy_model(&common::demo_model());
     for f in ["tokenizer.json", "vocab.txt"] {
         std::fs::remove_file(dir.path().join(f)).unwrap();
     }
-    let out = eval(dir.path(), &sst2(&shared), &[]);
+    let out = eval(dir.path(), &sst2(), &[]);
     assert_clean_error(&out, &["no tokenizer found", "tokenizer.json or vocab.txt"]);
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn tsv_with_missing_column() {
-    let shared = fixtures_or_skip!();
     let data = tsv("text\tlabel\ngood \t1\n");
-    let out = eval(&shared.join("models/minilm-l6-sst2"), data.path(), &[]);
+    let out = eval(&common::demo_model(), data.path(), &[]);
     assert_clean_error(&out, &[".tsv", "missing column \"sentence\""]);
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn tsv_with_unparsable_label() {
-    let shared = fixtures_or_skip!();
     let data = tsv("sentence\tlabel\ngood \t1\nbad \tmaybe\n");
-    let out = eval(&shared.join("models/minilm-l6-sst2"), data.path(), &[]);
+    let out = eval(&common::demo_model(), data.path(), &[]);
     assert_clean_error(&out, &[".tsv:3", "\"maybe\" is not a label of task sst2"]);
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn model_labels_unknown_to_the_task() {
-    let shared = fixtures_or_skip!();
-    let dir = copy_model(&shared.join("models/minilm-l6-sst2"));
+    let dir = copy_model(&common::demo_model());
     edit_config(dir.path(), |c| c["id2label"]["1"] = "happy".into());
-    let out = eval(dir.path(), &sst2(&shared), &[]);
+    let out = eval(dir.path(), &sst2(), &[]);
     assert_clean_error(
         &out,
         &["id2label[1] = \"happy\"", "not a label of task sst2"],
@@ -184,40 +162,28 @@ fn model_labels_unknown_to_the_task() {
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn model_label_count_differs_from_task() {
-    let shared = fixtures_or_skip!();
-    let out = eval(&shared.join("models/tiny-bert"), &sst2(&shared), &[]);
+    let out = eval(&common::tiny("tiny-bert"), &sst2(), &[]);
     assert_clean_error(&out, &["config.json", "has 3 labels", "task sst2 has 2"]);
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn empty_dataset() {
-    let shared = fixtures_or_skip!();
     let data = tsv("sentence\tlabel\n");
-    let out = eval(&shared.join("models/minilm-l6-sst2"), data.path(), &[]);
+    let out = eval(&common::demo_model(), data.path(), &[]);
     assert_clean_error(&out, &[".tsv", "dataset is empty"]);
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn max_length_zero() {
-    let shared = fixtures_or_skip!();
-    let out = eval(
-        &shared.join("models/minilm-l6-sst2"),
-        &sst2(&shared),
-        &["--max-length", "0"],
-    );
+    let out = eval(&common::demo_model(), &sst2(), &["--max-length", "0"]);
     assert_clean_error(&out, &["--max-length 0", "max_position_embeddings"]);
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn data_directory_without_split_file() {
-    let shared = fixtures_or_skip!();
     let empty = tempfile::tempdir().unwrap();
-    let out = eval(&shared.join("models/minilm-l6-sst2"), empty.path(), &[]);
+    let out = eval(&common::demo_model(), empty.path(), &[]);
     assert_clean_error(&out, &["no dev.tsv for task sst2"]);
 }
 

@@ -3,7 +3,8 @@
 //! classification heads (BERT's pooler and classifier, DistilBERT's pre-classifier, RoBERTa's
 //! dense + out_proj) are applied here to candle's first-token states, from the same weights.
 //! Both runtimes compute in f32; the last hidden states agree to 1e-4 and the logits to 1e-4
-//! relative. The demo model in the repository runs anywhere; the fixtures' models need them.
+//! relative. The demo and tiny models in the repository run anywhere; MiniLM needs the shared
+//! fixtures.
 
 mod common;
 
@@ -188,27 +189,23 @@ fn assert_agree(name: &str, ours: Outputs, candle: Outputs) {
 }
 
 fn tiny(name: &str, candle: fn(&Path, &Batch) -> Outputs) {
-    let shared = fixtures_or_skip!();
-    let dir = shared.join("models").join(name);
+    let dir = common::tiny(name);
     let batch = Batch::of_reference(&read_json(&dir.join("reference.json")));
     let model = Model::from_dir(&dir).unwrap();
     assert_agree(name, our_outputs(&model, &batch), candle(&dir, &batch));
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn tiny_bert_matches_candle_transformers() {
     tiny("tiny-bert", candle_bert);
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn tiny_distilbert_matches_candle_transformers() {
     tiny("tiny-distilbert", candle_distilbert);
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn tiny_roberta_matches_candle_transformers() {
     tiny("tiny-roberta", candle_roberta);
 }
@@ -227,7 +224,10 @@ fn bert_on_real_sentences(name: &str, dir: &Path) {
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
+#[cfg_attr(
+    fixtures_missing,
+    ignore = "needs ../shared (AXCOMPRESS_FIXTURES): the MiniLM SST-2 fixture"
+)]
 fn minilm_on_real_sentences_matches_candle_transformers() {
     let shared = fixtures_or_skip!();
     bert_on_real_sentences("minilm-l6-sst2", &shared.join("models/minilm-l6-sst2"));
@@ -235,6 +235,5 @@ fn minilm_on_real_sentences_matches_candle_transformers() {
 
 #[test]
 fn the_demo_model_on_real_sentences_matches_candle_transformers() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("demo/model");
-    bert_on_real_sentences("demo", &dir);
+    bert_on_real_sentences("demo", &common::demo_model());
 }

@@ -19,7 +19,7 @@ fn configs() -> Vec<PathBuf> {
 }
 
 /// `compress --config config --model model --data data --out out --json` with `extra` flags; the
-/// report. The configs name hub checkpoints; the tests run them on the fixture of their task.
+/// report.
 fn compress(config: &Path, model: &Path, data: &Path, out: &Path, extra: &[&str]) -> Value {
     let mut flags = vec![
         "--model",
@@ -31,24 +31,13 @@ fn compress(config: &Path, model: &Path, data: &Path, out: &Path, extra: &[&str]
     common::compress_json(config, out, &flags)
 }
 
-/// The task a config is for, its GLUE directory name and its fixture model's directory name.
-fn task_of(config: &Path) -> (String, &'static str, &'static str) {
-    let text = std::fs::read_to_string(config).unwrap();
-    let task = text
-        .lines()
-        .find_map(|l| l.strip_prefix("task = \""))
-        .and_then(|l| l.split('"').next())
-        .unwrap_or_else(|| panic!("{}: no task", config.display()))
-        .to_string();
-    let (glue_dir, model) = match task.as_str() {
-        "sst2" => ("SST-2", "minilm-l6-sst2"),
-        "rte" => ("RTE", "minilm-l6-rte"),
-        other => panic!(
-            "{}: no small fixture data for task {other}",
-            config.display()
-        ),
-    };
-    (task, glue_dir, model)
+/// The task a config is for.
+fn task_of(config: &Path) -> String {
+    axcompress::config_file::load(config)
+        .unwrap()
+        .settings
+        .task
+        .to_string()
 }
 
 #[test]
@@ -84,21 +73,28 @@ fn no_config_points_outside_the_repository() {
     }
 }
 
+/// Every SST-2 config, run on the demo model and the first 40 demo sentences of each split (the
+/// configs name hub checkpoints, and `--model`/`--data` override them; the demo config's own
+/// model is the demo model). The RTE config has its own test on the RTE fixture.
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
-fn every_config_in_configs_runs_and_writes_a_loadable_model() {
-    let shared = fixtures_or_skip!();
+fn every_sst2_config_in_configs_runs_and_writes_a_loadable_model() {
     let configs = configs();
     assert!(configs.len() >= 5, "configs/ holds {configs:?}");
     let tmp = tempfile::tempdir().unwrap();
+    let data = common::small_sst2(40);
+    let mut ran = 0;
     for config in configs {
         let name = config.file_stem().unwrap().to_string_lossy().into_owned();
-        let (task, glue_dir, model) = task_of(&config);
-        let data = common::small_glue(&shared, glue_dir, 40);
+        let task = task_of(&config);
+        if task != "sst2" {
+            assert!(name.starts_with(&task), "{name} is for {task}");
+            continue;
+        }
+        ran += 1;
         let out = tmp.path().join(&name);
         let report = compress(
             &config,
-            &shared.join("models").join(model),
+            &common::demo_model(),
             data.path(),
             &out,
             // 20 selection sentences bound no drop of one point: a wide allowance keeps the
@@ -125,10 +121,47 @@ fn every_config_in_configs_runs_and_writes_a_loadable_model() {
         let eval = common::eval_json(&out, &task, data.path());
         assert_eq!(eval["metrics"], common::dev_after(&report), "{name}");
     }
+    assert!(ran >= 5, "{ran} SST-2 configs");
+}
+
+/// The README's first command, as a newcomer runs it (only `--out` moved to a temp dir): the
+/// demo config compresses the demo model on the demo data, keeps its promise, and says so.
+#[test]
+fn the_demo_config_runs_with_no_flags_and_keeps_its_promise() {
+    let config = common::repo().join("configs/demo.toml");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("demo");
+    let run = common::run(&[
+        "compress",
+        "--config",
+        config.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--json",
+        "-q",
+    ]);
+    let report = common::json_stdout(&run);
+    assert_eq!(report["tolerance"]["kept"], true, "{}", report["tolerance"]);
+    let w = &report["weights_bytes"];
+    assert!(
+        w["after"].as_f64().unwrap() < 0.55 * w["before"].as_f64().unwrap(),
+        "{w}"
+    );
+    let eval = common::eval_json(&out, "sst2", &common::demo_sst2());
+    assert_eq!(eval["metrics"], common::dev_after(&report));
+    // Without --out it writes out/demo in the repository (the path is relative to the config).
+    let settings = axcompress::config_file::load(&config).unwrap();
+    assert_eq!(
+        settings.out,
+        Some(common::repo().join("configs/../out/demo"))
+    );
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
+#[cfg_attr(
+    fixtures_missing,
+    ignore = "needs ../shared (AXCOMPRESS_FIXTURES): the MiniLM RTE fixture and GLUE RTE"
+)]
 fn rte_config_keeps_the_fp16_weights() {
     let shared = fixtures_or_skip!();
     let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/rte-minilm-size.toml");
@@ -159,10 +192,10 @@ fn rte_config_keeps_the_fp16_weights() {
         .all(|t| t.dtype() == candle_core::DType::F16));
 }
 
-/// A config in a temp dir pointing at the SST-2 fixture model.
-fn config_with(shared: &Path, extra: &str) -> tempfile::TempDir {
+/// A config in a temp dir pointing at the demo model.
+fn config_with(extra: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    let model = shared.join("models/minilm-l6-sst2");
+    let model = common::demo_model();
     let text = format!(
         "model = \"{}\"\ntask = \"sst2\"\n{extra}\n[[stages]]\npass = \"prune\"\n",
         model.display()
@@ -172,10 +205,8 @@ fn config_with(shared: &Path, extra: &str) -> tempfile::TempDir {
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn unknown_keys_and_a_missing_out_are_refused() {
-    let shared = fixtures_or_skip!();
-    let dir = config_with(&shared, "max_dorp = 1.0");
+    let dir = config_with("max_dorp = 1.0");
     let path = dir.path().join("c.toml");
     let o = common::run(&[
         "compress",
@@ -185,7 +216,7 @@ fn unknown_keys_and_a_missing_out_are_refused() {
         "/tmp/x",
     ]);
     common::assert_clean_error(&o, &["c.toml:3", "unknown field `max_dorp`"]);
-    let dir = config_with(&shared, "");
+    let dir = config_with("");
     let path = dir.path().join("c.toml");
     let o = common::run(&["compress", "--config", path.to_str().unwrap()]);
     common::assert_clean_error(&o, &["no output directory", "--out"]);

@@ -35,7 +35,10 @@ fn hub_files(shared: &Path, config: &str, split: &str) -> Vec<PathBuf> {
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
+#[cfg_attr(
+    fixtures_missing,
+    ignore = "needs ../shared (AXCOMPRESS_FIXTURES): the full GLUE SST-2 and RTE, as TSV and hub parquet"
+)]
 fn hub_rows_equal_glue_tsv_rows() {
     let shared = fixtures_or_skip!();
     for (task, config) in [(Task::Sst2, "sst2"), (Task::Rte, "rte")] {
@@ -57,15 +60,29 @@ fn hub_rows_equal_glue_tsv_rows() {
     }
 }
 
-/// `eval --json` of the SST-2 fixture model with `extra` arguments and environment; also
+#[test]
+fn the_demo_parquet_rows_equal_the_demo_tsv_rows() {
+    let files = common::demo_hub_dataset();
+    for (split, hub_split) in [("train", "train"), ("dev", "validation")] {
+        let parquet: Vec<PathBuf> = files
+            .iter()
+            .filter(|(name, _)| name.starts_with(&format!("sst2/{hub_split}-")))
+            .map(|(_, path)| path.clone())
+            .collect();
+        assert_eq!(parquet.len(), 1, "{split}: {files:?}");
+        let from_hub = hub::read(Task::Sst2, &parquet).unwrap();
+        let from_tsv = glue::read(
+            Task::Sst2,
+            &common::demo_sst2().join(format!("{split}.tsv")),
+        );
+        assert_eq!(from_hub.examples, from_tsv.unwrap().examples, "{split}");
+    }
+}
+
+/// `eval --json` of the demo model with `extra` arguments and environment; also
 /// writes the predictions to `predictions`.
-fn eval(
-    shared: &Path,
-    predictions: &Path,
-    extra: &[&str],
-    env: &[(&str, &str)],
-) -> serde_json::Value {
-    let model = shared.join("models/minilm-l6-sst2");
+fn eval(predictions: &Path, extra: &[&str], env: &[(&str, &str)]) -> serde_json::Value {
+    let model = common::demo_model();
     let mut args = vec![
         "eval",
         "--model",
@@ -82,19 +99,18 @@ fn eval(
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn without_data_the_hub_cache_gives_the_same_results_as_the_tsv_files() {
-    let shared = fixtures_or_skip!();
     let tmp = tempfile::tempdir().unwrap();
     let (p_tsv, p_hub) = (tmp.path().join("tsv.json"), tmp.path().join("hub.json"));
-    let data = shared.join("data/glue/SST-2");
-    let tsv = eval(&shared, &p_tsv, &["--data", data.to_str().unwrap()], &[]);
-    let cache = hub_cache(&shared);
+    let data = common::demo_sst2();
+    let tsv = eval(&p_tsv, &["--data", data.to_str().unwrap()], &[]);
+    let cache = tmp.path().join("hub");
+    common::demo_dataset_cache(&cache, "0123456789abcdef0123456789abcdef01234567");
     let env = [
         ("HF_HUB_CACHE", cache.to_str().unwrap()),
         ("HF_HUB_OFFLINE", "1"),
     ];
-    let hub = eval(&shared, &p_hub, &[], &env);
+    let hub = eval(&p_hub, &[], &env);
     assert_eq!(tsv["data"]["origin"], "argument");
     assert_eq!(hub["data"]["origin"], "hub");
     assert_eq!(hub["examples"], 872);
@@ -106,18 +122,16 @@ fn without_data_the_hub_cache_gives_the_same_results_as_the_tsv_files() {
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn glue_dir_is_searched_before_the_hub() {
-    let shared = fixtures_or_skip!();
     let tmp = tempfile::tempdir().unwrap();
-    let glue_dir = shared.join("data/glue");
+    let glue_dir = common::demo_glue();
     let empty_cache = tempfile::tempdir().unwrap();
     let env = [
         ("GLUE_DIR", glue_dir.to_str().unwrap()),
         ("HF_HUB_CACHE", empty_cache.path().to_str().unwrap()),
         ("HF_HUB_OFFLINE", "1"),
     ];
-    let r = eval(&shared, &tmp.path().join("p.json"), &[], &env);
+    let r = eval(&tmp.path().join("p.json"), &[], &env);
     assert_eq!(r["data"]["origin"], "glue-dir");
     assert_eq!(
         r["data"]["location"],
@@ -127,15 +141,13 @@ fn glue_dir_is_searched_before_the_hub() {
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn no_data_anywhere_names_the_three_places_tried() {
-    let shared = fixtures_or_skip!();
     let empty_cache = tempfile::tempdir().unwrap();
     let out = common::run_with_env(
         &[
             "eval",
             "--model",
-            shared.join("models/minilm-l6-sst2").to_str().unwrap(),
+            common::demo_model().to_str().unwrap(),
             "--task",
             "sst2",
         ],

@@ -85,8 +85,7 @@ fn varied_plan(model: &Model, seed: usize) -> Vec<LayerKeep> {
 }
 
 fn check_tiny(name: &str) {
-    let shared = fixtures_or_skip!();
-    let dir = shared.join("models").join(name);
+    let dir = common::tiny(name);
     let model = Model::from_dir(&dir).unwrap();
     let inputs = reference_inputs(&model, &read_json(&dir.join("reference.json")));
     for seed in 0..5 {
@@ -99,30 +98,25 @@ fn check_tiny(name: &str) {
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn tiny_bert_gated_equals_sliced() {
     check_tiny("tiny-bert");
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn tiny_roberta_gated_equals_sliced() {
     check_tiny("tiny-roberta");
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn tiny_distilbert_gated_equals_sliced() {
     check_tiny("tiny-distilbert");
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
-fn minilm_gated_equals_sliced_and_structure_follows() {
-    let shared = fixtures_or_skip!();
-    let dir = shared.join("models/minilm-l6-sst2");
+fn demo_model_gated_equals_sliced_and_structure_follows() {
+    let dir = common::demo_model();
     let model = Model::from_dir(&dir).unwrap();
-    let inputs = common::sst2_dev_inputs(&shared, &model, 48);
+    let inputs = common::sst2_dev_inputs(&model, 48);
     let plan = varied_plan(&model, 0);
     let sliced = assert_gated_equals_sliced(&model, &plan, &inputs);
     for (shape, keep) in sliced.config.structure.layers.iter().zip(&plan) {
@@ -135,10 +129,8 @@ fn minilm_gated_equals_sliced_and_structure_follows() {
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn gating_nothing_changes_nothing() {
-    let shared = fixtures_or_skip!();
-    let dir = shared.join("models/tiny-bert");
+    let dir = common::tiny("tiny-bert");
     let model = Model::from_dir(&dir).unwrap();
     let inputs = reference_inputs(&model, &read_json(&dir.join("reference.json")));
     let gates = model.gates_for(&model.keep_all()).unwrap();
@@ -160,10 +152,8 @@ fn gating_nothing_changes_nothing() {
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn prefix_cached_run_equals_full_run() {
-    let shared = fixtures_or_skip!();
-    let dir = shared.join("models/tiny-bert");
+    let dir = common::tiny("tiny-bert");
     let model = Model::from_dir(&dir).unwrap();
     let inputs = reference_inputs(&model, &read_json(&dir.join("reference.json")));
     let full = model.encode(&inputs, RunOptions::default()).unwrap();
@@ -181,11 +171,9 @@ fn prefix_cached_run_equals_full_run() {
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn first_token_fast_path_equals_full_encoder() {
-    let shared = fixtures_or_skip!();
     for name in ["tiny-bert", "tiny-roberta", "tiny-distilbert"] {
-        let dir = shared.join("models").join(name);
+        let dir = common::tiny(name);
         let model = Model::from_dir(&dir).unwrap();
         let inputs = reference_inputs(&model, &read_json(&dir.join("reference.json")));
         for seed in 0..3 {

@@ -9,8 +9,8 @@
 //! (with `Range`, `x-repo-commit`, `etag` and `content-range`, as the hub answers) and `GET
 //! /api/{models|datasets}/{repo}/revision/{revision}` (the file list). It listens on 127.0.0.1
 //! only, handles one connection at a time, and stops when dropped or after five minutes. It
-//! serves the demo model in the repository (these tests run anywhere), and for the data test the
-//! fixtures' MiniLM and their `nyu-mll/glue` parquet files.
+//! serves the demo model and a parquet copy of the demo data (`demo/data/nyu-mll-glue`) from the
+//! repository: these tests run anywhere.
 
 mod common;
 
@@ -300,33 +300,17 @@ fn model_revision(dir: &Path, commit: &str) -> Revision {
     }
 }
 
-/// The SST-2 parquet files of the fixtures' hub cache, as `nyu-mll/glue` at main.
-fn glue_repo(shared: &Path) -> MockRepo {
-    let repo = shared.join("data/hub/datasets--nyu-mll--glue");
-    let rev = std::fs::read_to_string(repo.join("refs/main")).unwrap();
-    let dir = repo.join("snapshots").join(rev.trim()).join("sst2");
-    let files = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .map(|p| {
-            let name = p.file_name().unwrap().to_string_lossy().into_owned();
-            (format!("sst2/{name}"), p)
-        })
-        .collect();
+/// The demo SST-2 parquet files, as `nyu-mll/glue` at main.
+fn glue_repo() -> MockRepo {
     let revision = Revision {
-        commit: rev.trim().to_string(),
-        files,
+        commit: "9a8b7c6d5e4f30211203f4e5d6c7b8a9f0e1d2c3".to_string(),
+        files: common::demo_hub_dataset().into_iter().collect(),
     };
     MockRepo {
         kind: "datasets",
         id: "nyu-mll/glue".to_string(),
         branches: BTreeMap::from([("main".to_string(), revision)]),
     }
-}
-
-/// The demo model in the repository: the hub tests that need no data run anywhere.
-fn demo_model() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("demo/model")
 }
 
 /// The model `org/minilm` serving `model`: main is it; branch `v1` the same weights with its
@@ -356,7 +340,10 @@ fn model_repo(model: &Path, v1_dir: &Path) -> MockRepo {
 /// in the returned directory), behaving as `behaviour` says.
 fn demo_hub(behaviour: Behaviour) -> (MockHub, tempfile::TempDir) {
     let v1 = tempfile::tempdir().unwrap();
-    let hub = MockHub::start(vec![model_repo(&demo_model(), v1.path())], behaviour);
+    let hub = MockHub::start(
+        vec![model_repo(&common::demo_model(), v1.path())],
+        behaviour,
+    );
     (hub, v1)
 }
 
@@ -393,15 +380,10 @@ fn stderr(out: &Output) -> String {
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn a_hub_id_and_task_data_download_into_the_cache_once_then_run_from_it() {
-    let shared = fixtures_or_skip!();
     let v1 = tempfile::tempdir().unwrap();
     let hub = MockHub::start(
-        vec![
-            model_repo(&shared.join("models/minilm-l6-sst2"), v1.path()),
-            glue_repo(&shared),
-        ],
+        vec![model_repo(&common::demo_model(), v1.path()), glue_repo()],
         Behaviour::default(),
     );
     let machine = Machine::new();
@@ -432,12 +414,8 @@ fn a_hub_id_and_task_data_download_into_the_cache_once_then_run_from_it() {
         .join("models--org--minilm/snapshots")
         .join(MAIN);
     assert!(snapshot.join("model.safetensors").is_file());
-    // The same accuracy as the fixture directory and its TSV dev set.
-    let local = common::eval_json(
-        &shared.join("models/minilm-l6-sst2"),
-        "sst2",
-        &shared.join("data/glue/SST-2"),
-    );
+    // The same accuracy as the demo model directory and its TSV dev set.
+    let local = common::eval_json(&common::demo_model(), "sst2", &common::demo_sst2());
     assert_eq!(first["metrics"], local["metrics"], "{first}");
     // The second run is served from the cache: the hub is gone, and nothing is asked of it.
     drop(hub);
@@ -486,7 +464,7 @@ fn an_interrupted_download_is_not_taken_for_a_complete_one() {
     let report = common::json_stdout(&machine.run(&hub.endpoint, &inspect, &[]));
     let dir = PathBuf::from(report["dir"].as_str().unwrap());
     let fetched = std::fs::read(dir.join("model.safetensors")).unwrap();
-    let original = std::fs::read(demo_model().join("model.safetensors")).unwrap();
+    let original = std::fs::read(common::demo_model().join("model.safetensors")).unwrap();
     assert!(
         fetched == original,
         "the weights differ from the served file"

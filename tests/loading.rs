@@ -23,15 +23,9 @@ fn fake_hub_cache(cache: &Path, src: &Path, id: &str) {
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn hub_id_loads_from_the_cache_offline() {
-    let shared = fixtures_or_skip!();
     let cache = tempfile::tempdir().unwrap();
-    fake_hub_cache(
-        cache.path(),
-        &shared.join("models/tiny-bert"),
-        "acme/tiny-bert",
-    );
+    fake_hub_cache(cache.path(), &common::tiny("tiny-bert"), "acme/tiny-bert");
     let hub = cache.path().to_str().unwrap();
     let by_flag = common::run_with_env(
         &[
@@ -73,10 +67,8 @@ fn hub_id_missing_from_cache_offline_fails_clearly() {
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn sharded_safetensors_equal_single_file() {
-    let shared = fixtures_or_skip!();
-    let src = shared.join("models/tiny-bert");
+    let src = common::tiny("tiny-bert");
     let tensors =
         candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
     let mut names: Vec<&String> = tensors.keys().collect();
@@ -123,10 +115,8 @@ fn sharded_safetensors_equal_single_file() {
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn inspect_reports_shapes_and_every_parameter() {
-    let shared = fixtures_or_skip!();
-    let dir = shared.join("models/minilm-l6-sst2");
+    let dir = common::demo_model();
     let report = common::json_stdout(&common::run(&[
         "inspect",
         "--model",
@@ -135,10 +125,10 @@ fn inspect_reports_shapes_and_every_parameter() {
     ]));
     assert_eq!(report["family"], "bert");
     let layers = report["layers"].as_array().unwrap();
-    assert_eq!(layers.len(), 6);
+    assert_eq!(layers.len(), 3);
     for l in layers {
-        assert_eq!(l["heads"], 12);
-        assert_eq!(l["ffn_width"], 1536);
+        assert_eq!(l["heads"], 8);
+        assert_eq!(l["ffn_width"], 768);
         assert_eq!(l["present"], true);
     }
     let tensors =
@@ -146,17 +136,15 @@ fn inspect_reports_shapes_and_every_parameter() {
     let in_file: usize = tensors.values().map(Tensor::elem_count).sum();
     assert_eq!(report["parameters"].as_u64().unwrap() as usize, in_file);
     assert_eq!(
-        report["on_disk_by_dtype"]["f32"]["bytes"].as_u64().unwrap() as usize,
-        in_file * 4
+        report["on_disk_by_dtype"]["f16"]["bytes"].as_u64().unwrap() as usize,
+        in_file * 2
     );
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn eval_json_reports_speed_and_metrics() {
-    let shared = fixtures_or_skip!();
     let data = tempfile::Builder::new().suffix(".tsv").tempfile().unwrap();
-    let dev = std::fs::read_to_string(shared.join("data/glue/SST-2/dev.tsv")).unwrap();
+    let dev = std::fs::read_to_string(common::demo_sst2().join("dev.tsv")).unwrap();
     std::fs::write(
         data.path(),
         dev.lines().take(41).collect::<Vec<_>>().join("\n"),
@@ -165,7 +153,7 @@ fn eval_json_reports_speed_and_metrics() {
     let out = common::run(&[
         "eval",
         "--model",
-        shared.join("models/minilm-l6-sst2").to_str().unwrap(),
+        common::demo_model().to_str().unwrap(),
         "--task",
         "sst2",
         "--data",

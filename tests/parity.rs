@@ -8,8 +8,7 @@ use axcompress::model::Model;
 use common::{flatten, max_abs_diff, read_json, reference_inputs};
 
 fn check_tiny(name: &str) {
-    let shared = fixtures_or_skip!();
-    let dir = shared.join("models").join(name);
+    let dir = common::tiny(name);
     let reference = read_json(&dir.join("reference.json"));
     let model = Model::from_dir(&dir).unwrap();
     let inputs = reference_inputs(&model, &reference);
@@ -42,31 +41,27 @@ fn check_tiny(name: &str) {
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn tiny_bert_matches_transformers() {
     check_tiny("tiny-bert");
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn tiny_bert_from_pytorch_bin_matches_transformers() {
     check_tiny("tiny-bert-bin");
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn tiny_roberta_matches_transformers() {
     check_tiny("tiny-roberta");
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn tiny_distilbert_matches_transformers() {
     check_tiny("tiny-distilbert");
 }
 
-fn dev_sentences(shared: &std::path::Path) -> Vec<(String, Option<String>)> {
-    let text = std::fs::read_to_string(shared.join("data/glue/SST-2/dev.tsv")).unwrap();
+fn dev_sentences() -> Vec<(String, Option<String>)> {
+    let text = std::fs::read_to_string(common::demo_sst2().join("dev.tsv")).unwrap();
     text.lines()
         .skip(1)
         .map(|l| (l.split('\t').next().unwrap().to_string(), None))
@@ -74,13 +69,16 @@ fn dev_sentences(shared: &std::path::Path) -> Vec<(String, Option<String>)> {
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
+#[cfg_attr(
+    fixtures_missing,
+    ignore = "needs ../shared (AXCOMPRESS_FIXTURES): MiniLM SST-2 and transformers' token ids"
+)]
 fn minilm_tokenizer_reproduces_reference_ids() {
     let shared = fixtures_or_skip!();
     let dir = shared.join("models/minilm-l6-sst2");
     let reference = read_json(&dir.join("reference.json"));
     let encoder = TextEncoder::load(&dir, 64).unwrap();
-    let seqs = encoder.encode(&dev_sentences(&shared)[..32]).unwrap();
+    let seqs = encoder.encode(&dev_sentences()[..32]).unwrap();
     let expected = reference["input_ids_first32"].as_array().unwrap();
     assert_eq!(seqs.len(), expected.len());
     for (i, (s, e)) in seqs.iter().zip(expected).enumerate() {
@@ -95,15 +93,13 @@ fn minilm_tokenizer_reproduces_reference_ids() {
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn vocab_txt_tokenizer_equals_tokenizer_json() {
-    let shared = fixtures_or_skip!();
-    let src = shared.join("models/minilm-l6-sst2");
+    let src = common::demo_model();
     let dir = tempfile::tempdir().unwrap();
     for f in ["vocab.txt", "tokenizer_config.json"] {
         std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
     }
-    let sentences = dev_sentences(&shared);
+    let sentences = dev_sentences();
     let from_json = TextEncoder::load(&src, 64)
         .unwrap()
         .encode(&sentences)
@@ -116,7 +112,10 @@ fn vocab_txt_tokenizer_equals_tokenizer_json() {
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
+#[cfg_attr(
+    fixtures_missing,
+    ignore = "needs ../shared (AXCOMPRESS_FIXTURES): MiniLM SST-2 and transformers' logits"
+)]
 fn minilm_eval_reproduces_every_reference_prediction() {
     let shared = fixtures_or_skip!();
     let model = shared.join("models/minilm-l6-sst2");
@@ -130,7 +129,7 @@ fn minilm_eval_reproduces_every_reference_prediction() {
         "--task",
         "sst2",
         "--data",
-        shared.join("data/glue/SST-2").to_str().unwrap(),
+        common::demo_sst2().to_str().unwrap(),
         "--max-length",
         "64",
         "--predictions",

@@ -47,8 +47,8 @@ fn logits(
 }
 
 /// Exports `original.slice(plan)`, reloads it, and checks it against the gated original.
-fn export_and_compare(shared: &Path, plan: &[LayerKeep]) -> (tempfile::TempDir, serde_json::Value) {
-    let original = Model::from_dir(&shared.join("models/minilm-l6-sst2")).unwrap();
+fn export_and_compare(plan: &[LayerKeep]) -> (tempfile::TempDir, serde_json::Value) {
+    let original = Model::from_dir(&common::demo_model()).unwrap();
     let pruned = original.slice(plan).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("pruned");
@@ -62,7 +62,7 @@ fn export_and_compare(shared: &Path, plan: &[LayerKeep]) -> (tempfile::TempDir, 
     .unwrap();
     let reloaded = Model::from_dir(&out).unwrap();
     assert_eq!(reloaded.parameter_count(), pruned.parameter_count());
-    let inputs = common::sst2_dev_inputs(shared, &original, 48);
+    let inputs = common::sst2_dev_inputs(&original, 48);
     let gates = original.gates_for(plan).unwrap();
     let diff = max_abs_diff(
         &logits(&reloaded, &inputs, None),
@@ -77,28 +77,24 @@ fn export_and_compare(shared: &Path, plan: &[LayerKeep]) -> (tempfile::TempDir, 
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn exported_pruned_model_equals_gated_original() {
-    let shared = fixtures_or_skip!();
-    let original = Model::from_dir(&shared.join("models/minilm-l6-sst2")).unwrap();
+    let original = Model::from_dir(&common::demo_model()).unwrap();
     let mut plan = original.keep_all();
-    plan[0].heads = Some(vec![0, 1, 4, 5, 9]);
-    plan[1].neurons = Some((0..1536).filter(|n| n % 5 != 0).take(1024).collect());
-    plan[2].heads = None;
-    plan[3].heads = Some(vec![]);
-    plan[3].neurons = Some((0..1536).step_by(3).take(256).collect());
-    plan[4] = LayerKeep {
-        heads: None,
-        neurons: None,
-    };
-    plan[5].neurons = None;
-    let (tmp, config) = export_and_compare(&shared, &plan);
+    // The demo model: 3 layers of 8 heads and FFN 768. Some heads and neurons; the attention
+    // block gone with a third of the neurons kept; no heads left and the FFN block gone.
+    plan[0].heads = Some(vec![0, 1, 4, 5]);
+    plan[0].neurons = Some((0..768).filter(|n| n % 5 != 0).take(512).collect());
+    plan[1].heads = None;
+    plan[1].neurons = Some((0..768).step_by(3).take(128).collect());
+    plan[2].heads = Some(vec![]);
+    plan[2].neurons = None;
+    let (tmp, config) = export_and_compare(&plan);
     assert_eq!(config["axcompress"]["hf_compatible"], false);
     assert_eq!(
         config["axcompress"]["structure"]["layers"][0]["heads"],
-        json!([0, 1, 4, 5, 9])
+        json!([0, 1, 4, 5])
     );
-    assert_eq!(config["num_hidden_layers"], 6);
+    assert_eq!(config["num_hidden_layers"], 3);
     assert_eq!(
         config["id2label"],
         json!({"0": "negative", "1": "positive"})
@@ -107,40 +103,36 @@ fn exported_pruned_model_equals_gated_original() {
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn stock_expressible_result_writes_a_standard_config() {
-    let shared = fixtures_or_skip!();
-    let original = Model::from_dir(&shared.join("models/minilm-l6-sst2")).unwrap();
+    let original = Model::from_dir(&common::demo_model()).unwrap();
     let mut plan = original.keep_all();
-    plan[2] = LayerKeep {
+    plan[1] = LayerKeep {
         heads: None,
         neurons: None,
     };
-    let (tmp, config) = export_and_compare(&shared, &plan);
+    let (tmp, config) = export_and_compare(&plan);
     assert_eq!(config["axcompress"]["hf_compatible"], true);
     assert!(config["axcompress"].get("structure").is_none());
-    assert_eq!(config["num_hidden_layers"], 5);
-    assert_eq!(config["intermediate_size"], 1536);
-    assert_eq!(config["axcompress"]["removed_layers"], json!([2]));
+    assert_eq!(config["num_hidden_layers"], 2);
+    assert_eq!(config["intermediate_size"], 768);
+    assert_eq!(config["axcompress"]["removed_layers"], json!([1]));
     let tensors = candle_core::safetensors::load(
         tmp.path().join("pruned/model.safetensors"),
         &candle_core::Device::Cpu,
     )
     .unwrap();
-    assert!(tensors.contains_key("bert.encoder.layer.4.output.dense.weight"));
-    assert!(!tensors.contains_key("bert.encoder.layer.5.output.dense.weight"));
+    assert!(tensors.contains_key("bert.encoder.layer.1.output.dense.weight"));
+    assert!(!tensors.contains_key("bert.encoder.layer.2.output.dense.weight"));
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn fp16_checkpoint_stays_fp16_and_shrinks() {
-    let shared = fixtures_or_skip!();
-    let dir = shared.join("models/minilm-l6-rte");
+    let dir = common::demo_model();
     let original = Model::from_dir(&dir).unwrap();
     assert_eq!(original.storage_dtype, DType::F16);
     let mut plan = original.keep_all();
     plan[1].heads = Some(vec![0, 3, 7]);
-    plan[5].neurons = None;
+    plan[2].neurons = None;
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("pruned");
     write_model_dir(
@@ -179,8 +171,8 @@ fn fp16_checkpoint_stays_fp16_and_shrinks() {
 /// `prune` of the SST-2 model on `data` (a small GLUE directory) into `out`, with `--json`,
 /// deciding on half of dev (size and speed modes would otherwise decide on perturbed train
 /// sentences).
-fn prune_cli(shared: &Path, data: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
-    let model = shared.join("models/minilm-l6-sst2");
+fn prune_cli(data: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    let model = common::demo_model();
     let extra = [&["--on", "dev"], extra].concat();
     common::run_stage("prune", &model, data, out, &extra)
 }
@@ -225,10 +217,8 @@ fn assert_within_max_drop(report: &Value, points: f64) {
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn size_mode_respects_max_drop_and_the_output_round_trips() {
-    let shared = fixtures_or_skip!();
-    let data = common::small_glue(&shared, "SST-2", 120);
+    let data = common::small_sst2(120);
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("pruned");
     let args = [
@@ -241,7 +231,7 @@ fn size_mode_respects_max_drop_and_the_output_round_trips() {
         "--levels",
         "blocks,heads",
     ];
-    let report = common::json_report(&prune_cli(&shared, data.path(), &out, &args));
+    let report = common::json_report(&prune_cli(data.path(), &out, &args));
     assert_within_max_drop(&report, 2.0);
     // 60 selection sentences at the point estimate: the check split (half of the 120 train
     // sentences, perturbed) or the report split (the other 60 of dev, gold-labelled) says
@@ -284,10 +274,13 @@ fn size_mode_respects_max_drop_and_the_output_round_trips() {
         "--json",
     ]));
     assert_eq!(inspect["parameters"], report["parameters"]["after"]);
-    assert_eq!(
-        read_json(&out.join("config.json"))["axcompress"]["history"][0]["pass"],
-        "prune"
-    );
+    // The demo model's own history (how it was made) comes first; this run's prune is last.
+    let history = read_json(&out.join("config.json"))["axcompress"]["history"].clone();
+    let source = read_json(&common::demo_model().join("config.json"))["axcompress"]["history"]
+        .as_array()
+        .map_or(0, Vec::len);
+    assert_eq!(history.as_array().unwrap().len(), source + 1, "{history}");
+    assert_eq!(history.as_array().unwrap().last().unwrap()["pass"], "prune");
     // Files get the umask's permissions, like any file this process creates.
     let probe = tmp.path().join("probe");
     std::fs::write(&probe, "").unwrap();
@@ -313,10 +306,8 @@ fn selection_bound_points(report: &Value, confidence: f64) -> f64 {
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn the_guard_keeps_the_bound_within_max_drop_where_the_point_estimate_need_not() {
-    let shared = fixtures_or_skip!();
-    let data = common::small_glue(&shared, "SST-2", 240);
+    let data = common::small_sst2(240);
     let tmp = tempfile::tempdir().unwrap();
     let run = |confidence: &str| {
         let out = tmp.path().join(format!("c{confidence}"));
@@ -334,7 +325,7 @@ fn the_guard_keeps_the_bound_within_max_drop_where_the_point_estimate_need_not()
         ];
         // The check split (120 perturbed train sentences) may not vouch for 6 points; this test
         // is about the selection's guard.
-        common::json_report(&prune_cli(&shared, data.path(), &out, &args))
+        common::json_report(&prune_cli(data.path(), &out, &args))
     };
     let (point, guarded) = (run("0.5"), run("0.9"));
     // The guarded run: the bound the decisions kept, as reported and recomputed, is within 6.
@@ -392,10 +383,8 @@ fn the_guard_keeps_the_bound_within_max_drop_where_the_point_estimate_need_not()
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn speed_mode_respects_max_drop() {
-    let shared = fixtures_or_skip!();
-    let data = common::small_glue(&shared, "SST-2", 120);
+    let data = common::small_sst2(120);
     let tmp = tempfile::tempdir().unwrap();
     let args = [
         "--mode",
@@ -412,20 +401,18 @@ fn speed_mode_respects_max_drop() {
     ];
     // Missing parent directories of --out are created.
     let out = tmp.path().join("new/dir/o");
-    let report = common::json_report(&prune_cli(&shared, data.path(), &out, &args));
+    let report = common::json_report(&prune_cli(data.path(), &out, &args));
     assert_within_max_drop(&report, 2.0);
     assert!(out.join("model.safetensors").is_file());
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn patience_ends_a_level_after_consecutive_rejections() {
-    let shared = fixtures_or_skip!();
-    let data = common::small_glue(&shared, "SST-2", 120);
+    let data = common::small_sst2(120);
     let tmp = tempfile::tempdir().unwrap();
     let args = ["--levels", "heads", "--patience", "2"];
     let out = tmp.path().join("o");
-    let report = common::json_stdout(&prune_cli(&shared, data.path(), &out, &args));
+    let report = common::json_stdout(&prune_cli(data.path(), &out, &args));
     let level = &levels(&report)[0];
     assert_eq!(level["stop"], "patience", "{level}");
     let accepted: Vec<bool> = level["trials"]
@@ -444,14 +431,12 @@ fn patience_ends_a_level_after_consecutive_rejections() {
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn group_level_removes_whole_groups_within_the_budget() {
     // The widths are the subject; the re-fit runs in the compensated test below.
     assert_group_level_within_budget(&["--reconstruct", "false"]);
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn compensated_group_level_removes_whole_groups_within_the_budget() {
     assert_group_level_within_budget(&["--compensate", "true"]);
 }
@@ -459,8 +444,7 @@ fn compensated_group_level_removes_whole_groups_within_the_budget() {
 /// Groups only, size mode, 2 points, 6 trials (plus `extra` flags): within the tolerance, and
 /// the removed groups are exactly what the written widths lack.
 fn assert_group_level_within_budget(extra: &[&str]) {
-    let shared = fixtures_or_skip!();
-    let data = common::small_glue(&shared, "SST-2", 120);
+    let data = common::small_sst2(120);
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("o");
     let mut args = vec![
@@ -476,7 +460,7 @@ fn assert_group_level_within_budget(extra: &[&str]) {
         "6",
     ];
     args.extend_from_slice(extra);
-    let report = common::json_report(&prune_cli(&shared, data.path(), &out, &args));
+    let report = common::json_report(&prune_cli(data.path(), &out, &args));
     assert_within_max_drop(&report, 2.0);
     let level = &levels(&report)[0];
     assert!(level["trials"].as_array().unwrap().len() <= 6);
@@ -492,16 +476,14 @@ fn assert_group_level_within_budget(extra: &[&str]) {
         .map(|l| l["ffn_width"].as_u64().unwrap())
         .collect();
     assert!(widths.iter().all(|w| w % 32 == 0), "{widths:?}");
-    let removed_neurons = 1536 * 6 - widths.iter().sum::<u64>();
+    let removed_neurons = 768 * 3 - widths.iter().sum::<u64>();
     assert_eq!(removed_neurons, 32 * removed.len() as u64);
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn a_state_cache_of_zero_bytes_changes_no_decision() {
-    let shared = fixtures_or_skip!();
-    let data = common::small_glue(&shared, "SST-2", 120);
-    let model = shared.join("models/minilm-l6-sst2");
+    let data = common::small_sst2(120);
+    let model = common::demo_model();
     let tmp = tempfile::tempdir().unwrap();
     let args = [
         "--levels",
@@ -567,14 +549,12 @@ fn a_state_cache_of_zero_bytes_changes_no_decision() {
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn cached_score_equals_a_fresh_evaluation_of_the_sliced_model() {
-    let shared = fixtures_or_skip!();
-    let dir = shared.join("models/minilm-l6-sst2");
+    let dir = common::demo_model();
     let model = Model::from_dir(&dir).unwrap();
     let labels = LabelMap::new(&model.config, Task::Sst2).unwrap();
     let encoder = TextEncoder::load(&dir, 128).unwrap();
-    let dev = glue::read(Task::Sst2, &shared.join("data/glue/SST-2/dev.tsv")).unwrap();
+    let dev = glue::read(Task::Sst2, &common::demo_sst2().join("dev.tsv")).unwrap();
     let set = encode(&dev, "", &encoder)
         .unwrap()
         .subset(&(0..96).collect::<Vec<_>>());
@@ -585,15 +565,15 @@ fn cached_score_equals_a_fresh_evaluation_of_the_sliced_model() {
     let _: Vec<u32> = journal.begin_step("test", || Ok(vec![])).unwrap();
     let mut plan = model.keep_all();
     let removals = [
-        Element::Head { layer: 3, head: 4 },
-        Element::FfnBlock { layer: 5 },
+        Element::Head { layer: 2, head: 4 },
+        Element::FfnBlock { layer: 2 },
         Element::Group {
             layer: 1,
             index: 0,
             neurons: (64..96).collect(),
         },
-        Element::AttentionBlock { layer: 2 },
-        Element::Head { layer: 0, head: 11 },
+        Element::AttentionBlock { layer: 1 },
+        Element::Head { layer: 0, head: 7 },
     ];
     for e in &removals {
         assert!(remove(&mut plan, e));
@@ -626,15 +606,13 @@ fn cached_score_equals_a_fresh_evaluation_of_the_sliced_model() {
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn a_significance_report_of_another_model_is_refused() {
-    let shared = fixtures_or_skip!();
-    let data = common::small_glue(&shared, "SST-2", 40);
+    let data = common::small_sst2(40);
     let tmp = tempfile::tempdir().unwrap();
-    // A real, different model: the fixture without its last layer's FFN block.
-    let original = Model::from_dir(&shared.join("models/minilm-l6-sst2")).unwrap();
+    // A real, different model: the demo model without its last layer's FFN block.
+    let original = Model::from_dir(&common::demo_model()).unwrap();
     let mut plan = original.keep_all();
-    plan[5].neurons = None;
+    plan[2].neurons = None;
     let other = tmp.path().join("other");
     write_model_dir(
         &original.slice(&plan).unwrap(),
@@ -648,7 +626,7 @@ fn a_significance_report_of_another_model_is_refused() {
     let o = common::run(&[
         "analyze",
         "--model",
-        shared.join("models/minilm-l6-sst2").to_str().unwrap(),
+        common::demo_model().to_str().unwrap(),
         "--task",
         "sst2",
         "--data",
@@ -683,7 +661,7 @@ fn a_significance_report_of_another_model_is_refused() {
     report["elements"][0]["layer"] = json!(99);
     std::fs::write(&report_path, report.to_string()).unwrap();
     let extra = ["--significance", report_path.to_str().unwrap()];
-    let o = prune_cli(&shared, data.path(), &tmp.path().join("o"), &extra);
+    let o = prune_cli(data.path(), &tmp.path().join("o"), &extra);
     common::assert_clean_error(&o, &["element L99.", "is not in this model"]);
 }
 
@@ -696,10 +674,8 @@ fn assert_usage_error(o: &std::process::Output, needle: &str) {
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn out_inside_the_input_model_is_refused() {
-    let shared = fixtures_or_skip!();
-    let dir = common::copy_model(&shared.join("models/minilm-l6-sst2"));
+    let dir = common::copy_model(&common::demo_model());
     for out in ["sub", "new/sub"] {
         let o = common::run(&[
             "prune",
@@ -708,7 +684,7 @@ fn out_inside_the_input_model_is_refused() {
             "--task",
             "sst2",
             "--data",
-            shared.join("data/glue/SST-2").to_str().unwrap(),
+            common::demo_sst2().to_str().unwrap(),
             "--out",
             dir.path().join(out).to_str().unwrap(),
         ]);
@@ -718,49 +694,42 @@ fn out_inside_the_input_model_is_refused() {
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn existing_out_needs_force() {
-    let shared = fixtures_or_skip!();
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("exists");
     std::fs::create_dir(&out).unwrap();
     std::fs::write(out.join("keep.txt"), "x").unwrap();
-    let o = prune_cli(&shared, &shared.join("data/glue/SST-2"), &out, &[]);
+    let o = prune_cli(&common::demo_sst2(), &out, &[]);
     common::assert_clean_error(&o, &["already exists; pass --force"]);
     assert!(out.join("keep.txt").is_file());
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn max_drop_must_be_a_non_negative_number() {
-    let shared = fixtures_or_skip!();
-    let data = common::small_glue(&shared, "SST-2", 20);
+    let data = common::small_sst2(20);
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("o");
     for bad in ["-1", "abc", "-2%"] {
         let o = prune_cli(
-            &shared,
             data.path(),
             &out,
             &["--mode", "size", &format!("--max-drop={bad}")],
         );
         assert_usage_error(&o, "--max-drop");
     }
-    let o = prune_cli(&shared, data.path(), &out, &["--mode", "size"]);
+    let o = prune_cli(data.path(), &out, &["--mode", "size"]);
     common::assert_clean_error(&o, &["size mode needs --max-drop"]);
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn bench_measures_the_model_against_a_different_baseline() {
-    let shared = fixtures_or_skip!();
-    let data = common::small_glue(&shared, "SST-2", 48);
+    let data = common::small_sst2(48);
     let tmp = tempfile::tempdir().unwrap();
-    let original_dir = shared.join("models/minilm-l6-sst2");
+    let original_dir = common::demo_model();
     let original = Model::from_dir(&original_dir).unwrap();
     let mut plan = original.keep_all();
-    plan[5].neurons = None;
-    plan[4].heads = None;
+    plan[2].neurons = None;
+    plan[1].heads = None;
     let pruned = tmp.path().join("pruned");
     write_model_dir(
         &original.slice(&plan).unwrap(),
@@ -817,10 +786,8 @@ fn bench_measures_the_model_against_a_different_baseline() {
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn a_search_that_fits_chance_on_a_tiny_selection_fails_the_final_check_with_status_3() {
-    let shared = fixtures_or_skip!();
-    let data = common::small_glue(&shared, "SST-2", 200);
+    let data = common::small_sst2(200);
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("fitted");
     // Six selection sentences at the point estimate: nearly any removal keeps them.
@@ -836,7 +803,7 @@ fn a_search_that_fits_chance_on_a_tiny_selection_fails_the_final_check_with_stat
         "--mode",
         "size",
     ];
-    let o = prune_cli(&shared, data.path(), &out, &args);
+    let o = prune_cli(data.path(), &out, &args);
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(3), "{stderr}");
     assert!(

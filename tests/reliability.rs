@@ -16,16 +16,21 @@ const SIGPIPE: i32 = 13;
 
 const NAN_TENSOR: &str = "bert.encoder.layer.0.output.dense.weight";
 
-/// Replaces the first value of the f32 tensor `name` in `dir/model.safetensors` by `value` (the
-/// fixture's weights are symlinked by `copy_model`: the file is written anew).
+/// Replaces the first value of the f32 or f16 tensor `name` in `dir/model.safetensors` by
+/// `value` (the model's weights are symlinked by `copy_model`: the file is written anew).
 fn poison(dir: &Path, name: &str, value: f32) {
     let path = dir.join("model.safetensors");
     let mut bytes = std::fs::read(&path).unwrap();
     let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
     let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
-    assert_eq!(header[name]["dtype"], "F32");
     let start = 8 + header_len + header[name]["data_offsets"][0].as_u64().unwrap() as usize;
-    bytes[start..start + 4].copy_from_slice(&value.to_le_bytes());
+    match header[name]["dtype"].as_str() {
+        Some("F32") => bytes[start..start + 4].copy_from_slice(&value.to_le_bytes()),
+        Some("F16") => {
+            bytes[start..start + 2].copy_from_slice(&half::f16::from_f32(value).to_le_bytes())
+        }
+        other => panic!("{name} is {other:?}, not F32 or F16"),
+    }
     std::fs::remove_file(&path).unwrap();
     std::fs::write(&path, bytes).unwrap();
 }
@@ -55,10 +60,8 @@ fn logits(path: &Path) -> serde_json::Value {
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn a_nan_weight_is_refused_naming_the_tensor_unless_allowed() {
-    let shared = fixtures_or_skip!();
-    let dir = copy_model(&shared.join("models/tiny-bert"));
+    let dir = copy_model(&common::tiny("tiny-bert"));
     poison(dir.path(), NAN_TENSOR, f32::NAN);
     let model = dir.path().to_str().unwrap();
     assert_clean_error(
@@ -74,12 +77,10 @@ fn a_nan_weight_is_refused_naming_the_tensor_unless_allowed() {
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn an_infinite_weight_is_refused_and_when_allowed_stops_the_evaluation() {
-    let shared = fixtures_or_skip!();
-    let dir = copy_model(&shared.join("models/minilm-l6-sst2"));
+    let dir = copy_model(&common::demo_model());
     poison(dir.path(), NAN_TENSOR, f32::INFINITY);
-    let data = common::small_glue(&shared, "SST-2", 8);
+    let data = common::small_sst2(8);
     let out = eval(dir.path(), data.path(), &[]);
     assert_clean_error(&out, &[NAN_TENSOR, "holds 1 NaN or infinite values"]);
     // Allowed at load, the infinity reaches the logits: no accuracy or loss is reported on them.
@@ -89,10 +90,8 @@ fn an_infinite_weight_is_refused_and_when_allowed_stops_the_evaluation() {
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn a_byte_order_mark_is_ignored_in_tsv_config_and_tokenizer_files() {
-    let shared = fixtures_or_skip!();
-    let dir = copy_model(&shared.join("models/minilm-l6-sst2"));
+    let dir = copy_model(&common::demo_model());
     for file in [
         "config.json",
         "tokenizer.json",
@@ -107,29 +106,25 @@ fn a_byte_order_mark_is_ignored_in_tsv_config_and_tokenizer_files() {
     let data = tsv(b"\xEF\xBB\xBFsentence\tlabel\r\na gripping film .\t1\r\ndull .\t0\r\n");
     let with_bom = eval(dir.path(), data.path(), &[]);
     assert_eq!(examples(&with_bom), 2);
-    let plain = eval(&shared.join("models/minilm-l6-sst2"), data.path(), &[]);
+    let plain = eval(&common::demo_model(), data.path(), &[]);
     let loss = |o: &Output| common::json_stdout(o)["sets"][0]["loss"].clone();
     assert_eq!(loss(&with_bom), loss(&plain));
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn a_line_that_is_not_utf8_is_an_error_naming_file_and_line() {
-    let shared = fixtures_or_skip!();
     let data = tsv(b"sentence\tlabel\ngood .\t1\nd\xE9j\xE0 vu .\t0\n");
-    let out = eval(&shared.join("models/minilm-l6-sst2"), data.path(), &[]);
+    let out = eval(&common::demo_model(), data.path(), &[]);
     let at = format!("{}:3: byte 2 is not UTF-8", data.path().display());
     assert_clean_error(&out, &[&at]);
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn a_one_megabyte_line_is_truncated_to_max_length() {
-    let shared = fixtures_or_skip!();
     let long = "a gripping , funny film . ".repeat(40_000);
     assert!(long.len() > 1_000_000);
     let data = tsv(format!("sentence\tlabel\n{long}\t1\nshort .\t0\n").as_bytes());
-    let model = shared.join("models/minilm-l6-sst2");
+    let model = common::demo_model();
     let tmp = tempfile::tempdir().unwrap();
     let (whole, cut) = (tmp.path().join("whole.json"), tmp.path().join("cut.json"));
     let out = eval(
@@ -149,11 +144,9 @@ fn a_one_megabyte_line_is_truncated_to_max_length() {
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn batch_sizes_of_zero_and_absurd_size_are_refused() {
-    let shared = fixtures_or_skip!();
-    let model = shared.join("models/minilm-l6-sst2");
-    let data = common::small_glue(&shared, "SST-2", 4);
+    let model = common::demo_model();
+    let data = common::small_sst2(4);
     let out = eval(&model, data.path(), &["--batch-size", "0"]);
     assert_clean_error(&out, &["--batch-size 0 is out of range", "use 1..=2048"]);
     let out = eval(&model, data.path(), &["--batch-size", "1000000"]);
@@ -167,11 +160,9 @@ fn batch_sizes_of_zero_and_absurd_size_are_refused() {
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn a_one_example_dataset_evaluates_and_prunes() {
-    let shared = fixtures_or_skip!();
-    let model = shared.join("models/minilm-l6-sst2");
-    let data = common::small_glue(&shared, "SST-2", 1);
+    let model = common::demo_model();
+    let data = common::small_sst2(1);
     assert_eq!(examples(&eval(&model, data.path(), &[])), 1);
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("o");
@@ -251,11 +242,9 @@ fn absent_or_complete(out: &Path) {
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn kill_9_during_export_leaves_the_destination_absent_or_complete() {
-    let shared = fixtures_or_skip!();
-    let model = shared.join("models/minilm-l6-sst2");
-    let data = common::small_glue(&shared, "SST-2", 16);
+    let model = common::demo_model();
+    let data = common::small_sst2(16);
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("q");
     let (m, d, o) = (
@@ -299,11 +288,9 @@ fn kill_9_during_export_leaves_the_destination_absent_or_complete() {
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn ctrl_c_during_prune_exits_130_naming_the_progress_and_resume_finishes() {
-    let shared = fixtures_or_skip!();
-    let model = shared.join("models/minilm-l6-sst2");
-    let data = common::small_glue(&shared, "SST-2", 40);
+    let model = common::demo_model();
+    let data = common::small_sst2(40);
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("p");
     let progress: PathBuf = tmp.path().join("p.progress.json");
@@ -355,10 +342,8 @@ fn ctrl_c_during_prune_exits_130_naming_the_progress_and_resume_finishes() {
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn a_closed_stdout_ends_the_process_quietly_like_head_does() {
-    let shared = fixtures_or_skip!();
-    let model = shared.join("models/minilm-l6-sst2");
+    let model = common::demo_model();
     let mut child = spawn(&["inspect", "--model", model.to_str().unwrap()]);
     // The reader goes away before the first line is printed, as `inspect | head -0` would.
     drop(child.stdout.take());

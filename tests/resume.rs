@@ -13,11 +13,11 @@ fn as_str(args: &[String]) -> Vec<&str> {
     args.iter().map(String::as_str).collect()
 }
 
-fn prune_args(shared: &Path, data: &Path, out: &Path) -> Vec<String> {
+fn prune_args(data: &Path, out: &Path) -> Vec<String> {
     [
         "prune",
         "--model",
-        shared.join("models/minilm-l6-sst2").to_str().unwrap(),
+        common::demo_model().to_str().unwrap(),
         "--task",
         "sst2",
         "--data",
@@ -73,14 +73,12 @@ fn kill_in_second_level(args: &[String], progress: &Path) {
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn a_killed_run_resumes_to_the_same_model() {
-    let shared = fixtures_or_skip!();
-    let data = common::small_glue(&shared, "SST-2", 40);
+    let data = common::small_sst2(40);
     let tmp = tempfile::tempdir().unwrap();
     let (whole, resumed) = (tmp.path().join("whole"), tmp.path().join("resumed"));
 
-    let args = prune_args(&shared, data.path(), &whole);
+    let args = prune_args(data.path(), &whole);
     let o = common::run(&as_str(&args));
     // 20 check sentences cannot vouch for 2 points: status 3 writes the output all the same.
     assert!(
@@ -89,7 +87,7 @@ fn a_killed_run_resumes_to_the_same_model() {
         String::from_utf8_lossy(&o.stderr)
     );
 
-    let args = prune_args(&shared, data.path(), &resumed);
+    let args = prune_args(data.path(), &resumed);
     let progress = tmp.path().join("resumed.progress.json");
     kill_in_second_level(&args, &progress);
     assert!(!resumed.exists(), "a killed run left an output directory");

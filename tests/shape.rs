@@ -20,12 +20,10 @@ fn shape_config(dir: &Path, model: &Path, data: &Path, extra: &str) -> std::path
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn a_shaped_float16_model_is_stock_and_reloads_to_what_the_run_judged() {
-    let shared = fixtures_or_skip!();
-    let data = common::small_glue(&shared, "SST-2", 120);
+    let data = common::small_sst2(120);
     let tmp = tempfile::tempdir().unwrap();
-    let source = shared.join("models/minilm-l6-sst2");
+    let source = common::demo_model();
     let config = shape_config(tmp.path(), &source, data.path(), "dtype = \"float16\"");
     let out = tmp.path().join("small");
     let report = common::compress_json(&config, &out, &[]);
@@ -74,19 +72,17 @@ fn a_shaped_float16_model_is_stock_and_reloads_to_what_the_run_judged() {
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn a_shape_that_asks_for_more_than_the_model_has_is_one_line() {
-    let shared = fixtures_or_skip!();
-    let data = common::small_glue(&shared, "SST-2", 60);
+    let data = common::small_sst2(60);
     let tmp = tempfile::tempdir().unwrap();
-    let source = shared.join("models/minilm-l6-sst2");
+    let source = common::demo_model();
     let config = shape_config(tmp.path(), &source, data.path(), "");
     let text = std::fs::read_to_string(&config).unwrap();
     for (from, to, needle) in [
         (
             "layers = 2",
-            "layers = 7",
-            "layers = 7 is more than the model has (6)",
+            "layers = 4",
+            "layers = 4 is more than the model has (3)",
         ),
         (
             "hidden = 128",

@@ -39,10 +39,8 @@ fn tiny_batch(model: &Model) -> AnalysisBatch {
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn penalised_loss_gradients_match_finite_differences() {
-    let shared = fixtures_or_skip!();
-    let model = Model::from_dir(&shared.join("models/tiny-bert")).unwrap();
+    let model = Model::from_dir(&common::tiny("tiny-bert")).unwrap();
     let trainable = Trainable::new(&model).unwrap();
     let batch = tiny_batch(&model);
     let objective = Objective {
@@ -104,11 +102,11 @@ fn penalised_loss_gradients_match_finite_differences() {
     }
 }
 
-/// A compress config training MiniLM on `data` with `recover` settings.
-fn recover_config(dir: &Path, shared: &Path, data: &Path, recover: &str) -> std::path::PathBuf {
+/// A compress config training the demo model on `data` with `recover` settings.
+fn recover_config(dir: &Path, data: &Path, recover: &str) -> std::path::PathBuf {
     let text = format!(
         "model = \"{}\"\ntask = \"sst2\"\ndata = \"{}\"\n\n[selection]\nselect_fraction = 0.5\n\n[[stages]]\npass = \"recover\"\n{recover}\n",
-        shared.join("models/minilm-l6-sst2").display(),
+        common::demo_model().display(),
         data.display()
     );
     let path = dir.join("recover.toml");
@@ -117,13 +115,11 @@ fn recover_config(dir: &Path, shared: &Path, data: &Path, recover: &str) -> std:
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn recovery_training_on_the_task_loss_lowers_it() {
-    let shared = fixtures_or_skip!();
-    let data = common::small_glue(&shared, "SST-2", 48);
+    let data = common::small_sst2(48);
     let tmp = tempfile::tempdir().unwrap();
     let settings = "task_weight = 1.0\ndistill_weight = 0.0\nepochs = 6\nlearning_rate = 2e-4\nwarmup = 0.0\nevaluations = 2";
-    let config = recover_config(tmp.path(), &shared, data.path(), settings);
+    let config = recover_config(tmp.path(), data.path(), settings);
     let report = common::compress_json(&config, &tmp.path().join("out"), &[]);
     let d = &report["stages"][0]["details"];
     assert_eq!(d["train_examples"], 48);
@@ -137,12 +133,10 @@ fn recovery_training_on_the_task_loss_lowers_it() {
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn recovery_never_trains_on_a_train_holdout_or_perturbed_selection() {
-    let shared = fixtures_or_skip!();
-    let data = common::small_glue(&shared, "SST-2", 48);
+    let data = common::small_sst2(48);
     let tmp = tempfile::tempdir().unwrap();
-    let config = recover_config(tmp.path(), &shared, data.path(), "train_limit = 1000");
+    let config = recover_config(tmp.path(), data.path(), "train_limit = 1000");
     let holdout = ["--on", "train-holdout", "--holdout", "16"];
     let report = common::compress_json(&config, &tmp.path().join("out"), &holdout);
     assert_eq!(report["stages"][0]["details"]["train_examples"], 48 - 16);
@@ -174,14 +168,12 @@ fn recovery_never_trains_on_a_train_holdout_or_perturbed_selection() {
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn recovery_interrupted_by_ctrl_c_resumes_to_the_same_model() {
-    let shared = fixtures_or_skip!();
-    let data = common::small_glue(&shared, "SST-2", 96);
+    let data = common::small_sst2(96);
     let tmp = tempfile::tempdir().unwrap();
     let settings =
         "train_limit = 96\nepochs = 2\nlearning_rate = 1e-4\nevaluations = 6\ntask_weight = 0.5";
-    let config = recover_config(tmp.path(), &shared, data.path(), settings);
+    let config = recover_config(tmp.path(), data.path(), settings);
     let (whole, resumed) = (tmp.path().join("whole"), tmp.path().join("resumed"));
     let args = |out: &Path| {
         [
@@ -242,12 +234,10 @@ fn recovery_interrupted_by_ctrl_c_resumes_to_the_same_model() {
 }
 
 #[test]
-#[cfg_attr(fixtures_missing, ignore = "needs the shared fixtures")]
 fn prune_with_recover_runs_a_recovery_stage_after_pruning() {
-    let shared = fixtures_or_skip!();
-    let data = common::small_glue(&shared, "SST-2", 64);
+    let data = common::small_sst2(64);
     let tmp = tempfile::tempdir().unwrap();
-    let model = shared.join("models/minilm-l6-sst2");
+    let model = common::demo_model();
     let extra = [
         "--levels",
         "blocks",

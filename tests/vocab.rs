@@ -40,20 +40,22 @@ fn logits(model: &Model, seqs: &[Sequence]) -> Vec<f32> {
 
 #[test]
 fn every_sst2_corpus_text_tokenizes_as_before_and_logits_are_unchanged() {
-    let shared = fixtures_or_skip!();
-    let src = shared.join("models/minilm-l6-sst2");
+    let src = common::demo_model();
     let model = Model::from_dir(&src).unwrap();
     let read = |split: &str| {
-        let path = shared.join(format!("data/glue/SST-2/{split}.tsv"));
+        let path = common::demo_sst2().join(format!("{split}.tsv"));
         glue::read(Task::Sst2, &path).unwrap()
     };
     let (train, dev) = (read("train"), read("dev"));
     let texts = dataset_texts(&[train, dev.clone()]);
     let (pruned, kept) = prune_vocabulary(&model, &texts).unwrap();
+    // The demo model's vocabulary is already SST-2's (train and dev); the demo's train sample
+    // is a subset of SST-2 train, so its corpus still drops tokens.
     assert!(
-        kept.len() < model.config.vocab_size / 2,
-        "kept {}",
-        kept.len()
+        kept.len() < model.config.vocab_size,
+        "kept {} of {}",
+        kept.len(),
+        model.config.vocab_size
     );
 
     let tmp = tempfile::tempdir().unwrap();
@@ -83,6 +85,10 @@ fn every_sst2_corpus_text_tokenizes_as_before_and_logits_are_unchanged() {
 }
 
 #[test]
+#[cfg_attr(
+    fixtures_missing,
+    ignore = "needs ../shared (AXCOMPRESS_FIXTURES): the MiniLM RTE fixture and GLUE RTE"
+)]
 fn a_file_corpus_prunes_rte_pairs_and_the_judge_sees_what_eval_sees() {
     let shared = fixtures_or_skip!();
     let data = common::small_glue(&shared, "RTE", 40);

@@ -94,9 +94,9 @@ pub struct ToleranceReport {
     /// the paired accuracy drop, gains included, in points, at the same shared confidence.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub report_bound_points: Option<f64>,
-    /// Whether the run kept its promise: the selection metric, guarded, ended at or above the
-    /// floor, and the check or the report split bounds the drop within `max_drop` (true without
-    /// a `max_drop`). A run that does not exits with status 3 after writing.
+    /// Whether the run kept its promise: a split no decision saw (the check or the report split)
+    /// bounds the drop within `max_drop` (true without a `max_drop`). A run that does not exits
+    /// with status 3 after writing.
     pub kept: bool,
     /// When the run is not kept: why, and what to change (the line it exits with).
     #[serde(skip_serializing_if = "Option::is_none")]

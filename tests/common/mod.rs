@@ -38,6 +38,68 @@ pub fn fixtures() -> Option<PathBuf> {
     None
 }
 
+/// The repository's root.
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The demo SST-2 model carried by the repository (`demo/model`: a 3-layer BERT, fp16).
+pub fn demo_model() -> PathBuf {
+    repo().join("demo/model")
+}
+
+/// The GLUE directory of the demo data (`demo/data`, holding `SST-2`).
+pub fn demo_glue() -> PathBuf {
+    repo().join("demo/data")
+}
+
+/// The demo SST-2 data (`demo/data/SST-2`: all 872 dev sentences and 5,000 train sentences).
+pub fn demo_sst2() -> PathBuf {
+    demo_glue().join("SST-2")
+}
+
+/// The demo SST-2 data as the hub dataset `nyu-mll/glue` holds it: its repository paths
+/// (`sst2/train-00000-of-00001.parquet`, `sst2/validation-…`) and the files in
+/// `demo/data/nyu-mll-glue`.
+pub fn demo_hub_dataset() -> Vec<(String, PathBuf)> {
+    let dir = demo_glue().join("nyu-mll-glue/sst2");
+    let mut files: Vec<(String, PathBuf)> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .map(|p| {
+            (
+                format!("sst2/{}", p.file_name().unwrap().to_string_lossy()),
+                p,
+            )
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+/// Writes a hub cache under `cache` holding the demo data as the dataset `nyu-mll/glue` at
+/// revision `commit` (what a user's cache looks like after the data was fetched once).
+pub fn demo_dataset_cache(cache: &Path, commit: &str) {
+    let repo = cache.join("datasets--nyu-mll--glue");
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+    for (name, path) in demo_hub_dataset() {
+        let target = repo.join("snapshots").join(commit).join(name);
+        std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+        std::fs::copy(path, target).unwrap();
+    }
+}
+
+/// A tiny parity model carried by the repository (`tests/fixtures/models/<name>`).
+pub fn tiny(name: &str) -> PathBuf {
+    repo().join("tests/fixtures/models").join(name)
+}
+
+/// A GLUE directory with the first `rows` examples of the demo SST-2 train and dev files.
+pub fn small_sst2(rows: usize) -> tempfile::TempDir {
+    small_glue(&demo_glue(), "SST-2", rows)
+}
+
 /// Skips the calling test (returning early) when fixtures are missing.
 #[macro_export]
 macro_rules! fixtures_or_skip {
@@ -204,20 +266,14 @@ pub fn reference_inputs(model: &Model, reference: &Value) -> Inputs {
 }
 
 /// The first `n` SST-2 dev sentences, tokenized for `model` (at most 64 tokens) as one batch.
-pub fn sst2_dev_inputs(shared: &Path, model: &Model, n: usize) -> Inputs {
-    sst2_dev_batch_inputs(shared, model, 0, n, n).remove(0)
+pub fn sst2_dev_inputs(model: &Model, n: usize) -> Inputs {
+    sst2_dev_batch_inputs(model, 0, n, n).remove(0)
 }
 
 /// SST-2 dev sentences `start..end`, tokenized for `model` (at most 64 tokens), in batches of
 /// `batch`.
-pub fn sst2_dev_batch_inputs(
-    shared: &Path,
-    model: &Model,
-    start: usize,
-    end: usize,
-    batch: usize,
-) -> Vec<Inputs> {
-    let text = std::fs::read_to_string(shared.join("data/glue/SST-2/dev.tsv")).unwrap();
+pub fn sst2_dev_batch_inputs(model: &Model, start: usize, end: usize, batch: usize) -> Vec<Inputs> {
+    let text = std::fs::read_to_string(demo_sst2().join("dev.tsv")).unwrap();
     let sentences: Vec<(String, Option<String>)> = text
         .lines()
         .skip(1 + start)
@@ -255,13 +311,13 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// A GLUE directory holding `<task_dir>/train.tsv` and `dev.tsv` with the first `rows` examples
-/// of the fixture files (small data keeps CLI tests fast).
-pub fn small_glue(shared: &Path, task_dir: &str, rows: usize) -> tempfile::TempDir {
+/// of those in the GLUE directory `glue` (small data keeps CLI tests fast).
+pub fn small_glue(glue: &Path, task_dir: &str, rows: usize) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join(task_dir)).unwrap();
     for split in ["train", "dev"] {
         let file = format!("{task_dir}/{split}.tsv");
-        let text = std::fs::read_to_string(shared.join("data/glue").join(&file)).unwrap();
+        let text = std::fs::read_to_string(glue.join(&file)).unwrap();
         let head: Vec<&str> = text.lines().take(rows + 1).collect();
         std::fs::write(dir.path().join(&file), head.join("\n") + "\n").unwrap();
     }
