@@ -54,7 +54,9 @@ fn split_files_in(
     if offline {
         return Ok(None);
     }
-    download(cache, task, &splits).map(Some)
+    download(cache, task, &splits).map(Some).with_context(|| {
+        format!("{task} data (pass --data DIR or set GLUE_DIR to use local GLUE files)")
+    })
 }
 
 /// The hub split names of GLUE `split`, each with its metric suffix. The task registry decides
@@ -98,7 +100,7 @@ fn download(cache: &Path, task: Task, splits: &[(&'static str, String)]) -> Resu
     let repo = api.dataset(DATASET.to_string());
     let info = repo
         .info()
-        .map_err(|e| describe_hub_error(e, DATASET, "the file list"))?;
+        .map_err(|e| describe_hub_error(e, DATASET, "file list"))?;
     let folder = format!("{}/", task.name());
     let names: Vec<&str> = info
         .siblings
