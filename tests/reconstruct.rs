@@ -1,4 +1,4 @@
-//! Layer-wise reconstruction after pruning: it lowers the error of the layers' outputs against
+//! Layer-wise reconstruction after pruning: it lowers the error of every layer's output against
 //! the original on sentences it was not fitted on, and the re-fit model exports, reloads and
 //! equals itself; recomputing the states of batches past the memory budget changes nothing.
 
@@ -65,18 +65,12 @@ fn reconstruction_lowers_held_out_layer_errors_and_round_trips() {
     }
     let after = hidden_errors(&model, &fitted, &held_out).unwrap();
     eprintln!("held-out relative errors per layer: {before:.4?} without, {after:.4?} with");
-    // The fits lower each block's pre-LayerNorm error, but on the demo model the first layer's
-    // output after LayerNorm gets worse (held-out 0.068 -> 0.090 on 2026-12-06, on the fitting
-    // sentences too): least squares on the sum weighs tokens by their norm, LayerNorm does not.
-    // Every later layer, and the last layer the classifier reads, must come out closer.
-    for (l, (a, b)) in after.iter().zip(&before).enumerate().skip(1) {
+    for (l, (a, b)) in after.iter().zip(&before).enumerate() {
         assert!(
             a < b,
             "layer {l}: held-out error {a} with reconstruction, {b} without"
         );
     }
-    let (total_after, total_before): (f64, f64) = (after.iter().sum(), before.iter().sum());
-    assert!(total_after < total_before, "{after:?} against {before:?}");
     assert_eq!(fitted.parameter_count(), pruned.parameter_count());
 
     let tmp = tempfile::tempdir().unwrap();

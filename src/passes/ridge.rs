@@ -44,11 +44,23 @@ impl NormalEquations {
 
     /// Adds rows: `features` `[rows, features]` and `targets` `[rows, outputs]` (f32).
     pub fn add(&mut self, features: &Tensor, targets: &Tensor) -> Result<()> {
+        let ones = Tensor::ones((features.dim(0)?, 1), DType::F32, &Device::Cpu)?;
+        self.add_weighted(features, targets, &ones)
+    }
+
+    /// Adds rows with weights `[rows, 1]` (f32): each row's squared residual counts `weight²`
+    /// times (a row of weight √2 counts as that row added twice).
+    pub fn add_weighted(
+        &mut self,
+        features: &Tensor,
+        targets: &Tensor,
+        weights: &Tensor,
+    ) -> Result<()> {
         // Products of one batch in f32 (a few hundred rows: rounding stays far below the ridge),
         // summed over batches in f64.
         let rows = features.dim(0)?;
-        let ones = Tensor::ones((rows, 1), DType::F32, &Device::Cpu)?;
-        let a = Tensor::cat(&[features, &ones], 1)?;
+        let a = Tensor::cat(&[&features.broadcast_mul(weights)?, weights], 1)?;
+        let targets = targets.broadcast_mul(weights)?;
         let at = a.t()?.contiguous()?;
         let f64_of = |t: Tensor| t.to_dtype(DType::F64);
         self.ata = (&self.ata + f64_of(at.matmul(&a)?)?)?;
@@ -222,6 +234,31 @@ mod tests {
         for (x, want) in b.iter().zip([1.0, 2.0, 3.0, -1.0]) {
             assert!((x - want).abs() < 1e-12, "{b:?}");
         }
+    }
+
+    #[test]
+    fn a_row_of_weight_root_two_counts_as_that_row_twice() {
+        let f = Tensor::new(&[[1f32, 2.0], [0.5, -1.0], [3.0, 0.0]], &Device::Cpu).unwrap();
+        let t = Tensor::new(&[[1f32], [2.0], [-1.0]], &Device::Cpu).unwrap();
+        let mut weighted = NormalEquations::new(2, 1).unwrap();
+        let w = Tensor::new(&[[1f32], [2f32.sqrt()], [1.0]], &Device::Cpu).unwrap();
+        weighted.add_weighted(&f, &t, &w).unwrap();
+        let mut twice = NormalEquations::new(2, 1).unwrap();
+        twice.add(&f, &t).unwrap();
+        twice
+            .add(&f.narrow(0, 1, 1).unwrap(), &t.narrow(0, 1, 1).unwrap())
+            .unwrap();
+        let (w0, b0) = (
+            Tensor::zeros((1, 2), DType::F32, &Device::Cpu).unwrap(),
+            Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap(),
+        );
+        let (a, b) = (
+            weighted.solve(&w0, &b0, 1e-3).unwrap(),
+            twice.solve(&w0, &b0, 1e-3).unwrap(),
+        );
+        let close = |x: &Tensor, y: &Tensor| crate::testing::max_abs_diff(x, y) < 1e-4;
+        assert!(close(&a.weight, &b.weight) && close(&a.bias, &b.bias));
+        assert!((a.error_after - b.error_after).abs() < 1e-6);
     }
 
     #[test]
