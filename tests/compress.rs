@@ -165,7 +165,7 @@ fn the_demo_config_runs_with_no_flags_and_keeps_its_promise() {
 fn rte_config_keeps_the_fp16_weights() {
     let shared = fixtures_or_skip!();
     let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/rte-minilm-size.toml");
-    let data = common::small_glue(&shared, "RTE", 30);
+    let data = common::small_glue(&shared.join("data/glue"), "RTE", 30);
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("rte");
     let report = compress(

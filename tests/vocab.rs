@@ -91,7 +91,7 @@ fn every_sst2_corpus_text_tokenizes_as_before_and_logits_are_unchanged() {
 )]
 fn a_file_corpus_prunes_rte_pairs_and_the_judge_sees_what_eval_sees() {
     let shared = fixtures_or_skip!();
-    let data = common::small_glue(&shared, "RTE", 40);
+    let data = common::small_glue(&shared.join("data/glue"), "RTE", 40);
     // The corpus: only the train pairs, so dev words outside it become [UNK].
     let train = glue::read(Task::Rte, &data.path().join("RTE/train.tsv")).unwrap();
     let corpus: Vec<String> = train
