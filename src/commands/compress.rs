@@ -48,6 +48,7 @@ pub fn run(args: &CompressArgs, cli: &Cli) -> Result<()> {
     })?;
     let out = Output {
         dir,
+        reads: vec![args.config.clone()],
         force: args.run.force,
         resume: args.run.resume,
     };

@@ -111,6 +111,7 @@ pub fn run_stages(
     };
     let out = Output {
         dir: out.to_path_buf(),
+        reads: Vec::new(),
         force: run.force,
         resume: run.resume,
     };

@@ -5,6 +5,7 @@
 //! permissions (the process umask), so other users and CI jobs can read them.
 
 pub mod compressed;
+pub mod destination;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -16,6 +17,7 @@ use candle_core::{DType, Tensor};
 use serde_json::{json, Value};
 
 use crate::fsutil::{pretty_json, remove_stale_siblings, temporary_sibling};
+
 use crate::interrupt;
 use crate::model::config::Family;
 use crate::model::linear::{Linear, Weight};
@@ -26,6 +28,7 @@ use crate::model::storage::StorageDtype;
 use crate::model::vocab::TokenizerFiles;
 use crate::model::Model;
 use compressed::{quantization_config, quantized_entries, striped_entries, Stored};
+pub use destination::{check_destination, create_parent};
 
 /// Tokenizer and auxiliary files copied from the source model when present.
 const TOKENIZER_FILES: [&str; 6] = [
@@ -270,65 +273,6 @@ pub fn config_json(
     config
 }
 
-/// The parent of `out` as an absolute path with links resolved, even when it does not exist yet
-/// (its nearest existing ancestor is resolved and the rest appended).
-fn absolute_parent(out: &Path) -> Result<PathBuf> {
-    let parent = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let mut existing = parent;
-    let mut rest = Vec::new();
-    while !existing.exists() {
-        rest.push(
-            existing
-                .file_name()
-                .context("--out has no existing ancestor")?,
-        );
-        existing = existing
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-    }
-    let mut resolved = existing
-        .canonicalize()
-        .with_context(|| format!("cannot resolve {}", existing.display()))?;
-    resolved.extend(rest.iter().rev());
-    Ok(resolved)
-}
-
-/// Creates the missing parent directories of `out` (after [`check_destination`] accepted it).
-pub fn create_parent(out: &Path) -> Result<()> {
-    match out.parent().filter(|p| !p.as_os_str().is_empty()) {
-        Some(parent) => std::fs::create_dir_all(parent)
-            .with_context(|| format!("cannot create {}", parent.display())),
-        None => Ok(()),
-    }
-}
-
-/// Refuses to write into (or over) the input model, or over an existing `out` without `force`.
-pub fn check_destination(input: &Path, out: &Path, force: bool) -> Result<()> {
-    let input = input
-        .canonicalize()
-        .with_context(|| format!("cannot resolve {}", input.display()))?;
-    let parent = absolute_parent(out)?;
-    let target = parent.join(out.file_name().context("--out needs a directory name")?);
-    if target.starts_with(&input) {
-        bail!(
-            "--out {} is inside the input model directory {}; choose a directory outside it (the input is never overwritten)",
-            out.display(),
-            input.display()
-        );
-    }
-    if out.exists() && !force {
-        bail!(
-            "--out {} already exists; pass --force to replace it",
-            out.display()
-        );
-    }
-    Ok(())
-}
-
 /// A model ready to be written: its weights serialised and its config built.
 pub struct Prepared {
     /// `model.safetensors` bytes.
@@ -362,7 +306,7 @@ impl Prepared {
     /// Writes the model directory at `out` atomically, with `extra` files (name, bytes) such as
     /// `report.json` beside the model files.
     pub fn write(&self, out: &Path, extra: &[(&str, Vec<u8>)], force: bool) -> Result<()> {
-        check_destination(&self.source_dir, out, force)?;
+        check_destination(&[&self.source_dir], out, force)?;
         create_parent(out)?;
         remove_stale_siblings(out);
         let tmp = temporary_sibling(out, "tmp")?;

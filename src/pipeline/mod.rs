@@ -92,6 +92,15 @@ impl StageSpec {
         }
     }
 
+    /// The significance report the stage reads, when it names one.
+    pub fn significance(&self) -> Option<&Path> {
+        match self {
+            StageSpec::Prune(s) => s.significance.as_deref(),
+            StageSpec::Quantize(s) => s.significance.as_deref(),
+            _ => None,
+        }
+    }
+
     /// True for a prune stage that removes within a tolerance (size or speed mode).
     fn prunes_within_a_tolerance(&self) -> bool {
         matches!(self, StageSpec::Prune(s) if s.mode != Mode::Accuracy)
@@ -164,6 +173,9 @@ pub struct RunSettings {
 pub struct Output {
     /// Output model directory.
     pub dir: PathBuf,
+    /// Files the run reads that its settings do not name (the config file): the output may not
+    /// be, hold or sit inside them, as for the model, the data and significance reports.
+    pub reads: Vec<PathBuf>,
     /// Replace an existing output (and discard an interrupted run's progress).
     pub force: bool,
     /// Continue an interrupted run from its progress file.
@@ -240,6 +252,18 @@ pub fn progress_path(out: &Path) -> PathBuf {
     out.with_file_name(format!("{name}.progress.json"))
 }
 
+/// Every path the run reads: the model directory, the data, `--test`, significance reports and
+/// the config file.
+fn inputs_of<'a>(spec: &'a RunSettings, setup: &'a TaskSetup, out: &'a Output) -> Vec<&'a Path> {
+    let named = [spec.data.as_deref(), spec.test.as_deref()];
+    let significance = spec.stages.iter().filter_map(StageSpec::significance);
+    std::iter::once(setup.model.dir.as_path())
+        .chain(named.into_iter().flatten())
+        .chain(significance)
+        .chain(out.reads.iter().map(PathBuf::as_path))
+        .collect()
+}
+
 /// Runs the pipeline and writes `out.dir`.
 pub fn run(spec: &RunSettings, out: &Output, quiet: bool) -> Result<Finished> {
     let started = Instant::now();
@@ -254,7 +278,7 @@ pub fn run(spec: &RunSettings, out: &Output, quiet: bool) -> Result<Finished> {
         spec.max_length,
         spec.batch_size,
     )?;
-    check_destination(&setup.model.dir, &out.dir, out.force)?;
+    check_destination(&inputs_of(spec, &setup, out), &out.dir, out.force)?;
     passes[0].check_input(&setup.model)?;
     create_parent(&out.dir)?;
     let mut journal = open_journal(spec, out, &setup)?;

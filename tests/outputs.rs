@@ -1,0 +1,133 @@
+//! The output rule, on a tree holding an input model, data, a config and unrelated files: an
+//! output never is, holds or sits inside an input; it is a directory or nothing; and `--force`
+//! replaces only a directory axcompress wrote (or an empty one). Every refusal is one line and
+//! leaves every file byte for byte as it was.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+/// `root/P/model` (the demo model), `root/P/unrelated.txt`, `root/d/SST-2` (40 sentences),
+/// `root/cfg/c.toml` (a quantize config naming them), `root/f.txt`, `root/other/notes.txt`.
+fn tree() -> tempfile::TempDir {
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    std::fs::create_dir_all(r.join("P/model")).unwrap();
+    for entry in std::fs::read_dir(common::demo_model()).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, r.join("P/model").join(path.file_name().unwrap())).unwrap();
+    }
+    std::fs::write(r.join("P/unrelated.txt"), "keep me").unwrap();
+    let data = common::small_sst2(40);
+    std::fs::create_dir_all(r.join("d/SST-2")).unwrap();
+    for split in ["train.tsv", "dev.tsv"] {
+        std::fs::copy(
+            data.path().join("SST-2").join(split),
+            r.join("d/SST-2").join(split),
+        )
+        .unwrap();
+    }
+    std::fs::create_dir_all(r.join("cfg")).unwrap();
+    let config = "model = \"../P/model\"\ndata = \"../d/SST-2\"\ntask = \"sst2\"\n\n[[stages]]\npass = \"quantize\"\n";
+    std::fs::write(r.join("cfg/c.toml"), config).unwrap();
+    std::fs::write(r.join("f.txt"), "a file").unwrap();
+    std::fs::create_dir_all(r.join("other")).unwrap();
+    std::fs::write(r.join("other/notes.txt"), "not ours").unwrap();
+    root
+}
+
+/// Every file under `root` with its bytes.
+fn snapshot(root: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    let mut files = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                let bytes = std::fs::read(&path).unwrap();
+                files.insert(path.strip_prefix(root).unwrap().to_path_buf(), bytes);
+            }
+        }
+    }
+    files
+}
+
+/// `quantize --bits 8` of the tree's model on its data into `out` (relative to the tree).
+fn quantize(root: &Path, out: &str, force: bool) -> Output {
+    let (model, data) = (root.join("P/model"), root.join("d/SST-2"));
+    let extra: &[&str] = if force {
+        &["--bits", "8", "--force"]
+    } else {
+        &["--bits", "8"]
+    };
+    common::run_stage("quantize", &model, &data, &root.join(out), extra)
+}
+
+#[test]
+fn an_output_that_is_holds_or_sits_in_an_input_or_is_not_ours_is_refused_and_nothing_changes() {
+    let root = tree();
+    let r = root.path();
+    // An earlier output of ours, to be replaced only with --force.
+    assert!(common::wrote_output(&quantize(r, "ours", false)));
+    let before = snapshot(r);
+    let cases: [(&str, bool, &str); 7] = [
+        ("P", true, "holds the input"),
+        ("P/model/sub", false, "is inside the input"),
+        ("d", true, "holds the input"),
+        ("f.txt", true, "is not a directory"),
+        ("other", true, "not a directory axcompress wrote"),
+        ("ours", false, "already exists; pass --force"),
+        (".", true, "holds the input"),
+    ];
+    for (out, force, needle) in cases {
+        let run = quantize(r, out, force);
+        common::assert_clean_error(&run, &[needle]);
+        assert_eq!(snapshot(r), before, "--out {out} changed files");
+    }
+    // The config file is an input too: its own directory is refused.
+    let config = r.join("cfg/c.toml");
+    let run = common::run(&[
+        "compress",
+        "--config",
+        config.to_str().unwrap(),
+        "--out",
+        r.join("cfg").to_str().unwrap(),
+        "--force",
+        "-q",
+    ]);
+    common::assert_clean_error(&run, &["holds the input", "c.toml"]);
+    assert_eq!(snapshot(r), before);
+}
+
+#[test]
+fn force_replaces_an_output_of_ours_and_an_empty_directory_takes_one_without_it() {
+    let root = tree();
+    let r = root.path();
+    assert!(common::wrote_output(&quantize(r, "ours", false)));
+    std::fs::write(r.join("ours/stale.txt"), "from before").unwrap();
+    let inputs = |s: &BTreeMap<PathBuf, Vec<u8>>| -> BTreeMap<PathBuf, Vec<u8>> {
+        s.iter()
+            .filter(|(p, _)| !p.starts_with("ours") && !p.starts_with("empty"))
+            .map(|(p, b)| (p.clone(), b.clone()))
+            .collect()
+    };
+    let before = inputs(&snapshot(r));
+    assert!(common::wrote_output(&quantize(r, "ours", true)));
+    assert!(
+        !r.join("ours/stale.txt").exists(),
+        "the old output is replaced whole"
+    );
+    assert!(r.join("ours/model.safetensors").is_file());
+    std::fs::create_dir(r.join("empty")).unwrap();
+    assert!(common::wrote_output(&quantize(r, "empty", false)));
+    assert!(r.join("empty/config.json").is_file());
+    assert_eq!(
+        inputs(&snapshot(r)),
+        before,
+        "no input or unrelated file changed"
+    );
+}
