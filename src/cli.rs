@@ -123,6 +123,9 @@ pub struct EvalArgs {
     /// Also write every example's logits and predicted label to this JSON file.
     #[arg(long)]
     pub predictions: Option<PathBuf>,
+    /// Replace an existing --predictions file.
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// Arguments of `axcompress inspect`.
@@ -202,6 +205,9 @@ pub struct AnalyzeArgs {
     /// Write SVG heatmaps here [default: beside --out].
     #[arg(long)]
     pub plots: Option<PathBuf>,
+    /// Replace an existing --out report (and its timing file).
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// A count, or `all`.

@@ -131,3 +131,63 @@ fn force_replaces_an_output_of_ours_and_an_empty_directory_takes_one_without_it(
         "no input or unrelated file changed"
     );
 }
+
+#[test]
+fn single_file_outputs_never_overwrite_an_input_and_replace_a_file_only_with_force() {
+    let root = tree();
+    let r = root.path();
+    let (model, data) = (r.join("P/model"), r.join("d/SST-2"));
+    let eval = |predictions: &Path, force: bool| {
+        let mut args = vec![
+            "eval",
+            "--model",
+            model.to_str().unwrap(),
+            "--task",
+            "sst2",
+            "--data",
+            data.to_str().unwrap(),
+            "--predictions",
+            predictions.to_str().unwrap(),
+            "-q",
+        ];
+        if force {
+            args.push("--force");
+        }
+        common::run(&args)
+    };
+    let before = snapshot(r);
+    for (path, force, needle) in [
+        (model.join("config.json"), true, "is the input"),
+        (data.join("dev.tsv"), true, "is the input"),
+        (r.join("other"), true, "not a regular file"),
+        (r.join("f.txt"), false, "already exists; pass --force"),
+    ] {
+        common::assert_clean_error(&eval(&path, force), &["--predictions", needle]);
+        assert_eq!(snapshot(r), before, "--predictions {}", path.display());
+    }
+    let analyze = common::run(&[
+        "analyze",
+        "--model",
+        model.to_str().unwrap(),
+        "--task",
+        "sst2",
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        model.join("model.safetensors").to_str().unwrap(),
+        "--force",
+        "-q",
+    ]);
+    common::assert_clean_error(&analyze, &["--out", "is the input"]);
+    assert_eq!(snapshot(r), before);
+    // A file of one's own is replaced with --force.
+    let predictions = r.join("p.json");
+    assert!(eval(&predictions, false).status.success());
+    common::assert_clean_error(&eval(&predictions, false), &["already exists"]);
+    let replaced = eval(&predictions, true);
+    assert!(
+        replaced.status.success(),
+        "{}",
+        String::from_utf8_lossy(&replaced.stderr)
+    );
+}

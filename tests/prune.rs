@@ -688,7 +688,7 @@ fn out_inside_the_input_model_is_refused() {
             "--out",
             dir.path().join(out).to_str().unwrap(),
         ]);
-        common::assert_clean_error(&o, &["is inside the input model directory"]);
+        common::assert_clean_error(&o, &["is inside the input"]);
     }
     assert!(!dir.path().join("sub").exists() && !dir.path().join("new").exists());
 }

@@ -118,3 +118,37 @@ fn a_killed_run_resumes_to_the_same_model() {
         );
     }
 }
+
+/// Sets the first `"layer"` found under `value` to `layer`; true when one was found.
+fn set_first_layer(value: &mut serde_json::Value, layer: u64) -> bool {
+    match value {
+        serde_json::Value::Object(map) => {
+            if let Some(l) = map.get_mut("layer") {
+                *l = layer.into();
+                return true;
+            }
+            map.values_mut().any(|v| set_first_layer(v, layer))
+        }
+        serde_json::Value::Array(items) => items.iter_mut().any(|v| set_first_layer(v, layer)),
+        _ => false,
+    }
+}
+
+#[test]
+fn a_progress_file_naming_a_layer_the_model_lacks_is_refused_in_one_line() {
+    let data = common::small_sst2(40);
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("edited");
+    let args = prune_args(data.path(), &out);
+    let progress = tmp.path().join("edited.progress.json");
+    kill_in_second_level(&args, &progress);
+    let mut journal: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&progress).unwrap()).unwrap();
+    assert!(set_first_layer(&mut journal["steps"][1], 99), "{journal}");
+    std::fs::write(&progress, journal.to_string()).unwrap();
+    let mut resume = args.clone();
+    resume.push("--resume".into());
+    let o = common::run(&as_str(&resume));
+    common::assert_clean_error(&o, &["layer 99", "the model has 3", "progress file"]);
+    assert!(!out.exists());
+}

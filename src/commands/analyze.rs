@@ -15,6 +15,7 @@ use crate::cli::{AnalyzeArgs, Cli, CountOrAll};
 use crate::data::batch::EncodedSet;
 use crate::data::splits::{SelectionSpec, Splits};
 use crate::evaluate::model_targets;
+use crate::export::check_file_destination;
 use crate::fsutil::{pretty_json, write_atomic};
 
 /// Runs `axcompress analyze`.
@@ -23,6 +24,9 @@ pub fn run(args: &AnalyzeArgs, cli: &Cli) -> Result<()> {
     // otherwise (then analysis refuses it).
     Execution::set_default(Execution::Dequantized);
     let setup = task_setup(&args.model, &args.task)?;
+    if let Some(out) = &args.out {
+        check_report_destination(args, &setup.model.dir, out)?;
+    }
     let task = args.task.task;
     let spec = args.selection.apply(SelectionSpec::default());
     let label = |set: &EncodedSet| {
@@ -111,6 +115,18 @@ pub fn run(args: &AnalyzeArgs, cli: &Cli) -> Result<()> {
 }
 
 /// `report.json` → `report.timing.json`.
+/// Refuses a report path (or its timing file) that is an input or inside one, that is not a
+/// file, or that exists without `--force`: before any analysis runs.
+fn check_report_destination(args: &AnalyzeArgs, model_dir: &Path, out: &Path) -> Result<()> {
+    let on = args.selection.on.as_deref().map(Path::new);
+    let inputs: Vec<&Path> = [Some(model_dir), args.task.data.as_deref(), on]
+        .into_iter()
+        .flatten()
+        .collect();
+    check_file_destination("--out", &inputs, out, args.force)?;
+    check_file_destination("--out", &inputs, &timing_path(out), args.force)
+}
+
 fn timing_path(out: &Path) -> PathBuf {
     let stem = out
         .file_stem()

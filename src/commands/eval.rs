@@ -10,6 +10,7 @@ use crate::cli::{Cli, EvalArgs};
 use crate::data::batch::load_split;
 use crate::data::labels::LabelMap;
 use crate::evaluate::{predict, predicted_labels, score};
+use crate::export::check_file_destination;
 use crate::fsutil::write_atomic;
 use crate::model::encoder::RunOptions;
 use crate::model::Model;
@@ -26,6 +27,15 @@ pub fn run(args: &EvalArgs, cli: &Cli) -> Result<()> {
         max_length,
         data,
     } = task_setup(&args.model, &args.task)?;
+    if let Some(path) = &args.predictions {
+        let inputs = [Some(model.dir.as_path()), args.task.data.as_deref()];
+        check_file_destination(
+            "--predictions",
+            &inputs.into_iter().flatten().collect::<Vec<_>>(),
+            path,
+            args.force,
+        )?;
+    }
     let (task, batch_size) = (args.task.task, args.task.batch_size);
     let sets = load_split(&data, &args.split, &encoder)?;
     let total: usize = sets.iter().map(|s| s.sequences.len()).sum();

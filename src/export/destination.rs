@@ -68,6 +68,44 @@ pub fn check_destination(inputs: &[&Path], out: &Path, force: bool) -> Result<()
     Ok(())
 }
 
+/// Refuses a single-file output `out` (given with `flag`, e.g. `--predictions`) when it is or
+/// sits inside one of `inputs`, when it exists and is not a regular file, or when it exists and
+/// `force` is off.
+pub fn check_file_destination(flag: &str, inputs: &[&Path], out: &Path, force: bool) -> Result<()> {
+    let name = out
+        .file_name()
+        .with_context(|| format!("{flag} {} needs a file name", out.display()))?;
+    let target = absolute_parent(out)?.join(name);
+    for input in inputs {
+        let Ok(input) = input.canonicalize() else {
+            continue;
+        };
+        if target.starts_with(&input) {
+            bail!(
+                "{flag} {} is the input {} or inside it; choose a path outside every input (inputs are never overwritten)",
+                out.display(),
+                input.display()
+            );
+        }
+    }
+    let Ok(meta) = std::fs::symlink_metadata(out) else {
+        return Ok(());
+    };
+    if !meta.is_file() {
+        bail!(
+            "{flag} {} exists and is not a regular file; choose another path",
+            out.display()
+        );
+    }
+    if !force {
+        bail!(
+            "{flag} {} already exists; pass --force to replace it",
+            out.display()
+        );
+    }
+    Ok(())
+}
+
 /// True when `dir` has no entries.
 fn is_empty_dir(dir: &Path) -> bool {
     std::fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_none())

@@ -28,7 +28,7 @@ use crate::model::storage::StorageDtype;
 use crate::model::vocab::TokenizerFiles;
 use crate::model::Model;
 use compressed::{quantization_config, quantized_entries, striped_entries, Stored};
-pub use destination::{check_destination, create_parent};
+pub use destination::{check_destination, check_file_destination, create_parent};
 
 /// Tokenizer and auxiliary files copied from the source model when present.
 const TOKENIZER_FILES: [&str; 6] = [

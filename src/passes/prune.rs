@@ -370,6 +370,9 @@ impl Pass for Prune {
                 round + 1
             );
             let order = journal.begin_step(&step, || self.candidates(&model, level, ctx))?;
+            check_elements(&model, &order).with_context(|| {
+                format!("{step}: a candidate from the progress file or the significance report does not fit the model; delete the progress file (or run without --resume)")
+            })?;
             let floor = self.level_rule(rule, start, index, rounds * levels.len());
             // Compensated trials already include most of the re-fit: they get no slack.
             let compensate = level == Level::Groups && reconstructs && self.settings.compensate;
@@ -728,6 +731,39 @@ fn removed_in_round(outcomes: &[LevelOutcome], levels: usize) -> bool {
 
 fn rejected_in_a_row(trials: &[TrialRecord]) -> usize {
     trials.iter().rev().take_while(|t| !t.accepted).count()
+}
+
+/// Refuses candidates that name a layer, head or neuron the model does not have (a progress file
+/// or significance report edited or made for another model), before any of them is applied.
+fn check_elements(model: &Model, order: &[Element]) -> Result<()> {
+    let structure = &model.config.structure;
+    for e in order {
+        let Some(shape) = structure.layers.get(e.layer()) else {
+            bail!(
+                "layer {} is named, but the model has {}",
+                e.layer(),
+                structure.layers.len()
+            );
+        };
+        match e {
+            Element::Head { head, .. } if *head >= structure.original_heads => bail!(
+                "head {head} of layer {} is named, but the model has {} heads",
+                e.layer(),
+                structure.original_heads
+            ),
+            Element::Group { neurons, .. } => {
+                let width = shape.ffn_width.unwrap_or(0);
+                if let Some(n) = neurons.iter().find(|&&n| n >= width) {
+                    bail!(
+                        "FFN neuron {n} of layer {} is named, but its FFN has {width}",
+                        e.layer()
+                    );
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// Applies the removal of `e` to `plan`; `false` when `e` is already gone (its block removed).
