@@ -147,7 +147,7 @@ fn a_progress_file_naming_a_layer_the_model_lacks_is_refused_in_one_line() {
     assert!(set_first_layer(&mut journal["steps"][1], 99), "{journal}");
     std::fs::write(&progress, journal.to_string()).unwrap();
     let mut resume = args.clone();
-    resume.push("--resume".into());
+    resume.extend(["--resume".into(), "-q".into()]);
     let o = common::run(&as_str(&resume));
     common::assert_clean_error(&o, &["layer 99", "the model has 3", "progress file"]);
     assert!(!out.exists());
