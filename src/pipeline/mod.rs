@@ -252,10 +252,14 @@ pub fn progress_path(out: &Path) -> PathBuf {
     out.with_file_name(format!("{name}.progress.json"))
 }
 
-/// Every path the run reads: the model directory, the data, `--test`, significance reports and
-/// the config file.
+/// Every path the run reads: the model directory, the data, `--test`, a selection file,
+/// significance reports and the config file.
 fn inputs_of<'a>(spec: &'a RunSettings, setup: &'a TaskSetup, out: &'a Output) -> Vec<&'a Path> {
-    let named = [spec.data.as_deref(), spec.test.as_deref()];
+    let selection = match &spec.selection.on {
+        SelectOn::File(path) => Some(path.as_path()),
+        _ => None,
+    };
+    let named = [spec.data.as_deref(), spec.test.as_deref(), selection];
     let significance = spec.stages.iter().filter_map(StageSpec::significance);
     std::iter::once(setup.model.dir.as_path())
         .chain(named.into_iter().flatten())
