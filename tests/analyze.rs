@@ -298,14 +298,15 @@ fn report_for_another_model_is_refused() {
 }
 
 fn analyze_cli(extra: &[&str]) -> std::process::Output {
+    let (model, data) = (common::demo_model(), common::demo_sst2());
     let mut args = vec![
         "analyze",
         "--model",
-        common::demo_model().to_str().unwrap().to_owned().leak(),
+        model.to_str().unwrap(),
         "--task",
         "sst2",
         "--data",
-        common::demo_sst2().to_str().unwrap().to_owned().leak(),
+        data.to_str().unwrap(),
         "-q",
     ];
     args.extend_from_slice(extra);

@@ -3,32 +3,13 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Output;
 
-use common::{assert_clean_error, copy_model};
-
-fn eval(model: &Path, data: &Path, extra: &[&str]) -> Output {
-    let mut args = vec![
-        "eval",
-        "--model",
-        model.to_str().unwrap(),
-        "--task",
-        "sst2",
-        "--data",
-        data.to_str().unwrap(),
-        "-q",
-    ];
-    args.extend_from_slice(extra);
-    common::run(&args)
-}
+use common::{assert_clean_error, copy_model, eval};
 
 fn inspect(model: &Path) -> Output {
     common::run(&["inspect", "--model", model.to_str().unwrap()])
-}
-
-fn sst2() -> PathBuf {
-    common::demo_sst2()
 }
 
 fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
@@ -132,7 +113,7 @@ fn missing_tokenizer() {
     for f in ["tokenizer.json", "vocab.txt"] {
         std::fs::remove_file(dir.path().join(f)).unwrap();
     }
-    let out = eval(dir.path(), &sst2(), &[]);
+    let out = eval(dir.path(), &common::demo_sst2(), &[]);
     assert_clean_error(&out, &["no tokenizer found", "tokenizer.json or vocab.txt"]);
 }
 
@@ -154,7 +135,7 @@ fn tsv_with_unparsable_label() {
 fn model_labels_unknown_to_the_task() {
     let dir = copy_model(&common::demo_model());
     edit_config(dir.path(), |c| c["id2label"]["1"] = "happy".into());
-    let out = eval(dir.path(), &sst2(), &[]);
+    let out = eval(dir.path(), &common::demo_sst2(), &[]);
     assert_clean_error(
         &out,
         &["id2label[1] = \"happy\"", "not a label of task sst2"],
@@ -163,7 +144,7 @@ fn model_labels_unknown_to_the_task() {
 
 #[test]
 fn model_label_count_differs_from_task() {
-    let out = eval(&common::tiny("tiny-bert"), &sst2(), &[]);
+    let out = eval(&common::tiny("tiny-bert"), &common::demo_sst2(), &[]);
     assert_clean_error(&out, &["config.json", "has 3 labels", "task sst2 has 2"]);
 }
 
@@ -176,7 +157,11 @@ fn empty_dataset() {
 
 #[test]
 fn max_length_zero() {
-    let out = eval(&common::demo_model(), &sst2(), &["--max-length", "0"]);
+    let out = eval(
+        &common::demo_model(),
+        &common::demo_sst2(),
+        &["--max-length", "0"],
+    );
     assert_clean_error(&out, &["--max-length 0", "max_position_embeddings"]);
 }
 

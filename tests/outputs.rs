@@ -138,22 +138,12 @@ fn single_file_outputs_never_overwrite_an_input_and_replace_a_file_only_with_for
     let r = root.path();
     let (model, data) = (r.join("P/model"), r.join("d/SST-2"));
     let eval = |predictions: &Path, force: bool| {
-        let mut args = vec![
-            "eval",
-            "--model",
-            model.to_str().unwrap(),
-            "--task",
-            "sst2",
-            "--data",
-            data.to_str().unwrap(),
-            "--predictions",
-            predictions.to_str().unwrap(),
-            "-q",
-        ];
-        if force {
-            args.push("--force");
-        }
-        common::run(&args)
+        let file = predictions.to_str().unwrap();
+        let extra: &[&str] = match force {
+            true => &["--predictions", file, "--force"],
+            false => &["--predictions", file],
+        };
+        common::eval(&model, &data, extra)
     };
     let before = snapshot(r);
     for (path, force, needle) in [
@@ -165,19 +155,8 @@ fn single_file_outputs_never_overwrite_an_input_and_replace_a_file_only_with_for
         common::assert_clean_error(&eval(&path, force), &["--predictions", needle]);
         assert_eq!(snapshot(r), before, "--predictions {}", path.display());
     }
-    let analyze = common::run(&[
-        "analyze",
-        "--model",
-        model.to_str().unwrap(),
-        "--task",
-        "sst2",
-        "--data",
-        data.to_str().unwrap(),
-        "--out",
-        model.join("model.safetensors").to_str().unwrap(),
-        "--force",
-        "-q",
-    ]);
+    let report = model.join("model.safetensors");
+    let analyze = common::run_stage("analyze", &model, &data, &report, &["--force"]);
     common::assert_clean_error(&analyze, &["--out", "is the input"]);
     assert_eq!(snapshot(r), before);
     // A file of one's own is replaced with --force.

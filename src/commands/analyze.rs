@@ -114,7 +114,6 @@ pub fn run(args: &AnalyzeArgs, cli: &Cli) -> Result<()> {
     Ok(())
 }
 
-/// `report.json` → `report.timing.json`.
 /// Refuses a report path (or its timing file) that is an input or inside one, that is not a
 /// file, or that exists without `--force`: before any analysis runs.
 fn check_report_destination(args: &AnalyzeArgs, model_dir: &Path, out: &Path) -> Result<()> {
@@ -127,6 +126,7 @@ fn check_report_destination(args: &AnalyzeArgs, model_dir: &Path, out: &Path) ->
     check_file_destination("--out", &inputs, &timing_path(out), args.force)
 }
 
+/// `report.json` → `report.timing.json`.
 fn timing_path(out: &Path) -> PathBuf {
     let stem = out
         .file_stem()

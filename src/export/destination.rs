@@ -16,91 +16,68 @@ pub fn create_parent(out: &Path) -> Result<()> {
     }
 }
 
+/// What an output path holds.
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    /// A model directory (`--out` of the compressing commands).
+    Directory,
+    /// One file (`--predictions`, an analyze report).
+    File,
+}
+
 /// Refuses `out` when it is, holds or sits inside one of `inputs` (missing inputs, such as a hub
 /// id, are skipped), when it exists and is not a directory, or when it exists, is not empty, and
 /// either `force` is off or axcompress did not write it.
 pub fn check_destination(inputs: &[&Path], out: &Path, force: bool) -> Result<()> {
-    let target =
-        absolute_parent(out)?.join(out.file_name().context("--out needs a directory name")?);
-    for input in inputs {
-        let Ok(input) = input.canonicalize() else {
-            continue;
-        };
-        if target.starts_with(&input) {
-            bail!(
-                "--out {} is inside the input {}; choose a directory outside it (inputs are never overwritten)",
-                out.display(),
-                input.display()
-            );
-        }
-        if input.starts_with(&target) {
-            bail!(
-                "--out {} holds the input {}; choose a directory that holds no input (inputs are never overwritten)",
-                out.display(),
-                input.display()
-            );
-        }
-    }
-    let Ok(meta) = std::fs::symlink_metadata(out) else {
-        return Ok(());
-    };
-    if !meta.is_dir() {
-        bail!(
-            "--out {} exists and is not a directory; choose another path (axcompress writes a model directory there)",
-            out.display()
-        );
-    }
-    if is_empty_dir(out) {
-        return Ok(());
-    }
-    if !force {
-        bail!(
-            "--out {} already exists; pass --force to replace it",
-            out.display()
-        );
-    }
-    if !written_by_axcompress(out) {
-        bail!(
-            "--out {} is not a directory axcompress wrote (its config.json has no axcompress section); --force replaces only those: choose another path or remove it yourself",
-            out.display()
-        );
-    }
-    Ok(())
+    check_output("--out", Kind::Directory, inputs, out, force)
 }
 
 /// Refuses a single-file output `out` (given with `flag`, e.g. `--predictions`) when it is or
 /// sits inside one of `inputs`, when it exists and is not a regular file, or when it exists and
 /// `force` is off.
 pub fn check_file_destination(flag: &str, inputs: &[&Path], out: &Path, force: bool) -> Result<()> {
+    check_output(flag, Kind::File, inputs, out, force)
+}
+
+/// The output rule for `out` of `kind`, named `flag` in its errors.
+fn check_output(flag: &str, kind: Kind, inputs: &[&Path], out: &Path, force: bool) -> Result<()> {
     let name = out
         .file_name()
-        .with_context(|| format!("{flag} {} needs a file name", out.display()))?;
+        .with_context(|| format!("{flag} {} needs a name", out.display()))?;
     let target = absolute_parent(out)?.join(name);
-    for input in inputs {
-        let Ok(input) = input.canonicalize() else {
-            continue;
-        };
+    let shown = out.display();
+    for input in inputs.iter().filter_map(|i| i.canonicalize().ok()) {
+        let input_shown = input.display();
         if target.starts_with(&input) {
-            bail!(
-                "{flag} {} is the input {} or inside it; choose a path outside every input (inputs are never overwritten)",
-                out.display(),
-                input.display()
-            );
+            let relation = match kind {
+                Kind::Directory => format!("is inside the input {input_shown}"),
+                Kind::File => format!("is the input {input_shown} or inside it"),
+            };
+            bail!("{flag} {shown} {relation}; choose a path outside every input (inputs are never overwritten)");
+        }
+        if input.starts_with(&target) {
+            bail!("{flag} {shown} holds the input {input_shown}; choose a path that holds no input (inputs are never overwritten)");
         }
     }
     let Ok(meta) = std::fs::symlink_metadata(out) else {
         return Ok(());
     };
-    if !meta.is_file() {
-        bail!(
-            "{flag} {} exists and is not a regular file; choose another path",
-            out.display()
-        );
+    match kind {
+        Kind::Directory if !meta.is_dir() => bail!(
+            "{flag} {shown} exists and is not a directory; choose another path (axcompress writes a model directory there)"
+        ),
+        Kind::File if !meta.is_file() => {
+            bail!("{flag} {shown} exists and is not a regular file; choose another path")
+        }
+        Kind::Directory if is_empty_dir(out) => return Ok(()),
+        _ => {}
     }
     if !force {
+        bail!("{flag} {shown} already exists; pass --force to replace it");
+    }
+    if kind == Kind::Directory && !written_by_axcompress(out) {
         bail!(
-            "{flag} {} already exists; pass --force to replace it",
-            out.display()
+            "{flag} {shown} is not a directory axcompress wrote (its config.json has no axcompress section); --force replaces only those: choose another path or remove it yourself"
         );
     }
     Ok(())

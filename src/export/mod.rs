@@ -17,7 +17,6 @@ use candle_core::{DType, Tensor};
 use serde_json::{json, Value};
 
 use crate::fsutil::{pretty_json, remove_stale_siblings, temporary_sibling};
-
 use crate::interrupt;
 use crate::model::config::Family;
 use crate::model::linear::{Linear, Weight};

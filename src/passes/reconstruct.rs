@@ -252,9 +252,9 @@ fn refit_block(
             .features(layer, &x_hat, mask)
             .expect("the block fits")?;
         let f = select_rows(&features, &rows[b])?;
-        let t = select_rows(&(&target - &x_hat)?, &rows[b])?;
-        let w = layer_norm_weights(&select_rows(&target, &rows[b])?)?;
-        equations.add_weighted(&f, &t, &w)?;
+        let target = select_rows(&target, &rows[b])?;
+        let t = (&target - select_rows(&x_hat, &rows[b])?)?;
+        equations.add_weighted(&f, &t, &layer_norm_weights(&target)?)?;
     }
     let fit = equations
         .solve(&weight, &output.bias, ridge)

@@ -45,7 +45,7 @@ impl NormalEquations {
     /// Adds rows: `features` `[rows, features]` and `targets` `[rows, outputs]` (f32).
     pub fn add(&mut self, features: &Tensor, targets: &Tensor) -> Result<()> {
         let ones = Tensor::ones((features.dim(0)?, 1), DType::F32, &Device::Cpu)?;
-        self.add_weighted(features, targets, &ones)
+        self.accumulate(&Tensor::cat(&[features, &ones], 1)?, targets)
     }
 
     /// Adds rows with weights `[rows, 1]` (f32): each row's squared residual counts `weight²`
@@ -56,18 +56,21 @@ impl NormalEquations {
         targets: &Tensor,
         weights: &Tensor,
     ) -> Result<()> {
+        let a = Tensor::cat(&[&features.broadcast_mul(weights)?, weights], 1)?;
+        self.accumulate(&a, &targets.broadcast_mul(weights)?)
+    }
+
+    /// Adds the rows `a` (features with the bias column) and `targets`.
+    fn accumulate(&mut self, a: &Tensor, targets: &Tensor) -> Result<()> {
         // Products of one batch in f32 (a few hundred rows: rounding stays far below the ridge),
         // summed over batches in f64.
-        let rows = features.dim(0)?;
-        let a = Tensor::cat(&[&features.broadcast_mul(weights)?, weights], 1)?;
-        let targets = targets.broadcast_mul(weights)?;
         let at = a.t()?.contiguous()?;
         let f64_of = |t: Tensor| t.to_dtype(DType::F64);
-        self.ata = (&self.ata + f64_of(at.matmul(&a)?)?)?;
+        self.ata = (&self.ata + f64_of(at.matmul(a)?)?)?;
         self.atb = (&self.atb + f64_of(at.matmul(&targets.contiguous()?)?)?)?;
         let t = targets.to_dtype(DType::F64)?;
         self.tt += t.sqr()?.sum_all()?.to_scalar::<f64>()?;
-        self.rows += rows;
+        self.rows += a.dim(0)?;
         Ok(())
     }
 

@@ -204,6 +204,22 @@ pub fn compress_json(config: &Path, out: &Path, extra: &[&str]) -> Value {
     json_report(&run(&args))
 }
 
+/// `axcompress eval --model M --task sst2 --data D -q <extra>`.
+pub fn eval(model: &Path, data: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "eval",
+        "--model",
+        model.to_str().unwrap(),
+        "--task",
+        "sst2",
+        "--data",
+        data.to_str().unwrap(),
+        "-q",
+    ];
+    args.extend_from_slice(extra);
+    run(&args)
+}
+
 /// `eval --json` of `model` on `task` with the data at `data`.
 pub fn eval_json(model: &Path, task: &str, data: &Path) -> Value {
     json_stdout(&run(&[
