@@ -103,7 +103,7 @@ pub fn parse(task: Task, text: &str, shown: &str) -> Result<Vec<Example>> {
             let names: Vec<&str> = header.split('\t').collect();
             let find = |col: &str| {
                 names.iter().position(|n| *n == col).with_context(|| {
-                    format!("{shown}: missing column \"{col}\" in the header (task {task} needs it; found: {})", names.join(", "))
+                    format!("{shown}: missing column \"{col}\" in the header (task {task} needs it; found: {})", found_columns(&names))
                 })
             };
             Columns {
@@ -158,12 +158,39 @@ struct Columns {
     count: usize,
 }
 
+/// The header's column names as an error shows them: at most 8, each cut to 40 characters with
+/// control characters escaped (a whole 10 MB line or raw NUL bytes never reach the terminal).
+fn found_columns(names: &[&str]) -> String {
+    let mut shown: Vec<String> = names.iter().take(8).map(|n| excerpt(n)).collect();
+    if names.len() > 8 {
+        shown.push(format!("… {} more", names.len() - 8));
+    }
+    shown.join(", ")
+}
+
+/// `text` cut to 40 characters, control characters escaped.
+pub fn excerpt(text: &str) -> String {
+    let mut out: String = text
+        .chars()
+        .take(40)
+        .flat_map(|c| match c.is_control() {
+            true => c.escape_default().collect::<Vec<_>>(),
+            false => vec![c],
+        })
+        .collect();
+    if text.chars().nth(40).is_some() {
+        out.push('…');
+    }
+    out
+}
+
 fn parse_target(task: Task, raw: &str) -> Result<Target> {
     let raw = raw.trim();
+    let shown = excerpt(raw);
     if task.is_regression() {
         return match raw.parse::<f32>() {
             Ok(v) if v.is_finite() => Ok(Target::Score(v)),
-            _ => bail!("\"{raw}\" is not a number"),
+            _ => bail!("\"{shown}\" is not a number"),
         };
     }
     let labels = task.labels();
@@ -173,7 +200,7 @@ fn parse_target(task: Task, raw: &str) -> Result<Target> {
     match raw.parse::<usize>() {
         Ok(i) if i < labels.len() => Ok(Target::Class(i)),
         _ => bail!(
-            "\"{raw}\" is not a label of task {task} (expected one of {} or 0..{})",
+            "\"{shown}\" is not a label of task {task} (expected one of {} or 0..{})",
             labels.join(", "),
             labels.len() - 1
         ),
@@ -237,5 +264,20 @@ mod tests {
         std::fs::write(f.path(), b"sentence\tlabel\ngood\t1\nbad \xE9t\xE9\t0\n").unwrap();
         let err = format!("{:#}", read(Task::Sst2, f.path()).unwrap_err());
         assert!(err.contains(":3: byte 5 is not UTF-8"), "{err}");
+    }
+
+    #[test]
+    fn a_huge_header_or_nul_bytes_are_not_echoed_whole() {
+        let header = format!("{}\tx\u{0}y\n", "h".repeat(1_000_000));
+        let err = parse(Task::Sst2, &header, "f.tsv").unwrap_err().to_string();
+        assert!(err.len() < 300, "{} bytes", err.len());
+        assert!(err.contains("hhhh…") && err.contains("x\\u{0}y"), "{err}");
+        assert!(!err.contains('\0'));
+        let err = parse(Task::Sst2, "sentence\tlabel\na\t\u{0}\u{7}\n", "f.tsv").unwrap_err();
+        let chain = format!("{err:#}");
+        assert!(
+            chain.contains("\\u{0}\\u{7}") && !chain.contains('\0'),
+            "{chain}"
+        );
     }
 }

@@ -123,6 +123,9 @@ impl ModelConfig {
                 .and_then(Value::as_f64)
                 .unwrap_or(1e-12),
         };
+        if !(layer_norm_eps.is_finite() && layer_norm_eps >= 0.0) {
+            bail!("{source}: layer_norm_eps is {layer_norm_eps}; it must be a small non-negative number such as 1e-12");
+        }
         let pad_token_id = raw
             .get("pad_token_id")
             .and_then(Value::as_u64)
@@ -322,6 +325,26 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("num_labels"), "{err}");
+    }
+
+    #[test]
+    fn a_negative_layer_norm_eps_is_refused() {
+        // Before: -1 loaded, and the NaN that followed blamed the weights.
+        let mut raw = bert();
+        raw["layer_norm_eps"] = json!(-1.0);
+        let err = ModelConfig::from_json(raw, "config.json")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("config.json: layer_norm_eps is -1"),
+            "{err}"
+        );
+        let mut raw = bert();
+        raw["layer_norm_eps"] = json!(1e-5);
+        assert_eq!(
+            ModelConfig::from_json(raw, "x").unwrap().layer_norm_eps,
+            1e-5
+        );
     }
 
     #[test]

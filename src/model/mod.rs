@@ -15,7 +15,9 @@ pub mod linear;
 pub mod matrices;
 pub mod names;
 pub mod nn;
+pub mod pickle_guard;
 pub mod quant;
+pub mod quant_config;
 pub mod row_op;
 pub mod shape;
 pub mod slice;
@@ -89,6 +91,9 @@ impl Model {
         let config = ModelConfig::from_file(&config_path)?;
         let store = WeightStore::load(dir, names::prefix(config.family))?;
         let mut model = Self::from_store(config, &store)?;
+        let shown = config_path.display().to_string();
+        quant_config::check(&model.config.raw, &shown, &store.quantized_modules())?;
+        check_unread(&store, model.config.structure.layers.len())?;
         model.dir = dir.to_path_buf();
         Ok(model)
     }
@@ -364,4 +369,38 @@ fn block_sparse_dense_execution(raw: &serde_json::Value) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// Refuses a checkpoint holding encoder tensors that `config.json` does not use (a
+/// `num_hidden_layers` below the checkpoint's, or a layer's module the structure lacks), and
+/// warns on stderr about any other tensor nothing read. Buffers and pre-training heads that
+/// classifiers carry are expected and pass silently.
+fn check_unread(store: &WeightStore, layers: usize) -> Result<()> {
+    let unread = store.unread();
+    let encoder: Vec<&String> = unread.iter().filter(|n| n.contains("layer.")).collect();
+    if let Some(first) = encoder.first() {
+        bail!(
+            "{}: {} tensors of the encoder are not used by config.json ({first}, …), which describes {layers} layers; config.json does not match the weights",
+            store.file(),
+            encoder.len()
+        );
+    }
+    let expected = |n: &str| {
+        n.ends_with("position_ids")
+            || ["cls.", "lm_head.", "pooler.", "vocab_", "distilbert.pooler"]
+                .iter()
+                .any(|p| n.starts_with(p) || n.contains(&format!(".{p}")))
+    };
+    let unknown: Vec<&String> = unread.iter().filter(|n| !expected(n)).collect();
+    if !unknown.is_empty() {
+        let shown: Vec<&str> = unknown.iter().take(3).map(|n| n.as_str()).collect();
+        eprintln!(
+            "warning: {}: {} tensors are not used by the model and are dropped: {}{}",
+            store.file(),
+            unknown.len(),
+            shown.join(", "),
+            if unknown.len() > 3 { ", …" } else { "" }
+        );
+    }
+    Ok(())
 }

@@ -56,6 +56,19 @@ pub fn resolve(spec: &str, hub: &HubAccess) -> Result<PathBuf> {
     if path.exists() {
         bail!("model {spec} is a file; pass the model directory that contains config.json");
     }
+    if std::fs::symlink_metadata(path).is_ok() {
+        let why = std::fs::metadata(path)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        bail!("model {spec} is a symbolic link that does not resolve ({why}); point it at the model directory");
+    }
+    let local_parent = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty() && p.is_dir());
+    if let Some(parent) = local_parent {
+        bail!("model directory {spec} does not exist ({} is a local directory, so {spec} is not taken as a hub id); pass a Hugging Face-format directory", parent.display());
+    }
     if !looks_like_hub_id(spec) {
         bail!("model directory {spec} does not exist; pass a Hugging Face-format directory or a hub id like org/name");
     }

@@ -94,6 +94,14 @@ pub fn model_tokenizer(model: &Model) -> Result<Tokenizer> {
 pub fn source_tokenizer(dir: &Path) -> Result<Tokenizer> {
     let json = dir.join("tokenizer.json");
     let vocab = dir.join("vocab.txt");
+    for file in [&json, &vocab] {
+        if std::fs::symlink_metadata(file).is_ok() && !file.is_file() {
+            bail!(
+                "{}: not a readable file (a directory or a broken link); remove it or replace it with the tokenizer file",
+                file.display()
+            );
+        }
+    }
     if json.is_file() {
         Tokenizer::from_bytes(read_text(&json)?)
             .map_err(|e| anyhow!("{}: cannot load tokenizer ({e})", json.display()))

@@ -2,7 +2,7 @@
 //! `pytorch_model.bin`, with shape checks against `config.json` and per-dtype accounting.
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Tensor};
 use safetensors::{Dtype, SafeTensors};
 
 use super::linear::Weight;
-use super::quant::{Precision, QuantMatrix};
+use super::quant::{Bits, Precision, QuantMatrix};
 use super::source::WEIGHT_FILES;
 use super::striped::Striped;
 use crate::export::compressed::{read_codes, read_stripe_ints};
@@ -32,6 +32,20 @@ pub type DtypeStats = BTreeMap<String, (usize, usize)>;
 /// A tensor kept as bytes: integer tensors of quantized modules (candle has no I8).
 type Raw = (Dtype, Vec<usize>, Vec<u8>);
 
+/// A quantized module as the checkpoint stores it: its full name, precision, columns and the
+/// entries sharing one scale.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredQuantized {
+    /// Full tensor-name prefix (`bert.encoder.layer.0.attention.self.query`).
+    pub module: String,
+    /// Precision of its codes.
+    pub bits: Bits,
+    /// Inner dimension.
+    pub cols: usize,
+    /// Entries per scale.
+    pub group: usize,
+}
+
 /// All tensors of a checkpoint, looked up by Hugging Face name.
 pub struct WeightStore {
     tensors: HashMap<String, Tensor>,
@@ -39,6 +53,9 @@ pub struct WeightStore {
     file: String,
     prefix: &'static str,
     used: RefCell<DtypeStats>,
+    /// Names of the tensors fetched so far.
+    read: RefCell<BTreeSet<String>>,
+    quantized: RefCell<Vec<StoredQuantized>>,
 }
 
 impl WeightStore {
@@ -65,6 +82,8 @@ impl WeightStore {
             file: file.display().to_string(),
             prefix,
             used: RefCell::new(BTreeMap::new()),
+            read: RefCell::new(BTreeSet::new()),
+            quantized: RefCell::new(Vec::new()),
         })
     }
 
@@ -81,6 +100,8 @@ impl WeightStore {
             file: file.to_string(),
             prefix,
             used: RefCell::new(BTreeMap::new()),
+            read: RefCell::new(BTreeSet::new()),
+            quantized: RefCell::new(Vec::new()),
         }
     }
 
@@ -92,8 +113,18 @@ impl WeightStore {
             .iter()
             .find_map(|n| self.tensors.get(n).map(|t| (n, t)))
         else {
+            if let Some((n, (dtype, _, _))) = candidates
+                .iter()
+                .find_map(|n| self.raw.get(n).map(|r| (n, r)))
+            {
+                bail!(
+                    "{}: tensor {n} is stored as {dtype:?}, not as a float; store it as F32, F16 or BF16",
+                    self.file
+                );
+            }
             bail!("{}: missing tensor {}", self.file, candidates[0]);
         };
+        self.read.borrow_mut().insert(found.clone());
         if t.dims() != shape {
             bail!(
                 "{}: tensor {found} has shape {:?} but config.json implies {:?}; the weights do not match config.json",
@@ -129,8 +160,13 @@ impl WeightStore {
         let Some(full) = found else {
             return Ok(Weight::Dense(self.get(&format!("{module}.weight"), shape)?));
         };
-        let get = |name: &str| self.raw.get(name).cloned();
+        self.refuse_zero_point(&full)?;
+        let get = |name: &str| {
+            self.read.borrow_mut().insert(name.to_string());
+            self.raw.get(name).cloned()
+        };
         let scales = |name: &str| -> Result<Option<Vec<f32>>> {
+            self.read.borrow_mut().insert(name.to_string());
             match self.tensors.get(name) {
                 None => Ok(None),
                 Some(t) => Ok(Some(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)),
@@ -150,6 +186,12 @@ impl WeightStore {
                 self.file, codes.rows, codes.cols
             );
         }
+        self.quantized.borrow_mut().push(StoredQuantized {
+            module: full.clone(),
+            bits: codes.bits,
+            cols: codes.cols,
+            group: codes.group,
+        });
         let name = Precision::from(codes.bits).name().to_string();
         let mut used = self.used.borrow_mut();
         let entry = used.entry(name).or_insert((0, 0));
@@ -164,6 +206,7 @@ impl WeightStore {
     fn striped(&self, full: &str, shape: &[usize]) -> Result<Striped> {
         let ints = |suffix: &str| -> Result<Vec<u32>> {
             let name = format!("{full}.{suffix}");
+            self.read.borrow_mut().insert(name.clone());
             let (_, _, bytes) = self.raw.get(&name).with_context(|| {
                 format!("{}: {full} has weight_stripes but no {suffix}", self.file)
             })?;
@@ -171,6 +214,9 @@ impl WeightStore {
                 .with_context(|| format!("{}: {name} holds negative entries", self.file))
         };
         let values = &self.tensors[&format!("{full}.weight_stripes")];
+        self.read
+            .borrow_mut()
+            .insert(format!("{full}.weight_stripes"));
         let counts: Vec<usize> = ints("weight_stripe_counts")?
             .into_iter()
             .map(|c| c as usize)
@@ -194,6 +240,49 @@ impl WeightStore {
         entry.0 += values.elem_count();
         entry.1 += values.elem_count() * values.dtype().size_in_bytes() + 4 * counts.len();
         Ok(striped)
+    }
+
+    /// Refuses a non-zero `weight_zero_point` beside the quantized module `full`: the codes are
+    /// read as symmetric, so a zero point would be ignored.
+    fn refuse_zero_point(&self, full: &str) -> Result<()> {
+        let name = format!("{full}.weight_zero_point");
+        self.read.borrow_mut().insert(name.clone());
+        let nonzero = match (self.raw.get(&name), self.tensors.get(&name)) {
+            (Some((_, _, bytes)), _) => bytes.iter().any(|&b| b != 0),
+            (None, Some(t)) => any_nonzero(t)?,
+            (None, None) => false,
+        };
+        if nonzero {
+            bail!(
+                "{}: {name} is not zero: asymmetric quantized weights are not supported; export symmetric weights (symmetric: true) or pass the float model",
+                self.file
+            );
+        }
+        Ok(())
+    }
+
+    /// The quantized modules read so far, as stored.
+    pub fn quantized_modules(&self) -> Vec<StoredQuantized> {
+        self.quantized.borrow().clone()
+    }
+
+    /// Tensors of the checkpoint that nothing has fetched, in name order.
+    pub fn unread(&self) -> Vec<String> {
+        let read = self.read.borrow();
+        let mut names: Vec<String> = self
+            .tensors
+            .keys()
+            .chain(self.raw.keys())
+            .filter(|n| !read.contains(*n))
+            .cloned()
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// The checkpoint file, as messages name it.
+    pub fn file(&self) -> &str {
+        &self.file
     }
 
     /// Parameters and bytes, by on-disk dtype, of every tensor fetched so far.
@@ -258,6 +347,12 @@ fn refuse_nonfinite(tensors: &HashMap<String, Tensor>, file: &Path) -> Result<()
     )
 }
 
+/// Whether a float tensor holds anything but zeros.
+fn any_nonzero(t: &Tensor) -> Result<bool> {
+    let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    Ok(values.iter().any(|&v| v != 0.0))
+}
+
 /// NaN and ±Inf values in a float tensor.
 fn nonfinite_count(t: &Tensor) -> Result<usize> {
     let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
@@ -284,6 +379,7 @@ fn read_file(file: &Path) -> Result<Contents> {
         return Ok((all, raw));
     }
     if name.ends_with(".bin") {
+        super::pickle_guard::check_checkpoint(file)?;
         let tensors = candle_core::pickle::read_all(file).map_err(|e| {
             anyhow::anyhow!("{shown}: cannot read PyTorch checkpoint ({e}); re-save it with torch.save(state_dict) or as model.safetensors")
         })?;
