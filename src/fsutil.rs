@@ -23,7 +23,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let written = std::fs::File::create(&tmp)
         .and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_all()));
     written
-        .and_then(|()| std::fs::rename(&tmp, path))
+        .and_then(|()| interrupt::commit(|| std::fs::rename(&tmp, path)))
         .map_err(|e| {
             let _ = std::fs::remove_file(&tmp);
             anyhow::anyhow!("cannot write {}: {e}", path.display())

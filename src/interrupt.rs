@@ -1,9 +1,11 @@
-//! Ctrl-C (SIGINT) stops a run at once. The temporary files it was writing are removed, it says
+//! Ctrl-C (SIGINT), SIGTERM and SIGHUP stop a run at once (a CI runner cancels a job with
+//! SIGTERM). The temporary files it was writing are removed, it says
 //! where its resumable progress is, and it exits with status 130. Every writer is atomic
 //! (temporary file, then rename), so a final path is never half-written, whether the process is
 //! interrupted or killed.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use anyhow::{Context, Result};
@@ -25,7 +27,7 @@ static REGISTRY: Mutex<Registry> = Mutex::new(Registry {
     progress: None,
 });
 
-/// Installs the SIGINT handler (once, at start-up), and lets a closed pipe end the process
+/// Installs the SIGINT / SIGTERM / SIGHUP handler (once, at start-up), and lets a closed pipe end the process
 /// quietly, as it ends `cat` (`axcompress inspect … | head`): Rust ignores SIGPIPE, which turns
 /// every later print into a panic.
 pub fn install() -> Result<()> {
@@ -38,11 +40,28 @@ pub fn install() -> Result<()> {
     ctrlc::set_handler(stop).context("cannot install the Ctrl-C handler")
 }
 
-/// Runs on SIGINT: removes the temporaries, says where the progress is, exits 130.
+/// Set once a stop signal arrived: the main thread then leaves the exit to the handler.
+static STOPPING: AtomicBool = AtomicBool::new(false);
+
+/// Runs on SIGINT, SIGTERM or SIGHUP: removes the temporaries, says where the progress is, exits
+/// 130. The main thread keeps running meanwhile and may still be writing into a temporary
+/// directory (recreating a file the removal just listed), so the removal is repeated until every
+/// temporary is gone (a second at most).
 fn stop() {
+    STOPPING.store(true, Ordering::SeqCst);
     let registry = lock();
-    for path in &registry.temporaries {
-        remove_file_or_dir(path);
+    for _ in 0..100 {
+        for path in &registry.temporaries {
+            remove_file_or_dir(path);
+        }
+        if registry
+            .temporaries
+            .iter()
+            .all(|p| std::fs::symlink_metadata(p).is_err())
+        {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
     }
     match &registry.progress {
         Some(p) if p.is_file() => eprintln!(
@@ -52,6 +71,34 @@ fn stop() {
         _ => eprintln!("interrupted: nothing was written"),
     }
     std::process::exit(EXIT_INTERRUPTED);
+}
+
+/// Called by the main thread before it exits: while a stop signal is being handled, waits for the
+/// handler to finish and exit with status 130 (an error the interrupted work ran into, such as a
+/// temporary directory removed under it, must not win the race with status 1).
+pub fn yield_to_stop() {
+    if STOPPING.load(Ordering::SeqCst) {
+        loop {
+            std::thread::park();
+        }
+    }
+}
+
+/// Runs `rename` (the step that moves a finished temporary to its final path) so that it never
+/// races the stop handler: under the registry's lock, and only while no stop signal has arrived.
+/// After a signal the calling thread waits for the handler to remove the temporaries and exit,
+/// so a final path is either renamed whole before the handler looks, or not at all.
+pub fn commit<T>(rename: impl FnOnce() -> T) -> T {
+    let registry = lock();
+    if STOPPING.load(Ordering::SeqCst) {
+        drop(registry);
+        loop {
+            std::thread::park();
+        }
+    }
+    let done = rename();
+    drop(registry);
+    done
 }
 
 /// While the returned guard lives, `path` is a temporary that an interrupt removes.

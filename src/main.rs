@@ -29,6 +29,7 @@ fn main() {
         Command::Compress(args) => commands::compress::run(args, &cli),
         Command::Bench(args) => commands::bench::run(args, &cli),
     };
+    axcompress::interrupt::yield_to_stop();
     if let Err(err) = result {
         // One line: the context chain; a backtrace some libraries append goes on later lines.
         let text = format!("{err:#}");

@@ -35,6 +35,65 @@ fn poison(dir: &Path, name: &str, value: f32) {
     std::fs::write(&path, bytes).unwrap();
 }
 
+/// Sets every value of the f32 tensor `name` in `dir/model.safetensors` to `value`.
+fn fill(dir: &Path, name: &str, value: f32) {
+    let path = dir.join("model.safetensors");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
+    assert_eq!(header[name]["dtype"], "F32", "{name}");
+    let offsets = &header[name]["data_offsets"];
+    let start = 8 + header_len + offsets[0].as_u64().unwrap() as usize;
+    let end = 8 + header_len + offsets[1].as_u64().unwrap() as usize;
+    for chunk in bytes[start..end].chunks_mut(4) {
+        chunk.copy_from_slice(&value.to_le_bytes());
+    }
+    std::fs::remove_file(&path).unwrap();
+    std::fs::write(&path, bytes).unwrap();
+}
+
+/// The demo model with every f16 tensor stored as f32 (room for values beyond fp16's range).
+fn demo_in_f32() -> tempfile::TempDir {
+    use safetensors::tensor::{Dtype, TensorView};
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(common::demo_model()).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+    }
+    let path = dir.path().join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let converted: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| match view.dtype() {
+            Dtype::F16 => {
+                let data = view
+                    .data()
+                    .chunks(2)
+                    .flat_map(|b| {
+                        half::f16::from_le_bytes([b[0], b[1]])
+                            .to_f32()
+                            .to_le_bytes()
+                    })
+                    .collect();
+                (name, Dtype::F32, view.shape().to_vec(), data)
+            }
+            other => (name, other, view.shape().to_vec(), view.data().to_vec()),
+        })
+        .collect();
+    let views: Vec<(String, TensorView)> = converted
+        .iter()
+        .map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap()))
+        .collect();
+    std::fs::write(&path, safetensors::serialize(views, None).unwrap()).unwrap();
+    let config = dir.path().join("config.json");
+    let mut json = common::read_json(&config);
+    json["dtype"] = "float32".into();
+    std::fs::write(&config, json.to_string()).unwrap();
+    dir
+}
+
 fn eval(model: &Path, data: &Path, extra: &[&str]) -> Output {
     let (m, d) = (model.to_str().unwrap(), data.to_str().unwrap());
     let mut args = vec![
@@ -87,6 +146,58 @@ fn an_infinite_weight_is_refused_and_when_allowed_stops_the_evaluation() {
     let out = eval(dir.path(), data.path(), &["--allow-nonfinite"]);
     assert_clean_error(&out, &["evaluation: batch 0", "NaN or infinite logits"]);
     assert!(out.stdout.is_empty(), "a result was printed");
+}
+
+#[test]
+fn huge_layer_norm_weights_reach_the_logits_as_non_finite_in_the_int8_kernel_too() {
+    // Before: the int8 kernel clamped the infinite activations into finite codes, and eval
+    // reported accuracy 0.5 from finite logits; --execution dequantized reported NaN.
+    let model = demo_in_f32();
+    let data = common::small_sst2(8);
+    let tmp = tempfile::tempdir().unwrap();
+    let q = tmp.path().join("q");
+    let o = common::run_stage("quantize", model.path(), data.path(), &q, &["--bits", "8"]);
+    assert!(
+        common::wrote_output(&o),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    fill(
+        &q,
+        "bert.encoder.layer.0.attention.output.LayerNorm.weight",
+        3e38,
+    );
+    for execution in ["auto", "kernel", "dequantized"] {
+        let out = eval(&q, data.path(), &["--execution", execution]);
+        assert_clean_error(&out, &["NaN or infinite logits"]);
+    }
+}
+
+#[test]
+fn a_weight_whose_int8_scale_overflows_fp16_stays_float_with_a_note() {
+    // Before: the fp16 scale became infinite, every loss was ln 2, and axcompress refused its
+    // own output.
+    let model = demo_in_f32();
+    poison(model.path(), NAN_TENSOR, 1e7);
+    let data = common::small_sst2(8);
+    let tmp = tempfile::tempdir().unwrap();
+    let q = tmp.path().join("q");
+    let o = common::run_stage("quantize", model.path(), data.path(), &q, &["--bits", "8"]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(common::wrote_output(&o), "{stderr}");
+    let report = common::read_json(&q.join("report.json"));
+    let text = report.to_string();
+    assert!(text.contains("overflows fp16"), "{text}");
+    let out = eval(&q, data.path(), &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let inspect = run(&["inspect", "--model", q.to_str().unwrap(), "--json"]);
+    assert!(inspect.status.success());
+    let matrices = common::json_stdout(&inspect).to_string();
+    assert!(matrices.contains("int8"), "{matrices}");
 }
 
 #[test]
@@ -339,6 +450,49 @@ fn ctrl_c_during_prune_exits_130_naming_the_progress_and_resume_finishes() {
     assert!(common::wrote_output(&resumed), "{resumed:?}");
     absent_or_complete(&out);
     assert!(!progress.exists());
+}
+
+#[test]
+fn sigterm_during_export_removes_the_temporary_like_ctrl_c() {
+    // Before: SIGTERM (how CI runners cancel) killed the process outright and left the hidden
+    // temporary directory behind until the next run.
+    let model = common::demo_model();
+    let data = common::small_sst2(16);
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("t");
+    let (m, d, o) = (
+        model.to_str().unwrap(),
+        data.path().to_str().unwrap(),
+        out.to_str().unwrap(),
+    );
+    let args = [
+        "quantize", "--model", m, "--task", "sst2", "--data", d, "--out", o, "--bits", "8", "-q",
+    ];
+    let temporary = |pid: u32| tmp.path().join(format!(".t.tmp-{pid}"));
+    let mut landed = false;
+    for _ in 0..5 {
+        let mut child = spawn(&args);
+        let pid = child.id();
+        if !wait_until(&mut child, || temporary(pid).is_dir()) {
+            std::fs::remove_dir_all(&out).ok();
+            continue;
+        }
+        signal(&child, "-TERM");
+        let ended = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&ended.stderr);
+        if ended.status.code() == Some(0) {
+            std::fs::remove_dir_all(&out).ok();
+            continue;
+        }
+        assert_eq!(ended.status.code(), Some(130), "{stderr}");
+        assert!(stderr.contains("interrupted"), "{stderr}");
+        landed = true;
+        break;
+    }
+    assert!(landed, "no SIGTERM landed while the temporary existed");
+    assert_eq!(leftovers(tmp.path(), "t"), Vec::<String>::new());
+    // The export may have renamed its temporary into place while the handler ran.
+    absent_or_complete(&out);
 }
 
 #[test]

@@ -320,7 +320,7 @@ impl Prepared {
             let _ = std::fs::remove_dir_all(&tmp);
             return Err(e);
         }
-        move_into_place(&tmp, out)
+        interrupt::commit(|| move_into_place(&tmp, out))
     }
 
     fn write_files(&self, dir: &Path, extra: &[(&str, Vec<u8>)]) -> Result<()> {

@@ -363,9 +363,20 @@ fn run_tile(tile: &Tile, dst: *mut f32, n: usize, isa: Isa) {
     }
 }
 
-/// Quantization parameters of a row from its range: `(s, 1/s, zp)`.
-fn quant_params(lo: f32, hi: f32) -> (f32, f32, f32) {
+/// Quantization parameters of a row from its range: `(s, 1/s, zp)`. A row holding NaN or ±∞
+/// (`finite` false, or an infinite end) gets `s = NaN`, so that every output of the row is NaN
+/// as the f32 product would be non-finite, instead of finite numbers from clamped codes. A
+/// range too wide for f32 (`hi − lo` overflows) is taken in two halves.
+fn quant_params(lo: f32, hi: f32, finite: bool) -> (f32, f32, f32) {
+    if !finite || !lo.is_finite() || !hi.is_finite() {
+        return (f32::NAN, 0.0, 0.0);
+    }
     let range = hi - lo;
+    if range.is_infinite() {
+        let s = hi / 127.0 - lo / 127.0;
+        let inv = 1.0 / s;
+        return (s, inv, (-lo * inv).round_ties_even());
+    }
     if range > 0.0 {
         let inv = 127.0 / range;
         (range / 127.0, inv, (-lo * inv).round_ties_even())
@@ -393,7 +404,7 @@ fn quantize_one(v: f32, inv: f32, zp: f32) -> u8 {
 
 fn quantize_row_scalar(src: &[f32], dst: &mut [u8]) -> (f32, i32) {
     // `if v < lo` matches `vminps(v, lo)` (keeps `lo` for NaN and for ±0).
-    let (mut lo, mut hi) = (0f32, 0f32);
+    let (mut lo, mut hi, mut finite) = (0f32, 0f32, true);
     for &v in src {
         if v < lo {
             lo = v;
@@ -401,8 +412,9 @@ fn quantize_row_scalar(src: &[f32], dst: &mut [u8]) -> (f32, i32) {
         if v > hi {
             hi = v;
         }
+        finite &= !v.is_nan();
     }
-    let (s, inv, zp) = quant_params(lo, hi);
+    let (s, inv, zp) = quant_params(lo, hi, finite);
     for (d, &v) in dst.iter_mut().zip(src) {
         *d = quantize_one(v, inv, zp);
     }
@@ -416,14 +428,17 @@ unsafe fn quantize_row_avx2(src: &[f32], dst: &mut [u8]) -> (f32, i32) {
     let len = src.len();
     let main = len / 32 * 32;
     let (mut vlo, mut vhi) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let mut vnan = _mm256_setzero_ps();
     let mut i = 0;
     while i + 8 <= len {
         // SAFETY: i + 8 <= len.
         let v = unsafe { _mm256_loadu_ps(src.as_ptr().add(i)) };
         vlo = _mm256_min_ps(v, vlo);
         vhi = _mm256_max_ps(v, vhi);
+        vnan = _mm256_or_ps(vnan, _mm256_cmp_ps::<_CMP_UNORD_Q>(v, v));
         i += 8;
     }
+    let finite = _mm256_movemask_ps(vnan) == 0 && !src[i..].iter().any(|v| v.is_nan());
     let (mut lo_l, mut hi_l) = ([0f32; 8], [0f32; 8]);
     // SAFETY: both arrays hold 8 f32.
     unsafe {
@@ -443,7 +458,7 @@ unsafe fn quantize_row_avx2(src: &[f32], dst: &mut [u8]) -> (f32, i32) {
             hi = v;
         }
     }
-    let (s, inv, zp) = quant_params(lo, hi);
+    let (s, inv, zp) = quant_params(lo, hi, finite);
     let (vinv, vzp) = (_mm256_set1_ps(inv), _mm256_set1_ps(zp));
     let (zero, max) = (_mm256_setzero_si256(), _mm256_set1_epi32(127));
     let q = |p: *const f32| {
@@ -960,6 +975,55 @@ mod tests {
         for r in 0..m {
             assert_eq!(b[r * n], (-128 * 127 * k as i32) as f32 * s);
             assert_eq!(b[r * n + 1], (127 * 127 * k as i32) as f32 * s);
+        }
+    }
+
+    #[test]
+    fn non_finite_activations_give_nan_rows_like_f32() {
+        // Row 0 holds a NaN (at a SIMD position and, in row 2, in the scalar tail), row 1 a +∞,
+        // row 3 is ordinary: only the first three rows turn NaN, and row 3 is unchanged.
+        let mut rng = Rng(7);
+        let (m, n, k) = (4, 20, 67);
+        let mut c = case(&mut rng, m, n, k);
+        let clean = run(&c, 1, Isa::Scalar);
+        c.x[3] = f32::NAN;
+        c.x[k + 10] = f32::INFINITY;
+        c.x[2 * k + k - 1] = f32::NAN;
+        for isa in Isa::available() {
+            let out = run(&c, 1, isa);
+            for r in 0..3 {
+                assert!(
+                    out[r * n..(r + 1) * n].iter().all(|v| v.is_nan()),
+                    "{isa:?} row {r}"
+                );
+            }
+            assert_eq!(bits(&out[3 * n..]), bits(&clean[3 * n..]), "{isa:?}");
+        }
+    }
+
+    #[test]
+    fn a_range_wider_than_f32_still_quantizes() {
+        // ±2e38 in one row: hi − lo overflows f32, yet the product is finite.
+        let (m, n, k) = (1, 3, 64);
+        let x: Vec<f32> = (0..k)
+            .map(|i| if i % 2 == 0 { 2e38 } else { -2e38 })
+            .collect();
+        let codes: Vec<i8> = (0..n * k).map(|i| (i % 5) as i8 - 2).collect();
+        let mut c = Case::unit_scales(m, n, k, x, codes);
+        c.scales = vec![1e-6; n];
+        for isa in Isa::available() {
+            let out = run(&c, 1, isa);
+            for (j, &got) in out.iter().enumerate() {
+                let exact: f64 = (0..k)
+                    .map(|i| f64::from(c.x[i]) * f64::from(c.codes[j * k + i]) * 1e-6)
+                    .sum();
+                let got = f64::from(got);
+                assert!(got.is_finite(), "{isa:?}: {got}");
+                assert!(
+                    (got - exact).abs() <= 1e-2 * 4e32 * k as f64,
+                    "{got} vs {exact}"
+                );
+            }
         }
     }
 

@@ -126,6 +126,33 @@ pub fn unquantizable(cols: usize) -> Option<String> {
     })
 }
 
+/// Why the values of a row-major matrix with `cols` columns cannot be quantized to `bits` with
+/// fp16 scales, if they cannot: a group whose largest magnitude needs a scale beyond fp16's
+/// range (above 65504), or one so small that its scale rounds to zero while the group is not
+/// zero. Such a matrix stays float.
+pub fn scale_out_of_range(values: &[f32], cols: usize, bits: Bits) -> Option<String> {
+    let (low, high) = bits.range();
+    let size = bits.group(cols).max(1);
+    values.chunks(size).find_map(|group| {
+        let extreme = group.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let scale = extreme / high.max(-low) as f32;
+        let stored = f16::from_f32(extreme / high as f32);
+        if stored.is_infinite() || !scale.is_finite() {
+            Some(format!(
+                "weights reach {extreme:e}, whose {} scale overflows fp16 (at most 65504)",
+                Precision::from(bits).name()
+            ))
+        } else if extreme > 0.0 && f16::from_f32(scale).to_f32() == 0.0 {
+            Some(format!(
+                "a group's weights are at most {extreme:e}, whose {} scale rounds to 0 in fp16",
+                Precision::from(bits).name()
+            ))
+        } else {
+            None
+        }
+    })
+}
+
 /// Integer codes and per-group scales of a `[rows, cols]` matrix, row-major.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Codes {
@@ -147,6 +174,9 @@ impl Codes {
     /// Quantizes a row-major `[rows, cols]` matrix.
     pub fn quantize(values: &[f32], rows: usize, cols: usize, bits: Bits) -> Result<Self> {
         if let Some(why) = unquantizable(cols) {
+            bail!("cannot quantize a [{rows}, {cols}] matrix: {why}");
+        }
+        if let Some(why) = scale_out_of_range(values, cols, bits) {
             bail!("cannot quantize a [{rows}, {cols}] matrix: {why}");
         }
         let (low, high) = bits.range();
@@ -569,5 +599,27 @@ mod tests {
         assert!(unquantizable(384).is_none());
         let err = Codes::quantize(&[0.0; 40], 2, 20, Bits::Int8).unwrap_err();
         assert!(err.to_string().contains("not a positive multiple"), "{err}");
+    }
+
+    #[test]
+    fn scales_beyond_fp16_are_refused_not_stored_as_infinity() {
+        let mut v = vec![0.01f32; 64];
+        v[5] = 1e7;
+        let why = scale_out_of_range(&v, 64, Bits::Int8).unwrap();
+        assert!(
+            why.contains("1e7") && why.contains("overflows fp16"),
+            "{why}"
+        );
+        let err = Codes::quantize(&v, 1, 64, Bits::Int8).unwrap_err();
+        assert!(err.to_string().contains("overflows fp16"), "{err}");
+        // 65504 · 127 is the largest int8 row that fits; at int4 the limit is 65504 · 7.
+        v[5] = 8e6;
+        assert!(scale_out_of_range(&v, 64, Bits::Int8).is_none());
+        assert!(scale_out_of_range(&v, 64, Bits::Int4).is_some());
+        let tiny = vec![1e-12f32; 32];
+        assert!(scale_out_of_range(&tiny, 32, Bits::Int8)
+            .unwrap()
+            .contains("rounds to 0"));
+        assert!(scale_out_of_range(&[0.0; 32], 32, Bits::Int8).is_none());
     }
 }

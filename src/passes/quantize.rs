@@ -30,7 +30,7 @@ use crate::analyze::elements::{Element, Level};
 use crate::analyze::report::{ElementSignificance, Report};
 use crate::model::linear::Weight;
 use crate::model::matrices::Matrix;
-use crate::model::quant::{unquantizable, Bits, Precision, QuantMatrix};
+use crate::model::quant::{scale_out_of_range, unquantizable, Bits, Precision, QuantMatrix};
 use crate::model::Model;
 use crate::progress;
 
@@ -187,7 +187,7 @@ impl Quantize {
             bar.inc(1);
             for bits in [Bits::Int4, Bits::Int8] {
                 let Some(weight) = quantized(engine.model(), m, bits)? else {
-                    break;
+                    continue;
                 };
                 let label = format!("{} {}", m.label(), Precision::from(bits).name());
                 let trial = Trial {
@@ -246,20 +246,24 @@ impl Quantize {
         ])
     }
 
-    fn outcomes(&self, model: &Model) -> Result<Vec<MatrixOutcome>> {
+    /// What became of each matrix; `bits` is the precision a float target was offered last.
+    fn outcomes(&self, model: &Model, bits: Bits) -> Result<Vec<MatrixOutcome>> {
         let targets = self.targets(model);
         model
             .matrices()
             .into_iter()
             .map(|m| {
                 let w = model.weight(m)?;
-                let candidate = targets.contains(&m);
+                let kept_float = match targets.contains(&m) && w.precision() == Precision::Float {
+                    true => why_float(&w.to_dense()?, bits)?,
+                    false => None,
+                };
                 Ok(MatrixOutcome {
                     matrix: m,
                     name: m.hf_name(model),
                     params: w.elem_count(),
                     precision: w.precision(),
-                    kept_float: unquantizable(w.dims().1).filter(|_| candidate),
+                    kept_float,
                 })
             })
             .collect()
@@ -299,7 +303,16 @@ impl Pass for Quantize {
                 (chosen, trials, alternatives)
             }
         };
-        let outcomes = self.outcomes(&out)?;
+        let last_offered = match self.settings.bits {
+            BitsChoice::Four => Bits::Int4,
+            BitsChoice::Eight | BitsChoice::Mixed => Bits::Int8,
+        };
+        let outcomes = self.outcomes(&out, last_offered)?;
+        for o in &outcomes {
+            if let Some(why) = &o.kept_float {
+                ctx.log(&format!("quantize: {} stays float: {why}", o.name));
+            }
+        }
         let lowered = |p: Precision| outcomes.iter().filter(|o| o.precision == p).count();
         ctx.log(&format!(
             "quantize: {} matrices int4, {} int8, {} float",
@@ -316,16 +329,26 @@ impl Pass for Quantize {
     }
 }
 
-/// `m` of `model` quantized to `bits`; `None` when its inner dimension cannot be grouped.
+/// `m` of `model` quantized to `bits`; `None` when it stays float ([`why_float`]).
 fn quantized(model: &Model, m: Matrix, bits: Bits) -> Result<Option<Weight>> {
-    let w = model.weight(m)?;
-    if unquantizable(w.dims().1).is_some() {
+    let dense = model.weight(m)?.to_dense()?;
+    if why_float(&dense, bits)?.is_some() {
         return Ok(None);
     }
     Ok(Some(Weight::Quantized(QuantMatrix::quantize(
-        &w.to_dense()?,
-        bits,
+        &dense, bits,
     )?)))
+}
+
+/// Why the dense matrix `w` cannot be quantized to `bits`, if it cannot: its inner dimension
+/// cannot be grouped, or a scale would fall outside fp16's range.
+fn why_float(w: &candle_core::Tensor, bits: Bits) -> Result<Option<String>> {
+    let cols = w.dims2()?.1;
+    if let Some(why) = unquantizable(cols) {
+        return Ok(Some(why));
+    }
+    let values = w.flatten_all()?.to_vec1::<f32>()?;
+    Ok(scale_out_of_range(&values, cols, bits))
 }
 
 /// Targets from least to most significant per parameter: the embeddings first, then layer
