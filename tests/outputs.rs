@@ -170,3 +170,57 @@ fn single_file_outputs_never_overwrite_an_input_and_replace_a_file_only_with_for
         String::from_utf8_lossy(&replaced.stderr)
     );
 }
+
+#[test]
+fn plots_and_a_vocabulary_corpus_file_obey_the_rule_too() {
+    let root = tree();
+    let r = root.path();
+    let (model, data) = (r.join("P/model"), r.join("d/SST-2"));
+    let before = snapshot(r);
+    // Heatmaps into the model directory: refused before any analysis.
+    let plots = model.to_str().unwrap();
+    let report = r.join("a.json");
+    let analyze = common::run_stage(
+        "analyze",
+        &model,
+        &data,
+        &report,
+        &["--plots", plots, "--levels", "blocks", "--force"],
+    );
+    common::assert_clean_error(
+        &analyze,
+        &["--plots", "significance-blocks.svg", "or inside it"],
+    );
+    // An existing heatmap of someone else's is replaced only with --force.
+    std::fs::write(r.join("other/significance-blocks.svg"), "mine").unwrap();
+    let other = r.join("other");
+    let analyze = common::run_stage(
+        "analyze",
+        &model,
+        &data,
+        &report,
+        &["--plots", other.to_str().unwrap(), "--levels", "blocks"],
+    );
+    common::assert_clean_error(&analyze, &["--plots", "already exists; pass --force"]);
+    std::fs::remove_file(r.join("other/significance-blocks.svg")).unwrap();
+    assert_eq!(snapshot(r), before);
+    // A corpus file is an input: an output directory holding it is refused.
+    std::fs::write(r.join("other/corpus.txt"), "a fine film\n").unwrap();
+    let before = snapshot(r);
+    let corpus = r.join("other/corpus.txt");
+    let run = common::run_stage(
+        "quantize",
+        &model,
+        &data,
+        &other,
+        &[
+            "--bits",
+            "8",
+            "--vocab-corpus",
+            corpus.to_str().unwrap(),
+            "--force",
+        ],
+    );
+    common::assert_clean_error(&run, &["holds the input", "corpus.txt"]);
+    assert_eq!(snapshot(r), before);
+}

@@ -152,3 +152,31 @@ fn a_progress_file_naming_a_layer_the_model_lacks_is_refused_in_one_line() {
     common::assert_clean_error(&o, &["layer 99", "the model has 3", "progress file"]);
     assert!(!out.exists());
 }
+
+#[test]
+fn a_resume_after_the_data_changed_at_the_same_path_is_refused() {
+    // Before: the key named the data's path only, so rankings computed on the old dev.tsv were
+    // replayed on the new one.
+    let data = common::small_sst2(40);
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("changed");
+    let args = prune_args(data.path(), &out);
+    let progress = tmp.path().join("changed.progress.json");
+    kill_in_second_level(&args, &progress);
+    let dev = data.path().join("SST-2/dev.tsv");
+    let text = std::fs::read_to_string(&dev).unwrap();
+    let flipped = match text.trim_end().strip_suffix('1') {
+        Some(head) => format!("{head}0\n"),
+        None => format!("{}1\n", text.trim_end().strip_suffix('0').unwrap()),
+    };
+    std::fs::write(&dev, flipped).unwrap();
+    let mut resume = args.clone();
+    resume.extend(["--resume".into(), "-q".into()]);
+    let o = common::run(&as_str(&resume));
+    common::assert_clean_error(&o, &["changed.progress.json", "another run", "data"]);
+    assert!(!out.exists());
+    assert!(
+        progress.is_file(),
+        "the refused resume removed the progress file"
+    );
+}

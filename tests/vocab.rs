@@ -141,3 +141,35 @@ fn a_file_corpus_prunes_rte_pairs_and_the_judge_sees_what_eval_sees() {
     let evaluated = common::eval_json(&out, "rte", data.path());
     assert_eq!(evaluated["metrics"], common::dev_after(&report));
 }
+
+#[test]
+fn a_model_with_vocab_txt_only_prunes_its_vocabulary() {
+    // Before: "token id 101 is not kept": a tokenizer built from vocab.txt has [CLS] and [SEP]
+    // only in its post-processor, and the corpus ids left them out.
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("model");
+    std::fs::create_dir(&src).unwrap();
+    for file in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer_config.json",
+        "vocab.txt",
+    ] {
+        std::fs::copy(common::demo_model().join(file), src.join(file)).unwrap();
+    }
+    let model = Model::from_dir(&src).unwrap();
+    let dev = glue::read(Task::Sst2, &common::demo_sst2().join("dev.tsv")).unwrap();
+    let texts = dataset_texts(&[dev]);
+    let (pruned, kept) = prune_vocabulary(&model, &texts).unwrap();
+    assert!(kept.len() < model.config.vocab_size);
+    let out = tmp.path().join("pruned");
+    write_model_dir(&pruned, &out, &[], &json!({}), false).unwrap();
+    let reloaded = Model::from_dir(&out).unwrap();
+    let (before, after) = (encode(&src, &texts, 128), encode(&out, &texts, 128));
+    for (b, a) in before.iter().zip(&after) {
+        let renumbered: Vec<u32> = b.ids.iter().map(|&i| kept.new_id(i).unwrap()).collect();
+        assert_eq!(renumbered, a.ids);
+    }
+    let diff = common::max_abs_diff(&logits(&model, &before), &logits(&reloaded, &after));
+    assert!(diff <= 1e-5, "max |Δlogit| {diff}");
+}

@@ -64,11 +64,16 @@ pub fn write_heatmaps(report: &Report, dir: &Path) -> Result<Vec<PathBuf>> {
             report.data.source
         );
         let svg = heatmap(&title, x_label, &names, layers, &cells);
-        let path = dir.join(format!("significance-{}.svg", level.level.name()));
+        let path = heatmap_path(dir, level.level);
         write_atomic(&path, svg.as_bytes())?;
         written.push(path);
     }
     Ok(written)
+}
+
+/// Where the heatmap of `level` goes in `dir`.
+pub fn heatmap_path(dir: &Path, level: Level) -> PathBuf {
+    dir.join(format!("significance-{}.svg", level.name()))
 }
 
 /// Diverging colour for `v` in `[-scale, scale]`.

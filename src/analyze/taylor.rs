@@ -128,10 +128,15 @@ pub fn gate_gradients(
         finite_rows(&logits, "analysis (gradients)", number)?;
         let loss = (batch_loss_sum(&logits, batch)? / total as f64)?;
         let grads = loss.backward().context("backward pass failed")?;
-        let read = |v: &Var| -> Result<Vec<f64>> {
-            let g = grads
-                .get(v.as_tensor())
-                .context("a gate received no gradient")?;
+        // A block with no heads or no neurons left has an empty element gate, which no gradient
+        // reaches (there is nothing to scale): its gradients are the empty list.
+        let read = |v: &Var, empty_block: bool| -> Result<Vec<f64>> {
+            let Some(g) = grads.get(v.as_tensor()) else {
+                if empty_block || v.elem_count() == 0 {
+                    return Ok(vec![0.0; v.elem_count()]);
+                }
+                anyhow::bail!("a gate received no gradient");
+            };
             Ok(g.flatten_all()?
                 .to_vec1::<f32>()?
                 .into_iter()
@@ -139,15 +144,22 @@ pub fn gate_gradients(
                 .collect())
         };
         for (l, (a, h, f, n)) in vars.iter().enumerate() {
+            let layer = &model.layers[l];
+            let no_heads = layer.attention.as_ref().is_some_and(|a| a.heads.is_empty());
+            let no_neurons = layer.ffn.as_ref().is_some_and(|f| f.width() == 0);
             if let Some(a) = a {
-                *sums.attention[l].as_mut().expect("present") += read(a)?[0];
+                *sums.attention[l].as_mut().expect("present") += read(a, no_heads)?[0];
             }
             if let Some(f) = f {
-                *sums.ffn[l].as_mut().expect("present") += read(f)?[0];
+                *sums.ffn[l].as_mut().expect("present") += read(f, no_neurons)?[0];
             }
-            for (acc, g) in [(&mut sums.heads[l], h), (&mut sums.neurons[l], n)] {
+            let parts = [
+                (&mut sums.heads[l], h, no_heads),
+                (&mut sums.neurons[l], n, no_neurons),
+            ];
+            for (acc, g, empty_block) in parts {
                 if let Some(v) = g {
-                    for (s, x) in acc.iter_mut().zip(read(v)?) {
+                    for (s, x) in acc.iter_mut().zip(read(v, empty_block)?) {
                         *s += x;
                     }
                 }
@@ -156,4 +168,49 @@ pub fn gate_gradients(
         progress.inc(batch.examples.len() as u64);
     }
     Ok(sums)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::inputs::{Inputs, Sequence};
+    use crate::testing::random_model;
+
+    fn batch(model: &Model) -> AnalysisBatch {
+        let seqs = [
+            Sequence {
+                ids: vec![2, 7, 9, 3],
+                type_ids: vec![0; 4],
+            },
+            Sequence {
+                ids: vec![2, 11, 3],
+                type_ids: vec![0; 3],
+            },
+        ];
+        let refs: Vec<&Sequence> = seqs.iter().collect();
+        AnalysisBatch {
+            inputs: Inputs::from_sequences(&model.config, &refs).unwrap(),
+            examples: vec![0, 1],
+            loss_targets: Tensor::new(&[0u32, 2], &Device::Cpu).unwrap(),
+            regression: false,
+        }
+    }
+
+    #[test]
+    fn a_layer_with_every_head_pruned_still_gets_its_gate_gradients() {
+        // Before: "a gate received no gradient", so the groups level after a heads level that
+        // emptied a layer failed.
+        let full = random_model("bert", 2, 2, 4, 8);
+        let mut keep = full.keep_all();
+        keep[0].heads = Some(Vec::new());
+        keep[1].neurons = Some(Vec::new());
+        let model = full.slice(&keep).unwrap();
+        let g = gate_gradients(&model, &[batch(&model)], &ProgressBar::hidden()).unwrap();
+        // The emptied blocks' gates still scale their output bias; their element gates are empty.
+        assert!(g.attention[0].is_some() && g.heads[0].is_empty(), "{g:?}");
+        assert!(g.ffn[1].is_some() && g.neurons[1].is_empty(), "{g:?}");
+        // The other elements still get their gradients.
+        assert!(g.heads[1].iter().any(|&v| v != 0.0), "{g:?}");
+        assert!(g.neurons[0].iter().any(|&v| v != 0.0), "{g:?}");
+    }
 }

@@ -27,6 +27,7 @@ pub fn run(args: &AnalyzeArgs, cli: &Cli) -> Result<()> {
     if let Some(out) = &args.out {
         check_report_destination(args, &setup.model.dir, out)?;
     }
+    check_plot_destinations(args, &setup.model.dir)?;
     let task = args.task.task;
     let spec = args.selection.apply(SelectionSpec::default());
     let label = |set: &EncodedSet| {
@@ -87,12 +88,7 @@ pub fn run(args: &AnalyzeArgs, cli: &Cli) -> Result<()> {
         write_atomic(&timing_path(out), &pretty_json(&timing)?)?;
         log(cli, &format!("wrote {}", out.display()));
     }
-    let plot_dir = args.plots.clone().or_else(|| {
-        args.out
-            .as_ref()
-            .map(|o| o.parent().unwrap_or(Path::new(".")).to_path_buf())
-    });
-    if let Some(dir) = plot_dir {
+    if let Some(dir) = plot_dir(args) {
         for p in plots::write_heatmaps(report, &dir)? {
             log(cli, &format!("wrote {}", p.display()));
         }
@@ -114,16 +110,44 @@ pub fn run(args: &AnalyzeArgs, cli: &Cli) -> Result<()> {
     Ok(())
 }
 
+/// Every path `analyze` reads: the model directory, the data and a selection file.
+fn inputs<'a>(args: &'a AnalyzeArgs, model_dir: &'a Path) -> Vec<&'a Path> {
+    let on = args.selection.on.as_deref().map(Path::new);
+    [Some(model_dir), args.task.data.as_deref(), on]
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
 /// Refuses a report path (or its timing file) that is an input or inside one, that is not a
 /// file, or that exists without `--force`: before any analysis runs.
 fn check_report_destination(args: &AnalyzeArgs, model_dir: &Path, out: &Path) -> Result<()> {
-    let on = args.selection.on.as_deref().map(Path::new);
-    let inputs: Vec<&Path> = [Some(model_dir), args.task.data.as_deref(), on]
-        .into_iter()
-        .flatten()
-        .collect();
+    let inputs = inputs(args, model_dir);
     check_file_destination("--out", &inputs, out, args.force)?;
     check_file_destination("--out", &inputs, &timing_path(out), args.force)
+}
+
+/// Where the heatmaps go: `--plots`, else beside `--out`; none without either.
+fn plot_dir(args: &AnalyzeArgs) -> Option<PathBuf> {
+    args.plots.clone().or_else(|| {
+        args.out
+            .as_ref()
+            .map(|o| o.parent().unwrap_or(Path::new(".")).to_path_buf())
+    })
+}
+
+/// The heatmaps obey the output rule like the report: none may be an input or inside one, or
+/// replace anything but a file without `--force`.
+fn check_plot_destinations(args: &AnalyzeArgs, model_dir: &Path) -> Result<()> {
+    let Some(dir) = plot_dir(args) else {
+        return Ok(());
+    };
+    let inputs = inputs(args, model_dir);
+    for level in &args.levels {
+        let file = plots::heatmap_path(&dir, *level);
+        check_file_destination("--plots", &inputs, &file, args.force)?;
+    }
+    Ok(())
 }
 
 /// `report.json` → `report.timing.json`.

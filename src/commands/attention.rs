@@ -12,7 +12,7 @@ use crate::pipeline::StageSpec;
 pub fn run(args: &AttentionArgs, cli: &Cli) -> Result<()> {
     let stage = StageSpec::Attention(AttentionSettings {
         method: args.method,
-        k: args.k.clone(),
+        k: (!args.k.is_empty()).then(|| args.k.clone()),
         mode: args.mode,
     });
     let (a, stages) = (args, vec![stage]);

@@ -120,6 +120,32 @@ impl TaskData {
         }
     }
 
+    /// Every file the task's train and dev splits are read from (those that exist), in a fixed
+    /// order: what a run's decisions depend on, for its resume key.
+    pub fn files(&self) -> Vec<PathBuf> {
+        let mut files = Vec::new();
+        for split in ["train", "dev"] {
+            match &self.location {
+                Location::Tsv(path) => files.extend(
+                    glue::split_paths(self.task, path, split)
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|(_, file)| file),
+                ),
+                Location::Hub { .. } => files.extend(
+                    hub::split_files(self.task, split, true)
+                        .ok()
+                        .flatten()
+                        .unwrap_or_default()
+                        .into_iter()
+                        .flat_map(|(_, paths)| paths),
+                ),
+            }
+        }
+        files.retain(|f| f.is_file());
+        files
+    }
+
     /// The first dataset of `split` (MNLI dev: the matched one).
     pub fn first(&self, split: &str) -> Result<Dataset> {
         Ok(self.split(split)?.remove(0).1)

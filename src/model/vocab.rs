@@ -57,6 +57,7 @@ pub fn corpus_ids(tokenizer: &Tokenizer, texts: &[&str], extra: &[u32]) -> Resul
     let vocab = wordpiece.get_vocab();
     let mut kept: BTreeSet<u32> = extra.iter().copied().collect();
     kept.extend(tokenizer.get_added_tokens_decoder().keys().copied());
+    kept.extend(post_processor_ids(tokenizer)?);
     kept.insert(id_of(&vocab, &wordpiece.unk_token)?);
     for text in texts {
         for word in words(tokenizer, text)? {
@@ -64,6 +65,21 @@ pub fn corpus_ids(tokenizer: &Tokenizer, texts: &[&str], extra: &[u32]) -> Resul
         }
     }
     Ok(KeptIds(kept.into_iter().collect()))
+}
+
+/// The ids of the special tokens the post-processor adds around a pair of texts (`[CLS]` and
+/// `[SEP]`): a tokenizer built from `vocab.txt` has them only there, not as added tokens.
+fn post_processor_ids(tokenizer: &Tokenizer) -> Result<Vec<u32>> {
+    let encoding = tokenizer
+        .encode(("a", "b"), true)
+        .map_err(|e| anyhow!("cannot tokenize: {e}"))?;
+    Ok(encoding
+        .get_ids()
+        .iter()
+        .zip(encoding.get_special_tokens_mask())
+        .filter(|&(_, &special)| special == 1)
+        .map(|(&id, _)| id)
+        .collect())
 }
 
 /// The words WordPiece sees in `text`: normalised, then pre-tokenised.

@@ -36,9 +36,10 @@ pub const DEFAULT_GRID: [Keep; 3] = [
 pub struct AttentionSettings {
     /// How kept keys are chosen.
     pub method: KeySelector,
-    /// The K tried per layer, smallest first (empty: [`DEFAULT_GRID`]).
+    /// The K tried per layer, smallest first (absent: [`DEFAULT_GRID`]; an empty list is
+    /// refused).
     #[serde(default)]
-    pub k: Vec<Keep>,
+    pub k: Option<Vec<Keep>>,
     /// What a switch must preserve.
     #[serde(default = "accuracy")]
     pub mode: Mode,
@@ -67,8 +68,12 @@ pub struct AttentionPass {
 impl AttentionPass {
     /// Checks the settings.
     pub fn new(settings: AttentionSettings) -> Result<Self> {
-        if let Some(bad) = settings.k.iter().find(|k| !k.is_valid()) {
+        let grid = settings.k.as_deref().unwrap_or_default();
+        if let Some(bad) = grid.iter().find(|k| !k.is_valid()) {
             bail!("attention: k = {bad} must be a number of keys ≥ 1 or a fraction in (0, 1]");
+        }
+        if settings.k.as_ref().is_some_and(Vec::is_empty) {
+            bail!("attention: k = [] tries nothing; list at least one K (a number of keys ≥ 1 or a fraction in (0, 1]), or leave k out for the default 0.125, 0.25, 0.5");
         }
         Ok(AttentionPass { settings })
     }
@@ -85,9 +90,9 @@ impl AttentionPass {
             .collect();
         lengths.sort_unstable();
         let median = lengths.get(lengths.len() / 2).copied().unwrap_or(1);
-        let mut grid = match self.settings.k.is_empty() {
-            true => DEFAULT_GRID.to_vec(),
-            false => self.settings.k.clone(),
+        let mut grid = match &self.settings.k {
+            None => DEFAULT_GRID.to_vec(),
+            Some(k) => k.clone(),
         };
         grid.sort_by_key(|k| k.keys(median));
         grid.into_iter()

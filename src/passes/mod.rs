@@ -64,6 +64,11 @@ pub trait Pass {
     fn check_input(&self, _model: &Model) -> Result<()> {
         Ok(())
     }
+    /// Checks the settings against the run's input model before any stage starts (a group size
+    /// that does not divide the FFN width…), so that a bad setting fails before any work.
+    fn check_settings(&self, _model: &Model) -> Result<()> {
+        Ok(())
+    }
     /// Runs the pass on `model`, recording its decisions in `journal`; returns the new model and
     /// the pass's own report.
     fn run(&self, model: Model, ctx: &StageContext, journal: &mut Journal) -> Result<PassOutput>;

@@ -18,7 +18,7 @@ use super::journal::{Journal, TrialRecord};
 use super::reconstruct::{reconstruct, BlockFit, DEFAULT_RIDGE};
 use super::select::{Engine, Rule, Score, Trial};
 use super::{significance, Alternative, Pass, PassOutput, StageContext};
-use crate::analyze::elements::{Element, Level};
+use crate::analyze::elements::{check_group_size, Element, Level};
 use crate::analyze::report::{ElementSignificance, Report};
 use crate::analyze::summary::short_name;
 use crate::analyze::{batches, AnalysisBatch};
@@ -208,6 +208,16 @@ impl Prune {
                 "prune: calibration must be at least 1 (train sentences the re-fit is fitted on)"
             );
         }
+        if settings.rounds == 0 {
+            bail!("prune: rounds must be at least 1 (passes over the levels)");
+        }
+        let s = &settings;
+        if [s.ridge, s.reconstruct_slack, s.recover_slack]
+            .iter()
+            .any(|x| x.is_nan() || *x < 0.0)
+        {
+            bail!("prune: ridge, reconstruct_slack and recover_slack must be non-negative numbers");
+        }
         let significance = settings
             .significance
             .as_deref()
@@ -310,10 +320,18 @@ impl Pass for Prune {
         serde_json::to_value(&self.settings).expect("settings serialise")
     }
 
+    fn check_settings(&self, model: &Model) -> Result<()> {
+        if self.settings.levels.contains(&Level::Groups) {
+            check_group_size(model, self.settings.group_size)?;
+        }
+        Ok(())
+    }
+
     fn check_input(&self, model: &Model) -> Result<()> {
         if model.is_quantized() {
             bail!("prune: the input is quantized; prune the float model, then quantize (quantization is the last stage)");
         }
+        self.check_settings(model)?;
         match (&self.significance, &self.settings.significance) {
             (Some(report), Some(path)) => report.check_model(model, path),
             _ => Ok(()),
@@ -328,13 +346,6 @@ impl Pass for Prune {
     ) -> Result<PassOutput> {
         self.check_input(&model)?;
         let rule = self.settings.mode.rule("prune", ctx.floor)?;
-        let s = &self.settings;
-        if [s.ridge, s.reconstruct_slack, s.recover_slack]
-            .iter()
-            .any(|x| x.is_nan() || *x < 0.0)
-        {
-            bail!("prune: ridge, reconstruct_slack and recover_slack must be non-negative numbers");
-        }
         let reconstructs = self.reconstructs(ctx.recovery_follows);
         let calibration = match reconstructs {
             true => self.calibration(&model, ctx)?,
@@ -352,7 +363,7 @@ impl Pass for Prune {
         };
         let rule = self.stage_rule(rule, start, ctx.recovery_follows);
         let levels = &self.settings.levels;
-        let rounds = self.settings.rounds.max(1);
+        let rounds = self.settings.rounds;
         let steps = (0..rounds).flat_map(|round| levels.iter().map(move |&l| (round, l)));
         for (index, (round, level)) in steps.enumerate() {
             if budget == 0 {

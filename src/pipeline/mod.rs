@@ -252,14 +252,23 @@ pub fn progress_path(out: &Path) -> PathBuf {
     out.with_file_name(format!("{name}.progress.json"))
 }
 
-/// Every path the run reads: the model directory, the data, `--test`, a selection file,
-/// significance reports and the config file.
+/// Every path the run reads: the model directory, the data, `--test`, a selection file, a
+/// vocabulary corpus file, significance reports and the config file.
 fn inputs_of<'a>(spec: &'a RunSettings, setup: &'a TaskSetup, out: &'a Output) -> Vec<&'a Path> {
     let selection = match &spec.selection.on {
         SelectOn::File(path) => Some(path.as_path()),
         _ => None,
     };
-    let named = [spec.data.as_deref(), spec.test.as_deref(), selection];
+    let corpus = match &spec.vocab {
+        Some(VocabCorpus::File(path)) => Some(path.as_path()),
+        _ => None,
+    };
+    let named = [
+        spec.data.as_deref(),
+        spec.test.as_deref(),
+        selection,
+        corpus,
+    ];
     let significance = spec.stages.iter().filter_map(StageSpec::significance);
     std::iter::once(setup.model.dir.as_path())
         .chain(named.into_iter().flatten())
@@ -284,6 +293,9 @@ pub fn run(spec: &RunSettings, out: &Output, quiet: bool) -> Result<Finished> {
     )?;
     check_destination(&inputs_of(spec, &setup, out), &out.dir, out.force)?;
     passes[0].check_input(&setup.model)?;
+    for pass in &passes {
+        pass.check_settings(&setup.model)?;
+    }
     create_parent(&out.dir)?;
     let mut journal = open_journal(spec, out, &setup)?;
     // 2. Data: the selection split decides; the report split, dev and --test judge.
@@ -625,8 +637,9 @@ fn open_journal(spec: &RunSettings, out: &Output, setup: &TaskSetup) -> Result<J
     Journal::open(&path, &run_key(spec, setup)?, out.resume)
 }
 
-/// Identifies a run by everything that shapes its decisions: the model's weights, the data and
-/// every setting (not how the model was named or the test file, which decide nothing).
+/// Identifies a run by everything that shapes its decisions: the model's weights, the content
+/// of the data files, of a selection file and of significance reports, and every setting (not
+/// how the model was named or the test file, which decide nothing).
 fn run_key(spec: &RunSettings, setup: &TaskSetup) -> Result<String> {
     let mut settings = serde_json::to_value(spec)?;
     let obj = settings
@@ -639,6 +652,27 @@ fn run_key(spec: &RunSettings, setup: &TaskSetup) -> Result<String> {
     h.write_bytes(setup.model.fingerprint()?.as_bytes());
     h.write_bytes(setup.data.location().as_bytes());
     h.write_bytes(settings.to_string().as_bytes());
+    let selection = match &spec.selection.on {
+        SelectOn::File(path) => Some(path.clone()),
+        _ => None,
+    };
+    let significance = spec.stages.iter().filter_map(StageSpec::significance);
+    let corpus = match &spec.vocab {
+        Some(VocabCorpus::File(path)) => Some(path.clone()),
+        _ => None,
+    };
+    let read = setup
+        .data
+        .files()
+        .into_iter()
+        .chain(selection)
+        .chain(corpus);
+    for file in read.chain(significance.map(Path::to_path_buf)) {
+        let bytes =
+            std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+        h.write(bytes.len() as u64);
+        h.write_bytes(&bytes);
+    }
     Ok(h.hex())
 }
 
