@@ -147,8 +147,8 @@ fn single_file_outputs_never_overwrite_an_input_and_replace_a_file_only_with_for
     };
     let before = snapshot(r);
     for (path, force, needle) in [
-        (model.join("config.json"), true, "is the input"),
-        (data.join("dev.tsv"), true, "is the input"),
+        (model.join("config.json"), true, "is inside the input"),
+        (data.join("dev.tsv"), true, "is inside the input"),
         (r.join("other"), true, "not a regular file"),
         (r.join("f.txt"), false, "already exists; pass --force"),
     ] {
@@ -157,7 +157,7 @@ fn single_file_outputs_never_overwrite_an_input_and_replace_a_file_only_with_for
     }
     let report = model.join("model.safetensors");
     let analyze = common::run_stage("analyze", &model, &data, &report, &["--force"]);
-    common::assert_clean_error(&analyze, &["--out", "is the input"]);
+    common::assert_clean_error(&analyze, &["--out", "is inside the input"]);
     assert_eq!(snapshot(r), before);
     // A file of one's own is replaced with --force.
     let predictions = r.join("p.json");
@@ -189,7 +189,7 @@ fn plots_and_a_vocabulary_corpus_file_obey_the_rule_too() {
     );
     common::assert_clean_error(
         &analyze,
-        &["--plots", "significance-blocks.svg", "or inside it"],
+        &["--plots", "significance-blocks.svg", "is inside the input"],
     );
     // An existing heatmap of someone else's is replaced only with --force.
     std::fs::write(r.join("other/significance-blocks.svg"), "mine").unwrap();

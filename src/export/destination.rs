@@ -49,9 +49,9 @@ fn check_output(flag: &str, kind: Kind, inputs: &[&Path], out: &Path, force: boo
     for input in inputs.iter().filter_map(|i| i.canonicalize().ok()) {
         let input_shown = input.display();
         if target.starts_with(&input) {
-            let relation = match kind {
-                Kind::Directory => format!("is inside the input {input_shown}"),
-                Kind::File => format!("is the input {input_shown} or inside it"),
+            let relation = match target == input {
+                true => format!("is the input {input_shown}"),
+                false => format!("is inside the input {input_shown}"),
             };
             bail!("{flag} {shown} {relation}; choose a path outside every input (inputs are never overwritten)");
         }
