@@ -224,3 +224,30 @@ fn plots_and_a_vocabulary_corpus_file_obey_the_rule_too() {
     common::assert_clean_error(&run, &["holds the input", "corpus.txt"]);
     assert_eq!(snapshot(r), before);
 }
+
+#[test]
+fn a_recovery_teacher_directory_is_an_input_of_the_rule() {
+    let root = tree();
+    let r = root.path();
+    std::fs::create_dir_all(r.join("T")).unwrap();
+    for entry in std::fs::read_dir(r.join("P/model")).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, r.join("T").join(path.file_name().unwrap())).unwrap();
+    }
+    let config = "model = \"../P/model\"\ndata = \"../d/SST-2\"\ntask = \"sst2\"\n\n[[stages]]\npass = \"recover\"\nteacher = \"../T\"\n";
+    // Relative paths in a config are taken from the config's directory; the teacher is not
+    // (it is a model spec like --model), so name it absolutely.
+    let config = config.replace("\"../T\"", &format!("{:?}", r.join("T")));
+    std::fs::write(r.join("cfg/t.toml"), config).unwrap();
+    let before = snapshot(r);
+    let run = common::run(&[
+        "compress",
+        "--config",
+        r.join("cfg/t.toml").to_str().unwrap(),
+        "--out",
+        r.join("T/sub").to_str().unwrap(),
+        "-q",
+    ]);
+    common::assert_clean_error(&run, &["is inside the input", "/T"]);
+    assert_eq!(snapshot(r), before);
+}

@@ -101,6 +101,14 @@ impl StageSpec {
         }
     }
 
+    /// The teacher directory a recovery stage distils, when it names a local one.
+    pub fn teacher_dir(&self) -> Option<&Path> {
+        match self {
+            StageSpec::Recover(s) => s.teacher.as_deref().map(Path::new).filter(|p| p.is_dir()),
+            _ => None,
+        }
+    }
+
     /// True for a prune stage that removes within a tolerance (size or speed mode).
     fn prunes_within_a_tolerance(&self) -> bool {
         matches!(self, StageSpec::Prune(s) if s.mode != Mode::Accuracy)
@@ -252,8 +260,9 @@ pub fn progress_path(out: &Path) -> PathBuf {
     out.with_file_name(format!("{name}.progress.json"))
 }
 
-/// Every path the run reads: the model directory, the data, `--test`, a selection file, a
-/// vocabulary corpus file, significance reports and the config file.
+/// Every path the run reads: the model directory, a recovery's local teacher directory, the
+/// data, `--test`, a selection file, a vocabulary corpus file, significance reports and the
+/// config file.
 fn inputs_of<'a>(spec: &'a RunSettings, setup: &'a TaskSetup, out: &'a Output) -> Vec<&'a Path> {
     let selection = match &spec.selection.on {
         SelectOn::File(path) => Some(path.as_path()),
@@ -270,7 +279,9 @@ fn inputs_of<'a>(spec: &'a RunSettings, setup: &'a TaskSetup, out: &'a Output) -
         corpus,
     ];
     let significance = spec.stages.iter().filter_map(StageSpec::significance);
+    let teachers = spec.stages.iter().filter_map(StageSpec::teacher_dir);
     std::iter::once(setup.model.dir.as_path())
+        .chain(teachers)
         .chain(named.into_iter().flatten())
         .chain(significance)
         .chain(out.reads.iter().map(PathBuf::as_path))
@@ -638,8 +649,9 @@ fn open_journal(spec: &RunSettings, out: &Output, setup: &TaskSetup) -> Result<J
 }
 
 /// Identifies a run by everything that shapes its decisions: the model's weights, the content
-/// of the data files, of a selection file and of significance reports, and every setting (not
-/// how the model was named or the test file, which decide nothing).
+/// of the data files, of a selection file, of significance reports, of a vocabulary corpus file
+/// and of a local teacher directory, and every setting (not how the model was named or the test
+/// file, which decide nothing).
 fn run_key(spec: &RunSettings, setup: &TaskSetup) -> Result<String> {
     let mut settings = serde_json::to_value(spec)?;
     let obj = settings
@@ -661,19 +673,37 @@ fn run_key(spec: &RunSettings, setup: &TaskSetup) -> Result<String> {
         Some(VocabCorpus::File(path)) => Some(path.clone()),
         _ => None,
     };
+    let teacher_files = spec
+        .stages
+        .iter()
+        .filter_map(StageSpec::teacher_dir)
+        .flat_map(files_in);
     let read = setup
         .data
         .files()
         .into_iter()
         .chain(selection)
         .chain(corpus);
-    for file in read.chain(significance.map(Path::to_path_buf)) {
+    let read = read.chain(significance.map(Path::to_path_buf));
+    for file in read.chain(teacher_files) {
         let bytes =
             std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
         h.write(bytes.len() as u64);
         h.write_bytes(&bytes);
     }
     Ok(h.hex())
+}
+
+/// The regular files directly in `dir`, sorted by name.
+fn files_in(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file())
+        .collect();
+    files.sort();
+    files
 }
 
 /// The input's pass history plus one entry per stage of this run.
