@@ -434,7 +434,7 @@ fn compress_with_stage(stage: &str) -> (Output, tempfile::TempDir) {
 fn settings_that_cannot_work_are_refused_before_any_evaluation() {
     // Before: group_size 7 failed after the blocks and heads levels had run, leaving a progress
     // file that refused the corrected rerun; k = [] became the default grid; rounds = 0 ran a
-    // round.
+    // round; a missing teacher failed only when the recovery began, after the prune.
     let cases = [
         (
             "pass = \"prune\"\nmode = \"size\"\nlevels = [\"blocks\", \"heads\", \"groups\"]\ngroup_size = 7",
@@ -447,6 +447,10 @@ fn settings_that_cannot_work_are_refused_before_any_evaluation() {
         (
             "pass = \"prune\"\nmode = \"size\"\nrounds = 0",
             vec!["prune: rounds must be at least 1"],
+        ),
+        (
+            "pass = \"prune\"\nmode = \"size\"\n\n[[stages]]\npass = \"recover\"\nteacher = \"/nonexistent/teacher\"",
+            vec!["recover: teacher /nonexistent/teacher", "does not exist"],
         ),
     ];
     for (stage, needles) in cases {

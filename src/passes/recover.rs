@@ -7,7 +7,7 @@
 
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
 use super::journal::Journal;
@@ -44,6 +44,17 @@ impl Pass for Recover {
         crate::train::params::Trainable::check(model)
     }
 
+    /// Loads a named teacher once before any stage runs, so that a missing teacher or one of
+    /// another task fails at the start, not after the stages before the recovery.
+    fn check_settings(&self, model: &Model) -> Result<()> {
+        let Some(spec) = self.settings.teacher.as_deref() else {
+            return Ok(());
+        };
+        let teacher = Model::load(spec, &HubAccess::default())
+            .with_context(|| format!("recover: teacher {spec}"))?;
+        check_teacher(&teacher, model)
+    }
+
     fn recovers(&self) -> bool {
         true
     }
@@ -66,13 +77,7 @@ impl Pass for Recover {
             .map(|t| Model::load(t, &HubAccess::default()))
             .transpose()?;
         let teacher = loaded.as_ref().unwrap_or(ctx.original);
-        if teacher.config.num_labels() != model.config.num_labels() {
-            bail!(
-                "recover: the teacher has {} outputs and the model {}; distil a model of the same task",
-                teacher.config.num_labels(),
-                model.config.num_labels()
-            );
-        }
+        check_teacher(teacher, &model)?;
         journal.begin_step(&format!("stage{}-recover", ctx.stage), || Ok(()))?;
         let judge = |m: &Model| ctx.batches.score(m);
         let run = TrainRun {
@@ -119,4 +124,16 @@ fn details(log: &TrainLog, examples: usize) -> Value {
         "evaluations": log.evaluations,
         "kept": log.best,
     })
+}
+
+/// Refuses a teacher whose outputs differ from the model's.
+fn check_teacher(teacher: &Model, model: &Model) -> Result<()> {
+    if teacher.config.num_labels() != model.config.num_labels() {
+        bail!(
+            "recover: the teacher has {} outputs and the model {}; distil a model of the same task",
+            teacher.config.num_labels(),
+            model.config.num_labels()
+        );
+    }
+    Ok(())
 }
