@@ -262,8 +262,9 @@ pub fn progress_path(out: &Path) -> PathBuf {
 
 /// Every path the run reads: the model directory, a recovery's local teacher directory, the
 /// data, `--test`, a selection file, a vocabulary corpus file, significance reports and the
-/// config file.
-fn inputs_of<'a>(spec: &'a RunSettings, setup: &'a TaskSetup, out: &'a Output) -> Vec<&'a Path> {
+/// The inputs the run's settings name besides the model and the data: a selection file, a
+/// vocabulary corpus file, significance reports and a recovery's local teacher directory.
+fn named_inputs(spec: &RunSettings) -> Vec<&Path> {
     let selection = match &spec.selection.on {
         SelectOn::File(path) => Some(path.as_path()),
         _ => None,
@@ -272,18 +273,22 @@ fn inputs_of<'a>(spec: &'a RunSettings, setup: &'a TaskSetup, out: &'a Output) -
         Some(VocabCorpus::File(path)) => Some(path.as_path()),
         _ => None,
     };
-    let named = [
-        spec.data.as_deref(),
-        spec.test.as_deref(),
-        selection,
-        corpus,
-    ];
-    let significance = spec.stages.iter().filter_map(StageSpec::significance);
-    let teachers = spec.stages.iter().filter_map(StageSpec::teacher_dir);
+    let stages = spec.stages.iter();
+    let per_stage = stages.flat_map(|s| [s.significance(), s.teacher_dir()]);
+    [selection, corpus]
+        .into_iter()
+        .chain(per_stage)
+        .flatten()
+        .collect()
+}
+
+/// Every path the run reads: the model directory, the data, `--test`, the named inputs
+/// ([`named_inputs`]) and the config file.
+fn inputs_of<'a>(spec: &'a RunSettings, setup: &'a TaskSetup, out: &'a Output) -> Vec<&'a Path> {
+    let given = [spec.data.as_deref(), spec.test.as_deref()];
     std::iter::once(setup.model.dir.as_path())
-        .chain(teachers)
-        .chain(named.into_iter().flatten())
-        .chain(significance)
+        .chain(given.into_iter().flatten())
+        .chain(named_inputs(spec))
         .chain(out.reads.iter().map(PathBuf::as_path))
         .collect()
 }
@@ -664,28 +669,14 @@ fn run_key(spec: &RunSettings, setup: &TaskSetup) -> Result<String> {
     h.write_bytes(setup.model.fingerprint()?.as_bytes());
     h.write_bytes(setup.data.location().as_bytes());
     h.write_bytes(settings.to_string().as_bytes());
-    let selection = match &spec.selection.on {
-        SelectOn::File(path) => Some(path.clone()),
-        _ => None,
-    };
-    let significance = spec.stages.iter().filter_map(StageSpec::significance);
-    let corpus = match &spec.vocab {
-        Some(VocabCorpus::File(path)) => Some(path.clone()),
-        _ => None,
-    };
-    let teacher_files = spec
-        .stages
-        .iter()
-        .filter_map(StageSpec::teacher_dir)
-        .flat_map(files_in);
-    let read = setup
-        .data
-        .files()
+    // A directory (a teacher) counts by the files in it.
+    let named = named_inputs(spec)
         .into_iter()
-        .chain(selection)
-        .chain(corpus);
-    let read = read.chain(significance.map(Path::to_path_buf));
-    for file in read.chain(teacher_files) {
+        .flat_map(|p| match p.is_dir() {
+            true => files_in(p),
+            false => vec![p.to_path_buf()],
+        });
+    for file in setup.data.files().into_iter().chain(named) {
         let bytes =
             std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
         h.write(bytes.len() as u64);
