@@ -16,40 +16,54 @@ const SIGPIPE: i32 = 13;
 
 const NAN_TENSOR: &str = "bert.encoder.layer.0.output.dense.weight";
 
-/// Replaces the first value of the f32 or f16 tensor `name` in `dir/model.safetensors` by
-/// `value` (the model's weights are symlinked by `copy_model`: the file is written anew).
-fn poison(dir: &Path, name: &str, value: f32) {
-    let path = dir.join("model.safetensors");
-    let mut bytes = std::fs::read(&path).unwrap();
+/// The dtype of tensor `name` in the safetensors `bytes` and the byte range of its data.
+fn tensor_span(bytes: &[u8], name: &str) -> (String, std::ops::Range<usize>) {
     let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
     let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
-    let start = 8 + header_len + header[name]["data_offsets"][0].as_u64().unwrap() as usize;
-    match header[name]["dtype"].as_str() {
-        Some("F32") => bytes[start..start + 4].copy_from_slice(&value.to_le_bytes()),
-        Some("F16") => {
-            bytes[start..start + 2].copy_from_slice(&half::f16::from_f32(value).to_le_bytes())
-        }
-        other => panic!("{name} is {other:?}, not F32 or F16"),
-    }
+    let offset =
+        |i: usize| 8 + header_len + header[name]["data_offsets"][i].as_u64().unwrap() as usize;
+    let dtype = header[name]["dtype"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    (dtype, offset(0)..offset(1))
+}
+
+/// Rewrites `dir/model.safetensors` with `edit` applied to its bytes (the model's weights are
+/// symlinked by `copy_model`: the file is written anew).
+fn rewrite_weights(dir: &Path, edit: impl FnOnce(&mut Vec<u8>)) {
+    let path = dir.join("model.safetensors");
+    let mut bytes = std::fs::read(&path).unwrap();
+    edit(&mut bytes);
     std::fs::remove_file(&path).unwrap();
     std::fs::write(&path, bytes).unwrap();
 }
 
+/// Replaces the first value of the f32 or f16 tensor `name` in `dir/model.safetensors` by
+/// `value`.
+fn poison(dir: &Path, name: &str, value: f32) {
+    rewrite_weights(dir, |bytes| {
+        let (dtype, span) = tensor_span(bytes, name);
+        let start = span.start;
+        match dtype.as_str() {
+            "F32" => bytes[start..start + 4].copy_from_slice(&value.to_le_bytes()),
+            "F16" => {
+                bytes[start..start + 2].copy_from_slice(&half::f16::from_f32(value).to_le_bytes())
+            }
+            other => panic!("{name} is {other:?}, not F32 or F16"),
+        }
+    });
+}
+
 /// Sets every value of the f32 tensor `name` in `dir/model.safetensors` to `value`.
 fn fill(dir: &Path, name: &str, value: f32) {
-    let path = dir.join("model.safetensors");
-    let mut bytes = std::fs::read(&path).unwrap();
-    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
-    assert_eq!(header[name]["dtype"], "F32", "{name}");
-    let offsets = &header[name]["data_offsets"];
-    let start = 8 + header_len + offsets[0].as_u64().unwrap() as usize;
-    let end = 8 + header_len + offsets[1].as_u64().unwrap() as usize;
-    for chunk in bytes[start..end].chunks_mut(4) {
-        chunk.copy_from_slice(&value.to_le_bytes());
-    }
-    std::fs::remove_file(&path).unwrap();
-    std::fs::write(&path, bytes).unwrap();
+    rewrite_weights(dir, |bytes| {
+        let (dtype, span) = tensor_span(bytes, name);
+        assert_eq!(dtype, "F32", "{name}");
+        for chunk in bytes[span].chunks_mut(4) {
+            chunk.copy_from_slice(&value.to_le_bytes());
+        }
+    });
 }
 
 /// The demo model with every f16 tensor stored as f32 (room for values beyond fp16's range).
