@@ -78,9 +78,14 @@ fn stop() {
 /// temporary directory removed under it, must not win the race with status 1).
 pub fn yield_to_stop() {
     if STOPPING.load(Ordering::SeqCst) {
-        loop {
-            std::thread::park();
-        }
+        wait_for_exit();
+    }
+}
+
+/// Parks the calling thread until the stop handler exits the process.
+fn wait_for_exit() -> ! {
+    loop {
+        std::thread::park();
     }
 }
 
@@ -92,9 +97,7 @@ pub fn commit<T>(rename: impl FnOnce() -> T) -> T {
     let registry = lock();
     if STOPPING.load(Ordering::SeqCst) {
         drop(registry);
-        loop {
-            std::thread::park();
-        }
+        wait_for_exit();
     }
     let done = rename();
     drop(registry);
