@@ -6,9 +6,9 @@
 
 use std::time::Instant;
 
-use axcompress::model::attention_mode::{ApproxAttention, Keep, KeySelector};
-use axcompress::model::nn::softmax_last;
-use axcompress::model::sparse_attention::context;
+use axcompress::kernels::attention_mode::{ApproxAttention, Keep, KeySelector};
+use axcompress::kernels::softmax::softmax_last;
+use axcompress::kernels::sparse_attention::context;
 use candle_core::{Device, Tensor};
 
 /// Median microseconds per call of `f` over repeated runs (after warm-up).

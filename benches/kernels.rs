@@ -5,7 +5,7 @@
 
 use std::time::Instant;
 
-use axcompress::model::quant::{Bits, Codes, Execution, QuantMatrix};
+use axcompress::formats::quant::{Bits, Codes, Execution, QuantMatrix};
 use candle_core::{Device, Tensor};
 
 /// Mean microseconds per call of `f` (after 3 warm-up calls).

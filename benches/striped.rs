@@ -7,7 +7,7 @@
 
 use std::time::Instant;
 
-use axcompress::model::striped::Striped;
+use axcompress::formats::striped::Striped;
 use candle_core::{Device, Tensor};
 
 /// Median microseconds per call of `f` over repeated runs (after warm-up).

@@ -8,13 +8,12 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use axcompress::analyze::batch;
 use axcompress::data::batch::encode;
 use axcompress::data::glue;
 use axcompress::data::labels::LabelMap;
 use axcompress::data::task::Task;
-use axcompress::model::tokenizer::TextEncoder;
 use axcompress::model::Model;
+use axcompress::scoring::batch::batch;
 use axcompress::train::loss::Objective;
 use axcompress::train::optimizer::{AdamSettings, AdamW};
 use axcompress::train::params::Trainable;
@@ -31,7 +30,7 @@ fn main() {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared"));
     let model = Model::from_dir(&shared.join("models/minilm-l6-sst2")).expect("MiniLM fixture");
-    let encoder = TextEncoder::for_model(&model, 128).unwrap();
+    let encoder = model.text_encoder(128).unwrap();
     let dev = glue::read(Task::Sst2, &shared.join("data/glue/SST-2/dev.tsv")).unwrap();
     let set = encode(&dev, "", &encoder).unwrap();
     let labels = LabelMap::new(&model.config, Task::Sst2).unwrap();

@@ -10,10 +10,11 @@ use indicatif::ProgressBar;
 use crate::data::batch::BatchOrder;
 use crate::evaluate::predict_batches;
 use crate::model::encoder::RunOptions;
-use crate::model::inputs::{Inputs, Sequence};
+use crate::model::inputs::Inputs;
 use crate::model::source::WEIGHT_FILES;
-use crate::model::tokenizer::TextEncoder;
 use crate::model::Model;
+use crate::text::tokenizer::Sequence;
+use crate::text::tokenizer::TextEncoder;
 
 /// Seconds for one forward pass of a single sequence.
 pub fn time_single(model: &Model, seq: &Sequence) -> Result<f64> {

@@ -29,10 +29,10 @@ use crate::data::task::Task;
 use crate::fsutil::read_text;
 use crate::model::source::HubAccess;
 use crate::model::storage::StorageDtype;
-use crate::passes::guard::DEFAULT_CONFIDENCE;
 use crate::passes::vocab::{VocabChoice, VocabCorpus};
 use crate::pipeline::tolerance::MaxDrop;
 use crate::pipeline::{default_selection, RunSettings, StageSpec};
+use crate::scoring::guard::DEFAULT_CONFIDENCE;
 
 /// A config as written in the file.
 #[derive(Debug, Deserialize)]

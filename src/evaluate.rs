@@ -10,8 +10,9 @@ use crate::data::labels::LabelMap;
 use crate::data::metric;
 use crate::data::task::Task;
 use crate::model::encoder::RunOptions;
-use crate::model::inputs::{Inputs, Sequence};
+use crate::model::inputs::Inputs;
 use crate::model::Model;
+use crate::text::tokenizer::Sequence;
 
 /// Logits for every sequence, returned in input order. Batches are length-bucketed; the matrix
 /// products use every core.

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
-use crate::interrupt;
+use crate::interrupt::{self, remove_file_or_dir};
 
 /// `value` as pretty JSON with a final newline, as every JSON file axcompress writes.
 pub fn pretty_json(value: &impl Serialize) -> Result<Vec<u8>> {
@@ -63,11 +63,6 @@ pub fn remove_stale_siblings(path: &Path) {
             remove_file_or_dir(&entry.path());
         }
     }
-}
-
-/// Removes `path`, a directory with its contents or a file; best effort.
-pub fn remove_file_or_dir(path: &Path) {
-    let _ = std::fs::remove_dir_all(path).or_else(|_| std::fs::remove_file(path));
 }
 
 /// The directory holding `path` (`.` for a bare file name).

@@ -10,8 +10,6 @@ use std::sync::Mutex;
 
 use anyhow::{Context, Result};
 
-use crate::fsutil::remove_file_or_dir;
-
 /// Exit status of a run stopped by SIGINT (128 + 2, as shells report it).
 pub const EXIT_INTERRUPTED: i32 = 130;
 
@@ -132,4 +130,9 @@ impl Drop for Tracked {
             registry.temporaries.swap_remove(i);
         }
     }
+}
+
+/// Removes `path`, a directory with its contents or a file; best effort.
+pub fn remove_file_or_dir(path: &Path) {
+    let _ = std::fs::remove_dir_all(path).or_else(|_| std::fs::remove_file(path));
 }

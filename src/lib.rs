@@ -1,7 +1,7 @@
 //! axcompress: significance-driven compression of fine-tuned BERT-family models.
 //!
 //! The pipeline, as the folders show it: [`model`] loads a checkpoint into the one runtime every
-//! command shares; [`data`] finds, splits and batches the task's data; [`analyze`] measures the
+//! command shares (its [`kernels`], the weight [`formats`] and the tokenizer in [`text`]); [`data`] finds, splits and batches the task's data; [`analyze`] measures the
 //! significance of blocks, heads and FFN groups; [`passes`] are the compression stages on one
 //! selection engine; [`pipeline`] chains them under one tolerance; [`export`] writes the result.
 //! [`evaluate`] and [`bench`] measure any model; [`commands`] holds each subcommand's thin
@@ -15,15 +15,19 @@ pub mod config_file;
 pub mod data;
 pub mod evaluate;
 pub mod export;
+pub mod formats;
 pub mod fsutil;
 pub mod hash;
 pub mod interrupt;
+pub mod kernels;
 pub mod model;
 pub mod passes;
 pub mod pipeline;
 pub mod progress;
+pub mod scoring;
 pub mod setup;
 #[cfg(test)]
 mod testing;
+pub mod text;
 pub mod threads;
 pub mod train;

@@ -6,7 +6,7 @@ use clap::Parser;
 
 use axcompress::cli::{Cli, Command};
 use axcompress::commands;
-use axcompress::model::quant::Execution;
+use axcompress::formats::quant::Execution;
 use axcompress::pipeline::{FloorMissed, EXIT_FLOOR_MISSED};
 
 fn main() {

@@ -9,8 +9,8 @@ use crate::data::labels::LabelMap;
 use crate::data::source::TaskData;
 use crate::data::task::Task;
 use crate::model::source::HubAccess;
-use crate::model::tokenizer::TextEncoder;
 use crate::model::Model;
+use crate::text::tokenizer::TextEncoder;
 
 /// A model ready to run on a task's data.
 pub struct TaskSetup {
@@ -41,7 +41,7 @@ impl TaskSetup {
         let labels = LabelMap::new(&model.config, task).with_context(|| format!("model {spec}"))?;
         let max_length = checked_max_length(max_length, model.config.max_input_length())?;
         check_batch_size(batch_size, max_length)?;
-        let encoder = TextEncoder::for_model(&model, max_length)?;
+        let encoder = model.text_encoder(max_length)?;
         let data = TaskData::resolve(task, data, hub.offline)?;
         Ok(TaskSetup {
             model,

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use axcompress::analyze::elements::Level;
 use axcompress::analyze::report::{Method, Report, Settings, Source};
-use axcompress::analyze::{analyze, batches, taylor, Subject};
+use axcompress::analyze::{analyze, taylor, Subject};
 use axcompress::data::batch::EncodedSet;
 use axcompress::data::glue::Target;
 use axcompress::data::labels::LabelMap;
@@ -15,8 +15,9 @@ use axcompress::data::splits::DataInfo;
 use axcompress::data::task::Task;
 use axcompress::evaluate::{example_loss, predict, score};
 use axcompress::model::encoder::{Gates, RunOptions};
-use axcompress::model::inputs::Sequence;
 use axcompress::model::Model;
+use axcompress::scoring::batch::batches;
+use axcompress::text::tokenizer::Sequence;
 use candle_core::Tensor;
 use common::read_json;
 use indicatif::ProgressBar;
@@ -162,7 +163,7 @@ fn ablation_equals_explicitly_pruned_models_on_a_reshaped_demo_model() {
     keep[1].neurons = Some((0..768).filter(|n| n % 3 != 0).take(512).collect());
     keep[2].heads = None;
     let model = full.slice(&keep).unwrap();
-    let encoder = axcompress::model::tokenizer::TextEncoder::load(&dir, 64).unwrap();
+    let encoder = axcompress::text::tokenizer::TextEncoder::load(&dir, 64).unwrap();
     let glue =
         axcompress::data::glue::read(Task::Sst2, &common::demo_sst2().join("dev.tsv")).unwrap();
     let mut set = axcompress::data::batch::encode(&glue, "", &encoder).unwrap();

@@ -5,7 +5,7 @@
 mod common;
 
 use axcompress::export::write_model_dir;
-use axcompress::model::attention_mode::{ApproxAttention, Keep, KeySelector};
+use axcompress::kernels::attention_mode::{ApproxAttention, Keep, KeySelector};
 use axcompress::model::encoder::RunOptions;
 use axcompress::model::inputs::Inputs;
 use axcompress::model::Model;

@@ -12,8 +12,8 @@ use std::path::Path;
 
 use axcompress::model::encoder::RunOptions;
 use axcompress::model::inputs::Inputs;
-use axcompress::model::tokenizer::TextEncoder;
 use axcompress::model::Model;
+use axcompress::text::tokenizer::TextEncoder;
 use candle_core::{DType, Device, IndexOp, Module, Tensor};
 use candle_nn::{linear, VarBuilder};
 use candle_transformers::models::{bert, distilbert, xlm_roberta};

@@ -3,8 +3,8 @@
 mod common;
 
 use axcompress::model::encoder::RunOptions;
-use axcompress::model::tokenizer::TextEncoder;
 use axcompress::model::Model;
+use axcompress::text::tokenizer::TextEncoder;
 use common::{flatten, max_abs_diff, read_json, reference_inputs};
 
 fn check_tiny(name: &str) {

@@ -19,11 +19,12 @@ use axcompress::export::write_model_dir;
 use axcompress::model::encoder::RunOptions;
 use axcompress::model::inputs::Inputs;
 use axcompress::model::slice::LayerKeep;
-use axcompress::model::tokenizer::TextEncoder;
 use axcompress::model::Model;
 use axcompress::passes::journal::Journal;
 use axcompress::passes::prune::remove;
-use axcompress::passes::select::{Engine, Rule, SelectionBatches, Trial};
+use axcompress::passes::select::{Engine, SelectionBatches, Trial};
+use axcompress::scoring::score::Rule;
+use axcompress::text::tokenizer::TextEncoder;
 use candle_core::DType;
 use common::{max_abs_diff, read_json};
 use serde_json::{json, Value};
@@ -296,7 +297,7 @@ fn size_mode_respects_max_drop_and_the_output_round_trips() {
 /// The selection split's one-sided bound of the drop, in points, recomputed from the report's
 /// paired counts at `confidence` (as the guard computes it).
 fn selection_bound_points(report: &Value, confidence: f64) -> f64 {
-    use axcompress::passes::guard::{decision_bound, z_one_sided};
+    use axcompress::scoring::guard::{decision_bound, z_one_sided};
     let selection = split(report, "selection");
     let p = &selection["paired"];
     let (lost, gained) = (p["lost"].as_u64().unwrap(), p["gained"].as_u64().unwrap());

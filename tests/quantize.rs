@@ -6,9 +6,9 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
+use axcompress::formats::quant::{Bits, Codes, Execution, QuantMatrix, GROUP};
 use axcompress::model::encoder::RunOptions;
 use axcompress::model::linear::Weight;
-use axcompress::model::quant::{Bits, Codes, Execution, QuantMatrix, GROUP};
 use axcompress::model::Model;
 use candle_core::Tensor;
 use common::read_json;

@@ -4,23 +4,23 @@
 
 mod common;
 
-use axcompress::analyze::AnalysisBatch;
 use axcompress::export::write_model_dir;
 use axcompress::model::encoder::RunOptions;
 use axcompress::model::slice::LayerKeep;
 use axcompress::model::storage::StorageDtype;
 use axcompress::model::Model;
 use axcompress::passes::reconstruct::{hidden_errors, reconstruct, DEFAULT_RIDGE};
+use axcompress::scoring::batch::ScoringBatch;
 use candle_core::{Device, Tensor};
 use serde_json::json;
 
 /// SST-2 dev sentences `range`, in batches of 32, for `model`.
-fn batches(model: &Model, range: std::ops::Range<usize>) -> Vec<AnalysisBatch> {
+fn batches(model: &Model, range: std::ops::Range<usize>) -> Vec<ScoringBatch> {
     let all = range.end;
     let inputs = common::sst2_dev_batch_inputs(model, range.start, all, 32);
     inputs
         .into_iter()
-        .map(|inputs| AnalysisBatch {
+        .map(|inputs| ScoringBatch {
             loss_targets: Tensor::zeros(
                 inputs.input_ids.dim(0).unwrap(),
                 candle_core::DType::U32,

@@ -7,16 +7,17 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use axcompress::analyze::AnalysisBatch;
-use axcompress::model::inputs::{Inputs, Sequence};
+use axcompress::model::inputs::Inputs;
 use axcompress::model::Model;
+use axcompress::scoring::batch::ScoringBatch;
+use axcompress::text::tokenizer::Sequence;
 use axcompress::train::lasso::{GroupPenalty, Grouping};
 use axcompress::train::loss::Objective;
 use axcompress::train::params::Trainable;
 use candle_core::{Device, Tensor};
 
 /// Three short sequences with labels for tiny-bert.
-fn tiny_batch(model: &Model) -> AnalysisBatch {
+fn tiny_batch(model: &Model) -> ScoringBatch {
     let seqs = [
         vec![2u32, 7, 9, 11, 3],
         vec![2, 5, 3],
@@ -30,7 +31,7 @@ fn tiny_batch(model: &Model) -> AnalysisBatch {
         })
         .collect();
     let refs: Vec<&Sequence> = seqs.iter().collect();
-    AnalysisBatch {
+    ScoringBatch {
         inputs: Inputs::from_sequences(&model.config, &refs).unwrap(),
         examples: vec![0, 1, 2],
         loss_targets: Tensor::new(&[0u32, 2, 1], &Device::Cpu).unwrap(),

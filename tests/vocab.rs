@@ -11,10 +11,10 @@ use axcompress::data::task::Task;
 use axcompress::evaluate::predict;
 use axcompress::export::write_model_dir;
 use axcompress::model::encoder::RunOptions;
-use axcompress::model::inputs::Sequence;
-use axcompress::model::tokenizer::TextEncoder;
 use axcompress::model::Model;
 use axcompress::passes::vocab::{dataset_texts, prune_vocabulary};
+use axcompress::text::tokenizer::Sequence;
+use axcompress::text::tokenizer::TextEncoder;
 use indicatif::ProgressBar;
 use serde_json::json;
 

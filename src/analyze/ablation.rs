@@ -12,11 +12,12 @@ use candle_core::{Device, Tensor};
 use indicatif::ProgressBar;
 
 use super::elements::Element;
-use super::{AnalysisBatch, Scorer};
 use crate::evaluate::finite_rows;
 use crate::model::encoder::{EncoderLayer, RunOptions};
 use crate::model::nn::LayerNorm;
 use crate::model::Model;
+use crate::scoring::batch::ScoringBatch;
+use crate::scoring::scorer::Scorer;
 
 /// What removing one element did over the analysis data.
 #[derive(Debug, Clone, PartialEq)]
@@ -110,7 +111,7 @@ impl LayerCache {
 /// Returns one outcome per element, in order.
 pub fn ablate(
     model: &Model,
-    batches: &[AnalysisBatch],
+    batches: &[ScoringBatch],
     elements: &[Element],
     scorer: &Scorer,
     progress: &ProgressBar,

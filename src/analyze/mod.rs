@@ -13,148 +13,22 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use candle_core::{Device, Tensor};
 
-use crate::data::batch::{length_buckets, EncodedSet};
-use crate::data::glue::Target;
+use crate::data::batch::EncodedSet;
 use crate::data::labels::LabelMap;
 use crate::data::splits::DataInfo;
 use crate::data::task::Task;
-use crate::evaluate::{self, example_loss, predicted_label, Scores};
+use crate::evaluate;
 use crate::model::encoder::RunOptions;
-use crate::model::inputs::{Inputs, Sequence};
 use crate::model::Model;
 use crate::progress;
+use crate::scoring::batch;
+use crate::scoring::scorer::Scorer;
 use elements::{blocks_and_heads, check_group_size, groups_by_score, Element, Level};
 use report::{
     Baseline, Cost, ElementSignificance, LevelSummary, Method, ModelIdentity, Report, Settings,
     Source,
 };
-
-/// One padded batch of analysis data.
-pub struct AnalysisBatch {
-    /// Model inputs.
-    pub inputs: Inputs,
-    /// Indices of the batch's examples in the analysis data.
-    pub examples: Vec<usize>,
-    /// Loss targets: model output index (u32) per example, or the score (f32) for regression.
-    pub loss_targets: Tensor,
-    /// True for regression.
-    pub regression: bool,
-}
-
-/// Turns logits rows into per-example losses, predictions and metrics for a task.
-pub struct Scorer<'a> {
-    task: Task,
-    labels: &'a LabelMap,
-    targets: &'a [Target],
-}
-
-impl<'a> Scorer<'a> {
-    /// A scorer for `targets` (in analysis-data order).
-    pub fn new(task: Task, labels: &'a LabelMap, targets: &'a [Target]) -> Self {
-        Scorer {
-            task,
-            labels,
-            targets,
-        }
-    }
-
-    /// Loss of example `ex` given its logits.
-    pub fn example_loss(&self, row: &[f32], ex: usize) -> f64 {
-        example_loss(self.labels, row, &self.targets[ex])
-    }
-
-    /// Prediction from logits: task label index, or the score for regression.
-    pub fn prediction(&self, row: &[f32]) -> f32 {
-        if self.task.is_regression() {
-            row[0]
-        } else {
-            predicted_label(row, self.labels) as f32
-        }
-    }
-
-    /// Number of examples.
-    pub fn len(&self) -> usize {
-        self.targets.len()
-    }
-
-    /// True when there are no examples.
-    pub fn is_empty(&self) -> bool {
-        self.targets.is_empty()
-    }
-
-    /// True for classification tasks (predictions are labels).
-    pub fn is_classification(&self) -> bool {
-        !self.task.is_regression()
-    }
-
-    /// True when the logits predict example `ex`'s gold label (always false for regression).
-    pub fn is_correct(&self, row: &[f32], ex: usize) -> bool {
-        match self.targets[ex] {
-            Target::Class(c) => predicted_label(row, self.labels) == c,
-            Target::Score(_) => false,
-        }
-    }
-
-    /// Mean loss and metrics from a loss sum and per-example predictions.
-    pub fn scores(&self, loss_sum: f64, predictions: &[f32]) -> Scores {
-        Scores {
-            metrics: evaluate::metrics(self.task, predictions, self.targets),
-            loss: loss_sum / self.targets.len().max(1) as f64,
-        }
-    }
-}
-
-/// Builds length-bucketed batches of `set`.
-pub fn batches(
-    model: &Model,
-    set: &EncodedSet,
-    labels: &LabelMap,
-    batch_size: usize,
-) -> Result<Vec<AnalysisBatch>> {
-    length_buckets(&set.sequences, batch_size)
-        .into_iter()
-        .map(|examples| batch(model, set, labels, examples))
-        .collect()
-}
-
-/// One batch of the examples of `set` at `examples`, in that order, with their loss targets.
-pub fn batch(
-    model: &Model,
-    set: &EncodedSet,
-    labels: &LabelMap,
-    examples: Vec<usize>,
-) -> Result<AnalysisBatch> {
-    let regression = model.config.regression;
-    let seqs: Vec<&Sequence> = examples.iter().map(|&i| &set.sequences[i]).collect();
-    let dev = &Device::Cpu;
-    let loss_targets = if regression {
-        let v: Vec<f32> = examples
-            .iter()
-            .map(|&i| match set.targets[i] {
-                Target::Score(s) => s,
-                Target::Class(c) => c as f32,
-            })
-            .collect();
-        Tensor::new(v, dev)?
-    } else {
-        let v: Vec<u32> = examples
-            .iter()
-            .map(|&i| match set.targets[i] {
-                Target::Class(c) => labels.model_index(c) as u32,
-                Target::Score(s) => s as u32,
-            })
-            .collect();
-        Tensor::new(v, dev)?
-    };
-    Ok(AnalysisBatch {
-        inputs: Inputs::from_sequences(&model.config, &seqs)?,
-        examples,
-        loss_targets,
-        regression,
-    })
-}
 
 /// A finished analysis with its wall-clock figures (kept out of the report so that equal inputs
 /// give byte-identical reports).
@@ -208,7 +82,7 @@ pub fn analyze(
         check_group_size(model, settings.group_size)?;
     }
     let n = set.sequences.len() as u64;
-    let batches = batches(model, set, labels, settings.batch_size)?;
+    let batches = batch::batches(model, set, labels, settings.batch_size)?;
     let scorer = Scorer::new(task, labels, &set.targets);
 
     let bar = progress::bar(n, "baseline", quiet);
@@ -237,7 +111,7 @@ pub fn analyze(
     let taylor = if settings.taylor_examples > 0 {
         let count = settings.taylor_examples.min(set.sequences.len());
         let subset = set.subset(&(0..count).collect::<Vec<_>>());
-        let taylor_batches = self::batches(model, &subset, labels, settings.batch_size)?;
+        let taylor_batches = batch::batches(model, &subset, labels, settings.batch_size)?;
         let bar = progress::bar(count as u64, "taylor", quiet);
         let g = taylor::gate_gradients(model, &taylor_batches, &bar)?;
         bar.finish_and_clear();

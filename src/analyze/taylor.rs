@@ -7,10 +7,10 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use indicatif::ProgressBar;
 
 use super::elements::Element;
-use super::AnalysisBatch;
 use crate::evaluate::finite_rows;
 use crate::model::encoder::{Gates, LayerGates, RunOptions};
 use crate::model::Model;
+use crate::scoring::batch::ScoringBatch;
 
 /// `∂L/∂g` for every gate of a model (L = mean loss over the analysis data).
 #[derive(Debug, Clone, PartialEq)]
@@ -59,7 +59,7 @@ impl GateGradients {
 }
 
 /// Sum over the batch of the per-example loss (cross-entropy, or squared error for regression).
-pub fn batch_loss_sum(logits: &Tensor, batch: &AnalysisBatch) -> Result<Tensor> {
+pub fn batch_loss_sum(logits: &Tensor, batch: &ScoringBatch) -> Result<Tensor> {
     Ok(if batch.regression {
         (logits.squeeze(1)? - &batch.loss_targets)?
             .sqr()?
@@ -76,7 +76,7 @@ pub fn batch_loss_sum(logits: &Tensor, batch: &AnalysisBatch) -> Result<Tensor> 
 /// Computes `∂L/∂g` for every gate with the differentiable forward path.
 pub fn gate_gradients(
     model: &Model,
-    batches: &[AnalysisBatch],
+    batches: &[ScoringBatch],
     progress: &ProgressBar,
 ) -> Result<GateGradients> {
     let total: usize = batches.iter().map(|b| b.examples.len()).sum();
@@ -173,10 +173,11 @@ pub fn gate_gradients(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::inputs::{Inputs, Sequence};
+    use crate::model::inputs::Inputs;
     use crate::testing::random_model;
+    use crate::text::tokenizer::Sequence;
 
-    fn batch(model: &Model) -> AnalysisBatch {
+    fn batch(model: &Model) -> ScoringBatch {
         let seqs = [
             Sequence {
                 ids: vec![2, 7, 9, 3],
@@ -188,7 +189,7 @@ mod tests {
             },
         ];
         let refs: Vec<&Sequence> = seqs.iter().collect();
-        AnalysisBatch {
+        ScoringBatch {
             inputs: Inputs::from_sequences(&model.config, &refs).unwrap(),
             examples: vec![0, 1],
             loss_targets: Tensor::new(&[0u32, 2], &Device::Cpu).unwrap(),

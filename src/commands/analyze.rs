@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::model::quant::Execution;
+use crate::formats::quant::Execution;
 use anyhow::Result;
 use serde_json::json;
 

@@ -8,8 +8,8 @@ use super::{log, print_json, task_setup};
 use crate::bench::{median, percentile, throughput, time_single, tokenize_times, weights_bytes};
 use crate::cli::{BenchArgs, Cli, ModelArgs};
 use crate::data::batch::encode;
-use crate::model::inputs::Sequence;
 use crate::setup::TaskSetup;
+use crate::text::tokenizer::Sequence;
 
 /// One model under measurement.
 struct Subject {

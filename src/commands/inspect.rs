@@ -6,8 +6,8 @@ use serde_json::{json, Value};
 use super::print_json;
 use crate::cli::{Cli, InspectArgs};
 use crate::export::compatibility;
+use crate::formats::quant::unquantizable;
 use crate::model::linear::Weight;
-use crate::model::quant::unquantizable;
 use crate::model::Model;
 
 /// Runs `axcompress inspect`.

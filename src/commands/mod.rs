@@ -16,11 +16,11 @@ use anyhow::Result;
 
 use crate::cli::{Cli, ModelArgs, PruneFlags, QuantizeFlags, RunArgs, SelectionArgs, TaskArgs};
 use crate::data::splits::{SelectOn, SelectionSpec};
-use crate::passes::guard::DEFAULT_CONFIDENCE;
 use crate::passes::prune::PruneSettings;
 use crate::passes::quantize::QuantizeSettings;
 use crate::passes::vocab::VocabCorpus;
 use crate::pipeline::{self, default_selection, Finished, Output, RunSettings, StageSpec};
+use crate::scoring::guard::DEFAULT_CONFIDENCE;
 use crate::setup::TaskSetup;
 
 /// Loads the model, labels, tokenizer and data location the task flags name.

@@ -6,8 +6,8 @@ use anyhow::Result;
 
 use super::glue::{Dataset, Target};
 use super::source::TaskData;
-use crate::model::inputs::Sequence;
-use crate::model::tokenizer::TextEncoder;
+use crate::text::tokenizer::Sequence;
+use crate::text::tokenizer::TextEncoder;
 
 /// One file of task data, tokenised.
 #[derive(Debug, Clone)]

@@ -19,7 +19,7 @@ use super::glue::{self, Dataset, Target};
 use super::perturb::{replace_words, REPLACED_SHARE};
 use super::sample::sample_indices;
 use super::source::TaskData;
-use crate::model::tokenizer::TextEncoder;
+use crate::text::tokenizer::TextEncoder;
 
 /// Which data decisions are taken on.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

@@ -4,7 +4,6 @@
 //! temporary directory beside the destination and renamed into place; files get the usual
 //! permissions (the process umask), so other users and CI jobs can read them.
 
-pub mod compressed;
 pub mod destination;
 
 use std::collections::BTreeMap;
@@ -16,17 +15,19 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
 use serde_json::{json, Value};
 
+use crate::formats::compressed_tensors::{
+    quantization_config, quantized_entries, striped_entries, Stored,
+};
+use crate::formats::quant::Bits;
 use crate::fsutil::{pretty_json, remove_stale_siblings, temporary_sibling};
 use crate::interrupt;
 use crate::model::config::Family;
 use crate::model::linear::{Linear, Weight};
 use crate::model::names::{self, full_name};
 use crate::model::nn::LayerNorm;
-use crate::model::quant::Bits;
 use crate::model::storage::StorageDtype;
-use crate::model::vocab::TokenizerFiles;
 use crate::model::Model;
-use compressed::{quantization_config, quantized_entries, striped_entries, Stored};
+use crate::text::vocab::TokenizerFiles;
 pub use destination::{check_destination, check_file_destination, create_parent};
 
 /// Tokenizer and auxiliary files copied from the source model when present.

@@ -5,12 +5,13 @@ use std::ops::Range;
 
 use candle_core::{Result, Tensor, D};
 
-use super::attention_mode::ApproxAttention;
 use super::config::Activation;
 use super::inputs::Inputs;
 use super::linear::{Linear, Weight};
-use super::nn::{activate, softmax_last, LayerNorm};
-use super::{fused_attention, sparse_attention};
+use super::nn::{activate, LayerNorm};
+use crate::kernels::attention_mode::ApproxAttention;
+use crate::kernels::softmax::softmax_last;
+use crate::kernels::{fused_attention, sparse_attention};
 
 /// Word, position and (optionally) token-type embeddings followed by LayerNorm.
 #[derive(Debug, Clone)]

@@ -4,6 +4,7 @@ use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
 
 use super::config::{Family, ModelConfig};
+use crate::text::tokenizer::Sequence;
 
 /// Padded model inputs for one batch.
 #[derive(Debug, Clone)]
@@ -16,15 +17,6 @@ pub struct Inputs {
     pub position_ids: Tensor,
     /// `[batch, 1, 1, seq]` f32 additive mask: 0 for real tokens, `f32::MIN` for padding.
     pub mask_bias: Tensor,
-}
-
-/// One tokenised example: token ids and segment ids of equal length.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Sequence {
-    /// Token ids including special tokens.
-    pub ids: Vec<u32>,
-    /// Segment (token type) ids.
-    pub type_ids: Vec<u32>,
 }
 
 impl Inputs {

@@ -4,8 +4,8 @@
 
 use candle_core::{bail, DType, Device, Result, Tensor, D};
 
-use super::quant::{Bits, Codes, Execution, Precision, QuantMatrix};
-use super::striped::Striped;
+use crate::formats::quant::{Bits, Codes, Execution, Precision, QuantMatrix};
+use crate::formats::striped::Striped;
 
 /// The weight matrix of a linear layer, `[out, in]` as in PyTorch.
 #[derive(Debug, Clone)]
@@ -338,7 +338,7 @@ impl Linear {
         let inner = dims[dims.len() - 1];
         let rows = x.elem_count() / inner.max(1);
         if let Some(w) = self.weight.plain_f32(rows) {
-            return super::dense_product::linear(x, w, &self.bias);
+            return crate::kernels::dense_product::linear(x, w, &self.bias);
         }
         let out = self
             .weight
@@ -439,7 +439,7 @@ mod tests {
 
     #[test]
     fn a_stack_of_float_run_parts_multiplies_as_one_matrix() {
-        use crate::model::quant::{Bits, Codes};
+        use crate::formats::quant::{Bits, Codes};
         let dev = Device::Cpu;
         let dense = Tensor::randn(0f32, 1.0, (4, 32), &dev).unwrap();
         let codes = Codes::from_tensor(&dense, Bits::Int8).unwrap();
@@ -484,7 +484,7 @@ mod tests {
 
     #[test]
     fn a_stack_of_int8_kernel_parts_fuses_without_changing_a_value() {
-        use crate::model::quant::{Bits, Codes};
+        use crate::formats::quant::{Bits, Codes};
         let dev = Device::Cpu;
         let part = |rows: usize| {
             let dense = Tensor::randn(0f32, 1.0, (rows, 64), &dev).unwrap();

@@ -9,8 +9,8 @@ use serde::{Deserialize, Serialize};
 use super::head::ClassifierHead;
 use super::linear::{Linear, Stack, Weight};
 use super::names;
-use super::quant::Execution;
 use super::Model;
+use crate::formats::quant::Execution;
 
 /// Which projection of an encoder layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

@@ -1,34 +1,21 @@
 //! The one model runtime every command shares: loading, per-layer structure, forward passes.
 
-pub mod attention_mode;
 pub mod config;
-pub mod dense_product;
 pub mod encoder;
-pub mod fastmath;
-pub mod fused_attention;
-pub mod gelu;
 pub mod head;
 pub mod inputs;
-pub mod int8_gemm;
-pub mod layer_norm;
 pub mod linear;
 pub mod matrices;
 pub mod names;
 pub mod nn;
 pub mod pickle_guard;
-pub mod quant;
 pub mod quant_config;
-pub mod row_op;
 pub mod shape;
 pub mod slice;
-pub mod softmax;
 pub mod source;
-pub mod sparse_attention;
 pub mod storage;
-pub mod striped;
 pub mod structure;
-pub mod tokenizer;
-pub mod vocab;
+pub mod text_encoder;
 pub mod weights;
 
 use std::ops::Range;
@@ -39,7 +26,8 @@ use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 
 use crate::hash::Fnv1a;
-use attention_mode::ApproxAttention;
+use crate::kernels::attention_mode::ApproxAttention;
+use crate::text::vocab::TokenizerFiles;
 use config::{Family, ModelConfig};
 use encoder::{
     run_layers, run_to_first_token, Attention, Embeddings, EncoderLayer, FeedForward, RunOptions,
@@ -48,7 +36,6 @@ use head::ClassifierHead;
 use inputs::Inputs;
 use linear::{Linear, Weight};
 use nn::LayerNorm;
-use vocab::TokenizerFiles;
 use weights::{DtypeStats, WeightStore};
 
 /// A loaded BERT-family sequence-classification model.

@@ -1,5 +1,5 @@
-//! Small building blocks of the runtime: LayerNorm and softmax, each with a fast inference path
-//! and a differentiable path (ops that have a backward pass), and the FFN activations.
+//! Small building blocks of the runtime: LayerNorm, with a fast inference path and a
+//! differentiable path (an op that has a backward pass), and the FFN activations.
 
 use candle_core::{Result, Tensor};
 
@@ -20,26 +20,17 @@ impl LayerNorm {
     /// Normalises `x`; `differentiable` selects the op with a backward pass.
     pub fn forward(&self, x: &Tensor, differentiable: bool) -> Result<Tensor> {
         if differentiable {
-            super::layer_norm::layer_norm(x, &self.weight, &self.bias, self.eps as f32)
+            crate::kernels::layer_norm::layer_norm(x, &self.weight, &self.bias, self.eps as f32)
         } else {
             candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps as f32)
         }
     }
 }
 
-/// Softmax over the last dimension; `differentiable` selects the op with a backward pass.
-pub fn softmax_last(x: &Tensor, differentiable: bool) -> Result<Tensor> {
-    if differentiable {
-        super::softmax::softmax_last(x)
-    } else {
-        candle_nn::ops::softmax_last_dim(x)
-    }
-}
-
 /// Applies an FFN activation (every one has a backward pass).
 pub fn activate(x: &Tensor, activation: Activation) -> Result<Tensor> {
     match activation {
-        Activation::Gelu => super::gelu::gelu_erf(x),
+        Activation::Gelu => crate::kernels::gelu::gelu_erf(x),
         Activation::GeluTanh => x.gelu(),
         Activation::Relu => x.relu(),
     }
@@ -48,6 +39,7 @@ pub fn activate(x: &Tensor, activation: Activation) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::softmax::softmax_last;
     use candle_core::Device;
 
     #[test]

@@ -7,8 +7,8 @@
 use anyhow::{bail, Result};
 use serde_json::Value;
 
-use super::quant::Bits;
 use super::weights::StoredQuantized;
+use crate::formats::quant::Bits;
 
 /// What one config group declares about its weights.
 #[derive(Debug, Clone, PartialEq)]

@@ -16,7 +16,7 @@
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
-use super::attention_mode::ApproxAttention;
+use crate::kernels::attention_mode::ApproxAttention;
 
 /// What one encoder layer keeps.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

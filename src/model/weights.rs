@@ -12,10 +12,10 @@ use candle_core::{DType, Device, Tensor};
 use safetensors::{Dtype, SafeTensors};
 
 use super::linear::Weight;
-use super::quant::{Bits, Precision, QuantMatrix};
 use super::source::WEIGHT_FILES;
-use super::striped::Striped;
-use crate::export::compressed::{read_codes, read_stripe_ints};
+use crate::formats::compressed_tensors::{read_codes, read_stripe_ints};
+use crate::formats::quant::{Bits, Precision, QuantMatrix};
+use crate::formats::striped::Striped;
 use crate::fsutil::read_text;
 
 /// Set by `--allow-nonfinite`: load checkpoints whose float tensors hold NaN or ±Inf.
@@ -202,7 +202,7 @@ impl WeightStore {
     }
 
     /// The block-sparse matrix stored under `full` (see
-    /// [`crate::export::compressed::striped_entries`]), checked against `shape`.
+    /// [`crate::formats::compressed_tensors::striped_entries`]), checked against `shape`.
     fn striped(&self, full: &str, shape: &[usize]) -> Result<Striped> {
         let ints = |suffix: &str| -> Result<Vec<u32>> {
             let name = format!("{full}.{suffix}");

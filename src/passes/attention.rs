@@ -17,11 +17,12 @@ use serde_json::json;
 
 use super::journal::{Journal, TrialRecord};
 use super::prune::Mode;
-use super::select::{Engine, Score, Trial};
+use super::select::{Engine, Trial};
 use super::{Pass, PassOutput, StageContext};
-use crate::model::attention_mode::{ApproxAttention, Keep, KeySelector};
+use crate::kernels::attention_mode::{ApproxAttention, Keep, KeySelector};
 use crate::model::Model;
 use crate::progress;
+use crate::scoring::score::Score;
 
 /// The K tried per layer when none are given: fractions of each sequence's length.
 pub const DEFAULT_GRID: [Keep; 3] = [

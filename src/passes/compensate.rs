@@ -22,9 +22,9 @@ use candle_core::{DType, Device, Tensor};
 
 use super::reconstruct::{ffn_inputs, real_rows, select_rows};
 use super::ridge::{cholesky_solve, NormalEquations};
-use crate::analyze::AnalysisBatch;
 use crate::model::encoder::{EncoderLayer, FeedForward};
 use crate::model::linear::Linear;
+use crate::scoring::batch::ScoringBatch;
 
 /// Damping of `H` relative to its mean diagonal (keeps the inverse well conditioned).
 const DAMPING: f64 = 0.01;
@@ -62,7 +62,7 @@ impl FfnCompensation {
         layer: &EncoderLayer,
         kept: Vec<usize>,
         entering: &[Tensor],
-        batches: &[AnalysisBatch],
+        batches: &[ScoringBatch],
     ) -> Result<Self> {
         let ffn = layer
             .ffn

@@ -15,9 +15,9 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::select::Score;
 use crate::fsutil::{read_text, write_atomic};
 use crate::interrupt;
+use crate::scoring::score::Score;
 
 /// Schema identifier of the progress file.
 const SCHEMA: &str = "axcompress.progress.v1";

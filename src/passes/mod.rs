@@ -26,7 +26,6 @@
 pub mod attention;
 pub mod bsp;
 pub mod compensate;
-pub mod guard;
 pub mod journal;
 pub mod prune;
 pub mod quantize;
@@ -48,8 +47,8 @@ use crate::data::labels::LabelMap;
 use crate::data::source::TaskData;
 use crate::data::splits::{train_sample, DataInfo, Part};
 use crate::data::task::Task;
-use crate::model::tokenizer::TextEncoder;
 use crate::model::Model;
+use crate::text::tokenizer::TextEncoder;
 use journal::Journal;
 use select::SelectionBatches;
 

@@ -16,16 +16,17 @@ use serde_json::{json, Value};
 use super::compensate::{proposed_ffn, FfnCompensation};
 use super::journal::{Journal, TrialRecord};
 use super::reconstruct::{reconstruct, BlockFit, DEFAULT_RIDGE};
-use super::select::{Engine, Rule, Score, Trial};
+use super::select::{Engine, Trial};
 use super::{significance, Alternative, Pass, PassOutput, StageContext};
 use crate::analyze::elements::{check_group_size, Element, Level};
 use crate::analyze::report::{ElementSignificance, Report};
 use crate::analyze::summary::short_name;
-use crate::analyze::{batches, AnalysisBatch};
 use crate::data::batch::encode;
 use crate::model::slice::LayerKeep;
 use crate::model::Model;
 use crate::progress;
+use crate::scoring::batch::{batches, ScoringBatch};
+use crate::scoring::score::{Rule, Score};
 
 /// What a removal must preserve.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -274,7 +275,7 @@ impl Prune {
 
     /// The re-fit's sentences: `calibration` train sentences outside the selection, batched;
     /// `None` (the selection data) when the task's data has no train split.
-    fn calibration(&self, model: &Model, ctx: &StageContext) -> Result<Option<Vec<AnalysisBatch>>> {
+    fn calibration(&self, model: &Model, ctx: &StageContext) -> Result<Option<Vec<ScoringBatch>>> {
         let seed = ctx.selection.info.seed.unwrap_or(0);
         let sample = match ctx.train_sample(Some(self.settings.calibration), seed) {
             Ok((sample, _)) => sample,
@@ -572,7 +573,7 @@ struct Settle<'a> {
     /// The level's trials carried compensated FFNs (not plain slices of `input`).
     compensated: bool,
     /// The sentences the re-fit is fitted on.
-    calibration: &'a [AnalysisBatch],
+    calibration: &'a [ScoringBatch],
 }
 
 /// What a re-fit level must hold.

@@ -24,15 +24,16 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::journal::{Journal, TrialRecord};
-use super::select::{Engine, Rule, Trial};
+use super::select::{Engine, Trial};
 use super::{significance, Alternative, Pass, PassOutput, StageContext};
 use crate::analyze::elements::{Element, Level};
 use crate::analyze::report::{ElementSignificance, Report};
+use crate::formats::quant::{scale_out_of_range, unquantizable, Bits, Precision, QuantMatrix};
 use crate::model::linear::Weight;
 use crate::model::matrices::Matrix;
-use crate::model::quant::{scale_out_of_range, unquantizable, Bits, Precision, QuantMatrix};
 use crate::model::Model;
 use crate::progress;
+use crate::scoring::score::Rule;
 
 /// Which precisions the pass uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]

@@ -18,11 +18,11 @@ use serde::Serialize;
 
 use super::ridge::{Fit, NormalEquations};
 use super::select::{cache_budget, cached_batches};
-use crate::analyze::AnalysisBatch;
 use crate::model::encoder::{Attention, EncoderLayer, FeedForward};
 use crate::model::inputs::Inputs;
 use crate::model::linear::Linear;
 use crate::model::Model;
+use crate::scoring::batch::ScoringBatch;
 
 /// Default ridge strength (relative to the mean diagonal of `AᵀA`).
 pub const DEFAULT_RIDGE: f64 = 0.1;
@@ -130,7 +130,7 @@ struct States {
 }
 
 impl States {
-    fn new(original: &Model, pruned: &Model, batches: &[AnalysisBatch]) -> Result<Self> {
+    fn new(original: &Model, pruned: &Model, batches: &[ScoringBatch]) -> Result<Self> {
         // Two models' states per batch: count each batch twice against the budget.
         let cached = cached_batches(batches, original, cache_budget()? / 2);
         let kept = batches
@@ -156,7 +156,7 @@ impl States {
         at: (usize, Block),
         original: &Model,
         pruned: &Model,
-        batch: &AnalysisBatch,
+        batch: &ScoringBatch,
     ) -> Result<(Tensor, Tensor)> {
         if let Some(states) = &self.kept[b] {
             return Ok(states.clone());
@@ -183,7 +183,7 @@ impl States {
 pub fn reconstruct(
     original: &Model,
     pruned: &Model,
-    batches: &[AnalysisBatch],
+    batches: &[ScoringBatch],
     ridge: f64,
 ) -> Result<(Model, Vec<BlockFit>)> {
     anyhow::ensure!(
@@ -232,7 +232,7 @@ fn refit_block(
     pruned: &Model,
     at: (usize, Block),
     states: &States,
-    batches: &[AnalysisBatch],
+    batches: &[ScoringBatch],
     rows: &[Tensor],
     ridge: f64,
 ) -> Result<Option<Fit>> {
@@ -279,7 +279,7 @@ fn advance(
     states: &mut States,
     block: Block,
     layers: (&EncoderLayer, &EncoderLayer),
-    batches: &[AnalysisBatch],
+    batches: &[ScoringBatch],
 ) -> Result<()> {
     for (kept, batch) in states.kept.iter_mut().zip(batches) {
         if let Some((x, x_hat)) = kept {
@@ -295,7 +295,7 @@ fn advance(
 pub(super) fn ffn_inputs(
     layer: &EncoderLayer,
     entering: &[Tensor],
-    batches: &[AnalysisBatch],
+    batches: &[ScoringBatch],
 ) -> Result<Vec<Tensor>> {
     entering
         .iter()
@@ -345,7 +345,7 @@ fn ffn_sum(ffn: Option<&FeedForward>, x: &Tensor) -> Result<Tensor> {
 pub fn hidden_errors(
     original: &Model,
     model: &Model,
-    batches: &[AnalysisBatch],
+    batches: &[ScoringBatch],
 ) -> Result<Vec<f64>> {
     let layers = original.num_layers();
     let (mut err, mut norm) = (vec![0f64; layers], vec![0f64; layers]);

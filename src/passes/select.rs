@@ -21,97 +21,18 @@
 
 use anyhow::{Context, Result};
 use candle_core::Tensor;
-use serde::{Deserialize, Serialize};
 
-use super::guard::{decision_bound, z_one_sided};
 use super::journal::{Journal, TrialRecord};
-use crate::analyze::{batches, AnalysisBatch, Scorer};
 use crate::data::batch::EncodedSet;
 use crate::data::labels::LabelMap;
 use crate::data::task::Task;
 use crate::evaluate::finite_rows;
 use crate::model::encoder::{Gates, RunOptions};
 use crate::model::Model;
-
-/// Loss and primary metric on the selection data.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct Score {
-    /// Mean loss.
-    pub loss: f64,
-    /// Primary metric.
-    pub metric: f64,
-    /// Under an accuracy metric: examples whose correctness differs from the original model's.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub discordant: Option<usize>,
-    /// Under an accuracy metric: the original's metric less the bound a decision keeps
-    /// ([`super::guard::decision_bound`]), the value floors are judged by.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub guarded: Option<f64>,
-}
-
-impl Score {
-    /// A score without paired outcomes (judged by its point estimate).
-    pub fn point(loss: f64, metric: f64) -> Self {
-        Score {
-            loss,
-            metric,
-            discordant: None,
-            guarded: None,
-        }
-    }
-
-    /// The value floors are judged by: the guarded metric, else the metric.
-    pub fn judged(&self) -> f64 {
-        self.guarded.unwrap_or(self.metric)
-    }
-}
-
-/// When a trial is accepted.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Rule {
-    /// The selection metric must not drop below the accepted model's (on a tie, the loss must
-    /// not rise).
-    NotWorse,
-    /// The selection metric, guarded ([`Score::judged`]), must stay at or above this floor.
-    AtLeast(f64),
-    /// Both: not worse than the accepted model, and the guarded metric at or above the floor.
-    NotWorseAtLeast(f64),
-}
-
-impl Rule {
-    /// Whether `trial` is acceptable when the accepted model scores `current`.
-    pub fn admits(self, trial: Score, current: Score) -> bool {
-        let not_worse = || {
-            trial.metric > current.metric
-                || (trial.metric == current.metric && trial.loss <= current.loss)
-        };
-        match self {
-            Rule::NotWorse => not_worse(),
-            Rule::AtLeast(floor) => trial.judged() >= floor,
-            Rule::NotWorseAtLeast(floor) => not_worse() && trial.judged() >= floor,
-        }
-    }
-
-    /// The floor of the rule, if it has one.
-    pub fn floor(self) -> Option<f64> {
-        match self {
-            Rule::NotWorse => None,
-            Rule::AtLeast(f) | Rule::NotWorseAtLeast(f) => Some(f),
-        }
-    }
-
-    /// Under [`Rule::NotWorse`]: the fewest correct predictions out of `n` that can still be
-    /// accepted under an accuracy metric (`n + 1` when none can); 0 for a pure floor, which the
-    /// paired test below rules on.
-    fn min_correct(self, n: usize, current: Score) -> usize {
-        match self {
-            Rule::AtLeast(_) => 0,
-            Rule::NotWorse | Rule::NotWorseAtLeast(_) => (0..=n)
-                .find(|&c| c as f64 / n as f64 >= current.metric)
-                .unwrap_or(n + 1),
-        }
-    }
-}
+use crate::scoring::batch::{batches, ScoringBatch};
+use crate::scoring::guard::{decision_bound, z_one_sided};
+use crate::scoring::score::{Rule, Score};
+use crate::scoring::scorer::Scorer;
 
 /// The guarded accuracy of a trial that lost `lost` and gained `gained` examples against an
 /// original that got `original_correct` of `n` right: the original's accuracy less the bound a
@@ -175,7 +96,7 @@ pub struct Verdict {
 /// The selection data, batched, and how to score it.
 pub struct SelectionBatches<'a> {
     /// Length-bucketed batches.
-    pub batches: Vec<AnalysisBatch>,
+    pub batches: Vec<ScoringBatch>,
     /// Logits → loss, predictions, metrics.
     pub scorer: Scorer<'a>,
     /// Name of the primary metric decisions use.
@@ -563,7 +484,7 @@ pub(super) fn cache_budget() -> Result<usize> {
 
 /// How many leading `batches` have their states entering every layer of `model` within `budget`
 /// bytes.
-pub(super) fn cached_batches(batches: &[AnalysisBatch], model: &Model, budget: usize) -> usize {
+pub(super) fn cached_batches(batches: &[ScoringBatch], model: &Model, budget: usize) -> usize {
     let bytes_per_token = model.config.hidden_size * 4 * model.num_layers().max(1);
     let mut used = 0usize;
     batches

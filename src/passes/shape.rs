@@ -24,10 +24,10 @@ use serde_json::{json, Value};
 use super::journal::Journal;
 use super::{Pass, PassOutput, StageContext};
 use crate::analyze::taylor::gate_gradients;
-use crate::analyze::AnalysisBatch;
 use crate::model::encoder::{run_layers, EncoderLayer, RunOptions};
 use crate::model::shape::{top_dimensions, Shape};
 use crate::model::Model;
+use crate::scoring::batch::ScoringBatch;
 
 /// The `[[stages]]` keys of a `shape` stage: the sizes to cut to (unset: keep the model's).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -177,7 +177,7 @@ impl Pass for ShapePass {
 }
 
 /// The batches that hold the first `examples` selection sentences (whole batches).
-fn first_examples(batches: &[AnalysisBatch], examples: usize) -> &[AnalysisBatch] {
+fn first_examples(batches: &[ScoringBatch], examples: usize) -> &[ScoringBatch] {
     let mut seen = 0;
     let end = batches
         .iter()
@@ -243,7 +243,7 @@ fn magnitudes(gradients: &[f64]) -> Vec<f64> {
 
 /// The mean magnitude of each hidden dimension of the residual stream over the real tokens of
 /// `batches`, at the embeddings' output and after every layer.
-fn hidden_importance(model: &Model, batches: &[AnalysisBatch]) -> Result<Vec<f64>> {
+fn hidden_importance(model: &Model, batches: &[ScoringBatch]) -> Result<Vec<f64>> {
     let mut sum: Option<Tensor> = None;
     let mut tokens = 0f64;
     for batch in batches {

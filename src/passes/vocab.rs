@@ -15,11 +15,10 @@ use tokenizers::{EncodeInput, Tokenizer};
 
 use crate::data::glue::Dataset;
 use crate::fsutil::{pretty_json, read_text};
-use crate::model::tokenizer::model_tokenizer;
-use crate::model::vocab::{
+use crate::model::Model;
+use crate::text::vocab::{
     corpus_ids, prune_tokenizer_config, prune_tokenizer_json, vocab_txt, KeptIds, TokenizerFiles,
 };
-use crate::model::Model;
 
 /// Config ids that name tokens and must survive pruning.
 const CONFIG_TOKEN_IDS: [&str; 5] = [
@@ -92,7 +91,7 @@ pub fn file_texts(path: &Path) -> Result<Vec<String>> {
 
 /// `model` with only the vocabulary `texts` need; the tokenizer files travel with the model.
 pub fn prune_vocabulary(model: &Model, texts: &[String]) -> Result<(Model, KeptIds)> {
-    let tokenizer = model_tokenizer(model)?;
+    let tokenizer = model.load_tokenizer()?;
     let vocab_size = model.config.vocab_size;
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
     let kept = corpus_ids(&tokenizer, &refs, &config_token_ids(&model.config.raw))?;

@@ -16,7 +16,7 @@ use crate::data::task::Task;
 use crate::evaluate::{predict, predicted_labels, score};
 use crate::model::encoder::RunOptions;
 use crate::model::Model;
-use crate::passes::guard::{drop_bound, z_one_sided, Paired};
+use crate::scoring::guard::{drop_bound, z_one_sided, Paired};
 
 /// Metrics and loss of one model on one split.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -167,7 +167,7 @@ impl Judge<'_> {
 
     /// Bounds the drop on every split that may vouch, each at the run's confidence shared among
     /// them, so that a run vouched for by any one of them is wrong at most `1 − confidence` of
-    /// the time. Gains count: no decision chose these examples (see [`crate::passes::guard`]).
+    /// the time. Gains count: no decision chose these examples (see [`crate::scoring::guard`]).
     fn bound_witnesses(&self, out: &mut [Comparison]) {
         let vouches: Vec<bool> = out.iter().map(|c| self.may_vouch(c)).collect();
         let witnesses = vouches.iter().filter(|&&v| v).count();

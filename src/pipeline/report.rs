@@ -11,7 +11,7 @@ use super::tolerance::MaxDrop;
 use crate::data::source::Origin;
 use crate::data::splits::DataInfo;
 use crate::model::structure::Structure;
-use crate::passes::select::Score;
+use crate::scoring::score::Score;
 
 /// Schema identifier of `report.json`.
 pub const SCHEMA: &str = "axcompress.compress.v1";

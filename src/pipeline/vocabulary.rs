@@ -9,10 +9,10 @@ use super::evaluation::Subject;
 use super::{read_test, RunSettings};
 use crate::data::batch::EncodedSet;
 use crate::data::splits::Splits;
-use crate::model::tokenizer::TextEncoder;
 use crate::model::Model;
 use crate::passes::vocab::{dataset_texts, file_texts, prune_vocabulary, VocabCorpus};
 use crate::setup::TaskSetup;
+use crate::text::tokenizer::TextEncoder;
 
 /// What vocabulary pruning kept, and what it did to dev.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -88,7 +88,7 @@ pub fn prune(
         VocabCorpus::File(path) => (file_texts(path)?, path.display().to_string()),
     };
     let (pruned, kept) = prune_vocabulary(model, &texts)?;
-    let encoder = TextEncoder::for_model(&pruned, setup.max_length)?;
+    let encoder = pruned.text_encoder(setup.max_length)?;
     // The same examples as before: a selection labelled by the input model keeps its labels.
     let same_labels = |_: &EncodedSet| Ok(splits.selection.set.targets.clone());
     let new_splits = Splits::load(&spec.selection, &setup.data, &encoder, &same_labels)?;

@@ -38,7 +38,7 @@ fn ordinary(ids: &[u32]) -> impl Iterator<Item = usize> + '_ {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::inputs::Sequence;
+    use crate::text::tokenizer::Sequence;
 
     fn set(sentences: &[&[u32]]) -> EncodedSet {
         EncodedSet {

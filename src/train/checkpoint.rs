@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use super::optimizer::AdamW;
 use super::params::Trainable;
 use crate::fsutil::write_atomic;
-use crate::passes::select::Score;
+use crate::scoring::score::Score;
 
 /// The selection metric after some step.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

@@ -16,13 +16,13 @@ use super::loss::Objective;
 use super::optimizer::{AdamSettings, AdamW};
 use super::params::Trainable;
 use super::schedule::LinearSchedule;
-use crate::analyze::batch;
 use crate::data::batch::EncodedSet;
 use crate::data::labels::LabelMap;
 use crate::data::sample::{shuffle, SplitMix64};
 use crate::model::Model;
-use crate::passes::select::{Rule, Score};
 use crate::progress;
+use crate::scoring::batch::batch;
+use crate::scoring::score::{Rule, Score};
 
 /// How to train (the `[[stages]]` keys of a `recover` stage).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

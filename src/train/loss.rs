@@ -6,9 +6,9 @@ use anyhow::Result;
 use candle_core::{DType, Tensor, D};
 
 use crate::analyze::taylor::batch_loss_sum;
-use crate::analyze::AnalysisBatch;
 use crate::model::encoder::RunOptions;
 use crate::model::Model;
+use crate::scoring::batch::ScoringBatch;
 
 /// What the student is trained to do.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -30,7 +30,7 @@ impl Objective {
     }
 
     /// The loss of `student` on `batch` (a scalar with gradients to the student's variables).
-    pub fn loss(&self, student: &Model, teacher: &Model, batch: &AnalysisBatch) -> Result<Tensor> {
+    pub fn loss(&self, student: &Model, teacher: &Model, batch: &ScoringBatch) -> Result<Tensor> {
         let diff = RunOptions {
             gates: None,
             differentiable: true,

@@ -4,9 +4,10 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use axcompress::model::inputs::{Inputs, Sequence};
-use axcompress::model::tokenizer::TextEncoder;
+use axcompress::model::inputs::Inputs;
 use axcompress::model::Model;
+use axcompress::text::tokenizer::Sequence;
+use axcompress::text::tokenizer::TextEncoder;
 use serde_json::Value;
 
 /// The shared fixture directory (`AXCOMPRESS_FIXTURES`, else `../shared` beside the repo).

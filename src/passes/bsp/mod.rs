@@ -36,7 +36,7 @@ mod surgeon;
 
 use super::journal::Journal;
 use super::{Pass, PassOutput, StageContext};
-use crate::analyze::{self, plots::histogram};
+use crate::analyze::plots::histogram;
 use crate::bench::median;
 use crate::data::batch::{encode, EncodedSet};
 use crate::model::encoder::EncoderLayer;
@@ -457,7 +457,7 @@ fn training_data(ctx: &StageContext, settings: &TrainSettings) -> Result<Encoded
 fn calibration_batches(ctx: &StageContext, count: usize, seed: u64) -> Result<Vec<Inputs>> {
     let (sample, _) = ctx.train_sample(Some(count), seed)?;
     let set = encode(&sample, "", ctx.encoder)?;
-    let batches = analyze::batches(ctx.original, &set, ctx.labels, ctx.batch_size)?;
+    let batches = crate::scoring::batch::batches(ctx.original, &set, ctx.labels, ctx.batch_size)?;
     Ok(batches.into_iter().map(|b| b.inputs).collect())
 }
 

@@ -9,8 +9,8 @@ use anyhow::Result;
 use serde::Serialize;
 
 use super::Matrix;
+use crate::formats::striped::Striped;
 use crate::model::linear::Weight;
-use crate::model::striped::Striped;
 use crate::model::Model;
 use crate::train::lasso::Grouping;
 

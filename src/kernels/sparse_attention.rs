@@ -488,13 +488,13 @@ pub fn masked_reference(
         .matmul(&k.t()?)?
         .broadcast_add(mask_bias)?
         .broadcast_add(&mask)?;
-    super::nn::softmax_last(&scores, differentiable)?.matmul(v)
+    super::softmax::softmax_last(&scores, differentiable)?.matmul(v)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::attention_mode::Keep;
+    use crate::kernels::attention_mode::Keep;
 
     struct Rng(u64);
     impl Rng {
@@ -585,7 +585,7 @@ mod tests {
             .unwrap()
             .broadcast_add(&m)
             .unwrap();
-        let p = crate::model::nn::softmax_last(&s, false).unwrap();
+        let p = crate::kernels::softmax::softmax_last(&s, false).unwrap();
         p.matmul(&v)
             .unwrap()
             .flatten_all()

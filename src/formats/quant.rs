@@ -8,7 +8,7 @@
 //! group's largest magnitude exactly onto the end of the range on its own side (`-8` for a
 //! negative extreme, `+7` for a positive one at 4 bits), so no code is ever clamped.
 //!
-//! int8 codes run in axcompress's own int8 kernel ([`super::int8_gemm`]: AVX2 `vpmaddubsw` with the
+//! int8 codes run in axcompress's own int8 kernel ([`crate::kernels::int8_gemm`]: AVX2 `vpmaddubsw` with the
 //! activations rounded to 7 bits per row, 1.8–3.6× faster than candle's f32 product at MiniLM's
 //! shapes on 2 AVX2 cores). The codes also map onto candle's (ggml's) `Q8_0` and `Q4_0` blocks: 32
 //! values along the inner dimension with one fp16 scale, `Q8_0` holding the codes as `i8` and
@@ -29,7 +29,7 @@ use std::sync::{Arc, OnceLock};
 use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{bail, Device, Module, Result, Storage, Tensor};
 
-use super::int8_gemm::{self, PackedInt8};
+use crate::kernels::int8_gemm::{self, PackedInt8};
 use half::f16;
 use serde::{Deserialize, Serialize};
 

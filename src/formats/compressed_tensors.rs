@@ -21,8 +21,8 @@ use half::{bf16, f16};
 use safetensors::{Dtype, View};
 use serde_json::{json, Value};
 
-use crate::model::quant::{Bits, Codes};
-use crate::model::striped::Striped;
+use crate::formats::quant::{Bits, Codes};
+use crate::formats::striped::Striped;
 
 /// A tensor ready to be written: dtype, shape and little-endian bytes.
 #[derive(Debug, Clone, PartialEq)]

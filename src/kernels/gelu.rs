@@ -139,7 +139,7 @@ mod tests {
     #[test]
     fn tensor_op_equals_candle_gelu_erf_across_chunks() {
         let (rows, cols) = (3000, 17);
-        assert!(rows * cols > 3 * crate::model::fastmath::task_len(1));
+        assert!(rows * cols > 3 * crate::kernels::fastmath::task_len(1));
         let xs: Vec<f32> = (0..rows * cols)
             .map(|i| ((i * 7919) % 2001) as f32 / 200.0 - 5.0)
             .collect();
@@ -153,7 +153,7 @@ mod tests {
     #[test]
     fn gradient_equals_candles_gelu_erf_gradient() {
         use crate::testing::{assert_same_gradients, spread};
-        let n = 3 * crate::model::fastmath::task_len(1) + 5;
+        let n = 3 * crate::kernels::fastmath::task_len(1) + 5;
         let dev = candle_core::Device::Cpu;
         let x = candle_core::Var::from_vec(spread(n, 0, 12.0, -6.0), n, &dev).unwrap();
         let weights = Tensor::from_vec(spread(n, 5, 2.0, -1.0), n, &dev).unwrap();

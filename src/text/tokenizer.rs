@@ -11,9 +11,16 @@ use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
 use tokenizers::processors::bert::BertProcessing;
 use tokenizers::{EncodeInput, ModelWrapper, Tokenizer, TruncationParams, TruncationStrategy};
 
-use super::inputs::Sequence;
-use super::Model;
 use crate::fsutil::read_text;
+
+/// One tokenised example: token ids and segment ids of equal length.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sequence {
+    /// Token ids including special tokens.
+    pub ids: Vec<u32>,
+    /// Segment (token type) ids.
+    pub type_ids: Vec<u32>,
+}
 
 /// A tokenizer configured for classification inputs of at most `max_length` tokens.
 pub struct TextEncoder {
@@ -26,12 +33,8 @@ impl TextEncoder {
         Self::configured(source_tokenizer(dir)?, max_length)
     }
 
-    /// The tokenizer of `model`: its pruned vocabulary's, else the one in its directory.
-    pub fn for_model(model: &Model, max_length: usize) -> Result<Self> {
-        Self::configured(model_tokenizer(model)?, max_length)
-    }
-
-    fn configured(mut tokenizer: Tokenizer, max_length: usize) -> Result<Self> {
+    /// `tokenizer`, with our padding and truncation to `max_length` tokens.
+    pub fn configured(mut tokenizer: Tokenizer, max_length: usize) -> Result<Self> {
         tokenizer.with_padding(None);
         tokenizer
             .with_truncation(Some(TruncationParams {
@@ -72,20 +75,6 @@ impl TextEncoder {
                 type_ids: e.get_type_ids().to_vec(),
             })
             .collect())
-    }
-}
-
-/// The tokenizer of `model` as its files describe it: those of its pruned vocabulary, else those
-/// in its directory.
-pub fn model_tokenizer(model: &Model) -> Result<Tokenizer> {
-    match model
-        .tokenizer
-        .as_ref()
-        .and_then(|f| f.get("tokenizer.json"))
-    {
-        Some(json) => Tokenizer::from_bytes(json)
-            .map_err(|e| anyhow!("cannot load the pruned tokenizer ({e})")),
-        None => source_tokenizer(&model.dir),
     }
 }
 

@@ -66,7 +66,7 @@ fn softmax_backward_slice(y: &[f32], g: &[f32], len: usize) -> Vec<f32> {
 }
 
 /// Softmax over the last dimension of an f32 CPU tensor, with a backward pass.
-pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+pub fn fused_softmax_last(x: &Tensor) -> Result<Tensor> {
     RowOp {
         name: "axcompress-softmax-last",
         whole_rows: true,
@@ -75,6 +75,16 @@ pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
         gradient: softmax_backward_slice,
     }
     .apply(x)
+}
+
+/// Softmax over the last dimension; `differentiable` selects the fused op with a backward pass,
+/// otherwise candle's inference op.
+pub fn softmax_last(x: &Tensor, differentiable: bool) -> Result<Tensor> {
+    if differentiable {
+        fused_softmax_last(x)
+    } else {
+        candle_nn::ops::softmax_last_dim(x)
+    }
 }
 
 #[cfg(test)]
@@ -90,7 +100,7 @@ mod tests {
         let n = 40 * 30 * 37;
         let x = Var::from_vec(spread(n, 0, 10.0, -5.0), shape, &Device::Cpu).unwrap();
         let weights = Tensor::from_vec(spread(n, 7, 2.0, -1.0), shape, &Device::Cpu).unwrap();
-        let ours = softmax_last(&x).unwrap();
+        let ours = fused_softmax_last(&x).unwrap();
         let candle = candle_nn::ops::softmax(&x, D::Minus1).unwrap();
         assert!(crate::testing::max_abs_diff(&ours, &candle) < 1e-6);
         assert_same_gradients(ours, candle, &weights, &[("x", &x)], 1e-6);
@@ -99,7 +109,7 @@ mod tests {
     #[test]
     fn a_masked_position_gets_no_weight_and_no_gradient() {
         let x = Var::new(&[[0.5f32, -1e9, 2.0]], &Device::Cpu).unwrap();
-        let y = softmax_last(&x).unwrap();
+        let y = fused_softmax_last(&x).unwrap();
         let values = y.to_vec2::<f32>().unwrap();
         assert!(values[0][1] < 1e-30, "{}", values[0][1]);
         let weights = Tensor::new(&[[1f32, 5.0, -2.0]], &Device::Cpu).unwrap();

@@ -11,7 +11,7 @@
 use candle_core::{bail, DType, Device, Result, Tensor};
 use rayon::prelude::*;
 
-use super::fused_attention::dot;
+use crate::kernels::fused_attention::dot;
 
 /// Inputs whose rows × kept fraction is at most this are multiplied by direct dot products;
 /// larger ones go through a dense product per stripe (the crossover of `cargo bench --bench
