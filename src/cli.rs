@@ -7,13 +7,14 @@ use clap::{Args, Parser, Subcommand};
 use crate::analyze::elements::Level;
 use crate::analyze::report::Method;
 use crate::data::batch::BatchOrder;
+use crate::data::splits::SelectOn;
 use crate::data::task::Task;
 use crate::formats::quant::Execution;
 use crate::kernels::attention_mode::{Keep, KeySelector};
 use crate::model::source::HubAccess;
 use crate::model::storage::StorageDtype;
-use crate::passes::prune::Mode;
-use crate::passes::quantize::{BitsChoice, QuantMode};
+use crate::passes::prune::{Mode, PruneFlags};
+use crate::passes::quantize::{BitsChoice, QuantizeFlags};
 use crate::passes::vocab::VocabChoice;
 use crate::pipeline::tolerance::MaxDrop;
 
@@ -148,8 +149,8 @@ pub struct SelectionArgs {
     /// the metric is agreement with the input on text it has not seen, and all of dev is the
     /// report split), or a labelled TSV file [default: train-perturbed when a prune runs in size or
     /// speed mode, else dev].
-    #[arg(long)]
-    pub on: Option<String>,
+    #[arg(long, value_parser = SelectOn::parse)]
+    pub on: Option<SelectOn>,
     /// Fraction of the dev split used for selection under `--on dev` [default: 0.5].
     #[arg(long)]
     pub select_fraction: Option<f64>,
@@ -227,75 +228,6 @@ fn parse_count_or_all(s: &str) -> Result<CountOrAll, String> {
             .map(CountOrAll::Count)
             .map_err(|_| format!("expected a number or `all`, got `{n}`")),
     }
-}
-
-/// Settings of a prune stage. Unset flags take their defaults, or a config's values under
-/// `compress` (where they apply to every prune stage).
-#[derive(Debug, Args, Default)]
-pub struct PruneFlags {
-    /// accuracy: keep removals that do not lower the selection metric; size / speed: remove
-    /// within --max-drop, favouring parameters / latency saved [default: accuracy].
-    #[arg(long, value_enum)]
-    pub mode: Option<Mode>,
-    /// Cap on tentative removals decided (all levels together).
-    #[arg(long)]
-    pub budget: Option<usize>,
-    /// Stop a level after this many consecutive rejected removals (0: never); candidates come in
-    /// ascending significance, so long runs of rejections rarely end [default: 20].
-    #[arg(long)]
-    pub patience: Option<usize>,
-    /// Levels to prune, in order blocks → heads → groups [default: blocks,heads,groups].
-    #[arg(long, value_enum, value_delimiter = ',')]
-    pub levels: Option<Vec<Level>>,
-    /// FFN neurons per group (pruned widths stay multiples of it) [default: 32].
-    #[arg(long)]
-    pub group_size: Option<usize>,
-    /// Read significance from this report (of the same model) instead of recomputing it per level.
-    #[arg(long)]
-    pub significance: Option<PathBuf>,
-    /// Re-fit the output projections layer by layer after each level: true or false [default:
-    /// true under size and speed, false under accuracy].
-    #[arg(long)]
-    pub reconstruct: Option<bool>,
-    /// Ridge strength of the layer-wise re-fit, relative to the mean feature energy [default: 0.1].
-    #[arg(long)]
-    pub ridge: Option<f64>,
-    /// Passes over the levels; a later round re-ranks and retries on the re-fit model
-    /// [default: 1].
-    #[arg(long)]
-    pub rounds: Option<usize>,
-    /// With the re-fit: judge each FFN group removal with its layer's output projection already
-    /// corrected (closed-form least squares); true or false [default: false: it removes far more
-    /// but over-fits the selection split, measured in the README].
-    #[arg(long)]
-    pub compensate: Option<bool>,
-    /// Under size / speed with a recovery after the prune (--recover): how far below the floor
-    /// the prune may go, in multiples of --max-drop; the recovery is to win it back, and the
-    /// result is judged against --max-drop itself [default: 1].
-    #[arg(long)]
-    pub recover_slack: Option<f64>,
-}
-
-/// Settings of a quantize stage. Unset flags take their defaults, or a config's values.
-#[derive(Debug, Args, Default)]
-pub struct QuantizeFlags {
-    /// 8: every matrix int8; 4: every matrix int4; mixed: int4, int8 or float per matrix,
-    /// chosen by significance within --max-drop [default: 8].
-    #[arg(long, value_enum)]
-    pub bits: Option<BitsChoice>,
-    /// With --bits mixed: accuracy keeps a lower precision only if the selection metric does not
-    /// drop; size lowers as much as --max-drop allows [default: size].
-    #[arg(long = "mode", value_enum)]
-    pub mode: Option<QuantMode>,
-    /// Keep the word embeddings float.
-    #[arg(long)]
-    pub float_embeddings: bool,
-    /// Read block significance from this report (of the same model) instead of computing it.
-    #[arg(long)]
-    pub significance: Option<PathBuf>,
-    /// With --bits mixed: skip the uniform int8 / int4 / equal-size comparison.
-    #[arg(long)]
-    pub no_compare: bool,
 }
 
 /// Arguments of `axcompress quantize`.

@@ -121,7 +121,9 @@ impl File {
             .collect();
         let defaults = default_selection(&stages);
         let s = self.selection;
-        let on = match s.on.as_deref().map(SelectOn::parse) {
+        let on = s.on.as_deref().map(SelectOn::parse).transpose();
+        let on = on.map_err(|e| anyhow::anyhow!("[selection] on: {e}"))?;
+        let on = match on {
             Some(SelectOn::File(f)) => SelectOn::File(rel(f)),
             Some(other) => other,
             None => defaults.on,
@@ -220,6 +222,19 @@ mod tests {
         let (_dir, path) =
             write("model = \"org/name\"\ntask = \"rte\"\n[[stages]]\npass = \"prune\"\n");
         assert_eq!(load(&path).unwrap().settings.model, "org/name");
+    }
+
+    #[test]
+    fn a_mistyped_selection_source_is_an_error_not_a_file() {
+        let text = "model = \"m\"\ntask = \"sst2\"\n[selection]\non = \"train_holdout\"\n[[stages]]\npass = \"prune\"\n";
+        let (_dir, path) = write(text);
+        let err = format!("{:#}", load(&path).unwrap_err());
+        assert!(err.contains("[selection] on: `train_holdout`"), "{err}");
+        assert!(err.contains("did you mean `train-holdout`"), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        let (_dir, path) = write(&text.replace("train_holdout", "mine.tsv"));
+        let on = load(&path).unwrap().settings.selection.on;
+        assert_eq!(on, SelectOn::File(path.parent().unwrap().join("mine.tsv")));
     }
 
     #[test]

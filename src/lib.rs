@@ -25,6 +25,7 @@ pub mod passes;
 pub mod pipeline;
 pub mod progress;
 pub mod scoring;
+pub mod settings;
 pub mod setup;
 #[cfg(test)]
 mod testing;

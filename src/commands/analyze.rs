@@ -13,6 +13,7 @@ use crate::analyze::report::{Method, Settings};
 use crate::analyze::{analyze, plots, summary, Subject};
 use crate::cli::{AnalyzeArgs, Cli, CountOrAll};
 use crate::data::batch::EncodedSet;
+use crate::data::splits::SelectOn;
 use crate::data::splits::{SelectionSpec, Splits};
 use crate::evaluate::model_targets;
 use crate::export::check_file_destination;
@@ -112,7 +113,10 @@ pub fn run(args: &AnalyzeArgs, cli: &Cli) -> Result<()> {
 
 /// Every path `analyze` reads: the model directory, the data and a selection file.
 fn inputs<'a>(args: &'a AnalyzeArgs, model_dir: &'a Path) -> Vec<&'a Path> {
-    let on = args.selection.on.as_deref().map(Path::new);
+    let on = match &args.selection.on {
+        Some(SelectOn::File(file)) => Some(file.as_path()),
+        _ => None,
+    };
     [Some(model_dir), args.task.data.as_deref(), on]
         .into_iter()
         .flatten()

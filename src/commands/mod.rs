@@ -14,10 +14,8 @@ use std::path::Path;
 
 use anyhow::Result;
 
-use crate::cli::{Cli, ModelArgs, PruneFlags, QuantizeFlags, RunArgs, SelectionArgs, TaskArgs};
-use crate::data::splits::{SelectOn, SelectionSpec};
-use crate::passes::prune::PruneSettings;
-use crate::passes::quantize::QuantizeSettings;
+use crate::cli::{Cli, ModelArgs, RunArgs, SelectionArgs, TaskArgs};
+use crate::data::splits::SelectionSpec;
 use crate::passes::vocab::VocabCorpus;
 use crate::pipeline::{self, default_selection, Finished, Output, RunSettings, StageSpec};
 use crate::scoring::guard::DEFAULT_CONFIDENCE;
@@ -39,47 +37,11 @@ impl SelectionArgs {
     /// `spec` with every flag given here applied.
     pub fn apply(&self, spec: SelectionSpec) -> SelectionSpec {
         SelectionSpec {
-            on: self.on.as_deref().map_or(spec.on, SelectOn::parse),
+            on: self.on.clone().unwrap_or(spec.on),
             select_fraction: self.select_fraction.unwrap_or(spec.select_fraction),
             holdout: self.holdout.unwrap_or(spec.holdout),
             seed: self.seed.unwrap_or(spec.seed),
             limit: self.limit.or(spec.limit),
-        }
-    }
-}
-
-impl PruneFlags {
-    /// `settings` with every flag given here applied.
-    pub fn apply(&self, settings: PruneSettings) -> PruneSettings {
-        PruneSettings {
-            mode: self.mode.unwrap_or(settings.mode),
-            levels: self.levels.clone().unwrap_or(settings.levels),
-            group_size: self.group_size.unwrap_or(settings.group_size),
-            budget: self.budget.or(settings.budget),
-            patience: self.patience.unwrap_or(settings.patience),
-            significance: self.significance.clone().or(settings.significance),
-            reconstruct: self.reconstruct.or(settings.reconstruct),
-            ridge: self.ridge.unwrap_or(settings.ridge),
-            calibration: settings.calibration,
-            share_tolerance: settings.share_tolerance,
-            reconstruct_slack: settings.reconstruct_slack,
-            recover_slack: self.recover_slack.unwrap_or(settings.recover_slack),
-            rounds: self.rounds.unwrap_or(settings.rounds),
-            compensate: self.compensate.unwrap_or(settings.compensate),
-        }
-    }
-}
-
-impl QuantizeFlags {
-    /// `settings` with every flag given here applied.
-    pub fn apply(&self, settings: QuantizeSettings) -> QuantizeSettings {
-        QuantizeSettings {
-            bits: self.bits.unwrap_or(settings.bits),
-            mode: self.mode.unwrap_or(settings.mode),
-            embeddings: settings.embeddings && !self.float_embeddings,
-            significance: self.significance.clone().or(settings.significance),
-            compare: settings.compare && !self.no_compare,
-            seed: settings.seed,
         }
     }
 }

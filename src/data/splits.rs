@@ -36,13 +36,28 @@ pub enum SelectOn {
 }
 
 impl SelectOn {
-    /// Parses `dev`, `train-holdout`, `train-perturbed` or a file path.
-    pub fn parse(s: &str) -> Self {
+    /// The names of the sources that are not files.
+    const NAMES: [&'static str; 3] = ["dev", "train-holdout", "train-perturbed"];
+
+    /// Parses `dev`, `train-holdout`, `train-perturbed` or a file path: a value with a `/`, `\`
+    /// or `.` in it. Anything else is refused as a mistyped name, not read as a file.
+    pub fn parse(s: &str) -> std::result::Result<Self, String> {
         match s {
-            "dev" => SelectOn::Dev,
-            "train-holdout" => SelectOn::TrainHoldout,
-            "train-perturbed" => SelectOn::TrainPerturbed,
-            file => SelectOn::File(PathBuf::from(file)),
+            "dev" => Ok(SelectOn::Dev),
+            "train-holdout" => Ok(SelectOn::TrainHoldout),
+            "train-perturbed" => Ok(SelectOn::TrainPerturbed),
+            file if file.contains(['/', '\\', '.']) => Ok(SelectOn::File(PathBuf::from(file))),
+            other => {
+                let near = other.to_lowercase().replace('_', "-");
+                let hint = Self::NAMES
+                    .iter()
+                    .find(|name| **name == near)
+                    .map_or(String::new(), |name| format!(" (did you mean `{name}`?)"));
+                Err(format!(
+                    "`{other}` is not dev, train-holdout or train-perturbed{hint}; a labelled TSV \
+                     file needs a path with a `/` or an extension, e.g. ./{other}.tsv"
+                ))
+            }
         }
     }
 }

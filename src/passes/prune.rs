@@ -66,70 +66,74 @@ impl Mode {
     }
 }
 
-/// Settings of the prune pass (command-line flags and `[[stages]]` keys of a config).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct PruneSettings {
-    /// What a removal must preserve.
-    pub mode: Mode,
-    /// Levels to prune, in order blocks → heads → groups.
-    pub levels: Vec<Level>,
-    /// FFN neurons per group.
-    pub group_size: usize,
-    /// Cap on tentative removals decided, all levels together.
-    pub budget: Option<usize>,
-    /// Consecutive rejections that end a level (0: never).
-    pub patience: usize,
-    /// A significance report of the input model to use instead of recomputing per level.
-    pub significance: Option<PathBuf>,
-    /// Re-fit the output projections layer by layer after each level ([`reconstruct`]); unset:
-    /// under size and speed, where it holds the tolerance on unseen data, but not under
-    /// accuracy, where the removals that help the task would be fitted back towards the original,
-    /// nor when a recovery stage follows, where the re-fit of a deep prune over-fits the
-    /// selection split and training never beats it there (all measured; see the README).
-    pub reconstruct: Option<bool>,
-    /// Ridge strength of the re-fit.
-    pub ridge: f64,
-    /// Train sentences the re-fit is fitted on, drawn outside the selection (the selection data
-    /// itself when the task has no train split): a re-fit on the selection data would make the
-    /// selection metric that judges it an in-sample figure.
-    pub calibration: usize,
-    /// Under size / speed, give each level an equal cumulative share of the tolerance.
-    pub share_tolerance: bool,
-    /// With reconstruction under size / speed: how far below its floor a level's search may go
-    /// before the re-fit, in multiples of the allowance.
-    pub reconstruct_slack: f64,
-    /// Under size / speed with a recovery stage after this one: how far below the run's floor
-    /// the prune may go, in multiples of the allowance; the recovery is to win it back, and the
-    /// run's result is judged against the floor itself.
-    pub recover_slack: f64,
-    /// Passes over the levels: a later round re-ranks and retries on the re-fit model (it stops
-    /// early when a round removes nothing). More than one over-fits the selection split (measured).
-    pub rounds: usize,
-    /// With reconstruction: judge FFN group removals with their layer's output projection
-    /// already corrected ([`FfnCompensation`]). Off by default: on MiniLM / SST-2 it removed 157
-    /// of 192 groups instead of a few, but lost 3.4 points on the report split (measured).
-    pub compensate: bool,
-}
-
-impl Default for PruneSettings {
-    fn default() -> Self {
-        PruneSettings {
-            mode: Mode::Accuracy,
-            levels: vec![Level::Blocks, Level::Heads, Level::Groups],
-            group_size: 32,
-            budget: None,
-            patience: 20,
-            significance: None,
-            reconstruct: None,
-            ridge: DEFAULT_RIDGE,
-            calibration: 512,
-            share_tolerance: true,
-            reconstruct_slack: 3.0,
-            recover_slack: 1.0,
-            rounds: 1,
-            compensate: false,
-        }
+crate::settings! {
+    /// Settings of the prune pass: `[[stages]]` keys of a config, most of them also flags.
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct PruneSettings;
+    /// Settings of a prune stage as flags. Unset flags take their defaults, or a config's values
+    /// under `compress` (where they apply to every prune stage).
+    pub struct PruneFlags;
+    {
+        /// accuracy: keep removals that do not lower the selection metric; size / speed: remove
+        /// within --max-drop, favouring parameters / latency saved.
+        #[flag(long, value_enum)]
+        mode: Mode = Mode::Accuracy, "accuracy";
+        /// Levels to prune, in order blocks → heads → groups.
+        #[flag(long, value_enum, value_delimiter = ',')]
+        levels: Vec<Level> = vec![Level::Blocks, Level::Heads, Level::Groups], "blocks,heads,groups";
+        /// FFN neurons per group (pruned widths stay multiples of it).
+        #[flag(long)]
+        group_size: usize = 32, "32";
+        /// Cap on tentative removals decided (all levels together).
+        #[flag_opt(long)]
+        budget: usize = None, "no cap";
+        /// Stop a level after this many consecutive rejected removals (0: never); candidates come
+        /// in ascending significance, so long runs of rejections rarely end.
+        #[flag(long)]
+        patience: usize = 20, "20";
+        /// Read significance from this report (of the same model) instead of recomputing it per
+        /// level.
+        #[flag_opt(long)]
+        significance: PathBuf = None, "recompute";
+        // Unset: on under size and speed, where it holds the tolerance on unseen data, but not
+        // under accuracy, where the removals that help the task would be fitted back towards the
+        // original, nor when a recovery stage follows, where the re-fit of a deep prune
+        // over-fits the selection split and training never beats it there (all measured).
+        /// Re-fit the output projections layer by layer after each level: true or false.
+        #[flag_opt(long)]
+        reconstruct: bool = None, "true under size and speed without a recovery after the prune, else false";
+        /// Ridge strength of the layer-wise re-fit, relative to the mean feature energy.
+        #[flag(long)]
+        ridge: f64 = DEFAULT_RIDGE, "0.1";
+        /// Train sentences the re-fit is fitted on, drawn outside the selection (the selection
+        /// data itself when the task has no train split): a re-fit on the selection data would
+        /// make the selection metric that judges it an in-sample figure.
+        #[config]
+        calibration: usize = 512, "512";
+        /// Under size / speed, give each level an equal cumulative share of the tolerance.
+        #[config]
+        share_tolerance: bool = true, "true";
+        /// With reconstruction under size / speed: how far below its floor a level's search may
+        /// go before the re-fit, in multiples of the allowance.
+        #[config]
+        reconstruct_slack: f64 = 3.0, "3";
+        /// Under size / speed with a recovery after the prune: how far below the floor the prune
+        /// may go, in multiples of --max-drop; the recovery is to win it back, and the result is
+        /// judged against --max-drop itself.
+        #[flag(long)]
+        recover_slack: f64 = 1.0, "1";
+        // More than one round over-fits the selection split (measured).
+        /// Passes over the levels; a later round re-ranks and retries on the re-fit model (it
+        /// stops early when a round removes nothing).
+        #[flag(long)]
+        rounds: usize = 1, "1";
+        // Off by default: on MiniLM / SST-2 it removed 157 of 192 groups instead of a few, but
+        // lost 3.4 points on the report split (measured).
+        /// With the re-fit: judge each FFN group removal with its layer's output projection
+        /// already corrected (closed-form least squares): true or false.
+        #[flag(long)]
+        compensate: bool = false, "false";
     }
 }
 

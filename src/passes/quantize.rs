@@ -61,34 +61,36 @@ pub enum QuantMode {
     Size,
 }
 
-/// Settings of the quantize pass (command-line flags and `[[stages]]` keys of a config).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct QuantizeSettings {
-    /// Uniform 8, uniform 4, or mixed.
-    pub bits: BitsChoice,
-    /// What a lowered precision must preserve (mixed only).
-    pub mode: QuantMode,
-    /// Quantize the word embeddings too.
-    pub embeddings: bool,
-    /// A significance report (blocks level) of the input model instead of a fresh analysis.
-    pub significance: Option<PathBuf>,
-    /// Build the uniform and equal-size baselines next to a mixed result.
-    pub compare: bool,
-    /// Seed of the equal-size mix's random order.
-    pub seed: u64,
-}
-
-impl Default for QuantizeSettings {
-    fn default() -> Self {
-        QuantizeSettings {
-            bits: BitsChoice::Eight,
-            mode: QuantMode::Size,
-            embeddings: true,
-            significance: None,
-            compare: true,
-            seed: 0,
-        }
+crate::settings! {
+    /// Settings of the quantize pass: `[[stages]]` keys of a config, most of them also flags.
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct QuantizeSettings;
+    /// Settings of a quantize stage as flags. Unset flags take their defaults, or a config's
+    /// values.
+    pub struct QuantizeFlags;
+    {
+        /// 8: every matrix int8; 4: every matrix int4; mixed: int4, int8 or float per matrix,
+        /// chosen by significance within --max-drop.
+        #[flag(long, value_enum)]
+        bits: BitsChoice = BitsChoice::Eight, "8";
+        /// With --bits mixed: accuracy keeps a lower precision only if the selection metric does
+        /// not drop; size lowers as much as --max-drop allows.
+        #[flag(long = "mode", value_enum)]
+        mode: QuantMode = QuantMode::Size, "size";
+        /// Quantize the word embeddings too.
+        #[switch_off(float_embeddings, "Keep the word embeddings float.")]
+        embeddings: bool = true, "true";
+        /// Read block significance from this report (of the same model) instead of computing it.
+        #[flag_opt(long)]
+        significance: PathBuf = None, "compute";
+        /// With --bits mixed: build the uniform int8 / int4 and equal-size baselines next to the
+        /// result.
+        #[switch_off(no_compare, "With --bits mixed: skip the uniform int8 / int4 / equal-size comparison.")]
+        compare: bool = true, "true";
+        /// Seed of the equal-size mix's random order.
+        #[config]
+        seed: u64 = 0, "0";
     }
 }
 

@@ -24,62 +24,58 @@ use crate::progress;
 use crate::scoring::batch::batch;
 use crate::scoring::score::{Rule, Score};
 
-/// How to train (the `[[stages]]` keys of a `recover` stage).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct TrainSettings {
-    /// Training examples sampled (seeded) from the train split outside the selection (all of
-    /// them when this is larger, or `None`).
-    pub train_limit: Option<usize>,
-    /// Passes over the training examples.
-    pub epochs: usize,
-    /// Peak learning rate.
-    pub learning_rate: f64,
-    /// Fraction of the steps spent warming up.
-    pub warmup: f64,
-    /// Seed of the sample and the shuffling.
-    pub seed: u64,
-    /// Evaluations on the selection split over the run (the best is kept; the untrained model
-    /// counts as one more).
-    pub evaluations: usize,
-    /// Decoupled weight decay of the matrices.
-    pub weight_decay: f64,
-    /// Gradient clipping (global L2 norm).
-    pub max_grad_norm: f64,
-    /// Weight of the task loss on the gold labels.
-    pub task_weight: f64,
-    /// Weight of distillation from the original model's logits.
-    pub distill_weight: f64,
-    /// Temperature of the distillation.
-    pub temperature: f64,
-    /// Weight of the squared error of the final hidden states against the original's.
-    pub hidden_weight: f64,
-    /// The model distilled (directory or hub id); unset: the run's input model.
-    pub teacher: Option<String>,
-    /// Probability that each ordinary token of a training sentence is replaced by one from
-    /// another sentence of the batch ([`super::augment`]); pure distillation only.
-    pub augment: f64,
-}
-
-impl Default for TrainSettings {
-    /// Distillation from the original model for one epoch of 8,000 train examples.
-    fn default() -> Self {
-        TrainSettings {
-            train_limit: Some(8000),
-            epochs: 1,
-            learning_rate: 1e-4,
-            warmup: 0.1,
-            seed: 0,
-            evaluations: 4,
-            weight_decay: 0.01,
-            max_grad_norm: 1.0,
-            task_weight: 0.0,
-            distill_weight: 1.0,
-            temperature: 2.0,
-            hidden_weight: 0.0,
-            teacher: None,
-            augment: 0.0,
-        }
+crate::settings! {
+    /// How to train: the `[[stages]]` keys of a `recover` stage, and of a bsp stage's
+    /// `[stages.lasso]` and `[stages.retrain]`.
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct TrainSettings;
+    {
+        /// Training examples sampled (seeded) from the train split outside the selection (all of
+        /// them when this is larger; `prune --recover N` sets it).
+        #[config]
+        train_limit: Option<usize> = Some(8000), "8000";
+        /// Passes over the training examples.
+        #[config]
+        epochs: usize = 1, "1";
+        /// Peak learning rate.
+        #[config]
+        learning_rate: f64 = 1e-4, "1e-4";
+        /// Fraction of the steps spent warming up.
+        #[config]
+        warmup: f64 = 0.1, "0.1";
+        /// Seed of the sample and the shuffling.
+        #[config]
+        seed: u64 = 0, "0";
+        /// Evaluations on the selection split over the run (the best is kept; the untrained
+        /// model counts as one more).
+        #[config]
+        evaluations: usize = 4, "4";
+        /// Decoupled weight decay of the matrices.
+        #[config]
+        weight_decay: f64 = 0.01, "0.01";
+        /// Gradient clipping (global L2 norm).
+        #[config]
+        max_grad_norm: f64 = 1.0, "1";
+        /// Weight of the task loss on the gold labels.
+        #[config]
+        task_weight: f64 = 0.0, "0";
+        /// Weight of distillation from the original model's logits.
+        #[config]
+        distill_weight: f64 = 1.0, "1";
+        /// Temperature of the distillation.
+        #[config]
+        temperature: f64 = 2.0, "2";
+        /// Weight of the squared error of the final hidden states against the original's.
+        #[config]
+        hidden_weight: f64 = 0.0, "0";
+        /// The model distilled (directory or hub id).
+        #[config]
+        teacher: Option<String> = None, "the run's input model";
+        /// Probability that each ordinary token of a training sentence is replaced by one from
+        /// another sentence of the batch; pure distillation only (`prune --augment P` sets it).
+        #[config]
+        augment: f64 = 0.0, "0";
     }
 }
 
