@@ -1,11 +1,16 @@
 //! axcompress: significance-driven compression of fine-tuned BERT-family models.
 //!
 //! The pipeline, as the folders show it: [`model`] loads a checkpoint into the one runtime every
-//! command shares (its [`kernels`], the weight [`formats`] and the tokenizer in [`text`]); [`data`] finds, splits and batches the task's data; [`analyze`] measures the
-//! significance of blocks, heads and FFN groups; [`passes`] are the compression stages on one
-//! selection engine; [`pipeline`] chains them under one tolerance; [`export`] writes the result.
-//! [`evaluate`] and [`bench`] measure any model; [`commands`] holds each subcommand's thin
-//! entry point and [`config_file`] the `compress` configs.
+//! command shares (its compute [`kernels`], the weight [`formats`] and the tokenizer in
+//! [`text`]); [`data`] finds, splits and batches the task's data; [`scoring`] judges a model on
+//! labelled data; [`analyze`] measures the significance of blocks, heads and FFN groups;
+//! [`passes`] are the compression stages on one selection engine, each with its settings
+//! declared once ([`settings`]); [`pipeline`] chains them under one tolerance; [`export`] writes
+//! the result. [`evaluate`] and [`bench`] measure any model; [`commands`] holds each
+//! subcommand's thin entry point and [`config_file`] the `compress` configs. The library denies
+//! undocumented public items (`missing_docs`, an error under CI's `-D warnings`).
+
+#![warn(missing_docs)]
 
 pub mod analyze;
 pub mod bench;
