@@ -13,10 +13,11 @@ use crate::formats::quant::Execution;
 use crate::kernels::attention_mode::{Keep, KeySelector};
 use crate::model::source::HubAccess;
 use crate::model::storage::StorageDtype;
-use crate::passes::prune::{Mode, PruneFlags};
+use crate::passes::prune::PruneFlags;
 use crate::passes::quantize::{BitsChoice, QuantizeFlags};
 use crate::passes::vocab::VocabChoice;
 use crate::pipeline::tolerance::MaxDrop;
+use crate::scoring::goal::Mode;
 
 /// Make fine-tuned BERT-family models faster, smaller and sometimes more accurate for one task.
 #[derive(Debug, Parser)]

@@ -172,7 +172,7 @@ fn model_spec(base: &Path, model: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::passes::prune::Mode;
+    use crate::scoring::goal::Mode;
 
     fn write(text: &str) -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().unwrap();

@@ -299,7 +299,11 @@ mod tests {
         let mut checked = 0;
         for key in keys {
             if let Some(same) = says(key.default, &defaults[key.name]) {
-                assert!(same, "{}: shown {:?}, is {}", key.name, key.default, defaults[key.name]);
+                assert!(
+                    same,
+                    "{}: shown {:?}, is {}",
+                    key.name, key.default, defaults[key.name]
+                );
                 checked += 1;
             }
         }

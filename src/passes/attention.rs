@@ -13,15 +13,14 @@
 
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 
 use super::journal::{Journal, TrialRecord};
-use super::prune::Mode;
 use super::select::{Engine, Trial};
 use super::{Pass, PassOutput, StageContext};
 use crate::kernels::attention_mode::{ApproxAttention, Keep, KeySelector};
 use crate::model::Model;
 use crate::progress;
+use crate::scoring::goal::Mode;
 use crate::scoring::score::Score;
 
 /// The K tried per layer when none are given: fractions of each sequence's length.
@@ -153,25 +152,49 @@ fn rank(engine: &mut Engine, mode: ApproxAttention, quiet: bool) -> Result<Vec<L
     Ok(out)
 }
 
-/// One layer's outcome.
+/// A layer switched to approximate attention.
 #[derive(Debug, Clone, Serialize)]
-struct Switched {
-    layer: usize,
+pub struct Switched {
+    /// Encoder layer.
+    pub layer: usize,
+    /// Its attention.
     #[serde(flatten)]
-    mode: ApproxAttention,
-    after: Score,
+    pub mode: ApproxAttention,
+    /// The selection score after the switch.
+    pub after: Score,
+}
+
+/// What an attention run reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct AttentionReport {
+    /// The K tried per layer, smallest first.
+    pub grid: Vec<Keep>,
+    /// The layers in the order they were tried, with their significance.
+    pub significance: Vec<LayerSignificance>,
+    /// Every decision.
+    pub trials: Vec<TrialRecord>,
+    /// The layers switched, with their K and the selection score after.
+    pub switched: Vec<Switched>,
 }
 
 impl Pass for AttentionPass {
+    type Settings = AttentionSettings;
+    type Report = AttentionReport;
+
     fn name(&self) -> &'static str {
         "attention"
     }
 
-    fn settings(&self) -> serde_json::Value {
-        serde_json::to_value(&self.settings).expect("settings serialise")
+    fn settings(&self) -> &AttentionSettings {
+        &self.settings
     }
 
-    fn run(&self, model: Model, ctx: &StageContext, journal: &mut Journal) -> Result<PassOutput> {
+    fn run(
+        &self,
+        model: Model,
+        ctx: &StageContext,
+        journal: &mut Journal,
+    ) -> Result<PassOutput<AttentionReport>> {
         let rule = self.settings.mode.rule("attention", ctx.floor)?;
         let grid = self.grid(ctx);
         let mut engine = Engine::new(model, ctx.batches)?;
@@ -214,12 +237,12 @@ impl Pass for AttentionPass {
         ));
         Ok(PassOutput {
             model: engine.into_parts().0,
-            details: json!({
-                "grid": grid.iter().map(|m| m.k).collect::<Vec<_>>(),
-                "significance": order,
-                "trials": trials,
-                "switched": switched,
-            }),
+            details: AttentionReport {
+                grid: grid.iter().map(|m| m.k).collect(),
+                significance: order,
+                trials,
+                switched,
+            },
             alternatives: Vec::new(),
             files: Vec::new(),
         })

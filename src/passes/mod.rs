@@ -37,6 +37,7 @@ pub mod shape;
 pub mod vocab;
 
 use anyhow::{bail, Result};
+use serde::Serialize;
 use serde_json::Value;
 
 use crate::analyze::elements::Level;
@@ -52,12 +53,17 @@ use crate::text::tokenizer::TextEncoder;
 use journal::Journal;
 use select::SelectionBatches;
 
-/// One stage of a pipeline.
+/// One compression pass, with its typed settings and report.
 pub trait Pass {
+    /// The settings it runs with (a `[[stages]]` table of a config).
+    type Settings: Serialize;
+    /// What it reports of a run (per level, per element…), under `stages[].details` in
+    /// report.json.
+    type Report: Serialize;
     /// Name recorded in reports and the model's history (`prune`).
     fn name(&self) -> &'static str;
     /// The settings, as recorded in reports and the model's history.
-    fn settings(&self) -> Value;
+    fn settings(&self) -> &Self::Settings;
     /// Refuses an input model the pass cannot work on (e.g. a significance report of another
     /// model), before any work is done.
     fn check_input(&self, _model: &Model) -> Result<()> {
@@ -69,8 +75,13 @@ pub trait Pass {
         Ok(())
     }
     /// Runs the pass on `model`, recording its decisions in `journal`; returns the new model and
-    /// the pass's own report.
-    fn run(&self, model: Model, ctx: &StageContext, journal: &mut Journal) -> Result<PassOutput>;
+    /// the pass's report.
+    fn run(
+        &self,
+        model: Model,
+        ctx: &StageContext,
+        journal: &mut Journal,
+    ) -> Result<PassOutput<Self::Report>>;
     /// True for a stage that trains the model back towards the original (`recover`): the
     /// stages before it may spend more of the tolerance.
     fn recovers(&self) -> bool {
@@ -78,12 +89,71 @@ pub trait Pass {
     }
 }
 
+/// A pass as the pipeline holds it, whatever its types: its settings and report serialised for
+/// report.json and the model's history. Every [`Pass`] is one.
+pub trait Stage {
+    /// [`Pass::name`].
+    fn name(&self) -> &'static str;
+    /// [`Pass::settings`], serialised.
+    fn settings_value(&self) -> Result<Value>;
+    /// [`Pass::check_input`].
+    fn check_input(&self, model: &Model) -> Result<()>;
+    /// [`Pass::check_settings`].
+    fn check_settings(&self, model: &Model) -> Result<()>;
+    /// [`Pass::run`], with the report serialised.
+    fn run_stage(
+        &self,
+        model: Model,
+        ctx: &StageContext,
+        journal: &mut Journal,
+    ) -> Result<PassOutput<Value>>;
+    /// [`Pass::recovers`].
+    fn recovers(&self) -> bool;
+}
+
+impl<P: Pass> Stage for P {
+    fn name(&self) -> &'static str {
+        Pass::name(self)
+    }
+
+    fn settings_value(&self) -> Result<Value> {
+        Ok(serde_json::to_value(Pass::settings(self))?)
+    }
+
+    fn check_input(&self, model: &Model) -> Result<()> {
+        Pass::check_input(self, model)
+    }
+
+    fn check_settings(&self, model: &Model) -> Result<()> {
+        Pass::check_settings(self, model)
+    }
+
+    fn run_stage(
+        &self,
+        model: Model,
+        ctx: &StageContext,
+        journal: &mut Journal,
+    ) -> Result<PassOutput<Value>> {
+        let out = Pass::run(self, model, ctx, journal)?;
+        Ok(PassOutput {
+            model: out.model,
+            details: serde_json::to_value(&out.details)?,
+            alternatives: out.alternatives,
+            files: out.files,
+        })
+    }
+
+    fn recovers(&self) -> bool {
+        Pass::recovers(self)
+    }
+}
+
 /// What a pass returns.
-pub struct PassOutput {
+pub struct PassOutput<R> {
     /// The new model.
     pub model: Model,
-    /// What the pass did (per level, per element…), as it wants to report it.
-    pub details: Value,
+    /// What the pass did (its [`Pass::Report`]).
+    pub details: R,
     /// Models the result should be compared with (e.g. uniform quantization), which the
     /// pipeline evaluates beside it.
     pub alternatives: Vec<Alternative>,

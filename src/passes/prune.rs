@@ -11,7 +11,6 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
 
 use super::compensate::{proposed_ffn, FfnCompensation};
 use super::journal::{Journal, TrialRecord};
@@ -26,45 +25,8 @@ use crate::model::slice::LayerKeep;
 use crate::model::Model;
 use crate::progress;
 use crate::scoring::batch::{batches, ScoringBatch};
+use crate::scoring::goal::Mode;
 use crate::scoring::score::{Rule, Score};
-
-/// What a removal must preserve.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "snake_case")]
-pub enum Mode {
-    /// Keep a removal only if the selection metric does not drop (ties: loss must not rise).
-    Accuracy,
-    /// Remove as many parameters as `--max-drop` allows, cheapest significance per parameter first.
-    Size,
-    /// Remove as much estimated latency as `--max-drop` allows, cheapest significance per FLOP first.
-    Speed,
-}
-
-impl Mode {
-    /// When `pass` keeps a change in this mode: accuracy never lowers the selection metric (and,
-    /// with a floor, keeps its guarded value at or above it); size and speed keep the guarded
-    /// metric at or above the run's `floor`, which they need.
-    pub fn rule(self, pass: &str, floor: Option<f64>) -> Result<Rule> {
-        match (self, floor) {
-            (Mode::Accuracy, None) => Ok(Rule::NotWorse),
-            (Mode::Accuracy, Some(floor)) => Ok(Rule::NotWorseAtLeast(floor)),
-            (_, Some(floor)) => Ok(Rule::AtLeast(floor)),
-            (mode, None) => bail!(
-                "{pass} in {} mode needs --max-drop (e.g. 1.0 for one metric point, or 2%)",
-                mode.name()
-            ),
-        }
-    }
-
-    /// Lower-case name.
-    pub fn name(self) -> &'static str {
-        match self {
-            Mode::Accuracy => "accuracy",
-            Mode::Size => "size",
-            Mode::Speed => "speed",
-        }
-    }
-}
 
 crate::settings! {
     /// Settings of the prune pass: `[[stages]]` keys of a config, most of them also flags.
@@ -316,13 +278,23 @@ impl Prune {
     }
 }
 
+/// What a prune reports: each level's search, in order.
+#[derive(Debug, Clone, Serialize)]
+pub struct PruneReport {
+    /// The levels pruned.
+    pub levels: Vec<LevelOutcome>,
+}
+
 impl Pass for Prune {
+    type Settings = PruneSettings;
+    type Report = PruneReport;
+
     fn name(&self) -> &'static str {
         "prune"
     }
 
-    fn settings(&self) -> Value {
-        serde_json::to_value(&self.settings).expect("settings serialise")
+    fn settings(&self) -> &PruneSettings {
+        &self.settings
     }
 
     fn check_settings(&self, model: &Model) -> Result<()> {
@@ -348,7 +320,7 @@ impl Pass for Prune {
         mut model: Model,
         ctx: &StageContext,
         journal: &mut Journal,
-    ) -> Result<PassOutput> {
+    ) -> Result<PassOutput<PruneReport>> {
         self.check_input(&model)?;
         let rule = self.settings.mode.rule("prune", ctx.floor)?;
         let reconstructs = self.reconstructs(ctx.recovery_follows);
@@ -436,7 +408,7 @@ impl Pass for Prune {
         }
         Ok(PassOutput {
             model,
-            details: json!({ "levels": outcomes }),
+            details: PruneReport { levels: outcomes },
             alternatives: match reconstructs {
                 true => vec![Alternative::new("same removals, no reconstruction", plain)],
                 false => Vec::new(),

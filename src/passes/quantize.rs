@@ -21,7 +21,6 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 
 use super::journal::{Journal, TrialRecord};
 use super::select::{Engine, Trial};
@@ -273,13 +272,25 @@ impl Quantize {
     }
 }
 
+/// What a quantize run reports: every matrix's precision, and the mixed search's trials.
+#[derive(Debug, Clone, Serialize)]
+pub struct QuantizeReport {
+    /// Every candidate matrix and the precision it ended with.
+    pub matrices: Vec<MatrixOutcome>,
+    /// The decisions of `bits = "mixed"` (none under uniform bits).
+    pub trials: Vec<TrialRecord>,
+}
+
 impl Pass for Quantize {
+    type Settings = QuantizeSettings;
+    type Report = QuantizeReport;
+
     fn name(&self) -> &'static str {
         "quantize"
     }
 
-    fn settings(&self) -> serde_json::Value {
-        serde_json::to_value(&self.settings).expect("settings serialise")
+    fn settings(&self) -> &QuantizeSettings {
+        &self.settings
     }
 
     fn check_input(&self, model: &Model) -> Result<()> {
@@ -292,7 +303,12 @@ impl Pass for Quantize {
         }
     }
 
-    fn run(&self, model: Model, ctx: &StageContext, journal: &mut Journal) -> Result<PassOutput> {
+    fn run(
+        &self,
+        model: Model,
+        ctx: &StageContext,
+        journal: &mut Journal,
+    ) -> Result<PassOutput<QuantizeReport>> {
         self.check_input(&model)?;
         let (out, trials, alternatives) = match self.settings.bits {
             BitsChoice::Eight => (self.uniform(&model, Bits::Int8)?, Vec::new(), Vec::new()),
@@ -325,7 +341,10 @@ impl Pass for Quantize {
         ));
         Ok(PassOutput {
             model: out,
-            details: json!({ "matrices": outcomes, "trials": trials }),
+            details: QuantizeReport {
+                matrices: outcomes,
+                trials,
+            },
             alternatives,
             files: Vec::new(),
         })

@@ -8,14 +8,14 @@
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use serde_json::{json, Value};
+use serde::Serialize;
 
 use super::journal::Journal;
 use super::{Pass, PassOutput, StageContext};
 use crate::data::batch::encode;
 use crate::model::source::HubAccess;
 use crate::model::Model;
-use crate::train::checkpoint::TrainLog;
+use crate::train::checkpoint::{Evaluation, TrainLog};
 use crate::train::fit::{fine_tune, TrainRun, TrainSettings};
 
 /// The recover pass.
@@ -32,12 +32,15 @@ impl Recover {
 }
 
 impl Pass for Recover {
+    type Settings = TrainSettings;
+    type Report = RecoverReport;
+
     fn name(&self) -> &'static str {
         "recover"
     }
 
-    fn settings(&self) -> Value {
-        serde_json::to_value(&self.settings).unwrap_or(Value::Null)
+    fn settings(&self) -> &TrainSettings {
+        &self.settings
     }
 
     fn check_input(&self, model: &Model) -> Result<()> {
@@ -59,7 +62,12 @@ impl Pass for Recover {
         true
     }
 
-    fn run(&self, model: Model, ctx: &StageContext, journal: &mut Journal) -> Result<PassOutput> {
+    fn run(
+        &self,
+        model: Model,
+        ctx: &StageContext,
+        journal: &mut Journal,
+    ) -> Result<PassOutput<RecoverReport>> {
         let s = &self.settings;
         let started = Instant::now();
         let (train, available) = ctx.train_sample(s.train_limit, s.seed)?;
@@ -101,7 +109,7 @@ impl Pass for Recover {
             log.best.selection.metric,
             seconds / log.losses.len().max(1) as f64
         ));
-        let details = details(&log, data.sequences.len());
+        let details = details(log, data.sequences.len());
         Ok(PassOutput {
             model,
             details,
@@ -111,19 +119,36 @@ impl Pass for Recover {
     }
 }
 
-/// The pass's report (wall times stay out of it: same inputs, same bytes): data, steps, losses at the start and end, every evaluation.
-fn details(log: &TrainLog, examples: usize) -> Value {
+/// What a recovery reports (wall times stay out of it: same inputs, same bytes).
+#[derive(Debug, Clone, Serialize)]
+pub struct RecoverReport {
+    /// Training sentences.
+    pub train_examples: usize,
+    /// Optimiser steps.
+    pub steps: usize,
+    /// Mean training loss over the first tenth of the steps.
+    pub loss_first_tenth: f64,
+    /// Mean training loss over the last tenth of the steps.
+    pub loss_last_tenth: f64,
+    /// Every evaluation on the selection data.
+    pub evaluations: Vec<Evaluation>,
+    /// The evaluation whose parameters were kept.
+    pub kept: Evaluation,
+}
+
+/// The report of a training run of `log` over `examples` sentences.
+fn details(log: TrainLog, examples: usize) -> RecoverReport {
     let steps = log.losses.len();
     let window = (steps / 10).max(1);
     let mean = |v: &[f32]| v.iter().map(|&x| x as f64).sum::<f64>() / v.len().max(1) as f64;
-    json!({
-        "train_examples": examples,
-        "steps": steps,
-        "loss_first_tenth": mean(&log.losses[..window.min(steps)]),
-        "loss_last_tenth": mean(&log.losses[steps.saturating_sub(window)..]),
-        "evaluations": log.evaluations,
-        "kept": log.best,
-    })
+    RecoverReport {
+        train_examples: examples,
+        steps,
+        loss_first_tenth: mean(&log.losses[..window.min(steps)]),
+        loss_last_tenth: mean(&log.losses[steps.saturating_sub(window)..]),
+        evaluations: log.evaluations,
+        kept: log.best,
+    }
 }
 
 /// Refuses a teacher whose outputs differ from the model's.

@@ -19,7 +19,6 @@ use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 use indicatif::ProgressBar;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
 
 use super::journal::Journal;
 use super::{Pass, PassOutput, StageContext};
@@ -100,13 +99,35 @@ impl ShapePass {
     }
 }
 
+/// What a shape run reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct ShapeReport {
+    /// Layers kept.
+    pub layers: Vec<usize>,
+    /// Selection loss after each layer removal, in order.
+    pub layer_loss_after_removal: Vec<f64>,
+    /// Heads per layer.
+    pub heads: usize,
+    /// FFN width.
+    pub ffn: usize,
+    /// Hidden size.
+    pub hidden: usize,
+    /// Heads kept in each kept layer (original indices).
+    pub kept_heads: Vec<Vec<usize>>,
+    /// Selection sentences the significance was measured on.
+    pub examples: usize,
+}
+
 impl Pass for ShapePass {
+    type Settings = ShapeSettings;
+    type Report = ShapeReport;
+
     fn name(&self) -> &'static str {
         "shape"
     }
 
-    fn settings(&self) -> Value {
-        serde_json::to_value(&self.settings).unwrap_or(Value::Null)
+    fn settings(&self) -> &ShapeSettings {
+        &self.settings
     }
 
     fn check_input(&self, model: &Model) -> Result<()> {
@@ -122,7 +143,12 @@ impl Pass for ShapePass {
         self.targets(model).map(|_| ())
     }
 
-    fn run(&self, model: Model, ctx: &StageContext, _journal: &mut Journal) -> Result<PassOutput> {
+    fn run(
+        &self,
+        model: Model,
+        ctx: &StageContext,
+        _journal: &mut Journal,
+    ) -> Result<PassOutput<ShapeReport>> {
         let (layers, heads, ffn, hidden) = self.targets(&model)?;
         let examples = self.settings.examples.unwrap_or(DEFAULT_EXAMPLES);
         let batches = first_examples(&ctx.batches.batches, examples);
@@ -158,15 +184,15 @@ impl Pass for ShapePass {
             model.parameter_count(),
             out.parameter_count()
         ));
-        let details = json!({
-            "layers": kept_layers,
-            "layer_loss_after_removal": layer_losses,
-            "heads": heads,
-            "ffn": ffn,
-            "hidden": hidden,
-            "kept_heads": shape.heads,
-            "examples": batches.iter().map(|b| b.examples.len()).sum::<usize>(),
-        });
+        let details = ShapeReport {
+            layers: kept_layers,
+            layer_loss_after_removal: layer_losses,
+            heads,
+            ffn,
+            hidden,
+            kept_heads: shape.heads,
+            examples: batches.iter().map(|b| b.examples.len()).sum::<usize>(),
+        };
         Ok(PassOutput {
             model: out,
             details,

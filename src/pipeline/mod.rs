@@ -36,13 +36,14 @@ use crate::model::Model;
 use crate::passes::attention::{AttentionPass, AttentionSettings};
 use crate::passes::bsp::{Bsp, BspSettings};
 use crate::passes::journal::Journal;
-use crate::passes::prune::{Mode, Prune, PruneSettings};
+use crate::passes::prune::{Prune, PruneSettings};
 use crate::passes::quantize::{Quantize, QuantizeSettings};
 use crate::passes::recover::Recover;
 use crate::passes::select::SelectionBatches;
 use crate::passes::shape::{ShapePass, ShapeSettings};
 use crate::passes::vocab::VocabCorpus;
-use crate::passes::{Alternative, Pass, StageContext};
+use crate::passes::{Alternative, Stage, StageContext};
+use crate::scoring::goal::Mode;
 use crate::scoring::guard::check_confidence;
 use crate::scoring::score::Score;
 use crate::setup::TaskSetup;
@@ -115,7 +116,7 @@ impl StageSpec {
         matches!(self, StageSpec::Prune(s) if s.mode != Mode::Accuracy)
     }
 
-    fn build(&self) -> Result<Box<dyn Pass>> {
+    fn build(&self) -> Result<Box<dyn Stage>> {
         match self {
             StageSpec::Prune(settings) => Ok(Box::new(Prune::new(settings.clone())?)),
             StageSpec::Quantize(settings) => Ok(Box::new(Quantize::new(settings.clone())?)),
@@ -245,7 +246,7 @@ impl Finished {
 const CHECK_ADVICE: &str = "the search fitted chance on its selection sentences, or the unseen data is too small to tell; decide on more sentences (--holdout) or allow a larger drop";
 
 /// What to change when a run's stages end below the floor.
-fn floor_advice(passes: &[Box<dyn Pass>]) -> &'static str {
+fn floor_advice(passes: &[Box<dyn Stage>]) -> &'static str {
     match passes.iter().any(|p| p.recovers()) {
         true => "the recovery did not win back what the stages before it spent; recover on more examples or lower recover_slack",
         false => "a stage that takes no decisions (uniform quantization) spent more than the allowance; use --bits mixed or a larger --max-drop",
@@ -381,7 +382,7 @@ pub fn run(spec: &RunSettings, out: &Output, quiet: bool) -> Result<Finished> {
     // 6. Export with report.json and timing.json; the progress file has served its purpose.
     let model = compressed.model;
     let vocab = pruned.as_ref().map(|p| p.report.clone());
-    let history = history(spec, &setup.model, &passes, &splits, vocab.as_ref());
+    let history = history(spec, &setup.model, &passes, &splits, vocab.as_ref())?;
     let prepared = prepare(model, &history)?;
     let report = run.report(model, &prepared, baseline, stages, evaluation, vocab);
     let timing = timing(started, [&original, &compressed])?;
@@ -397,7 +398,7 @@ pub fn run(spec: &RunSettings, out: &Output, quiet: bool) -> Result<Finished> {
     Ok(Finished { report, timing })
 }
 
-fn build_passes(spec: &RunSettings) -> Result<Vec<Box<dyn Pass>>> {
+fn build_passes(spec: &RunSettings) -> Result<Vec<Box<dyn Stage>>> {
     if spec.stages.is_empty() {
         bail!("the pipeline has no stages; add at least one [[stages]] entry");
     }
@@ -452,7 +453,7 @@ impl Run<'_> {
     /// Runs every pass in order on the original model.
     fn stages(
         &self,
-        passes: &[Box<dyn Pass>],
+        passes: &[Box<dyn Stage>],
         baseline: Score,
         journal: &mut Journal,
     ) -> Result<(Model, Vec<StageReport>)> {
@@ -481,14 +482,14 @@ impl Run<'_> {
                 "stage {}: {} {}",
                 stage + 1,
                 pass.name(),
-                pass.settings()
+                pass.settings_value()?
             ));
-            let out = pass.run(model, &ctx, journal)?;
+            let out = pass.run_stage(model, &ctx, journal)?;
             model = out.model;
             let after = self.batches.score(&model)?;
             reports.push(StageReport {
                 pass: pass.name(),
-                settings: pass.settings(),
+                settings: pass.settings_value()?,
                 selection_before: before,
                 selection_after: after,
                 spent_points: points(before.metric, after.metric),
@@ -702,10 +703,10 @@ fn files_in(dir: &Path) -> Vec<PathBuf> {
 fn history(
     spec: &RunSettings,
     original: &Model,
-    passes: &[Box<dyn Pass>],
+    passes: &[Box<dyn Stage>],
     splits: &Splits,
     vocab: Option<&VocabReport>,
-) -> Vec<Value> {
+) -> Result<Vec<Value>> {
     let mut history: Vec<Value> = original
         .config
         .raw
@@ -717,7 +718,7 @@ fn history(
     for pass in passes {
         history.push(json!({
             "pass": pass.name(),
-            "settings": pass.settings(),
+            "settings": pass.settings_value()?,
             "max_drop": spec.max_drop,
             "selection": splits.selection.info,
             "source_model": spec.model,
@@ -726,7 +727,7 @@ fn history(
     if let Some(v) = vocab {
         history.push(json!({"pass": "vocab", "settings": v, "source_model": spec.model}));
     }
-    history
+    Ok(history)
 }
 
 fn read_test(task: Task, path: &Path, encoder: &TextEncoder) -> Result<EncodedSet> {

@@ -26,11 +26,11 @@ use std::collections::BTreeMap;
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
 
 mod dead_neurons;
 mod obs;
 mod penalty;
+pub mod report;
 mod storage;
 mod surgeon;
 
@@ -50,6 +50,7 @@ use crate::train::lasso::Grouping;
 use crate::train::params::Trainable;
 use dead_neurons::slice_dead_neurons;
 use penalty::LassoPenalty;
+use report::{BspReport, GroupNorms, MatrixKept, RoundReport};
 use storage::{store_striped, StoredMatrix};
 
 /// The encoder matrices BSP may prune.
@@ -203,19 +204,27 @@ impl Bsp {
 }
 
 impl Pass for Bsp {
+    type Settings = BspSettings;
+    type Report = BspReport;
+
     fn name(&self) -> &'static str {
         "bsp"
     }
 
-    fn settings(&self) -> Value {
-        serde_json::to_value(&self.settings).unwrap_or(Value::Null)
+    fn settings(&self) -> &BspSettings {
+        &self.settings
     }
 
     fn check_input(&self, model: &Model) -> Result<()> {
         self.targets(model).map(|_| ())
     }
 
-    fn run(&self, model: Model, ctx: &StageContext, journal: &mut Journal) -> Result<PassOutput> {
+    fn run(
+        &self,
+        model: Model,
+        ctx: &StageContext,
+        journal: &mut Journal,
+    ) -> Result<PassOutput<BspReport>> {
         let g = self.settings.grouping;
         let before = norms(&self.targets(&model)?, g)?;
         // 1. Reweighted group lasso.
@@ -247,14 +256,11 @@ impl Pass for Bsp {
             ("after group lasso", flat(&after_lasso)),
             ("after prune + retraining", flat(&after)),
         ];
-        let mut details = self.details(&masks, &log, &stored, &stages)?;
-        details["rounds"] = Value::Array(rounds);
-        details["lasso_evaluations"] = json!(lasso_evaluations);
-        details["ffn_neurons_sliced"] = json!(neurons_sliced);
-        ctx.log(&format!(
-            "bsp: {}",
-            details["summary"].as_str().unwrap_or_default()
-        ));
+        let mut details = self.details(&masks, log, stored, &stages)?;
+        details.rounds = rounds;
+        details.lasso_evaluations = lasso_evaluations;
+        details.ffn_neurons_sliced = neurons_sliced;
+        ctx.log(&format!("bsp: {}", details.summary));
         Ok(PassOutput {
             model: pruned,
             details,
@@ -312,8 +318,12 @@ impl Bsp {
             let masks = self.masks(&self.targets(&model)?, ratio)?;
             let (pruned, masks, fits) = self.hard_prune(model, masks, round, ctx)?;
             let (retrained, log) = self.retrain(&pruned, &masks, round, ctx, journal)?;
-            summary
-                .push(json!({"round": round, "ratio": ratio, "surgeon": fits, "kept": log.best}));
+            summary.push(RoundReport {
+                round,
+                ratio,
+                surgeon: fits,
+                kept: log.best,
+            });
             model = retrained;
             last = Some((masks, log));
         }
@@ -404,7 +414,7 @@ struct Pruned {
     /// The last round's training log.
     log: TrainLog,
     /// Each round's ratio and kept evaluation, for the report.
-    rounds: Vec<Value>,
+    rounds: Vec<RoundReport>,
 }
 
 /// How one training phase differs from plain recovery.
@@ -515,34 +525,50 @@ impl Bsp {
     }
 
     /// What was removed, per matrix and in all.
+    /// What was removed, per matrix and in all (the rounds, the lasso's evaluations and the
+    /// sliced neurons are the caller's to fill in).
     fn details(
         &self,
         masks: &BTreeMap<String, Tensor>,
-        log: &TrainLog,
-        stored: &[StoredMatrix],
-        stages: &[(&str, Vec<f64>)],
-    ) -> Result<Value> {
-        let mut per = BTreeMap::new();
+        log: TrainLog,
+        storage: Vec<StoredMatrix>,
+        stages: &[(&'static str, Vec<f64>)],
+    ) -> Result<BspReport> {
+        let mut matrices = BTreeMap::new();
         let (mut total, mut zero) = (0usize, 0usize);
         for (name, m) in masks {
-            let n = m.elem_count();
-            let k = m.sum_all()?.to_scalar::<f32>()? as usize;
-            per.insert(name.clone(), json!({"weights": n, "kept": k}));
-            total += n;
-            zero += n - k;
+            let weights = m.elem_count();
+            let kept = m.sum_all()?.to_scalar::<f32>()? as usize;
+            matrices.insert(name.clone(), MatrixKept { weights, kept });
+            total += weights;
+            zero += weights - kept;
         }
         let ratio = total as f64 / (total - zero).max(1) as f64;
-        Ok(json!({
-            "summary": format!("{zero} of {total} weights of the pruned matrices removed ({ratio:.2}× fewer); retraining kept step {}", log.best.step),
-            "pruned_weights": total,
-            "removed_weights": zero,
-            "compression": ratio,
-            "matrices": per,
-            "retraining_kept": log.best,
-            "retraining_evaluations": log.evaluations,
-            "storage": stored,
-            "group_norms": stages.iter().map(|(n, v)| json!({"stage": n, "mean": mean(v), "median": median(v)})).collect::<Vec<_>>(),
-        }))
+        let group_norms = stages
+            .iter()
+            .map(|(stage, v)| GroupNorms {
+                stage,
+                mean: mean(v),
+                median: median(v),
+            })
+            .collect();
+        Ok(BspReport {
+            summary: format!(
+                "{zero} of {total} weights of the pruned matrices removed ({ratio:.2}× fewer); retraining kept step {}",
+                log.best.step
+            ),
+            pruned_weights: total,
+            removed_weights: zero,
+            compression: ratio,
+            matrices,
+            retraining_kept: log.best,
+            retraining_evaluations: log.evaluations,
+            storage,
+            group_norms,
+            rounds: Vec::new(),
+            lasso_evaluations: Vec::new(),
+            ffn_neurons_sliced: 0,
+        })
     }
 }
 
