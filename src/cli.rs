@@ -11,6 +11,7 @@ use crate::data::splits::SelectOn;
 use crate::data::task::Task;
 use crate::formats::quant::Execution;
 use crate::kernels::attention_mode::{Keep, KeySelector};
+use crate::model::runtime::{Nonfinite, Runtime};
 use crate::model::source::HubAccess;
 use crate::model::storage::StorageDtype;
 use crate::passes::prune::PruneFlags;
@@ -44,6 +45,19 @@ pub struct Cli {
     /// The command to run.
     #[command(subcommand)]
     pub command: Command,
+}
+
+impl Cli {
+    /// How every model this command loads runs: `--execution` and `--allow-nonfinite`.
+    pub fn runtime(&self) -> Runtime {
+        Runtime {
+            execution: self.execution.unwrap_or_default(),
+            nonfinite: match self.allow_nonfinite {
+                true => Nonfinite::Allow,
+                false => Nonfinite::Refuse,
+            },
+        }
+    }
 }
 
 /// The subcommands.

@@ -27,6 +27,7 @@ use serde::Deserialize;
 use crate::data::splits::{SelectOn, SelectionSpec};
 use crate::data::task::Task;
 use crate::fsutil::read_text;
+use crate::model::runtime::Runtime;
 use crate::model::source::HubAccess;
 use crate::model::storage::StorageDtype;
 use crate::passes::vocab::{VocabChoice, VocabCorpus};
@@ -153,6 +154,7 @@ impl File {
                 stages,
                 vocab: VocabCorpus::from_flags(self.vocab, self.vocab_corpus.map(rel)),
                 dtype: self.dtype,
+                runtime: Runtime::default(),
             },
             out: self.out.map(rel),
         })

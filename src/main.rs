@@ -6,7 +6,6 @@ use clap::Parser;
 
 use axcompress::cli::{Cli, Command};
 use axcompress::commands;
-use axcompress::formats::quant::Execution;
 use axcompress::pipeline::{FloorMissed, EXIT_FLOOR_MISSED};
 
 fn main() {
@@ -15,10 +14,6 @@ fn main() {
         eprintln!("warning: {err:#}; Ctrl-C will stop without cleaning up");
     }
     axcompress::threads::configure(cli.threads);
-    axcompress::model::weights::allow_nonfinite(cli.allow_nonfinite);
-    if let Some(execution) = cli.execution {
-        Execution::set_default(execution);
-    }
     let result = match &cli.command {
         Command::Eval(args) => commands::eval::run(args, &cli),
         Command::Inspect(args) => commands::inspect::run(args, &cli),

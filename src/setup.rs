@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use crate::data::labels::LabelMap;
 use crate::data::source::TaskData;
 use crate::data::task::Task;
+use crate::model::runtime::Runtime;
 use crate::model::source::HubAccess;
 use crate::model::Model;
 use crate::text::tokenizer::TextEncoder;
@@ -36,8 +37,9 @@ impl TaskSetup {
         data: Option<&Path>,
         max_length: Option<usize>,
         batch_size: usize,
+        runtime: Runtime,
     ) -> Result<Self> {
-        let model = Model::load(spec, hub)?;
+        let model = Model::load(spec, hub, runtime)?;
         let labels = LabelMap::new(&model.config, task).with_context(|| format!("model {spec}"))?;
         let max_length = checked_max_length(max_length, model.config.max_input_length())?;
         check_batch_size(batch_size, max_length)?;

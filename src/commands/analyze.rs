@@ -18,13 +18,17 @@ use crate::data::splits::{SelectionSpec, Splits};
 use crate::evaluate::model_targets;
 use crate::export::check_file_destination;
 use crate::fsutil::{pretty_json, write_atomic};
+use crate::model::runtime::Runtime;
 
 /// Runs `axcompress analyze`.
 pub fn run(args: &AnalyzeArgs, cli: &Cli) -> Result<()> {
     // Gradients need f32 matrices: a quantized model runs dequantized unless --execution said
     // otherwise (then analysis refuses it).
-    Execution::set_default(Execution::Dequantized);
-    let setup = task_setup(&args.model, &args.task)?;
+    let runtime = Runtime {
+        execution: cli.execution.unwrap_or(Execution::Dequantized),
+        ..cli.runtime()
+    };
+    let setup = task_setup(&args.model, &args.task, runtime)?;
     if let Some(out) = &args.out {
         check_report_destination(args, &setup.model.dir, out)?;
     }

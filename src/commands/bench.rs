@@ -40,7 +40,7 @@ pub fn run(args: &BenchArgs, cli: &Cli) -> Result<()> {
             // The revision names the model's hub id, not the baseline's.
             revision: args.model.revision.clone().filter(|_| name == "model"),
         };
-        let setup = task_setup(&model_args, &args.task)?;
+        let setup = task_setup(&model_args, &args.task, cli.runtime())?;
         let (suffix, set) = setup.data.split("dev")?.remove(0);
         let dev = encode(&set, suffix, &setup.encoder)?.sequences;
         let texts = set

@@ -28,6 +28,7 @@ pub fn run(args: &CompressArgs, cli: &Cli) -> Result<()> {
     s.confidence = args.run.confidence.unwrap_or(s.confidence);
     s.vocab = VocabCorpus::from_flags(args.run.vocab, args.run.vocab_corpus.clone()).or(s.vocab);
     s.dtype = args.run.dtype.or(s.dtype);
+    s.runtime = cli.runtime();
     s.stages = s
         .stages
         .into_iter()

@@ -26,7 +26,7 @@ pub fn run(args: &EvalArgs, cli: &Cli) -> Result<()> {
         encoder,
         max_length,
         data,
-    } = task_setup(&args.model, &args.task)?;
+    } = task_setup(&args.model, &args.task, cli.runtime())?;
     if let Some(path) = &args.predictions {
         let inputs = [Some(model.dir.as_path()), args.task.data.as_deref()];
         check_file_destination(

@@ -12,7 +12,7 @@ use crate::model::Model;
 
 /// Runs `axcompress inspect`.
 pub fn run(args: &InspectArgs, cli: &Cli) -> Result<()> {
-    let model = Model::load(&args.model.model, &args.model.hub())?;
+    let model = Model::load(&args.model.model, &args.model.hub(), cli.runtime())?;
     let report = describe(&model)?;
     if cli.json {
         return print_json(&report);

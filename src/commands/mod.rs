@@ -16,13 +16,15 @@ use anyhow::Result;
 
 use crate::cli::{Cli, ModelArgs, RunArgs, SelectionArgs, TaskArgs};
 use crate::data::splits::SelectionSpec;
+use crate::model::runtime::Runtime;
 use crate::passes::vocab::VocabCorpus;
 use crate::pipeline::{self, default_selection, Finished, Output, RunSettings, StageSpec};
 use crate::scoring::guard::DEFAULT_CONFIDENCE;
 use crate::setup::TaskSetup;
 
-/// Loads the model, labels, tokenizer and data location the task flags name.
-pub fn task_setup(model: &ModelArgs, task: &TaskArgs) -> Result<TaskSetup> {
+/// Loads the model (to run as `runtime` says), labels, tokenizer and data location the task
+/// flags name.
+pub fn task_setup(model: &ModelArgs, task: &TaskArgs, runtime: Runtime) -> Result<TaskSetup> {
     TaskSetup::load(
         &model.model,
         &model.hub(),
@@ -30,6 +32,7 @@ pub fn task_setup(model: &ModelArgs, task: &TaskArgs) -> Result<TaskSetup> {
         task.data.as_deref(),
         task.max_length,
         task.batch_size,
+        runtime,
     )
 }
 
@@ -70,6 +73,7 @@ pub fn run_stages(
         stages,
         vocab: VocabCorpus::from_flags(run.vocab, run.vocab_corpus.clone()),
         dtype: run.dtype,
+        runtime: cli.runtime(),
     };
     let out = Output {
         dir: out.to_path_buf(),

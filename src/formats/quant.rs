@@ -308,10 +308,11 @@ fn nibble(q: i8) -> u8 {
 }
 
 /// How a quantized matrix is multiplied.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum Execution {
     /// The fastest measured per precision: int8 in the int8 kernel, int4 dequantized.
+    #[default]
     Auto,
     /// Quantized kernels: int8 in axcompress's own int8 kernel (activations rounded to 7 bits per
     /// row), int4 in candle's `Q4_0` kernel (activations rounded to 8 bits per block of 32).
@@ -322,20 +323,7 @@ pub enum Execution {
     Dequantized,
 }
 
-/// The process-wide choice, set once from the command line (`--execution`).
-static EXECUTION: OnceLock<Execution> = OnceLock::new();
-
 impl Execution {
-    /// Sets how every quantized matrix loaded or built from now on runs (first call wins).
-    pub fn set_default(execution: Execution) {
-        let _ = EXECUTION.set(execution);
-    }
-
-    /// How quantized matrices run unless `--execution` says otherwise: [`Execution::Auto`].
-    pub fn default_choice() -> Execution {
-        *EXECUTION.get().unwrap_or(&Execution::Auto)
-    }
-
     /// What a matrix of `bits` runs as: `Kernel`, `Candle` or `Dequantized`. Auto picks by
     /// measurement (`cargo bench --bench kernels`, 2-core AVX2): the int8 kernel was 1.8–3.6×
     /// faster than candle's f32 product at every MiniLM shape, while candle 0.11's `Q4_0` (and
@@ -370,11 +358,6 @@ enum Kernel {
 }
 
 impl QuantMatrix {
-    /// Builds the runnable matrix from its codes, executed as [`Execution::default_choice`] says.
-    pub fn new(codes: Codes) -> Result<Self> {
-        Self::with_execution(codes, Execution::default_choice())
-    }
-
     /// Builds the runnable matrix from its codes, executed as `execution` says.
     pub fn with_execution(codes: Codes, execution: Execution) -> Result<Self> {
         let execution = execution.for_bits(codes.bits);
@@ -397,9 +380,9 @@ impl QuantMatrix {
         })
     }
 
-    /// Quantizes a dense `[rows, cols]` tensor.
-    pub fn quantize(t: &Tensor, bits: Bits) -> Result<Self> {
-        Self::new(Codes::from_tensor(t, bits)?)
+    /// Quantizes a dense `[rows, cols]` tensor, executed as `execution` says.
+    pub fn quantize(t: &Tensor, bits: Bits, execution: Execution) -> Result<Self> {
+        Self::with_execution(Codes::from_tensor(t, bits)?, execution)
     }
 
     /// `(rows, cols)`.

@@ -10,6 +10,7 @@ pub mod names;
 pub mod nn;
 pub mod pickle_guard;
 pub mod quant_config;
+pub mod runtime;
 pub mod shape;
 pub mod slice;
 pub mod source;
@@ -36,6 +37,7 @@ use head::ClassifierHead;
 use inputs::Inputs;
 use linear::{Linear, Weight};
 use nn::LayerNorm;
+use runtime::Runtime;
 use weights::{DtypeStats, WeightStore};
 
 /// A loaded BERT-family sequence-classification model.
@@ -57,17 +59,25 @@ pub struct Model {
     pub storage_dtype: DType,
     /// Tokenizer files replacing those in `dir` (after vocabulary pruning).
     pub tokenizer: Option<Arc<TokenizerFiles>>,
+    /// How it runs: quantized matrices built for it run as its `execution` says.
+    pub runtime: Runtime,
 }
 
 impl Model {
-    /// Loads a model from a directory or hub id (see [`source::resolve`]).
-    pub fn load(spec: &str, hub: &source::HubAccess) -> Result<Self> {
+    /// Loads a model from a directory or hub id (see [`source::resolve`]), to run as `runtime`
+    /// says.
+    pub fn load(spec: &str, hub: &source::HubAccess, runtime: Runtime) -> Result<Self> {
         let dir = source::resolve(spec, hub)?;
-        Self::from_dir(&dir)
+        Self::open(&dir, runtime)
     }
 
-    /// Loads a model from a Hugging Face-format directory.
+    /// Loads a model from a Hugging Face-format directory, with the default [`Runtime`].
     pub fn from_dir(dir: &Path) -> Result<Self> {
+        Self::open(dir, Runtime::default())
+    }
+
+    /// Loads a model from a Hugging Face-format directory, to run as `runtime` says.
+    pub fn open(dir: &Path, runtime: Runtime) -> Result<Self> {
         let config_path = dir.join("config.json");
         if !config_path.is_file() {
             bail!(
@@ -76,7 +86,7 @@ impl Model {
             );
         }
         let config = ModelConfig::from_file(&config_path)?;
-        let store = WeightStore::load(dir, names::prefix(config.family))?;
+        let store = WeightStore::load(dir, names::prefix(config.family), runtime)?;
         let mut model = Self::from_store(config, &store)?;
         let shown = config_path.display().to_string();
         quant_config::check(&model.config.raw, &shown, &store.quantized_modules())?;
@@ -191,6 +201,7 @@ impl Model {
             disk_dtypes: store.used_stats(),
             storage_dtype: store.dominant_float_dtype(),
             tokenizer: None,
+            runtime: store.runtime(),
         })
     }
 

@@ -4,7 +4,6 @@
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -12,19 +11,12 @@ use candle_core::{DType, Device, Tensor};
 use safetensors::{Dtype, SafeTensors};
 
 use super::linear::Weight;
+use super::runtime::{Nonfinite, Runtime};
 use super::source::WEIGHT_FILES;
 use crate::formats::compressed_tensors::{read_codes, read_stripe_ints};
 use crate::formats::quant::{Bits, Precision, QuantMatrix};
 use crate::formats::striped::Striped;
 use crate::fsutil::read_text;
-
-/// Set by `--allow-nonfinite`: load checkpoints whose float tensors hold NaN or ±Inf.
-static ALLOW_NONFINITE: AtomicBool = AtomicBool::new(false);
-
-/// Lets every later load accept float tensors holding NaN or ±Inf (`--allow-nonfinite`).
-pub fn allow_nonfinite(allow: bool) {
-    ALLOW_NONFINITE.store(allow, Ordering::Relaxed);
-}
 
 /// Parameter count and bytes of the tensors read, grouped by their dtype on disk.
 pub type DtypeStats = BTreeMap<String, (usize, usize)>;
@@ -52,6 +44,8 @@ pub struct WeightStore {
     raw: HashMap<String, Raw>,
     file: String,
     prefix: &'static str,
+    /// How the matrices it builds run.
+    runtime: Runtime,
     used: RefCell<DtypeStats>,
     /// Names of the tensors fetched so far.
     read: RefCell<BTreeSet<String>>,
@@ -60,7 +54,7 @@ pub struct WeightStore {
 
 impl WeightStore {
     /// Loads the weights found in `dir`; `prefix` is the family's base-model prefix (e.g. `bert.`).
-    pub fn load(dir: &Path, prefix: &'static str) -> Result<Self> {
+    pub fn load(dir: &Path, prefix: &'static str, runtime: Runtime) -> Result<Self> {
         let Some(file) = WEIGHT_FILES
             .iter()
             .map(|f| dir.join(f))
@@ -73,7 +67,7 @@ impl WeightStore {
             );
         };
         let (tensors, raw) = read_file(&file)?;
-        if !ALLOW_NONFINITE.load(Ordering::Relaxed) {
+        if runtime.nonfinite == Nonfinite::Refuse {
             refuse_nonfinite(&tensors, &file)?;
         }
         Ok(WeightStore {
@@ -81,6 +75,7 @@ impl WeightStore {
             raw,
             file: file.display().to_string(),
             prefix,
+            runtime,
             used: RefCell::new(BTreeMap::new()),
             read: RefCell::new(BTreeSet::new()),
             quantized: RefCell::new(Vec::new()),
@@ -99,10 +94,16 @@ impl WeightStore {
             raw: HashMap::new(),
             file: file.to_string(),
             prefix,
+            runtime: Runtime::default(),
             used: RefCell::new(BTreeMap::new()),
             read: RefCell::new(BTreeSet::new()),
             quantized: RefCell::new(Vec::new()),
         }
+    }
+
+    /// How the matrices it builds run.
+    pub fn runtime(&self) -> Runtime {
+        self.runtime
     }
 
     /// Fetches `name` (with or without the base prefix; `LayerNorm.weight`/`gamma` aliases) as
@@ -198,7 +199,10 @@ impl WeightStore {
         entry.0 += codes.rows * codes.cols;
         entry.1 += codes.stored_bytes();
         drop(used);
-        Ok(Weight::Quantized(QuantMatrix::new(codes)?))
+        Ok(Weight::Quantized(QuantMatrix::with_execution(
+            codes,
+            self.runtime.execution,
+        )?))
     }
 
     /// The block-sparse matrix stored under `full` (see

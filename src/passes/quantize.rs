@@ -358,7 +358,9 @@ fn quantized(model: &Model, m: Matrix, bits: Bits) -> Result<Option<Weight>> {
         return Ok(None);
     }
     Ok(Some(Weight::Quantized(QuantMatrix::quantize(
-        &dense, bits,
+        &dense,
+        bits,
+        model.runtime.execution,
     )?)))
 }
 

@@ -53,7 +53,7 @@ impl Pass for Recover {
         let Some(spec) = self.settings.teacher.as_deref() else {
             return Ok(());
         };
-        let teacher = Model::load(spec, &HubAccess::default())
+        let teacher = Model::load(spec, &HubAccess::default(), model.runtime)
             .with_context(|| format!("recover: teacher {spec}"))?;
         check_teacher(&teacher, model)
     }
@@ -82,7 +82,7 @@ impl Pass for Recover {
         let loaded = s
             .teacher
             .as_deref()
-            .map(|t| Model::load(t, &HubAccess::default()))
+            .map(|t| Model::load(t, &HubAccess::default(), ctx.original.runtime))
             .transpose()?;
         let teacher = loaded.as_ref().unwrap_or(ctx.original);
         check_teacher(teacher, &model)?;

@@ -30,6 +30,7 @@ use crate::evaluate::model_targets;
 use crate::export::{check_destination, create_parent, prepare, Prepared};
 use crate::fsutil::pretty_json;
 use crate::hash::Fnv1a;
+use crate::model::runtime::Runtime;
 use crate::model::source::HubAccess;
 use crate::model::storage::StorageDtype;
 use crate::model::Model;
@@ -176,6 +177,9 @@ pub struct RunSettings {
     /// the input's.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dtype: Option<StorageDtype>,
+    /// How the models run (`--execution`, `--allow-nonfinite`); not part of the report.
+    #[serde(skip)]
+    pub runtime: Runtime,
 }
 
 /// Where and how a run writes.
@@ -308,6 +312,7 @@ pub fn run(spec: &RunSettings, out: &Output, quiet: bool) -> Result<Finished> {
         spec.data.as_deref(),
         spec.max_length,
         spec.batch_size,
+        spec.runtime,
     )?;
     check_destination(&inputs_of(spec, &setup, out), &out.dir, out.force)?;
     passes[0].check_input(&setup.model)?;
