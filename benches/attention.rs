@@ -9,6 +9,7 @@ use std::time::Instant;
 use axcompress::kernels::attention_mode::{ApproxAttention, Keep, KeySelector};
 use axcompress::kernels::softmax::softmax_last;
 use axcompress::kernels::sparse_attention::context;
+use axcompress::kernels::Ops;
 use candle_core::{Device, Tensor};
 
 /// Median microseconds per call of `f` over repeated runs (after warm-up).
@@ -53,7 +54,10 @@ fn main() {
                     .unwrap()
                     .broadcast_add(&mask)
                     .unwrap();
-                softmax_last(&s, false).unwrap().matmul(&v).unwrap()
+                softmax_last(&s, Ops::Inference)
+                    .unwrap()
+                    .matmul(&v)
+                    .unwrap()
             }) / heads as f64;
             print!("{d:>4} {len:>4} {dense:>10.1}");
             for method in [KeySelector::SignMatch, KeySelector::HardTopk] {

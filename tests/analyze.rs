@@ -14,6 +14,7 @@ use axcompress::data::labels::LabelMap;
 use axcompress::data::splits::DataInfo;
 use axcompress::data::task::Task;
 use axcompress::evaluate::{example_loss, predict, score};
+use axcompress::kernels::Ops;
 use axcompress::model::encoder::{Gates, RunOptions};
 use axcompress::model::Model;
 use axcompress::scoring::batch::batches;
@@ -190,7 +191,7 @@ fn taylor_gradients_equal_finite_differences() {
                         &batch.inputs,
                         RunOptions {
                             gates: Some(gates),
-                            differentiable: false,
+                            ops: Ops::Inference,
                         },
                     )
                     .unwrap()

@@ -6,6 +6,8 @@ mod common;
 
 use axcompress::export::write_model_dir;
 use axcompress::kernels::attention_mode::{ApproxAttention, Keep, KeySelector};
+use axcompress::kernels::Ops;
+use axcompress::model::encoder::Queries;
 use axcompress::model::encoder::RunOptions;
 use axcompress::model::inputs::Inputs;
 use axcompress::model::Model;
@@ -28,28 +30,25 @@ fn approximated(model: &Model, per_layer: impl Fn(usize) -> ApproxAttention) -> 
 }
 
 /// Final hidden states and logits (first-position fast path) of `model`.
-fn outputs(model: &Model, inputs: &Inputs, differentiable: bool) -> (Vec<f32>, Vec<f32>) {
-    let opts = RunOptions {
-        gates: None,
-        differentiable,
-    };
+fn outputs(model: &Model, inputs: &Inputs, ops: Ops) -> (Vec<f32>, Vec<f32>) {
+    let opts = RunOptions { gates: None, ops };
     let hidden = values(&model.encode(inputs, opts).unwrap());
     (hidden, values(&model.forward(inputs, opts).unwrap()))
 }
 
 fn assert_all_keys_equal_dense(model: &Model, inputs: &Inputs, name: &str) {
-    let (hidden, logits) = outputs(model, inputs, false);
+    let (hidden, logits) = outputs(model, inputs, Ops::Inference);
     for method in METHODS {
         for k in [Keep::Count(100_000), Keep::Fraction(1.0)] {
             let approx = approximated(model, |_| ApproxAttention { method, k });
-            for differentiable in [false, true] {
-                let (h, l) = outputs(&approx, inputs, differentiable);
+            for ops in [Ops::Inference, Ops::Differentiable] {
+                let (h, l) = outputs(&approx, inputs, ops);
                 let (dh, dl) = (max_abs_diff(&h, &hidden), max_abs_diff(&l, &logits));
                 // Logits within 1e-5; hidden states (up to ~10 in size) within 1e-5 relative.
                 let scale = hidden.iter().fold(1f32, |m, x| m.max(x.abs()));
                 assert!(
                     dh <= 1e-5 * scale && dl <= 1e-5,
-                    "{name} {method:?} k={k} differentiable={differentiable}: hidden {dh}, logits {dl}"
+                    "{name} {method:?} k={k} {ops:?}: hidden {dh}, logits {dl}"
                 );
             }
         }
@@ -91,21 +90,14 @@ fn gathered_equals_the_masked_reference_in_the_demo_model_for_varied_k() {
         // On the real states entering each layer: the fast path runs the gathered kernel, the
         // differentiable path the masked reference. (Across layers the two paths may pick other
         // keys where a score or sign is within rounding of a tie, so compare layer by layer.)
-        let mut h = approx.embed(&inputs, false).unwrap();
+        let mut h = approx.embed(&inputs, Ops::Inference).unwrap();
         for (l, layer) in approx.layers.iter().enumerate() {
             let att = layer.attention.as_ref().unwrap();
-            for first_only in [false, true] {
-                let context = |diff| {
-                    values(
-                        &att.context(&h, &inputs.mask_bias, diff, first_only)
-                            .unwrap(),
-                    )
-                };
-                let diff = max_abs_diff(&context(false), &context(true));
-                assert!(
-                    diff <= 1e-5,
-                    "{method:?} layer {l} first_only={first_only}: {diff}"
-                );
+            for queries in [Queries::All, Queries::First] {
+                let context =
+                    |ops| values(&att.context(&h, &inputs.mask_bias, ops, queries).unwrap());
+                let diff = max_abs_diff(&context(Ops::Inference), &context(Ops::Differentiable));
+                assert!(diff <= 1e-5, "{method:?} layer {l} {queries:?}: {diff}");
             }
             h = approx.run_layers(&h, &inputs, l..l + 1, fast).unwrap();
         }
@@ -115,14 +107,14 @@ fn gathered_equals_the_masked_reference_in_the_demo_model_for_varied_k() {
                 .classify(&approx.encode(&inputs, fast).unwrap())
                 .unwrap(),
         );
-        let (_, approx_logits) = outputs(&approx, &inputs, false);
+        let (_, approx_logits) = outputs(&approx, &inputs, Ops::Inference);
         let first_only = max_abs_diff(&full, &approx_logits);
         assert!(
             first_only <= 1e-5,
             "{method:?}: first-position path {first_only}"
         );
         // And the approximation is not dense attention in disguise.
-        let (_, dense_logits) = outputs(&model, &inputs, false);
+        let (_, dense_logits) = outputs(&model, &inputs, Ops::Inference);
         assert!(
             max_abs_diff(&approx_logits, &dense_logits) > 1e-3,
             "{method:?}"
@@ -148,8 +140,8 @@ fn the_mode_survives_export_and_reload_and_is_not_stock_compatible() {
     let reloaded = Model::from_dir(&out).unwrap();
     assert_eq!(reloaded.config.structure, approx.config.structure);
     assert_eq!(
-        outputs(&reloaded, &inputs, false),
-        outputs(&approx, &inputs, false)
+        outputs(&reloaded, &inputs, Ops::Inference),
+        outputs(&approx, &inputs, Ops::Inference)
     );
     let config = read_json(&out.join("config.json"));
     let layer0 = &config["axcompress"]["structure"]["layers"][0];

@@ -2,6 +2,7 @@
 
 mod common;
 
+use axcompress::kernels::Ops;
 use axcompress::model::encoder::RunOptions;
 use axcompress::model::inputs::Inputs;
 use axcompress::model::slice::LayerKeep;
@@ -17,21 +18,18 @@ fn values(t: &Tensor) -> Vec<f32> {
 fn assert_gated_equals_sliced(model: &Model, keep: &[LayerKeep], inputs: &Inputs) -> Model {
     let gates = model.gates_for(keep).unwrap();
     let sliced = model.slice(keep).unwrap();
-    for differentiable in [false, true] {
+    for ops in [Ops::Inference, Ops::Differentiable] {
         let gated_opts = RunOptions {
             gates: Some(&gates),
-            differentiable,
+            ops,
         };
-        let plain = RunOptions {
-            gates: None,
-            differentiable,
-        };
+        let plain = RunOptions { gates: None, ops };
         let g = model.encode(inputs, gated_opts).unwrap();
         let s = sliced.encode(inputs, plain).unwrap();
         let hidden_diff = max_abs_diff(&values(&g), &values(&s));
         assert!(
             hidden_diff <= 1e-5,
-            "hidden states differ by {hidden_diff} (differentiable={differentiable})"
+            "hidden states differ by {hidden_diff} ({ops:?})"
         );
         let logit_diff = max_abs_diff(
             &values(&model.classify(&g).unwrap()),
@@ -139,7 +137,7 @@ fn gating_nothing_changes_nothing() {
             &inputs,
             RunOptions {
                 gates: Some(&gates),
-                differentiable: false,
+                ops: Ops::Inference,
             },
         )
         .unwrap();
@@ -157,7 +155,7 @@ fn prefix_cached_run_equals_full_run() {
     let model = Model::from_dir(&dir).unwrap();
     let inputs = reference_inputs(&model, &read_json(&dir.join("reference.json")));
     let full = model.encode(&inputs, RunOptions::default()).unwrap();
-    let embedded = model.embed(&inputs, false).unwrap();
+    let embedded = model.embed(&inputs, Ops::Inference).unwrap();
     let n = model.num_layers();
     for split in 0..=n {
         let prefix = model
@@ -181,7 +179,7 @@ fn first_token_fast_path_equals_full_encoder() {
             let gates = model.gates_for(&plan).unwrap();
             let opts = RunOptions {
                 gates: Some(&gates),
-                differentiable: false,
+                ops: Ops::Inference,
             };
             let full = model
                 .classify(&model.encode(&inputs, opts).unwrap())

@@ -2,6 +2,7 @@
 
 mod common;
 
+use axcompress::kernels::Ops;
 use axcompress::model::encoder::RunOptions;
 use axcompress::model::Model;
 use axcompress::text::tokenizer::TextEncoder;
@@ -12,11 +13,8 @@ fn check_tiny(name: &str) {
     let reference = read_json(&dir.join("reference.json"));
     let model = Model::from_dir(&dir).unwrap();
     let inputs = reference_inputs(&model, &reference);
-    for differentiable in [false, true] {
-        let opts = RunOptions {
-            gates: None,
-            differentiable,
-        };
+    for ops in [Ops::Inference, Ops::Differentiable] {
+        let opts = RunOptions { gates: None, ops };
         let hidden = model.encode(&inputs, opts).unwrap();
         let hidden_diff = max_abs_diff(
             &hidden.flatten_all().unwrap().to_vec1().unwrap(),

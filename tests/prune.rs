@@ -16,6 +16,7 @@ use axcompress::data::glue;
 use axcompress::data::labels::LabelMap;
 use axcompress::data::task::Task;
 use axcompress::export::write_model_dir;
+use axcompress::kernels::Ops;
 use axcompress::model::encoder::RunOptions;
 use axcompress::model::inputs::Inputs;
 use axcompress::model::slice::LayerKeep;
@@ -36,7 +37,7 @@ fn logits(
 ) -> Vec<f32> {
     let opts = RunOptions {
         gates,
-        differentiable: false,
+        ops: Ops::Inference,
     };
     model
         .forward(inputs, opts)

@@ -7,6 +7,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use axcompress::formats::quant::{Bits, Codes, Execution, QuantMatrix, GROUP};
+use axcompress::kernels::Ops;
 use axcompress::model::encoder::RunOptions;
 use axcompress::model::linear::Weight;
 use axcompress::model::Model;
@@ -158,7 +159,7 @@ fn real_activations(model: &Model) -> Tensor {
     let inputs = common::sst2_dev_inputs(model, 8);
     let h = model
         .run_layers(
-            &model.embed(&inputs, false).unwrap(),
+            &model.embed(&inputs, Ops::Inference).unwrap(),
             &inputs,
             0..1,
             RunOptions::default(),

@@ -13,6 +13,8 @@ use indicatif::ProgressBar;
 
 use super::elements::Element;
 use crate::evaluate::finite_rows;
+use crate::kernels::Ops;
+use crate::model::encoder::Queries;
 use crate::model::encoder::{EncoderLayer, RunOptions};
 use crate::model::nn::LayerNorm;
 use crate::model::Model;
@@ -56,11 +58,11 @@ impl LayerCache {
                 let (context, projected) = if att.heads.is_empty() {
                     (None, x.broadcast_add(&att.output.bias)?)
                 } else {
-                    let c = att.context(x, mask_bias, false, false)?;
+                    let c = att.context(x, mask_bias, Ops::Inference, Queries::All)?;
                     let p = (att.project(&c, None)? + x)?;
                     (Some(c), p)
                 };
-                let a = att.norm.forward(&projected, false)?;
+                let a = att.norm.forward(&projected, Ops::Inference)?;
                 (context, Some(projected), a)
             }
         };
@@ -74,7 +76,7 @@ impl LayerCache {
                     let pre = (ffn.output.forward(&h)? + &after_attention)?;
                     (Some(h), pre)
                 };
-                let y = ffn.norm.forward(&pre, false)?;
+                let y = ffn.norm.forward(&pre, Ops::Inference)?;
                 (act, Some(pre), y)
             }
         };
@@ -127,7 +129,7 @@ pub fn ablate(
     let last = model.num_layers().saturating_sub(1);
     for (number, batch) in batches.iter().enumerate() {
         let mask = &batch.inputs.mask_bias;
-        let mut h = model.embed(&batch.inputs, false)?;
+        let mut h = model.embed(&batch.inputs, Ops::Inference)?;
         let mut caches = Vec::with_capacity(model.num_layers());
         for layer in &model.layers {
             let (cache, y) = LayerCache::compute(layer, &h, mask)?;
@@ -188,7 +190,7 @@ fn layer_variants(
     let layer = &model.layers[l];
     let finish_ffn = |a: &Tensor| -> Result<Tensor> {
         match &layer.ffn {
-            Some(ffn) => Ok(ffn.forward(a, None, false)?),
+            Some(ffn) => Ok(ffn.forward(a, None, Ops::Inference)?),
             None => Ok(a.clone()),
         }
     };
@@ -279,5 +281,5 @@ fn without_contributions(
         .unsqueeze(0)?
         .broadcast_sub(&contribution)?
         .reshape((k * b, t, hidden))?;
-    Ok(norm.forward(&pre, false)?)
+    Ok(norm.forward(&pre, Ops::Inference)?)
 }

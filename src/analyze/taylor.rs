@@ -8,6 +8,7 @@ use indicatif::ProgressBar;
 
 use super::elements::Element;
 use crate::evaluate::finite_rows;
+use crate::kernels::Ops;
 use crate::model::encoder::{Gates, LayerGates, RunOptions};
 use crate::model::Model;
 use crate::scoring::batch::ScoringBatch;
@@ -121,7 +122,7 @@ pub fn gate_gradients(
     };
     let opts = RunOptions {
         gates: Some(&gates),
-        differentiable: true,
+        ops: Ops::Differentiable,
     };
     for (number, batch) in batches.iter().enumerate() {
         let logits = model.forward(&batch.inputs, opts)?;

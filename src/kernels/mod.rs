@@ -13,3 +13,14 @@ pub mod layer_norm;
 pub mod row_op;
 pub mod softmax;
 pub mod sparse_attention;
+
+/// Which ops a forward pass runs: the fast inference ops, or ops with a backward pass (needed for
+/// gradients; slower).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Ops {
+    /// Inference only.
+    #[default]
+    Inference,
+    /// Ops with a backward pass.
+    Differentiable,
+}

@@ -9,6 +9,7 @@ use candle_core::{Result, Tensor};
 
 use super::fastmath::{exp_nonpositive, par_rows, par_rows2};
 use super::row_op::{RowOp, Saved};
+use super::Ops;
 
 #[inline(always)]
 fn softmax_row(x: &[f32], y: &mut [f32]) {
@@ -77,13 +78,11 @@ pub fn fused_softmax_last(x: &Tensor) -> Result<Tensor> {
     .apply(x)
 }
 
-/// Softmax over the last dimension; `differentiable` selects the fused op with a backward pass,
-/// otherwise candle's inference op.
-pub fn softmax_last(x: &Tensor, differentiable: bool) -> Result<Tensor> {
-    if differentiable {
-        fused_softmax_last(x)
-    } else {
-        candle_nn::ops::softmax_last_dim(x)
+/// Softmax over the last dimension: the fused op with a backward pass, or candle's inference op.
+pub fn softmax_last(x: &Tensor, ops: Ops) -> Result<Tensor> {
+    match ops {
+        Ops::Differentiable => fused_softmax_last(x),
+        Ops::Inference => candle_nn::ops::softmax_last_dim(x),
     }
 }
 

@@ -12,6 +12,7 @@ use rayon::prelude::*;
 
 use super::attention_mode::{ApproxAttention, KeySelector};
 use super::fused_attention::dot;
+use super::Ops;
 
 /// Shapes of one attention call: `q` is `[batch, heads, queries, head_size]`, `k` and `v` are
 /// `[batch, heads, keys, head_size]`, the mask bias `[batch, keys]` (0 for real tokens, very
@@ -458,7 +459,7 @@ pub fn masked_reference(
     v: &Tensor,
     mask_bias: &Tensor,
     approx: ApproxAttention,
-    differentiable: bool,
+    ops: Ops,
 ) -> Result<Tensor> {
     let (batch, heads, queries, d) = q.dims4()?;
     let keys = k.dim(2)?;
@@ -471,7 +472,7 @@ pub fn masked_reference(
     };
     let flat = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
     let (qv, kv, vv, bias) = (flat(q)?, flat(k)?, flat(v)?, flat(mask_bias)?);
-    let ops = Operands {
+    let operands = Operands {
         q: &qv,
         k: &kv,
         v: &vv,
@@ -480,7 +481,7 @@ pub fn masked_reference(
         dims,
     };
     let mask = Tensor::from_vec(
-        kept_mask(&ops, approx),
+        kept_mask(&operands, approx),
         (batch, heads, queries, keys),
         &Device::Cpu,
     )?;
@@ -488,7 +489,7 @@ pub fn masked_reference(
         .matmul(&k.t()?)?
         .broadcast_add(mask_bias)?
         .broadcast_add(&mask)?;
-    super::softmax::softmax_last(&scores, differentiable)?.matmul(v)
+    super::softmax::softmax_last(&scores, ops)?.matmul(v)
 }
 
 #[cfg(test)]
@@ -585,7 +586,7 @@ mod tests {
             .unwrap()
             .broadcast_add(&m)
             .unwrap();
-        let p = crate::kernels::softmax::softmax_last(&s, false).unwrap();
+        let p = crate::kernels::softmax::softmax_last(&s, Ops::Inference).unwrap();
         p.matmul(&v)
             .unwrap()
             .flatten_all()
@@ -617,7 +618,7 @@ mod tests {
                     };
                     let approx = ApproxAttention { method, k: keep };
                     let g = gathered(&ops(&c), approx);
-                    let r = masked_reference(&q, &k, &v, &m, approx, false).unwrap();
+                    let r = masked_reference(&q, &k, &v, &m, approx, Ops::Inference).unwrap();
                     let diff = max_diff(&g, &r.flatten_all().unwrap().to_vec1().unwrap());
                     assert!(diff <= 1e-5, "{approx} d={d}: {diff}");
                 }

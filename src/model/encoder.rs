@@ -11,7 +11,7 @@ use super::linear::{Linear, Weight};
 use super::nn::{activate, LayerNorm};
 use crate::kernels::attention_mode::ApproxAttention;
 use crate::kernels::softmax::softmax_last;
-use crate::kernels::{fused_attention, sparse_attention};
+use crate::kernels::{fused_attention, sparse_attention, Ops};
 
 /// Word, position and (optionally) token-type embeddings followed by LayerNorm.
 #[derive(Debug, Clone)]
@@ -28,7 +28,7 @@ pub struct Embeddings {
 
 impl Embeddings {
     /// Embeds `[batch, seq]` id tensors into `[batch, seq, hidden]`.
-    pub fn forward(&self, inputs: &Inputs, differentiable: bool) -> Result<Tensor> {
+    pub fn forward(&self, inputs: &Inputs, ops: Ops) -> Result<Tensor> {
         let lookup = |table: &Weight, ids: &Tensor| -> Result<Tensor> {
             let (b, t) = ids.dims2()?;
             table
@@ -41,7 +41,7 @@ impl Embeddings {
         if let Some(types) = &self.token_type {
             x = (x + lookup(&dense(types), &inputs.token_type_ids)?)?;
         }
-        self.norm.forward(&x, differentiable)
+        self.norm.forward(&x, ops)
     }
 }
 
@@ -64,14 +64,14 @@ pub struct Attention {
 
 impl Attention {
     /// Per-head attention context `[batch, heads, seq_q, head_size]`, before head gates and the
-    /// output projection. With `first_only` only the first position queries (`seq_q = 1`); keys
+    /// output projection. With [`Queries::First`] only the first position queries (`seq_q = 1`); keys
     /// and values always come from every position. Requires at least one head.
     pub fn context(
         &self,
         x: &Tensor,
         mask_bias: &Tensor,
-        diff: bool,
-        first_only: bool,
+        ops: Ops,
+        queries: Queries,
     ) -> Result<Tensor> {
         let n = self.heads.len();
         let (b, t, _) = x.dims3()?;
@@ -83,7 +83,7 @@ impl Attention {
                 .transpose(1, 2)?
                 .contiguous()
         };
-        let (q, k, v) = if first_only {
+        let (q, k, v) = if queries == Queries::First {
             let q = self.qkv.forward_rows(&x.narrow(1, 0, 1)?, 0, n * d)?;
             let kv = self.qkv.forward_rows(x, n * d, 2 * n * d)?;
             (split(q, 0)?, split(kv.clone(), 0)?, split(kv, 1)?)
@@ -100,11 +100,16 @@ impl Attention {
         match self.approx {
             None => {
                 let scores = q.matmul(&k.t()?)?.broadcast_add(mask_bias)?;
-                softmax_last(&scores, diff)?.matmul(&v)
+                softmax_last(&scores, ops)?.matmul(&v)
             }
-            Some(approx) if diff => {
-                sparse_attention::masked_reference(&q, &k, &v, mask_bias, approx, true)
-            }
+            Some(approx) if ops == Ops::Differentiable => sparse_attention::masked_reference(
+                &q,
+                &k,
+                &v,
+                mask_bias,
+                approx,
+                Ops::Differentiable,
+            ),
             Some(approx) => sparse_attention::context(&q, &k, &v, mask_bias, approx),
         }
     }
@@ -112,17 +117,17 @@ impl Attention {
     /// The per-head contexts side by side, `[batch, seq, heads · head_size]`: the output
     /// projection's input (inference path, every position).
     pub fn flat_context(&self, x: &Tensor, mask_bias: &Tensor) -> Result<Tensor> {
-        let c = self.context(x, mask_bias, false, false)?;
+        let c = self.context(x, mask_bias, Ops::Inference, Queries::All)?;
         let (b, n, t, d) = c.dims4()?;
         c.transpose(1, 2)?.reshape((b, t, n * d))
     }
 
     /// Dense attention context `[batch, seq_q, heads · head_size]`, ready for the output
     /// projection, in one fused kernel (inference only: no backward pass, no head gates).
-    fn fused_context(&self, x: &Tensor, mask_bias: &Tensor, first_only: bool) -> Result<Tensor> {
+    fn fused_context(&self, x: &Tensor, mask_bias: &Tensor, queries: Queries) -> Result<Tensor> {
         let nd = self.heads.len() * self.head_size;
         let shape = (self.heads.len(), self.head_size);
-        if first_only {
+        if queries == Queries::First {
             let q = self.qkv.forward_rows(&x.narrow(1, 0, 1)?, 0, nd)?;
             let kv = self.qkv.forward_rows(x, nd, 2 * nd)?;
             fused_attention::dense_context(&q, 0, &kv, (0, nd), mask_bias, shape)
@@ -149,10 +154,10 @@ impl Attention {
         x: &Tensor,
         mask_bias: &Tensor,
         head_gates: Option<&Tensor>,
-        diff: bool,
-        first_only: bool,
+        ops: Ops,
+        queries: Queries,
     ) -> Result<Tensor> {
-        let x_q = if first_only {
+        let x_q = if queries == Queries::First {
             x.narrow(1, 0, 1)?
         } else {
             x.clone()
@@ -161,16 +166,16 @@ impl Attention {
             // Every head removed: LayerNorm(x + b_o).
             return self
                 .norm
-                .forward(&x_q.broadcast_add(&self.output.bias)?, diff);
+                .forward(&x_q.broadcast_add(&self.output.bias)?, ops);
         }
-        let out = if !diff && self.approx.is_none() && head_gates.is_none() {
+        let out = if ops == Ops::Inference && self.approx.is_none() && head_gates.is_none() {
             self.output
-                .forward(&self.fused_context(x, mask_bias, first_only)?)?
+                .forward(&self.fused_context(x, mask_bias, queries)?)?
         } else {
-            let context = self.context(x, mask_bias, diff, first_only)?;
+            let context = self.context(x, mask_bias, ops, queries)?;
             self.project(&context, head_gates)?
         };
-        self.norm.forward(&(out + x_q)?, diff)
+        self.norm.forward(&(out + x_q)?, ops)
     }
 }
 
@@ -199,18 +204,16 @@ impl FeedForward {
     }
 
     /// The whole block: `LayerNorm(x + W_2 · act(W_1 x + b_1) + b_2)` (see [`super::structure`]).
-    pub fn forward(&self, x: &Tensor, neuron_gates: Option<&Tensor>, diff: bool) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, neuron_gates: Option<&Tensor>, ops: Ops) -> Result<Tensor> {
         if self.width() == 0 {
-            return self
-                .norm
-                .forward(&x.broadcast_add(&self.output.bias)?, diff);
+            return self.norm.forward(&x.broadcast_add(&self.output.bias)?, ops);
         }
         let mut h = self.activations(x)?;
         if let Some(g) = neuron_gates {
             h = h.broadcast_mul(g)?;
         }
         let out = self.output.forward(&h)?;
-        self.norm.forward(&(out + x)?, diff)
+        self.norm.forward(&(out + x)?, ops)
     }
 }
 
@@ -253,13 +256,22 @@ impl Gates {
     }
 }
 
+/// Which positions query in an attention block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Queries {
+    /// Every position.
+    All,
+    /// Only the first (`[CLS]`): the last layer of a classifier needs nothing else.
+    First,
+}
+
 /// How to run the encoder.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RunOptions<'a> {
     /// Gates to apply, if any.
     pub gates: Option<&'a Gates>,
-    /// Use ops with a backward pass (needed for gradients); slower.
-    pub differentiable: bool,
+    /// The ops: inference, or with a backward pass (needed for gradients; slower).
+    pub ops: Ops,
 }
 
 /// Blends a block's output with its input by a scalar gate. A gate of exactly 0 on the fast path
@@ -267,11 +279,11 @@ pub struct RunOptions<'a> {
 fn gated_block(
     x: &Tensor,
     gate: Option<&Tensor>,
-    diff: bool,
+    ops: Ops,
     block: impl FnOnce() -> Result<Tensor>,
 ) -> Result<Tensor> {
     let Some(g) = gate else { return block() };
-    if !diff && g.to_scalar::<f32>()? == 0.0 {
+    if ops == Ops::Inference && g.to_scalar::<f32>()? == 0.0 {
         return Ok(x.clone());
     }
     let y = block()?;
@@ -284,38 +296,38 @@ impl EncoderLayer {
     /// itself when the block is removed).
     pub fn after_attention(&self, x: &Tensor, mask_bias: &Tensor) -> Result<Tensor> {
         match &self.attention {
-            Some(att) => att.forward(x, mask_bias, None, false, false),
+            Some(att) => att.forward(x, mask_bias, None, Ops::Inference, Queries::All),
             None => Ok(x.clone()),
         }
     }
 
-    /// Runs the layer on `[batch, seq, hidden]`; with `first_only` the output is `[batch, 1, hidden]`
+    /// Runs the layer on `[batch, seq, hidden]`; with [`Queries::First`] the output is `[batch, 1, hidden]`
     /// for the first position only (exactly what the full run gives there).
     pub fn forward(
         &self,
         x: &Tensor,
         mask_bias: &Tensor,
         gates: Option<&LayerGates>,
-        diff: bool,
-        first_only: bool,
+        ops: Ops,
+        queries: Queries,
     ) -> Result<Tensor> {
         let g = gates.cloned().unwrap_or_default();
         let mut h = x.clone();
         if let Some(att) = &self.attention {
-            let residual = if first_only {
+            let residual = if queries == Queries::First {
                 h.narrow(1, 0, 1)?
             } else {
                 h.clone()
             };
-            h = gated_block(&residual, g.attention.as_ref(), diff, || {
-                att.forward(&h, mask_bias, g.heads.as_ref(), diff, first_only)
+            h = gated_block(&residual, g.attention.as_ref(), ops, || {
+                att.forward(&h, mask_bias, g.heads.as_ref(), ops, queries)
             })?;
-        } else if first_only {
+        } else if queries == Queries::First {
             h = h.narrow(1, 0, 1)?;
         }
         if let Some(ffn) = &self.ffn {
-            h = gated_block(&h, g.ffn.as_ref(), diff, || {
-                ffn.forward(&h, g.neurons.as_ref(), diff)
+            h = gated_block(&h, g.ffn.as_ref(), ops, || {
+                ffn.forward(&h, g.neurons.as_ref(), ops)
             })?;
         }
         Ok(h)
@@ -334,7 +346,7 @@ pub fn run_layers(
     let mut h = hidden.clone();
     for l in range {
         let g = opts.gates.and_then(|g| g.layers.get(l));
-        h = layers[l].forward(&h, mask_bias, g, opts.differentiable, false)?;
+        h = layers[l].forward(&h, mask_bias, g, opts.ops, Queries::All)?;
     }
     Ok(h)
 }
@@ -353,5 +365,5 @@ pub fn run_to_first_token(
     };
     let h = run_layers(layers, hidden, mask_bias, start..last, opts)?;
     let g = opts.gates.and_then(|g| g.layers.get(last));
-    layers[last].forward(&h, mask_bias, g, opts.differentiable, true)
+    layers[last].forward(&h, mask_bias, g, opts.ops, Queries::First)
 }

@@ -28,6 +28,7 @@ use candle_core::{DType, Tensor};
 
 use crate::hash::Fnv1a;
 use crate::kernels::attention_mode::ApproxAttention;
+use crate::kernels::Ops;
 use crate::text::vocab::TokenizerFiles;
 use config::{Family, ModelConfig};
 use encoder::{
@@ -228,8 +229,8 @@ impl Model {
     }
 
     /// Embeds a batch: the hidden states entering layer 0.
-    pub fn embed(&self, inputs: &Inputs, differentiable: bool) -> Result<Tensor> {
-        Ok(self.embeddings.forward(inputs, differentiable)?)
+    pub fn embed(&self, inputs: &Inputs, ops: Ops) -> Result<Tensor> {
+        Ok(self.embeddings.forward(inputs, ops)?)
     }
 
     /// Runs encoder layers `range` on hidden states entering `range.start`.
@@ -251,7 +252,7 @@ impl Model {
 
     /// Final hidden states `[batch, seq, hidden]`.
     pub fn encode(&self, inputs: &Inputs, opts: RunOptions) -> Result<Tensor> {
-        let h = self.embed(inputs, opts.differentiable)?;
+        let h = self.embed(inputs, opts.ops)?;
         self.run_layers(&h, inputs, 0..self.num_layers(), opts)
     }
 
@@ -275,7 +276,7 @@ impl Model {
 
     /// Logits `[batch, labels]` for a batch.
     pub fn forward(&self, inputs: &Inputs, opts: RunOptions) -> Result<Tensor> {
-        let h = self.embed(inputs, opts.differentiable)?;
+        let h = self.embed(inputs, opts.ops)?;
         self.logits_from(&h, &inputs.mask_bias, 0, opts)
     }
 

@@ -4,6 +4,7 @@
 use candle_core::{Result, Tensor};
 
 use super::config::Activation;
+use crate::kernels::Ops;
 
 /// LayerNorm over the last dimension.
 #[derive(Debug, Clone)]
@@ -17,12 +18,18 @@ pub struct LayerNorm {
 }
 
 impl LayerNorm {
-    /// Normalises `x`; `differentiable` selects the op with a backward pass.
-    pub fn forward(&self, x: &Tensor, differentiable: bool) -> Result<Tensor> {
-        if differentiable {
-            crate::kernels::layer_norm::layer_norm(x, &self.weight, &self.bias, self.eps as f32)
-        } else {
-            candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps as f32)
+    /// Normalises `x` with `ops`.
+    pub fn forward(&self, x: &Tensor, ops: Ops) -> Result<Tensor> {
+        match ops {
+            Ops::Differentiable => {
+                crate::kernels::layer_norm::layer_norm(x, &self.weight, &self.bias, self.eps as f32)
+            }
+            Ops::Inference => candle_nn::ops::layer_norm(
+                &x.contiguous()?,
+                &self.weight,
+                &self.bias,
+                self.eps as f32,
+            ),
         }
     }
 }
@@ -54,14 +61,14 @@ mod tests {
         let max_diff = |a: Tensor, b: Tensor| crate::testing::max_abs_diff(&a, &b);
         assert!(
             max_diff(
-                ln.forward(&x, true).unwrap(),
-                ln.forward(&x, false).unwrap()
+                ln.forward(&x, Ops::Differentiable).unwrap(),
+                ln.forward(&x, Ops::Inference).unwrap()
             ) < 1e-5
         );
         assert!(
             max_diff(
-                softmax_last(&x, true).unwrap(),
-                softmax_last(&x, false).unwrap()
+                softmax_last(&x, Ops::Differentiable).unwrap(),
+                softmax_last(&x, Ops::Inference).unwrap()
             ) < 1e-6
         );
     }

@@ -230,6 +230,7 @@ pub fn top_dimensions(importance: &[f64], keep: usize) -> Result<Vec<usize>> {
 mod tests {
     use super::*;
     use crate::export::compatibility;
+    use crate::kernels::Ops;
     use crate::model::encoder::RunOptions;
     use crate::model::inputs::Inputs;
     use crate::testing::random_model;
@@ -249,7 +250,7 @@ mod tests {
         let gates = model.gates_for(keep).unwrap();
         let opts = RunOptions {
             gates: Some(&gates),
-            differentiable: false,
+            ops: Ops::Inference,
         };
         logits(model, opts)
     }

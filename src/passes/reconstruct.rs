@@ -18,6 +18,7 @@ use serde::Serialize;
 
 use super::ridge::{Fit, NormalEquations};
 use super::select::{cache_budget, cached_batches};
+use crate::kernels::Ops;
 use crate::model::encoder::{Attention, EncoderLayer, FeedForward};
 use crate::model::inputs::Inputs;
 use crate::model::linear::Linear;
@@ -74,7 +75,7 @@ impl Block {
             Block::Ffn => layer.ffn.as_ref().map(|f| &f.norm),
         };
         Ok(match norm {
-            Some(norm) => norm.forward(&sum, false)?,
+            Some(norm) => norm.forward(&sum, Ops::Inference)?,
             None => sum,
         })
     }
@@ -139,7 +140,7 @@ impl States {
             .map(|(b, batch)| {
                 (b < cached)
                     .then(|| {
-                        let embed = |m: &Model| m.embed(&batch.inputs, false);
+                        let embed = |m: &Model| m.embed(&batch.inputs, Ops::Inference);
                         Ok((embed(original)?, embed(pruned)?))
                     })
                     .transpose()
@@ -163,7 +164,7 @@ impl States {
         }
         let from_embeddings = |model: &Model| -> Result<Tensor> {
             let (l, block) = at;
-            let x = model.embed(&batch.inputs, false)?;
+            let x = model.embed(&batch.inputs, Ops::Inference)?;
             let x = model.run_layers(&x, &batch.inputs, 0..l, Default::default())?;
             match block {
                 Block::Attention => Ok(x),
@@ -352,8 +353,8 @@ pub fn hidden_errors(
     for batch in batches {
         let rows = real_rows(&batch.inputs)?;
         let (mut h, mut g) = (
-            original.embed(&batch.inputs, false)?,
-            model.embed(&batch.inputs, false)?,
+            original.embed(&batch.inputs, Ops::Inference)?,
+            model.embed(&batch.inputs, Ops::Inference)?,
         );
         for l in 0..layers {
             h = original.run_layers(&h, &batch.inputs, l..l + 1, Default::default())?;

@@ -27,6 +27,7 @@ use crate::data::batch::EncodedSet;
 use crate::data::labels::LabelMap;
 use crate::data::task::Task;
 use crate::evaluate::finite_rows;
+use crate::kernels::Ops;
 use crate::model::encoder::{Gates, RunOptions};
 use crate::model::Model;
 use crate::scoring::batch::{batches, ScoringBatch};
@@ -255,6 +256,28 @@ impl<'s> Tally<'s> {
     }
 }
 
+/// Where an engine's cached hidden states stop matching its accepted model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stale {
+    /// They match it everywhere.
+    Fresh,
+    /// From the embeddings on.
+    FromEmbeddings,
+    /// From the states entering this layer on.
+    FromLayer(usize),
+}
+
+impl Stale {
+    /// The earlier of `self` and where a trial's model first differs (`None`: its embeddings).
+    fn and_from(self, layer: Option<usize>) -> Stale {
+        match (self, layer) {
+            (Stale::FromEmbeddings, _) | (_, None) => Stale::FromEmbeddings,
+            (Stale::Fresh, Some(l)) => Stale::FromLayer(l),
+            (Stale::FromLayer(s), Some(l)) => Stale::FromLayer(s.min(l)),
+        }
+    }
+}
+
 /// The accepted model with its cached hidden states.
 pub struct Engine<'a> {
     data: &'a SelectionBatches<'a>,
@@ -263,9 +286,8 @@ pub struct Engine<'a> {
     /// `cache[b][l]`: hidden states of batch `b` entering layer `l`; empty for the batches past
     /// the cache budget.
     cache: Vec<Vec<Tensor>>,
-    /// Where the cache stops matching the accepted model: `Some(None)` from the embeddings on,
-    /// `Some(Some(l))` from layer `l` on, `None` nowhere.
-    stale_from: Option<Option<usize>>,
+    /// Where the cache stops matching the accepted model.
+    stale: Stale,
     score: Score,
     evaluations: usize,
 }
@@ -278,7 +300,7 @@ impl<'a> Engine<'a> {
             .batches
             .iter()
             .take(cached)
-            .map(|b| Ok(vec![model.embed(&b.inputs, false)?]))
+            .map(|b| Ok(vec![model.embed(&b.inputs, Ops::Inference)?]))
             .chain((cached..data.batches.len()).map(|_| Ok(Vec::new())))
             .collect::<Result<_>>()?;
         let mut engine = Engine {
@@ -286,7 +308,7 @@ impl<'a> Engine<'a> {
             model,
             gates: None,
             cache,
-            stale_from: Some(Some(0)),
+            stale: Stale::FromLayer(0),
             score: Score::point(f64::NAN, f64::NAN),
             evaluations: 0,
         };
@@ -372,8 +394,7 @@ impl<'a> Engine<'a> {
         }
         self.gates = trial.gates;
         self.score = score;
-        // `None` (the embeddings) orders before every layer.
-        self.stale_from = Some(self.stale_from.map_or(trial.layer, |s| s.min(trial.layer)));
+        self.stale = self.stale.and_from(trial.layer);
     }
 
     /// The accepted model's hidden states entering `layer`, per batch.
@@ -392,27 +413,29 @@ impl<'a> Engine<'a> {
         }
         let opts = RunOptions {
             gates: self.gates.as_ref(),
-            differentiable: false,
+            ops: Ops::Inference,
         };
         let inputs = &self.data.batches[b].inputs;
-        let embedded = self.model.embed(inputs, false)?;
+        let embedded = self.model.embed(inputs, Ops::Inference)?;
         self.model.run_layers(&embedded, inputs, 0..layer, opts)
     }
 
     /// Recomputes the cached states from the first stale layer on.
     fn refresh(&mut self) -> Result<()> {
-        let Some(from) = self.stale_from.take() else {
-            return Ok(());
+        let from = match std::mem::replace(&mut self.stale, Stale::Fresh) {
+            Stale::Fresh => return Ok(()),
+            Stale::FromEmbeddings => None,
+            Stale::FromLayer(l) => Some(l),
         };
         let opts = RunOptions {
             gates: self.gates.as_ref(),
-            differentiable: false,
+            ops: Ops::Inference,
         };
         let last = self.model.num_layers().saturating_sub(1);
         let cached = self.cache.iter_mut().filter(|c| !c.is_empty());
         for (batch, cache) in self.data.batches.iter().zip(cached) {
             if from.is_none() {
-                cache[0] = self.model.embed(&batch.inputs, false)?;
+                cache[0] = self.model.embed(&batch.inputs, Ops::Inference)?;
             }
             let from = from.unwrap_or(0);
             cache.truncate(from + 1);
@@ -439,7 +462,7 @@ impl<'a> Engine<'a> {
         let model = model.unwrap_or(&self.model);
         let opts = RunOptions {
             gates,
-            differentiable: false,
+            ops: Ops::Inference,
         };
         if let Some(r) = rule.filter(|_| self.early_stop_applies()) {
             if Tally::new(self.data).rules_out(r, self.score) {
@@ -498,6 +521,15 @@ pub(super) fn cached_batches(batches: &[ScoringBatch], model: &Model, budget: us
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cache_goes_stale_from_the_earliest_difference() {
+        assert_eq!(Stale::Fresh.and_from(Some(3)), Stale::FromLayer(3));
+        assert_eq!(Stale::FromLayer(3).and_from(Some(1)), Stale::FromLayer(1));
+        assert_eq!(Stale::FromLayer(1).and_from(Some(4)), Stale::FromLayer(1));
+        assert_eq!(Stale::FromLayer(1).and_from(None), Stale::FromEmbeddings);
+        assert_eq!(Stale::FromEmbeddings.and_from(Some(0)), Stale::FromEmbeddings);
+    }
     use crate::data::metric::accuracy;
 
     /// The accuracy the scorer reports for `correct` hits out of `n`.

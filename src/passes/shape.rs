@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use super::journal::Journal;
 use super::{Pass, PassOutput, StageContext};
 use crate::analyze::taylor::gate_gradients;
+use crate::kernels::Ops;
 use crate::model::encoder::{run_layers, EncoderLayer, RunOptions};
 use crate::model::shape::{top_dimensions, Shape};
 use crate::model::Model;
@@ -281,7 +282,7 @@ fn hidden_importance(model: &Model, batches: &[ScoringBatch]) -> Result<Vec<f64>
             .to_dtype(DType::F32)?
             .reshape((b, t, 1))?;
         tokens += real.sum_all()?.to_scalar::<f32>()? as f64;
-        let mut h = model.embeddings.forward(inputs, false)?;
+        let mut h = model.embeddings.forward(inputs, Ops::Inference)?;
         let mut add = |h: &Tensor| -> Result<()> {
             let s = h.abs()?.broadcast_mul(&real)?.sum((0, 1))?;
             sum = Some(match sum.take() {

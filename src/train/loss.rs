@@ -6,6 +6,7 @@ use anyhow::Result;
 use candle_core::{DType, Tensor, D};
 
 use crate::analyze::taylor::batch_loss_sum;
+use crate::kernels::Ops;
 use crate::model::encoder::RunOptions;
 use crate::model::Model;
 use crate::scoring::batch::ScoringBatch;
@@ -33,7 +34,7 @@ impl Objective {
     pub fn loss(&self, student: &Model, teacher: &Model, batch: &ScoringBatch) -> Result<Tensor> {
         let diff = RunOptions {
             gates: None,
-            differentiable: true,
+            ops: Ops::Differentiable,
         };
         let hidden = student.encode(&batch.inputs, diff)?;
         let logits = student.classify(&hidden)?;

@@ -17,7 +17,9 @@ use serde::Serialize;
 
 use super::surgeon::{self, RowMajor, Tile};
 use super::Matrix;
+use crate::kernels::Ops;
 use crate::model::encoder::EncoderLayer;
+use crate::model::encoder::Queries;
 use crate::model::inputs::Inputs;
 use crate::model::linear::Weight;
 use crate::model::Model;
@@ -68,7 +70,7 @@ pub fn operate(
     let mut out = model.clone();
     let rows: Vec<Tensor> = calibration.iter().map(real_rows).collect::<Result<_>>()?;
     let mut states: Vec<Tensor> = (calibration.iter())
-        .map(|b| model.embed(b, false))
+        .map(|b| model.embed(b, Ops::Inference))
         .collect::<Result<_>>()?;
     let (mut masks, mut fits) = (BTreeMap::new(), Vec::new());
     for l in 0..out.num_layers() {
@@ -93,7 +95,9 @@ pub fn operate(
             progress.inc(1);
         }
         states = (states.iter().zip(calibration))
-            .map(|(x, b)| out.layers[l].forward(x, &b.mask_bias, None, false, false))
+            .map(|(x, b)| {
+                out.layers[l].forward(x, &b.mask_bias, None, Ops::Inference, Queries::All)
+            })
             .collect::<candle_core::Result<_>>()?;
     }
     Ok(Surgery {
