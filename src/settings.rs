@@ -14,7 +14,7 @@
 //!   (`Option<T>`, default `None` or the given value) with a flag;
 //! - `#[switch_off(flag_name, "flag help")] name: bool = default, "shown default";`: a setting
 //!   that a bare switch `--flag-name` turns off;
-//! - `#[config] name: T = default, "shown default";`: a config key without a flag.
+//! - `name: T = default, "shown default";`: a config key without a flag.
 //!
 //! A new setting is one such line (and its doc comment) where the pass reads it.
 
@@ -30,89 +30,66 @@ macro_rules! settings {
         )?
         { $($body:tt)* }
     ) => {
-        $crate::settings!(@field
-            [$(#[$settings_attr])*] $settings [$($(#[$flags_attr])*)?] [$($flags)?];
-            fields[] flags[] defaults[] overlay[] keys[];
-            $($body)*
-        );
+        $crate::settings!(@field [
+            [$(#[$settings_attr])*] $settings [$($(#[$flags_attr])*)?] [$($flags)?]
+            fields[] flags[] defaults[] overlay[] keys[]
+        ] $($body)*);
     };
-    (@field $sa:tt $s:ident $fa:tt $f:tt;
-        fields[$($fields:tt)*] flags[$($flag_fields:tt)*] defaults[$($defaults:tt)*]
-        overlay[$($overlay:tt)*] keys[$($keys:tt)*];
-        $(#[doc = $doc:literal])*
-        #[flag($($arg:tt)*)] $name:ident : $ty:ty = $default:expr, $shown:literal;
-        $($rest:tt)*
+    // Each kind of field says what it adds to each list, and `@push` adds it.
+    (@field $state:tt $(#[doc = $doc:literal])*
+        #[switch_off($flag:ident, $flag_doc:literal)] $name:ident : bool = $default:expr,
+        $shown:literal; $($rest:tt)*
     ) => {
-        $crate::settings!(@field $sa $s $fa $f;
-            fields[$($fields)*
-                $(#[doc = $doc])* #[doc = concat!("[default: ", $shown, "]")] pub $name: $ty,]
-            flags[$($flag_fields)*
-                $(#[doc = $doc])*
-                #[arg($($arg)*, help = $crate::settings::help(&[$($doc),*], $shown),
-                    long_help = $crate::settings::help(&[$($doc),*], $shown))]
-                pub $name: Option<$ty>,]
-            defaults[$($defaults)* $name: $default,]
-            overlay[$($overlay)* (flag $name)]
-            keys[$($keys)* ($name, Some(stringify!($name)), [$($doc),*], $shown)];
-            $($rest)*
-        );
+        $crate::settings!(@push $state [$(#[doc = $doc])*] $name [bool] $default, $shown;
+            [#[doc = $flag_doc] #[arg(long)] pub $flag: bool,] (switch_off $name $flag)
+            Some(concat!(stringify!($flag), " (turns it off)")); $($rest)*);
     };
-    (@field $sa:tt $s:ident $fa:tt $f:tt;
-        fields[$($fields:tt)*] flags[$($flag_fields:tt)*] defaults[$($defaults:tt)*]
-        overlay[$($overlay:tt)*] keys[$($keys:tt)*];
-        $(#[doc = $doc:literal])*
+    (@field $state:tt $(#[doc = $doc:literal])*
+        $name:ident : $ty:ty = $default:expr, $shown:literal; $($rest:tt)*
+    ) => {
+        $crate::settings!(@push $state [$(#[doc = $doc])*] $name [$ty] $default, $shown;
+            [] (config $name) None; $($rest)*);
+    };
+    // `flag` (a setting of type T) and `flag_opt` (of type Option<T>): both flags are Option<T>.
+    (@field $state:tt $(#[doc = $doc:literal])*
+        #[flag($($arg:tt)*)] $name:ident : $ty:ty = $default:expr, $shown:literal; $($rest:tt)*
+    ) => {
+        $crate::settings!(@flagged flag $state [$($doc)*] [$($arg)*] $name $ty, $default, $shown;
+            $($rest)*);
+    };
+    (@field $state:tt $(#[doc = $doc:literal])*
         #[flag_opt($($arg:tt)*)] $name:ident : $ty:ty = $default:expr, $shown:literal;
         $($rest:tt)*
     ) => {
-        $crate::settings!(@field $sa $s $fa $f;
-            fields[$($fields)*
-                $(#[doc = $doc])* #[doc = concat!("[default: ", $shown, "]")]
-                pub $name: Option<$ty>,]
-            flags[$($flag_fields)*
-                $(#[doc = $doc])*
+        $crate::settings!(@flagged flag_opt $state [$($doc)*] [$($arg)*] $name $ty, $default,
+            $shown; $($rest)*);
+    };
+    (@flagged $kind:ident $state:tt [$($doc:literal)*] [$($arg:tt)*] $name:ident $ty:ty,
+        $default:expr, $shown:literal; $($rest:tt)*
+    ) => {
+        $crate::settings!(@push $state [$(#[doc = $doc])*] $name
+            [$crate::settings!(@type $kind $ty)] $default, $shown;
+            [$(#[doc = $doc])*
                 #[arg($($arg)*, help = $crate::settings::help(&[$($doc),*], $shown),
                     long_help = $crate::settings::help(&[$($doc),*], $shown))]
                 pub $name: Option<$ty>,]
-            defaults[$($defaults)* $name: $default,]
-            overlay[$($overlay)* (flag_opt $name)]
-            keys[$($keys)* ($name, Some(stringify!($name)), [$($doc),*], $shown)];
-            $($rest)*
-        );
+            ($kind $name) Some(stringify!($name)); $($rest)*);
     };
-    (@field $sa:tt $s:ident $fa:tt $f:tt;
-        fields[$($fields:tt)*] flags[$($flag_fields:tt)*] defaults[$($defaults:tt)*]
-        overlay[$($overlay:tt)*] keys[$($keys:tt)*];
-        $(#[doc = $doc:literal])*
-        #[switch_off($flag:ident, $flag_doc:literal)] $name:ident : bool = $default:expr,
-        $shown:literal;
-        $($rest:tt)*
+    (@type flag $ty:ty) => { $ty };
+    (@type flag_opt $ty:ty) => { Option<$ty> };
+    (@push [$sa:tt $s:ident $fa:tt $f:tt fields[$($fields:tt)*] flags[$($flag_fields:tt)*]
+            defaults[$($defaults:tt)*] overlay[$($overlay:tt)*] keys[$($keys:tt)*]]
+        [$(#[doc = $doc:literal])*] $name:ident [$($field_ty:tt)*] $default:expr, $shown:literal;
+        [$($flag_field:tt)*] $entry:tt $key_flag:expr; $($rest:tt)*
     ) => {
-        $crate::settings!(@field $sa $s $fa $f;
-            fields[$($fields)*
-                $(#[doc = $doc])* #[doc = concat!("[default: ", $shown, "]")] pub $name: bool,]
-            flags[$($flag_fields)* #[doc = $flag_doc] #[arg(long)] pub $flag: bool,]
+        $crate::settings!(@field [$sa $s $fa $f
+            fields[$($fields)* $(#[doc = $doc])* #[doc = concat!("[default: ", $shown, "]")]
+                pub $name: $($field_ty)*,]
+            flags[$($flag_fields)* $($flag_field)*]
             defaults[$($defaults)* $name: $default,]
-            overlay[$($overlay)* (switch_off $name $flag)]
-            keys[$($keys)* ($name, Some(concat!(stringify!($flag), " (turns it off)")), [$($doc),*], $shown)];
-            $($rest)*
-        );
-    };
-    (@field $sa:tt $s:ident $fa:tt $f:tt;
-        fields[$($fields:tt)*] flags[$($flag_fields:tt)*] defaults[$($defaults:tt)*]
-        overlay[$($overlay:tt)*] keys[$($keys:tt)*];
-        $(#[doc = $doc:literal])*
-        #[config] $name:ident : $ty:ty = $default:expr, $shown:literal;
-        $($rest:tt)*
-    ) => {
-        $crate::settings!(@field $sa $s $fa $f;
-            fields[$($fields)*
-                $(#[doc = $doc])* #[doc = concat!("[default: ", $shown, "]")] pub $name: $ty,]
-            flags[$($flag_fields)*]
-            defaults[$($defaults)* $name: $default,]
-            overlay[$($overlay)* (config $name)]
-            keys[$($keys)* ($name, None, [$($doc),*], $shown)];
-            $($rest)*
-        );
+            overlay[$($overlay)* $entry]
+            keys[$($keys)* ($name, $key_flag, [$($doc),*], $shown)]
+        ] $($rest)*);
     };
     (@value flag $me:tt $base:tt $name:ident) => {
         $me.$name.clone().unwrap_or($base.$name)
@@ -126,11 +103,11 @@ macro_rules! settings {
     (@value config $me:tt $base:tt $name:ident) => {
         $base.$name
     };
-    (@field [$($sa:tt)*] $s:ident $fa:tt $f:tt;
+    (@field [[$($sa:tt)*] $s:ident $fa:tt $f:tt
         fields[$($fields:tt)*] flags[$($flag_fields:tt)*] defaults[$($defaults:tt)*]
         overlay[$(($kind:ident $oname:ident $($oflag:ident)?))*]
-        keys[$(($kname:ident, $kflag:expr, [$($kdoc:literal),*], $kshown:literal))*];
-    ) => {
+        keys[$(($kname:ident, $kflag:expr, [$($kdoc:literal),*], $kshown:literal))*]
+    ]) => {
         $($sa)*
         pub struct $s { $($fields)* }
 

@@ -71,14 +71,11 @@ crate::settings! {
         /// Train sentences the re-fit is fitted on, drawn outside the selection (the selection
         /// data itself when the task has no train split): a re-fit on the selection data would
         /// make the selection metric that judges it an in-sample figure.
-        #[config]
         calibration: usize = 512, "512";
         /// Under size / speed, give each level an equal cumulative share of the tolerance.
-        #[config]
         share_tolerance: bool = true, "true";
         /// With reconstruction under size / speed: how far below its floor a level's search may
         /// go before the re-fit, in multiples of the allowance.
-        #[config]
         reconstruct_slack: f64 = 3.0, "3";
         /// Under size / speed with a recovery after the prune: how far below the floor the prune
         /// may go, in multiples of --max-drop; the recovery is to win it back, and the result is

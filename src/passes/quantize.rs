@@ -88,7 +88,6 @@ crate::settings! {
         #[switch_off(no_compare, "With --bits mixed: skip the uniform int8 / int4 / equal-size comparison.")]
         compare: bool = true, "true";
         /// Seed of the equal-size mix's random order.
-        #[config]
         seed: u64 = 0, "0";
     }
 }

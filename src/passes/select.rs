@@ -528,7 +528,10 @@ mod tests {
         assert_eq!(Stale::FromLayer(3).and_from(Some(1)), Stale::FromLayer(1));
         assert_eq!(Stale::FromLayer(1).and_from(Some(4)), Stale::FromLayer(1));
         assert_eq!(Stale::FromLayer(1).and_from(None), Stale::FromEmbeddings);
-        assert_eq!(Stale::FromEmbeddings.and_from(Some(0)), Stale::FromEmbeddings);
+        assert_eq!(
+            Stale::FromEmbeddings.and_from(Some(0)),
+            Stale::FromEmbeddings
+        );
     }
     use crate::data::metric::accuracy;
 

@@ -33,48 +33,34 @@ crate::settings! {
     {
         /// Training examples sampled (seeded) from the train split outside the selection (all of
         /// them when this is larger; `prune --recover N` sets it).
-        #[config]
         train_limit: Option<usize> = Some(8000), "8000";
         /// Passes over the training examples.
-        #[config]
         epochs: usize = 1, "1";
         /// Peak learning rate.
-        #[config]
         learning_rate: f64 = 1e-4, "1e-4";
         /// Fraction of the steps spent warming up.
-        #[config]
         warmup: f64 = 0.1, "0.1";
         /// Seed of the sample and the shuffling.
-        #[config]
         seed: u64 = 0, "0";
         /// Evaluations on the selection split over the run (the best is kept; the untrained
         /// model counts as one more).
-        #[config]
         evaluations: usize = 4, "4";
         /// Decoupled weight decay of the matrices.
-        #[config]
         weight_decay: f64 = 0.01, "0.01";
         /// Gradient clipping (global L2 norm).
-        #[config]
         max_grad_norm: f64 = 1.0, "1";
         /// Weight of the task loss on the gold labels.
-        #[config]
         task_weight: f64 = 0.0, "0";
         /// Weight of distillation from the original model's logits.
-        #[config]
         distill_weight: f64 = 1.0, "1";
         /// Temperature of the distillation.
-        #[config]
         temperature: f64 = 2.0, "2";
         /// Weight of the squared error of the final hidden states against the original's.
-        #[config]
         hidden_weight: f64 = 0.0, "0";
         /// The model distilled (directory or hub id).
-        #[config]
         teacher: Option<String> = None, "the run's input model";
         /// Probability that each ordinary token of a training sentence is replaced by one from
         /// another sentence of the batch; pure distillation only (`prune --augment P` sets it).
-        #[config]
         augment: f64 = 0.0, "0";
     }
 }

@@ -120,38 +120,28 @@ crate::settings! {
     {
         /// How each matrix is cut into groups: `{ stripes = N }`, `{ stripe-width = N }`,
         /// `{ blocks = N }`, `"rows"` or `"columns"`.
-        #[config]
         grouping: Grouping = Grouping::Stripes(8), "{ stripes = 8 }";
         /// The matrices pruned, in every layer.
-        #[config]
         matrices: Vec<Matrix> = vec![Matrix::Qkv, Matrix::AttentionOutput, Matrix::FfnIn, Matrix::FfnOut],
             "[\"qkv\", \"attention-output\", \"ffn-in\", \"ffn-out\"]";
         /// Lasso strength λ per matrix.
-        #[config]
         lambda: f64 = 1e-4, "1e-4";
         /// Fraction of the groups removed.
-        #[config]
         ratio: f64 = 0.5, "0.5";
         /// Per matrix or global threshold.
-        #[config]
         threshold: Threshold = Threshold::PerMatrix, "per-matrix";
         /// Prune-and-retrain rounds that reach `ratio` gradually (1: one hard prune).
-        #[config]
         prune_rounds: usize = 1, "1";
         /// How the hard prune chooses the groups: `magnitude` (smallest group norms) or `obs`
         /// (the optimal brain surgeon on calibration sentences).
-        #[config]
         hard_prune: HardPrune = HardPrune::Magnitude, "magnitude";
         /// Train sentences whose inputs the surgeon fits (`hard_prune = "obs"`).
-        #[config]
         calibration: usize = 1024, "1024";
         /// Phase 1: training with the penalty (the last parameters are kept); a table of
         /// `recover` keys.
-        #[config]
         lasso: TrainSettings = TrainSettings::default(), "the recover defaults";
         /// Phase 3: training with the removed groups masked (the best on selection is kept); a
         /// table of `recover` keys.
-        #[config]
         retrain: TrainSettings = TrainSettings::default(), "the recover defaults";
     }
 }
