@@ -6,14 +6,13 @@
 //! labelled data; [`analyze`] measures the significance of blocks, heads and FFN groups;
 //! [`passes`] are the compression stages on one selection engine, each with its settings
 //! declared once ([`settings`]); [`pipeline`] chains them under one tolerance; [`export`] writes
-//! the result. [`evaluate`] and [`bench`] measure any model; [`commands`] holds each
+//! the result. [`evaluate`] and [`measure`] measure any model; [`commands`] holds each
 //! subcommand's thin entry point and [`config_file`] the `compress` configs. The library denies
 //! undocumented public items (`missing_docs`, an error under CI's `-D warnings`).
 
 #![warn(missing_docs)]
 
 pub mod analyze;
-pub mod bench;
 pub mod cli;
 pub mod commands;
 pub mod config_file;
@@ -25,6 +24,7 @@ pub mod fsutil;
 pub mod hash;
 pub mod interrupt;
 pub mod kernels;
+pub mod measure;
 pub mod model;
 pub mod passes;
 pub mod pipeline;

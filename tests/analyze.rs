@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use axcompress::analyze::elements::Level;
 use axcompress::analyze::report::{Method, Report, Settings, Source};
-use axcompress::analyze::{analyze, taylor, Subject};
+use axcompress::analyze::{analyze, taylor, AnalysedModel};
 use axcompress::data::batch::EncodedSet;
 use axcompress::data::glue::Target;
 use axcompress::data::labels::LabelMap;
@@ -103,7 +103,7 @@ fn check_ablation_matches_pruned(
     group_size: usize,
 ) {
     let all = [Level::Blocks, Level::Heads, Level::Groups];
-    let subject = Subject {
+    let subject = AnalysedModel {
         model,
         source: "test",
         task,
@@ -260,7 +260,7 @@ fn report_for_another_model_is_refused() {
     let model = Model::from_dir(&dir).unwrap();
     let set = tiny_set(&dir);
     let labels = identity_labels(3);
-    let subject = Subject {
+    let subject = AnalysedModel {
         model: &model,
         source: "tiny-bert",
         task: Task::Mnli,

@@ -46,7 +46,7 @@ pub struct Analysis {
 }
 
 /// The model being analysed and how its outputs map onto the task.
-pub struct Subject<'a> {
+pub struct AnalysedModel<'a> {
     /// The model.
     pub model: &'a Model,
     /// Path or hub id as given by the user (recorded in the report).
@@ -59,13 +59,13 @@ pub struct Subject<'a> {
 
 /// Runs significance analysis of `subject.model` on `set` (described by `data`).
 pub fn analyze(
-    subject: &Subject,
+    subject: &AnalysedModel,
     set: &EncodedSet,
     data: DataInfo,
     settings: Settings,
     quiet: bool,
 ) -> Result<Analysis> {
-    let Subject {
+    let AnalysedModel {
         model,
         source: model_source,
         task,

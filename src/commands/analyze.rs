@@ -10,7 +10,7 @@ use serde_json::json;
 use super::{log, task_setup};
 use crate::analyze::elements::Level;
 use crate::analyze::report::{Method, Settings};
-use crate::analyze::{analyze, plots, summary, Subject};
+use crate::analyze::{analyze, plots, summary, AnalysedModel};
 use crate::cli::{AnalyzeArgs, Cli, CountOrAll};
 use crate::data::batch::EncodedSet;
 use crate::data::splits::SelectOn;
@@ -69,7 +69,7 @@ pub fn run(args: &AnalyzeArgs, cli: &Cli) -> Result<()> {
         batch_size: args.task.batch_size,
         max_length: setup.max_length,
     };
-    let subject = Subject {
+    let subject = AnalysedModel {
         model: &setup.model,
         source: &args.model.model,
         task,

@@ -5,14 +5,14 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
 use super::{log, print_json, task_setup};
-use crate::bench::{median, percentile, throughput, time_single, tokenize_times, weights_bytes};
 use crate::cli::{BenchArgs, Cli, ModelArgs};
 use crate::data::batch::encode;
+use crate::measure::{median, percentile, throughput, time_single, tokenize_times, weights_bytes};
 use crate::setup::TaskSetup;
 use crate::text::tokenizer::Sequence;
 
 /// One model under measurement.
-struct Subject {
+struct Measured {
     name: &'static str,
     spec: String,
     setup: TaskSetup,
@@ -48,7 +48,7 @@ pub fn run(args: &BenchArgs, cli: &Cli) -> Result<()> {
             .iter()
             .map(|e| (e.text_a.clone(), e.text_b.clone()))
             .collect();
-        subjects.push(Subject {
+        subjects.push(Measured {
             name,
             spec,
             setup,
@@ -183,7 +183,7 @@ pub fn run(args: &BenchArgs, cli: &Cli) -> Result<()> {
 
 /// Median microseconds to tokenize one of the first `samples` dev texts on its own (not part of
 /// the latency figures, which start from token ids, as PyTorch's do in the comparison script).
-fn tokenize_p50_us(subject: &Subject, samples: usize) -> Result<f64> {
+fn tokenize_p50_us(subject: &Measured, samples: usize) -> Result<f64> {
     let texts = &subject.texts[..samples.min(subject.texts.len())];
     Ok(median(&tokenize_times(&subject.setup.encoder, texts)?) * 1e6)
 }

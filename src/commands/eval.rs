@@ -102,7 +102,7 @@ pub fn run(args: &EvalArgs, cli: &Cli) -> Result<()> {
         "wall_seconds": wall_seconds,
         "inference_seconds": inference_seconds,
         "sentences_per_second": total as f64 / inference_seconds.max(1e-9),
-        "peak_rss_bytes": crate::bench::peak_rss_bytes(),
+        "peak_rss_bytes": crate::measure::peak_rss_bytes(),
     });
     if cli.json {
         return print_json(&report);

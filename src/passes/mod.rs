@@ -42,7 +42,7 @@ use serde_json::Value;
 
 use crate::analyze::elements::Level;
 use crate::analyze::report::{ElementSignificance, Method, Settings};
-use crate::analyze::{analyze, Subject};
+use crate::analyze::{analyze, AnalysedModel};
 use crate::data::glue::Dataset;
 use crate::data::labels::LabelMap;
 use crate::data::source::TaskData;
@@ -251,7 +251,7 @@ pub fn significance(
     group_size: usize,
     ctx: &StageContext,
 ) -> Result<Vec<ElementSignificance>> {
-    let subject = Subject {
+    let subject = AnalysedModel {
         model,
         source: ctx.source,
         task: ctx.task,

@@ -93,7 +93,7 @@ impl PairedDrop {
 }
 
 /// A model and the run's data as its tokenizer encodes it.
-pub struct Subject<'a> {
+pub struct ModelOnData<'a> {
     /// The model.
     pub model: &'a Model,
     /// Selection, report and dev.
@@ -116,7 +116,7 @@ pub struct Judge<'a> {
 
 impl Judge<'_> {
     /// Compares `before` and `after` on every split and on the test data.
-    pub fn compare(&self, before: &Subject, after: &Subject) -> Result<Vec<Comparison>> {
+    pub fn compare(&self, before: &ModelOnData, after: &ModelOnData) -> Result<Vec<Comparison>> {
         let dev = [
             self.logits(before.model, &before.splits.dev)?,
             self.logits(after.model, &after.splits.dev)?,
@@ -187,8 +187,8 @@ impl Judge<'_> {
         name: &'static str,
         parts: [&Part; 2],
         dev: &[Vec<Vec<f32>>; 2],
-        before: &Subject,
-        after: &Subject,
+        before: &ModelOnData,
+        after: &ModelOnData,
     ) -> Result<Comparison> {
         let logits = match &parts[0].dev_indices {
             Some(idx) => [&dev[0], &dev[1]].map(|l| idx.iter().map(|&i| l[i].clone()).collect()),

@@ -21,7 +21,6 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::bench::{median, time_single, weights_bytes};
 use crate::data::batch::{encode, EncodedSet};
 use crate::data::glue;
 use crate::data::splits::{SelectOn, SelectionSpec, Splits};
@@ -30,6 +29,7 @@ use crate::evaluate::model_targets;
 use crate::export::{check_destination, create_parent, prepare, Prepared};
 use crate::fsutil::pretty_json;
 use crate::hash::Fnv1a;
+use crate::measure::{median, time_single, weights_bytes};
 use crate::model::runtime::Runtime;
 use crate::model::source::HubAccess;
 use crate::model::storage::StorageDtype;
@@ -50,7 +50,7 @@ use crate::scoring::score::Score;
 use crate::setup::TaskSetup;
 use crate::text::tokenizer::TextEncoder;
 use crate::train::fit::TrainSettings;
-use evaluation::{Comparison, Judge, Subject};
+use evaluation::{Comparison, Judge, ModelOnData};
 use report::{
     points, promise_warnings, AlternativeReport, BeforeAfter, DataReport, RunReport, StageReport,
     Timing, ToleranceReport,
@@ -364,7 +364,7 @@ pub fn run(spec: &RunSettings, out: &Output, quiet: bool) -> Result<Finished> {
         None => model,
     };
     // 4b. Vocabulary pruning: exact on its corpus; the data is encoded anew for the judge.
-    let original = Subject {
+    let original = ModelOnData {
         model: &setup.model,
         splits: &splits,
         test: test.as_ref(),
@@ -377,7 +377,7 @@ pub fn run(spec: &RunSettings, out: &Output, quiet: bool) -> Result<Finished> {
             run.log(&p.report.summary());
             p.subject()
         }
-        None => Subject {
+        None => ModelOnData {
             model: &model,
             ..original
         },
@@ -520,12 +520,12 @@ impl Run<'_> {
                     name: a.name,
                     weights_bytes: prepare(&a.model, &[])?.weights.len() as u64,
                     evaluation: judge.compare(
-                        &Subject {
+                        &ModelOnData {
                             model: &self.setup.model,
                             splits: self.splits,
                             test: None,
                         },
-                        &Subject {
+                        &ModelOnData {
                             model: &a.model,
                             splits: self.splits,
                             test: None,
@@ -746,7 +746,7 @@ fn read_test(task: Task, path: &Path, encoder: &TextEncoder) -> Result<EncodedSe
 }
 
 /// Wall time so far and batch-1 latency of both models, each on dev as its tokenizer encodes it.
-fn timing(started: Instant, [original, compressed]: [&Subject; 2]) -> Result<Timing> {
+fn timing(started: Instant, [original, compressed]: [&ModelOnData; 2]) -> Result<Timing> {
     let dev = &original.splits.dev;
     Ok(Timing {
         latency_b1_p50_ms_before: latency_ms(original.model, dev)?,

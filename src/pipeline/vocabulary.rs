@@ -5,7 +5,7 @@
 use anyhow::Result;
 use serde::Serialize;
 
-use super::evaluation::Subject;
+use super::evaluation::ModelOnData;
 use super::{read_test, RunSettings};
 use crate::data::batch::EncodedSet;
 use crate::data::splits::Splits;
@@ -60,8 +60,8 @@ pub struct Pruned {
 
 impl Pruned {
     /// The model with its data, for the judge.
-    pub fn subject(&self) -> Subject<'_> {
-        Subject {
+    pub fn subject(&self) -> ModelOnData<'_> {
+        ModelOnData {
             model: &self.model,
             splits: &self.splits,
             test: self.test.as_ref(),
