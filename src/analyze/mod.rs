@@ -18,7 +18,7 @@ use crate::data::batch::EncodedSet;
 use crate::data::labels::LabelMap;
 use crate::data::splits::DataInfo;
 use crate::data::task::Task;
-use crate::evaluate;
+use crate::evaluate::{self, Scores};
 use crate::model::encoder::RunOptions;
 use crate::model::Model;
 use crate::progress;
@@ -71,68 +71,23 @@ pub fn analyze(
         task,
         labels,
     } = *subject;
-    if model.runs_quantized_kernels() {
-        bail!("analysis takes gradients, which the quantized kernels do not have; run it with --execution dequantized");
-    }
+    check_request(model, set, &settings)?;
     let started = Instant::now();
-    if set.sequences.is_empty() {
-        bail!("{}: the analysis data is empty", set.path.display());
-    }
-    if settings.levels.contains(&Level::Groups) {
-        check_group_size(model, settings.group_size)?;
-    }
-    let n = set.sequences.len() as u64;
     let batches = batch::batches(model, set, labels, settings.batch_size)?;
     let scorer = Scorer::new(task, labels, &set.targets);
-
-    let bar = progress::bar(n, "baseline", quiet);
-    let forward_started = Instant::now();
-    let logits = evaluate::predict(
-        model,
-        &set.sequences,
-        settings.batch_size,
-        RunOptions::default(),
-        &bar,
-    )?;
-    let forward_seconds = forward_started.elapsed().as_secs_f64();
-    bar.finish_and_clear();
-    let base = evaluate::score(task, labels, &logits, &set.targets);
+    let (base, forward_seconds) = baseline(subject, set, settings.batch_size, quiet)?;
     let metric = task.primary_metric().to_string();
-    let base_metric = base.get(&metric).unwrap_or(f64::NAN);
 
-    let wants_groups = settings.levels.contains(&Level::Groups);
-    if wants_groups && settings.taylor_examples == 0 {
-        bail!("grouping FFN neurons needs the Taylor pass; set --taylor-examples above 0");
-    }
-    if settings.method != Method::Ablation && settings.taylor_examples == 0 {
-        bail!("--method taylor and both need the Taylor pass; set --taylor-examples above 0");
-    }
     let taylor_started = Instant::now();
-    let taylor = if settings.taylor_examples > 0 {
-        let count = settings.taylor_examples.min(set.sequences.len());
-        let subset = set.subset(&(0..count).collect::<Vec<_>>());
-        let taylor_batches = batch::batches(model, &subset, labels, settings.batch_size)?;
-        let bar = progress::bar(count as u64, "taylor", quiet);
-        let g = taylor::gate_gradients(model, &taylor_batches, &bar)?;
-        bar.finish_and_clear();
-        Some(g)
-    } else {
-        None
-    };
+    let taylor = taylor_pass(subject, set, &settings, quiet)?;
     let mut elements = blocks_and_heads(model, &settings.levels);
-    if let Some(t) = taylor.as_ref().filter(|_| wants_groups) {
+    if let Some(t) = taylor
+        .as_ref()
+        .filter(|_| settings.levels.contains(&Level::Groups))
+    {
         elements.extend(groups_by_score(&t.neuron_estimates(), settings.group_size));
     }
-    let exact: Vec<bool> = elements
-        .iter()
-        .map(|e| match (settings.method, e) {
-            (Method::Taylor, _) => false,
-            (Method::Ablation, Element::Group { index, .. }) => {
-                settings.exact_groups.is_none_or(|k| *index < k)
-            }
-            _ => true,
-        })
-        .collect();
+    let exact = exactly_ablated(&elements, &settings);
     let to_ablate: Vec<Element> = elements
         .iter()
         .zip(&exact)
@@ -141,51 +96,24 @@ pub fn analyze(
         .collect();
     let taylor_seconds = taylor_started.elapsed().as_secs_f64();
     let ablation_started = Instant::now();
+    let n = set.sequences.len() as u64;
     let bar = progress::bar(n * to_ablate.len() as u64, "ablation", quiet);
     let outcomes = ablation::ablate(model, &batches, &to_ablate, &scorer, &bar)?;
     bar.finish_and_clear();
     let ablation_seconds = ablation_started.elapsed().as_secs_f64();
 
-    let mut outcomes = outcomes.into_iter();
-    let mut results: Vec<ElementSignificance> = elements
-        .iter()
-        .zip(&exact)
-        .map(|(e, &is_exact)| {
-            let taylor_loss_delta = taylor.as_ref().map(|t| t.estimate(model, e));
-            let (loss_delta, metric_delta, source) = if is_exact {
-                let o = outcomes.next().expect("one outcome per ablated element");
-                let s = scorer.scores(o.loss_sum, &o.predictions);
-                (
-                    s.loss - base.loss,
-                    Some(s.get(&metric).unwrap_or(f64::NAN) - base_metric),
-                    Source::Ablation,
-                )
-            } else {
-                (
-                    taylor_loss_delta.expect("taylor computed"),
-                    None,
-                    Source::Taylor,
-                )
-            };
-            ElementSignificance {
-                element: e.clone(),
-                loss_delta,
-                metric_delta,
-                source,
-                taylor_loss_delta,
-                rank: 0,
-            }
-        })
-        .collect();
+    let measured = Baselines {
+        base: &base,
+        metric: &metric,
+        scorer: &scorer,
+        taylor: taylor.as_ref(),
+    };
+    let mut results = measured.significances(model, &elements, &exact, outcomes);
     let levels = rank_and_summarise(&mut results, &settings.levels);
-
-    let layers = model.num_layers().max(1) as f64;
-    let forward_equivalents_bound = 1.0
-        + 3.0 * settings.taylor_examples.min(set.sequences.len()) as f64 / n as f64
-        + to_ablate
-            .iter()
-            .map(|e| (layers - e.layer() as f64) / layers)
-            .sum::<f64>();
+    let cost = Cost {
+        ablations: to_ablate.len(),
+        forward_equivalents_bound: forward_equivalents_bound(model, set, &settings, &to_ablate),
+    };
     let report = Report {
         schema: report::SCHEMA.to_string(),
         model: ModelIdentity {
@@ -203,10 +131,7 @@ pub fn analyze(
         },
         levels,
         elements: results,
-        cost: Cost {
-            ablations: to_ablate.len(),
-            forward_equivalents_bound,
-        },
+        cost,
         settings,
     };
     Ok(Analysis {
@@ -216,6 +141,150 @@ pub fn analyze(
         taylor_seconds,
         ablation_seconds,
     })
+}
+
+/// Refuses an analysis that cannot run, before any work.
+fn check_request(model: &Model, set: &EncodedSet, settings: &Settings) -> Result<()> {
+    if model.runs_quantized_kernels() {
+        bail!("analysis takes gradients, which the quantized kernels do not have; run it with --execution dequantized");
+    }
+    if set.sequences.is_empty() {
+        bail!("{}: the analysis data is empty", set.path.display());
+    }
+    if settings.levels.contains(&Level::Groups) {
+        check_group_size(model, settings.group_size)?;
+    }
+    if settings.levels.contains(&Level::Groups) && settings.taylor_examples == 0 {
+        bail!("grouping FFN neurons needs the Taylor pass; set --taylor-examples above 0");
+    }
+    if settings.method != Method::Ablation && settings.taylor_examples == 0 {
+        bail!("--method taylor and both need the Taylor pass; set --taylor-examples above 0");
+    }
+    Ok(())
+}
+
+/// The unablated model's scores on `set`, and the seconds its forward pass took.
+fn baseline(
+    subject: &AnalysedModel,
+    set: &EncodedSet,
+    batch_size: usize,
+    quiet: bool,
+) -> Result<(Scores, f64)> {
+    let bar = progress::bar(set.sequences.len() as u64, "baseline", quiet);
+    let started = Instant::now();
+    let logits = evaluate::predict(
+        subject.model,
+        &set.sequences,
+        batch_size,
+        RunOptions::default(),
+        &bar,
+    )?;
+    let seconds = started.elapsed().as_secs_f64();
+    bar.finish_and_clear();
+    let base = evaluate::score(subject.task, subject.labels, &logits, &set.targets);
+    Ok((base, seconds))
+}
+
+/// The gate gradients on the first `taylor_examples` of `set` (none when it is 0).
+fn taylor_pass(
+    subject: &AnalysedModel,
+    set: &EncodedSet,
+    settings: &Settings,
+    quiet: bool,
+) -> Result<Option<taylor::GateGradients>> {
+    if settings.taylor_examples == 0 {
+        return Ok(None);
+    }
+    let count = settings.taylor_examples.min(set.sequences.len());
+    let subset = set.subset(&(0..count).collect::<Vec<_>>());
+    let batches = batch::batches(subject.model, &subset, subject.labels, settings.batch_size)?;
+    let bar = progress::bar(count as u64, "taylor", quiet);
+    let gradients = taylor::gate_gradients(subject.model, &batches, &bar)?;
+    bar.finish_and_clear();
+    Ok(Some(gradients))
+}
+
+/// Which of `elements` are ablated exactly (the rest keep their Taylor estimate).
+fn exactly_ablated(elements: &[Element], settings: &Settings) -> Vec<bool> {
+    elements
+        .iter()
+        .map(|e| match (settings.method, e) {
+            (Method::Taylor, _) => false,
+            (Method::Ablation, Element::Group { index, .. }) => {
+                settings.exact_groups.is_none_or(|k| *index < k)
+            }
+            _ => true,
+        })
+        .collect()
+}
+
+/// An upper bound of the analysis's cost in forward passes over the data.
+fn forward_equivalents_bound(
+    model: &Model,
+    set: &EncodedSet,
+    settings: &Settings,
+    ablated: &[Element],
+) -> f64 {
+    let n = set.sequences.len() as f64;
+    let layers = model.num_layers().max(1) as f64;
+    1.0 + 3.0 * settings.taylor_examples.min(set.sequences.len()) as f64 / n
+        + ablated
+            .iter()
+            .map(|e| (layers - e.layer() as f64) / layers)
+            .sum::<f64>()
+}
+
+/// What the significance of an element is measured against.
+struct Baselines<'a> {
+    base: &'a Scores,
+    metric: &'a str,
+    scorer: &'a Scorer<'a>,
+    taylor: Option<&'a taylor::GateGradients>,
+}
+
+impl Baselines<'_> {
+    /// Every element's significance: from its ablation's `outcomes` (in order) where it was
+    /// ablated exactly, else its Taylor estimate.
+    fn significances(
+        &self,
+        model: &Model,
+        elements: &[Element],
+        exact: &[bool],
+        outcomes: Vec<ablation::Outcome>,
+    ) -> Vec<ElementSignificance> {
+        let base_metric = self.base.get(self.metric).unwrap_or(f64::NAN);
+        let mut outcomes = outcomes.into_iter();
+        elements
+            .iter()
+            .zip(exact)
+            .map(|(e, &is_exact)| {
+                let taylor_loss_delta = self.taylor.map(|t| t.estimate(model, e));
+                let (loss_delta, metric_delta, source) = if is_exact {
+                    let o = outcomes.next().expect("one outcome per ablated element");
+                    let s = self.scorer.scores(o.loss_sum, &o.predictions);
+                    (
+                        s.loss - self.base.loss,
+                        Some(s.get(self.metric).unwrap_or(f64::NAN) - base_metric),
+                        Source::Ablation,
+                    )
+                } else {
+                    (
+                        taylor_loss_delta.expect("taylor computed"),
+                        None,
+                        Source::Taylor,
+                    )
+                };
+                ElementSignificance {
+                    element: e.clone(),
+                    loss_delta,
+                    metric_delta,
+                    source,
+                    taylor_loss_delta,
+                    rank: 0,
+                }
+            })
+            .collect()
+    }
 }
 
 /// Assigns ranks within each level and builds the level summaries.

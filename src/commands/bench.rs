@@ -28,6 +28,38 @@ pub fn run(args: &BenchArgs, cli: &Cli) -> Result<()> {
     if args.samples == 0 || args.repeats == 0 {
         bail!("--samples and --repeats must be at least 1");
     }
+    let mut subjects = load_measured(args, cli)?;
+    warm_up(&subjects, args)?;
+    let samples = args.samples.min(subjects[0].dev.len());
+    let tokenize_us = tokenize_p50_us(&subjects[0], samples)?;
+    log(
+        cli,
+        &format!(
+            "timing {samples} sentences at batch 1 and {} passes at batch {} ({} order), {} threads, interleaved",
+            args.repeats,
+            args.task.batch_size,
+            args.order.name(),
+            crate::threads::count()
+        ),
+    );
+    time_interleaved(&mut subjects, samples, args)?;
+    let mut report = json!({
+        "task": args.task.task.name(),
+        "threads": crate::threads::count(),
+        "tokenize_b1_us_p50": tokenize_us,
+        "results": results(&subjects, args)?,
+    });
+    if let Some(speedup) = speedup(&report["results"]) {
+        report["speedup"] = speedup;
+    }
+    match cli.json {
+        true => print_json(&report),
+        false => print_table(&report, tokenize_us),
+    }
+}
+
+/// The model (and the baseline, if any) with the dev split as each one's tokenizer encodes it.
+fn load_measured(args: &BenchArgs, cli: &Cli) -> Result<Vec<Measured>> {
     let mut specs = vec![("model", args.model.model.clone())];
     if let Some(b) = &args.baseline {
         specs.push(("baseline", b.clone()));
@@ -58,8 +90,12 @@ pub fn run(args: &BenchArgs, cli: &Cli) -> Result<()> {
             throughputs: Vec::new(),
         });
     }
-    // Warm-up: a few single sentences and one batched pass each.
-    for s in &subjects {
+    Ok(subjects)
+}
+
+/// A few single sentences and one batched pass of each model before any timing.
+fn warm_up(subjects: &[Measured], args: &BenchArgs) -> Result<()> {
+    for s in subjects {
         for seq in s.dev.iter().take(8) {
             time_single(&s.setup.model, seq)?;
         }
@@ -70,18 +106,12 @@ pub fn run(args: &BenchArgs, cli: &Cli) -> Result<()> {
             args.order,
         )?;
     }
-    let samples = args.samples.min(subjects[0].dev.len());
-    let tokenize_us = tokenize_p50_us(&subjects[0], samples)?;
-    log(
-        cli,
-        &format!(
-            "timing {samples} sentences at batch 1 and {} passes at batch {} ({} order), {} threads, interleaved",
-            args.repeats,
-            args.task.batch_size,
-            args.order.name(),
-            crate::threads::count()
-        ),
-    );
+    Ok(())
+}
+
+/// Batch-1 latencies of the first `samples` sentences and `--repeats` throughput passes, the
+/// models taking turns (in alternating order) so that machine load falls on both alike.
+fn time_interleaved(subjects: &mut [Measured], samples: usize, args: &BenchArgs) -> Result<()> {
     let order = |i: usize, n: usize| -> Vec<usize> {
         if i.is_multiple_of(2) {
             (0..n).collect()
@@ -103,8 +133,13 @@ pub fn run(args: &BenchArgs, cli: &Cli) -> Result<()> {
             s.throughputs.push(t);
         }
     }
+    Ok(())
+}
+
+/// Each model's figures, with its metric and peak memory from an evaluation in a child process.
+fn results(subjects: &[Measured], args: &BenchArgs) -> Result<serde_json::Map<String, Value>> {
     let mut rows = serde_json::Map::new();
-    for s in &subjects {
+    for s in subjects {
         // The directory the model resolved to: the child needs no hub access or revision.
         let eval = eval_in_child(&s.setup.model.dir.to_string_lossy(), args)?;
         rows.insert(s.name.to_string(), json!({
@@ -117,38 +152,34 @@ pub fn run(args: &BenchArgs, cli: &Cli) -> Result<()> {
             "metrics": eval["metrics"],
         }));
     }
-    let mut report = json!({
-        "task": args.task.task.name(),
-        "threads": crate::threads::count(),
-        "tokenize_b1_us_p50": tokenize_us,
-        "results": rows,
-    });
-    if let (Some(m), Some(b)) = (
-        report["results"].get("model").cloned(),
-        report["results"].get("baseline").cloned(),
-    ) {
-        let ratio = |path: &[&str], baseline_over_model: bool| -> Value {
-            let get = |v: &Value| path.iter().fold(v, |v, k| &v[*k]).as_f64();
-            match (get(&b), get(&m)) {
-                (Some(bv), Some(mv)) if bv > 0.0 && mv > 0.0 => json!(if baseline_over_model {
-                    bv / mv
-                } else {
-                    mv / bv
-                }),
-                _ => Value::Null,
-            }
-        };
-        report["speedup"] = json!({
-            "latency_b1_p50": ratio(&["latency_b1_ms", "p50"], true),
-            "latency_b1_p90": ratio(&["latency_b1_ms", "p90"], true),
-            "throughput": ratio(&["throughput_sentences_per_second", "median"], false),
-            "weights_bytes": ratio(&["weights_bytes"], true),
-            "peak_rss": ratio(&["peak_rss_bytes"], true),
-        });
-    }
-    if cli.json {
-        return print_json(&report);
-    }
+    Ok(rows)
+}
+
+/// Baseline over model (model over baseline for throughput) of each figure, with a baseline.
+fn speedup(results: &Value) -> Option<Value> {
+    let (m, b) = (results.get("model")?, results.get("baseline")?);
+    let ratio = |path: &[&str], baseline_over_model: bool| -> Value {
+        let get = |v: &Value| path.iter().fold(v, |v, k| &v[*k]).as_f64();
+        match (get(b), get(m)) {
+            (Some(bv), Some(mv)) if bv > 0.0 && mv > 0.0 => json!(if baseline_over_model {
+                bv / mv
+            } else {
+                mv / bv
+            }),
+            _ => Value::Null,
+        }
+    };
+    Some(json!({
+        "latency_b1_p50": ratio(&["latency_b1_ms", "p50"], true),
+        "latency_b1_p90": ratio(&["latency_b1_ms", "p90"], true),
+        "throughput": ratio(&["throughput_sentences_per_second", "median"], false),
+        "weights_bytes": ratio(&["weights_bytes"], true),
+        "peak_rss": ratio(&["peak_rss_bytes"], true),
+    }))
+}
+
+/// The human table of `report`.
+fn print_table(report: &Value, tokenize_us: f64) -> Result<()> {
     println!(
         "{:<10} {:>10} {:>10} {:>12} {:>12} {:>12} {:>10}",
         "", "b1 p50 ms", "b1 p90 ms", "b32 sent/s", "peak RSS MB", "weights MB", "metric"
