@@ -71,6 +71,7 @@ crate::settings! {
         /// Train sentences the re-fit is fitted on, drawn outside the selection (the selection
         /// data itself when the task has no train split): a re-fit on the selection data would
         /// make the selection metric that judges it an in-sample figure.
+        #[flag(long)]
         calibration: usize = 512, "512";
         /// Under size / speed, give each level an equal cumulative share of the tolerance.
         share_tolerance: bool = true, "true";
