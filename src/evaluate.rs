@@ -87,14 +87,14 @@ pub fn finite_rows(logits: &Tensor, stage: &str, batch: usize) -> Result<Vec<Vec
 
 /// Metrics and mean loss of a set of predictions.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Scores {
+pub struct LossAndMetrics {
     /// Named metrics (e.g. `accuracy`, `f1`, `mcc`, `pearson`, `spearman`).
     pub metrics: Vec<(String, f64)>,
     /// Mean cross-entropy (classification) or mean squared error (regression).
     pub loss: f64,
 }
 
-impl Scores {
+impl LossAndMetrics {
     /// The value of metric `name`.
     pub fn get(&self, name: &str) -> Option<f64> {
         self.metrics
@@ -119,7 +119,12 @@ pub fn predicted_label(row: &[f32], map: &LabelMap) -> usize {
 }
 
 /// Scores logits against gold targets for `task`.
-pub fn score(task: Task, map: &LabelMap, logits: &[Vec<f32>], targets: &[Target]) -> Scores {
+pub fn score(
+    task: Task,
+    map: &LabelMap,
+    logits: &[Vec<f32>],
+    targets: &[Target],
+) -> LossAndMetrics {
     let loss = logits
         .iter()
         .zip(targets)
@@ -134,7 +139,7 @@ pub fn score(task: Task, map: &LabelMap, logits: &[Vec<f32>], targets: &[Target]
             .map(|p| p as f32)
             .collect()
     };
-    Scores {
+    LossAndMetrics {
         metrics: metrics(task, &predictions, targets),
         loss,
     }

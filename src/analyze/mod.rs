@@ -18,7 +18,7 @@ use crate::data::batch::EncodedSet;
 use crate::data::labels::LabelMap;
 use crate::data::splits::DataInfo;
 use crate::data::task::Task;
-use crate::evaluate::{self, Scores};
+use crate::evaluate::{self, LossAndMetrics};
 use crate::model::encoder::RunOptions;
 use crate::model::Model;
 use crate::progress;
@@ -169,7 +169,7 @@ fn baseline(
     set: &EncodedSet,
     batch_size: usize,
     quiet: bool,
-) -> Result<(Scores, f64)> {
+) -> Result<(LossAndMetrics, f64)> {
     let bar = progress::bar(set.sequences.len() as u64, "baseline", quiet);
     let started = Instant::now();
     let logits = evaluate::predict(
@@ -236,7 +236,7 @@ fn forward_equivalents_bound(
 
 /// What the significance of an element is measured against.
 struct Baselines<'a> {
-    base: &'a Scores,
+    base: &'a LossAndMetrics,
     metric: &'a str,
     scorer: &'a Scorer<'a>,
     taylor: Option<&'a taylor::GateGradients>,

@@ -3,7 +3,7 @@
 use crate::data::glue::Target;
 use crate::data::labels::LabelMap;
 use crate::data::task::Task;
-use crate::evaluate::{self, example_loss, predicted_label, Scores};
+use crate::evaluate::{self, example_loss, predicted_label, LossAndMetrics};
 
 /// Turns logits rows into per-example losses, predictions and metrics for a task.
 pub struct Scorer<'a> {
@@ -60,8 +60,8 @@ impl<'a> Scorer<'a> {
     }
 
     /// Mean loss and metrics from a loss sum and per-example predictions.
-    pub fn scores(&self, loss_sum: f64, predictions: &[f32]) -> Scores {
-        Scores {
+    pub fn scores(&self, loss_sum: f64, predictions: &[f32]) -> LossAndMetrics {
+        LossAndMetrics {
             metrics: evaluate::metrics(self.task, predictions, self.targets),
             loss: loss_sum / self.targets.len().max(1) as f64,
         }
