@@ -21,13 +21,23 @@ use crate::train::fit::{fine_tune, TrainRun, TrainSettings};
 /// The recover pass.
 pub struct Recover {
     settings: TrainSettings,
+    /// How a hub-id teacher is fetched: the run's `--offline`, at the teacher's default revision
+    /// (`--revision` names the input model's).
+    teacher_hub: HubAccess,
 }
 
 impl Recover {
-    /// Checks the settings.
-    pub fn new(settings: TrainSettings) -> Result<Self> {
+    /// Checks the settings; `hub` is how the run fetches its input model.
+    pub fn new(settings: TrainSettings, hub: &HubAccess) -> Result<Self> {
         settings.check("recover")?;
-        Ok(Recover { settings })
+        let teacher_hub = HubAccess {
+            revision: None,
+            ..hub.clone()
+        };
+        Ok(Recover {
+            settings,
+            teacher_hub,
+        })
     }
 }
 
@@ -53,7 +63,7 @@ impl Pass for Recover {
         let Some(spec) = self.settings.teacher.as_deref() else {
             return Ok(());
         };
-        let teacher = Model::load(spec, &HubAccess::default(), model.runtime)
+        let teacher = Model::load(spec, &self.teacher_hub, model.runtime)
             .with_context(|| format!("recover: teacher {spec}"))?;
         check_teacher(&teacher, model)
     }
@@ -82,7 +92,7 @@ impl Pass for Recover {
         let loaded = s
             .teacher
             .as_deref()
-            .map(|t| Model::load(t, &HubAccess::default(), ctx.original.runtime))
+            .map(|t| Model::load(t, &self.teacher_hub, ctx.original.runtime))
             .transpose()?;
         let teacher = loaded.as_ref().unwrap_or(ctx.original);
         check_teacher(teacher, &model)?;

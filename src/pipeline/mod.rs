@@ -117,12 +117,12 @@ impl StageSpec {
         matches!(self, StageSpec::Prune(s) if s.mode != Mode::Accuracy)
     }
 
-    fn build(&self) -> Result<Box<dyn Stage>> {
+    fn build(&self, hub: &HubAccess) -> Result<Box<dyn Stage>> {
         match self {
             StageSpec::Prune(settings) => Ok(Box::new(Prune::new(settings.clone())?)),
             StageSpec::Quantize(settings) => Ok(Box::new(Quantize::new(settings.clone())?)),
             StageSpec::Attention(settings) => Ok(Box::new(AttentionPass::new(settings.clone())?)),
-            StageSpec::Recover(settings) => Ok(Box::new(Recover::new(settings.clone())?)),
+            StageSpec::Recover(settings) => Ok(Box::new(Recover::new(settings.clone(), hub)?)),
             StageSpec::Bsp(settings) => Ok(Box::new(Bsp::new(settings.as_ref().clone())?)),
             StageSpec::Shape(settings) => Ok(Box::new(ShapePass::new(settings.clone())?)),
         }
@@ -415,7 +415,7 @@ fn build_passes(spec: &RunSettings) -> Result<Vec<Box<dyn Stage>>> {
             i + 2
         );
     }
-    spec.stages.iter().map(StageSpec::build).collect()
+    spec.stages.iter().map(|s| s.build(&spec.hub)).collect()
 }
 
 /// What the steps of one run share.
