@@ -446,6 +446,38 @@ fn offline_refuses_what_is_not_cached_with_one_line() {
 }
 
 #[test]
+fn a_recovery_teacher_on_the_hub_is_fetched_as_the_run_is_told() {
+    let (hub, _v1) = demo_hub(Behaviour::default());
+    let machine = Machine::new();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("run.toml");
+    let text = format!(
+        "model = {:?}\ndata = {:?}\ntask = \"sst2\"\n\n[[stages]]\npass = \"recover\"\nteacher = \"org/minilm\"\n",
+        common::demo_model(),
+        common::demo_sst2(),
+    );
+    std::fs::write(&config, text).unwrap();
+    let out = dir.path().join("out");
+    let args = [
+        "compress",
+        "--config",
+        config.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--offline",
+        "-q",
+    ];
+    // --offline reaches the teacher: refused before any stage, and the hub is never asked.
+    let refused = machine.run(&hub.endpoint, &args, &[]);
+    common::assert_clean_error(
+        &refused,
+        &["teacher org/minilm", "offline", "no complete copy"],
+    );
+    assert!(hub.requests().is_empty(), "{:?}", hub.requests());
+    assert!(!out.exists());
+}
+
+#[test]
 fn an_interrupted_download_is_not_taken_for_a_complete_one() {
     let (hub, _v1) = demo_hub(Behaviour {
         interrupt: Some("model.safetensors".to_string()),
