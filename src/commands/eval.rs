@@ -47,10 +47,7 @@ pub fn run(args: &EvalArgs, cli: &Cli) -> Result<()> {
     let inference_seconds = infer_started.elapsed().as_secs_f64();
     let wall_seconds = started.elapsed().as_secs_f64();
     if let Some(path) = &args.predictions {
-        write_atomic(
-            path,
-            serde_json::to_string(&scored.predictions())?.as_bytes(),
-        )?;
+        write_atomic(path, scored.predictions_file()?.as_bytes())?;
     }
     let report = json!({
         "model": args.model.model,
@@ -94,11 +91,11 @@ struct Scored {
 
 impl Scored {
     /// The predictions file's content: one file's predictions, or a list of them.
-    fn predictions(&self) -> Value {
-        match self.predictions.as_slice() {
-            [one] => one.clone(),
-            all => Value::Array(all.to_vec()),
-        }
+    fn predictions_file(&self) -> Result<String> {
+        Ok(match self.predictions.as_slice() {
+            [one] => serde_json::to_string(one)?,
+            all => serde_json::to_string(all)?,
+        })
     }
 }
 

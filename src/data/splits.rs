@@ -36,29 +36,33 @@ pub enum SelectOn {
 }
 
 impl SelectOn {
-    /// The names of the sources that are not files.
-    const NAMES: [&'static str; 3] = ["dev", "train-holdout", "train-perturbed"];
+    /// The sources that are not files, by name.
+    const NAMED: [(&'static str, SelectOn); 3] = [
+        ("dev", SelectOn::Dev),
+        ("train-holdout", SelectOn::TrainHoldout),
+        ("train-perturbed", SelectOn::TrainPerturbed),
+    ];
 
     /// Parses `dev`, `train-holdout`, `train-perturbed` or a file path: a value with a `/`, `\`
     /// or `.` in it. Anything else is refused as a mistyped name, not read as a file.
     pub fn parse(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "dev" => Ok(SelectOn::Dev),
-            "train-holdout" => Ok(SelectOn::TrainHoldout),
-            "train-perturbed" => Ok(SelectOn::TrainPerturbed),
-            file if file.contains(['/', '\\', '.']) => Ok(SelectOn::File(PathBuf::from(file))),
-            other => {
-                let near = other.to_lowercase().replace('_', "-");
-                let hint = Self::NAMES
-                    .iter()
-                    .find(|name| **name == near)
-                    .map_or(String::new(), |name| format!(" (did you mean `{name}`?)"));
-                Err(format!(
-                    "`{other}` is not dev, train-holdout or train-perturbed{hint}; a labelled TSV \
-                     file needs a path with a `/` or an extension, e.g. ./{other}.tsv"
-                ))
-            }
+        let named = |wanted: &str| Self::NAMED.into_iter().find(|(name, _)| *name == wanted);
+        if let Some((_, on)) = named(s) {
+            return Ok(on);
         }
+        if s.contains(['/', '\\', '.']) {
+            return Ok(SelectOn::File(PathBuf::from(s)));
+        }
+        let hint = named(&s.to_lowercase().replace('_', "-")).map_or(String::new(), |(name, _)| {
+            format!(" (did you mean `{name}`?)")
+        });
+        let names: Vec<&str> = Self::NAMED.iter().map(|(name, _)| *name).collect();
+        let (last, others) = names.split_last().expect("named sources");
+        Err(format!(
+            "`{s}` is not {} or {last}{hint}; a labelled TSV file needs a path with a `/` or an \
+             extension, e.g. ./{s}.tsv",
+            others.join(", ")
+        ))
     }
 }
 

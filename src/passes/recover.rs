@@ -5,6 +5,7 @@
 //! there). The train split is fine for this: the student learns to copy the teacher; decisions
 //! are still taken on the selection split and judged on the report split.
 
+use std::sync::OnceLock;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -13,6 +14,7 @@ use serde::Serialize;
 use super::journal::Journal;
 use super::{Pass, PassOutput, StageContext};
 use crate::data::batch::encode;
+use crate::model::runtime::Runtime;
 use crate::model::source::HubAccess;
 use crate::model::Model;
 use crate::train::checkpoint::{Evaluation, TrainLog};
@@ -24,6 +26,8 @@ pub struct Recover {
     /// How a hub-id teacher is fetched: the run's `--offline`, at the teacher's default revision
     /// (`--revision` names the input model's).
     teacher_hub: HubAccess,
+    /// The named teacher, loaded once (when the settings are checked, before any stage).
+    teacher: OnceLock<Model>,
 }
 
 impl Recover {
@@ -37,7 +41,21 @@ impl Recover {
         Ok(Recover {
             settings,
             teacher_hub,
+            teacher: OnceLock::new(),
         })
+    }
+
+    /// The teacher the settings name, if any, loaded on first use.
+    fn named_teacher(&self, runtime: Runtime) -> Result<Option<&Model>> {
+        let Some(spec) = self.settings.teacher.as_deref() else {
+            return Ok(None);
+        };
+        if let Some(teacher) = self.teacher.get() {
+            return Ok(Some(teacher));
+        }
+        let teacher = Model::load(spec, &self.teacher_hub, runtime)
+            .with_context(|| format!("recover: teacher {spec}"))?;
+        Ok(Some(self.teacher.get_or_init(|| teacher)))
     }
 }
 
@@ -60,12 +78,10 @@ impl Pass for Recover {
     /// Loads a named teacher once before any stage runs, so that a missing teacher or one of
     /// another task fails at the start, not after the stages before the recovery.
     fn check_settings(&self, model: &Model) -> Result<()> {
-        let Some(spec) = self.settings.teacher.as_deref() else {
-            return Ok(());
-        };
-        let teacher = Model::load(spec, &self.teacher_hub, model.runtime)
-            .with_context(|| format!("recover: teacher {spec}"))?;
-        check_teacher(&teacher, model)
+        match self.named_teacher(model.runtime)? {
+            Some(teacher) => check_teacher(teacher, model),
+            None => Ok(()),
+        }
     }
 
     fn recovers(&self) -> bool {
@@ -89,12 +105,9 @@ impl Pass for Recover {
             train.path.display(),
             s.teacher.as_deref().unwrap_or("the input model")
         ));
-        let loaded = s
-            .teacher
-            .as_deref()
-            .map(|t| Model::load(t, &self.teacher_hub, ctx.original.runtime))
-            .transpose()?;
-        let teacher = loaded.as_ref().unwrap_or(ctx.original);
+        let teacher = self
+            .named_teacher(ctx.original.runtime)?
+            .unwrap_or(ctx.original);
         check_teacher(teacher, &model)?;
         journal.begin_step(&format!("stage{}-recover", ctx.stage), || Ok(()))?;
         let judge = |m: &Model| ctx.batches.score(m);

@@ -50,8 +50,8 @@ use crate::train::lasso::Grouping;
 use crate::train::params::Trainable;
 use dead_neurons::slice_dead_neurons;
 use penalty::LassoPenalty;
-use report::{BspReport, GroupNorms, MatrixKept, RoundReport};
-use storage::{store_striped, StoredMatrix};
+use report::{BspReport, GroupNorms, MatrixKept, RoundReport, Stored};
+use storage::store_striped;
 
 /// The encoder matrices BSP may prune.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -231,25 +231,36 @@ impl Pass for Bsp {
         let after = norms(&self.targets(&pruned)?, g)?;
         // 4. Storage that skips the removed groups.
         // Whole rows and columns: FFN neurons left with no input or no output are sliced out.
-        let ((pruned, stored), neurons_sliced) = match g {
+        let (pruned, stored) = match g {
             Grouping::Stripes(_) | Grouping::StripeWidth(_) => {
-                (store_striped(&pruned, &self.settings.matrices, g)?, 0)
+                let (striped, storage) = store_striped(&pruned, &self.settings.matrices, g)?;
+                let stored = Stored {
+                    storage,
+                    ffn_neurons_sliced: 0,
+                };
+                (striped, stored)
             }
             Grouping::Rows | Grouping::Columns => {
-                let (sliced, count) = slice_dead_neurons(&pruned)?;
-                ((sliced, Vec::new()), count)
+                let (sliced, ffn_neurons_sliced) = slice_dead_neurons(&pruned)?;
+                let stored = Stored {
+                    storage: Vec::new(),
+                    ffn_neurons_sliced,
+                };
+                (sliced, stored)
             }
-            Grouping::Blocks(_) => ((pruned, Vec::new()), 0),
+            Grouping::Blocks(_) => (pruned, Stored::default()),
         };
         let stages = [
             ("fine-tuned", flat(&before)),
             ("after group lasso", flat(&after_lasso)),
             ("after prune + retraining", flat(&after)),
         ];
-        let mut details = self.details(&masks, log, stored, &stages)?;
-        details.rounds = rounds;
-        details.lasso_evaluations = lasso_evaluations;
-        details.ffn_neurons_sliced = neurons_sliced;
+        let trained = Trained {
+            log,
+            rounds,
+            lasso_evaluations,
+        };
+        let details = self.details(&masks, trained, stored, &stages)?;
         ctx.log(&format!("bsp: {}", details.summary));
         Ok(PassOutput {
             model: pruned,
@@ -407,6 +418,14 @@ struct Pruned {
     rounds: Vec<RoundReport>,
 }
 
+/// What the training phases left for the report: the last retraining's log, every round, and
+/// the lasso's evaluations.
+struct Trained {
+    log: TrainLog,
+    rounds: Vec<RoundReport>,
+    lasso_evaluations: Vec<Evaluation>,
+}
+
 /// How one training phase differs from plain recovery.
 struct Phase<'a> {
     penalty: Option<&'a Penalty<'a>>,
@@ -515,15 +534,19 @@ impl Bsp {
     }
 
     /// What was removed, per matrix and in all.
-    /// What was removed, per matrix and in all (the rounds, the lasso's evaluations and the
-    /// sliced neurons are the caller's to fill in).
+    /// What was removed, per matrix and in all, how it is stored, and what training did.
     fn details(
         &self,
         masks: &BTreeMap<String, Tensor>,
-        log: TrainLog,
-        storage: Vec<StoredMatrix>,
+        trained: Trained,
+        stored: Stored,
         stages: &[(&'static str, Vec<f64>)],
     ) -> Result<BspReport> {
+        let Trained {
+            log,
+            rounds,
+            lasso_evaluations,
+        } = trained;
         let mut matrices = BTreeMap::new();
         let (mut total, mut zero) = (0usize, 0usize);
         for (name, m) in masks {
@@ -553,11 +576,10 @@ impl Bsp {
             matrices,
             retraining_kept: log.best,
             retraining_evaluations: log.evaluations,
-            storage,
+            stored,
             group_norms,
-            rounds: Vec::new(),
-            lasso_evaluations: Vec::new(),
-            ffn_neurons_sliced: 0,
+            rounds,
+            lasso_evaluations,
         })
     }
 }

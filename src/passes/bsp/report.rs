@@ -25,14 +25,22 @@ pub struct BspReport {
     pub retraining_kept: Evaluation,
     /// The last retraining's evaluations.
     pub retraining_evaluations: Vec<Evaluation>,
-    /// How each matrix was stored.
-    pub storage: Vec<StoredMatrix>,
+    /// How the pruned matrices are stored.
+    #[serde(flatten)]
+    pub stored: Stored,
     /// Group norms after each phase.
     pub group_norms: Vec<GroupNorms>,
     /// Each prune-and-retrain round.
     pub rounds: Vec<RoundReport>,
     /// The lasso phase's evaluations.
     pub lasso_evaluations: Vec<Evaluation>,
+}
+
+/// How the pruned matrices are stored: in column stripes, or sliced.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Stored {
+    /// How each matrix was stored (column stripes; empty otherwise).
+    pub storage: Vec<StoredMatrix>,
     /// FFN neurons left without inputs or outputs and sliced out (rows / columns grouping).
     pub ffn_neurons_sliced: usize,
 }
