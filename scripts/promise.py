@@ -53,6 +53,13 @@ def run(args):
         command = [args.axcompress, "compress", "--config", path, *model, "--data", args.data,
                    "--out", out, "--force", "--seed", str(seed), "--max-drop", str(max_drop),
                    "-q", *extra]
+        resumed = os.path.isfile(out + ".progress.json")
+        if resumed:
+            # An interrupted run continues from its saved progress; its wall and CPU times then
+            # cover only the part that ran last, and the table marks it.
+            command.append("--resume")
+            with open(out + ".resumed", "w") as f:
+                f.write("the wall and CPU times are those of the last part\n")
         timer = shutil.which("time")
         if timer:
             command = [timer, "-f", "cpu_s=%U+%S", "-o", out + ".cpu", *command]
@@ -91,8 +98,12 @@ def table(args):
         tolerance = report["tolerance"]
         check = (tolerance.get("check_bound_points"), tolerance.get("report_bound_points"))
         kept = {True: "yes", False: "**no (exit 3)**"}.get(tolerance.get("kept"), "")
+        if os.path.isfile(out + ".resumed"):
+            wall_note = " (resumed: last part)"
+        else:
+            wall_note = ""
         rows.append((config, max_drop, seed, report["parameters"]["ratio"], splits["selection"],
-                     splits["report"], int(wall) if wall else None, cpu_s, check, kept))
+                     splits["report"], int(wall) if wall else None, cpu_s, check, kept + wall_note))
     print("| config | max_drop | seed | parameters | selection drop | report drop ± se "
           "| bound: check / report | kept | wall | CPU |")
     print("|---|---|---|---|---|---|---|---|---|---|")
