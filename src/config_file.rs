@@ -30,9 +30,9 @@ use crate::fsutil::read_text;
 use crate::model::runtime::Runtime;
 use crate::model::source::HubAccess;
 use crate::model::storage::StorageDtype;
-use crate::passes::vocab::{VocabChoice, VocabCorpus};
+use crate::passes::vocab::{VocabChoice, VocabSettings};
 use crate::pipeline::tolerance::MaxDrop;
-use crate::pipeline::{default_selection, RunSettings, StageSpec};
+use crate::pipeline::{default_selection, with_vocab, RunSettings, StageSpec};
 use crate::scoring::guard::DEFAULT_CONFIDENCE;
 
 /// A config as written in the file.
@@ -151,8 +151,10 @@ impl File {
                 test: s.test.map(rel),
                 max_drop: self.max_drop,
                 confidence: self.confidence.unwrap_or(DEFAULT_CONFIDENCE),
-                stages,
-                vocab: VocabCorpus::from_flags(self.vocab, self.vocab_corpus.map(rel)),
+                stages: with_vocab(
+                    stages,
+                    VocabSettings::from_flags(self.vocab, self.vocab_corpus.map(rel)),
+                ),
                 dtype: self.dtype,
                 runtime: Runtime::default(),
             },

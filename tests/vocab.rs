@@ -118,7 +118,7 @@ fn a_file_corpus_prunes_rte_pairs_and_the_judge_sees_what_eval_sees() {
         &out,
         &corpus_flag,
     ));
-    let v = &report["vocabulary"];
+    let v = &vocab_stage(&report)["details"];
     assert_eq!(v["corpus_texts"], 80);
     let kept = v["kept"].as_u64().unwrap();
     assert!(kept < v["of"].as_u64().unwrap());
@@ -140,6 +140,82 @@ fn a_file_corpus_prunes_rte_pairs_and_the_judge_sees_what_eval_sees() {
     // The run's dev figure for the pruned model is what `eval` measures on the output.
     let evaluated = common::eval_json(&out, "rte", data.path());
     assert_eq!(evaluated["metrics"], common::dev_after(&report));
+}
+
+/// The vocab stage of a run's report (its last stage).
+fn vocab_stage(report: &serde_json::Value) -> &serde_json::Value {
+    let last = report["stages"].as_array().unwrap().last().unwrap();
+    assert_eq!(last["pass"], "vocab", "{last}");
+    last
+}
+
+/// A config for the demo model and data with `stages` (TOML `[[stages]]` tables).
+fn demo_config(dir: &Path, stages: &str) -> std::path::PathBuf {
+    let text = format!(
+        "model = \"{}\"\ndata = \"{}\"\ntask = \"sst2\"\n[selection]\nlimit = 200\n{stages}",
+        common::demo_model().display(),
+        common::demo_glue().join("SST-2").display()
+    );
+    let path = dir.join("c.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn a_vocab_stage_after_quantize_writes_what_the_vocab_flag_writes_and_changes_no_selection_prediction(
+) {
+    let tmp = tempfile::tempdir().unwrap();
+    let stages = "[[stages]]\npass = \"quantize\"\nbits = \"8\"\n[[stages]]\npass = \"vocab\"\n";
+    let config = demo_config(tmp.path(), stages);
+    let staged = tmp.path().join("staged");
+    let report = common::compress_json(&config, &staged, &[]);
+    let flagged = tmp.path().join("flagged");
+    let quantize = common::run_stage(
+        "quantize",
+        &common::demo_model(),
+        &common::demo_glue().join("SST-2"),
+        &flagged,
+        &["--bits", "8", "--vocab", "corpus", "--limit", "200"],
+    );
+    common::json_report(&quantize);
+    for file in ["model.safetensors", "tokenizer.json", "vocab.txt"] {
+        let (a, b) = (staged.join(file), flagged.join(file));
+        assert_eq!(
+            std::fs::read(a).unwrap(),
+            std::fs::read(b).unwrap(),
+            "{file}"
+        );
+    }
+    // The corpus (train + dev) holds every selection sentence, so the re-encoded selection gives
+    // every prediction it gave before the stage.
+    let vocab = vocab_stage(&report);
+    assert_eq!(vocab["settings"], json!({"corpus": null}));
+    assert_eq!(vocab["selection_after"], vocab["selection_before"]);
+    assert_eq!(vocab["selection_after"]["discordant"], 0, "{vocab}");
+    let details = &vocab["details"];
+    assert!(details["kept"].as_u64().unwrap() < details["of"].as_u64().unwrap());
+    let config = common::read_json(&staged.join("config.json"));
+    assert_eq!(config["vocab_size"], details["kept"]);
+}
+
+#[test]
+fn a_stage_after_vocab_is_refused_before_any_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let stages = "[[stages]]\npass = \"vocab\"\n[[stages]]\npass = \"quantize\"\nbits = \"8\"\n";
+    let config = demo_config(tmp.path(), stages);
+    let out = tmp.path().join("out");
+    let o = common::run(&[
+        "compress",
+        "--config",
+        config.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    common::assert_clean_error(
+        &o,
+        &["stage 1 is vocab but stage 2 follows it", "last stage"],
+    );
+    assert!(!out.exists());
 }
 
 #[test]

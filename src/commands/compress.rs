@@ -6,8 +6,8 @@ use anyhow::{Context, Result};
 use super::run_pipeline;
 use crate::cli::{Cli, CompressArgs};
 use crate::config_file;
-use crate::passes::vocab::VocabCorpus;
-use crate::pipeline::{Output, StageSpec};
+use crate::passes::vocab::VocabSettings;
+use crate::pipeline::{with_vocab, Output, StageSpec};
 
 /// Runs `axcompress compress`.
 pub fn run(args: &CompressArgs, cli: &Cli) -> Result<()> {
@@ -26,7 +26,6 @@ pub fn run(args: &CompressArgs, cli: &Cli) -> Result<()> {
     s.test = args.run.test.clone().or(s.test);
     s.max_drop = args.run.max_drop.or(s.max_drop);
     s.confidence = args.run.confidence.unwrap_or(s.confidence);
-    s.vocab = VocabCorpus::from_flags(args.run.vocab, args.run.vocab_corpus.clone()).or(s.vocab);
     s.dtype = args.run.dtype.or(s.dtype);
     s.runtime = cli.runtime();
     s.stages = s
@@ -41,6 +40,8 @@ pub fn run(args: &CompressArgs, cli: &Cli) -> Result<()> {
             other => other,
         })
         .collect();
+    let vocab = VocabSettings::from_flags(args.run.vocab, args.run.vocab_corpus.clone());
+    s.stages = with_vocab(s.stages, vocab);
     let dir = args.out.clone().or(config.out).with_context(|| {
         format!(
             "{}: no output directory; pass --out DIR or set out = \"DIR\" in the config",

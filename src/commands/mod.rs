@@ -17,8 +17,10 @@ use anyhow::Result;
 use crate::cli::{Cli, ModelArgs, RunArgs, SelectionArgs, TaskArgs};
 use crate::data::splits::SelectionSpec;
 use crate::model::runtime::Runtime;
-use crate::passes::vocab::VocabCorpus;
-use crate::pipeline::{self, default_selection, Finished, Output, RunSettings, StageSpec};
+use crate::passes::vocab::VocabSettings;
+use crate::pipeline::{
+    self, default_selection, with_vocab, Finished, Output, RunSettings, StageSpec,
+};
 use crate::scoring::guard::DEFAULT_CONFIDENCE;
 use crate::setup::TaskSetup;
 
@@ -70,8 +72,10 @@ pub fn run_stages(
         test: run.test.clone(),
         max_drop: run.max_drop,
         confidence: run.confidence.unwrap_or(DEFAULT_CONFIDENCE),
-        stages,
-        vocab: VocabCorpus::from_flags(run.vocab, run.vocab_corpus.clone()),
+        stages: with_vocab(
+            stages,
+            VocabSettings::from_flags(run.vocab, run.vocab_corpus.clone()),
+        ),
         dtype: run.dtype,
         runtime: cli.runtime(),
     };

@@ -6,7 +6,7 @@
 //! 2. [`attention`]: sign-matching or hard top-k attention in the layers where the selection
 //!    data allows it;
 //! 3. [`quantize`]: int8 / int4 / float per weight matrix, uniform or chosen by significance;
-//!    always the last stage (a quantized matrix cannot be sliced).
+//!    the last stage but for `vocab` (a quantized matrix cannot be sliced).
 //! 4. [`bsp`]: block-structured pruning — reweighted group lasso, hard prune of the smallest
 //!    weight groups, masked retraining;
 //! 5. [`recover`]: fine-tuning after any other stage (distillation from the original model on
@@ -14,7 +14,7 @@
 //! 6. [`shape`]: cut the model to a smaller uniform one of its family (layers, heads, FFN
 //!    width, hidden size), a stock checkpoint; a `recover` stage follows it;
 //! 7. [`vocab`]: keep the word embeddings of the tokens a corpus produces; exact on the corpus,
-//!    so it takes no decisions and runs after the stages.
+//!    so it takes no decisions; it changes the tokenizer, so it is the last stage.
 //!
 //! A pass only says which changes it proposes (candidates, in significance order) and how an
 //! accepted change is applied. Whether a change is kept is decided by the selection engine
@@ -87,6 +87,15 @@ pub trait Pass {
     fn recovers(&self) -> bool {
         false
     }
+    /// True for a stage that changes the tokenizer (`vocab`): the run's data is encoded anew
+    /// after it, so it is the last stage.
+    fn retokenizes(&self) -> bool {
+        false
+    }
+    /// One line of the run's summary for `report`, for a pass whose report has one.
+    fn summary(&self, _report: &Self::Report) -> Option<String> {
+        None
+    }
 }
 
 /// A pass as the pipeline holds it, whatever its types: its settings and report serialised for
@@ -100,15 +109,17 @@ pub trait Stage {
     fn check_input(&self, model: &Model) -> Result<()>;
     /// [`Pass::check_settings`].
     fn check_settings(&self, model: &Model) -> Result<()>;
-    /// [`Pass::run`], with the report serialised.
+    /// [`Pass::run`], with the report serialised, and its [`Pass::summary`].
     fn run_stage(
         &self,
         model: Model,
         ctx: &StageContext,
         journal: &mut Journal,
-    ) -> Result<PassOutput<Value>>;
+    ) -> Result<(PassOutput<Value>, Option<String>)>;
     /// [`Pass::recovers`].
     fn recovers(&self) -> bool;
+    /// [`Pass::retokenizes`].
+    fn retokenizes(&self) -> bool;
 }
 
 impl<P: Pass> Stage for P {
@@ -133,18 +144,24 @@ impl<P: Pass> Stage for P {
         model: Model,
         ctx: &StageContext,
         journal: &mut Journal,
-    ) -> Result<PassOutput<Value>> {
+    ) -> Result<(PassOutput<Value>, Option<String>)> {
         let out = Pass::run(self, model, ctx, journal)?;
-        Ok(PassOutput {
+        let summary = Pass::summary(self, &out.details);
+        let out = PassOutput {
             model: out.model,
             details: serde_json::to_value(&out.details)?,
             alternatives: out.alternatives,
             files: out.files,
-        })
+        };
+        Ok((out, summary))
     }
 
     fn recovers(&self) -> bool {
         Pass::recovers(self)
+    }
+
+    fn retokenizes(&self) -> bool {
+        Pass::retokenizes(self)
     }
 }
 

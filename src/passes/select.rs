@@ -147,6 +147,24 @@ impl<'a> SelectionBatches<'a> {
         Ok(data)
     }
 
+    /// The same examples encoded anew by a changed tokenizer (`set`, in the same order, e.g.
+    /// after vocabulary pruning), batched for `model` and paired with the original's outcomes.
+    pub fn encoded_anew(
+        &self,
+        model: &Model,
+        set: &EncodedSet,
+        batch_size: usize,
+    ) -> Result<SelectionBatches<'a>> {
+        Ok(SelectionBatches {
+            batches: batches(model, set, self.scorer.labels(), batch_size)?,
+            scorer: self.scorer.clone(),
+            metric: self.metric,
+            baseline: self.baseline,
+            reference: self.reference.clone(),
+            z: self.z,
+        })
+    }
+
     /// Examples.
     pub fn len(&self) -> usize {
         self.scorer.len()

@@ -13,9 +13,14 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokenizers::{EncodeInput, Tokenizer};
 
+use super::journal::Journal;
+use super::{Pass, PassOutput, StageContext};
+use crate::data::batch::{encode, EncodedSet};
 use crate::data::glue::Dataset;
+use crate::data::source::TaskData;
 use crate::fsutil::{pretty_json, read_text};
 use crate::model::Model;
+use crate::text::tokenizer::TextEncoder;
 use crate::text::vocab::{
     corpus_ids, prune_tokenizer_config, prune_tokenizer_json, vocab_txt, KeptIds, TokenizerFiles,
 };
@@ -29,14 +34,14 @@ const CONFIG_TOKEN_IDS: [&str; 5] = [
     "cls_token_id",
 ];
 
-/// Which texts decide the kept vocabulary.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum VocabCorpus {
-    /// The task's train and dev splits.
-    Task,
-    /// A text file: one text per line, tab-separated fields tokenized separately.
-    File(PathBuf),
+/// The settings of a vocabulary stage (`[[stages]] pass = "vocab"`, or `--vocab corpus`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VocabSettings {
+    /// The corpus: a text file, one text per line, tab-separated fields tokenized separately
+    /// (`--vocab-corpus`); none: the task's train and dev splits.
+    #[serde(default)]
+    pub corpus: Option<PathBuf>,
 }
 
 /// `--vocab`: which vocabulary to keep.
@@ -47,14 +52,138 @@ pub enum VocabChoice {
     Corpus,
 }
 
-impl VocabCorpus {
-    /// The corpus `--vocab` and `--vocab-corpus` ask for (a file implies `--vocab corpus`).
+impl VocabSettings {
+    /// The stage `--vocab` and `--vocab-corpus` ask for (a file implies `--vocab corpus`).
     pub fn from_flags(choice: Option<VocabChoice>, file: Option<PathBuf>) -> Option<Self> {
         match (choice, file) {
-            (_, Some(path)) => Some(VocabCorpus::File(path)),
-            (Some(VocabChoice::Corpus), None) => Some(VocabCorpus::Task),
+            (_, Some(path)) => Some(VocabSettings { corpus: Some(path) }),
+            (Some(VocabChoice::Corpus), None) => Some(VocabSettings::default()),
             (None, None) => None,
         }
+    }
+
+    /// The corpus texts, and where they came from (`train+dev` or the file).
+    fn texts(&self, data: &TaskData) -> Result<(Vec<String>, String)> {
+        match &self.corpus {
+            None => {
+                let mut sets = Vec::new();
+                for split in ["train", "dev"] {
+                    sets.extend(data.split(split)?.into_iter().map(|(_, set)| set));
+                }
+                Ok((dataset_texts(&sets), "train+dev".to_string()))
+            }
+            Some(path) => Ok((file_texts(path)?, path.display().to_string())),
+        }
+    }
+}
+
+/// What vocabulary pruning kept, and what it did to dev.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct VocabReport {
+    /// Where the corpus came from: `train+dev` or the file.
+    pub corpus: String,
+    /// Texts in the corpus (a sentence pair counts twice).
+    pub corpus_texts: usize,
+    /// Tokens kept, special tokens included.
+    pub kept: usize,
+    /// Tokens before.
+    pub of: usize,
+    /// Share of dev input tokens that are the unknown token, before and after.
+    pub dev_unknown_rate_before: f64,
+    /// The same with the pruned tokenizer.
+    pub dev_unknown_rate_after: f64,
+}
+
+impl VocabReport {
+    /// One line: what was kept, and the unknown-token rate on dev.
+    pub fn summary(&self) -> String {
+        format!(
+            "vocabulary: kept {} of {} tokens ({} texts of {}); [UNK] on dev {:.3}% -> {:.3}%",
+            self.kept,
+            self.of,
+            self.corpus_texts,
+            self.corpus,
+            self.dev_unknown_rate_before * 100.0,
+            self.dev_unknown_rate_after * 100.0
+        )
+    }
+}
+
+/// Vocabulary pruning as a stage of a pipeline: exact on its corpus, so it takes no decision. It
+/// changes the tokenizer, so it is the last stage, and the pipeline encodes the run's data anew
+/// to judge the result as it will run.
+pub struct Vocab {
+    settings: VocabSettings,
+}
+
+impl Vocab {
+    /// The stage.
+    pub fn new(settings: VocabSettings) -> Self {
+        Vocab { settings }
+    }
+}
+
+impl Pass for Vocab {
+    type Settings = VocabSettings;
+    type Report = VocabReport;
+
+    fn name(&self) -> &'static str {
+        "vocab"
+    }
+
+    fn settings(&self) -> &VocabSettings {
+        &self.settings
+    }
+
+    fn run(
+        &self,
+        model: Model,
+        ctx: &StageContext,
+        _journal: &mut Journal,
+    ) -> Result<PassOutput<VocabReport>> {
+        let (texts, corpus) = self.settings.texts(ctx.data)?;
+        let (pruned, kept) = prune_vocabulary(&model, &texts)?;
+        let dev = ctx.data.first("dev")?;
+        let after = pruned.text_encoder(ctx.max_length)?;
+        let report = VocabReport {
+            corpus,
+            corpus_texts: texts.len(),
+            kept: kept.len(),
+            of: model.config.vocab_size,
+            dev_unknown_rate_before: unknown_rate(&encode(&dev, "", ctx.encoder)?, ctx.encoder),
+            dev_unknown_rate_after: unknown_rate(&encode(&dev, "", &after)?, &after),
+        };
+        ctx.log(&report.summary());
+        Ok(PassOutput {
+            model: pruned,
+            details: report,
+            alternatives: Vec::new(),
+            files: Vec::new(),
+        })
+    }
+
+    fn retokenizes(&self) -> bool {
+        true
+    }
+
+    fn summary(&self, report: &VocabReport) -> Option<String> {
+        Some(report.summary())
+    }
+}
+
+/// Share of the tokens of `set` that are `encoder`'s unknown token.
+fn unknown_rate(set: &EncodedSet, encoder: &TextEncoder) -> f64 {
+    let Some(unk) = encoder.unknown_id() else {
+        return 0.0;
+    };
+    let ids = set.sequences.iter().flat_map(|s| &s.ids);
+    let (unknown, total) = ids.fold((0usize, 0usize), |(u, t), &i| {
+        (u + usize::from(i == unk), t + 1)
+    });
+    if total == 0 {
+        0.0
+    } else {
+        unknown as f64 / total as f64
     }
 }
 

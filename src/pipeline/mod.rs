@@ -5,14 +5,15 @@
 //! 1. load the model, its labels and tokenizer; check the destination; open the progress journal;
 //! 2. find the data and split it: the selection split decides, the report split and dev judge;
 //! 3. score the original model: the run's tolerance is measured from it;
-//! 4. run each stage on the selection engine, journaling every decision (for `--resume`);
+//! 4. run each stage on the selection engine, journaling every decision (for `--resume`); after
+//!    a stage that changes the tokenizer (`vocab`, the last), encode the data anew;
 //! 5. compare the original and the compressed model on every split;
 //! 6. export atomically, with `report.json` and `timing.json`.
 
 pub mod evaluation;
 pub mod report;
+pub mod retokenize;
 pub mod tolerance;
-pub mod vocabulary;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -42,7 +43,7 @@ use crate::passes::quantize::{Quantize, QuantizeSettings};
 use crate::passes::recover::Recover;
 use crate::passes::select::SelectionBatches;
 use crate::passes::shape::{ShapePass, ShapeSettings};
-use crate::passes::vocab::VocabCorpus;
+use crate::passes::vocab::{Vocab, VocabSettings};
 use crate::passes::{Alternative, Stage, StageContext};
 use crate::scoring::goal::Mode;
 use crate::scoring::guard::check_confidence;
@@ -55,8 +56,8 @@ use report::{
     points, promise_warnings, AlternativeReport, BeforeAfter, DataReport, RunReport, StageReport,
     Timing, ToleranceReport,
 };
+use retokenize::{encode_anew, Reencoded};
 use tolerance::MaxDrop;
-use vocabulary::VocabReport;
 
 /// Dev sentences timed for the latency figures.
 const LATENCY_SAMPLES: usize = 64;
@@ -77,6 +78,8 @@ pub enum StageSpec {
     Bsp(Box<BspSettings>),
     /// A smaller uniform model of the same family (layers, heads, FFN width, hidden size).
     Shape(ShapeSettings),
+    /// Keep the word embeddings of the tokens a corpus produces (the last stage).
+    Vocab(VocabSettings),
 }
 
 impl StageSpec {
@@ -90,6 +93,10 @@ impl StageSpec {
             StageSpec::Quantize(mut s) => {
                 s.significance = s.significance.map(|p| base.join(p));
                 StageSpec::Quantize(s)
+            }
+            StageSpec::Vocab(mut s) => {
+                s.corpus = s.corpus.map(|p| base.join(p));
+                StageSpec::Vocab(s)
             }
             other => other,
         }
@@ -112,6 +119,14 @@ impl StageSpec {
         }
     }
 
+    /// The corpus file a vocabulary stage reads, when it names one.
+    pub fn corpus_file(&self) -> Option<&Path> {
+        match self {
+            StageSpec::Vocab(s) => s.corpus.as_deref(),
+            _ => None,
+        }
+    }
+
     /// True for a prune stage that removes within a tolerance (size or speed mode).
     fn prunes_within_a_tolerance(&self) -> bool {
         matches!(self, StageSpec::Prune(s) if s.mode != Mode::Accuracy)
@@ -125,8 +140,22 @@ impl StageSpec {
             StageSpec::Recover(settings) => Ok(Box::new(Recover::new(settings.clone(), hub)?)),
             StageSpec::Bsp(settings) => Ok(Box::new(Bsp::new(settings.as_ref().clone())?)),
             StageSpec::Shape(settings) => Ok(Box::new(ShapePass::new(settings.clone())?)),
+            StageSpec::Vocab(settings) => Ok(Box::new(Vocab::new(settings.clone()))),
         }
     }
+}
+
+/// `stages` with the vocabulary stage `--vocab` (or a config's `vocab` key) asks for: it
+/// replaces the settings of a vocab stage the stages already end with, or is appended.
+pub fn with_vocab(mut stages: Vec<StageSpec>, vocab: Option<VocabSettings>) -> Vec<StageSpec> {
+    let Some(vocab) = vocab else {
+        return stages;
+    };
+    if matches!(stages.last(), Some(StageSpec::Vocab(_))) {
+        stages.pop();
+    }
+    stages.push(StageSpec::Vocab(vocab));
+    stages
 }
 
 /// The selection data a run of `stages` decides on unless told otherwise: 2,000 perturbed train
@@ -171,8 +200,6 @@ pub struct RunSettings {
     pub confidence: f64,
     /// The stages, in order.
     pub stages: Vec<StageSpec>,
-    /// Prune the vocabulary to this corpus after the stages.
-    pub vocab: Option<VocabCorpus>,
     /// Write the weights in this float precision (the model is judged as written); default:
     /// the input's.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -266,8 +293,6 @@ pub fn progress_path(out: &Path) -> PathBuf {
     out.with_file_name(format!("{name}.progress.json"))
 }
 
-/// Every path the run reads: the model directory, a recovery's local teacher directory, the
-/// data, `--test`, a selection file, a vocabulary corpus file, significance reports and the
 /// The inputs the run's settings name besides the model and the data: a selection file, a
 /// vocabulary corpus file, significance reports and a recovery's local teacher directory.
 fn named_inputs(spec: &RunSettings) -> Vec<&Path> {
@@ -275,14 +300,9 @@ fn named_inputs(spec: &RunSettings) -> Vec<&Path> {
         SelectOn::File(path) => Some(path.as_path()),
         _ => None,
     };
-    let corpus = match &spec.vocab {
-        Some(VocabCorpus::File(path)) => Some(path.as_path()),
-        _ => None,
-    };
     let stages = spec.stages.iter();
-    let per_stage = stages.flat_map(|s| [s.significance(), s.teacher_dir()]);
-    [selection, corpus]
-        .into_iter()
+    let per_stage = stages.flat_map(|s| [s.significance(), s.teacher_dir(), s.corpus_file()]);
+    std::iter::once(selection)
         .chain(per_stage)
         .flatten()
         .collect()
@@ -357,26 +377,19 @@ pub fn run(spec: &RunSettings, out: &Output, quiet: bool) -> Result<Finished> {
         quiet,
     };
     run.log_start(baseline);
-    // 4. Every stage, on the selection engine.
-    let (model, stages) = run.stages(&passes, baseline, &mut journal)?;
+    // 4. Every stage, on the selection engine; a vocabulary stage re-encodes the data.
+    let staged = run.stages(&passes, baseline, &mut journal)?;
     let model = match spec.dtype {
-        Some(dtype) => model.stored_as(dtype)?,
-        None => model,
+        Some(dtype) => staged.model.stored_as(dtype)?,
+        None => staged.model,
     };
-    // 4b. Vocabulary pruning: exact on its corpus; the data is encoded anew for the judge.
     let original = ModelOnData {
         model: &setup.model,
         splits: &splits,
         test: test.as_ref(),
     };
-    let pruned = (spec.vocab.as_ref())
-        .map(|corpus| vocabulary::prune(corpus, &model, spec, &setup, &splits))
-        .transpose()?;
-    let compressed = match &pruned {
-        Some(p) => {
-            run.log(&p.report.summary());
-            p.subject()
-        }
+    let compressed = match &staged.reencoded {
+        Some(data) => data.subject(&model),
         None => ModelOnData {
             model: &model,
             ..original
@@ -385,11 +398,9 @@ pub fn run(spec: &RunSettings, out: &Output, quiet: bool) -> Result<Finished> {
     // 5. The original and the compressed model on every split.
     let evaluation = run.judge().compare(&original, &compressed)?;
     // 6. Export with report.json and timing.json; the progress file has served its purpose.
-    let model = compressed.model;
-    let vocab = pruned.as_ref().map(|p| p.report.clone());
-    let history = history(spec, &setup.model, &passes, &splits, vocab.as_ref())?;
-    let prepared = prepare(model, &history)?;
-    let report = run.report(model, &prepared, baseline, stages, evaluation, vocab);
+    let history = history(spec, &setup.model, &passes, &splits)?;
+    let prepared = prepare(&model, &history)?;
+    let report = run.report(&model, &prepared, baseline, staged.reports, evaluation);
     let timing = timing(started, [&original, &compressed])?;
     let mut files = vec![
         ("report.json", pretty_json(&report)?),
@@ -408,9 +419,18 @@ fn build_passes(spec: &RunSettings) -> Result<Vec<Box<dyn Stage>>> {
         bail!("the pipeline has no stages; add at least one [[stages]] entry");
     }
     let last = spec.stages.len() - 1;
-    if let Some(i) = (0..last).find(|&i| matches!(spec.stages[i], StageSpec::Quantize(_))) {
+    if let Some(i) = (0..last).find(|&i| matches!(spec.stages[i], StageSpec::Vocab(_))) {
         bail!(
-            "stage {} is quantize but stage {} follows it; quantization must be the last stage",
+            "stage {} is vocab but stage {} follows it; vocabulary pruning changes the tokenizer, so it must be the last stage",
+            i + 1,
+            i + 2
+        );
+    }
+    let quantize = |i: usize| matches!(spec.stages[i], StageSpec::Quantize(_));
+    let vocab_after = |i: usize| i + 1 == last && matches!(spec.stages[last], StageSpec::Vocab(_));
+    if let Some(i) = (0..last).find(|&i| quantize(i) && !vocab_after(i)) {
+        bail!(
+            "stage {} is quantize but stage {} follows it; quantization must be the last stage (only a vocab stage may follow it)",
             i + 1,
             i + 2
         );
@@ -461,37 +481,34 @@ impl Run<'_> {
         passes: &[Box<dyn Stage>],
         baseline: Score,
         journal: &mut Journal,
-    ) -> Result<(Model, Vec<StageReport>)> {
+    ) -> Result<Staged> {
         let mut model = self.setup.model.clone();
         let mut before = baseline;
         let mut reports = Vec::new();
+        let mut reencoded = None;
         for (stage, pass) in passes.iter().enumerate() {
-            let ctx = StageContext {
-                source: &self.spec.model,
-                task: self.spec.task,
-                labels: &self.setup.labels,
-                selection: &self.splits.selection,
-                held_out_train: &self.held_out_train,
-                batches: self.batches,
-                floor: self.floor,
-                recovery_follows: passes[stage + 1..].iter().any(|p| p.recovers()),
-                stage,
-                batch_size: self.spec.batch_size,
-                max_length: self.setup.max_length,
-                quiet: self.quiet,
-                original: &self.setup.model,
-                data: &self.setup.data,
-                encoder: &self.setup.encoder,
-            };
+            let ctx = self.context(passes, stage);
             ctx.log(&format!(
                 "stage {}: {} {}",
                 stage + 1,
                 pass.name(),
                 pass.settings_value()?
             ));
-            let out = pass.run_stage(model, &ctx, journal)?;
+            let (out, summary) = pass.run_stage(model, &ctx, journal)?;
             model = out.model;
-            let after = self.batches.score(&model)?;
+            let after = match pass.retokenizes() {
+                false => self.batches.score(&model)?,
+                true => {
+                    let data = encode_anew(&model, self.spec, self.setup, self.splits)?;
+                    let set = &data.splits.selection.set;
+                    let score = self
+                        .batches
+                        .encoded_anew(&model, set, self.spec.batch_size)?
+                        .score(&model)?;
+                    reencoded = Some(data);
+                    score
+                }
+            };
             reports.push(StageReport {
                 pass: pass.name(),
                 settings: pass.settings_value()?,
@@ -501,11 +518,47 @@ impl Run<'_> {
                 details: out.details,
                 alternatives: self.alternatives(&out.alternatives)?,
                 files: out.files,
+                summary,
             });
             before = after;
         }
-        Ok((model, reports))
+        Ok(Staged {
+            model,
+            reports,
+            reencoded,
+        })
     }
+
+    /// What stage number `stage` of `passes` may use.
+    fn context<'s>(&'s self, passes: &[Box<dyn Stage>], stage: usize) -> StageContext<'s> {
+        StageContext {
+            source: &self.spec.model,
+            task: self.spec.task,
+            labels: &self.setup.labels,
+            selection: &self.splits.selection,
+            held_out_train: &self.held_out_train,
+            batches: self.batches,
+            floor: self.floor,
+            recovery_follows: passes[stage + 1..].iter().any(|p| p.recovers()),
+            stage,
+            batch_size: self.spec.batch_size,
+            max_length: self.setup.max_length,
+            quiet: self.quiet,
+            original: &self.setup.model,
+            data: &self.setup.data,
+            encoder: &self.setup.encoder,
+        }
+    }
+}
+
+/// What the stages produced.
+struct Staged {
+    /// The compressed model.
+    model: Model,
+    /// One report per stage.
+    reports: Vec<StageReport>,
+    /// The run's data as the model's tokenizer encodes it, after a stage that changed it.
+    reencoded: Option<Reencoded>,
 }
 
 impl Run<'_> {
@@ -597,7 +650,6 @@ impl Run<'_> {
         baseline: Score,
         stages: Vec<StageReport>,
         evaluation: Vec<Comparison>,
-        vocabulary: Option<VocabReport>,
     ) -> RunReport {
         let (spec, original) = (self.spec, &self.setup.model);
         let last = stages.last().map_or(baseline, |s| s.selection_after);
@@ -634,7 +686,6 @@ impl Run<'_> {
                 warnings: promise_warnings(&evaluation, spec.max_drop),
             },
             stages,
-            vocabulary,
             evaluation,
             parameters: BeforeAfter::new(
                 original.parameter_count() as u64,
@@ -710,7 +761,6 @@ fn history(
     original: &Model,
     passes: &[Box<dyn Stage>],
     splits: &Splits,
-    vocab: Option<&VocabReport>,
 ) -> Result<Vec<Value>> {
     let mut history: Vec<Value> = original
         .config
@@ -728,9 +778,6 @@ fn history(
             "selection": splits.selection.info,
             "source_model": spec.model,
         }));
-    }
-    if let Some(v) = vocab {
-        history.push(json!({"pass": "vocab", "settings": v, "source_model": spec.model}));
     }
     Ok(history)
 }

@@ -34,8 +34,6 @@ pub struct RunReport {
     pub tolerance: ToleranceReport,
     /// One entry per stage, in order.
     pub stages: Vec<StageReport>,
-    /// Vocabulary pruning after the stages, if asked for.
-    pub vocabulary: Option<super::vocabulary::VocabReport>,
     /// Original vs compressed model on every split.
     pub evaluation: Vec<Comparison>,
     /// Parameters before and after.
@@ -155,6 +153,9 @@ pub struct StageReport {
     /// Files the pass writes beside `report.json` (name, bytes).
     #[serde(skip)]
     pub files: Vec<(String, Vec<u8>)>,
+    /// The pass's line of the human summary, if it has one ([`crate::passes::Pass::summary`]).
+    #[serde(skip)]
+    pub summary: Option<String>,
 }
 
 /// A model a stage's result is compared with (e.g. uniform int8 beside mixed precision).
@@ -230,8 +231,8 @@ pub fn render(report: &RunReport, timing: &Timing, out: &str) -> String {
         report.data.location,
         report.data.origin.name()
     );
-    if let Some(v) = &report.vocabulary {
-        let _ = writeln!(s, "  {}", v.summary());
+    for line in report.stages.iter().filter_map(|st| st.summary.as_ref()) {
+        let _ = writeln!(s, "  {line}");
     }
     render_evaluation(&mut s, report);
     render_tolerance(&mut s, report);

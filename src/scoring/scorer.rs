@@ -6,6 +6,7 @@ use crate::data::task::Task;
 use crate::evaluate::{self, example_loss, predicted_label, LossAndMetrics};
 
 /// Turns logits rows into per-example losses, predictions and metrics for a task.
+#[derive(Clone)]
 pub struct Scorer<'a> {
     task: Task,
     labels: &'a LabelMap,
@@ -20,6 +21,11 @@ impl<'a> Scorer<'a> {
             labels,
             targets,
         }
+    }
+
+    /// Model outputs → task labels.
+    pub fn labels(&self) -> &'a LabelMap {
+        self.labels
     }
 
     /// Loss of example `ex` given its logits.
