@@ -10,15 +10,14 @@ use crate::data::batch::BatchOrder;
 use crate::data::splits::SelectOn;
 use crate::data::task::Task;
 use crate::formats::quant::Execution;
-use crate::kernels::attention_mode::{Keep, KeySelector};
 use crate::model::runtime::{Nonfinite, Runtime};
 use crate::model::source::HubAccess;
 use crate::model::storage::StorageDtype;
+use crate::passes::attention::AttentionFlags;
 use crate::passes::prune::PruneFlags;
 use crate::passes::quantize::{BitsChoice, QuantizeFlags};
 use crate::passes::vocab::VocabChoice;
 use crate::pipeline::tolerance::MaxDrop;
-use crate::scoring::goal::Mode;
 
 /// Make fine-tuned BERT-family models faster, smaller and sometimes more accurate for one task.
 #[derive(Debug, Parser)]
@@ -347,18 +346,9 @@ pub struct AttentionArgs {
     /// Selection data.
     #[command(flatten)]
     pub selection: SelectionArgs,
-    /// How each query's kept keys are chosen: sign-match (most matching signs, on packed sign
-    /// bits) or hard-topk (largest scores).
-    #[arg(long, value_enum)]
-    pub method: KeySelector,
-    /// Keys kept per query, tried per layer from fewest to most, comma-separated: a number
-    /// (`4`) or a fraction of the unpadded length (`0.25`) [default: 0.125,0.25,0.5].
-    #[arg(long, value_parser = Keep::parse, value_delimiter = ',')]
-    pub k: Vec<Keep>,
-    /// accuracy: keep a switch only if the selection metric does not drop; size / speed: switch
-    /// as many layers as --max-drop allows (the same decisions: attention holds no parameters).
-    #[arg(long, value_enum, default_value = "accuracy")]
-    pub mode: Mode,
+    /// Attention settings.
+    #[command(flatten)]
+    pub attention: AttentionFlags,
     /// Tolerance, test data, resume.
     #[command(flatten)]
     pub run: RunArgs,

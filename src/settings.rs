@@ -213,6 +213,7 @@ pub fn help(doc: &[&str], shown: &str) -> clap::builder::StyledStr {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::passes::attention::AttentionSettings;
     use crate::passes::bsp::BspSettings;
     use crate::passes::prune::{PruneFlags, PruneSettings};
     use crate::passes::quantize::QuantizeSettings;
@@ -232,6 +233,7 @@ mod tests {
             ("quantize", QuantizeSettings::KEYS),
             ("recover", TrainSettings::KEYS),
             ("bsp", BspSettings::KEYS),
+            ("attention", AttentionSettings::KEYS),
         ] {
             page += &format!("\n## `pass = \"{pass}\"`\n\n{}", reference_table(keys));
         }
@@ -292,7 +294,8 @@ mod tests {
         let checked = check_shown_defaults::<PruneSettings>(PruneSettings::KEYS)
             + check_shown_defaults::<QuantizeSettings>(QuantizeSettings::KEYS)
             + check_shown_defaults::<TrainSettings>(TrainSettings::KEYS)
-            + check_shown_defaults::<BspSettings>(BspSettings::KEYS);
+            + check_shown_defaults::<BspSettings>(BspSettings::KEYS)
+            + check_shown_defaults::<AttentionSettings>(AttentionSettings::KEYS);
         assert!(checked >= 30, "only {checked} defaults could be checked");
         assert_eq!(says("2", &serde_json::json!(3)), Some(false));
     }

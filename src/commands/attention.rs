@@ -10,11 +10,7 @@ use crate::pipeline::StageSpec;
 
 /// Runs `axcompress attention`.
 pub fn run(args: &AttentionArgs, cli: &Cli) -> Result<()> {
-    let stage = StageSpec::Attention(AttentionSettings {
-        method: args.method,
-        k: (!args.k.is_empty()).then(|| args.k.clone()),
-        mode: args.mode,
-    });
+    let stage = StageSpec::Attention(args.attention.apply(AttentionSettings::default()));
     let (a, stages) = (args, vec![stage]);
     run_stages(&a.model, &a.task, &a.selection, &a.run, &a.out, stages, cli)
 }

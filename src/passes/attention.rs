@@ -30,23 +30,28 @@ pub const DEFAULT_GRID: [Keep; 3] = [
     Keep::Fraction(0.5),
 ];
 
-/// Settings of the attention pass (command-line flags and `[[stages]]` keys of a config).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AttentionSettings {
-    /// How kept keys are chosen.
-    pub method: KeySelector,
-    /// The K tried per layer, smallest first (absent: [`DEFAULT_GRID`]; an empty list is
-    /// refused).
-    #[serde(default)]
-    pub k: Option<Vec<Keep>>,
-    /// What a switch must preserve.
-    #[serde(default = "accuracy")]
-    pub mode: Mode,
-}
-
-fn accuracy() -> Mode {
-    Mode::Accuracy
+crate::settings! {
+    /// Settings of the attention pass: `[[stages]]` keys of a config, and flags.
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct AttentionSettings;
+    /// Settings of an attention stage as flags. Unset flags take their defaults.
+    pub struct AttentionFlags;
+    {
+        /// How each query's kept keys are chosen: sign-match (most matching signs, on packed
+        /// sign bits) or hard-topk (largest scores).
+        #[flag(long, value_enum)]
+        method: KeySelector = KeySelector::SignMatch, "sign-match";
+        /// Keys kept per query, tried per layer from fewest to most, comma-separated: a number
+        /// (`4`) or a fraction of the unpadded length (`0.25`); an empty list is refused.
+        #[flag_opt(long, value_parser = Keep::parse, value_delimiter = ',')]
+        k: Vec<Keep> = None, "0.125,0.25,0.5";
+        /// accuracy: keep a switch only if the selection metric does not drop; size / speed:
+        /// switch as many layers as --max-drop allows (the same decisions: attention holds no
+        /// parameters).
+        #[flag(long, value_enum)]
+        mode: Mode = Mode::Accuracy, "accuracy";
+    }
 }
 
 /// The loss change of switching one layer's attention, at the grid's smallest K.
