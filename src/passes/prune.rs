@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use super::compensate::{proposed_ffn, FfnCompensation};
+use super::compensate::{proposed_ffn, FfnCompensation, Proposal};
 use super::journal::{Journal, TrialRecord};
 use super::reconstruct::{reconstruct, BlockFit, DEFAULT_RIDGE};
 use super::select::{Engine, Trial};
@@ -360,31 +360,17 @@ impl Pass for Prune {
                 format!("{step}: a candidate from the progress file or the significance report does not fit the model; delete the progress file (or run without --resume)")
             })?;
             let floor = self.level_rule(rule, start, index, rounds * levels.len());
-            // Compensated trials already include most of the re-fit: they get no slack.
-            let compensate = level == Level::Groups && reconstructs && self.settings.compensate;
-            let level_run = LevelRun {
-                level,
-                rule: match compensate {
-                    true => floor,
-                    false => self.search_rule(floor, start, reconstructs),
-                },
-                patience: self.settings.patience,
-                compensate,
-            };
+            let level_run = self.level_run(level, floor, start, reconstructs);
             let input = model.clone();
             let (sliced, plan, mut outcome, replayed) =
                 level_run.run(model, &order, &mut budget, ctx, journal)?;
             let (next, plan) = match reconstructs && !outcome.removed.is_empty() {
                 true => {
-                    let floor = match floor.floor() {
-                        Some(f) => Settled::Guarded(f),
-                        None => Settled::NotBelow(ctx.batches.score(&input)?.metric),
-                    };
                     let settle = Settle {
                         original: &original,
                         input: &input,
-                        floor,
-                        compensated: compensate,
+                        floor: Settled::of_rule(floor, &input, ctx)?,
+                        compensated: level_run.compensate,
                         calibration,
                     };
                     settle.run(self.settings.ridge, &mut outcome, ctx)?
@@ -393,15 +379,7 @@ impl Pass for Prune {
             };
             plain = plain.slice(&plan)?;
             model = next;
-            ctx.log(&format!(
-                "{}: removed {} of {} ({} decided, {replayed} replayed from the progress file, {} taken back after the re-fit), the search ended at selection {:.4}",
-                level.name(),
-                outcome.removed.len(),
-                outcome.candidates,
-                outcome.trials.len(),
-                outcome.undone,
-                outcome.score.metric
-            ));
+            ctx.log(&outcome.summary(replayed));
             outcomes.push(outcome);
         }
         Ok(PassOutput {
@@ -413,6 +391,38 @@ impl Pass for Prune {
             },
             files: Vec::new(),
         })
+    }
+}
+
+impl Prune {
+    /// The search of `level` under the level's `floor`: compensated FFN group trials already
+    /// include most of the re-fit, so they get no slack; the others get the search's.
+    fn level_run(&self, level: Level, floor: Rule, start: f64, reconstructs: bool) -> LevelRun {
+        let compensate = level == Level::Groups && reconstructs && self.settings.compensate;
+        LevelRun {
+            level,
+            rule: match compensate {
+                true => floor,
+                false => self.search_rule(floor, start, reconstructs),
+            },
+            patience: self.settings.patience,
+            compensate,
+        }
+    }
+}
+
+impl LevelOutcome {
+    /// The log line of a finished level.
+    fn summary(&self, replayed: usize) -> String {
+        format!(
+            "{}: removed {} of {} ({} decided, {replayed} replayed from the progress file, {} taken back after the re-fit), the search ended at selection {:.4}",
+            self.level.name(),
+            self.removed.len(),
+            self.candidates,
+            self.trials.len(),
+            self.undone,
+            self.score.metric
+        )
     }
 }
 
@@ -437,11 +447,9 @@ impl LevelRun {
         ctx: &StageContext,
         journal: &mut Journal,
     ) -> Result<(Model, Vec<LayerKeep>, LevelOutcome, usize)> {
-        let input = model.clone();
+        let mut compensations = Compensations::new(model.clone());
         let mut engine = Engine::new(model, ctx.batches)?;
         let mut plan = engine.model().keep_all();
-        let mut compensations: Vec<Option<FfnCompensation>> =
-            (0..input.num_layers()).map(|_| None).collect();
         let bar = progress::bar(order.len() as u64, self.level.name(), ctx.quiet);
         let (mut trials, mut removed, mut replayed) = (Vec::new(), Vec::new(), 0);
         let mut stop = Stop::Exhausted;
@@ -462,27 +470,15 @@ impl LevelRun {
             *budget -= 1;
             let (trial, proposal) = match (self.compensate, e) {
                 (true, Element::Group { layer, neurons, .. }) => {
-                    if compensations[*layer].is_none() {
-                        let entering = engine.states_entering(*layer)?;
-                        compensations[*layer] = Some(FfnCompensation::new(
-                            &engine.model().layers[*layer],
-                            plan[*layer].neurons.clone().context("the FFN is removed")?,
-                            &entering,
-                            &ctx.batches.batches,
-                        )?);
-                    }
-                    let comp = compensations[*layer].as_ref().expect("just made");
-                    let proposal = comp.propose(neurons)?;
-                    let mut model = engine.model().clone();
-                    let ffn = input.layers[*layer].ffn.as_ref().context("no FFN")?;
-                    model.layers[*layer].ffn = Some(proposed_ffn(ffn, &proposal)?);
-                    let trial = Trial {
-                        layer: Some(*layer),
-                        model: Some(model),
-                        gates: None,
-                        label: short_name(e),
-                    };
-                    (trial, Some((*layer, proposal)))
+                    let (trial, proposal) =
+                        compensations.trial(*layer, neurons, &plan, &mut engine, ctx)?;
+                    (
+                        Trial {
+                            label: short_name(e),
+                            ..trial
+                        },
+                        Some((*layer, proposal)),
+                    )
                 }
                 _ => {
                     let trial = Trial {
@@ -498,8 +494,7 @@ impl LevelRun {
             replayed += usize::from(verdict.replayed);
             if let (true, Some(after)) = (verdict.accepted, verdict.score) {
                 if let Some((layer, proposal)) = &proposal {
-                    let comp = compensations[*layer].as_mut().expect("made for the trial");
-                    comp.accept(proposal)?;
+                    compensations.accept(*layer, proposal)?;
                 }
                 plan = tentative;
                 removed.push(Removal {
@@ -535,6 +530,60 @@ impl LevelRun {
     }
 }
 
+/// The output-projection corrections of a level's compensated FFN group trials, one per layer,
+/// made when the layer's first group is tried.
+struct Compensations {
+    /// The level's input model (the FFNs the corrections start from).
+    input: Model,
+    per_layer: Vec<Option<FfnCompensation>>,
+}
+
+impl Compensations {
+    fn new(input: Model) -> Self {
+        let per_layer = (0..input.num_layers()).map(|_| None).collect();
+        Compensations { input, per_layer }
+    }
+
+    /// The trial of removing `neurons` from `layer`'s FFN with its output projection corrected
+    /// (the engine's model, that FFN replaced; unlabelled), and the correction it proposes.
+    fn trial(
+        &mut self,
+        layer: usize,
+        neurons: &[usize],
+        plan: &[LayerKeep],
+        engine: &mut Engine,
+        ctx: &StageContext,
+    ) -> Result<(Trial, Proposal)> {
+        if self.per_layer[layer].is_none() {
+            let entering = engine.states_entering(layer)?;
+            self.per_layer[layer] = Some(FfnCompensation::new(
+                &engine.model().layers[layer],
+                plan[layer].neurons.clone().context("the FFN is removed")?,
+                &entering,
+                &ctx.batches.batches,
+            )?);
+        }
+        let comp = self.per_layer[layer].as_ref().expect("just made");
+        let proposal = comp.propose(neurons)?;
+        let mut model = engine.model().clone();
+        let ffn = self.input.layers[layer].ffn.as_ref().context("no FFN")?;
+        model.layers[layer].ffn = Some(proposed_ffn(ffn, &proposal)?);
+        let trial = Trial {
+            layer: Some(layer),
+            model: Some(model),
+            gates: None,
+            label: String::new(),
+        };
+        Ok((trial, proposal))
+    }
+
+    /// Keeps an accepted trial's correction for the layer's next trials.
+    fn accept(&mut self, layer: usize, proposal: &Proposal) -> Result<()> {
+        let comp = self.per_layer[layer].as_mut().expect("made for the trial");
+        comp.accept(proposal)
+    }
+}
+
 /// After a level: the re-fit of all its accepted removals when that holds `floor`; otherwise the
 /// longest prefix that holds it, re-fit (a binary search over the prefixes longer than the plain
 /// one) or, when no longer prefix holds re-fit, the longest that the search left holding it
@@ -560,6 +609,15 @@ enum Settled {
 }
 
 impl Settled {
+    /// What a level decided under `rule` must hold after its re-fit: the rule's floor, else
+    /// (no floor) the metric of the level's `input`.
+    fn of_rule(rule: Rule, input: &Model, ctx: &StageContext) -> Result<Self> {
+        Ok(match rule.floor() {
+            Some(f) => Settled::Guarded(f),
+            None => Settled::NotBelow(ctx.batches.score(input)?.metric),
+        })
+    }
+
     fn holds(self, score: &Score) -> bool {
         match self {
             Settled::Guarded(f) => score.judged() >= f,
