@@ -217,6 +217,8 @@ mod tests {
     use crate::passes::bsp::BspSettings;
     use crate::passes::prune::{PruneFlags, PruneSettings};
     use crate::passes::quantize::QuantizeSettings;
+    use crate::passes::shape::ShapeSettings;
+    use crate::passes::vocab::VocabSettings;
     use crate::train::fit::TrainSettings;
 
     /// docs/settings.md as the declarations give it.
@@ -234,6 +236,8 @@ mod tests {
             ("recover", TrainSettings::KEYS),
             ("bsp", BspSettings::KEYS),
             ("attention", AttentionSettings::KEYS),
+            ("shape", ShapeSettings::KEYS),
+            ("vocab", VocabSettings::KEYS),
         ] {
             page += &format!("\n## `pass = \"{pass}\"`\n\n{}", reference_table(keys));
         }
@@ -295,7 +299,9 @@ mod tests {
             + check_shown_defaults::<QuantizeSettings>(QuantizeSettings::KEYS)
             + check_shown_defaults::<TrainSettings>(TrainSettings::KEYS)
             + check_shown_defaults::<BspSettings>(BspSettings::KEYS)
-            + check_shown_defaults::<AttentionSettings>(AttentionSettings::KEYS);
+            + check_shown_defaults::<AttentionSettings>(AttentionSettings::KEYS)
+            + check_shown_defaults::<ShapeSettings>(ShapeSettings::KEYS)
+            + check_shown_defaults::<VocabSettings>(VocabSettings::KEYS);
         assert!(checked >= 30, "only {checked} defaults could be checked");
         assert_eq!(says("2", &serde_json::json!(3)), Some(false));
     }

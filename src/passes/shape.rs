@@ -29,19 +29,22 @@ use crate::model::shape::{top_dimensions, Shape};
 use crate::model::Model;
 use crate::scoring::batch::ScoringBatch;
 
-/// The `[[stages]]` keys of a `shape` stage: the sizes to cut to (unset: keep the model's).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
-pub struct ShapeSettings {
-    /// Encoder layers to keep.
-    pub layers: Option<usize>,
-    /// Hidden size to keep; the heads follow, `hidden / head size` in every layer.
-    pub hidden: Option<usize>,
-    /// FFN width of every layer.
-    pub ffn: Option<usize>,
-    /// Selection sentences the heads, neurons and hidden dimensions are ranked on (default 512;
-    /// layers are ranked on all of them).
-    pub examples: Option<usize>,
+crate::settings! {
+    /// The `[[stages]]` keys of a `shape` stage: the sizes to cut to (unset: keep the model's).
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct ShapeSettings;
+    {
+        /// Encoder layers to keep.
+        layers: Option<usize> = None, "the model's";
+        /// Hidden size to keep; the heads follow, `hidden / head size` in every layer.
+        hidden: Option<usize> = None, "the model's";
+        /// FFN width of every layer.
+        ffn: Option<usize> = None, "the model's";
+        /// Selection sentences the heads, neurons and hidden dimensions are ranked on (layers
+        /// are ranked on all of them).
+        examples: Option<usize> = None, "512";
+    }
 }
 
 /// Selection sentences the significance is measured on, unless set.

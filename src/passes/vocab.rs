@@ -34,14 +34,16 @@ const CONFIG_TOKEN_IDS: [&str; 5] = [
     "cls_token_id",
 ];
 
-/// The settings of a vocabulary stage (`[[stages]] pass = "vocab"`, or `--vocab corpus`).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct VocabSettings {
-    /// The corpus: a text file, one text per line, tab-separated fields tokenized separately
-    /// (`--vocab-corpus`); none: the task's train and dev splits.
-    #[serde(default)]
-    pub corpus: Option<PathBuf>,
+crate::settings! {
+    /// The settings of a vocabulary stage (`[[stages]] pass = "vocab"`, or `--vocab corpus`).
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct VocabSettings;
+    {
+        /// The corpus: a text file, one text per line, tab-separated fields tokenized separately
+        /// (`--vocab-corpus`, relative to the config); unset: the task's train and dev splits.
+        corpus: Option<PathBuf> = None, "train + dev";
+    }
 }
 
 /// `--vocab`: which vocabulary to keep.
