@@ -47,28 +47,7 @@ pub fn run(args: &AnalyzeArgs, cli: &Cli) -> Result<()> {
             args.model.model, data.examples, data.source, data.path
         ),
     );
-    let mut levels = args.levels.clone();
-    levels.sort();
-    levels.dedup();
-    let needs_taylor = args.method != Method::Ablation || levels.contains(&Level::Groups);
-    let taylor_examples = match (needs_taylor, args.taylor_examples, args.method) {
-        (false, _, _) => 0,
-        (true, Some(CountOrAll::Count(k)), _) => k,
-        (true, None, Method::Ablation) => 512,
-        (true, Some(CountOrAll::All), _) | (true, None, _) => usize::MAX,
-    };
-    let settings = Settings {
-        method: args.method,
-        levels,
-        group_size: args.group_size,
-        exact_groups: match args.exact_groups {
-            CountOrAll::Count(k) => Some(k),
-            CountOrAll::All => None,
-        },
-        taylor_examples: taylor_examples.min(set.sequences.len()),
-        batch_size: args.task.batch_size,
-        max_length: setup.max_length,
-    };
+    let settings = settings_of(args, set.sequences.len(), setup.max_length);
     let subject = AnalysedModel {
         model: &setup.model,
         source: &args.model.model,
@@ -113,6 +92,32 @@ pub fn run(args: &AnalyzeArgs, cli: &Cli) -> Result<()> {
     print!("{}", summary::render(report, 3));
     println!("{cost_line}");
     Ok(())
+}
+
+/// The analysis settings the flags ask for, on `examples` examples truncated at `max_length`.
+fn settings_of(args: &AnalyzeArgs, examples: usize, max_length: usize) -> Settings {
+    let mut levels = args.levels.clone();
+    levels.sort();
+    levels.dedup();
+    let needs_taylor = args.method != Method::Ablation || levels.contains(&Level::Groups);
+    let taylor_examples = match (needs_taylor, args.taylor_examples, args.method) {
+        (false, _, _) => 0,
+        (true, Some(CountOrAll::Count(k)), _) => k,
+        (true, None, Method::Ablation) => 512,
+        (true, Some(CountOrAll::All), _) | (true, None, _) => usize::MAX,
+    };
+    Settings {
+        method: args.method,
+        levels,
+        group_size: args.group_size,
+        exact_groups: match args.exact_groups {
+            CountOrAll::Count(k) => Some(k),
+            CountOrAll::All => None,
+        },
+        taylor_examples: taylor_examples.min(examples),
+        batch_size: args.task.batch_size,
+        max_length,
+    }
 }
 
 /// Every path `analyze` reads: the model directory, the data and a selection file.

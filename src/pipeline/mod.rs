@@ -342,20 +342,7 @@ pub fn run(spec: &RunSettings, out: &Output, quiet: bool) -> Result<Finished> {
     create_parent(&out.dir)?;
     let mut journal = open_journal(spec, out, &setup)?;
     // 2. Data: the selection split decides; the report split, dev and --test judge.
-    let label = |set: &EncodedSet| {
-        model_targets(&setup.model, spec.task, &setup.labels, set, spec.batch_size)
-    };
-    let splits = Splits::load(&spec.selection, &setup.data, &setup.encoder, &label)?;
-    // With a floor, perturbed train sentences no decision sees check it at the end.
-    let splits = match spec.max_drop {
-        Some(_) => splits.with_check(&spec.selection, &setup.data, &setup.encoder, &label)?,
-        None => splits,
-    };
-    let test = spec
-        .test
-        .as_deref()
-        .map(|p| read_test(spec.task, p, &setup.encoder))
-        .transpose()?;
+    let (splits, test) = load_data(spec, &setup)?;
     // 3. The original model's selection score: the run's tolerance is measured from it.
     let batches = SelectionBatches::new(
         &setup.model,
@@ -412,6 +399,25 @@ pub fn run(spec: &RunSettings, out: &Output, quiet: bool) -> Result<Finished> {
     prepared.write(&out.dir, &files, out.force)?;
     journal.finish()?;
     Ok(Finished { report, timing })
+}
+
+/// The run's splits (with the check split when it has a floor: perturbed train sentences no
+/// decision sees check it at the end) and `--test`, encoded by the input model's tokenizer.
+fn load_data(spec: &RunSettings, setup: &TaskSetup) -> Result<(Splits, Option<EncodedSet>)> {
+    let label = |set: &EncodedSet| {
+        model_targets(&setup.model, spec.task, &setup.labels, set, spec.batch_size)
+    };
+    let splits = Splits::load(&spec.selection, &setup.data, &setup.encoder, &label)?;
+    let splits = match spec.max_drop {
+        Some(_) => splits.with_check(&spec.selection, &setup.data, &setup.encoder, &label)?,
+        None => splits,
+    };
+    let test = spec
+        .test
+        .as_deref()
+        .map(|p| read_test(spec.task, p, &setup.encoder))
+        .transpose()?;
+    Ok((splits, test))
 }
 
 fn build_passes(spec: &RunSettings) -> Result<Vec<Box<dyn Stage>>> {
