@@ -30,6 +30,11 @@ CONFIGS = {
     "size": ("configs/sst2-minilm-size.toml", []),
     "speed": ("configs/sst2-minilm-speed.toml", []),
     "accuracy": ("configs/sst2-minilm-accuracy.toml", []),
+    # Selection sources tried for accuracy mode (issue 27: measure which one generalises).
+    "accuracy_perturbed": ("configs/sst2-minilm-accuracy.toml", ["--on", "train-perturbed"]),
+    "accuracy_holdout": ("configs/sst2-minilm-accuracy.toml", ["--on", "train-holdout"]),
+    # The size config without the layer-wise re-fit (and so without the search's slack).
+    "size_norefit": ("configs/sst2-minilm-size.toml", ["--reconstruct", "false"]),
 }
 PLAN = [(1.0, range(5)), (0.5, range(3))]
 
