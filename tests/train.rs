@@ -134,6 +134,33 @@ fn recovery_training_on_the_task_loss_lowers_it() {
 }
 
 #[test]
+fn recovery_stops_early_after_evaluations_that_do_not_beat_the_best() {
+    let data = common::small_sst2(48);
+    let tmp = tempfile::tempdir().unwrap();
+    // A learning rate that wrecks the model: no evaluation beats the untrained one, which the
+    // selection (labelled by the input model) scores at full agreement.
+    let wreck =
+        "epochs = 8\nlearning_rate = 0.05\nwarmup = 0.0\nevaluations = 4\ntrain_limit = 1000";
+    let perturbed = ["--on", "train-perturbed", "--holdout", "16"];
+    let stopped = format!("{wreck}\nearly_stop = 1");
+    let config = recover_config(tmp.path(), data.path(), &stopped);
+    let report = common::compress_json(&config, &tmp.path().join("stopped"), &perturbed);
+    let d = &report["stages"][0]["details"];
+    assert_eq!(d["kept"]["step"], 0, "{d}");
+    assert_eq!(
+        d["steps"], 2,
+        "one evaluation after the untrained model, then stop: {d}"
+    );
+    assert_eq!(d["evaluations"].as_array().unwrap().len(), 2);
+    // Without it, the run trains to the end (32 examples: one step per epoch).
+    let config = recover_config(tmp.path(), data.path(), wreck);
+    let report = common::compress_json(&config, &tmp.path().join("full"), &perturbed);
+    let d = &report["stages"][0]["details"];
+    assert_eq!(d["steps"], 8, "{d}");
+    assert_eq!(d["evaluations"].as_array().unwrap().len(), 5);
+}
+
+#[test]
 fn recovery_never_trains_on_a_train_holdout_or_perturbed_selection() {
     let data = common::small_sst2(48);
     let tmp = tempfile::tempdir().unwrap();

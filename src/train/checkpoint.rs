@@ -34,6 +34,17 @@ pub struct TrainLog {
     pub best: Evaluation,
 }
 
+impl TrainLog {
+    /// Evaluations after the best one (0 when the last evaluation is the best).
+    pub fn evaluations_since_best(&self) -> usize {
+        let best = self
+            .evaluations
+            .iter()
+            .rposition(|e| e.step == self.best.step);
+        best.map_or(0, |i| self.evaluations.len() - 1 - i)
+    }
+}
+
 const METADATA: &str = "axcompress.train";
 
 #[derive(Serialize, Deserialize)]
@@ -108,4 +119,31 @@ pub fn load(
     trainable.restore(&params)?;
     optimizer.step = header.log.losses.len();
     Ok((best, header.log))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(step: usize, metric: f64) -> Evaluation {
+        Evaluation {
+            step,
+            selection: Score::point(0.0, metric),
+        }
+    }
+
+    #[test]
+    fn evaluations_since_best_counts_those_after_the_kept_one() {
+        let evaluations = vec![at(0, 0.9), at(10, 0.95), at(20, 0.93), at(30, 0.94)];
+        let mut log = TrainLog {
+            losses: Vec::new(),
+            evaluations: evaluations.clone(),
+            best: evaluations[1],
+        };
+        assert_eq!(log.evaluations_since_best(), 2);
+        log.best = evaluations[3];
+        assert_eq!(log.evaluations_since_best(), 0);
+        log.best = evaluations[0];
+        assert_eq!(log.evaluations_since_best(), 3);
+    }
 }

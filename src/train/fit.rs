@@ -45,6 +45,9 @@ crate::settings! {
         /// Evaluations on the selection split over the run (the best is kept; the untrained
         /// model counts as one more).
         evaluations: usize = 4, "4";
+        /// Stop after this many evaluations in a row that do not beat the best so far (the
+        /// untrained model's included); unset: train to the end.
+        early_stop: Option<usize> = None, "train to the end";
         /// Decoupled weight decay of the matrices.
         weight_decay: f64 = 0.01, "0.01";
         /// Gradient clipping (global L2 norm).
@@ -68,8 +71,8 @@ crate::settings! {
 impl TrainSettings {
     /// Refuses settings no run can use; `stage` names them in the message (`recover`).
     pub fn check(&self, stage: &str) -> Result<()> {
-        if self.epochs == 0 || self.train_limit == Some(0) {
-            bail!("{stage}: epochs and train_limit must be at least 1");
+        if self.epochs == 0 || self.train_limit == Some(0) || self.early_stop == Some(0) {
+            bail!("{stage}: epochs, train_limit and early_stop must be at least 1");
         }
         if !(self.learning_rate > 0.0 && self.learning_rate < 1.0) {
             bail!("{stage}: learning_rate must be in (0, 1), e.g. 1e-4");
@@ -149,6 +152,13 @@ pub fn fine_tune(
     pb.set_position(log.losses.len() as u64);
     let mut order: Option<(usize, Vec<Vec<usize>>)> = None;
     for step in log.losses.len()..total {
+        // Also on resuming a run that had stopped early.
+        if settings
+            .early_stop
+            .is_some_and(|n| log.evaluations_since_best() >= n)
+        {
+            break;
+        }
         let epoch = step / t.per_epoch;
         if order.as_ref().is_none_or(|(e, _)| *e != epoch) {
             let batches = epoch_batches(&t.lengths, run.batch_size, settings.seed, epoch);
