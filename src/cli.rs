@@ -161,8 +161,8 @@ pub struct SelectionArgs {
     /// model has usually seen all of train), `train-perturbed` (such a sample with a fifth of its
     /// words replaced by words of other sampled sentences, labelled by the input model itself:
     /// the metric is agreement with the input on text it has not seen, and all of dev is the
-    /// report split), or a labelled TSV file [default: train-perturbed when a prune runs in size or
-    /// speed mode, else dev].
+    /// report split), or a labelled TSV file [default: train-perturbed when a prune runs, in any
+    /// mode, else dev].
     #[arg(long, value_parser = SelectOn::parse)]
     pub on: Option<SelectOn>,
     /// Fraction of the dev split used for selection under `--on dev` [default: 0.5].

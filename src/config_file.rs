@@ -212,9 +212,13 @@ mod tests {
     }
 
     #[test]
-    fn accuracy_mode_decides_on_half_of_dev_unless_told_otherwise() {
+    fn every_prune_mode_decides_on_perturbed_train_sentences_unless_told_otherwise() {
         let stages = "[[stages]]\npass = \"prune\"\nmode = \"accuracy\"\n";
         let (_dir, path) = write(&format!("model = \"m\"\ntask = \"sst2\"\n{stages}"));
+        let on = load(&path).unwrap().settings.selection.on;
+        assert_eq!(on, SelectOn::TrainPerturbed);
+        let quantize = "[[stages]]\npass = \"quantize\"\n";
+        let (_dir, path) = write(&format!("model = \"m\"\ntask = \"sst2\"\n{quantize}"));
         assert_eq!(load(&path).unwrap().settings.selection.on, SelectOn::Dev);
         let told = format!("model = \"m\"\ntask = \"sst2\"\n[selection]\non = \"dev\"\n{stages}");
         let (_dir, path) = write(&told.replace("accuracy", "speed"));

@@ -299,8 +299,15 @@ fn a_one_example_dataset_evaluates_and_prunes() {
         &out,
         &args,
     ));
-    assert_eq!(report["data"]["selection"]["examples"], 1, "{report}");
-    assert!(report["data"]["report"].is_null(), "{report}");
+    // A prune decides on perturbed train sentences by default: the one train sentence, with all
+    // of dev (one sentence) left to report on.
+    let data_report = &report["data"];
+    assert_eq!(data_report["selection"]["examples"], 1, "{report}");
+    assert_eq!(
+        data_report["selection"]["source"], "train-perturbed",
+        "{report}"
+    );
+    assert_eq!(data_report["report"]["examples"], 1, "{report}");
     assert!(out.join("model.safetensors").is_file());
 }
 
