@@ -399,20 +399,34 @@ fn kill_9_during_export_leaves_the_destination_absent_or_complete() {
         &|pid| temporary(pid).join("config.json").exists(),
     ];
     let mut killed_mid_export = 0;
+    let mut landed_after_the_clean_run = false;
     for (i, moment) in moments.iter().enumerate() {
         if i == 2 {
             assert!(run(&args).status.success());
         }
-        let mut child = spawn(&args);
-        let pid = child.id();
-        let reached = wait_until(&mut child, || moment(pid));
-        signal(&child, "-KILL");
-        child.wait().unwrap();
-        killed_mid_export += usize::from(reached && temporary(pid).exists());
-        absent_or_complete(&out);
+        // The last moment is a short window (the temporary complete, not yet renamed) that a
+        // fast run on a busy machine can slip through: it gets a few tries.
+        let tries = if i == 2 { 5 } else { 1 };
+        for _ in 0..tries {
+            let mut child = spawn(&args);
+            let pid = child.id();
+            let reached = wait_until(&mut child, || moment(pid));
+            signal(&child, "-KILL");
+            child.wait().unwrap();
+            let landed = reached && temporary(pid).exists();
+            killed_mid_export += usize::from(landed);
+            absent_or_complete(&out);
+            if landed {
+                landed_after_the_clean_run |= i == 2;
+                break;
+            }
+        }
     }
     assert!(killed_mid_export > 0, "no kill landed during an export");
-    assert!(!leftovers(tmp.path(), "q").is_empty());
+    // The clean run removed what the first kills left; a kill that landed after it left its own.
+    if landed_after_the_clean_run {
+        assert!(!leftovers(tmp.path(), "q").is_empty());
+    }
     // The next run removes what the killed ones left.
     assert!(run(&args).status.success());
     absent_or_complete(&out);
