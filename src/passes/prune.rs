@@ -471,14 +471,8 @@ impl LevelRun {
             let (trial, proposal) = match (self.compensate, e) {
                 (true, Element::Group { layer, neurons, .. }) => {
                     let (trial, proposal) =
-                        compensations.trial(*layer, neurons, &plan, &mut engine, ctx)?;
-                    (
-                        Trial {
-                            label: short_name(e),
-                            ..trial
-                        },
-                        Some((*layer, proposal)),
-                    )
+                        compensations.trial(e, *layer, neurons, &plan, &mut engine, ctx)?;
+                    (trial, Some((*layer, proposal)))
                 }
                 _ => {
                     let trial = Trial {
@@ -545,9 +539,11 @@ impl Compensations {
     }
 
     /// The trial of removing `neurons` from `layer`'s FFN with its output projection corrected
-    /// (the engine's model, that FFN replaced; unlabelled), and the correction it proposes.
+    /// (the engine's model, that FFN replaced), labelled by `element`, and the correction it
+    /// proposes.
     fn trial(
         &mut self,
+        element: &Element,
         layer: usize,
         neurons: &[usize],
         plan: &[LayerKeep],
@@ -572,7 +568,7 @@ impl Compensations {
             layer: Some(layer),
             model: Some(model),
             gates: None,
-            label: String::new(),
+            label: short_name(element),
         };
         Ok((trial, proposal))
     }
