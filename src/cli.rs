@@ -29,8 +29,8 @@ pub struct Cli {
     /// No progress bars or log lines on stderr.
     #[arg(long, short, global = true)]
     pub quiet: bool,
-    /// How quantized matrices run: auto (int8 in axcompress's int8 kernel, int4 dequantized to
-    /// f32: the faster of each, measured), kernel, candle or dequantized [default: auto].
+    /// How quantized matrices run: auto (int8 and int4 in axcompress's own kernels, the fastest
+    /// measured), kernel, candle or dequantized [default: auto].
     #[arg(long, global = true, value_enum)]
     pub execution: Option<Execution>,
     /// Worker threads for every kernel (candle's, gemm's and axcompress's own)

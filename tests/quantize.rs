@@ -169,26 +169,26 @@ fn real_activations(model: &Model) -> Tensor {
     h.reshape((b * t, d)).unwrap()
 }
 
-/// How far a kernel may round an activation row, per input: the int8 kernel rounds each row to 7
-/// bits over its range, step `s = (max(0, max x) − min(0, min x)) / 127`, so each activation moves
-/// by at most `s / 2` (plus f32 rounding of `x / s`, under `1e-4 · s`); candle's `Q4_0` kernel
-/// rounds each group of 32 to int8 with an fp16 scale `s = max|x| / 127`: at most `s / 2` plus
-/// `127 · |s − fp16(s)| ≤ 127 · s · 2⁻¹¹`, under `0.5625 · s`.
-fn activation_error(row: &[f32], bits: Bits) -> Vec<f32> {
-    match bits {
-        Bits::Int8 => {
-            let (lo, hi) = row
-                .iter()
-                .fold((0f32, 0f32), |(l, h), &v| (l.min(v), h.max(v)));
-            vec![0.5001 * (hi - lo) / 127.0; row.len()]
-        }
-        Bits::Int4 => row
+/// How far a kernel may round an activation row, per input: axcompress's int8 and int4 kernels
+/// round each row to 7 bits over its range, step `s = (max(0, max x) − min(0, min x)) / 127`, so
+/// each activation moves by at most `s / 2` (plus f32 rounding of `x / s`, under `1e-4 · s`);
+/// candle's `Q4_0` kernel rounds each group of 32 to int8 with an fp16 scale `s = max|x| / 127`: at
+/// most `s / 2` plus `127 · |s − fp16(s)| ≤ 127 · s · 2⁻¹¹`, under `0.5625 · s`.
+fn activation_error(row: &[f32], execution: Execution) -> Vec<f32> {
+    match execution {
+        Execution::Candle => row
             .chunks(GROUP)
             .flat_map(|g| {
                 let s = g.iter().fold(0f32, |a, v| a.max(v.abs())) / 127.0;
                 vec![0.5625 * s; g.len()]
             })
             .collect(),
+        _ => {
+            let (lo, hi) = row
+                .iter()
+                .fold((0f32, 0f32), |(l, h), &v| (l.min(v), h.max(v)));
+            vec![0.5001 * (hi - lo) / 127.0; row.len()]
+        }
     }
 }
 
@@ -212,16 +212,20 @@ fn kernels_match_the_dequantized_product_within_the_derived_bound() {
             false => &wide,
         };
         let xv: Vec<Vec<f32>> = x.to_vec2().unwrap();
-        for bits in [Bits::Int8, Bits::Int4] {
+        for (bits, execution) in [
+            (Bits::Int8, Execution::Kernel),
+            (Bits::Int4, Execution::Kernel),
+            (Bits::Int4, Execution::Candle),
+        ] {
             let codes = Codes::from_tensor(&dense, bits).unwrap();
-            let kernel = QuantMatrix::with_execution(codes.clone(), Execution::Kernel).unwrap();
+            let kernel = QuantMatrix::with_execution(codes.clone(), execution).unwrap();
             let deq = QuantMatrix::with_execution(codes, Execution::Dequantized).unwrap();
             let got: Vec<Vec<f32>> = kernel.matmul_t(x).unwrap().to_vec2().unwrap();
             let exact: Vec<Vec<f32>> = deq.matmul_t(x).unwrap().to_vec2().unwrap();
             let w: Vec<Vec<f32>> = deq.dequantize().unwrap().to_vec2().unwrap();
             let mut worst = 0f32;
             for (r, row) in xv.iter().enumerate() {
-                let error = activation_error(row, bits);
+                let error = activation_error(row, execution);
                 for (o, wrow) in w.iter().enumerate() {
                     let terms = wrow.iter().zip(row).zip(&error);
                     let (bound, magnitude) = terms.fold((0f32, 0f32), |(b, mag), ((w, x), e)| {
@@ -231,7 +235,7 @@ fn kernels_match_the_dequantized_product_within_the_derived_bound() {
                     let diff = (got[r][o] - exact[r][o]).abs();
                     assert!(
                         diff <= bound,
-                        "{} {bits:?} row {r} out {o}: |{} - {}| = {diff} > {bound}",
+                        "{} {bits:?} {execution:?} row {r} out {o}: |{} - {}| = {diff} > {bound}",
                         m.label(),
                         got[r][o],
                         exact[r][o]
@@ -240,7 +244,7 @@ fn kernels_match_the_dequantized_product_within_the_derived_bound() {
                 }
             }
             eprintln!(
-                "{} {bits:?}: worst error is {worst:.2} of the bound",
+                "{} {bits:?} {execution:?}: worst error is {worst:.2} of the bound",
                 m.label()
             );
         }
@@ -248,8 +252,21 @@ fn kernels_match_the_dequantized_product_within_the_derived_bound() {
 }
 
 #[test]
-fn kernel_execution_agrees_with_the_dequantized_model_on_dev() {
-    let q = Quantized::run(8, &["--bits", "8"]);
+fn int8_kernel_agrees_with_the_dequantized_model_on_dev() {
+    kernel_execution_agrees_with_the_dequantized_model_on_dev("8", 0.995);
+}
+
+#[test]
+fn int4_kernel_agrees_with_the_dequantized_model_on_dev() {
+    // The int4 model has more predictions near the boundary, where rounding the activations to 7
+    // bits flips a few: 867 of 872 agreed on the demo model, 870 on the MiniLM fixture (same
+    // accuracy both ways there).
+    kernel_execution_agrees_with_the_dequantized_model_on_dev("4", 0.99);
+}
+
+/// A `--bits BITS` model's dev predictions in its kernel and dequantized agree at `min_rate`.
+fn kernel_execution_agrees_with_the_dequantized_model_on_dev(bits: &str, min_rate: f64) {
+    let q = Quantized::run(8, &["--bits", bits]);
     let Quantized { tmp, out, .. } = &q;
     let glue = common::demo_sst2();
     let predictions = |execution: &str| -> Vec<Value> {
@@ -280,8 +297,11 @@ fn kernel_execution_agrees_with_the_dequantized_model_on_dev() {
     assert_eq!(kernel.len(), 872);
     let agree = kernel.iter().zip(&float).filter(|(a, b)| a == b).count();
     let rate = agree as f64 / kernel.len() as f64;
-    eprintln!("kernel vs dequantized: {agree}/{} agree", kernel.len());
-    assert!(rate >= 0.995, "only {rate} of dev predictions agree");
+    eprintln!(
+        "int{bits} kernel vs dequantized: {agree}/{} agree",
+        kernel.len()
+    );
+    assert!(rate >= min_rate, "only {rate} of dev predictions agree");
 }
 
 #[test]

@@ -8,15 +8,15 @@
 //! group's largest magnitude exactly onto the end of the range on its own side (`-8` for a
 //! negative extreme, `+7` for a positive one at 4 bits), so no code is ever clamped.
 //!
-//! int8 codes run in axcompress's own int8 kernel ([`crate::kernels::int8_gemm`]: AVX2 `vpmaddubsw` with the
-//! activations rounded to 7 bits per row, 1.8–3.6× faster than candle's f32 product at MiniLM's
-//! shapes on 2 AVX2 cores). The codes also map onto candle's (ggml's) `Q8_0` and `Q4_0` blocks: 32
-//! values along the inner dimension with one fp16 scale, `Q8_0` holding the codes as `i8` and
-//! `Q4_0` holding `code + 8` as nibbles (entry `j` in the low nibble of byte `j`, entry `j + 16`
-//! in the high one). A row scale is repeated in each of the row's blocks, so a matrix becomes a
-//! `QTensor` without rounding again. int4 runs in `Q4_0` on request (`--execution kernel`); by
-//! default it runs dequantized, since candle 0.11's `Q4_0` and `Q8_0` kernels were 2.4–10× slower
-//! than its f32 product here.
+//! int8 and int4 codes run in axcompress's own kernels ([`crate::kernels::int8_gemm`],
+//! [`crate::kernels::int4_gemm`]: AVX2 `vpmaddubsw`, or AVX-512 VNNI, with the activations rounded
+//! to 7 bits per row); both beat candle's f32 product at MiniLM's shapes
+//! (`docs/commands/quantize.md`). The codes also map onto candle's (ggml's) `Q8_0` and `Q4_0`
+//! blocks: 32 values along the inner dimension with one fp16 scale, `Q8_0` holding the codes as
+//! `i8` and `Q4_0` holding `code + 8` as nibbles (entry `j` in the low nibble of byte `j`, entry
+//! `j + 16` in the high one). A row scale is repeated in each of the row's blocks, so a matrix
+//! becomes a `QTensor` without rounding again; candle's kernels run on request
+//! (`--execution candle`), slower than its f32 product here.
 //!
 //! candle-transformers' `quantized_nn::Linear` and `quantized_var_builder` are not used: they
 //! load GGUF files and quantize with ggml's own rounding, while our codes come from
@@ -29,12 +29,18 @@ use std::sync::{Arc, OnceLock};
 use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{bail, Device, Module, Result, Storage, Tensor};
 
-use crate::kernels::int8_gemm::{self, PackedInt8};
+use crate::kernels::int4_gemm::{self, PackedInt4};
+use crate::kernels::int8_gemm::PackedInt8;
+use crate::kernels::row_quant::{self, PackedWeights};
 use half::f16;
 use serde::{Deserialize, Serialize};
 
 /// Entries per quantization group (along the input dimension), each with one fp16 scale.
 pub const GROUP: usize = 32;
+const _: () = assert!(
+    GROUP == int4_gemm::GROUP,
+    "the int4 kernel packs the same groups"
+);
 
 /// An integer precision.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -258,6 +264,28 @@ impl Codes {
         PackedInt8::pack(&self.codes, &scales, self.rows, self.cols)
     }
 
+    /// The codes packed for the int4 kernel (one scale per row and group of [`GROUP`]).
+    fn pack_int4(&self) -> PackedInt4 {
+        let scales: Vec<f32> = self.scales.iter().map(|s| s.to_f32()).collect();
+        PackedInt4::pack(&self.codes, &scales, self.rows, self.cols)
+    }
+
+    /// The values of the rows at `ids`, dequantized row by row (an embedding lookup that never
+    /// dequantizes the whole table).
+    pub fn gather_rows(&self, ids: &[usize]) -> Vec<f32> {
+        let groups = self.cols / self.group;
+        let mut out = Vec::with_capacity(ids.len() * self.cols);
+        for &r in ids {
+            let codes = &self.codes[r * self.cols..(r + 1) * self.cols];
+            let scales = &self.scales[r * groups..(r + 1) * groups];
+            for (group, s) in codes.chunks(self.group).zip(scales) {
+                let s = s.to_f32();
+                out.extend(group.iter().map(|&q| f32::from(q) * s));
+            }
+        }
+        out
+    }
+
     /// The codes in candle's block layout (`Q8_0` or `Q4_0`), each block carrying its group's
     /// scale.
     pub fn to_blocks(&self) -> Vec<u8> {
@@ -311,11 +339,11 @@ fn nibble(q: i8) -> u8 {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum Execution {
-    /// The fastest measured per precision: int8 in the int8 kernel, int4 dequantized.
+    /// The fastest measured per precision: each in axcompress's own kernel.
     #[default]
     Auto,
-    /// Quantized kernels: int8 in axcompress's own int8 kernel (activations rounded to 7 bits per
-    /// row), int4 in candle's `Q4_0` kernel (activations rounded to 8 bits per block of 32).
+    /// axcompress's quantized kernels: int8 in the int8 kernel, int4 in the int4 kernel
+    /// (activations rounded to 7 bits per row in both).
     Kernel,
     /// candle's `Q8_0` / `Q4_0` kernels for both precisions (for comparison: slower here).
     Candle,
@@ -324,16 +352,13 @@ pub enum Execution {
 }
 
 impl Execution {
-    /// What a matrix of `bits` runs as: `Kernel`, `Candle` or `Dequantized`. Auto picks by
-    /// measurement (`cargo bench --bench kernels`, 2-core AVX2): the int8 kernel was 1.8–3.6×
-    /// faster than candle's f32 product at every MiniLM shape, while candle 0.11's `Q4_0` (and
-    /// `Q8_0`) kernels were 2.2–10× slower, so int4 runs dequantized: it is a size tool.
-    pub fn for_bits(self, bits: Bits) -> Execution {
-        match (self, bits) {
-            (Execution::Auto, Bits::Int8) => Execution::Kernel,
-            (Execution::Auto, Bits::Int4) => Execution::Dequantized,
-            (Execution::Kernel, Bits::Int4) => Execution::Candle,
-            (other, _) => other,
+    /// What a matrix runs as: `Kernel`, `Candle` or `Dequantized`. Auto picks by measurement
+    /// (`cargo bench --bench kernels`): both kernels beat candle's f32 product at MiniLM's
+    /// shapes, while candle 0.11's `Q4_0` and `Q8_0` kernels were 2.2–10× slower than it.
+    pub fn for_bits(self, _bits: Bits) -> Execution {
+        match self {
+            Execution::Auto => Execution::Kernel,
+            other => other,
         }
     }
 }
@@ -353,6 +378,8 @@ enum Kernel {
     /// Packed for the int8 kernel on first use (an embedding matrix is only looked up), shared
     /// by every clone.
     Int8(Arc<OnceLock<PackedInt8>>),
+    /// Packed for the int4 kernel on first use, likewise.
+    Int4(Arc<OnceLock<PackedInt4>>),
     Candle(QMatMul, Arc<QTensor>),
     Dense(Tensor),
 }
@@ -362,7 +389,8 @@ impl QuantMatrix {
     pub fn with_execution(codes: Codes, execution: Execution) -> Result<Self> {
         let execution = execution.for_bits(codes.bits);
         let kernel = match execution {
-            Execution::Kernel => Kernel::Int8(Arc::new(OnceLock::new())),
+            Execution::Kernel if codes.bits == Bits::Int8 => Kernel::Int8(Arc::default()),
+            Execution::Kernel => Kernel::Int4(Arc::default()),
             Execution::Candle => {
                 let q = Arc::new(to_qtensor(&codes)?);
                 Kernel::Candle(QMatMul::from_arc(q.clone())?, q)
@@ -394,6 +422,7 @@ impl QuantMatrix {
     pub fn runs_as(&self) -> &'static str {
         match (&self.kernel, self.bits()) {
             (Kernel::Int8(_), _) => "int8 kernel (activations rounded to 7 bits per row)",
+            (Kernel::Int4(_), _) => "int4 kernel (activations rounded to 7 bits per row)",
             (Kernel::Candle(..), Bits::Int8) => "candle Q8_0 kernel",
             (Kernel::Candle(..), Bits::Int4) => "candle Q4_0 kernel",
             (Kernel::Dense(_), _) => "dequantized to f32 once",
@@ -410,7 +439,7 @@ impl QuantMatrix {
         match &self.kernel {
             Kernel::Dense(t) => Ok(t.clone()),
             Kernel::Candle(_, q) => q.dequantize(&Device::Cpu),
-            Kernel::Int8(_) => self.codes_tensor(),
+            Kernel::Int8(_) | Kernel::Int4(_) => self.codes_tensor(),
         }
     }
 
@@ -433,28 +462,10 @@ impl QuantMatrix {
     fn product(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         let out = match &self.kernel {
             Kernel::Int8(packed) => {
-                let packed = packed.get_or_init(|| self.codes.pack_int8());
-                let (m, _) = x.dims2()?;
-                let x = x.contiguous()?;
-                let (storage, layout) = x.storage_and_layout();
-                let Storage::Cpu(cpu) = &*storage else {
-                    bail!("the int8 kernel runs on the CPU");
-                };
-                let Some((from, to)) = layout.contiguous_offsets() else {
-                    bail!("the int8 kernel needs contiguous activations");
-                };
-                let bias = bias.map(|b| b.to_vec1::<f32>()).transpose()?;
-                let mut out = vec![0f32; m * packed.rows()];
-                let threads = rayon::current_num_threads();
-                int8_gemm::matmul_t(
-                    &cpu.as_slice::<f32>()?[from..to],
-                    m,
-                    packed,
-                    bias.as_deref(),
-                    &mut out,
-                    threads,
-                );
-                return Tensor::from_vec(out, (m, packed.rows()), &Device::Cpu);
+                return packed_product(x, bias, packed.get_or_init(|| self.codes.pack_int8()));
+            }
+            Kernel::Int4(packed) => {
+                return packed_product(x, bias, packed.get_or_init(|| self.codes.pack_int4()));
             }
             Kernel::Candle(m, _) => m.forward(&x.contiguous()?)?,
             Kernel::Dense(t) => x.matmul(&t.t()?)?,
@@ -470,10 +481,10 @@ impl QuantMatrix {
         match &self.kernel {
             Kernel::Candle(_, q) => q.embedding(ids),
             Kernel::Dense(t) => t.index_select(ids, 0),
-            Kernel::Int8(_) => {
+            Kernel::Int8(_) | Kernel::Int4(_) => {
                 let ids = ids.flatten_all()?.to_vec1::<u32>()?;
                 let rows: Vec<usize> = ids.iter().map(|&i| i as usize).collect();
-                let values = self.codes.select_rows(&rows).dequantize();
+                let values = self.codes.gather_rows(&rows);
                 Tensor::from_vec(values, (rows.len(), self.codes.cols), &Device::Cpu)
             }
         }
@@ -483,6 +494,27 @@ impl QuantMatrix {
     pub fn select_rows(&self, idx: &[usize]) -> Result<Self> {
         Self::with_execution(self.codes.select_rows(idx), self.execution)
     }
+}
+
+/// `x · Wᵀ (+ bias)` in the kernel `w` was packed for, on the contiguous f32 activations of `x`
+/// (`[m, k]`), with the rayon pool's threads.
+fn packed_product(x: &Tensor, bias: Option<&Tensor>, w: &impl PackedWeights) -> Result<Tensor> {
+    let (m, _) = x.dims2()?;
+    let x = x.contiguous()?;
+    let (storage, layout) = x.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        bail!("the quantized kernels run on the CPU");
+    };
+    let Some((from, to)) = layout.contiguous_offsets() else {
+        bail!("the quantized kernels need contiguous activations");
+    };
+    let bias = bias.map(|b| b.to_vec1::<f32>()).transpose()?;
+    let n = w.dims().rows;
+    let mut out = vec![0f32; m * n];
+    let x = &cpu.as_slice::<f32>()?[from..to];
+    let threads = rayon::current_num_threads();
+    row_quant::matmul_t(x, m, w, bias.as_deref(), &mut out, threads);
+    Tensor::from_vec(out, (m, n), &Device::Cpu)
 }
 
 /// The codes as a candle `QTensor` (no rounding: the blocks are the codes).

@@ -55,23 +55,10 @@
 //! computed by exactly the same integer and float operations whatever the split,
 //! so the result does not depend on the thread count.
 
-use std::ops::Range;
+use super::row_quant::{quantize_block, with_rows, Dims, Isa, Job, PackedWeights, KU, MR, NR};
 
-/// Output rows (rows of `W`) per packed panel.
-const NR: usize = 16;
-/// Activation rows per micro-tile.
-const MR: usize = 4;
-/// `k` values per 4-byte group (one `vpbroadcastd`).
-const KU: usize = 4;
 /// Largest supported `k` (keeps the i32 accumulators exact; see module docs).
 const MAX_COLS: usize = 1 << 17;
-/// Below this many multiply-adds (`m·n·k`) a single thread is used: waking a rayon
-/// worker costs ~8–10 µs here, which a 2-way split recovers only from ~2M MACs on.
-const PAR_MIN_WORK: usize = 1 << 21;
-/// Split over rows of `x` when every thread gets at least this many rows (each
-/// thread then reads all weights, ≤ 0.6 MB for MiniLM, from its own L2); below it,
-/// split over weight panels (each thread quantizes all rows, which is cheap).
-const SPLIT_ROWS_MIN: usize = 32;
 
 /// 32 bytes of packed weights, aligned for `vmovdqa`.
 #[derive(Clone, Copy)]
@@ -81,12 +68,9 @@ struct Chunk([i8; 32]);
 /// Int8 weights `W` ([n, k], one f32 scale per row) prepacked once into the
 /// kernel's panel layout.
 pub struct PackedInt8 {
-    rows: usize,
-    cols: usize,
+    dims: Dims,
     /// `cols.div_ceil(KU)`: number of 4-value groups along `k` (zero padded).
     ksteps: usize,
-    /// `rows.div_ceil(NR)`.
-    panels: usize,
     /// `panels * ksteps * 2` chunks; see module docs for the layout.
     data: Vec<Chunk>,
     /// `Σ_i codes[j][i]` per row, zero padded to `panels * NR`.
@@ -96,11 +80,9 @@ pub struct PackedInt8 {
 }
 
 impl std::fmt::Debug for PackedInt8 {
+    /// Only the size: the packed bytes are not worth printing.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PackedInt8")
-            .field("rows", &self.rows)
-            .field("cols", &self.cols)
-            .finish_non_exhaustive()
+        write!(f, "PackedInt8 {:?}", self.dims)
     }
 }
 
@@ -133,163 +115,37 @@ impl PackedInt8 {
         }
         padded_scales[..rows].copy_from_slice(scales);
         PackedInt8 {
-            rows,
-            cols,
+            dims: Dims { rows, cols, panels },
             ksteps,
-            panels,
             data,
             colsum,
             scales: padded_scales,
         }
     }
-
-    /// Number of weight rows `n` (output features).
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
-
-    /// Number of weight columns `k` (input features).
-    pub fn cols(&self) -> usize {
-        self.cols
-    }
 }
 
-/// Computes `out[m, n] = quantize_rows(x[m, k]) · Wᵀ`, dequantized to f32, where
-/// `W` is `w` (`n = w.rows()`, `k = w.cols()`).
-///
-/// Each row of `x` is quantized on the fly (see module docs); the result is
-/// deterministic and independent of `threads`. Uses up to `threads` threads of the
-/// rayon pool (split over rows of `x` and/or over output columns); `threads <= 1`
-/// runs on the calling thread.
-///
-/// # Panics
-/// If `x.len() != m * k` or `out.len() != m * n`.
-pub fn matmul_t(
-    x: &[f32],
-    m: usize,
-    w: &PackedInt8,
-    bias: Option<&[f32]>,
-    out: &mut [f32],
-    threads: usize,
-) {
-    matmul_t_with(x, m, w, bias, out, threads, Isa::detect());
-}
-
-/// Instruction set used by the kernels.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Isa {
-    /// Portable scalar code.
-    Scalar,
-    /// AVX2 intrinsics (`vpmaddubsw`, `vpmaddwd`).
-    #[cfg(target_arch = "x86_64")]
-    Avx2,
-    /// AVX-512 VNNI: one `vpdpbusd` (four u8 × i8 products summed into each i32 lane, nothing
-    /// saturates) replaces the AVX2 path's three instructions, and one 512-bit vector covers a
-    /// whole 16-row panel. The i32 sums are the same.
-    #[cfg(target_arch = "x86_64")]
-    Vnni512,
-}
-
-impl Isa {
-    fn detect() -> Isa {
-        *Isa::available()
-            .last()
-            .expect("the scalar path is always available")
+impl PackedWeights for PackedInt8 {
+    fn dims(&self) -> Dims {
+        self.dims
     }
 
-    /// Every instruction set this CPU runs, from the plainest to the fastest.
-    fn available() -> Vec<Isa> {
-        let mut isas = vec![Isa::Scalar];
-        #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx2") {
-            isas.push(Isa::Avx2);
-            if is_x86_feature_detected!("avx512f")
-                && is_x86_feature_detected!("avx512vnni")
-                && is_x86_feature_detected!("avx512vl")
-            {
-                isas.push(Isa::Vnni512);
-            }
-        }
-        isas
+    fn run_job(&self, job: Job) {
+        run_job(job, self)
     }
-}
-
-/// Raw output pointer shared by the jobs of one call; the jobs write disjoint
-/// elements.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: the pointer is only used inside `matmul_t_with`, while `out` is mutably
-// borrowed, and concurrent jobs write pairwise disjoint (row, column) ranges.
-unsafe impl Send for OutPtr {}
-// SAFETY: as above; sharing the pointer value itself is harmless.
-unsafe impl Sync for OutPtr {}
-
-fn matmul_t_with(
-    x: &[f32],
-    m: usize,
-    w: &PackedInt8,
-    bias: Option<&[f32]>,
-    out: &mut [f32],
-    threads: usize,
-    isa: Isa,
-) {
-    let (n, k) = (w.rows, w.cols);
-    assert_eq!(x.len(), m * k, "x must hold m * k values");
-    assert_eq!(out.len(), m * n, "out must hold m * n values");
-    if m == 0 || n == 0 {
-        return;
-    }
-    // Zero padded to whole panels, so the tiles read 16 values.
-    let padded = bias.map(|b| {
-        assert_eq!(b.len(), n, "one bias per output");
-        let mut p = vec![0f32; w.panels * NR];
-        p[..n].copy_from_slice(b);
-        p
-    });
-    let bias = padded.as_deref();
-    let ptr = OutPtr(out.as_mut_ptr());
-    let threads = if m.saturating_mul(n).saturating_mul(k) < PAR_MIN_WORK {
-        1
-    } else {
-        threads.max(1)
-    };
-    if threads == 1 {
-        run_job(x, 0..m, 0..w.panels, w, bias, ptr, isa);
-        return;
-    }
-    let mut jobs: Vec<(Range<usize>, Range<usize>)> = Vec::with_capacity(threads);
-    if m >= SPLIT_ROWS_MIN * threads {
-        // Split rows of x, in multiples of MR so that every tile is full.
-        let blocks = m.div_ceil(MR);
-        for t in 0..threads {
-            let (b0, b1) = (blocks * t / threads, blocks * (t + 1) / threads);
-            jobs.push(((b0 * MR).min(m)..(b1 * MR).min(m), 0..w.panels));
-        }
-    } else {
-        let parts = threads.min(w.panels);
-        for t in 0..parts {
-            jobs.push((0..m, w.panels * t / parts..w.panels * (t + 1) / parts));
-        }
-    }
-    jobs.retain(|(r, p)| !r.is_empty() && !p.is_empty());
-    use rayon::prelude::*;
-    jobs.into_par_iter()
-        .with_max_len(1)
-        .for_each(|(rows, panels)| run_job(x, rows, panels, w, bias, ptr, isa));
 }
 
 /// Quantizes rows `rows` of `x` block by block and multiplies them with the weight
 /// panels `panels`, writing the corresponding part of `out`.
-fn run_job(
-    x: &[f32],
-    rows: Range<usize>,
-    panels: Range<usize>,
-    w: &PackedInt8,
-    bias: Option<&[f32]>,
-    out: OutPtr,
-    isa: Isa,
-) {
-    let (n, k) = (w.rows, w.cols);
+fn run_job(job: Job, w: &PackedInt8) {
+    let Job {
+        x,
+        rows,
+        panels,
+        bias,
+        out,
+        isa,
+    } = job;
+    let (n, k) = (w.dims.rows, w.dims.cols);
     let lda = w.ksteps * KU;
     // Quantized activations of one row block; padding columns stay 0 (the packed
     // weights there are 0 too, so their value would not matter anyway).
@@ -297,13 +153,7 @@ fn run_job(
     let mut r0 = rows.start;
     while r0 < rows.end {
         let rc = MR.min(rows.end - r0);
-        let mut s = [0f32; MR];
-        let mut zp = [0i32; MR];
-        for rr in 0..rc {
-            let src = &x[(r0 + rr) * k..(r0 + rr + 1) * k];
-            let dst = &mut abuf[rr * lda..rr * lda + k];
-            (s[rr], zp[rr]) = quantize_row(src, dst, isa);
-        }
+        let (s, zp) = quantize_block(x, k, (r0, rc), &mut abuf, lda, isa);
         let tile = |p: usize| Tile {
             a: &abuf,
             lda,
@@ -337,18 +187,6 @@ fn run_job(
     }
 }
 
-/// Calls the instance of a tile kernel for `rows` (1..=MR) activation rows.
-macro_rules! with_rows {
-    ($rows:expr, $kernel:ident($($arg:expr),*)) => {
-        match $rows {
-            4 => $kernel::<4>($($arg),*),
-            3 => $kernel::<3>($($arg),*),
-            2 => $kernel::<2>($($arg),*),
-            _ => $kernel::<1>($($arg),*),
-        }
-    };
-}
-
 /// One tile in the kernel of `isa`.
 fn run_tile(tile: &Tile, dst: *mut f32, n: usize, isa: Isa) {
     match isa {
@@ -361,130 +199,6 @@ fn run_tile(tile: &Tile, dst: *mut f32, n: usize, isa: Isa) {
         // `dst` is valid as above.
         Isa::Vnni512 => unsafe { with_rows!(tile.rows, tile_vnni512(tile, dst, n)) },
     }
-}
-
-/// Quantization parameters of a row from its range: `(s, 1/s, zp)`. A row holding NaN or ±∞
-/// (`finite` false, or an infinite end) gets `s = NaN`, so that every output of the row is NaN
-/// as the f32 product would be non-finite, instead of finite numbers from clamped codes. A
-/// range too wide for f32 (`hi − lo` overflows) is taken in two halves.
-fn quant_params(lo: f32, hi: f32, finite: bool) -> (f32, f32, f32) {
-    if !finite || !lo.is_finite() || !hi.is_finite() {
-        return (f32::NAN, 0.0, 0.0);
-    }
-    let range = hi - lo;
-    if range.is_infinite() {
-        let s = hi / 127.0 - lo / 127.0;
-        let inv = 1.0 / s;
-        return (s, inv, (-lo * inv).round_ties_even());
-    }
-    if range > 0.0 {
-        let inv = 127.0 / range;
-        (range / 127.0, inv, (-lo * inv).round_ties_even())
-    } else {
-        (0.0, 0.0, 0.0)
-    }
-}
-
-/// Quantizes one row (`dst.len() == src.len()`) and returns `(s, zp)`.
-fn quantize_row(src: &[f32], dst: &mut [u8], isa: Isa) -> (f32, i32) {
-    match isa {
-        Isa::Scalar => quantize_row_scalar(src, dst),
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Isa::Avx2` and `Isa::Vnni512` are only chosen after detecting AVX2.
-        Isa::Avx2 | Isa::Vnni512 => unsafe { quantize_row_avx2(src, dst) },
-    }
-}
-
-/// Scalar code of one element: `clamp(round_half_even(v · inv + zp), 0, 127)`.
-/// Matches `vcvtps2dq` (round to nearest even; NaN → 0 after the clamp).
-#[inline(always)]
-fn quantize_one(v: f32, inv: f32, zp: f32) -> u8 {
-    ((v * inv + zp).round_ties_even() as i32).clamp(0, 127) as u8
-}
-
-fn quantize_row_scalar(src: &[f32], dst: &mut [u8]) -> (f32, i32) {
-    // `if v < lo` matches `vminps(v, lo)` (keeps `lo` for NaN and for ±0).
-    let (mut lo, mut hi, mut finite) = (0f32, 0f32, true);
-    for &v in src {
-        if v < lo {
-            lo = v;
-        }
-        if v > hi {
-            hi = v;
-        }
-        finite &= !v.is_nan();
-    }
-    let (s, inv, zp) = quant_params(lo, hi, finite);
-    for (d, &v) in dst.iter_mut().zip(src) {
-        *d = quantize_one(v, inv, zp);
-    }
-    (s, zp as i32)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn quantize_row_avx2(src: &[f32], dst: &mut [u8]) -> (f32, i32) {
-    use std::arch::x86_64::*;
-    let len = src.len();
-    let main = len / 32 * 32;
-    let (mut vlo, mut vhi) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-    let mut vnan = _mm256_setzero_ps();
-    let mut i = 0;
-    while i + 8 <= len {
-        // SAFETY: i + 8 <= len.
-        let v = unsafe { _mm256_loadu_ps(src.as_ptr().add(i)) };
-        vlo = _mm256_min_ps(v, vlo);
-        vhi = _mm256_max_ps(v, vhi);
-        vnan = _mm256_or_ps(vnan, _mm256_cmp_ps::<_CMP_UNORD_Q>(v, v));
-        i += 8;
-    }
-    let finite = _mm256_movemask_ps(vnan) == 0 && !src[i..].iter().any(|v| v.is_nan());
-    let (mut lo_l, mut hi_l) = ([0f32; 8], [0f32; 8]);
-    // SAFETY: both arrays hold 8 f32.
-    unsafe {
-        _mm256_storeu_ps(lo_l.as_mut_ptr(), vlo);
-        _mm256_storeu_ps(hi_l.as_mut_ptr(), vhi);
-    }
-    let (mut lo, mut hi) = (0f32, 0f32);
-    // Lanes and tail: the same comparisons as the scalar path; min/max are exact,
-    // so the order does not change the result.
-    for &v in lo_l.iter().chain(&src[i..]) {
-        if v < lo {
-            lo = v;
-        }
-    }
-    for &v in hi_l.iter().chain(&src[i..]) {
-        if v > hi {
-            hi = v;
-        }
-    }
-    let (s, inv, zp) = quant_params(lo, hi, finite);
-    let (vinv, vzp) = (_mm256_set1_ps(inv), _mm256_set1_ps(zp));
-    let (zero, max) = (_mm256_setzero_si256(), _mm256_set1_epi32(127));
-    let q = |p: *const f32| {
-        // SAFETY: callers pass p with 8 readable f32.
-        let v = unsafe { _mm256_loadu_ps(p) };
-        // Separate mul and add (no FMA) to match the scalar path bit for bit.
-        let t = _mm256_add_ps(_mm256_mul_ps(v, vinv), vzp);
-        _mm256_min_epi32(_mm256_max_epi32(_mm256_cvtps_epi32(t), zero), max)
-    };
-    let mut i = 0;
-    while i < main {
-        let p = src.as_ptr().wrapping_add(i);
-        // All values are in 0..=127, so the saturating packs are exact.
-        let a = _mm256_packs_epi32(q(p), q(p.wrapping_add(8)));
-        let b = _mm256_packs_epi32(q(p.wrapping_add(16)), q(p.wrapping_add(24)));
-        let bytes = _mm256_packus_epi16(a, b);
-        // packs work per 128-bit lane: restore the element order.
-        let bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-        // SAFETY: i + 32 <= main <= dst.len().
-        unsafe { _mm256_storeu_si256(dst.as_mut_ptr().add(i) as *mut __m256i, bytes) };
-        i += 32;
-    }
-    for (d, &v) in dst[main..].iter_mut().zip(&src[main..]) {
-        *d = quantize_one(v, inv, zp);
-    }
-    (s, zp as i32)
 }
 
 /// One micro-tile: up to `MR` quantized activation rows against one weight panel.
@@ -712,37 +426,9 @@ unsafe fn store_tile<const R: usize>(
 
 #[cfg(test)]
 mod tests {
+    use super::super::row_quant::testing::{bits, Case, Rng};
+    use super::super::row_quant::{matmul_t, matmul_t_with};
     use super::*;
-
-    /// Small deterministic PRNG (xorshift64*), so the tests need no dependency.
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        }
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n as u64) as usize
-        }
-        /// Uniform in [-1, 1).
-        fn f(&mut self) -> f32 {
-            (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        }
-        fn code(&mut self) -> i8 {
-            self.next() as u8 as i8
-        }
-    }
-
-    struct Case {
-        m: usize,
-        n: usize,
-        k: usize,
-        x: Vec<f32>,
-        codes: Vec<i8>,
-        scales: Vec<f32>,
-    }
 
     impl Case {
         fn unit_scales(m: usize, n: usize, k: usize, x: Vec<f32>, codes: Vec<i8>) -> Self {
@@ -758,34 +444,9 @@ mod tests {
         }
     }
 
+    /// A random int8 product (`case` of the shared generator: full-range codes, a scale per row).
     fn case(rng: &mut Rng, m: usize, n: usize, k: usize) -> Case {
-        // Mix of row shapes: symmetric, one-sided (post-GELU like), with an outlier,
-        // and an all-zero row.
-        let mut x = Vec::with_capacity(m * k);
-        for r in 0..m {
-            let kind = r % 5;
-            for i in 0..k {
-                let v = match kind {
-                    0 => rng.f() * 3.0,
-                    1 => (rng.f() * 2.0).max(-0.17),
-                    2 if i == k / 2 => 40.0,
-                    2 => rng.f(),
-                    3 if m > 1 && r == m - 1 => 0.0,
-                    _ => rng.f() * 0.01 - 0.02,
-                };
-                x.push(v);
-            }
-        }
-        let codes = (0..n * k).map(|_| rng.code()).collect();
-        let scales = (0..n).map(|_| (rng.f().abs() + 0.1) * 0.01).collect();
-        Case {
-            m,
-            n,
-            k,
-            x,
-            codes,
-            scales,
-        }
+        Case::random(rng, (m, n, k), |rng| rng.next() as u8 as i8, n)
     }
 
     fn run(c: &Case, threads: usize, isa: Isa) -> Vec<f32> {
@@ -836,10 +497,6 @@ mod tests {
         v
     }
 
-    fn bits(v: &[f32]) -> Vec<u32> {
-        v.iter().map(|f| f.to_bits()).collect()
-    }
-
     #[test]
     fn simd_matches_scalar_bit_for_bit() {
         let isas = Isa::available();
@@ -856,21 +513,6 @@ mod tests {
                 let b = run(&c, 1, isa);
                 assert_eq!(bits(&a), bits(&b), "{isa:?} m={m} n={n} k={k}");
             }
-        }
-    }
-
-    #[test]
-    fn quantization_paths_agree() {
-        let mut rng = Rng(7);
-        for len in [1, 5, 8, 31, 32, 33, 100, 384] {
-            let src: Vec<f32> = (0..len).map(|_| rng.f() * 5.0 - 1.0).collect();
-            let mut a = vec![0u8; len];
-            let mut b = vec![0u8; len];
-            let pa = quantize_row(&src, &mut a, Isa::Scalar);
-            let pb = quantize_row(&src, &mut b, Isa::detect());
-            assert_eq!((pa.0.to_bits(), pa.1), (pb.0.to_bits(), pb.1));
-            assert_eq!(a, b);
-            assert!(a.iter().all(|&u| u <= 127));
         }
     }
 
@@ -1036,7 +678,7 @@ mod tests {
     #[test]
     fn zero_rows_and_empty() {
         let w = PackedInt8::pack(&[1, 2, 3, 4, 5, 6], &[1.0, 2.0], 2, 3);
-        assert_eq!((w.rows(), w.cols()), (2, 3));
+        assert_eq!((w.dims().rows, w.dims().cols), (2, 3));
         let mut out = vec![f32::NAN; 4];
         matmul_t(&[0.0; 6], 2, &w, None, &mut out, 2);
         assert_eq!(out, vec![0.0; 4]);

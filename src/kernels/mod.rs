@@ -8,9 +8,11 @@ pub mod dense_product;
 pub mod fastmath;
 pub mod fused_attention;
 pub mod gelu;
+pub mod int4_gemm;
 pub mod int8_gemm;
 pub mod layer_norm;
 pub mod row_op;
+pub mod row_quant;
 pub mod softmax;
 pub mod sparse_attention;
 
