@@ -1,6 +1,6 @@
 //! Quantization: int8 / int4 exports in the compressed-tensors layout, what loading them runs,
 //! the quantized kernels against the float model with the dequantized weights, the mixed search
-//! within the tolerance, and quantization as the last stage.
+//! within the tolerance, quantization-aware recovery after it, and what may not follow it.
 
 mod common;
 
@@ -350,7 +350,7 @@ fn mixed_precision_holds_the_floor_and_reports_the_uniform_baselines() {
 }
 
 #[test]
-fn quantization_is_the_last_stage() {
+fn only_recover_and_vocab_may_follow_quantization() {
     let q = Quantized::run(8, &["--bits", "8"]);
     let Quantized {
         source,
@@ -377,7 +377,7 @@ fn quantization_is_the_last_stage() {
     };
     let again = tmp.path().join("again").display().to_string();
     for (cmd, needle) in [
-        ("prune", "quantization is the last stage"),
+        ("prune", "after quantization only recover and vocab"),
         ("quantize", "already quantized"),
     ] {
         let a = args(cmd, &again);
@@ -402,7 +402,13 @@ fn quantization_is_the_last_stage() {
         "--out",
         &again,
     ]);
-    common::assert_clean_error(&run, &["must be the last stage"]);
+    common::assert_clean_error(
+        &run,
+        &[
+            "stage 2 is prune but follows quantize (stage 1)",
+            "only recover",
+        ],
+    );
     // Analysis takes gradients: it runs on the dequantized matrices, never on the kernels.
     let report = tmp.path().join("significance.json");
     let analyze = |extra: &[&str]| {
@@ -468,4 +474,42 @@ fn a_run_that_ends_below_its_floor_writes_its_output_and_exits_with_status_3() {
     let report = common::json_stdout(&kept);
     assert_eq!(report["tolerance"]["kept"], true, "{report}");
     assert!(report["tolerance"].get("advice").is_none(), "{report}");
+}
+
+/// quantize → recover (quantization-aware) → vocab in one config: the recovery trains through the
+/// quantizer, and the output holds int4 codes that reload to the reported dev metric.
+#[test]
+fn a_recovery_after_int4_trains_through_the_quantizer_and_exports_codes() {
+    let data = common::small_sst2(64);
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("qat.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "model = \"{}\"\ntask = \"sst2\"\n[selection]\nholdout = 32\n\
+             [[stages]]\npass = \"quantize\"\nbits = \"4\"\n\
+             [[stages]]\npass = \"recover\"\ntrain_limit = 64\nevaluations = 2\n\
+             [[stages]]\npass = \"vocab\"\n",
+            common::demo_model().display()
+        ),
+    )
+    .unwrap();
+    let out = tmp.path().join("out");
+    let report = common::compress_json(&config, &out, &["--data", data.path().to_str().unwrap()]);
+    let stages: Vec<&str> = report["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["pass"].as_str().unwrap())
+        .collect();
+    assert_eq!(stages, ["quantize", "recover", "vocab"]);
+    let model = Model::from_dir(&out).unwrap();
+    for m in model.matrices() {
+        let Weight::Quantized(q) = model.weight(m).unwrap() else {
+            panic!("{} is not quantized after the recovery", m.label());
+        };
+        assert_eq!(q.bits(), Bits::Int4, "{}", m.label());
+    }
+    let eval = common::eval_json(&out, "sst2", data.path());
+    assert_eq!(eval["metrics"], common::dev_after(&report));
 }

@@ -159,6 +159,18 @@ pub fn scale_out_of_range(values: &[f32], cols: usize, bits: Bits) -> Option<Str
     })
 }
 
+/// The value of larger magnitude, the positive one on a tie: a group whose extremes are `±e` then
+/// maps `e` onto the positive end (`+7` at 4 bits) and `−e` inside the range, where the negative
+/// one would put `e` one step beyond it. It also makes quantization idempotent: dequantized codes
+/// quantize to the same codes and scales (quantization-aware training relies on it).
+fn extreme_of_two(m: f32, v: f32) -> f32 {
+    if v.abs() > m.abs() || (v.abs() == m.abs() && v > m) {
+        v
+    } else {
+        m
+    }
+}
+
 /// Integer codes and per-group scales of a `[rows, cols]` matrix, row-major.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Codes {
@@ -190,10 +202,7 @@ impl Codes {
         let mut codes = Vec::with_capacity(values.len());
         let mut scales = Vec::with_capacity(values.len() / size);
         for group in values.chunks(size) {
-            let extreme = group
-                .iter()
-                .copied()
-                .fold(0f32, |m, v| if v.abs() > m.abs() { v } else { m });
+            let extreme = group.iter().copied().fold(0f32, extreme_of_two);
             let steps = if extreme < 0.0 { -low } else { high };
             let scale = f16::from_f32(extreme.abs() / steps as f32);
             let s = scale.to_f32();
@@ -543,6 +552,29 @@ mod tests {
                 (s as f32 / u32::MAX as f32 - 0.5) * 0.2
             })
             .collect()
+    }
+
+    #[test]
+    fn a_tie_of_extremes_maps_the_positive_one_to_the_end_and_quantizing_again_changes_nothing() {
+        for bits in [Bits::Int8, Bits::Int4] {
+            let mut v = sample(2, 64, 3);
+            // Equal and opposite extremes, the negative one first.
+            (v[1], v[9]) = (-0.75, 0.75);
+            let c = Codes::quantize(&v, 2, 64, bits).unwrap();
+            let (low, high) = bits.range();
+            assert_eq!(i32::from(c.codes[9]), high, "{bits:?}");
+            assert_eq!(
+                i32::from(c.codes[1]),
+                -high,
+                "{bits:?}: inside the range, not clamped"
+            );
+            assert!(c.codes.iter().all(|&q| i32::from(q) >= low));
+            let again = Codes::quantize(&c.dequantize(), 2, 64, bits).unwrap();
+            assert_eq!(
+                again, c,
+                "{bits:?}: quantizing dequantized codes is the identity"
+            );
+        }
     }
 
     #[test]

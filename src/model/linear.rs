@@ -210,7 +210,7 @@ impl Weight {
             Weight::Dense(w) => Ok(Weight::Dense(select(w, dim, idx)?)),
             Weight::Quantized(q) if dim == 0 => Ok(Weight::Quantized(q.select_rows(idx)?)),
             _ if self.is_dense() => Ok(Weight::Dense(select(&self.to_dense()?, dim, idx)?)),
-            _ => bail!("a quantized matrix cannot be sliced; quantization must be the last stage"),
+            _ => bail!("a quantized matrix cannot be sliced; prune before quantizing"),
         }
     }
 

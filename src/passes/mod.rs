@@ -6,11 +6,13 @@
 //! 2. [`attention`]: sign-matching or hard top-k attention in the layers where the selection
 //!    data allows it;
 //! 3. [`quantize`]: int8 / int4 / float per weight matrix, uniform or chosen by significance;
-//!    the last stage but for `vocab` (a quantized matrix cannot be sliced).
+//!    only `recover` (quantization-aware) and `vocab` may follow it (a quantized matrix cannot be
+//!    sliced).
 //! 4. [`bsp`]: block-structured pruning — reweighted group lasso, hard prune of the smallest
 //!    weight groups, masked retraining;
 //! 5. [`recover`]: fine-tuning after any other stage (distillation from the original model on
-//!    the train split), keeping the best parameters on the selection split;
+//!    the train split), keeping the best parameters on the selection split; after `quantize`
+//!    it trains through the quantizer;
 //! 6. [`shape`]: cut the model to a smaller uniform one of its family (layers, heads, FFN
 //!    width, hidden size), a stock checkpoint; a `recover` stage follows it;
 //! 7. [`vocab`]: keep the word embeddings of the tokens a corpus produces; exact on the corpus,

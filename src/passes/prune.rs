@@ -304,7 +304,7 @@ impl Pass for Prune {
 
     fn check_input(&self, model: &Model) -> Result<()> {
         if model.is_quantized() {
-            bail!("prune: the input is quantized; prune the float model, then quantize (quantization is the last stage)");
+            bail!("prune: the input is quantized; prune the float model, then quantize (after quantization only recover and vocab may run)");
         }
         self.check_settings(model)?;
         match (&self.significance, &self.settings.significance) {

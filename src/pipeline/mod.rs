@@ -67,7 +67,7 @@ const LATENCY_SAMPLES: usize = 64;
 pub enum StageSpec {
     /// Accuracy-driven pruning of blocks, heads and FFN groups.
     Prune(PruneSettings),
-    /// int8 / int4 / float per weight matrix (the last stage).
+    /// int8 / int4 / float per weight matrix (only recover and vocab may follow it).
     Quantize(QuantizeSettings),
     /// Sign-matching or hard top-k attention in the layers that allow it.
     Attention(AttentionSettings),
@@ -123,6 +123,19 @@ impl StageSpec {
         match self {
             StageSpec::Vocab(s) => s.corpus.as_deref(),
             _ => None,
+        }
+    }
+
+    /// The stage's `pass` name in a config.
+    fn pass_name(&self) -> &'static str {
+        match self {
+            StageSpec::Prune(_) => "prune",
+            StageSpec::Quantize(_) => "quantize",
+            StageSpec::Attention(_) => "attention",
+            StageSpec::Recover(_) => "recover",
+            StageSpec::Bsp(_) => "bsp",
+            StageSpec::Shape(_) => "shape",
+            StageSpec::Vocab(_) => "vocab",
         }
     }
 
@@ -433,14 +446,20 @@ fn build_passes(spec: &RunSettings) -> Result<Vec<Box<dyn Stage>>> {
             i + 2
         );
     }
+    // After quantize, only quantization-aware recovery and then vocab may follow: every other
+    // pass slices or replaces float matrices.
     let quantize = |i: usize| matches!(spec.stages[i], StageSpec::Quantize(_));
-    let vocab_after = |i: usize| i + 1 == last && matches!(spec.stages[last], StageSpec::Vocab(_));
-    if let Some(i) = (0..last).find(|&i| quantize(i) && !vocab_after(i)) {
-        bail!(
-            "stage {} is quantize but stage {} follows it; quantization must be the last stage (only a vocab stage may follow it)",
-            i + 1,
-            i + 2
-        );
+    let may_follow_quantize =
+        |s: &StageSpec| matches!(s, StageSpec::Recover(_) | StageSpec::Vocab(_));
+    if let Some(i) = (0..last).find(|&i| quantize(i)) {
+        if let Some(j) = (i + 1..=last).find(|&j| !may_follow_quantize(&spec.stages[j])) {
+            bail!(
+                "stage {} is {} but follows quantize (stage {}); after quantization only recover (quantization-aware) and vocab may run",
+                j + 1,
+                spec.stages[j].pass_name(),
+                i + 1
+            );
+        }
     }
     spec.stages.iter().map(|s| s.build(&spec.hub)).collect()
 }

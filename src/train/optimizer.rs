@@ -124,6 +124,7 @@ mod tests {
             var: Var::from_tensor(&t).unwrap(),
             decay,
             mask: None,
+            quantized: None,
         }
     }
 
