@@ -4,7 +4,7 @@
 
 use candle_core::{bail, DType, Device, Result, Tensor, D};
 
-use crate::formats::quant::{Bits, Codes, Execution, Precision, QuantMatrix};
+use crate::formats::quant::{Codes, Execution, Precision, QuantMatrix};
 use crate::formats::striped::Striped;
 
 /// The weight matrix of a linear layer, `[out, in]` as in PyTorch.
@@ -22,7 +22,8 @@ pub enum Weight {
 }
 
 /// Weights stacked along the outputs. When every part runs the same way — as an f32 matrix, or
-/// in the int8 kernel — the stack keeps them fused too, so the projection stays one product.
+/// in the int8 or the int4 kernel — the stack keeps them fused too, so the projection stays one
+/// product.
 #[derive(Debug, Clone)]
 pub struct Stack {
     /// The parts, top to bottom.
@@ -34,8 +35,9 @@ pub struct Stack {
 #[derive(Debug, Clone)]
 enum Fused {
     F32(Tensor),
-    /// int8 rows with one scale each: stacking their codes changes no value.
-    Int8(QuantMatrix),
+    /// Quantized rows of one precision, run in its kernel: each row keeps its own scales, so
+    /// stacking their codes changes no value.
+    Kernel(QuantMatrix),
 }
 
 impl Stack {
@@ -44,21 +46,25 @@ impl Stack {
         let dense: Option<Vec<Tensor>> = parts.iter().map(Weight::f32_matrix).collect();
         let fused = match dense {
             Some(d) => Some(Fused::F32(Tensor::cat(&d, 0)?)),
-            None => int8_kernel_parts(&parts)
+            None => kernel_parts(&parts)
                 .map(|codes| QuantMatrix::with_execution(Codes::stack(&codes)?, Execution::Kernel))
                 .transpose()?
-                .map(Fused::Int8),
+                .map(Fused::Kernel),
         };
         Ok(Stack { parts, fused })
     }
 }
 
-/// The codes of `parts` when every one is an int8 matrix run in the int8 kernel.
-fn int8_kernel_parts(parts: &[Weight]) -> Option<Vec<&Codes>> {
+/// The codes of `parts` when every one is a matrix of one precision run in its kernel.
+fn kernel_parts(parts: &[Weight]) -> Option<Vec<&Codes>> {
+    let bits = match parts.first()? {
+        Weight::Quantized(q) => q.bits(),
+        _ => return None,
+    };
     parts
         .iter()
         .map(|p| match p {
-            Weight::Quantized(q) if q.execution == Execution::Kernel && q.bits() == Bits::Int8 => {
+            Weight::Quantized(q) if q.execution == Execution::Kernel && q.bits() == bits => {
                 Some(q.codes.as_ref())
             }
             _ => None,
@@ -167,7 +173,7 @@ impl Weight {
                 ..
             }) => x.matmul(&w.t()?),
             Weight::Stacked(Stack {
-                fused: Some(Fused::Int8(q)),
+                fused: Some(Fused::Kernel(q)),
                 ..
             }) => q.matmul_t(x),
             Weight::Stacked(s) => {
@@ -181,12 +187,13 @@ impl Weight {
         }
     }
 
-    /// `x Wᵀ + bias`: the int8 kernel adds the bias itself, other weights add it afterwards.
+    /// `x Wᵀ + bias`: the quantized kernels add the bias themselves, other weights add it
+    /// afterwards.
     fn matmul_t_bias(&self, x: &Tensor, bias: &Tensor) -> Result<Tensor> {
         match self {
             Weight::Quantized(q)
             | Weight::Stacked(Stack {
-                fused: Some(Fused::Int8(q)),
+                fused: Some(Fused::Kernel(q)),
                 ..
             }) => q.matmul_t_bias(x, bias),
             _ => self.matmul_t(x)?.broadcast_add(bias),
@@ -407,6 +414,7 @@ fn select(t: &Tensor, dim: usize, idx: &[usize]) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::formats::quant::Bits;
 
     fn layer() -> Linear {
         let dev = Device::Cpu;
@@ -439,7 +447,7 @@ mod tests {
 
     #[test]
     fn a_stack_of_float_run_parts_multiplies_as_one_matrix() {
-        use crate::formats::quant::{Bits, Codes};
+        use crate::formats::quant::Codes;
         let dev = Device::Cpu;
         let dense = Tensor::randn(0f32, 1.0, (4, 32), &dev).unwrap();
         let codes = Codes::from_tensor(&dense, Bits::Int8).unwrap();
@@ -484,11 +492,20 @@ mod tests {
 
     #[test]
     fn a_stack_of_int8_kernel_parts_fuses_without_changing_a_value() {
-        use crate::formats::quant::{Bits, Codes};
+        stack_of_kernel_parts_fuses_without_changing_a_value(Bits::Int8);
+    }
+
+    #[test]
+    fn a_stack_of_int4_kernel_parts_fuses_without_changing_a_value() {
+        stack_of_kernel_parts_fuses_without_changing_a_value(Bits::Int4);
+    }
+
+    fn stack_of_kernel_parts_fuses_without_changing_a_value(bits: Bits) {
+        use crate::formats::quant::Codes;
         let dev = Device::Cpu;
         let part = |rows: usize| {
             let dense = Tensor::randn(0f32, 1.0, (rows, 64), &dev).unwrap();
-            let codes = Codes::from_tensor(&dense, Bits::Int8).unwrap();
+            let codes = Codes::from_tensor(&dense, bits).unwrap();
             Weight::Quantized(QuantMatrix::with_execution(codes, Execution::Kernel).unwrap())
         };
         let parts = vec![part(8), part(24), part(16)];
@@ -496,7 +513,7 @@ mod tests {
         let separate: Vec<Tensor> = parts.iter().map(|p| p.matmul_t(&x).unwrap()).collect();
         let want: Vec<Vec<f32>> = Tensor::cat(&separate, 1).unwrap().to_vec2().unwrap();
         let stack = Stack::new(parts).unwrap();
-        assert!(matches!(stack.fused, Some(Fused::Int8(_))));
+        assert!(matches!(stack.fused, Some(Fused::Kernel(_))), "{bits:?}");
         let w = Weight::Stacked(stack);
         assert_eq!(w.matmul_t(&x).unwrap().to_vec2::<f32>().unwrap(), want);
         let Weight::Stacked(narrowed) = w.narrow_rows(8, 40).unwrap() else {
@@ -504,7 +521,7 @@ mod tests {
         };
         assert!(
             narrowed.fused.is_none(),
-            "narrowed int8 parts run separately"
+            "narrowed quantized parts run separately"
         );
     }
 }
