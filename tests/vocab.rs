@@ -189,7 +189,10 @@ fn a_vocab_stage_after_quantize_writes_what_the_vocab_flag_writes_and_changes_no
     // The corpus (train + dev) holds every selection sentence, so the re-encoded selection gives
     // every prediction it gave before the stage.
     let vocab = vocab_stage(&report);
-    assert_eq!(vocab["settings"], json!({"corpus": null}));
+    assert_eq!(
+        vocab["settings"],
+        json!({"corpus": null, "positions": false})
+    );
     assert_eq!(vocab["selection_after"], vocab["selection_before"]);
     assert_eq!(vocab["selection_after"]["discordant"], 0, "{vocab}");
     let details = &vocab["details"];
@@ -248,4 +251,61 @@ fn a_model_with_vocab_txt_only_prunes_its_vocabulary() {
     }
     let diff = common::max_abs_diff(&logits(&model, &before), &logits(&reloaded, &after));
     assert!(diff <= 1e-5, "max |Δlogit| {diff}");
+}
+
+/// `positions = true` keeps the position rows of the run's max length: the output's table is the
+/// first rows of the plain vocab output's, its dev predictions are the same, and a longer
+/// `--max-length` is refused in one line.
+#[test]
+fn a_vocab_stage_with_positions_keeps_the_rows_of_the_max_length_and_the_same_predictions() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |name: &str, stages: &str| {
+        let dir = tmp.path().join(name);
+        std::fs::create_dir(&dir).unwrap();
+        let out = dir.join("out");
+        let config = demo_config(&dir, stages);
+        let report = common::compress_json(&config, &out, &["--max-length", "48"]);
+        (out, report)
+    };
+    let (plain, _) = run("plain", "[[stages]]\npass = \"vocab\"\n");
+    let (cut, report) = run("cut", "[[stages]]\npass = \"vocab\"\npositions = true\n");
+    let details = &vocab_stage(&report)["details"];
+    let before = common::read_json(&plain.join("config.json"))["max_position_embeddings"].clone();
+    assert_eq!(details["positions"], json!([48, before]));
+    assert_eq!(
+        common::read_json(&cut.join("config.json"))["max_position_embeddings"],
+        48
+    );
+    let table = |dir: &Path| {
+        let model = Model::from_dir(dir).unwrap();
+        model.embeddings.position.to_vec2::<f32>().unwrap()
+    };
+    let (full, kept) = (table(&plain), table(&cut));
+    assert_eq!(kept, full[..48].to_vec());
+    let predictions = |dir: &Path, name: &str| {
+        let file = tmp.path().join(name);
+        let args = [
+            "--max-length",
+            "48",
+            "--predictions",
+            file.to_str().unwrap(),
+        ];
+        let run = common::eval(dir, &common::demo_glue().join("SST-2"), &args);
+        assert!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        common::read_json(&file)["predicted"].clone()
+    };
+    assert_eq!(
+        predictions(&cut, "cut.json"),
+        predictions(&plain, "plain.json")
+    );
+    let longer = common::eval(
+        &cut,
+        &common::demo_glue().join("SST-2"),
+        &["--max-length", "49"],
+    );
+    common::assert_clean_error(&longer, &["--max-length 49 is out of range", "2..=48"]);
 }

@@ -43,6 +43,10 @@ crate::settings! {
         /// The corpus: a text file, one text per line, tab-separated fields tokenized separately
         /// (`--vocab-corpus`, relative to the config); unset: the task's train and dev splits.
         corpus: Option<PathBuf> = None, "train + dev";
+        /// Also keep only the position-embedding rows inputs of up to the run's max length use
+        /// (exact for them; a later `--max-length` above it is refused), for deployment at a fixed
+        /// length.
+        positions: bool = false, "false";
     }
 }
 
@@ -58,7 +62,10 @@ impl VocabSettings {
     /// The stage `--vocab` and `--vocab-corpus` ask for (a file implies `--vocab corpus`).
     pub fn from_flags(choice: Option<VocabChoice>, file: Option<PathBuf>) -> Option<Self> {
         match (choice, file) {
-            (_, Some(path)) => Some(VocabSettings { corpus: Some(path) }),
+            (_, Some(path)) => Some(VocabSettings {
+                corpus: Some(path),
+                ..VocabSettings::default()
+            }),
             (Some(VocabChoice::Corpus), None) => Some(VocabSettings::default()),
             (None, None) => None,
         }
@@ -94,13 +101,20 @@ pub struct VocabReport {
     pub dev_unknown_rate_before: f64,
     /// The same with the pruned tokenizer.
     pub dev_unknown_rate_after: f64,
+    /// With `positions`: the position rows kept and before, when the table was longer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub positions: Option<[usize; 2]>,
 }
 
 impl VocabReport {
     /// One line: what was kept, and the unknown-token rate on dev.
     pub fn summary(&self) -> String {
+        let positions = match self.positions {
+            Some([kept, of]) => format!("; position rows: kept {kept} of {of}"),
+            None => String::new(),
+        };
         format!(
-            "vocabulary: kept {} of {} tokens ({} texts of {}); [UNK] on dev {:.3}% -> {:.3}%",
+            "vocabulary: kept {} of {} tokens ({} texts of {}); [UNK] on dev {:.3}% -> {:.3}%{positions}",
             self.kept,
             self.of,
             self.corpus_texts,
@@ -144,7 +158,11 @@ impl Pass for Vocab {
         _journal: &mut Journal,
     ) -> Result<PassOutput<VocabReport>> {
         let (texts, corpus) = self.settings.texts(ctx.data)?;
-        let (pruned, kept) = prune_vocabulary(&model, &texts)?;
+        let (mut pruned, kept) = prune_vocabulary(&model, &texts)?;
+        let positions = match self.settings.positions {
+            true => cut_positions(&mut pruned, ctx.max_length)?,
+            false => None,
+        };
         let dev = ctx.data.first("dev")?;
         let after = pruned.text_encoder(ctx.max_length)?;
         let report = VocabReport {
@@ -154,6 +172,7 @@ impl Pass for Vocab {
             of: model.config.vocab_size,
             dev_unknown_rate_before: unknown_rate(&encode(&dev, "", ctx.encoder)?, ctx.encoder),
             dev_unknown_rate_after: unknown_rate(&encode(&dev, "", &after)?, &after),
+            positions,
         };
         ctx.log(&report.summary());
         Ok(PassOutput {
@@ -240,6 +259,28 @@ pub fn prune_vocabulary(model: &Model, texts: &[String]) -> Result<(Model, KeptI
     renumber_config(&mut out.config.raw, &kept)?;
     out.tokenizer = Some(Arc::new(files));
     Ok((out, kept))
+}
+
+/// Keeps the position-embedding rows that inputs of up to `max_length` tokens use (RoBERTa's
+/// start after the padding id) and says so in `config.json`; returns `[kept, before]` when the
+/// table was longer. Exact for such inputs, and the runtime refuses a longer `--max-length`.
+fn cut_positions(model: &mut Model, max_length: usize) -> Result<Option<[usize; 2]>> {
+    let before = model.config.max_position_embeddings;
+    let offset = before - model.config.max_input_length();
+    let rows = (max_length + offset).min(before);
+    if rows == before {
+        return Ok(None);
+    }
+    let table = &model.embeddings.position;
+    model.embeddings.position = table.narrow(0, 0, rows)?.contiguous()?;
+    model.config.max_position_embeddings = rows;
+    let obj = model
+        .config
+        .raw
+        .as_object_mut()
+        .context("config.json is an object")?;
+    obj.insert("max_position_embeddings".into(), Value::from(rows));
+    Ok(Some([rows, before]))
 }
 
 /// Token ids `config.json` names (`pad_token_id`…).
