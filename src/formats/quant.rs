@@ -279,22 +279,6 @@ impl Codes {
         PackedInt4::pack(&self.codes, &scales, self.rows, self.cols)
     }
 
-    /// The values of the rows at `ids`, dequantized row by row (an embedding lookup that never
-    /// dequantizes the whole table).
-    pub fn gather_rows(&self, ids: &[usize]) -> Vec<f32> {
-        let groups = self.cols / self.group;
-        let mut out = Vec::with_capacity(ids.len() * self.cols);
-        for &r in ids {
-            let codes = &self.codes[r * self.cols..(r + 1) * self.cols];
-            let scales = &self.scales[r * groups..(r + 1) * groups];
-            for (group, s) in codes.chunks(self.group).zip(scales) {
-                let s = s.to_f32();
-                out.extend(group.iter().map(|&q| f32::from(q) * s));
-            }
-        }
-        out
-    }
-
     /// The codes in candle's block layout (`Q8_0` or `Q4_0`), each block carrying its group's
     /// scale.
     pub fn to_blocks(&self) -> Vec<u8> {
@@ -364,7 +348,7 @@ impl Execution {
     /// What a matrix runs as: `Kernel`, `Candle` or `Dequantized`. Auto picks by measurement
     /// (`cargo bench --bench kernels`): both kernels beat candle's f32 product at MiniLM's
     /// shapes, while candle 0.11's `Q4_0` and `Q8_0` kernels were 2.2–10× slower than it.
-    pub fn for_bits(self, _bits: Bits) -> Execution {
+    pub fn resolved(self) -> Execution {
         match self {
             Execution::Auto => Execution::Kernel,
             other => other,
@@ -396,7 +380,7 @@ enum Kernel {
 impl QuantMatrix {
     /// Builds the runnable matrix from its codes, executed as `execution` says.
     pub fn with_execution(codes: Codes, execution: Execution) -> Result<Self> {
-        let execution = execution.for_bits(codes.bits);
+        let execution = execution.resolved();
         let kernel = match execution {
             Execution::Kernel if codes.bits == Bits::Int8 => Kernel::Int8(Arc::default()),
             Execution::Kernel => Kernel::Int4(Arc::default()),
@@ -493,7 +477,7 @@ impl QuantMatrix {
             Kernel::Int8(_) | Kernel::Int4(_) => {
                 let ids = ids.flatten_all()?.to_vec1::<u32>()?;
                 let rows: Vec<usize> = ids.iter().map(|&i| i as usize).collect();
-                let values = self.codes.gather_rows(&rows);
+                let values = self.codes.select_rows(&rows).dequantize();
                 Tensor::from_vec(values, (rows.len(), self.codes.cols), &Device::Cpu)
             }
         }

@@ -505,10 +505,13 @@ mod tests {
     }
 
     #[test]
-    fn nibbles_round_trip_every_code() {
+    fn nibbles_round_trip_every_code_in_either_half_of_a_byte() {
         for q in -8i8..=7 {
-            assert_eq!(unnibble(nibble(q)), q);
-            assert_eq!(unnibble(nibble(q) << 4 >> 4), q);
+            for other in -8i8..=7 {
+                let byte = nibble(q) | nibble(other) << 4;
+                assert_eq!(unnibble(byte), q, "low nibble of {byte:#04x}");
+                assert_eq!(unnibble(byte >> 4), other, "high nibble of {byte:#04x}");
+            }
         }
     }
 

@@ -246,7 +246,7 @@ impl<'r, 'a> Trainer<'r, 'a> {
     /// One optimizer step on `examples`; returns the loss and the learning rate.
     fn step(&mut self, step: usize, examples: Vec<usize>) -> Result<(f32, f64)> {
         let run = self.run;
-        let model = &self.trainable.training_model()?;
+        let model = &*self.trainable.training_model()?;
         let batch = match self.augment {
             (p, seed) if p > 0.0 => {
                 let mut altered = run.data.subset(&examples);

@@ -8,6 +8,7 @@
 //! straight through to the master (`w + (q(w) − w).detach()`). The trained model holds the
 //! master's codes, so what was trained is what is exported.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use anyhow::{bail, Result};
@@ -96,19 +97,10 @@ impl Quantized {
     }
 
     /// `w` quantized and dequantized in the forward pass, part by part, the identity in the
-    /// backward pass (straight-through): `w + (q(w) − w).detach()`.
+    /// backward pass (straight-through): `w + (q(w) − w).detach()`, where `q(w)` is what
+    /// [`Self::weight`] holds.
     fn fake(&self, w: &Tensor) -> Result<Tensor> {
-        let rounded: Vec<Tensor> = self
-            .split(w)
-            .map(|part| {
-                let (part, rows) = part?;
-                match part.precision {
-                    Some((bits, _)) => dequantized(&Codes::from_tensor(&rows.detach(), bits)?),
-                    None => Ok(rows.detach()),
-                }
-            })
-            .collect::<Result<_>>()?;
-        let q = Tensor::cat(&rounded, 0)?;
+        let q = self.weight(w)?.to_dense()?;
         Ok((w + (q - w.detach())?.detach())?)
     }
 
@@ -135,16 +127,6 @@ impl Quantized {
     }
 }
 
-/// The values `codes` stand for, as a `[rows, cols]` tensor.
-fn dequantized(codes: &Codes) -> Result<Tensor> {
-    let values = codes.dequantize();
-    Ok(Tensor::from_vec(
-        values,
-        (codes.rows, codes.cols),
-        &candle_core::Device::Cpu,
-    )?)
-}
-
 /// What [`map_tensors`] tells its function about a tensor.
 #[derive(Debug, Clone, Copy)]
 struct Slot<'a> {
@@ -167,8 +149,8 @@ pub struct Trainable {
 impl Trainable {
     /// Makes every encoder-layer and head tensor of `model` a variable (the embeddings stay
     /// fixed: most of a small model's parameters are there, and recovery does not need them). A
-    /// quantized matrix becomes its dequantized float master, trained through its quantizer
-    /// (module docs); stacked parts of different precisions and striped matrices are refused.
+    /// quantized matrix (or stack of parts, each with its precision) becomes its dequantized
+    /// float master, trained through its quantizer (module docs); striped matrices are refused.
     pub fn new(model: &Model) -> Result<Self> {
         let mut params = Vec::new();
         let model = map_tensors(model, &mut |slot, t| {
@@ -191,17 +173,18 @@ impl Trainable {
 
     /// The model a training step runs: the variables themselves, but every quantized matrix's
     /// master quantized on the way forward, with a straight-through gradient (module docs).
-    pub fn training_model(&self) -> Result<Model> {
+    pub fn training_model(&self) -> Result<Cow<'_, Model>> {
         let masters = self.quantized_masters();
         if masters.is_empty() {
-            return Ok(self.model.clone());
+            return Ok(Cow::Borrowed(&self.model));
         }
-        map_linears(&self.model, &mut |name, linear| {
+        let model = map_linears(&self.model, &mut |name, linear| {
             if let Some((q, w)) = masters.get(&format!("{name}.weight")) {
                 linear.weight = Weight::Dense(q.fake(w)?);
             }
             Ok(())
-        })
+        })?;
+        Ok(Cow::Owned(model))
     }
 
     /// The float master of every quantized matrix, with its precision, by parameter name.
