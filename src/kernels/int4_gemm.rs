@@ -353,7 +353,9 @@ unsafe fn tiles_vnni512<const R: usize, const P: usize>(
     ldo: usize,
 ) {
     use std::arch::x86_64::*;
-    debug_assert!(t.iter().all(|u| R == u.rows && R <= MR && u.w.len() == t[0].w.len()));
+    debug_assert!(t
+        .iter()
+        .all(|u| R == u.rows && R <= MR && u.w.len() == t[0].w.len()));
     let groups = t[0].colsum.len() / NR;
     let mask = _mm512_set1_epi8(0x0f);
     let mut yacc = [[_mm512_setzero_ps(); P]; R];
