@@ -171,6 +171,40 @@ fn extreme_of_two(m: f32, v: f32) -> f32 {
     }
 }
 
+/// The code of `v` at scale `s`: rounded to nearest and clamped to the range.
+fn code(v: f32, s: f32, (low, high): (i32, i32)) -> i8 {
+    let q = if s > 0.0 { (v / s).round() as i32 } else { 0 };
+    q.clamp(low, high) as i8
+}
+
+/// Clipping candidates tried below a group's full-range scale at 4 bits: `1 − i/100` for `i` in
+/// `1..=CLIP_STEPS`.
+const CLIP_STEPS: usize = 20;
+
+/// The fp16 scale of a 4-bit group with the least squared rounding error: the full-range scale
+/// (the group's extreme on the end code) or one of [`CLIP_STEPS`] smaller ones, which clamp the
+/// few largest weights to round the many small ones finer. The full-range scale wins ties, so a
+/// group of dequantized codes keeps its scale (quantization stays idempotent).
+fn clipped_scale(group: &[f32], full: f32, range: (i32, i32)) -> f16 {
+    let error = |scale: f16| -> f64 {
+        let s = scale.to_f32();
+        group
+            .iter()
+            .map(|&v| f64::from(v - f32::from(code(v, s, range)) * s).powi(2))
+            .sum()
+    };
+    let mut best = f16::from_f32(full);
+    let mut best_error = error(best);
+    for i in 1..=CLIP_STEPS {
+        let candidate = f16::from_f32(full * (1.0 - i as f32 / 100.0));
+        let e = error(candidate);
+        if e < best_error {
+            (best, best_error) = (candidate, e);
+        }
+    }
+    best
+}
+
 /// Integer codes and per-group scales of a `[rows, cols]` matrix, row-major.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Codes {
@@ -204,12 +238,13 @@ impl Codes {
         for group in values.chunks(size) {
             let extreme = group.iter().copied().fold(0f32, extreme_of_two);
             let steps = if extreme < 0.0 { -low } else { high };
-            let scale = f16::from_f32(extreme.abs() / steps as f32);
+            let full = extreme.abs() / steps as f32;
+            let scale = match bits {
+                Bits::Int8 => f16::from_f32(full),
+                Bits::Int4 => clipped_scale(group, full, (low, high)),
+            };
             let s = scale.to_f32();
-            codes.extend(group.iter().map(|&v| {
-                let q = if s > 0.0 { (v / s).round() as i32 } else { 0 };
-                q.clamp(low, high) as i8
-            }));
+            codes.extend(group.iter().map(|&v| code(v, s, (low, high))));
             scales.push(scale);
         }
         Ok(Codes {
@@ -547,11 +582,14 @@ mod tests {
             let c = Codes::quantize(&v, 2, 64, bits).unwrap();
             let (low, high) = bits.range();
             assert_eq!(i32::from(c.codes[9]), high, "{bits:?}");
-            assert_eq!(
-                i32::from(c.codes[1]),
-                -high,
-                "{bits:?}: inside the range, not clamped"
-            );
+            if bits == Bits::Int8 {
+                // (At int4 a clipped scale may put both ends on the end codes.)
+                assert_eq!(
+                    i32::from(c.codes[1]),
+                    -high,
+                    "{bits:?}: inside the range, not clamped"
+                );
+            }
             assert!(c.codes.iter().all(|&q| i32::from(q) >= low));
             let again = Codes::quantize(&c.dequantize(), 2, 64, bits).unwrap();
             assert_eq!(
@@ -584,12 +622,55 @@ mod tests {
             let d = c.dequantize();
             for (g, (x, y)) in v.iter().zip(&d).enumerate() {
                 let s = c.scales[g / c.group].to_f32();
+                let clamped = [low, high].contains(&i32::from(c.codes[g])) && bits == Bits::Int4;
                 assert!(
-                    (x - y).abs() <= s / 2.0 + 1e-7,
+                    (x - y).abs() <= s / 2.0 + 1e-7 || clamped,
                     "{bits:?} entry {g}: {x} vs {y}"
                 );
             }
         }
+    }
+
+    /// Squared rounding error of every group of `c` against `v`.
+    fn group_errors(v: &[f32], c: &Codes) -> Vec<f64> {
+        v.iter()
+            .zip(c.dequantize())
+            .map(|(x, y)| f64::from(x - y).powi(2))
+            .collect::<Vec<_>>()
+            .chunks(c.group)
+            .map(|g| g.iter().sum())
+            .collect()
+    }
+
+    #[test]
+    fn int4_clipping_never_rounds_a_group_worse_than_its_full_range_and_helps_an_outlier() {
+        let mut v = sample(8, 64, 11);
+        v[3] = 0.9; // one outlier in the first group: the full range rounds the rest coarsely
+        let c = Codes::quantize(&v, 8, 64, Bits::Int4).unwrap();
+        let full = Codes {
+            scales: v
+                .chunks(GROUP)
+                .map(|g| {
+                    let e = g.iter().copied().fold(0f32, extreme_of_two);
+                    f16::from_f32(e.abs() / if e < 0.0 { 8.0 } else { 7.0 })
+                })
+                .collect(),
+            ..c.clone()
+        };
+        let full = Codes {
+            codes: v
+                .iter()
+                .enumerate()
+                .map(|(i, &x)| code(x, full.scales[i / GROUP].to_f32(), (-8, 7)))
+                .collect(),
+            ..full
+        };
+        let (clipped, plain) = (group_errors(&v, &c), group_errors(&v, &full));
+        for (g, (a, b)) in clipped.iter().zip(&plain).enumerate() {
+            assert!(a <= b, "group {g}: {a} > {b}");
+        }
+        assert!(clipped[0] < plain[0], "the outlier's group rounds finer");
+        assert!(c.scales[0] < full.scales[0], "by a clipped scale");
     }
 
     #[test]
