@@ -335,106 +335,80 @@ unsafe fn tile_avx2<const R: usize>(t: &Tile, dst: *mut f32, ldo: usize) {
     }
 }
 
-/// 512-bit VNNI tiles: `P` adjacent panels against the same activation rows. One 64-byte load
-/// holds two k-steps of a whole 16-row panel, unpacked into two vectors, each taking one
-/// `vpdpbusd` per row into its own accumulator (the low and the high nibbles' chains run side by
-/// side instead of one after the other). The integer sums are the same as [`tile_avx2`]'s, so are
-/// the bits. (Two panels per tile, as the int8 kernel runs, measured slower here in the model at
-/// two threads: b1 4.3 → 4.5 ms.)
+/// 512-bit VNNI tile: one 64-byte load holds two k-steps of the whole 16-row panel, unpacked into
+/// two vectors, each taking one `vpdpbusd` per row into its own accumulator (the low and the high
+/// nibbles' chains run side by side instead of one after the other). The integer sums are the same
+/// as [`tile_avx2`]'s, so are the bits. (Two panels per tile, as the int8 kernel runs, measured
+/// slower here in the model at two threads: b1 4.3 → 4.5 ms.)
 ///
 /// # Safety
-/// AVX2, AVX-512 F, BW, VNNI and VL must be available; `dst[p]` as for [`tile_avx2`], for each
-/// panel's tile; all tiles share their rows and their `k`.
+/// AVX2, AVX-512 F, BW, VNNI and VL must be available; `dst` as for [`tile_avx2`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vnni,avx512vl")]
-unsafe fn tiles_vnni512<const R: usize, const P: usize>(
-    t: [&Tile; P],
-    dst: [*mut f32; P],
-    ldo: usize,
-) {
+unsafe fn tile_vnni512<const R: usize>(t: &Tile, dst: *mut f32, ldo: usize) {
     use std::arch::x86_64::*;
-    debug_assert!(t
-        .iter()
-        .all(|u| R == u.rows && R <= MR && u.w.len() == t[0].w.len()));
-    let groups = t[0].colsum.len() / NR;
+    debug_assert!(R == t.rows && R <= MR);
+    let groups = t.colsum.len() / NR;
     let mask = _mm512_set1_epi8(0x0f);
-    let mut yacc = [[_mm512_setzero_ps(); P]; R];
-    let mut wp = t.map(|t| t.w.as_ptr() as *const __m512i);
-    let mut ap = t[0].a.as_ptr();
-    let lda = t[0].lda;
+    let mut yacc = [_mm512_setzero_ps(); R];
+    let mut wp = t.w.as_ptr() as *const __m512i;
+    let mut ap = t.a.as_ptr();
     for g in 0..groups {
-        let mut acc = [[[_mm512_setzero_si512(); 2]; P]; R];
+        let mut acc = [[_mm512_setzero_si512(); 2]; R];
         for _ in 0..PAIRS_PER_GROUP {
-            // SAFETY: each panel holds 2 aligned chunks (one 64-byte vector) per step pair and
+            // SAFETY: the panel holds 2 aligned chunks (one 64-byte vector) per step pair and
             // every row 8 bytes per pair; wp / ap advance by one pair.
             unsafe {
-                let w = wp.map(|p| {
-                    let v = _mm512_loadu_si512(p);
-                    let lo = _mm512_and_si512(v, mask);
-                    [lo, _mm512_and_si512(_mm512_srli_epi16::<4>(v), mask)]
-                });
+                let v = _mm512_loadu_si512(wp);
+                let w = [
+                    _mm512_and_si512(v, mask),
+                    _mm512_and_si512(_mm512_srli_epi16::<4>(v), mask),
+                ];
                 for (r, acc_r) in acc.iter_mut().enumerate() {
-                    let row = ap.add(r * lda);
+                    let row = ap.add(r * t.lda);
                     let a = [
                         _mm512_set1_epi32((row as *const i32).read_unaligned()),
                         _mm512_set1_epi32((row.add(KU) as *const i32).read_unaligned()),
                     ];
-                    for (acc_rp, w_p) in acc_r.iter_mut().zip(&w) {
-                        for h in 0..2 {
-                            acc_rp[h] = _mm512_dpbusd_epi32(acc_rp[h], a[h], w_p[h]);
-                        }
+                    for h in 0..2 {
+                        acc_r[h] = _mm512_dpbusd_epi32(acc_r[h], a[h], w[h]);
                     }
                 }
-                wp = wp.map(|p| p.add(1));
+                wp = wp.add(1);
                 ap = ap.add(KPAIR);
             }
         }
-        for (p, t) in t.iter().enumerate() {
-            // SAFETY: colsum and wscale hold NR values per group.
-            let (cs, ws) = unsafe {
-                (
-                    _mm512_cvtepi32_ps(_mm512_loadu_si512(
-                        t.colsum.as_ptr().add(g * NR) as *const __m512i
-                    )),
-                    _mm512_loadu_ps(t.wscale.as_ptr().add(g * NR)),
-                )
-            };
-            for (r, (acc_r, y_r)) in acc.iter().zip(yacc.iter_mut()).enumerate() {
-                let sum = _mm512_cvtepi32_ps(_mm512_add_epi32(acc_r[p][0], acc_r[p][1]));
-                let offset = _mm512_set1_ps(t.asum8[r * groups + g]);
-                // Exact: every term is an integer below 2^24 (module docs).
-                let zp = _mm512_set1_ps(t.zpf[r]);
-                let v = _mm512_sub_ps(sum, _mm512_fmadd_ps(zp, cs, offset));
-                y_r[p] = _mm512_add_ps(y_r[p], _mm512_mul_ps(v, ws));
-            }
+        // SAFETY: colsum and wscale hold NR values per group.
+        let (cs, ws) = unsafe {
+            (
+                _mm512_cvtepi32_ps(_mm512_loadu_si512(
+                    t.colsum.as_ptr().add(g * NR) as *const __m512i
+                )),
+                _mm512_loadu_ps(t.wscale.as_ptr().add(g * NR)),
+            )
+        };
+        for (r, (acc_r, y_r)) in acc.iter().zip(yacc.iter_mut()).enumerate() {
+            let sum = _mm512_cvtepi32_ps(_mm512_add_epi32(acc_r[0], acc_r[1]));
+            let offset = _mm512_set1_ps(t.asum8[r * groups + g]);
+            // Exact: every term is an integer below 2^24 (module docs).
+            let zp = _mm512_set1_ps(t.zpf[r]);
+            let v = _mm512_sub_ps(sum, _mm512_fmadd_ps(zp, cs, offset));
+            *y_r = _mm512_add_ps(*y_r, _mm512_mul_ps(v, ws));
         }
     }
-    for (p, (t, dst)) in t.iter().zip(dst).enumerate() {
-        for (r, y_r) in yacc.iter().enumerate() {
-            let mut y = _mm512_mul_ps(y_r[p], _mm512_set1_ps(t.s[r]));
-            if let Some(b) = t.bias {
-                // SAFETY: the padded bias holds NR values per panel.
-                y = _mm512_add_ps(y, unsafe { _mm512_loadu_ps(b.as_ptr()) });
-            }
-            let mut row = [0f32; NR];
-            // SAFETY: as in `tile_avx2`.
-            unsafe {
-                _mm512_storeu_ps(row.as_mut_ptr(), y);
-                std::ptr::copy_nonoverlapping(row.as_ptr(), dst.add(r * ldo), t.ncols);
-            }
+    for (r, y_r) in yacc.iter().enumerate() {
+        let mut y = _mm512_mul_ps(*y_r, _mm512_set1_ps(t.s[r]));
+        if let Some(b) = t.bias {
+            // SAFETY: the padded bias holds NR values per panel.
+            y = _mm512_add_ps(y, unsafe { _mm512_loadu_ps(b.as_ptr()) });
+        }
+        let mut row = [0f32; NR];
+        // SAFETY: as in `tile_avx2`.
+        unsafe {
+            _mm512_storeu_ps(row.as_mut_ptr(), y);
+            std::ptr::copy_nonoverlapping(row.as_ptr(), dst.add(r * ldo), t.ncols);
         }
     }
-}
-
-/// [`tiles_vnni512`] for one panel.
-///
-/// # Safety
-/// As for [`tiles_vnni512`].
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,avx512f,avx512bw,avx512vnni,avx512vl")]
-unsafe fn tile_vnni512<const R: usize>(t: &Tile, dst: *mut f32, ldo: usize) {
-    // SAFETY: forwarded from the caller.
-    unsafe { tiles_vnni512::<R, 1>([t], [dst], ldo) }
 }
 
 #[cfg(test)]
