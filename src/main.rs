@@ -14,16 +14,7 @@ fn main() {
         eprintln!("warning: {err:#}; Ctrl-C will stop without cleaning up");
     }
     axcompress::threads::configure(cli.threads);
-    let result = match &cli.command {
-        Command::Eval(args) => commands::eval::run(args, &cli),
-        Command::Inspect(args) => commands::inspect::run(args, &cli),
-        Command::Analyze(args) => commands::analyze::run(args, &cli),
-        Command::Prune(args) => commands::prune::run(args, &cli),
-        Command::Quantize(args) => commands::quantize::run(args, &cli),
-        Command::Attention(args) => commands::attention::run(args, &cli),
-        Command::Compress(args) => commands::compress::run(args, &cli),
-        Command::Bench(args) => commands::bench::run(args, &cli),
-    };
+    let result = axcompress::threads::on_pool(|| dispatch(&cli));
     axcompress::interrupt::yield_to_stop();
     if let Err(err) = result {
         // One line: the context chain; a backtrace some libraries append goes on later lines.
@@ -31,5 +22,19 @@ fn main() {
         eprintln!("error: {}", text.lines().next().unwrap_or_default());
         let missed = err.downcast_ref::<FloorMissed>().is_some();
         std::process::exit(if missed { EXIT_FLOOR_MISSED } else { 1 });
+    }
+}
+
+/// Runs the command.
+fn dispatch(cli: &Cli) -> anyhow::Result<()> {
+    match &cli.command {
+        Command::Eval(args) => commands::eval::run(args, cli),
+        Command::Inspect(args) => commands::inspect::run(args, cli),
+        Command::Analyze(args) => commands::analyze::run(args, cli),
+        Command::Prune(args) => commands::prune::run(args, cli),
+        Command::Quantize(args) => commands::quantize::run(args, cli),
+        Command::Attention(args) => commands::attention::run(args, cli),
+        Command::Compress(args) => commands::compress::run(args, cli),
+        Command::Bench(args) => commands::bench::run(args, cli),
     }
 }

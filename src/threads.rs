@@ -17,9 +17,26 @@ pub fn configure(threads: Option<u16>) {
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
+    // The whole command runs on a worker ([`on_pool`]): give the workers the main thread's stack
+    // size, not rayon's default, for deep recursions such as candle's backward pass. (An error
+    // means the pool already exists, which only a test harness causes.)
+    let _ = rayon::ThreadPoolBuilder::new()
+        .stack_size(WORKER_STACK_BYTES)
+        .build_global();
 }
+
+/// Stack of each rayon worker: the usual main-thread stack size.
+const WORKER_STACK_BYTES: usize = 8 << 20;
 
 /// The number of worker threads in use.
 pub fn count() -> usize {
     rayon::current_num_threads()
+}
+
+/// Runs `work` on a worker of the rayon pool and returns its result. Every parallel kernel called
+/// from a worker shares its work with the other workers directly; called from the main thread,
+/// each one would hand itself to the pool and put the main thread to sleep until it finished, a
+/// sleep and a wake-up per operation.
+pub fn on_pool<T: Send>(work: impl FnOnce() -> T + Send) -> T {
+    rayon::join(work, || ()).0
 }
