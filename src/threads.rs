@@ -40,3 +40,20 @@ pub fn count() -> usize {
 pub fn on_pool<T: Send>(work: impl FnOnce() -> T + Send) -> T {
     rayon::join(work, || ()).0
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn work_runs_on_a_pool_worker_and_returns_its_value() {
+        assert_eq!(
+            rayon::current_thread_index(),
+            None,
+            "the test thread is not a worker"
+        );
+        let (index, value) = on_pool(|| (rayon::current_thread_index(), 41 + 1));
+        assert!(index.is_some(), "on_pool ran its work outside the pool");
+        assert_eq!(value, 42);
+    }
+}
