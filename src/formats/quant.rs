@@ -23,6 +23,7 @@
 //! compressed-tensors safetensors or from this module, and a layer must also be able to run the
 //! dequantized matrix instead (see [`Execution`]).
 
+use rayon::prelude::*;
 use std::borrow::Cow;
 use std::sync::{Arc, OnceLock};
 
@@ -186,23 +187,27 @@ const CLIP_STEPS: usize = 20;
 /// few largest weights to round the many small ones finer. The full-range scale wins ties, so a
 /// group of dequantized codes keeps its scale (quantization stays idempotent).
 fn clipped_scale(group: &[f32], full: f32, range: (i32, i32)) -> f16 {
-    let error = |scale: f16| -> f64 {
-        let s = scale.to_f32();
-        group
-            .iter()
-            .map(|&v| f64::from(v - f32::from(code(v, s, range)) * s).powi(2))
-            .sum()
-    };
-    let mut best = f16::from_f32(full);
-    let mut best_error = error(best);
-    for i in 1..=CLIP_STEPS {
-        let candidate = f16::from_f32(full * (1.0 - i as f32 / 100.0));
-        let e = error(candidate);
-        if e < best_error {
-            (best, best_error) = (candidate, e);
+    let scales: [f16; CLIP_STEPS + 1] =
+        std::array::from_fn(|i| f16::from_f32(full * (1.0 - i as f32 / 100.0)));
+    // Every candidate's error in one pass over the group: independent sums, each in the group's
+    // order (this runs on every quantization-aware training step).
+    let steps = scales.map(f16::to_f32);
+    let mut errors = [0f64; CLIP_STEPS + 1];
+    for &v in group {
+        for (e, &s) in errors.iter_mut().zip(&steps) {
+            *e += f64::from(v - f32::from(code(v, s, range)) * s).powi(2);
         }
     }
-    best
+    let best = (1..=CLIP_STEPS).fold(0, |b, i| if errors[i] < errors[b] { i } else { b });
+    scales[best]
+}
+
+/// The full-range scale of a group: its largest weight (the positive one on a tie) on the end
+/// code of its sign.
+fn full_range_scale(group: &[f32], (low, high): (i32, i32)) -> f32 {
+    let extreme = group.iter().copied().fold(0f32, extreme_of_two);
+    let steps = if extreme < 0.0 { -low } else { high };
+    extreme.abs() / steps as f32
 }
 
 /// Integer codes and per-group scales of a `[rows, cols]` matrix, row-major.
@@ -233,20 +238,23 @@ impl Codes {
         }
         let (low, high) = bits.range();
         let size = bits.group(cols);
-        let mut codes = Vec::with_capacity(values.len());
-        let mut scales = Vec::with_capacity(values.len() / size);
-        for group in values.chunks(size) {
-            let extreme = group.iter().copied().fold(0f32, extreme_of_two);
-            let steps = if extreme < 0.0 { -low } else { high };
-            let full = extreme.abs() / steps as f32;
-            let scale = match bits {
-                Bits::Int8 => f16::from_f32(full),
-                Bits::Int4 => clipped_scale(group, full, (low, high)),
-            };
-            let s = scale.to_f32();
-            codes.extend(group.iter().map(|&v| code(v, s, (low, high))));
-            scales.push(scale);
-        }
+        // The scales in parallel (the int4 search runs on every quantization-aware training
+        // step); each group's is independent, so the result does not depend on the threads.
+        let scales: Vec<f16> = values
+            .par_chunks(size)
+            .map(|group| {
+                let full = full_range_scale(group, (low, high));
+                match bits {
+                    Bits::Int8 => f16::from_f32(full),
+                    Bits::Int4 => clipped_scale(group, full, (low, high)),
+                }
+            })
+            .collect();
+        let codes = values
+            .chunks(size)
+            .zip(&scales)
+            .flat_map(|(group, s)| group.iter().map(|&v| code(v, s.to_f32(), (low, high))))
+            .collect();
         Ok(Codes {
             bits,
             rows,
@@ -650,10 +658,7 @@ mod tests {
         let full = Codes {
             scales: v
                 .chunks(GROUP)
-                .map(|g| {
-                    let e = g.iter().copied().fold(0f32, extreme_of_two);
-                    f16::from_f32(e.abs() / if e < 0.0 { 8.0 } else { 7.0 })
-                })
+                .map(|g| f16::from_f32(full_range_scale(g, (-8, 7))))
                 .collect(),
             ..c.clone()
         };

@@ -179,6 +179,7 @@ fn run_job(job: Job, w: &PackedInt4) {
         for (sum, group) in asum8.iter_mut().zip(abuf[..rc * k].chunks_exact(GROUP)) {
             *sum = (8 * group.iter().map(|&u| i32::from(u)).sum::<i32>()) as f32;
         }
+        let zpf = zp.map(|zp| zp as f32);
         let tile = |p: usize| Tile {
             a: &abuf,
             lda: k,
@@ -186,7 +187,7 @@ fn run_job(job: Job, w: &PackedInt4) {
             s,
             zp,
             asum8: &asum8,
-            zpf: zp.map(|zp| zp as f32),
+            zpf,
             w: &w.data[p * chunks..(p + 1) * chunks],
             colsum: &w.colsum[p * per_panel..(p + 1) * per_panel],
             wscale: &w.scales[p * per_panel..(p + 1) * per_panel],
