@@ -2,7 +2,7 @@
 """Optional: PyTorch's time for the training step that `cargo bench --bench train_step` times.
 
 Never needed by the build or the tests. In a throwaway virtualenv outside the repo (see
-compare_pytorch.py), with the same threads as the Rust bench:
+compare_runtimes.py), with the same threads as the Rust bench:
 
   RAYON_NUM_THREADS=2 cargo bench --bench train_step
   /tmp/venv/bin/python scripts/compare_pytorch_train.py ../shared/models/minilm-l6-sst2 --threads 2
