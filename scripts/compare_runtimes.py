@@ -38,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -120,7 +121,7 @@ def measure_torch(model, tok, data):
             "b1": latency(model, batches(tok, sentences[:200], 1, 128))}
 
 
-def onnx_models(model, tok, work, threads):
+def onnx_models(model, tok, work):
     """The fp32 model exported, optimised and dynamically quantized for ONNX Runtime: paths."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -161,18 +162,13 @@ class OrtModel:
 
     def __call__(self, **encoded):
         feed = {n: encoded[n].numpy() for n in self.inputs}
-        return Logits(torch.from_numpy(self.session.run(["logits"], feed)[0]))
-
-
-class Logits:
-    def __init__(self, logits):
-        self.logits = logits
+        return types.SimpleNamespace(logits=torch.from_numpy(self.session.run(["logits"], feed)[0]))
 
 
 def measure_onnx(model, tok, data, work, threads):
     import onnxruntime as ort
 
-    optimised, int8 = onnx_models(model, tok, work, threads)
+    optimised, int8 = onnx_models(model, tok, work)
     label = f"ONNX Runtime {ort.__version__}"
     return [{"runtime": f"{label} fp32, optimised", "model": optimised,
              **measure_torch(OrtModel(optimised, threads), tok, data)},

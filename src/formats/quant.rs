@@ -191,10 +191,10 @@ fn clipped_scale(group: &[f32], full: f32, range: (i32, i32)) -> f16 {
         std::array::from_fn(|i| f16::from_f32(full * (1.0 - i as f32 / 100.0)));
     // Every candidate's error in one pass over the group: independent sums, each in the group's
     // order (this runs on every quantization-aware training step).
-    let steps = scales.map(f16::to_f32);
+    let candidates = scales.map(f16::to_f32);
     let mut errors = [0f64; CLIP_STEPS + 1];
     for &v in group {
-        for (e, &s) in errors.iter_mut().zip(&steps) {
+        for (e, &s) in errors.iter_mut().zip(&candidates) {
             *e += f64::from(v - f32::from(code(v, s, range)) * s).powi(2);
         }
     }
@@ -238,22 +238,25 @@ impl Codes {
         }
         let (low, high) = bits.range();
         let size = bits.group(cols);
-        // The scales in parallel (the int4 search runs on every quantization-aware training
-        // step); each group's is independent, so the result does not depend on the threads.
+        // Each group's scale and codes in one parallel task (the int4 search runs on every
+        // quantization-aware training step); groups are independent, so the result does not
+        // depend on the threads.
+        let mut codes = vec![0i8; values.len()];
         let scales: Vec<f16> = values
             .par_chunks(size)
-            .map(|group| {
+            .zip(codes.par_chunks_mut(size))
+            .map(|(group, out)| {
                 let full = full_range_scale(group, (low, high));
-                match bits {
+                let scale = match bits {
                     Bits::Int8 => f16::from_f32(full),
                     Bits::Int4 => clipped_scale(group, full, (low, high)),
+                };
+                let s = scale.to_f32();
+                for (q, &v) in out.iter_mut().zip(group) {
+                    *q = code(v, s, (low, high));
                 }
+                scale
             })
-            .collect();
-        let codes = values
-            .chunks(size)
-            .zip(&scales)
-            .flat_map(|(group, s)| group.iter().map(|&v| code(v, s.to_f32(), (low, high))))
             .collect();
         Ok(Codes {
             bits,
