@@ -1,5 +1,5 @@
-//! The quantized kernels — axcompress's int8 and int4 kernels, and candle's `Q4_0` — against
-//! candle's f32 matrix product, at MiniLM's shapes (and BERT-base's with `--bert-base`), with 1,
+//! axcompress's kernels — the prepacked f32 product, the int8 and int4 kernels — and candle's
+//! `Q4_0` against candle's f32 matrix product (the gemm crate, packing on every call), at MiniLM's shapes (and BERT-base's with `--bert-base`), with 1,
 //! 8, 32 and 256 rows (tokens), on the rayon pool's threads (`RAYON_NUM_THREADS`). Ratios above
 //! 1 mean the kernel is faster. `cargo bench --bench kernels [-- --bert-base]`; this decides
 //! `Execution::Auto`.
@@ -7,6 +7,7 @@
 use std::time::Instant;
 
 use axcompress::formats::quant::{Bits, Codes, Execution, QuantMatrix};
+use axcompress::kernels::f32_gemm::{self, PackedF32};
 use candle_core::{Device, Tensor};
 
 /// Median microseconds per call of `f` over 7 rounds (after 3 warm-up calls), each round long
@@ -42,7 +43,7 @@ fn main() {
     let dev = Device::Cpu;
     println!("threads: {}", rayon::current_num_threads());
     println!(
-        "shape (out x in)  rows     f32 us    int8 us (ratio)    int4 us (ratio)    Q4_0 us (ratio)"
+        "shape (out x in)  rows     f32 us  packed us (ratio)    int8 us (ratio)    int4 us (ratio)    Q4_0 us (ratio)"
     );
     for &(out, inp) in shapes {
         let w = Tensor::randn(0f32, 0.05, (out, inp), &dev).unwrap();
@@ -50,6 +51,14 @@ fn main() {
         for rows in [1, 8, 32, 256] {
             let x = Tensor::randn(0f32, 1.0, (rows, inp), &dev).unwrap();
             let dense = time(&|| x.matmul(&wt).unwrap());
+            let packed = PackedF32::pack(&w.flatten_all().unwrap().to_vec1().unwrap(), out, inp);
+            let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+            let threads = rayon::current_num_threads();
+            let packed = time(&|| {
+                let mut y = vec![0f32; rows * out];
+                f32_gemm::matmul_t(&xs, rows, &packed, None, &mut y, threads);
+                Tensor::from_vec(y, (rows, out), &Device::Cpu).unwrap()
+            });
             let kernel = |bits, execution| {
                 let codes = Codes::from_tensor(&w, bits).unwrap();
                 let q = QuantMatrix::with_execution(codes, execution).unwrap();
@@ -60,7 +69,8 @@ fn main() {
             let int4 = kernel(Bits::Int4, Execution::Kernel);
             let q4 = kernel(Bits::Int4, Execution::Candle);
             println!(
-                "{out:>5} x {inp:<5}  {rows:>5} {dense:>9.1} {int8:>9.1} ({:>5.2}x) {int4:>9.1} ({:>5.2}x) {q4:>9.1} ({:>5.2}x)",
+                "{out:>5} x {inp:<5}  {rows:>5} {dense:>9.1} {packed:>9.1} ({:>5.2}x) {int8:>9.1} ({:>5.2}x) {int4:>9.1} ({:>5.2}x) {q4:>9.1} ({:>5.2}x)",
+                dense / packed,
                 dense / int8,
                 dense / int4,
                 dense / q4

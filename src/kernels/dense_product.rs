@@ -5,10 +5,14 @@
 //! them: about four activation-sized buffers per layer and step. This op is one node: its
 //! forward pass is one gemm call that starts from the bias, and its backward pass is the two
 //! products and a column sum.
+//!
+//! For inference, [`packed_linear`] runs the same product against a weight packed once
+//! ([`PackedF32`]), with no backward pass.
 
-use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::{gemm, Parallelism};
 
+use super::f32_gemm::{self, PackedF32};
 use super::fastmath::contiguous_f32;
 
 /// `x Wᵀ + b` over the last dimension of `x`, in one gemm call.
@@ -117,6 +121,50 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
         .apply_op3(&weight.contiguous()?, &bias.contiguous()?, Linear)
 }
 
+/// `x Wᵀ + b` against a packed `W`, for inference.
+struct PackedLinear<'a>(&'a PackedF32);
+
+impl CustomOp2 for PackedLinear<'_> {
+    fn name(&self) -> &'static str {
+        "axcompress-packed-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        bias: &CpuStorage,
+        bias_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(x, x_layout, "linear")?;
+        let bias = contiguous_f32(bias, bias_layout, "linear")?;
+        let (out, inner) = self.0.dims();
+        let rows = x.len() / inner.max(1);
+        let mut dst = vec![0f32; rows * out];
+        f32_gemm::matmul_t(x, rows, self.0, Some(bias), &mut dst, crate::threads::count());
+        let mut dims = x_layout.dims().to_vec();
+        *dims.last_mut().expect("checked by `packed_linear`") = out;
+        Ok((CpuStorage::F32(dst), Shape::from(dims)))
+    }
+}
+
+/// `x Wᵀ + b` for `x [..., in]` against `weight`, packed from `[out, in]`, and `bias [out]` (f32,
+/// CPU), for inference: the result has no backward pass. The same values as [`linear`] up to the
+/// last bits (the sums are blocked differently; see [`f32_gemm`]).
+pub fn packed_linear(x: &Tensor, weight: &PackedF32, bias: &Tensor) -> Result<Tensor> {
+    let (out, inner) = weight.dims();
+    if x.rank() == 0 || x.dims()[x.rank() - 1] != inner || bias.dims() != [out] {
+        bail!(
+            "linear: input {:?}, weight {:?} and bias {:?} do not fit",
+            x.dims(),
+            weight.dims(),
+            bias.dims()
+        );
+    }
+    x.contiguous()?
+        .apply_op2_no_bwd(&bias.contiguous()?, &PackedLinear(weight))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -138,6 +186,21 @@ mod tests {
         assert!(crate::testing::max_abs_diff(&ours, &candle) < 1e-5);
         let vars = [("x", &x), ("weight", &w), ("bias", &bias)];
         assert_same_gradients(ours, candle, &weights, &vars, 1e-5);
+    }
+
+    #[test]
+    fn the_packed_product_equals_the_gemm_product_within_rounding() {
+        let dev = Device::Cpu;
+        let (b, t, inner, out) = (2, 9, 40, 37);
+        let x = Tensor::from_vec(spread(b * t * inner, 1, 2.0, -1.0), (b, t, inner), &dev).unwrap();
+        let w = spread(out * inner, 4, 2.0, -1.0);
+        let bias = Tensor::from_vec(spread(out, 9, 2.0, -1.0), out, &dev).unwrap();
+        let packed = PackedF32::pack(&w, out, inner);
+        let w = Tensor::from_vec(w, (out, inner), &dev).unwrap();
+        let ours = packed_linear(&x, &packed, &bias).unwrap();
+        assert_eq!(ours.dims(), &[b, t, out]);
+        assert!(crate::testing::max_abs_diff(&ours, &linear(&x, &w, &bias).unwrap()) < 1e-5);
+        assert!(packed_linear(&x.narrow(2, 0, 39).unwrap(), &packed, &bias).is_err());
     }
 
     #[test]

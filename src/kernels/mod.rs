@@ -5,6 +5,7 @@
 
 pub mod attention_mode;
 pub mod dense_product;
+pub mod f32_gemm;
 pub mod fastmath;
 pub mod fused_attention;
 pub mod gelu;

@@ -169,7 +169,7 @@ pub(super) fn matmul_t_with(
 /// else one job per thread, over rows of `x` (in whole tiles of `MR`) when each thread gets
 /// enough of them, or over panels. Every output element is computed by one job, with the same
 /// operations whatever the split.
-fn split_jobs(
+pub(super) fn split_jobs(
     (m, n, k): (usize, usize, usize),
     panels: usize,
     threads: usize,

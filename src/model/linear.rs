@@ -2,10 +2,14 @@
 //! quantized matrix can take the place of a dense one without changing any caller: callers
 //! multiply, slice, count and export through its methods.
 
-use candle_core::{bail, DType, Device, Result, Tensor, D};
+use std::sync::Mutex;
+
+use candle_core::{bail, DType, Device, Result, Tensor, TensorId, D};
 
 use crate::formats::quant::{Codes, Execution, Precision, QuantMatrix};
 use crate::formats::striped::Striped;
+use crate::kernels::dense_product;
+use crate::kernels::f32_gemm::PackedF32;
 
 /// The weight matrix of a linear layer, `[out, in]` as in PyTorch.
 #[derive(Debug, Clone)]
@@ -153,6 +157,18 @@ impl Weight {
         }
     }
 
+    /// The matrix when it is stored as one dense f32 tensor, whatever the rows.
+    fn dense_tensor(&self) -> Option<&Tensor> {
+        match self {
+            Weight::Dense(w)
+            | Weight::Stacked(Stack {
+                fused: Some(Fused::F32(w)),
+                ..
+            }) => Some(w),
+            _ => None,
+        }
+    }
+
     /// True when no part of the matrix is quantized.
     pub fn is_dense(&self) -> bool {
         match self {
@@ -284,14 +300,66 @@ pub struct Linear {
     pub weight: Weight,
     /// Bias, `[out]`.
     pub bias: Tensor,
+    /// The f32 weight packed for inference, once.
+    packed: PackedView,
+}
+
+/// An f32 weight packed for the inference kernel ([`PackedF32`]) on its first product: a runtime
+/// view, never stored. It remembers the tensor it was packed from, so a weight that is replaced
+/// is packed again; a weight that trains (a variable, or computed from one) is never packed, as
+/// its values change in place. A clone starts with the same view (the packed values are shared).
+#[derive(Debug, Default)]
+struct PackedView(Mutex<Option<(TensorId, PackedF32)>>);
+
+impl Clone for PackedView {
+    fn clone(&self) -> Self {
+        PackedView(Mutex::new(self.lock().clone()))
+    }
+}
+
+impl PackedView {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<(TensorId, PackedF32)>> {
+        // A panic while packing leaves no half-written view: the slot is only ever assigned.
+        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// `w` packed, from this view when it was packed from `w`; `None` when `w` trains or is not
+    /// an f32 CPU matrix.
+    fn get(&self, w: &Tensor) -> Result<Option<PackedF32>> {
+        if w.track_op() || w.dtype() != DType::F32 || !w.device().is_cpu() || w.rank() != 2 {
+            return Ok(None);
+        }
+        if let Some((id, packed)) = &*self.lock() {
+            if *id == w.id() {
+                return Ok(Some(packed.clone()));
+            }
+        }
+        let (rows, cols) = w.dims2()?;
+        let packed = crate::kernels::fastmath::read_f32(&w.contiguous()?, |values| {
+            PackedF32::pack(values, rows, cols)
+        })?;
+        *self.lock() = Some((w.id(), packed.clone()));
+        Ok(Some(packed))
+    }
+
+    /// A view holding `packed` for `w`.
+    fn holding(w: &Tensor, packed: PackedF32) -> Self {
+        PackedView(Mutex::new(Some((w.id(), packed))))
+    }
 }
 
 impl Linear {
     /// A layer with a dense weight `[out, in]` and bias `[out]`.
     pub fn dense(weight: Tensor, bias: Tensor) -> Self {
+        Linear::new(Weight::Dense(weight), bias)
+    }
+
+    /// A layer with `weight` (`[out, in]`) and `bias` (`[out]`).
+    pub fn new(weight: Weight, bias: Tensor) -> Self {
         Linear {
-            weight: Weight::Dense(weight),
+            weight,
             bias,
+            packed: PackedView::default(),
         }
     }
 
@@ -333,10 +401,7 @@ impl Linear {
                 parts.iter().map(|p| p.weight.clone()).collect(),
             )?)
         };
-        Ok(Linear {
-            weight,
-            bias: Tensor::cat(&b, D::Minus1)?,
-        })
+        Ok(Linear::new(weight, Tensor::cat(&b, D::Minus1)?))
     }
 
     /// Applies the layer to `x` of shape `[..., in]` as one 2-D matrix product.
@@ -345,7 +410,12 @@ impl Linear {
         let inner = dims[dims.len() - 1];
         let rows = x.elem_count() / inner.max(1);
         if let Some(w) = self.weight.plain_f32(rows) {
-            return crate::kernels::dense_product::linear(x, w, &self.bias);
+            if !x.track_op() {
+                if let Some(packed) = self.packed.get(w)? {
+                    return dense_product::packed_linear(x, &packed, &self.bias);
+                }
+            }
+            return dense_product::linear(x, w, &self.bias);
         }
         let out = self
             .weight
@@ -360,36 +430,46 @@ impl Linear {
         self.narrow_rows(start, len)?.forward(x)
     }
 
-    /// Output rows `start..start + len` as a layer of their own.
+    /// Output rows `start..start + len` as a layer of their own. A packed f32 weight passes on a
+    /// view of its panels when the rows begin and end on one, so that a forward pass that computes
+    /// only some rows (the last layer's keys and values) packs nothing.
     pub fn narrow_rows(&self, start: usize, len: usize) -> Result<Linear> {
+        let weight = self.weight.narrow_rows(start, len)?;
+        let packed = match (self.weight.dense_tensor(), weight.dense_tensor()) {
+            (Some(whole), Some(part)) => self
+                .packed
+                .get(whole)?
+                .and_then(|p| p.narrow_rows(start, len))
+                .map(|p| PackedView::holding(part, p))
+                .unwrap_or_default(),
+            _ => PackedView::default(),
+        };
         Ok(Linear {
-            weight: self.weight.narrow_rows(start, len)?,
+            weight,
             bias: self.bias.narrow(0, start, len)?,
+            packed,
         })
     }
 
     /// Output rows `start..start + len` as stored ([`Weight::narrow_rows_stored`]).
     pub fn narrow_rows_stored(&self, start: usize, len: usize) -> Result<Linear> {
-        Ok(Linear {
-            weight: self.weight.narrow_rows_stored(start, len)?,
-            bias: self.bias.narrow(0, start, len)?,
-        })
+        Ok(Linear::new(
+            self.weight.narrow_rows_stored(start, len)?,
+            self.bias.narrow(0, start, len)?,
+        ))
     }
 
     /// Only the outputs at `rows` (weight rows and bias entries), in that order.
     pub fn select_outputs(&self, rows: &[usize]) -> Result<Linear> {
-        Ok(Linear {
-            weight: self.weight.select(0, rows)?,
-            bias: select(&self.bias, 0, rows)?,
-        })
+        Ok(Linear::new(
+            self.weight.select(0, rows)?,
+            select(&self.bias, 0, rows)?,
+        ))
     }
 
     /// Only the inputs at `cols` (weight columns), in that order; the bias is unchanged.
     pub fn select_inputs(&self, cols: &[usize]) -> Result<Linear> {
-        Ok(Linear {
-            weight: self.weight.select(1, cols)?,
-            bias: self.bias.clone(),
-        })
+        Ok(Linear::new(self.weight.select(1, cols)?, self.bias.clone()))
     }
 
     /// Number of outputs.

@@ -107,10 +107,10 @@ impl Model {
                 }
                 w => w,
             };
-            Ok(Linear {
+            Ok(Linear::new(
                 weight,
-                bias: store.get(&format!("{name}.bias"), &[out])?,
-            })
+                store.get(&format!("{name}.bias"), &[out])?,
+            ))
         };
         let norm = |name: &str| -> Result<LayerNorm> {
             Ok(LayerNorm {
