@@ -64,21 +64,59 @@ pub fn context(ops: &Operands) -> Vec<f32> {
     let batch = ops.bias.len() / ops.k.positions.max(1);
     let queries = ops.q.positions;
     let kept = real_keys(ops.bias, ops.k.positions);
+    let keys: Vec<Vec<f32>> = (0..batch)
+        .into_par_iter()
+        .map(|b| transposed_keys(ops, &kept[b], b))
+        .collect();
     let mut out = vec![0f32; batch * queries * width];
     out.par_chunks_mut(width)
         .with_min_len(ROWS_PER_TASK)
         .enumerate()
         .for_each_init(Vec::new, |scores, (row, ctx)| {
             let (b, i) = (row / queries, row % queries);
-            attend(ops, &kept[b], b, i, ctx, scores);
+            let keys = Keys {
+                kept: &kept[b],
+                transposed: &keys[b],
+            };
+            attend(ops, &keys, b, i, ctx, scores);
         });
+    out
+}
+
+/// One sequence's real keys: their positions, and their vectors transposed per head, so that a
+/// query's scores against every key are computed a vector of keys at a time.
+struct Keys<'a> {
+    /// Positions of the real keys.
+    kept: &'a [usize],
+    /// `[heads, head_size, stride]`: component `c` of head `h` of the `n`-th real key at
+    /// `(h · head_size + c) · stride + n`, where `stride` is `kept.len()` rounded up to whole
+    /// [`LANES`] (zeros after the real keys).
+    transposed: &'a [f32],
+}
+
+/// `keys` rounded up to whole [`LANES`].
+fn padded(keys: usize) -> usize {
+    keys.div_ceil(LANES) * LANES
+}
+
+/// The real keys of sequence `b`, transposed (see [`Keys::transposed`]).
+fn transposed_keys(ops: &Operands, kept: &[usize], b: usize) -> Vec<f32> {
+    let (d, n) = (ops.head_size, padded(kept.len()));
+    let mut out = vec![0f32; ops.heads * d * n];
+    for (idx, &j) in kept.iter().enumerate() {
+        for h in 0..ops.heads {
+            for (c, &v) in ops.k.vector(b, j, h, d).iter().enumerate() {
+                out[(h * d + c) * n + idx] = v;
+            }
+        }
+    }
     out
 }
 
 /// Every head's context for query `i` of batch entry `b`, written into `ctx` (`heads · d`).
 fn attend(
     ops: &Operands,
-    kept: &[usize],
+    keys: &Keys,
     b: usize,
     i: usize,
     ctx: &mut [f32],
@@ -87,14 +125,14 @@ fn attend(
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
         // SAFETY: the features were just detected.
-        return unsafe { attend_avx512(ops, kept, b, i, ctx, scores) };
+        return unsafe { attend_avx512(ops, keys, b, i, ctx, scores) };
     }
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
         // SAFETY: the features were just detected.
-        return unsafe { attend_avx2(ops, kept, b, i, ctx, scores) };
+        return unsafe { attend_avx2(ops, keys, b, i, ctx, scores) };
     }
-    attend_portable(ops, kept, b, i, ctx, scores)
+    attend_portable(ops, keys, b, i, ctx, scores)
 }
 
 /// [`attend_portable`] compiled for AVX2 + FMA, so its loops run eight lanes at a time.
@@ -105,13 +143,13 @@ fn attend(
 #[target_feature(enable = "avx2,fma")]
 unsafe fn attend_avx2(
     ops: &Operands,
-    kept: &[usize],
+    keys: &Keys,
     b: usize,
     i: usize,
     ctx: &mut [f32],
     scores: &mut Vec<f32>,
 ) {
-    attend_portable(ops, kept, b, i, ctx, scores)
+    attend_portable(ops, keys, b, i, ctx, scores)
 }
 
 /// [`attend_portable`] compiled for AVX-512, sixteen lanes at a time.
@@ -122,19 +160,19 @@ unsafe fn attend_avx2(
 #[target_feature(enable = "avx512f,avx2,fma")]
 unsafe fn attend_avx512(
     ops: &Operands,
-    kept: &[usize],
+    keys: &Keys,
     b: usize,
     i: usize,
     ctx: &mut [f32],
     scores: &mut Vec<f32>,
 ) {
-    attend_portable(ops, kept, b, i, ctx, scores)
+    attend_portable(ops, keys, b, i, ctx, scores)
 }
 
 #[inline(always)]
 fn attend_portable(
     ops: &Operands,
-    kept: &[usize],
+    keys: &Keys,
     b: usize,
     i: usize,
     ctx: &mut [f32],
@@ -143,31 +181,134 @@ fn attend_portable(
     let d = ops.head_size;
     let scale = 1.0 / (d as f32).sqrt();
     let bias = &ops.bias[b * ops.k.positions..(b + 1) * ops.k.positions];
+    let kept = keys.kept;
+    let n = kept.len();
     for (h, out) in ctx.chunks_exact_mut(d).enumerate() {
         let q = ops.q.vector(b, i, h, d);
         // Plain loops: iterator adapters would be compiled apart from this function, without
         // its AVX2 features.
+        let stride = padded(n);
         scores.clear();
-        let mut max = f32::NEG_INFINITY;
-        for &j in kept {
-            let s = dot(q, ops.k.vector(b, j, h, d)) * scale + bias[j];
-            max = max.max(s);
-            scores.push(s);
+        scores.resize(stride, 0.0);
+        let head = &keys.transposed[h * d * stride..(h + 1) * d * stride];
+        scores_into(q, head, scores);
+        scores.truncate(n);
+        let mut lanes = [f32::NEG_INFINITY; LANES];
+        let mut blocks = scores.chunks_exact_mut(LANES);
+        let mut positions = kept.chunks_exact(LANES);
+        for (s, j) in (&mut blocks).zip(&mut positions) {
+            for l in 0..LANES {
+                s[l] = s[l] * scale + bias[j[l]];
+                lanes[l] = lanes[l].max(s[l]);
+            }
         }
+        for (s, &j) in blocks.into_remainder().iter_mut().zip(positions.remainder()) {
+            *s = *s * scale + bias[j];
+            lanes[0] = lanes[0].max(*s);
+        }
+        // `max` is exact, so the order of the lanes changes nothing.
+        let max = lanes.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
         for s in scores.iter_mut() {
             *s = exp_nonpositive(*s - max);
         }
         let total = sum(scores);
-        out.fill(0.0);
-        for (&p, &j) in scores.iter().zip(kept) {
-            for (o, &v) in out.iter_mut().zip(ops.v.vector(b, j, h, d)) {
-                *o += p * v;
-            }
-        }
+        weighted_values(ops, (b, h), kept, scores, out);
         let inv = 1.0 / total;
         for o in out.iter_mut() {
             *o *= inv;
         }
+    }
+}
+
+/// Each key's score `q · k` into `scores`, from the keys' components `head` (`[d, keys]`, keys
+/// a multiple of [`LANES`]): each a sum in component order, up to four blocks of [`LANES`] keys
+/// at a time with their sums in registers (independent sums, so the additions overlap).
+#[inline(always)]
+fn scores_into(q: &[f32], head: &[f32], scores: &mut [f32]) {
+    let n = scores.len();
+    debug_assert_eq!(n % LANES, 0);
+    let mut start = 0;
+    while start < n {
+        match (n - start) / LANES {
+            1 => score_blocks::<1>(q, head, scores, start),
+            2 => score_blocks::<2>(q, head, scores, start),
+            3 => score_blocks::<3>(q, head, scores, start),
+            _ => score_blocks::<4>(q, head, scores, start),
+        }
+        start += 4 * LANES;
+    }
+}
+
+/// [`scores_into`] for the `B` blocks of keys from `start`.
+#[inline(always)]
+fn score_blocks<const B: usize>(q: &[f32], head: &[f32], scores: &mut [f32], start: usize) {
+    let n = scores.len();
+    let mut acc = [[0f32; LANES]; B];
+    for (&qc, component) in q.iter().zip(head.chunks_exact(n)) {
+        for (blk, acc) in acc.iter_mut().enumerate() {
+            let k = &component[start + blk * LANES..start + (blk + 1) * LANES];
+            for l in 0..LANES {
+                acc[l] += qc * k[l];
+            }
+        }
+    }
+    for (blk, acc) in acc.iter().enumerate() {
+        scores[start + blk * LANES..start + (blk + 1) * LANES].copy_from_slice(acc);
+    }
+}
+
+/// `out = Σ_keys p · v` for head `h` of sequence `b`: each output a sum in key order. A head of
+/// 16, 32, 48 or 64 keeps all its sums in registers; other sizes go [`LANES`] outputs at a time.
+#[inline(always)]
+fn weighted_values(
+    ops: &Operands,
+    (b, h): (usize, usize),
+    kept: &[usize],
+    weights: &[f32],
+    out: &mut [f32],
+) {
+    let d = out.len();
+    let head = |j: usize| ops.v.vector(b, j, h, d);
+    match d {
+        16 => value_blocks::<1>(head, kept, weights, out, 0),
+        32 => value_blocks::<2>(head, kept, weights, out, 0),
+        48 => value_blocks::<3>(head, kept, weights, out, 0),
+        64 => value_blocks::<4>(head, kept, weights, out, 0),
+        _ => {
+            let full = d / LANES * LANES;
+            for start in (0..full).step_by(LANES) {
+                value_blocks::<1>(head, kept, weights, out, start);
+            }
+            out[full..].fill(0.0);
+            for (&p, &j) in weights.iter().zip(kept) {
+                for (o, &v) in out[full..].iter_mut().zip(&head(j)[full..]) {
+                    *o += p * v;
+                }
+            }
+        }
+    }
+}
+
+/// [`weighted_values`] for the `B` blocks of outputs from `start`.
+#[inline(always)]
+fn value_blocks<'a, const B: usize>(
+    head: impl Fn(usize) -> &'a [f32],
+    kept: &[usize],
+    weights: &[f32],
+    out: &mut [f32],
+    start: usize,
+) {
+    let mut acc = [[0f32; LANES]; B];
+    for (&p, &j) in weights.iter().zip(kept) {
+        let v = &head(j)[start..start + B * LANES];
+        for (blk, acc) in acc.iter_mut().enumerate() {
+            for l in 0..LANES {
+                acc[l] += p * v[blk * LANES + l];
+            }
+        }
+    }
+    for (blk, acc) in acc.iter().enumerate() {
+        out[start + blk * LANES..start + (blk + 1) * LANES].copy_from_slice(acc);
     }
 }
 
