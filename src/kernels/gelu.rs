@@ -10,9 +10,10 @@
 //! for `a = |x|` and odd symmetry, whose bound is 1.5e-7. With f32 arithmetic and [`exp_nonpositive`]
 //! the error against f64 libm stays below [`ERF_MAX_ERROR`] on every f32 input (tested).
 
-use candle_core::{Result, Tensor};
+use candle_core::{bail, CpuStorage, InplaceOp1, Layout, Result, Tensor};
+use rayon::prelude::*;
 
-use super::fastmath::{exp_nonpositive, par_rows, par_rows2};
+use super::fastmath::{exp_nonpositive, par_rows, par_rows2, task_len, vectorised};
 use super::row_op::{RowOp, Saved};
 
 /// Largest absolute error of [`erf`] against f64 libm `erf`, over all f32 inputs (tested).
@@ -88,10 +89,66 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     .apply(x)
 }
 
+/// GELU of every element of `values`, in place, in parallel over chunks: the values of
+/// [`gelu_slice`], without a new buffer.
+pub fn gelu_in_place(values: &mut [f32]) {
+    values.par_chunks_mut(task_len(1)).for_each(|chunk| {
+        vectorised(
+            #[inline(always)]
+            || {
+                let mut input = [0f32; 64];
+                for part in chunk.chunks_mut(input.len()) {
+                    let input = &mut input[..part.len()];
+                    input.copy_from_slice(part);
+                    gelu_chunk(input, part);
+                }
+            },
+        )
+    });
+}
+
+/// GELU applied to a tensor's own storage.
+struct GeluInPlace;
+
+impl InplaceOp1 for GeluInPlace {
+    fn name(&self) -> &'static str {
+        "axcompress-gelu-erf-in-place"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
+        let (CpuStorage::F32(values), Some((from, to))) = (storage, layout.contiguous_offsets())
+        else {
+            bail!("gelu in place: the input must be a contiguous f32 tensor");
+        };
+        gelu_in_place(&mut values[from..to]);
+        Ok(())
+    }
+}
+
+/// Exact GELU for inference, written over `x`'s own storage: the caller must hold the only
+/// reference to it (a product's fresh output). No backward pass; the values of [`gelu_erf`].
+pub fn gelu_erf_owned(x: Tensor) -> Result<Tensor> {
+    if x.track_op() {
+        bail!("gelu in place: the input takes part in a backward pass");
+    }
+    let x = x.contiguous()?;
+    x.inplace_op1(&GeluInPlace)?;
+    Ok(x)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::cpu::erf::erf_f64;
+
+    #[test]
+    fn in_place_gelu_gives_the_values_of_the_op() {
+        let values: Vec<f32> = (0..40_000).map(|i| (i as f32 - 20_000.0) / 3_000.0).collect();
+        let x = Tensor::from_vec(values, (200, 200), &candle_core::Device::Cpu).unwrap();
+        let want: Vec<f32> = gelu_erf(&x).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let got = gelu_erf_owned(x.copy().unwrap()).unwrap();
+        assert_eq!(got.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want);
+    }
 
     #[test]
     fn erf_is_within_its_bound_of_libm_on_every_relevant_input() {

@@ -8,7 +8,7 @@ use candle_core::{Result, Tensor, D};
 use super::config::Activation;
 use super::inputs::Inputs;
 use super::linear::{Linear, Weight};
-use super::nn::{activate, LayerNorm};
+use super::nn::{activate_owned, LayerNorm};
 use crate::kernels::attention_mode::ApproxAttention;
 use crate::kernels::softmax::softmax_last;
 use crate::kernels::{fused_attention, sparse_attention, Ops};
@@ -200,7 +200,7 @@ impl FeedForward {
 
     /// Activations after the first projection, `[batch, seq, width]`.
     pub fn activations(&self, x: &Tensor) -> Result<Tensor> {
-        activate(&self.intermediate.forward(x)?, self.activation)
+        activate_owned(self.intermediate.forward(x)?, self.activation)
     }
 
     /// The whole block: `LayerNorm(x + W_2 · act(W_1 x + b_1) + b_2)` (see [`super::structure`]).

@@ -34,6 +34,15 @@ impl LayerNorm {
     }
 }
 
+/// Applies an FFN activation to a product's fresh output: exact GELU in place when nothing takes
+/// a gradient through it, otherwise as [`activate`].
+pub fn activate_owned(x: Tensor, activation: Activation) -> Result<Tensor> {
+    match activation {
+        Activation::Gelu if !x.track_op() => crate::kernels::gelu::gelu_erf_owned(x),
+        _ => activate(&x, activation),
+    }
+}
+
 /// Applies an FFN activation (every one has a backward pass).
 pub fn activate(x: &Tensor, activation: Activation) -> Result<Tensor> {
     match activation {
