@@ -70,8 +70,15 @@ pub fn exp_nonpositive(y: f32) -> f32 {
     ] {
         p = p * r + c;
     }
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
-    p * scale
+    p * pow2(n)
+}
+
+/// `2^n` for an integer-valued `n` in `-126..=127`, from the bits of `n + 127 + 2^23`, whose low
+/// mantissa bits are `n + 127`: no float-to-int conversion, which the compiler would do lane by
+/// lane. NaN gives 0.
+#[inline(always)]
+fn pow2(n: f32) -> f32 {
+    f32::from_bits((n + (127.0 + 8_388_608.0)).to_bits() << 23)
 }
 
 /// The f32 elements of a contiguous CPU tensor; `op` names the caller in the error.
@@ -129,6 +136,14 @@ unsafe fn with_avx512<R>(kernel: impl FnOnce() -> R) -> R {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pow2_is_exact_on_its_range() {
+        for n in -126..=127 {
+            assert_eq!(pow2(n as f32), 2f32.powi(n), "2^{n}");
+        }
+        assert_eq!(pow2(f32::NAN), 0.0);
+    }
 
     #[test]
     fn exp_is_within_two_ulps_of_std_and_keeps_nan() {
