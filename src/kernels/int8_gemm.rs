@@ -149,11 +149,20 @@ fn run_job(job: Job, w: &PackedInt8) {
     let lda = w.ksteps * KU;
     // Quantized activations of one row block; padding columns stay 0 (the packed
     // weights there are 0 too, so their value would not matter anyway).
-    let mut abuf = vec![0u8; MR * lda];
-    let mut r0 = rows.start;
-    while r0 < rows.end {
-        let rc = MR.min(rows.end - r0);
-        let (s, zp) = quantize_block(x, k, (r0, rc), &mut abuf, lda, isa);
+    let mut abuf = vec![0u8; PAIR_ROWS * lda];
+    let most = if isa == Isa::Vnni512 { PAIR_ROWS } else { MR };
+    let tiles = rows.len().div_ceil(most);
+    let bound = |t: usize| rows.start + rows.len() * t / tiles.max(1);
+    for t in 0..tiles {
+        // The rows in tiles of nearly equal size (25 rows in VNNI tiles: 7, 6, 6 and 6).
+        let (r0, rc) = (bound(t), bound(t + 1) - bound(t));
+        let (mut s, mut zp) = ([0f32; PAIR_ROWS], [0i32; PAIR_ROWS]);
+        for first in (0..rc).step_by(MR) {
+            let block = MR.min(rc - first);
+            let (bs, bzp) = quantize_block(x, k, (r0 + first, block), &mut abuf[first * lda..], lda, isa);
+            s[first..first + block].copy_from_slice(&bs[..block]);
+            zp[first..first + block].copy_from_slice(&bzp[..block]);
+        }
         let tile = |p: usize| Tile {
             a: &abuf,
             lda,
@@ -180,10 +189,22 @@ fn run_job(job: Job, w: &PackedInt8) {
                 p += 2;
                 continue;
             }
-            run_tile(&tile(p), dst(p), n, isa);
+            // A single panel runs at most MR rows at a time.
+            let whole = tile(p);
+            for first in (0..rc).step_by(MR) {
+                let mut part = Tile {
+                    a: &abuf[first * lda..],
+                    rows: MR.min(rc - first),
+                    ..whole
+                };
+                part.s[..PAIR_ROWS - first].copy_from_slice(&s[first..]);
+                part.zp[..PAIR_ROWS - first].copy_from_slice(&zp[first..]);
+                // SAFETY: row r0 + first lies inside the job's rows, as above.
+                let dst = unsafe { dst(p).add(first * n) };
+                run_tile(&part, dst, n, isa);
+            }
             p += 1;
         }
-        r0 += rc;
     }
 }
 
@@ -201,15 +222,20 @@ fn run_tile(tile: &Tile, dst: *mut f32, n: usize, isa: Isa) {
     }
 }
 
-/// One micro-tile: up to `MR` quantized activation rows against one weight panel.
+/// Activation rows per tile of the paired 512-bit VNNI kernel (16 accumulators); the other
+/// kernels take up to [`MR`].
+const PAIR_ROWS: usize = 2 * MR;
+
+/// One micro-tile: up to `MR` ([`PAIR_ROWS`] in the paired VNNI kernel) quantized activation rows
+/// against one weight panel.
 struct Tile<'a> {
     /// Quantized rows, `lda` bytes apart (`lda = ksteps * KU`).
     a: &'a [u8],
     lda: usize,
-    /// Number of valid activation rows (1..=MR).
+    /// Number of valid activation rows (1..=MR, or 1..=PAIR_ROWS in the paired VNNI kernel).
     rows: usize,
-    s: [f32; MR],
-    zp: [i32; MR],
+    s: [f32; PAIR_ROWS],
+    zp: [i32; PAIR_ROWS],
     /// The panel: `ksteps * 2` chunks.
     w: &'a [Chunk],
     colsum: &'a [i32],
@@ -331,7 +357,18 @@ const PREFETCH: usize = 32;
 #[target_feature(enable = "avx2,avx512f,avx512vnni,avx512vl")]
 unsafe fn tile_pair_vnni512(rows: usize, t: [&Tile; 2], dst: [*mut f32; 2], ldo: usize) {
     // SAFETY: forwarded from the caller.
-    unsafe { with_rows!(rows, pair_vnni512(t, dst, ldo)) }
+    unsafe {
+        match rows {
+            8 => pair_vnni512::<8>(t, dst, ldo),
+            7 => pair_vnni512::<7>(t, dst, ldo),
+            6 => pair_vnni512::<6>(t, dst, ldo),
+            5 => pair_vnni512::<5>(t, dst, ldo),
+            4 => pair_vnni512::<4>(t, dst, ldo),
+            3 => pair_vnni512::<3>(t, dst, ldo),
+            2 => pair_vnni512::<2>(t, dst, ldo),
+            _ => pair_vnni512::<1>(t, dst, ldo),
+        }
+    }
 }
 
 /// [`tile_pair_vnni512`] for `R` rows.
