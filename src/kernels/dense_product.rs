@@ -141,7 +141,14 @@ impl CustomOp2 for PackedLinear<'_> {
         let (out, inner) = self.0.dims();
         let rows = x.len() / inner.max(1);
         let mut dst = vec![0f32; rows * out];
-        f32_gemm::matmul_t(x, rows, self.0, Some(bias), &mut dst, crate::threads::count());
+        f32_gemm::matmul_t(
+            x,
+            rows,
+            self.0,
+            Some(bias),
+            &mut dst,
+            crate::threads::count(),
+        );
         let mut dims = x_layout.dims().to_vec();
         *dims.last_mut().expect("checked by `packed_linear`") = out;
         Ok((CpuStorage::F32(dst), Shape::from(dims)))

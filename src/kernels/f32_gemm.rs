@@ -48,7 +48,9 @@ impl Isa {
 
     /// The fastest instruction set this CPU runs.
     fn detect() -> Isa {
-        *Isa::available().last().expect("the scalar path is always there")
+        *Isa::available()
+            .last()
+            .expect("the scalar path is always there")
     }
 
     /// Weight panels per micro-tile of `rows` rows, at most: with few rows, more panels keep
@@ -128,7 +130,7 @@ impl PackedF32 {
     /// and end on one or at the last row; `None` otherwise.
     pub fn narrow_rows(&self, start: usize, len: usize) -> Option<PackedF32> {
         let end = start.checked_add(len)?;
-        let aligned = start % NR == 0 && (end % NR == 0 || end == self.rows);
+        let aligned = start.is_multiple_of(NR) && (end.is_multiple_of(NR) || end == self.rows);
         (aligned && end <= self.rows).then(|| PackedF32 {
             rows: len,
             first_panel: self.first_panel + start / NR,
@@ -373,7 +375,9 @@ mod avx512 {
                 let valid = t.cols.saturating_sub(q * NR).min(NR);
                 let y = match t.bias {
                     // SAFETY: the padded bias holds NR values per panel.
-                    Some(b) => _mm512_add_ps(sum, unsafe { _mm512_loadu_ps(b.as_ptr().add(q * NR)) }),
+                    Some(b) => {
+                        _mm512_add_ps(sum, unsafe { _mm512_loadu_ps(b.as_ptr().add(q * NR)) })
+                    }
                     None => sum,
                 };
                 let mask: __mmask16 = ((1u32 << valid) - 1) as u16;
@@ -425,7 +429,9 @@ mod avx2 {
             for (h, &sum) in acc_r.iter().enumerate() {
                 let v = match t.bias {
                     // SAFETY: the padded bias holds NR values.
-                    Some(b) => _mm256_add_ps(sum, unsafe { _mm256_loadu_ps(b.as_ptr().add(8 * h)) }),
+                    Some(b) => {
+                        _mm256_add_ps(sum, unsafe { _mm256_loadu_ps(b.as_ptr().add(8 * h)) })
+                    }
                     None => sum,
                 };
                 // SAFETY: y holds NR = 16 values.
@@ -473,7 +479,14 @@ mod tests {
         ]
     }
 
-    fn run(x: &[f32], w: &PackedF32, bias: Option<&[f32]>, m: usize, t: usize, isa: Isa) -> Vec<f32> {
+    fn run(
+        x: &[f32],
+        w: &PackedF32,
+        bias: Option<&[f32]>,
+        m: usize,
+        t: usize,
+        isa: Isa,
+    ) -> Vec<f32> {
         let mut out = vec![f32::NAN; m * w.dims().0];
         matmul_t_with(x, m, w, bias, &mut out, t, isa);
         out
@@ -485,14 +498,21 @@ mod tests {
         let isas = Isa::available();
         eprintln!("instruction sets compared with the scalar path: {isas:?}");
         for (m, n, k) in shapes() {
-            let (x, w, b) = (random(&mut rng, m * k), random(&mut rng, n * k), random(&mut rng, n));
+            let (x, w, b) = (
+                random(&mut rng, m * k),
+                random(&mut rng, n * k),
+                random(&mut rng, n),
+            );
             let packed = PackedF32::pack(&w, n, k);
             for bias in [Some(&b[..]), None] {
                 let want = run(&x, &packed, bias, m, 1, Isa::Scalar);
                 for &isa in &isas {
                     for threads in [1, 2, 3] {
                         let got = run(&x, &packed, bias, m, threads, isa);
-                        let same = got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
+                        let same = got
+                            .iter()
+                            .zip(&want)
+                            .all(|(a, b)| a.to_bits() == b.to_bits());
                         assert!(same, "{isa:?}, {threads} threads, {m}x{n}x{k}");
                     }
                 }
@@ -504,12 +524,26 @@ mod tests {
     fn equals_the_exact_product_within_rounding() {
         let mut rng = Rng(11);
         for (m, n, k) in shapes() {
-            let (x, w, b) = (random(&mut rng, m * k), random(&mut rng, n * k), random(&mut rng, n));
-            let got = run(&x, &PackedF32::pack(&w, n, k), Some(&b), m, 2, Isa::detect());
+            let (x, w, b) = (
+                random(&mut rng, m * k),
+                random(&mut rng, n * k),
+                random(&mut rng, n),
+            );
+            let got = run(
+                &x,
+                &PackedF32::pack(&w, n, k),
+                Some(&b),
+                m,
+                2,
+                Isa::detect(),
+            );
             // |x|, |w| < 1: each of the k + 1 roundings is below 2^-24 of a partial sum ≤ k + 1.
             let bound = (k as f64 + 1.0).powi(2) * f64::from(f32::EPSILON);
             for (g, e) in got.iter().zip(exact(&x, &w, &b, m, n, k)) {
-                assert!((f64::from(*g) - e).abs() <= bound, "{m}x{n}x{k}: {g} vs {e}");
+                assert!(
+                    (f64::from(*g) - e).abs() <= bound,
+                    "{m}x{n}x{k}: {g} vs {e}"
+                );
             }
         }
     }
@@ -531,13 +565,18 @@ mod tests {
         let (m, n, k) = (5, 40, 24);
         let (x, w) = (random(&mut rng, m * k), random(&mut rng, n * k));
         let packed = PackedF32::pack(&w, n, k);
-        let view = packed.narrow_rows(16, 24).expect("starts on a panel, ends at the last row");
+        let view = packed
+            .narrow_rows(16, 24)
+            .expect("starts on a panel, ends at the last row");
         let alone = PackedF32::pack(&w[16 * k..], 24, k);
         assert_eq!(
             run(&x, &view, None, m, 1, Isa::detect()),
             run(&x, &alone, None, m, 1, Isa::detect())
         );
-        assert!(packed.narrow_rows(8, 16).is_none(), "does not start on a panel");
+        assert!(
+            packed.narrow_rows(8, 16).is_none(),
+            "does not start on a panel"
+        );
         assert!(packed.narrow_rows(16, 20).is_none(), "ends inside a panel");
         assert!(packed.narrow_rows(32, 16).is_none(), "past the end");
     }

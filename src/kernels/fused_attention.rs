@@ -114,14 +114,7 @@ fn transposed_keys(ops: &Operands, kept: &[usize], b: usize) -> Vec<f32> {
 }
 
 /// Every head's context for query `i` of batch entry `b`, written into `ctx` (`heads · d`).
-fn attend(
-    ops: &Operands,
-    keys: &Keys,
-    b: usize,
-    i: usize,
-    ctx: &mut [f32],
-    scores: &mut Vec<f32>,
-) {
+fn attend(ops: &Operands, keys: &Keys, b: usize, i: usize, ctx: &mut [f32], scores: &mut Vec<f32>) {
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
         // SAFETY: the features were just detected.
@@ -202,7 +195,11 @@ fn attend_portable(
                 lanes[l] = lanes[l].max(s[l]);
             }
         }
-        for (s, &j) in blocks.into_remainder().iter_mut().zip(positions.remainder()) {
+        for (s, &j) in blocks
+            .into_remainder()
+            .iter_mut()
+            .zip(positions.remainder())
+        {
             *s = *s * scale + bias[j];
             lanes[0] = lanes[0].max(*s);
         }

@@ -143,9 +143,16 @@ mod tests {
 
     #[test]
     fn in_place_gelu_gives_the_values_of_the_op() {
-        let values: Vec<f32> = (0..40_000).map(|i| (i as f32 - 20_000.0) / 3_000.0).collect();
+        let values: Vec<f32> = (0..40_000)
+            .map(|i| (i as f32 - 20_000.0) / 3_000.0)
+            .collect();
         let x = Tensor::from_vec(values, (200, 200), &candle_core::Device::Cpu).unwrap();
-        let want: Vec<f32> = gelu_erf(&x).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let want: Vec<f32> = gelu_erf(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         let got = gelu_erf_owned(x.copy().unwrap()).unwrap();
         assert_eq!(got.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want);
     }

@@ -159,7 +159,14 @@ fn run_job(job: Job, w: &PackedInt8) {
         let (mut s, mut zp) = ([0f32; PAIR_ROWS], [0i32; PAIR_ROWS]);
         for first in (0..rc).step_by(MR) {
             let block = MR.min(rc - first);
-            let (bs, bzp) = quantize_block(x, k, (r0 + first, block), &mut abuf[first * lda..], lda, isa);
+            let (bs, bzp) = quantize_block(
+                x,
+                k,
+                (r0 + first, block),
+                &mut abuf[first * lda..],
+                lda,
+                isa,
+            );
             s[first..first + block].copy_from_slice(&bs[..block]);
             zp[first..first + block].copy_from_slice(&bzp[..block]);
         }

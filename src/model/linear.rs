@@ -320,7 +320,9 @@ impl Clone for PackedView {
 impl PackedView {
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<(TensorId, PackedF32)>> {
         // A panic while packing leaves no half-written view: the slot is only ever assigned.
-        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// `w` packed, from this view when it was packed from `w`; `None` when `w` trains or is not
