@@ -515,6 +515,94 @@ mod tests {
         assert_eq!(v, vec![3.5, 7., 10., 4.5, 8., 11.]);
     }
 
+    /// `layer`'s output on `x`, flattened.
+    fn outputs(layer: &Linear, x: &Tensor) -> Vec<f32> {
+        layer
+            .forward(x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
+    #[test]
+    fn the_packed_view_follows_a_replaced_or_training_weight() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (5, 32), &dev).unwrap();
+        let bias = Tensor::zeros(20, DType::F32, &dev).unwrap();
+        let (a, b) = (
+            Tensor::randn(0f32, 1.0, (20, 32), &dev).unwrap(),
+            Tensor::randn(0f32, 1.0, (20, 32), &dev).unwrap(),
+        );
+        let mut layer = Linear::dense(a.clone(), bias.clone());
+        let first = outputs(&layer, &x);
+        assert!(
+            layer.packed.lock().is_some(),
+            "an inference product packs the weight"
+        );
+        layer.weight = Weight::Dense(b.clone());
+        assert_eq!(
+            outputs(&layer, &x),
+            outputs(&Linear::dense(b.clone(), bias.clone()), &x)
+        );
+        assert_ne!(outputs(&layer, &x), first);
+        // A variable is updated in place: it must never be multiplied from a stale packing.
+        let var = candle_core::Var::from_tensor(&a).unwrap();
+        let training = Linear::dense(var.as_tensor().clone(), bias.clone());
+        let close = |got: Vec<f32>, want: &[f32]| {
+            // The training path sums in the gemm crate's order: the same up to the last bits.
+            for (g, w) in got.iter().zip(want) {
+                assert!((g - w).abs() < 1e-4, "{g} vs {w}");
+            }
+        };
+        close(outputs(&training, &x), &first);
+        var.set(&b).unwrap();
+        close(
+            outputs(&training, &x),
+            &outputs(&Linear::dense(b, bias), &x),
+        );
+        assert!(
+            training.packed.lock().is_none(),
+            "a variable is never packed"
+        );
+    }
+
+    #[test]
+    fn a_row_view_of_a_packed_layer_multiplies_like_its_rows() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (3, 24), &dev).unwrap();
+        let layer = Linear::dense(
+            Tensor::randn(0f32, 1.0, (48, 24), &dev).unwrap(),
+            Tensor::randn(0f32, 1.0, 48, &dev).unwrap(),
+        );
+        for (start, len) in [(16, 32), (16, 16), (8, 16)] {
+            let rows = layer.narrow_rows(start, len).unwrap();
+            let shared = rows.packed.lock().is_some();
+            assert_eq!(
+                shared,
+                start % 16 == 0,
+                "rows {start}..+{len}: a view only on panels"
+            );
+            let alone = Linear::dense(
+                layer
+                    .weight
+                    .to_dense()
+                    .unwrap()
+                    .narrow(0, start, len)
+                    .unwrap()
+                    .contiguous()
+                    .unwrap(),
+                layer.bias.narrow(0, start, len).unwrap(),
+            );
+            assert_eq!(
+                outputs(&rows, &x),
+                outputs(&alone, &x),
+                "rows {start}..+{len}"
+            );
+        }
+    }
+
     #[test]
     fn selecting_outputs_and_inputs_keeps_the_chosen_entries() {
         let l = layer().select_outputs(&[2, 0]).unwrap();
