@@ -1,7 +1,7 @@
 //! axcompress's kernels — the prepacked f32 product, the int8 and int4 kernels — and candle's
-//! `Q4_0` against candle's f32 matrix product (the gemm crate, packing on every call), at MiniLM's shapes (and BERT-base's with `--bert-base`), with 1,
-//! 8, 32 and 256 rows (tokens), on the rayon pool's threads (`RAYON_NUM_THREADS`). Ratios above
-//! 1 mean the kernel is faster. `cargo bench --bench kernels [-- --bert-base]`; this decides
+//! `Q4_0` against candle's f32 matrix product (the gemm crate, packing on every call), at
+//! MiniLM's shapes (and BERT-base's with `--bert-base`), with 1, 8, 32 and 256 rows (tokens), on
+//! the rayon pool's threads (`RAYON_NUM_THREADS`). Ratios above 1 mean the kernel is faster. `cargo bench --bench kernels [-- --bert-base]`; this decides
 //! `Execution::Auto`.
 
 use std::time::Instant;

@@ -81,9 +81,8 @@ impl CustomOp3 for Linear {
         let x = contiguous_f32(x, x_layout, "linear")?;
         let weight = contiguous_f32(weight, weight_layout, "linear")?;
         let bias = contiguous_f32(bias, bias_layout, "linear")?;
-        let mut dims = x_layout.dims().to_vec();
-        *dims.last_mut().expect("checked by `linear`") = bias.len();
-        Ok((CpuStorage::F32(product(x, weight, bias)), Shape::from(dims)))
+        let shape = output_shape(x_layout, bias.len());
+        Ok((CpuStorage::F32(product(x, weight, bias)), shape))
     }
 
     fn bwd(
@@ -105,18 +104,30 @@ impl CustomOp3 for Linear {
     }
 }
 
-/// `x Wᵀ + b` for `x [..., in]`, `weight [out, in]` and `bias [out]` (f32, CPU), with a
-/// backward pass.
-pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    let (out, inner) = weight.dims2()?;
+/// The shape of `x`'s layout with its last dimension (checked to exist) set to `out`.
+fn output_shape(x_layout: &Layout, out: usize) -> Shape {
+    let mut dims = x_layout.dims().to_vec();
+    *dims.last_mut().expect("checked by `check_fit`") = out;
+    Shape::from(dims)
+}
+
+/// An error unless `x [..., inner]` and `bias [out]` fit a weight of `(out, inner)`.
+fn check_fit(x: &Tensor, (out, inner): (usize, usize), bias: &Tensor) -> Result<()> {
     if x.rank() == 0 || x.dims()[x.rank() - 1] != inner || bias.dims() != [out] {
         bail!(
             "linear: input {:?}, weight {:?} and bias {:?} do not fit",
             x.dims(),
-            weight.dims(),
+            (out, inner),
             bias.dims()
         );
     }
+    Ok(())
+}
+
+/// `x Wᵀ + b` for `x [..., in]`, `weight [out, in]` and `bias [out]` (f32, CPU), with a
+/// backward pass.
+pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    check_fit(x, weight.dims2()?, bias)?;
     x.contiguous()?
         .apply_op3(&weight.contiguous()?, &bias.contiguous()?, Linear)
 }
@@ -149,9 +160,7 @@ impl CustomOp2 for PackedLinear<'_> {
             &mut dst,
             crate::threads::count(),
         );
-        let mut dims = x_layout.dims().to_vec();
-        *dims.last_mut().expect("checked by `packed_linear`") = out;
-        Ok((CpuStorage::F32(dst), Shape::from(dims)))
+        Ok((CpuStorage::F32(dst), output_shape(x_layout, out)))
     }
 }
 
@@ -159,15 +168,7 @@ impl CustomOp2 for PackedLinear<'_> {
 /// CPU), for inference: the result has no backward pass. The same values as [`linear`] up to the
 /// last bits (the sums are blocked differently; see [`f32_gemm`]).
 pub fn packed_linear(x: &Tensor, weight: &PackedF32, bias: &Tensor) -> Result<Tensor> {
-    let (out, inner) = weight.dims();
-    if x.rank() == 0 || x.dims()[x.rank() - 1] != inner || bias.dims() != [out] {
-        bail!(
-            "linear: input {:?}, weight {:?} and bias {:?} do not fit",
-            x.dims(),
-            weight.dims(),
-            bias.dims()
-        );
-    }
+    check_fit(x, weight.dims(), bias)?;
     x.contiguous()?
         .apply_op2_no_bwd(&bias.contiguous()?, &PackedLinear(weight))
 }

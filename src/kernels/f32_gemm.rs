@@ -17,7 +17,7 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use super::row_quant::{split_jobs, OutPtr, NR};
+use super::row_quant::{padded_bias, split_jobs, OutPtr, NR};
 
 /// The instruction set the f32 kernel runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -180,9 +180,7 @@ pub(crate) fn matmul_t_with(
     let (n, k) = w.dims();
     assert_eq!(x.len(), m * k, "x must hold m * k values");
     assert_eq!(out.len(), m * n, "out must hold m * n values");
-    if let Some(b) = bias {
-        assert_eq!(b.len(), n, "one bias per output");
-    }
+    let padded = bias.map(|b| padded_bias(b, n, w.panels()));
     if m == 0 || n == 0 {
         return;
     }
@@ -195,11 +193,6 @@ pub(crate) fn matmul_t_with(
         }
         return;
     }
-    let padded = bias.map(|b| {
-        let mut padded = vec![0f32; w.panels() * NR];
-        padded[..n].copy_from_slice(b);
-        padded
-    });
     let job = Job {
         x,
         w,

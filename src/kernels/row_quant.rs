@@ -144,12 +144,7 @@ pub(super) fn matmul_t_with(
     if m == 0 || n == 0 {
         return;
     }
-    let padded = bias.map(|b| {
-        assert_eq!(b.len(), n, "one bias per output");
-        let mut padded = vec![0f32; panels * NR];
-        padded[..n].copy_from_slice(b);
-        padded
-    });
+    let padded = bias.map(|b| padded_bias(b, n, panels));
     let bias = padded.as_deref();
     let out = OutPtr(out.as_mut_ptr());
     split_jobs((m, n, k), panels, threads, |rows, panels| {
@@ -162,6 +157,18 @@ pub(super) fn matmul_t_with(
             isa,
         })
     });
+}
+
+/// `bias` (one per output of `n`) zero-padded to `panels` whole panels of [`NR`], so that a tile
+/// may read a whole panel's worth.
+///
+/// # Panics
+/// If `bias` does not hold `n` values.
+pub(super) fn padded_bias(bias: &[f32], n: usize, panels: usize) -> Vec<f32> {
+    assert_eq!(bias.len(), n, "one bias per output");
+    let mut padded = vec![0f32; panels * NR];
+    padded[..n].copy_from_slice(bias);
+    padded
 }
 
 /// Runs `job(rows of x, weight panels)` over the rayon pool for an `m × n × k` product whose
