@@ -78,6 +78,9 @@ pub enum Command {
     Bench(BenchArgs),
     /// Significance analysis: how much each block, head and FFN neuron group matters to the task.
     Analyze(AnalyzeArgs),
+    /// Write a model for another runtime: one ONNX file (ONNX Runtime), or a stock transformers
+    /// directory when the model fits one.
+    Export(ExportArgs),
 }
 
 /// Where the model comes from.
@@ -149,6 +152,38 @@ pub struct InspectArgs {
     /// The model to describe.
     #[command(flatten)]
     pub model: ModelArgs,
+}
+
+/// Where `export` writes for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportFormat {
+    /// `model.onnx` (self-contained, opset 17, or 21 with int4) with the tokenizer and
+    /// `config.json` beside it: ONNX Runtime, Optimum and other ONNX runtimes.
+    Onnx,
+    /// A directory stock transformers 5.x loads (refused for per-layer shapes, approximate
+    /// attention and block-sparse matrices, which it cannot hold).
+    Transformers,
+}
+
+/// Arguments of `axcompress export`.
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// The model to export (any model axcompress loads or wrote).
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The target runtime's format.
+    #[arg(long, value_enum)]
+    pub format: ExportFormat,
+    /// Output directory.
+    #[arg(long, short)]
+    pub out: PathBuf,
+    /// How int8 matrices are written in ONNX: `dynamic` (activations quantized per call,
+    /// MatMulInteger: ONNX Runtime's integer kernels) or `qdq` (DequantizeLinear weights).
+    #[arg(long, value_enum, default_value_t)]
+    pub int8: crate::export::onnx::Int8Form,
+    /// Replace --out if axcompress wrote it.
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// The data decisions are made on (analysis / selection data). Unset flags take their defaults,

@@ -31,6 +31,7 @@ fn dispatch(cli: &Cli) -> anyhow::Result<()> {
         Command::Eval(args) => commands::eval::run(args, cli),
         Command::Inspect(args) => commands::inspect::run(args, cli),
         Command::Analyze(args) => commands::analyze::run(args, cli),
+        Command::Export(args) => commands::export::run(args, cli),
         Command::Prune(args) => commands::prune::run(args, cli),
         Command::Quantize(args) => commands::quantize::run(args, cli),
         Command::Attention(args) => commands::attention::run(args, cli),

@@ -6,6 +6,7 @@ pub mod attention;
 pub mod bench;
 pub mod compress;
 pub mod eval;
+pub mod export;
 pub mod inspect;
 pub mod prune;
 pub mod quantize;

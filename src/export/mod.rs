@@ -5,6 +5,7 @@
 //! permissions (the process umask), so other users and CI jobs can read them.
 
 pub mod destination;
+pub mod onnx;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -275,8 +276,10 @@ pub fn config_json(
 
 /// A model ready to be written: its weights serialised and its config built.
 pub struct Prepared {
-    /// `model.safetensors` bytes.
+    /// The weights file's bytes.
     pub weights: Vec<u8>,
+    /// The weights file's name: `model.safetensors`, or `model.onnx`.
+    weights_file: &'static str,
     /// `config.json`.
     pub config: Value,
     /// Whether stock transformers can load it.
@@ -295,6 +298,7 @@ pub fn prepare(model: &Model, history: &[Value]) -> Result<Prepared> {
         safetensors::serialize(&tensors.tensors, None).context("cannot serialise the weights")?;
     Ok(Prepared {
         weights,
+        weights_file: "model.safetensors",
         config: config_json(model, history, &compat, &tensors),
         compat,
         source_dir: model.dir.clone(),
@@ -303,6 +307,11 @@ pub fn prepare(model: &Model, history: &[Value]) -> Result<Prepared> {
 }
 
 impl Prepared {
+    /// The weights file's name.
+    pub fn weights_file(&self) -> &'static str {
+        self.weights_file
+    }
+
     /// Writes the model directory at `out` atomically, with `extra` files (name, bytes) such as
     /// `report.json` beside the model files.
     pub fn write(&self, out: &Path, extra: &[(&str, Vec<u8>)], force: bool) -> Result<()> {
@@ -331,7 +340,7 @@ impl Prepared {
                 .and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_all()))
                 .with_context(|| format!("cannot write {}", path.display()))
         };
-        write("model.safetensors", &self.weights)?;
+        write(self.weights_file, &self.weights)?;
         write("config.json", &pretty_json(&self.config)?)?;
         for f in TOKENIZER_FILES {
             if let Some(bytes) = self.tokenizer.as_ref().and_then(|t| t.get(f)) {
@@ -352,6 +361,53 @@ impl Prepared {
         }
         Ok(())
     }
+}
+
+/// `model` as an ONNX directory: `model.onnx`, the tokenizer files, and a `config.json` (the
+/// source's standard fields, no `quantization_config`, an `axcompress` section saying the format)
+/// for tools that read labels from it.
+pub fn prepare_onnx(model: &Model, onnx: &onnx::OnnxModel) -> Result<Prepared> {
+    let compat = compatibility(model);
+    let mut config = model.config.raw.clone();
+    let obj = config.as_object_mut().expect("config.json is an object");
+    obj.remove("quantization_config");
+    let history = model
+        .config
+        .raw
+        .pointer("/axcompress/history")
+        .cloned()
+        .unwrap_or_else(|| json!([]));
+    obj.insert(
+        "axcompress".into(),
+        json!({
+            "version": 1,
+            "format": "onnx",
+            "opset": onnx.opset,
+            "structure": model.config.structure,
+            "history": history,
+            "notes": onnx.notes,
+        }),
+    );
+    Ok(Prepared {
+        weights: onnx.bytes.clone(),
+        weights_file: "model.onnx",
+        config,
+        compat,
+        source_dir: model.dir.clone(),
+        tokenizer: model.tokenizer.clone(),
+    })
+}
+
+/// Which runtimes load an output, in one line (summaries and reports).
+pub fn loads_in(compat: &Compatibility, quantized: bool) -> String {
+    let transformers = match (&compat.reason, quantized) {
+        (None, false) => "transformers 5.x".to_string(),
+        (None, true) => "transformers 5.x with compressed-tensors".to_string(),
+        (Some(why), _) => format!("not stock transformers ({why})"),
+    };
+    format!(
+        "loads in axcompress; ONNX Runtime after `axcompress export --format onnx`; {transformers}"
+    )
 }
 
 /// Writes `model` as a self-contained directory at `out`, atomically, with `report` as

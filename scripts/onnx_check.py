@@ -1,0 +1,197 @@
+#!/usr/bin/env python3
+"""ONNX Runtime checks of `axcompress export --format onnx` output (interop and speed).
+
+Needs only onnxruntime, numpy and tokenizers (no torch). In a virtualenv outside the repo:
+
+  python -m venv /tmp/venv && /tmp/venv/bin/pip install onnxruntime numpy tokenizers
+  /tmp/venv/bin/python scripts/onnx_check.py check out/onnx --reference out/model \
+      --task sst2 --data ../shared/data/glue/SST-2
+
+check ONNX_DIR   Runs ONNX_DIR/model.onnx in ONNX Runtime on a GLUE dev split (tokenized with the
+                 tokenizer.json beside it: no padding but per batch, longest-first truncation at
+                 --max-length), and `axcompress eval --predictions` on the --reference model
+                 directory. Prints JSON: examples, identical predictions (fraction), the largest
+                 absolute logit difference, and both accuracies. Exits 1 when the predictions
+                 agree on fewer than --min-agreement of the examples.
+bench ONNX_DIR…  Back to back, with --threads intra-op threads: file size, dev accuracy, b32
+                 sentences/s in file order and sorted by length (one warm-up batch), b1 p50/p90
+                 ms over the first 200 dev sentences (10 warm-up calls). Prints JSON on stdout
+                 and a Markdown table on stderr.
+"""
+import argparse
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+AXCOMPRESS = os.path.join(os.path.dirname(__file__), "..", "target", "release", "axcompress")
+# GLUE task: (directory name, text columns, the label names axcompress gives the TSV's labels).
+TASKS = {"sst2": ("SST-2", ["sentence"], {"0": "negative", "1": "positive"}),
+         "rte": ("RTE", ["sentence1", "sentence2"], {})}
+
+
+def load_dev(data, task):
+    directory, columns, names = TASKS[task]
+    path = data
+    if os.path.isdir(path):
+        nested = os.path.join(path, directory, "dev.tsv")
+        path = nested if os.path.isfile(nested) else os.path.join(path, "dev.tsv")
+    with open(path, newline="") as f:
+        rows = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        header = next(rows)
+        index = [header.index(c) for c in columns]
+        label = header.index("label")
+        return [(tuple(r[i] for i in index), names.get(r[label], r[label])) for r in rows]
+
+
+class OnnxClassifier:
+    """model.onnx and its tokenizer: texts in, logits out."""
+
+    def __init__(self, directory, threads, max_length):
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(os.path.join(directory, "model.onnx"), options,
+                                            providers=["CPUExecutionProvider"])
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        self.tokenizer = Tokenizer.from_file(os.path.join(directory, "tokenizer.json"))
+        self.tokenizer.no_padding()
+        self.tokenizer.enable_truncation(max_length, strategy="longest_first")
+
+    def encode(self, texts):
+        """Padded inputs for a batch of texts (tuples of one or two strings)."""
+        encodings = self.tokenizer.encode_batch([t if len(t) > 1 else t[0] for t in texts])
+        length = max(len(e.ids) for e in encodings)
+        feed = {n: np.zeros((len(texts), length), dtype=np.int64) for n in
+                ["input_ids", "attention_mask", "token_type_ids"]}
+        for row, e in enumerate(encodings):
+            n = len(e.ids)
+            feed["input_ids"][row, :n] = e.ids
+            feed["attention_mask"][row, :n] = 1
+            feed["token_type_ids"][row, :n] = e.type_ids
+        return {n: feed[n] for n in self.inputs}
+
+    def logits(self, feed):
+        return self.session.run(["logits"], feed)[0]
+
+
+def batches(classifier, texts, size):
+    return [classifier.encode(texts[b:b + size]) for b in range(0, len(texts), size)]
+
+
+def axcompress_predictions(binary, reference, task, data, max_length):
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "predictions.json")
+        cmd = [binary, "eval", "--model", reference, "--task", task, "--data", data, "--quiet",
+               "--max-length", str(max_length), "--predictions", path]
+        subprocess.run(cmd, check=True, capture_output=True, text=True)
+        with open(path) as f:
+            return json.load(f)
+
+
+def check(args):
+    data = load_dev(args.data, args.task)
+    classifier = OnnxClassifier(args.onnx_dirs[0], args.threads, args.max_length)
+    texts = [t for t, _ in data]
+    ours = np.concatenate([classifier.logits(f) for f in batches(classifier, texts, args.batch_size)])
+    reference = axcompress_predictions(args.axcompress, args.reference, args.task, args.data,
+                                       args.max_length)
+    theirs = np.array(reference["logits"], dtype=np.float32)
+    # The label each output index stands for, as axcompress names it.
+    names = {int(i): p for i, p in zip(theirs.argmax(1), reference["predicted"])}
+    ours_named = [names.get(int(i), str(int(i))) for i in ours.argmax(1)]
+    agree = float(np.mean(ours.argmax(1) == theirs.argmax(1)))
+    gold = [label for _, label in data]
+    report = {
+        "onnx": args.onnx_dirs[0],
+        "reference": args.reference,
+        "examples": len(data),
+        "identical_predictions": agree,
+        "max_abs_logit_diff": float(np.abs(ours - theirs).max()),
+        "onnx_accuracy": float(np.mean([p == g for p, g in zip(ours_named, gold)])),
+        "axcompress_accuracy": float(np.mean([p == g for p, g in zip(reference["predicted"], gold)])),
+    }
+    print(json.dumps(report, indent=2))
+    if agree < args.min_agreement:
+        print(f"predictions agree on {agree:.4f} of dev, below --min-agreement {args.min_agreement}",
+              file=sys.stderr)
+        sys.exit(1)
+
+
+def throughput(classifier, encoded, n):
+    classifier.logits(encoded[0])
+    start = time.perf_counter()
+    for feed in encoded:
+        classifier.logits(feed)
+    return round(n / (time.perf_counter() - start), 2)
+
+
+def latency(classifier, singles, warmup=10):
+    for feed in singles[:warmup]:
+        classifier.logits(feed)
+    times = []
+    for feed in singles:
+        start = time.perf_counter()
+        classifier.logits(feed)
+        times.append((time.perf_counter() - start) * 1000)
+    return {"p50_ms": round(statistics.median(times), 3),
+            "p90_ms": round(statistics.quantiles(times, n=10)[8], 3)}
+
+
+def measure(directory, data, args):
+    classifier = OnnxClassifier(directory, args.threads, args.max_length)
+    texts = [t for t, _ in data]
+    in_file_order = batches(classifier, texts, 32)
+    lengths = [len(e.ids) for e in classifier.tokenizer.encode_batch(
+        [t if len(t) > 1 else t[0] for t in texts])]
+    by_length = [t for _, _, t in sorted(zip(lengths, range(len(texts)), texts))]
+    return {"model": directory,
+            "bytes": os.path.getsize(os.path.join(directory, "model.onnx")),
+            "b32_file_sent_per_s": throughput(classifier, in_file_order, len(texts)),
+            "b32_sorted_sent_per_s": throughput(classifier, batches(classifier, by_length, 32), len(texts)),
+            "b1": latency(classifier, batches(classifier, texts[:200], 1))}
+
+
+def bench(args):
+    data = load_dev(args.data, args.task)
+    rows = [measure(d, data, args) for d in args.onnx_dirs]
+    print(json.dumps({"threads": args.threads, "onnxruntime": ort.__version__, "rows": rows}, indent=2))
+    print("| model | MB | b32 file order sent/s | b32 sorted sent/s | b1 p50 ms | b1 p90 ms |", file=sys.stderr)
+    print("|---|---|---|---|---|---|", file=sys.stderr)
+    for r in rows:
+        print(f"| {os.path.basename(os.path.normpath(r['model']))} | {r['bytes'] / 1e6:.1f} | "
+              f"{r['b32_file_sent_per_s']:.1f} | {r['b32_sorted_sent_per_s']:.1f} | "
+              f"{r['b1']['p50_ms']:.2f} | {r['b1']['p90_ms']:.2f} |", file=sys.stderr)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=["check", "bench"])
+    ap.add_argument("onnx_dirs", nargs="+", help="directories written by axcompress export --format onnx")
+    ap.add_argument("--reference", help="check: the axcompress model directory the ONNX file came from")
+    ap.add_argument("--task", choices=sorted(TASKS), default="sst2")
+    ap.add_argument("--data", required=True, help="GLUE directory (holding SST-2/dev.tsv) or a dev.tsv")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=32, help="check: sentences per ONNX Runtime call")
+    ap.add_argument("--min-agreement", type=float, default=0.995)
+    ap.add_argument("--axcompress", default=AXCOMPRESS)
+    args = ap.parse_args()
+    if args.what == "check":
+        if not args.reference:
+            ap.error("check needs --reference")
+        check(args)
+    else:
+        bench(args)
+
+
+if __name__ == "__main__":
+    main()
