@@ -1,0 +1,276 @@
+//! `axcompress export`: an ONNX file any ONNX runtime loads, checked after writing by the built-in
+//! interpreter (values and structure), for stock and pruned models; stock transformers
+//! directories refused for models they cannot hold; the output rules. When Python with
+//! onnxruntime is importable (`AXCOMPRESS_PYTHON`, else `python3`; `.ci/run` installs one), ONNX
+//! Runtime itself runs the exported files on SST-2 dev and is compared with `axcompress eval`.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use axcompress::export::onnx::interpret;
+use axcompress::export::write_model_dir;
+use axcompress::model::Model;
+use common::{assert_clean_error, json_stdout, read_json};
+use serde_json::{json, Value};
+
+fn export(model: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "export",
+        "--model",
+        model.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    common::run(&args)
+}
+
+/// The demo model with per-layer heads and FFN widths, a removed attention block, a layer with
+/// no heads and a removed FFN, written by the library into `dir/pruned`.
+fn pruned_demo(dir: &Path) -> PathBuf {
+    let original = Model::from_dir(&common::demo_model()).unwrap();
+    let mut plan = original.keep_all();
+    plan[0].heads = Some(vec![0, 1, 4, 5]);
+    plan[0].neurons = Some((0..768).filter(|n| n % 5 != 0).take(512).collect());
+    plan[1].heads = None;
+    plan[1].neurons = Some((0..768).step_by(3).take(128).collect());
+    plan[2].heads = Some(vec![]);
+    plan[2].neurons = None;
+    let out = dir.join("pruned");
+    let pruned = original.slice(&plan).unwrap();
+    write_model_dir(&pruned, &out, &[json!({"pass": "test"})], &json!({}), false).unwrap();
+    out
+}
+
+fn input_names(onnx: &Path) -> Vec<String> {
+    let model = interpret::decode(&std::fs::read(onnx).unwrap()).unwrap();
+    let graph = model.graph.unwrap();
+    graph.input.iter().map(|i| i.name().to_string()).collect()
+}
+
+#[test]
+fn demo_model_exports_to_a_checked_onnx_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("onnx");
+    let summary = json_stdout(&export(&common::demo_model(), &out, &["--format", "onnx"]));
+    assert!(
+        summary["verified"]["max_abs_logit_diff"].as_f64().unwrap() < 1e-4,
+        "{summary}"
+    );
+    assert_eq!(summary["verified"]["different_predictions"], 0);
+    assert_eq!(summary["opset"], 17);
+    for file in ["model.onnx", "config.json", "tokenizer.json"] {
+        assert!(out.join(file).is_file(), "{file} missing");
+    }
+    let config = read_json(&out.join("config.json"));
+    assert_eq!(config["axcompress"]["format"], "onnx");
+    assert_eq!(
+        input_names(&out.join("model.onnx")),
+        ["input_ids", "attention_mask", "token_type_ids"]
+    );
+    // The same model gives the same bytes.
+    let again = tmp.path().join("again");
+    json_stdout(&export(
+        &common::demo_model(),
+        &again,
+        &["--format", "onnx"],
+    ));
+    assert_eq!(
+        std::fs::read(out.join("model.onnx")).unwrap(),
+        std::fs::read(again.join("model.onnx")).unwrap()
+    );
+}
+
+#[test]
+fn pruned_model_exports_to_onnx_but_not_to_stock_transformers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pruned = pruned_demo(tmp.path());
+    let out = tmp.path().join("onnx");
+    let summary = json_stdout(&export(&pruned, &out, &["--format", "onnx"]));
+    assert!(
+        summary["verified"]["max_abs_logit_diff"].as_f64().unwrap() < 1e-4,
+        "{summary}"
+    );
+    let refused = tmp.path().join("hf");
+    let result = export(&pruned, &refused, &["--format", "transformers"]);
+    assert_clean_error(
+        &result,
+        &["--format transformers", "cannot hold", "--format onnx"],
+    );
+    assert!(!refused.exists());
+}
+
+#[test]
+fn stock_model_exports_to_transformers_unchanged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("hf");
+    json_stdout(&export(
+        &common::demo_model(),
+        &out,
+        &["--format", "transformers"],
+    ));
+    let original = Model::from_dir(&common::demo_model()).unwrap();
+    let written = Model::from_dir(&out).unwrap();
+    assert_eq!(
+        original.fingerprint().unwrap(),
+        written.fingerprint().unwrap()
+    );
+}
+
+#[test]
+fn export_follows_the_output_rules() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = common::copy_model(&common::demo_model());
+    let inside = model.path().join("onnx");
+    assert_clean_error(
+        &export(model.path(), &inside, &["--format", "onnx"]),
+        &["--out", "inside the input"],
+    );
+    let foreign = tmp.path().join("foreign");
+    std::fs::create_dir_all(&foreign).unwrap();
+    std::fs::write(foreign.join("notes.txt"), "mine").unwrap();
+    assert_clean_error(
+        &export(model.path(), &foreign, &["--format", "onnx", "--force"]),
+        &["not a directory axcompress wrote"],
+    );
+    assert_eq!(
+        std::fs::read_to_string(foreign.join("notes.txt")).unwrap(),
+        "mine"
+    );
+    let out = tmp.path().join("onnx");
+    json_stdout(&export(model.path(), &out, &["--format", "onnx"]));
+    assert_clean_error(
+        &export(model.path(), &out, &["--format", "onnx"]),
+        &["already exists", "--force"],
+    );
+    json_stdout(&export(
+        model.path(),
+        &out,
+        &["--format", "onnx", "--force"],
+    ));
+}
+
+/// A Python that imports onnxruntime, tokenizers and numpy, or `None` (said loudly; under
+/// `CI=true` a failure, as `.ci/run` installs one).
+fn python_with_onnxruntime() -> Option<String> {
+    let python = std::env::var("AXCOMPRESS_PYTHON").unwrap_or_else(|_| "python3".into());
+    let importable = Command::new(&python)
+        .args(["-c", "import onnxruntime, tokenizers, numpy"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if importable {
+        return Some(python);
+    }
+    let in_ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+    assert!(
+        !in_ci,
+        "{python} cannot import onnxruntime, tokenizers and numpy; .ci/run installs them (set AXCOMPRESS_PYTHON)"
+    );
+    eprintln!("\n*** SKIPPED: {python} cannot import onnxruntime, tokenizers and numpy (set AXCOMPRESS_PYTHON) ***\n");
+    None
+}
+
+/// `scripts/onnx_check.py check` of an exported directory against its source model on SST-2 dev.
+fn onnx_runtime_check(
+    python: &str,
+    onnx: &Path,
+    reference: &Path,
+    glue: &Path,
+    min: &str,
+) -> Value {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/onnx_check.py");
+    let out = Command::new(python)
+        .arg(script)
+        .args([
+            "check",
+            onnx.to_str().unwrap(),
+            "--reference",
+            reference.to_str().unwrap(),
+        ])
+        .args([
+            "--task",
+            "sst2",
+            "--data",
+            glue.to_str().unwrap(),
+            "--threads",
+            "2",
+        ])
+        .args([
+            "--min-agreement",
+            min,
+            "--axcompress",
+            env!("CARGO_BIN_EXE_axcompress"),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "onnx_check failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn onnx_runtime_reproduces_axcompress_on_the_demo_model_pruned_and_quantized() {
+    let Some(python) = python_with_onnxruntime() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let glue = common::demo_glue();
+    let pruned = pruned_demo(tmp.path());
+    let out = tmp.path().join("pruned-onnx");
+    json_stdout(&export(&pruned, &out, &["--format", "onnx"]));
+    let report = onnx_runtime_check(&python, &out, &pruned, &glue, "1.0");
+    assert!(
+        report["max_abs_logit_diff"].as_f64().unwrap() < 1e-3,
+        "{report}"
+    );
+    assert_eq!(report["onnx_accuracy"], report["axcompress_accuracy"]);
+
+    let int8 = tmp.path().join("int8");
+    let quantized = common::run_stage(
+        "quantize",
+        &common::demo_model(),
+        &glue.join("SST-2"),
+        &int8,
+        &["--bits", "8"],
+    );
+    assert!(
+        common::wrote_output(&quantized),
+        "{}",
+        String::from_utf8_lossy(&quantized.stderr)
+    );
+    let qdq = tmp.path().join("int8-qdq");
+    json_stdout(&export(&int8, &qdq, &["--format", "onnx", "--int8", "qdq"]));
+    onnx_runtime_check(&python, &qdq, &int8, &glue, "0.995");
+    let dynamic = tmp.path().join("int8-dynamic");
+    json_stdout(&export(&int8, &dynamic, &["--format", "onnx"]));
+    onnx_runtime_check(&python, &dynamic, &int8, &glue, "0.98");
+}
+
+#[test]
+#[cfg_attr(
+    fixtures_missing,
+    ignore = "needs ../shared (AXCOMPRESS_FIXTURES): MiniLM SST-2"
+)]
+fn onnx_runtime_reproduces_every_minilm_prediction() {
+    let shared = fixtures_or_skip!();
+    let Some(python) = python_with_onnxruntime() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let model = shared.join("models/minilm-l6-sst2");
+    let out = tmp.path().join("onnx");
+    json_stdout(&export(&model, &out, &["--format", "onnx"]));
+    let report = onnx_runtime_check(&python, &out, &model, &shared.join("data/glue"), "1.0");
+    assert!(
+        report["max_abs_logit_diff"].as_f64().unwrap() < 1e-4,
+        "{report}"
+    );
+    assert_eq!(report["examples"], 872);
+}
