@@ -94,6 +94,17 @@ fn pruned_model_exports_to_onnx_but_not_to_stock_transformers() {
         summary["verified"]["max_abs_logit_diff"].as_f64().unwrap() < 1e-4,
         "{summary}"
     );
+    let inspected = json_stdout(&common::run(&[
+        "inspect",
+        "--model",
+        pruned.to_str().unwrap(),
+        "--json",
+    ]));
+    let loads_in = inspected["loads_in"].as_str().unwrap();
+    assert!(
+        loads_in.contains("ONNX Runtime") && loads_in.contains("not stock transformers: "),
+        "{loads_in}"
+    );
     let refused = tmp.path().join("hf");
     let result = export(&pruned, &refused, &["--format", "transformers"]);
     assert_clean_error(

@@ -42,6 +42,8 @@ fn a_shaped_float16_model_is_stock_and_reloads_to_what_the_run_judged() {
         "the config names the written precision"
     );
     assert_eq!(report["hf_compatible"], true);
+    let loads_in = report["loads_in"].as_str().unwrap();
+    assert!(loads_in.ends_with("; transformers 5.x"), "{loads_in}");
     // Every tensor is float16 on disk.
     let bytes = std::fs::read(out.join("model.safetensors")).unwrap();
     let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();

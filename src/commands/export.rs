@@ -6,7 +6,7 @@ use serde_json::{json, Value};
 use super::print_json;
 use crate::cli::{Cli, ExportArgs, ExportFormat};
 use crate::export::onnx::{to_onnx, verify, LowerOptions};
-use crate::export::{check_destination, compatibility, prepare, prepare_onnx, Prepared};
+use crate::export::{check_destination, compatibility, loads_in, prepare, prepare_onnx, Prepared};
 use crate::model::Model;
 
 /// Runs `axcompress export`.
@@ -37,6 +37,10 @@ pub fn run(args: &ExportArgs, cli: &Cli) -> Result<()> {
         "opset": opset,
         "notes": notes,
         "verified": verified,
+        "loads_in": match args.format {
+            ExportFormat::Onnx => "loads in: ONNX Runtime (CPU execution provider; opset 17, or 21 with 4-bit blocks) and other ONNX runtimes with these operators".to_string(),
+            ExportFormat::Transformers => loads_in(&compatibility(&model), model.is_quantized()),
+        },
     });
     if cli.json {
         return print_json(&summary);
@@ -70,6 +74,7 @@ fn print_summary(summary: &Value) {
             .as_i64()
             .map_or(String::new(), |o| format!(", opset {o}"))
     );
+    println!("{}", summary["loads_in"].as_str().unwrap_or_default());
     let v = &summary["verified"];
     if v.is_object() {
         println!(

@@ -5,7 +5,7 @@ use serde_json::{json, Value};
 
 use super::print_json;
 use crate::cli::{Cli, InspectArgs};
-use crate::export::compatibility;
+use crate::export::{compatibility, loads_in};
 use crate::formats::quant::unquantizable;
 use crate::model::linear::Weight;
 use crate::model::Model;
@@ -43,10 +43,7 @@ pub fn run(args: &InspectArgs, cli: &Cli) -> Result<()> {
         println!("{i:<6} {heads:<6} {ffn:<6} {mode:<20} {kept}");
     }
     let compat = compatibility(&model);
-    match compat.reason {
-        None => println!("hf_compatible true"),
-        Some(why) => println!("hf_compatible false: {why}"),
-    }
+    println!("{}", loads_in(&compat, model.is_quantized()));
     println!("parameters {}", model.parameter_count());
     for (dtype, (params, bytes)) in &model.disk_dtypes {
         println!("  on disk {dtype}: {params} parameters, {bytes} bytes");
@@ -130,6 +127,7 @@ pub fn describe(model: &Model) -> Result<Value> {
         "layers": layers,
         "hf_compatible": compat.hf_compatible,
         "hf_incompatible_reason": compat.reason,
+        "loads_in": loads_in(&compat, model.is_quantized()),
         "parameters": model.parameter_count(),
         "on_disk_by_dtype": dtypes,
         "matrices": matrices(model)?,

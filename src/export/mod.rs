@@ -403,10 +403,10 @@ pub fn loads_in(compat: &Compatibility, quantized: bool) -> String {
     let transformers = match (&compat.reason, quantized) {
         (None, false) => "transformers 5.x".to_string(),
         (None, true) => "transformers 5.x with compressed-tensors".to_string(),
-        (Some(why), _) => format!("not stock transformers ({why})"),
+        (Some(why), _) => format!("not stock transformers: {why}"),
     };
     format!(
-        "loads in axcompress; ONNX Runtime after `axcompress export --format onnx`; {transformers}"
+        "loads in: axcompress; ONNX Runtime after `axcompress export --format onnx`; {transformers}"
     )
 }
 

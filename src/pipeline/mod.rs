@@ -723,6 +723,7 @@ impl Run<'_> {
             ),
             hf_compatible: prepared.compat.hf_compatible,
             hf_incompatible_reason: prepared.compat.reason.clone(),
+            loads_in: crate::export::loads_in(&prepared.compat, model.is_quantized()),
             structure: model.config.structure.clone(),
         }
     }

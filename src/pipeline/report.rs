@@ -44,6 +44,8 @@ pub struct RunReport {
     pub hf_compatible: bool,
     /// Why not, when it cannot.
     pub hf_incompatible_reason: Option<String>,
+    /// Which runtimes load the output, in one line.
+    pub loads_in: String,
     /// Per-layer shapes of the output.
     pub structure: Structure,
 }
@@ -241,16 +243,7 @@ pub fn render(report: &RunReport, timing: &Timing, out: &str) -> String {
         "  latency b1 p50   {:.2} -> {:.2} ms ({} dev sentences)",
         timing.latency_b1_p50_ms_before, timing.latency_b1_p50_ms_after, timing.latency_samples
     );
-    let _ = writeln!(
-        s,
-        "  hf_compatible    {}{}",
-        report.hf_compatible,
-        report
-            .hf_incompatible_reason
-            .as_ref()
-            .map(|r| format!(" ({r})"))
-            .unwrap_or_default()
-    );
+    let _ = writeln!(s, "  {}", report.loads_in);
     s
 }
 
