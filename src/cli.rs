@@ -330,6 +330,10 @@ pub struct RunArgs {
     /// the input's].
     #[arg(long, value_enum)]
     pub dtype: Option<StorageDtype>,
+    /// Also write `model.onnx` beside the weights, as `axcompress export --format onnx` does
+    /// (config: `onnx = true`).
+    #[arg(long)]
+    pub onnx: bool,
     /// Replace an existing output directory (and discard an interrupted run's progress).
     #[arg(long)]
     pub force: bool,

@@ -53,6 +53,8 @@ struct File {
     vocab: Option<VocabChoice>,
     vocab_corpus: Option<PathBuf>,
     dtype: Option<StorageDtype>,
+    #[serde(default)]
+    onnx: bool,
     out: Option<PathBuf>,
     #[serde(default)]
     selection: Selection,
@@ -156,6 +158,7 @@ impl File {
                     VocabSettings::from_flags(self.vocab, self.vocab_corpus.map(rel)),
                 ),
                 dtype: self.dtype,
+                onnx: self.onnx,
                 runtime: Runtime::default(),
             },
             out: self.out.map(rel),

@@ -141,6 +141,13 @@ fn the_demo_config_runs_with_no_flags_and_keeps_its_promise() {
     );
     let eval = common::eval_json(&out, "sst2", &common::demo_sst2());
     assert_eq!(eval["metrics"], common::dev_after(&report));
+    // `onnx = true`: the ONNX file beside the weights, a graph with integer products.
+    let onnx = std::fs::read(out.join("model.onnx")).unwrap();
+    let graph = axcompress::export::onnx::interpret::decode(&onnx)
+        .unwrap()
+        .graph
+        .unwrap();
+    assert!(graph.node.iter().any(|n| n.op_type() == "MatMulInteger"));
     // Without --out it writes out/demo in the repository (the path is relative to the config).
     let settings = axcompress::config_file::load(&config).unwrap();
     assert_eq!(

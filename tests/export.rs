@@ -67,6 +67,11 @@ fn demo_model_exports_to_a_checked_onnx_directory() {
     }
     let config = read_json(&out.join("config.json"));
     assert_eq!(config["axcompress"]["format"], "onnx");
+    let demo_data = common::demo_sst2();
+    assert_clean_error(
+        &common::eval(&out, &demo_data, &[]),
+        &["holds only model.onnx", "ONNX Runtime"],
+    );
     assert_eq!(
         input_names(&out.join("model.onnx")),
         ["input_ids", "attention_mask", "token_type_ids"]

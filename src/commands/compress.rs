@@ -27,6 +27,7 @@ pub fn run(args: &CompressArgs, cli: &Cli) -> Result<()> {
     s.max_drop = args.run.max_drop.or(s.max_drop);
     s.confidence = args.run.confidence.unwrap_or(s.confidence);
     s.dtype = args.run.dtype.or(s.dtype);
+    s.onnx |= args.run.onnx;
     s.runtime = cli.runtime();
     s.stages = s
         .stages

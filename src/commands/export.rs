@@ -39,7 +39,7 @@ pub fn run(args: &ExportArgs, cli: &Cli) -> Result<()> {
         "verified": verified,
         "loads_in": match args.format {
             ExportFormat::Onnx => "loads in: ONNX Runtime (CPU execution provider; opset 17, or 21 with 4-bit blocks) and other ONNX runtimes with these operators".to_string(),
-            ExportFormat::Transformers => loads_in(&compatibility(&model), model.is_quantized()),
+            ExportFormat::Transformers => loads_in(&compatibility(&model), model.is_quantized(), false),
         },
     });
     if cli.json {

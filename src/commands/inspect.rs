@@ -43,7 +43,8 @@ pub fn run(args: &InspectArgs, cli: &Cli) -> Result<()> {
         println!("{i:<6} {heads:<6} {ffn:<6} {mode:<20} {kept}");
     }
     let compat = compatibility(&model);
-    println!("{}", loads_in(&compat, model.is_quantized()));
+    let onnx = model.dir.join("model.onnx").is_file();
+    println!("{}", loads_in(&compat, model.is_quantized(), onnx));
     println!("parameters {}", model.parameter_count());
     for (dtype, (params, bytes)) in &model.disk_dtypes {
         println!("  on disk {dtype}: {params} parameters, {bytes} bytes");
@@ -127,7 +128,7 @@ pub fn describe(model: &Model) -> Result<Value> {
         "layers": layers,
         "hf_compatible": compat.hf_compatible,
         "hf_incompatible_reason": compat.reason,
-        "loads_in": loads_in(&compat, model.is_quantized()),
+        "loads_in": loads_in(&compat, model.is_quantized(), model.dir.join("model.onnx").is_file()),
         "parameters": model.parameter_count(),
         "on_disk_by_dtype": dtypes,
         "matrices": matrices(model)?,

@@ -78,6 +78,7 @@ pub fn run_stages(
             VocabSettings::from_flags(run.vocab, run.vocab_corpus.clone()),
         ),
         dtype: run.dtype,
+        onnx: run.onnx,
         runtime: cli.runtime(),
     };
     let out = Output {

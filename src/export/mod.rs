@@ -398,16 +398,19 @@ pub fn prepare_onnx(model: &Model, onnx: &onnx::OnnxModel) -> Result<Prepared> {
     })
 }
 
-/// Which runtimes load an output, in one line (summaries and reports).
-pub fn loads_in(compat: &Compatibility, quantized: bool) -> String {
+/// Which runtimes load a model directory, in one line (summaries, reports, `inspect`);
+/// `onnx_beside`: the directory holds `model.onnx` too.
+pub fn loads_in(compat: &Compatibility, quantized: bool, onnx_beside: bool) -> String {
     let transformers = match (&compat.reason, quantized) {
         (None, false) => "transformers 5.x".to_string(),
         (None, true) => "transformers 5.x with compressed-tensors".to_string(),
         (Some(why), _) => format!("not stock transformers: {why}"),
     };
-    format!(
-        "loads in: axcompress; ONNX Runtime after `axcompress export --format onnx`; {transformers}"
-    )
+    let onnx = match onnx_beside {
+        true => "ONNX Runtime (model.onnx)",
+        false => "ONNX Runtime after `axcompress export --format onnx`",
+    };
+    format!("loads in: axcompress; {onnx}; {transformers}")
 }
 
 /// Writes `model` as a self-contained directory at `out`, atomically, with `report` as

@@ -60,6 +60,12 @@ impl WeightStore {
             .map(|f| dir.join(f))
             .find(|p| p.is_file())
         else {
+            if dir.join("model.onnx").is_file() {
+                bail!(
+                    "{}: holds only model.onnx, an ONNX export that runs in ONNX Runtime (see scripts/onnx_check.py); pass the model directory it was exported from",
+                    dir.display()
+                );
+            }
             bail!(
                 "{}: no weights found; expected one of {}",
                 dir.display(),

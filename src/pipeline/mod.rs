@@ -218,6 +218,9 @@ pub struct RunSettings {
     /// the input's.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dtype: Option<StorageDtype>,
+    /// Also write `model.onnx` (as `axcompress export --format onnx` does) beside the weights.
+    #[serde(skip)]
+    pub onnx: bool,
     /// How the models run (`--execution`, `--allow-nonfinite`); not part of the report.
     #[serde(skip)]
     pub runtime: Runtime,
@@ -410,9 +413,23 @@ pub fn run(spec: &RunSettings, out: &Output, quiet: bool) -> Result<Finished> {
     for stage in &report.stages {
         files.extend(stage.files.iter().map(|(n, b)| (n.as_str(), b.clone())));
     }
+    if spec.onnx {
+        files.push(("model.onnx", onnx_file(&model)?));
+    }
     prepared.write(&out.dir, &files, out.force)?;
     journal.finish()?;
     Ok(Finished { report, timing })
+}
+
+/// `model` as an ONNX file, checked by the reference interpreter (see [`crate::export::onnx`]).
+fn onnx_file(model: &Model) -> Result<Vec<u8>> {
+    let options = crate::export::onnx::LowerOptions::default();
+    let onnx = crate::export::onnx::to_onnx(model, options)?;
+    crate::export::onnx::verify(model, &onnx.bytes, options)?;
+    for note in &onnx.notes {
+        eprintln!("warning: model.onnx: {note}");
+    }
+    Ok(onnx.bytes)
 }
 
 /// The run's splits (with the check split when it has a floor: perturbed train sentences no
@@ -723,7 +740,7 @@ impl Run<'_> {
             ),
             hf_compatible: prepared.compat.hf_compatible,
             hf_incompatible_reason: prepared.compat.reason.clone(),
-            loads_in: crate::export::loads_in(&prepared.compat, model.is_quantized()),
+            loads_in: crate::export::loads_in(&prepared.compat, model.is_quantized(), spec.onnx),
             structure: model.config.structure.clone(),
         }
     }
