@@ -363,11 +363,6 @@ fn unsupported_compressed_tensors_fields_are_refused_naming_the_field() {
     );
     let group = "/quantization_config/config_groups/group_0/weights";
     for (field, value, needle) in [
-        (
-            "symmetric",
-            serde_json::json!(false),
-            "weights.symmetric is false",
-        ),
         ("num_bits", serde_json::json!(3), "weights.num_bits is 3"),
         (
             "strategy",
@@ -386,25 +381,114 @@ fn unsupported_compressed_tensors_fields_are_refused_naming_the_field() {
         c["quantization_config"]["quant_method"] = "gptq".into()
     });
     assert_clean_error(&inspect(copy.path()), &["quant_method is \"gptq\""]);
-    // A zero point beside the int8 codes.
+    // GPTQ's activation order: groups of reordered inputs.
     let copy = copy_model(&q);
     let module = "bert.encoder.layer.0.output.dense";
     edit_weights(copy.path(), |t| {
-        let rows = t
+        let cols = t
             .iter()
             .find(|e| e.0 == format!("{module}.weight"))
             .unwrap()
-            .2[0];
+            .2[1];
+        let order: Vec<u8> = (0..cols as i32)
+            .rev()
+            .flat_map(|i| (i / 32).to_le_bytes())
+            .collect();
+        t.push((
+            format!("{module}.weight_g_idx"),
+            safetensors::Dtype::I32,
+            vec![cols],
+            order,
+        ));
+    });
+    assert_clean_error(&inspect(copy.path()), &["weight_g_idx", "actorder"]);
+}
+
+#[test]
+fn asymmetric_compressed_tensors_weights_load_with_their_zero_points() {
+    let data = common::small_sst2(8);
+    let tmp = tempfile::tempdir().unwrap();
+    let q = tmp.path().join("q");
+    let o = common::run_stage(
+        "quantize",
+        &common::demo_model(),
+        data.path(),
+        &q,
+        &["--bits", "8"],
+    );
+    assert!(
+        common::wrote_output(&o),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // The same values stored asymmetrically: each row's codes shifted by a zero point of ±3
+    // where they fit (0 elsewhere), so (code − zero point) · scale is unchanged.
+    let copy = copy_model(&q);
+    let module = "bert.encoder.layer.0.output.dense";
+    edit_config(copy.path(), |c| {
+        let group = "/quantization_config/config_groups/group_0/weights";
+        c.pointer_mut(group).unwrap()["symmetric"] = false.into();
+    });
+    let mut shifted_rows = 0;
+    edit_weights(copy.path(), |t| {
+        let e = t
+            .iter_mut()
+            .find(|e| e.0 == format!("{module}.weight"))
+            .unwrap();
+        let (rows, cols) = (e.2[0], e.2[1]);
+        let mut zero_points = Vec::new();
+        for row in e.3.chunks_mut(cols) {
+            let (lo, hi) = row.iter().fold((127i32, -128i32), |(l, h), &b| {
+                (l.min(i32::from(b as i8)), h.max(i32::from(b as i8)))
+            });
+            let zp: i32 = if hi <= 124 {
+                3
+            } else if lo >= -125 {
+                -3
+            } else {
+                0
+            };
+            shifted_rows += usize::from(zp != 0);
+            for b in row.iter_mut() {
+                *b = (i32::from(*b as i8) + zp) as i8 as u8;
+            }
+            zero_points.push(zp as i8 as u8);
+        }
         t.push((
             format!("{module}.weight_zero_point"),
             safetensors::Dtype::I8,
             vec![rows, 1],
-            vec![3; rows],
+            zero_points,
         ));
     });
-    assert_clean_error(
-        &inspect(copy.path()),
-        &["weight_zero_point is not zero", "symmetric"],
+    assert!(shifted_rows > 100, "{shifted_rows} rows shifted");
+    let logits = |model: &Path| {
+        let file = tmp.path().join(format!(
+            "{}.json",
+            model.file_name().unwrap().to_str().unwrap()
+        ));
+        let out = common::eval(
+            model,
+            data.path(),
+            &[
+                "--execution",
+                "dequantized",
+                "--predictions",
+                file.to_str().unwrap(),
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        common::flatten(&common::read_json(&file)["logits"])
+    };
+    let (a, b) = (logits(&q), logits(copy.path()));
+    assert!(
+        common::max_abs_diff(&a, &b) < 1e-5,
+        "{}",
+        common::max_abs_diff(&a, &b)
     );
 }
 

@@ -237,6 +237,64 @@ pub fn read_codes(
     }))
 }
 
+/// The zero points of a quantized module (`weight_zero_point`, asymmetric weights), one per
+/// scale in the scales' order, from the stored tensor: int8 (or int32) values one per scale
+/// (`int-quantized`), or codes packed into int32 words along the output rows (`pack-quantized`:
+/// `[ceil(rows · bits / 32), groups]`, each value offset by `2^(bits−1)`).
+pub fn read_zero_points(
+    module: &str,
+    codes: &Codes,
+    (dtype, shape, bytes): (Dtype, Vec<usize>, Vec<u8>),
+) -> Result<Vec<i32>> {
+    let groups = codes.cols / codes.group;
+    let count = codes.rows * groups;
+    let n = codes.bits.count();
+    let words_per_group = (codes.rows * n).div_ceil(32);
+    let ints: Vec<i32> = match dtype {
+        Dtype::I8 => bytes.iter().map(|&b| i32::from(b as i8)).collect(),
+        Dtype::I32 => bytes
+            .chunks_exact(4)
+            .map(|b| i32::from_le_bytes(b.try_into().expect("4 bytes")))
+            .collect(),
+        other => bail!(
+            "{module}.weight_zero_point is {other:?}; int8 or int32 zero points are supported"
+        ),
+    };
+    if ints.len() == count {
+        return Ok(ints);
+    }
+    if dtype == Dtype::I32 && ints.len() == words_per_group * groups {
+        let (mask, offset) = ((1u32 << n) - 1, 1i32 << (n - 1));
+        // Stored [words, groups]: the zero point of row r, group g is in word (r·n/32, g).
+        return Ok((0..codes.rows)
+            .flat_map(|r| {
+                let ints = &ints;
+                (0..groups).map(move |g| {
+                    let word = ints[(r * n / 32) * groups + g] as u32;
+                    ((word >> ((r * n) % 32)) & mask) as i32 - offset
+                })
+            })
+            .collect());
+    }
+    bail!(
+        "{module}.weight_zero_point {shape:?} holds neither one zero point per scale ({count}) nor them packed along the rows; export the model again"
+    )
+}
+
+/// The values `(code − zero point) · scale` of a module with zero points, row-major.
+pub fn dequantize_with_zero_points(codes: &Codes, zero_points: &[i32]) -> Vec<f32> {
+    codes
+        .codes
+        .chunks(codes.group)
+        .zip(codes.scales.iter().zip(zero_points))
+        .flat_map(|(group, (s, &zp))| {
+            group
+                .iter()
+                .map(move |&q| (i32::from(q) - zp) as f32 * s.to_f32())
+        })
+        .collect()
+}
+
 /// The `quantization_config` of `config.json`: one config group per precision, targeting its
 /// modules by full name; the modules left float in `ignore`.
 pub fn quantization_config(modules: &BTreeMap<Bits, Vec<String>>, ignore: &[String]) -> Value {
@@ -363,5 +421,34 @@ mod tests {
         );
         assert_eq!(c["config_groups"]["group_1"]["targets"], json!(["b"]));
         assert_eq!(c["ignore"], json!(["c"]));
+    }
+
+    #[test]
+    fn packed_zero_points_read_as_compressed_tensors_packs_them() {
+        // compressed_tensors 0.20.1: pack_to_int32(zp, 4, packed_dim=0) of a [10, 2] int8
+        // tensor with zp[r][g] = ((r + 3g) mod 16) − 8 gave these words, stored [2, 2].
+        let words: [i32; 4] = [1985229328, -1450744509, 152, 203];
+        let bytes = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        let c = codes(Bits::Int4, vec![0; 10 * 64], 10, 64);
+        let zp = read_zero_points("m", &c, (Dtype::I32, vec![2, 2], bytes)).unwrap();
+        let expected: Vec<i32> = (0..10)
+            .flat_map(|r| (0..2).map(move |g| ((r + 3 * g) % 16) - 8))
+            .collect();
+        assert_eq!(zp, expected);
+    }
+
+    #[test]
+    fn zero_points_shift_the_codes() {
+        let mut c = codes(Bits::Int8, vec![5; 64], 1, 64);
+        c.scales = vec![f16::from_f32(0.5)];
+        let values = dequantize_with_zero_points(&c, &[3]);
+        assert!(values.iter().all(|&v| v == 1.0));
+        let unpacked = read_zero_points("m", &c, (Dtype::I8, vec![1, 1], vec![3])).unwrap();
+        assert_eq!(unpacked, vec![3]);
+        let err = read_zero_points("m", &c, (Dtype::I8, vec![2, 1], vec![3, 3])).unwrap_err();
+        assert!(
+            err.to_string().contains("weight_zero_point [2, 1]"),
+            "{err}"
+        );
     }
 }

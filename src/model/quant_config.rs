@@ -1,6 +1,7 @@
 //! The `quantization_config` of a checkpoint's `config.json`, checked against what axcompress
-//! executes: symmetric integer weights (compressed-tensors `int-quantized` int8 per channel, or
-//! `pack-quantized` int4 in groups of a multiple of 32), no activation quantization. Every field
+//! executes: integer weights (compressed-tensors `int-quantized` int8 per channel, or
+//! `pack-quantized` int4 in groups of a multiple of 32; asymmetric ones are read with their zero
+//! points and dequantized), no activation quantization. Every field
 //! that would change how the stored codes are read is either honoured or refused in one line
 //! naming it, so that a checkpoint quantized another way never loads as wrong numbers.
 
@@ -105,9 +106,7 @@ fn declared(group: &Value, at: &str) -> Result<Declared> {
         ),
     };
     check_one_of(w, "type", &["int"], &format!("{at}.type"))?;
-    if w.get("symmetric").is_some_and(|s| s != &Value::Bool(true)) {
-        bail!("{at}.symmetric is {}: asymmetric weights (a zero point) are not supported; export symmetric weights", w["symmetric"]);
-    }
+    // Asymmetric weights (`symmetric: false`) are read with their `weight_zero_point`.
     if w.get("dynamic").is_some_and(|d| d != &Value::Bool(false)) {
         bail!(
             "{at}.dynamic is {}: only static weight scales are supported",

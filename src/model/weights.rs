@@ -13,8 +13,10 @@ use safetensors::{Dtype, SafeTensors};
 use super::linear::Weight;
 use super::runtime::{Nonfinite, Runtime};
 use super::source::WEIGHT_FILES;
-use crate::formats::compressed_tensors::{read_codes, read_stripe_ints};
-use crate::formats::quant::{Bits, Precision, QuantMatrix};
+use crate::formats::compressed_tensors::{
+    dequantize_with_zero_points, read_codes, read_stripe_ints, read_zero_points,
+};
+use crate::formats::quant::{Bits, Codes, Precision, QuantMatrix};
 use crate::formats::striped::Striped;
 use crate::fsutil::read_text;
 
@@ -167,7 +169,6 @@ impl WeightStore {
         let Some(full) = found else {
             return Ok(Weight::Dense(self.get(&format!("{module}.weight"), shape)?));
         };
-        self.refuse_zero_point(&full)?;
         let get = |name: &str| {
             self.read.borrow_mut().insert(name.to_string());
             self.raw.get(name).cloned()
@@ -193,6 +194,7 @@ impl WeightStore {
                 self.file, codes.rows, codes.cols
             );
         }
+        self.refuse_reordering(&full, &codes)?;
         self.quantized.borrow_mut().push(StoredQuantized {
             module: full.clone(),
             bits: codes.bits,
@@ -205,6 +207,15 @@ impl WeightStore {
         entry.0 += codes.rows * codes.cols;
         entry.1 += codes.stored_bytes();
         drop(used);
+        if let Some(zero_points) = self.zero_points(&full, &codes)? {
+            eprintln!(
+                "warning: {}: {full} has zero points (asymmetric weights): dequantized to f32 on load; `axcompress quantize` runs it quantized again",
+                self.file
+            );
+            let values = dequantize_with_zero_points(&codes, &zero_points);
+            let t = Tensor::from_vec(values, (codes.rows, codes.cols), &Device::Cpu)?;
+            return Ok(Weight::Dense(t));
+        }
         Ok(Weight::Quantized(QuantMatrix::with_execution(
             codes,
             self.runtime.execution,
@@ -252,19 +263,42 @@ impl WeightStore {
         Ok(striped)
     }
 
-    /// Refuses a non-zero `weight_zero_point` beside the quantized module `full`: the codes are
-    /// read as symmetric, so a zero point would be ignored.
-    fn refuse_zero_point(&self, full: &str) -> Result<()> {
+    /// The zero points of `full` (asymmetric weights), or `None` when it has none or all are 0.
+    fn zero_points(&self, full: &str, codes: &Codes) -> Result<Option<Vec<i32>>> {
         let name = format!("{full}.weight_zero_point");
         self.read.borrow_mut().insert(name.clone());
-        let nonzero = match (self.raw.get(&name), self.tensors.get(&name)) {
-            (Some((_, _, bytes)), _) => bytes.iter().any(|&b| b != 0),
-            (None, Some(t)) => any_nonzero(t)?,
-            (None, None) => false,
+        let stored = match (self.raw.get(&name), self.tensors.get(&name)) {
+            (Some(raw), _) => {
+                read_zero_points(full, codes, raw.clone()).with_context(|| self.file.clone())?
+            }
+            // Zero points stored as floats hold integers.
+            (None, Some(t)) => {
+                let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let ints = values.iter().map(|v| v.round() as i32).collect::<Vec<_>>();
+                let bytes = ints.iter().flat_map(|v| v.to_le_bytes()).collect();
+                read_zero_points(full, codes, (Dtype::I32, t.dims().to_vec(), bytes))
+                    .with_context(|| self.file.clone())?
+            }
+            (None, None) => return Ok(None),
         };
-        if nonzero {
+        Ok(stored.iter().any(|&z| z != 0).then_some(stored))
+    }
+
+    /// Refuses a module whose inputs are reordered into groups (`weight_g_idx`, GPTQ's
+    /// activation order) unless the order is the plain one.
+    fn refuse_reordering(&self, full: &str, codes: &Codes) -> Result<()> {
+        let name = format!("{full}.weight_g_idx");
+        self.read.borrow_mut().insert(name.clone());
+        let Some((_, _, bytes)) = self.raw.get(&name) else {
+            return Ok(());
+        };
+        let plain = bytes.len() == codes.cols * 4
+            && bytes.chunks_exact(4).enumerate().all(|(i, b)| {
+                i32::from_le_bytes(b.try_into().expect("4 bytes")) as usize == i / codes.group
+            });
+        if !plain {
             bail!(
-                "{}: {name} is not zero: asymmetric quantized weights are not supported; export symmetric weights (symmetric: true) or pass the float model",
+                "{}: {name}: reordered groups (activation order, actorder / g_idx) are not supported; export without actorder or pass the float model",
                 self.file
             );
         }
@@ -355,12 +389,6 @@ fn refuse_nonfinite(tensors: &HashMap<String, Tensor>, file: &Path) -> Result<()
         "{}: tensor {name} holds {bad} NaN or infinite values{others}; the checkpoint is broken (a diverged fine-tune or a bad conversion): export it again, or pass --allow-nonfinite to load it anyway",
         file.display()
     )
-}
-
-/// Whether a float tensor holds anything but zeros.
-fn any_nonzero(t: &Tensor) -> Result<bool> {
-    let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    Ok(values.iter().any(|&v| v != 0.0))
 }
 
 /// NaN and ±Inf values in a float tensor.
