@@ -13,6 +13,11 @@ check ONNX_DIR   Runs ONNX_DIR/model.onnx in ONNX Runtime on a GLUE dev split (t
                  directory. Prints JSON: examples, identical predictions (fraction), the largest
                  absolute logit difference, and both accuracies. Exits 1 when the predictions
                  agree on fewer than --min-agreement of the examples.
+reference ONNX_DIR --reference-json FILE
+                 Runs the file on the input ids, attention mask (and token types) of a reference
+                 JSON written with transformers (tests/fixtures/models/*/reference.json) and
+                 compares with its logits: prints the largest absolute difference, exits 1 above
+                 --tolerance.
 bench ONNX_DIR…  Back to back, with --threads intra-op threads: file size, dev accuracy, b32
                  sentences/s in file order and sorted by length (one warm-up batch), b1 p50/p90
                  ms over the first 200 dev sentences (10 warm-up calls). Prints JSON on stdout
@@ -126,6 +131,27 @@ def check(args):
         sys.exit(1)
 
 
+def reference(args):
+    with open(args.reference_json) as f:
+        ref = json.load(f)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = args.threads
+    session = ort.InferenceSession(os.path.join(args.onnx_dirs[0], "model.onnx"), options,
+                                   providers=["CPUExecutionProvider"])
+    ids = np.array(ref["input_ids"], dtype=np.int64)
+    feed = {"input_ids": ids, "attention_mask": np.array(ref["attention_mask"], dtype=np.int64),
+            "token_type_ids": np.array(ref.get("token_type_ids") or np.zeros_like(ids), dtype=np.int64)}
+    names = [i.name for i in session.get_inputs()]
+    logits = session.run(["logits"], {n: feed[n] for n in names})[0]
+    diff = float(np.abs(logits - np.array(ref["logits"], dtype=np.float32)).max())
+    print(json.dumps({"onnx": args.onnx_dirs[0], "reference": args.reference_json,
+                      "max_abs_logit_diff": diff}, indent=2))
+    if diff > args.tolerance:
+        print(f"logits differ from the reference by {diff}, above --tolerance {args.tolerance}",
+              file=sys.stderr)
+        sys.exit(1)
+
+
 def throughput(classifier, encoded, n):
     classifier.logits(encoded[0])
     start = time.perf_counter()
@@ -174,17 +200,25 @@ def bench(args):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["check", "bench"])
+    ap.add_argument("what", choices=["check", "reference", "bench"])
     ap.add_argument("onnx_dirs", nargs="+", help="directories written by axcompress export --format onnx")
     ap.add_argument("--reference", help="check: the axcompress model directory the ONNX file came from")
     ap.add_argument("--task", choices=sorted(TASKS), default="sst2")
-    ap.add_argument("--data", required=True, help="GLUE directory (holding SST-2/dev.tsv) or a dev.tsv")
+    ap.add_argument("--data", help="GLUE directory (holding SST-2/dev.tsv) or a dev.tsv")
+    ap.add_argument("--reference-json", help="reference: transformers' inputs and logits")
+    ap.add_argument("--tolerance", type=float, default=1e-4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=32, help="check: sentences per ONNX Runtime call")
     ap.add_argument("--min-agreement", type=float, default=0.995)
     ap.add_argument("--axcompress", default=AXCOMPRESS)
     args = ap.parse_args()
+    if args.what == "reference":
+        if not args.reference_json:
+            ap.error("reference needs --reference-json")
+        return reference(args)
+    if not args.data:
+        ap.error(f"{args.what} needs --data")
     if args.what == "check":
         if not args.reference:
             ap.error("check needs --reference")

@@ -2,7 +2,8 @@
 //! interpreter (values and structure), for stock and pruned models; stock transformers
 //! directories refused for models they cannot hold; the output rules. When Python with
 //! onnxruntime is importable (`AXCOMPRESS_PYTHON`, else `python3`; `.ci/run` installs one), ONNX
-//! Runtime itself runs the exported files on SST-2 dev and is compared with `axcompress eval`.
+//! Runtime itself runs the exported files: the tiny BERT, RoBERTa and DistilBERT against
+//! transformers' logits, and on SST-2 dev against `axcompress eval`.
 
 mod common;
 
@@ -229,6 +230,34 @@ fn onnx_runtime_check(
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn onnx_runtime_reproduces_transformers_on_every_family() {
+    let Some(python) = python_with_onnxruntime() else {
+        return;
+    };
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/onnx_check.py");
+    let tmp = tempfile::tempdir().unwrap();
+    for name in ["tiny-bert", "tiny-roberta", "tiny-distilbert"] {
+        let model = common::tiny(name);
+        let out = tmp.path().join(name);
+        json_stdout(&export(&model, &out, &["--format", "onnx"]));
+        let reference = model.join("reference.json");
+        let run = Command::new(&python)
+            .arg(&script)
+            .args(["reference", out.to_str().unwrap(), "--reference-json"])
+            .arg(&reference)
+            .args(["--tolerance", "1e-5"])
+            .output()
+            .unwrap();
+        assert!(
+            run.status.success(),
+            "{name}: {}{}",
+            String::from_utf8_lossy(&run.stdout),
+            String::from_utf8_lossy(&run.stderr)
+        );
+    }
 }
 
 #[test]
