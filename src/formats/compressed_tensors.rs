@@ -281,17 +281,14 @@ pub fn read_zero_points(
     )
 }
 
-/// The values `(code − zero point) · scale` of a module with zero points, row-major.
-pub fn dequantize_with_zero_points(codes: &Codes, zero_points: &[i32]) -> Vec<f32> {
+/// The values `(code − zero point) · scale` of a module with zero points, row-major, with the
+/// scales as stored (`scales`, one per group: not rounded to the f16 of [`Codes`]).
+pub fn dequantize_with_zero_points(codes: &Codes, zero_points: &[i32], scales: &[f32]) -> Vec<f32> {
     codes
         .codes
         .chunks(codes.group)
-        .zip(codes.scales.iter().zip(zero_points))
-        .flat_map(|(group, (s, &zp))| {
-            group
-                .iter()
-                .map(move |&q| (i32::from(q) - zp) as f32 * s.to_f32())
-        })
+        .zip(scales.iter().zip(zero_points))
+        .flat_map(|(group, (&s, &zp))| group.iter().map(move |&q| (i32::from(q) - zp) as f32 * s))
         .collect()
 }
 
@@ -441,7 +438,7 @@ mod tests {
     fn zero_points_shift_the_codes() {
         let mut c = codes(Bits::Int8, vec![5; 64], 1, 64);
         c.scales = vec![f16::from_f32(0.5)];
-        let values = dequantize_with_zero_points(&c, &[3]);
+        let values = dequantize_with_zero_points(&c, &[3], &[0.5]);
         assert!(values.iter().all(|&v| v == 1.0));
         let unpacked = read_zero_points("m", &c, (Dtype::I8, vec![1, 1], vec![3])).unwrap();
         assert_eq!(unpacked, vec![3]);

@@ -52,6 +52,8 @@ pub struct WeightStore {
     /// Names of the tensors fetched so far.
     read: RefCell<BTreeSet<String>>,
     quantized: RefCell<Vec<StoredQuantized>>,
+    /// Whether the warning about zero points was printed (once per checkpoint).
+    warned_zero_points: std::cell::Cell<bool>,
 }
 
 impl WeightStore {
@@ -86,6 +88,7 @@ impl WeightStore {
             runtime,
             used: RefCell::new(BTreeMap::new()),
             read: RefCell::new(BTreeSet::new()),
+            warned_zero_points: std::cell::Cell::new(false),
             quantized: RefCell::new(Vec::new()),
         })
     }
@@ -105,6 +108,7 @@ impl WeightStore {
             runtime: Runtime::default(),
             used: RefCell::new(BTreeMap::new()),
             read: RefCell::new(BTreeSet::new()),
+            warned_zero_points: std::cell::Cell::new(false),
             quantized: RefCell::new(Vec::new()),
         }
     }
@@ -208,11 +212,17 @@ impl WeightStore {
         entry.1 += codes.stored_bytes();
         drop(used);
         if let Some(zero_points) = self.zero_points(&full, &codes)? {
-            eprintln!(
-                "warning: {}: {full} has zero points (asymmetric weights): dequantized to f32 on load; `axcompress quantize` runs it quantized again",
-                self.file
-            );
-            let values = dequantize_with_zero_points(&codes, &zero_points);
+            if !self.warned_zero_points.replace(true) {
+                eprintln!(
+                    "warning: {}: {full} and any other module with zero points (asymmetric weights) are dequantized to f32 on load; `axcompress quantize` runs them quantized again",
+                    self.file
+                );
+            }
+            let scales = self.tensors[&format!("{full}.weight_scale")]
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            let values = dequantize_with_zero_points(&codes, &zero_points, &scales);
             let t = Tensor::from_vec(values, (codes.rows, codes.cols), &Device::Cpu)?;
             return Ok(Weight::Dense(t));
         }

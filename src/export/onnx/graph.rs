@@ -13,6 +13,9 @@ use super::proto::{
     TensorShapeProto, TypeProto, ValueInfoProto,
 };
 
+/// Fewest values stored as f16 (smaller tensors stay f32: a cast would cost more than it saves).
+const MIN_HALF_STORED: usize = 64;
+
 /// The IR version written: ONNX 1.16's, which ONNX Runtime 1.18 and later read.
 const IR_VERSION: i64 = 10;
 
@@ -84,9 +87,27 @@ impl Graph {
         name
     }
 
-    /// An f32 initializer.
+    /// An f32 value from an initializer: stored as f16 and cast to f32 when every value is an
+    /// f16 number (an fp16 checkpoint's weights, quantization scales), so files keep the
+    /// checkpoint's size; ONNX runtimes fold the cast when they load the file.
     pub fn f32s(&mut self, hint: &str, values: Vec<f32>, dims: &[usize]) -> String {
-        self.initializer(hint, TensorData::F32(values), dims)
+        let halves: Option<Vec<f16>> = (values.len() >= MIN_HALF_STORED)
+            .then(|| {
+                values
+                    .iter()
+                    .map(|&v| {
+                        Some(f16::from_f32(v)).filter(|h| h.to_f32().to_bits() == v.to_bits())
+                    })
+                    .collect()
+            })
+            .flatten();
+        match halves {
+            Some(h) => {
+                let stored = self.initializer(hint, TensorData::F16(h), dims);
+                self.op("Cast", &[&stored], vec![int("to", DataType::Float as i64)])
+            }
+            None => self.initializer(hint, TensorData::F32(values), dims),
+        }
     }
 
     /// An f32 scalar initializer.
@@ -151,6 +172,8 @@ pub enum TensorData {
     I64(Vec<i64>),
     /// 8-bit signed integers.
     I8(Vec<i8>),
+    /// 8-bit unsigned integers.
+    U8(Vec<u8>),
     /// 4-bit signed integers (each in `-8..=7`), packed two per byte, low nibble first.
     I4(Vec<i8>),
 }
@@ -172,6 +195,7 @@ impl TensorData {
                 v.iter().flat_map(|x| x.to_le_bytes()).collect(),
             ),
             TensorData::I8(v) => (DataType::Int8, v.iter().map(|&x| x as u8).collect()),
+            TensorData::U8(v) => (DataType::Uint8, v),
             TensorData::I4(v) => (DataType::Int4, pack_int4(&v)),
         };
         TensorProto {

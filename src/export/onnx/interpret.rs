@@ -126,12 +126,21 @@ fn tensor_of(init: &TensorProto) -> Result<Tensor> {
             dims.as_slice(),
             dev,
         )?,
+        // Held as f32: every f16 is an f32, and the graph casts it to f32 anyway.
+        Some(DataType::Float16) => Tensor::from_vec(
+            raw.chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect::<Vec<_>>(),
+            dims.as_slice(),
+            dev,
+        )?,
         Some(DataType::Int64) => ints(
             raw.chunks_exact(8)
                 .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")))
                 .collect(),
         )?,
         Some(DataType::Int8) => ints(raw.iter().map(|&b| i64::from(b as i8)).collect())?,
+        Some(DataType::Uint8) => ints(raw.iter().map(|&b| i64::from(b)).collect())?,
         Some(DataType::Int4) => ints(
             (0..count)
                 .map(|i| {
@@ -205,6 +214,7 @@ fn apply(node: &NodeProto, x: &[Tensor]) -> Result<Vec<Tensor>> {
             one(x[0].powf(e)?)
         }
         "Erf" => one(x[0].erf()?),
+        "Floor" => one(x[0].floor()?),
         "Tanh" => one(x[0].tanh()?),
         "Relu" => one(x[0].relu()?),
         "Softmax" => {

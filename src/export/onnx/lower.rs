@@ -181,23 +181,63 @@ impl Lowering {
         };
         let c = &q.codes;
         let groups = c.cols / c.group;
-        let codes = self.g.initializer(
-            "table_codes",
-            TensorData::I8(c.codes.clone()),
-            &[c.rows, groups, c.group],
-        );
+        let gathered = match c.bits {
+            Bits::Int8 => {
+                let codes = self.g.initializer(
+                    "table_codes",
+                    TensorData::I8(c.codes.clone()),
+                    &[c.rows, groups, c.group],
+                );
+                let gathered = self.g.op("Gather", &[&codes, ids], vec![int("axis", 0)]);
+                self.g.op(
+                    "Cast",
+                    &[&gathered],
+                    vec![int("to", DataType::Float as i64)],
+                )
+            }
+            Bits::Int4 => self.int4_rows(c, ids),
+        };
         let scales: Vec<f32> = c.scales.iter().map(|s| s.to_f32()).collect();
         let scales = self.g.f32s("table_scales", scales, &[c.rows, groups, 1]);
-        let gathered = self.g.op("Gather", &[&codes, ids], vec![int("axis", 0)]);
-        let gathered = self.g.op(
-            "Cast",
-            &[&gathered],
-            vec![int("to", DataType::Float as i64)],
-        );
         let row_scales = self.g.op("Gather", &[&scales, ids], vec![int("axis", 0)]);
         let rows = self.g.op("Mul", &[&gathered, &row_scales], Vec::new());
         let shape = self.g.i64s("shape", &[0, 0, c.cols as i64]);
         Ok(self.g.op("Reshape", &[&rows, &shape], Vec::new()))
+    }
+
+    /// The codes of an int4 table's rows as floats `[batch, sequence, groups, group]`, from a
+    /// table stored two codes per byte (`code + 8`, the first in the low nibble) and split by
+    /// float arithmetic, which every runtime has.
+    fn int4_rows(&mut self, c: &Codes, ids: &str) -> String {
+        let packed: Vec<u8> = c
+            .codes
+            .chunks(2)
+            .map(|p| (p[0] + 8) as u8 | (((p[1] + 8) as u8) << 4))
+            .collect();
+        let table = self.g.initializer(
+            "table_codes4",
+            TensorData::U8(packed),
+            &[c.rows, c.cols / 2],
+        );
+        let bytes = self.g.op("Gather", &[&table, ids], vec![int("axis", 0)]);
+        let bytes = self
+            .g
+            .op("Cast", &[&bytes], vec![int("to", DataType::Float as i64)]);
+        let sixteen = self.g.scalar("sixteen", 16.0);
+        let shifted = self.g.op("Div", &[&bytes, &sixteen], Vec::new());
+        let high = self.g.op("Floor", &[&shifted], Vec::new());
+        let high_part = self.g.op("Mul", &[&high, &sixteen], Vec::new());
+        let low = self.g.op("Sub", &[&bytes, &high_part], Vec::new());
+        let last = self.g.i64s("axes", &[-1]);
+        let low = self.g.op("Unsqueeze", &[&low, &last], Vec::new());
+        let high = self.g.op("Unsqueeze", &[&high, &last], Vec::new());
+        let pairs = self.g.op("Concat", &[&low, &high], vec![int("axis", -1)]);
+        let shape = self
+            .g
+            .i64s("shape", &[0, 0, (c.cols / c.group) as i64, c.group as i64]);
+        let codes = self.g.op("Reshape", &[&pairs, &shape], Vec::new());
+        let eight = self.g.scalar("eight", 8.0);
+        self.g.op("Sub", &[&codes, &eight], Vec::new())
     }
 
     fn layer_norm(&mut self, norm: &LayerNorm, x: &str) -> Result<String> {
