@@ -48,6 +48,13 @@ fn tiny_bert_from_pytorch_bin_matches_transformers() {
     check_tiny("tiny-bert-bin");
 }
 
+/// Asymmetric compressed-tensors checkpoints (zero points) written by compressed-tensors itself.
+#[test]
+fn tiny_bert_with_zero_points_matches_transformers() {
+    check_tiny("tiny-bert-int8-asym");
+    check_tiny("tiny-bert-int4-asym");
+}
+
 #[test]
 fn tiny_roberta_matches_transformers() {
     check_tiny("tiny-roberta");

@@ -202,12 +202,15 @@ mod tests {
         int4["group_size"] = json!(32);
         check(&config(int4), "c", &[stored(Bits::Int4, 64, 32)]).unwrap();
         check(&json!({}), "c", &[stored(Bits::Int8, 64, 64)]).unwrap();
+        // Asymmetric weights are read with their zero points.
+        let mut asymmetric = int8();
+        asymmetric["symmetric"] = json!(false);
+        check(&config(asymmetric), "c", &[stored(Bits::Int8, 64, 64)]).unwrap();
     }
 
     #[test]
     fn each_unsupported_field_is_named() {
-        let cases: [(&str, Value, &str); 7] = [
-            ("symmetric", json!(false), "weights.symmetric is false"),
+        let cases: [(&str, Value, &str); 6] = [
             ("num_bits", json!(3), "weights.num_bits is 3"),
             ("type", json!("float"), "weights.type is \"float\""),
             (
