@@ -181,6 +181,11 @@ pub struct ExportArgs {
     /// MatMulInteger: ONNX Runtime's integer kernels) or `qdq` (DequantizeLinear weights).
     #[arg(long, value_enum, default_value_t)]
     pub int8: crate::export::onnx::Int8Form,
+    /// How int4 matrices are written in ONNX: `blocks` (INT4 codes in blocks of 32, opset 21) or
+    /// `int8` (requantized to int8 and written as --int8 says: twice the bytes, ONNX Runtime's
+    /// int8 kernels).
+    #[arg(long, value_enum, default_value_t)]
+    pub int4: crate::export::onnx::Int4Form,
     /// Replace --out if axcompress wrote it.
     #[arg(long)]
     pub force: bool,

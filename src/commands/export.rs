@@ -15,7 +15,10 @@ pub fn run(args: &ExportArgs, cli: &Cli) -> Result<()> {
     check_destination(&[&model.dir], &args.out, args.force)?;
     let (prepared, notes, opset, verified) = match args.format {
         ExportFormat::Onnx => {
-            let options = LowerOptions { int8: args.int8 };
+            let options = LowerOptions {
+                int8: args.int8,
+                int4: args.int4,
+            };
             let onnx = to_onnx(&model, options)?;
             let verified = verify(&model, &onnx.bytes, options)?;
             (
