@@ -28,6 +28,9 @@ use crate::model::linear::{Linear, Weight};
 use crate::model::Model;
 pub use lower::{Int4Form, Int8Form, LowerOptions};
 
+/// Largest single-file ONNX model: protobuf messages are limited to 2 GiB.
+const MAX_FILE_BYTES: usize = i32::MAX as usize;
+
 /// An encoded ONNX model and what it does not keep.
 pub struct OnnxModel {
     /// The `.onnx` file's bytes (weights inside, no external data).
@@ -53,8 +56,15 @@ pub fn to_onnx(model: &Model, options: LowerOptions) -> Result<OnnxModel> {
     let proto = lowered
         .graph
         .into_model(lowered.opset, "axcompress", &metadata);
+    let bytes = graph::encode(&proto);
+    if bytes.len() > MAX_FILE_BYTES {
+        bail!(
+            "the ONNX file would be {} bytes, over protobuf's 2 GiB limit for one file (external data is not written); quantize the model first",
+            bytes.len()
+        );
+    }
     Ok(OnnxModel {
-        bytes: graph::encode(&proto),
+        bytes,
         opset: lowered.opset,
         notes: lowered.notes,
     })
