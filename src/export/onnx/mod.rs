@@ -269,7 +269,7 @@ mod tests {
     fn exported(model: &Model, int8: Int8Form) -> Result<Verified> {
         let options = LowerOptions {
             int8,
-            ..Default::default()
+            int4: Int4Form::Blocks,
         };
         verify(model, &to_onnx(model, options)?.bytes, options)
     }
@@ -347,7 +347,12 @@ mod tests {
         let model = pruned("bert");
         assert_eq!(to_onnx(&model, LowerOptions::default()).unwrap().opset, 17);
         let q4 = quantized(&model, layer(0, Projection::Value), Bits::Int4);
-        assert_eq!(to_onnx(&q4, LowerOptions::default()).unwrap().opset, 21);
+        let blocks = LowerOptions {
+            int4: Int4Form::Blocks,
+            ..Default::default()
+        };
+        assert_eq!(to_onnx(&q4, blocks).unwrap().opset, 21);
+        assert_eq!(to_onnx(&q4, LowerOptions::default()).unwrap().opset, 17);
     }
 
     #[test]
