@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """ONNX Runtime checks of `axcompress export --format onnx` output (interop and speed).
 
-Needs only onnxruntime, numpy and tokenizers (no torch). In a virtualenv outside the repo:
+Needs only onnxruntime, numpy and tokenizers (no torch); with the onnx package too, check and
+reference also run onnx's checker (full_check) and strict shape inference on the file and report
+"onnx_checker": "passed" (or the error; exit 1). In a virtualenv outside the repo:
 
-  python -m venv /tmp/venv && /tmp/venv/bin/pip install onnxruntime numpy tokenizers
+  python -m venv /tmp/venv && /tmp/venv/bin/pip install onnxruntime numpy tokenizers onnx
   /tmp/venv/bin/python scripts/onnx_check.py check out/onnx --reference out/model \
       --task sst2 --data ../shared/data/glue/SST-2
 
@@ -41,6 +43,29 @@ AXCOMPRESS = os.path.join(os.path.dirname(__file__), "..", "target", "release", 
 # GLUE task: (directory name, text columns, the label names axcompress gives the TSV's labels).
 TASKS = {"sst2": ("SST-2", ["sentence"], {"0": "negative", "1": "positive"}),
          "rte": ("RTE", ["sentence1", "sentence2"], {})}
+
+
+def onnx_checker(directory):
+    """onnx's checker and strict shape inference on model.onnx: "passed", "not run" (no onnx
+    package), or the first line of the error."""
+    try:
+        import onnx
+    except ImportError:
+        return "not run"
+    path = os.path.join(directory, "model.onnx")
+    try:
+        onnx.checker.check_model(path, full_check=True)
+        onnx.shape_inference.infer_shapes(onnx.load(path), check_type=True, strict_mode=True,
+                                          data_prop=True)
+    except Exception as e:  # the checker raises several types; report any
+        return str(e).splitlines()[0] if str(e) else type(e).__name__
+    return "passed"
+
+
+def fail_unless_checked(report):
+    if report["onnx_checker"] not in ("passed", "not run"):
+        print(f"onnx checker: {report['onnx_checker']}", file=sys.stderr)
+        sys.exit(1)
 
 
 def load_dev(data, task):
@@ -123,8 +148,10 @@ def check(args):
         "max_abs_logit_diff": float(np.abs(ours - theirs).max()),
         "onnx_accuracy": float(np.mean([p == g for p, g in zip(ours_named, gold)])),
         "axcompress_accuracy": float(np.mean([p == g for p, g in zip(reference["predicted"], gold)])),
+        "onnx_checker": onnx_checker(args.onnx_dirs[0]),
     }
     print(json.dumps(report, indent=2))
+    fail_unless_checked(report)
     if agree < args.min_agreement:
         print(f"predictions agree on {agree:.4f} of dev, below --min-agreement {args.min_agreement}",
               file=sys.stderr)
@@ -144,8 +171,10 @@ def reference(args):
     names = [i.name for i in session.get_inputs()]
     logits = session.run(["logits"], {n: feed[n] for n in names})[0]
     diff = float(np.abs(logits - np.array(ref["logits"], dtype=np.float32)).max())
-    print(json.dumps({"onnx": args.onnx_dirs[0], "reference": args.reference_json,
-                      "max_abs_logit_diff": diff}, indent=2))
+    report = {"onnx": args.onnx_dirs[0], "reference": args.reference_json,
+              "max_abs_logit_diff": diff, "onnx_checker": onnx_checker(args.onnx_dirs[0])}
+    print(json.dumps(report, indent=2))
+    fail_unless_checked(report)
     if diff > args.tolerance:
         print(f"logits differ from the reference by {diff}, above --tolerance {args.tolerance}",
               file=sys.stderr)

@@ -190,6 +190,18 @@ fn python_with_onnxruntime() -> Option<String> {
     None
 }
 
+/// onnx's checker and strict shape inference passed, where the onnx package is installed (it is
+/// in `.ci/run`'s environment, where it must have run).
+fn assert_checked(report: &Value) {
+    let verdict = report["onnx_checker"].as_str().unwrap();
+    let in_ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+    match verdict {
+        "passed" => {}
+        "not run" if !in_ci => eprintln!("\n*** onnx checker SKIPPED: no onnx package ***\n"),
+        other => panic!("onnx checker: {other}"),
+    }
+}
+
 /// `scripts/onnx_check.py check` of an exported directory against its source model on SST-2 dev.
 fn onnx_runtime_check(
     python: &str,
@@ -229,7 +241,9 @@ fn onnx_runtime_check(
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_slice(&out.stdout).unwrap()
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_checked(&report);
+    report
 }
 
 #[test]
@@ -257,6 +271,8 @@ fn onnx_runtime_reproduces_transformers_on_every_family() {
             String::from_utf8_lossy(&run.stdout),
             String::from_utf8_lossy(&run.stderr)
         );
+        let report: Value = serde_json::from_slice(&run.stdout).unwrap();
+        assert_checked(&report);
     }
 }
 
