@@ -41,7 +41,10 @@ pub fn run(args: &ExportArgs, cli: &Cli) -> Result<()> {
         "notes": notes,
         "verified": verified,
         "loads_in": match args.format {
-            ExportFormat::Onnx => "loads in: ONNX Runtime (CPU execution provider; opset 17, or 21 with 4-bit blocks) and other ONNX runtimes with these operators".to_string(),
+            ExportFormat::Onnx => format!(
+                "loads in: ONNX Runtime (the project tests 1.32, CPU execution provider) and other runtimes implementing ONNX opset {}",
+                opset.unwrap_or_default()
+            ),
             ExportFormat::Transformers => loads_in(&compatibility(&model), model.is_quantized(), false),
         },
     });
