@@ -9,7 +9,8 @@ reference also run onnx's checker (full_check) and strict shape inference on the
   /tmp/venv/bin/python scripts/onnx_check.py check out/onnx --reference out/model \
       --task sst2 --data ../shared/data/glue/SST-2
 
-check ONNX_DIR   Runs ONNX_DIR/model.onnx in ONNX Runtime on a GLUE dev split (tokenized with the
+check ONNX_DIR   Runs ONNX_DIR/model.onnx in ONNX Runtime (or, --runtime openvino, in OpenVINO at
+                 f32) on a GLUE dev split (tokenized with the
                  tokenizer.json beside it: no padding but per batch, longest-first truncation at
                  --max-length), and `axcompress eval --predictions` on the --reference model
                  directory. Prints JSON: examples, identical predictions (fraction), the largest
@@ -36,7 +37,10 @@ import tempfile
 import time
 
 import numpy as np
-import onnxruntime as ort
+try:
+    import onnxruntime as ort
+except ImportError:  # --runtime openvino needs only openvino
+    ort = None
 from tokenizers import Tokenizer
 
 AXCOMPRESS = os.path.join(os.path.dirname(__file__), "..", "target", "release", "axcompress")
@@ -85,13 +89,22 @@ def load_dev(data, task):
 class OnnxClassifier:
     """model.onnx and its tokenizer: texts in, logits out."""
 
-    def __init__(self, directory, threads, max_length):
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(os.path.join(directory, "model.onnx"), options,
-                                            providers=["CPUExecutionProvider"])
-        self.inputs = [i.name for i in self.session.get_inputs()]
+    def __init__(self, directory, threads, max_length, runtime="onnxruntime"):
+        path = os.path.join(directory, "model.onnx")
+        if runtime == "openvino":
+            import openvino
+            # f32: OpenVINO's CPU default is bf16 where the CPU has it.
+            compiled = openvino.Core().compile_model(path, "CPU", {
+                "INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads})
+            self.inputs = [i.get_any_name() for i in compiled.inputs]
+            self.run = lambda feed: compiled(feed)[compiled.outputs[0]]
+        else:
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+            session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+            self.inputs = [i.name for i in session.get_inputs()]
+            self.run = lambda feed: session.run(["logits"], feed)[0]
         self.tokenizer = Tokenizer.from_file(os.path.join(directory, "tokenizer.json"))
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(max_length, strategy="longest_first")
@@ -110,7 +123,7 @@ class OnnxClassifier:
         return {n: feed[n] for n in self.inputs}
 
     def logits(self, feed):
-        return self.session.run(["logits"], feed)[0]
+        return self.run(feed)
 
 
 def batches(classifier, texts, size):
@@ -129,7 +142,7 @@ def axcompress_predictions(binary, reference, task, data, max_length):
 
 def check(args):
     data = load_dev(args.data, args.task)
-    classifier = OnnxClassifier(args.onnx_dirs[0], args.threads, args.max_length)
+    classifier = OnnxClassifier(args.onnx_dirs[0], args.threads, args.max_length, args.runtime)
     texts = [t for t, _ in data]
     ours = np.concatenate([classifier.logits(f) for f in batches(classifier, texts, args.batch_size)])
     reference = axcompress_predictions(args.axcompress, args.reference, args.task, args.data,
@@ -240,6 +253,8 @@ def main():
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=32, help="check: sentences per ONNX Runtime call")
     ap.add_argument("--min-agreement", type=float, default=0.995)
+    ap.add_argument("--runtime", choices=["onnxruntime", "openvino"], default="onnxruntime",
+                    help="check: run the file in ONNX Runtime or in OpenVINO (pip install openvino; f32)")
     ap.add_argument("--axcompress", default=AXCOMPRESS)
     args = ap.parse_args()
     if args.what == "reference":
