@@ -194,169 +194,191 @@ fn binary(
     Ok(f(&a, &b)?)
 }
 
+/// One node's outputs from its inputs.
 fn apply(node: &NodeProto, x: &[Tensor]) -> Result<Vec<Tensor>> {
     let one = |t: Tensor| Ok(vec![t]);
     match node.op_type() {
+        "Split" => split(node, x),
+        "DynamicQuantizeLinear" => dynamic_quantize(&x[0]),
         "Identity" => one(x[0].clone()),
-        "Cast" => {
-            ensure!(
-                attr_int(node, "to", 0) == DataType::Float as i64,
-                "only casts to float are written"
-            );
-            one(x[0].to_dtype(DType::F32)?)
-        }
+        "Cast" => one(cast(node, &x[0])?),
         "Add" => one(binary(&x[0], &x[1], Tensor::broadcast_add)?),
         "Sub" => one(binary(&x[0], &x[1], Tensor::broadcast_sub)?),
         "Mul" => one(binary(&x[0], &x[1], Tensor::broadcast_mul)?),
         "Div" => one(binary(&x[0], &x[1], Tensor::broadcast_div)?),
-        "Pow" => {
-            let e = x[1].to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            one(x[0].powf(e)?)
-        }
+        "Pow" => one(x[0].powf(x[1].to_dtype(DType::F64)?.to_scalar::<f64>()?)?),
         "Erf" => one(x[0].erf()?),
         "Floor" => one(x[0].floor()?),
         "Tanh" => one(x[0].tanh()?),
         "Relu" => one(x[0].relu()?),
-        "Softmax" => {
-            ensure!(
-                axis(attr_int(node, "axis", -1), x[0].rank()) == x[0].rank() - 1,
-                "softmax on the last axis only"
-            );
-            one(candle_nn::ops::softmax_last_dim(&x[0])?)
-        }
-        "Unsqueeze" => {
-            let mut t = x[0].clone();
-            let mut axes: Vec<usize> = i64s(&x[1])?
-                .into_iter()
-                .map(|a| axis(a, x[0].rank() + x[1].elem_count()))
-                .collect();
-            axes.sort_unstable();
-            for a in axes {
-                t = t.unsqueeze(a)?;
-            }
-            one(t)
-        }
-        "Shape" => {
-            let dims: Vec<i64> = x[0].dims().iter().map(|&d| d as i64).collect();
-            let rank = dims.len() as i64;
-            let clamp = |v: i64| (if v < 0 { v + rank } else { v }).clamp(0, rank) as usize;
-            let (start, end) = (
-                clamp(attr_int(node, "start", 0)),
-                clamp(attr_int(node, "end", rank)),
-            );
-            let part = dims[start..end].to_vec();
-            let n = part.len();
-            one(Tensor::from_vec(part, n, &Device::Cpu)?)
-        }
-        "Gather" => {
-            let a = axis(attr_int(node, "axis", 0), x[0].rank());
-            let idx = &x[1];
-            let flat = idx.flatten_all()?.to_dtype(DType::U32)?;
-            let picked = x[0].index_select(&flat, a)?;
-            let mut dims = x[0].dims()[..a].to_vec();
-            dims.extend_from_slice(idx.dims());
-            dims.extend_from_slice(&x[0].dims()[a + 1..]);
-            one(picked.reshape(dims)?)
-        }
-        "Slice" => {
-            let (starts, ends, axes) = (i64s(&x[1])?, i64s(&x[2])?, i64s(&x[3])?);
-            let mut t = x[0].clone();
-            for ((s, e), a) in starts.iter().zip(&ends).zip(&axes) {
-                let a = axis(*a, t.rank());
-                let n = t.dims()[a] as i64;
-                let (s, e) = ((*s).clamp(0, n), (*e).clamp(0, n));
-                t = t.narrow(a, s as usize, (e - s).max(0) as usize)?;
-            }
-            one(t)
-        }
-        "CumSum" => {
-            let a = axis(x[1].to_scalar::<i64>()?, x[0].rank());
-            one(x[0]
-                .to_dtype(DType::F64)?
-                .cumsum(a)?
-                .to_dtype(x[0].dtype())?)
-        }
-        "LayerNormalization" => {
-            ensure!(
-                axis(attr_int(node, "axis", -1), x[0].rank()) == x[0].rank() - 1,
-                "LayerNorm on the last axis only"
-            );
-            let eps = attr(node, "epsilon").map_or(1e-5, |a| a.f());
-            one(candle_nn::ops::layer_norm(
-                &x[0].contiguous()?,
-                &x[1],
-                &x[2],
-                eps,
-            )?)
-        }
+        "Softmax" => one(softmax(node, &x[0])?),
+        "LayerNormalization" => one(layer_norm(node, x)?),
         "MatMul" => one(matmul(&x[0], &x[1])?),
-        "Reshape" => {
-            let shape = i64s(&x[1])?;
-            let mut dims: Vec<usize> = shape
-                .iter()
-                .enumerate()
-                .map(|(i, &d)| {
-                    if d == 0 {
-                        x[0].dims()[i]
-                    } else {
-                        d.max(1) as usize
-                    }
-                })
-                .collect();
-            if let Some(free) = shape.iter().position(|&d| d == -1) {
-                let known: usize = dims
-                    .iter()
-                    .enumerate()
-                    .filter(|(i, _)| *i != free)
-                    .map(|(_, d)| d)
-                    .product();
-                dims[free] = x[0].elem_count() / known.max(1);
-            }
-            one(x[0].reshape(dims)?)
-        }
-        "Transpose" => {
-            let perm: Vec<usize> = attr(node, "perm")
-                .context("perm")?
-                .ints
-                .iter()
-                .map(|&p| p as usize)
-                .collect();
-            one(x[0].permute(perm)?.contiguous()?)
-        }
-        "Split" => {
-            let a = axis(attr_int(node, "axis", 0), x[0].rank());
-            let mut start = 0;
-            let mut out = Vec::new();
-            for len in i64s(&x[1])? {
-                out.push(x[0].narrow(a, start, len as usize)?.contiguous()?);
-                start += len as usize;
-            }
-            ensure!(
-                start == x[0].dims()[a],
-                "split sizes do not add up to the axis"
-            );
-            Ok(out)
-        }
-        "Concat" => {
-            let a = axis(attr_int(node, "axis", 0), x[0].rank());
-            one(Tensor::cat(x, a)?)
-        }
-        "DynamicQuantizeLinear" => dynamic_quantize(&x[0]),
-        "MatMulInteger" => {
-            let a = match x.get(2) {
-                Some(zp) => x[0].broadcast_sub(zp)?,
-                None => x[0].clone(),
-            };
-            let b = match x.get(3) {
-                Some(zp) => x[1].broadcast_sub(zp)?,
-                None => x[1].clone(),
-            };
-            let product = matmul(&a.to_dtype(DType::F64)?, &b.to_dtype(DType::F64)?)?;
-            one(product.to_dtype(DType::I64)?)
-        }
+        "MatMulInteger" => one(matmul_integer(x)?),
         "DequantizeLinear" => one(dequantize(node, &x[0], &x[1])?),
+        "Unsqueeze" => one(unsqueeze(&x[0], &x[1])?),
+        "Shape" => one(shape(node, &x[0])?),
+        "Gather" => one(gather(node, &x[0], &x[1])?),
+        "Slice" => one(slice(x)?),
+        "CumSum" => one(cumsum(&x[0], &x[1])?),
+        "Reshape" => one(reshape(&x[0], &x[1])?),
+        "Transpose" => one(transpose(node, &x[0])?),
+        "Concat" => one(Tensor::cat(
+            x,
+            axis(attr_int(node, "axis", 0), x[0].rank()),
+        )?),
         other => bail!("operator {other} is not one the exporter writes"),
     }
+}
+
+fn cast(node: &NodeProto, x: &Tensor) -> Result<Tensor> {
+    ensure!(
+        attr_int(node, "to", 0) == DataType::Float as i64,
+        "only casts to float are written"
+    );
+    Ok(x.to_dtype(DType::F32)?)
+}
+
+/// Requires `node`'s `axis` attribute to be the last axis of `x` (all the exporter writes).
+fn last_axis_only(node: &NodeProto, x: &Tensor) -> Result<()> {
+    ensure!(
+        axis(attr_int(node, "axis", -1), x.rank()) == x.rank() - 1,
+        "{} on the last axis only",
+        node.op_type()
+    );
+    Ok(())
+}
+
+fn softmax(node: &NodeProto, x: &Tensor) -> Result<Tensor> {
+    last_axis_only(node, x)?;
+    Ok(candle_nn::ops::softmax_last_dim(x)?)
+}
+
+fn layer_norm(node: &NodeProto, x: &[Tensor]) -> Result<Tensor> {
+    last_axis_only(node, &x[0])?;
+    let eps = attr(node, "epsilon").map_or(1e-5, |a| a.f());
+    Ok(candle_nn::ops::layer_norm(
+        &x[0].contiguous()?,
+        &x[1],
+        &x[2],
+        eps,
+    )?)
+}
+
+/// `MatMulInteger` with optional zero points, exact (f64 sums of integers).
+fn matmul_integer(x: &[Tensor]) -> Result<Tensor> {
+    let centred = |t: &Tensor, zp: Option<&Tensor>| -> Result<Tensor> {
+        let t = match zp {
+            Some(zp) => t.broadcast_sub(zp)?,
+            None => t.clone(),
+        };
+        Ok(t.to_dtype(DType::F64)?)
+    };
+    let product = matmul(&centred(&x[0], x.get(2))?, &centred(&x[1], x.get(3))?)?;
+    Ok(product.to_dtype(DType::I64)?)
+}
+
+fn unsqueeze(x: &Tensor, axes: &Tensor) -> Result<Tensor> {
+    let rank = x.rank() + axes.elem_count();
+    let mut axes: Vec<usize> = i64s(axes)?.into_iter().map(|a| axis(a, rank)).collect();
+    axes.sort_unstable();
+    let mut t = x.clone();
+    for a in axes {
+        t = t.unsqueeze(a)?;
+    }
+    Ok(t)
+}
+
+/// `Shape` with its `start` and `end` attributes (negative ones count from the end).
+fn shape(node: &NodeProto, x: &Tensor) -> Result<Tensor> {
+    let dims: Vec<i64> = x.dims().iter().map(|&d| d as i64).collect();
+    let rank = dims.len() as i64;
+    let clamp = |v: i64| (if v < 0 { v + rank } else { v }).clamp(0, rank) as usize;
+    let start = clamp(attr_int(node, "start", 0));
+    let end = clamp(attr_int(node, "end", rank));
+    let part = dims[start..end.max(start)].to_vec();
+    let n = part.len();
+    Ok(Tensor::from_vec(part, n, &Device::Cpu)?)
+}
+
+/// `Gather`: the output has the indices' shape in place of the gathered axis.
+fn gather(node: &NodeProto, x: &Tensor, indices: &Tensor) -> Result<Tensor> {
+    let a = axis(attr_int(node, "axis", 0), x.rank());
+    let flat = indices.flatten_all()?.to_dtype(DType::U32)?;
+    let mut dims = x.dims()[..a].to_vec();
+    dims.extend_from_slice(indices.dims());
+    dims.extend_from_slice(&x.dims()[a + 1..]);
+    Ok(x.index_select(&flat, a)?.reshape(dims)?)
+}
+
+/// `Slice` with starts, ends and axes (steps of 1), clamped to each axis.
+fn slice(x: &[Tensor]) -> Result<Tensor> {
+    let (starts, ends, axes) = (i64s(&x[1])?, i64s(&x[2])?, i64s(&x[3])?);
+    let mut t = x[0].clone();
+    for ((s, e), a) in starts.iter().zip(&ends).zip(&axes) {
+        let a = axis(*a, t.rank());
+        let n = t.dims()[a] as i64;
+        let (s, e) = ((*s).clamp(0, n), (*e).clamp(0, n));
+        t = t.narrow(a, s as usize, (e - s).max(0) as usize)?;
+    }
+    Ok(t)
+}
+
+fn cumsum(x: &Tensor, along: &Tensor) -> Result<Tensor> {
+    let a = axis(along.to_scalar::<i64>()?, x.rank());
+    Ok(x.to_dtype(DType::F64)?.cumsum(a)?.to_dtype(x.dtype())?)
+}
+
+/// `Reshape`: 0 copies the input's dimension, -1 takes what is left.
+fn reshape(x: &Tensor, shape: &Tensor) -> Result<Tensor> {
+    let shape = i64s(shape)?;
+    let mut dims: Vec<usize> = shape
+        .iter()
+        .enumerate()
+        .map(|(i, &d)| {
+            if d == 0 {
+                x.dims()[i]
+            } else {
+                d.max(1) as usize
+            }
+        })
+        .collect();
+    if let Some(free) = shape.iter().position(|&d| d == -1) {
+        let known: usize = dims
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != free)
+            .map(|(_, d)| d)
+            .product();
+        dims[free] = x.elem_count() / known.max(1);
+    }
+    Ok(x.reshape(dims)?)
+}
+
+fn transpose(node: &NodeProto, x: &Tensor) -> Result<Tensor> {
+    let perm: Vec<usize> = attr(node, "perm")
+        .context("Transpose without perm")?
+        .ints
+        .iter()
+        .map(|&p| p as usize)
+        .collect();
+    Ok(x.permute(perm)?.contiguous()?)
+}
+
+/// `Split` by the sizes of its second input.
+fn split(node: &NodeProto, x: &[Tensor]) -> Result<Vec<Tensor>> {
+    let a = axis(attr_int(node, "axis", 0), x[0].rank());
+    let mut start = 0;
+    let mut out = Vec::new();
+    for len in i64s(&x[1])? {
+        out.push(x[0].narrow(a, start, len as usize)?.contiguous()?);
+        start += len as usize;
+    }
+    ensure!(
+        start == x[0].dims()[a],
+        "split sizes do not add up to the axis"
+    );
+    Ok(out)
 }
 
 /// `a · b` with `b` broadcast over `a`'s leading dimensions when `b` is a matrix.

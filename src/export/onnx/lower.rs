@@ -328,59 +328,56 @@ impl Lowering {
         Ok(self.g.op("MatMul", &[x, &wt], Vec::new()))
     }
 
+    /// `x Wᵀ` for a quantized matrix, in the form `--int8` / `--int4` ask for.
     fn quantized_product(&mut self, x: &str, c: &Codes) -> Result<String> {
-        if c.bits == Bits::Int4 && self.options.int4 == Int4Form::Int8 {
-            let requantized = Codes::quantize(&c.dequantize(), c.rows, c.cols, Bits::Int8)?;
-            return self.quantized_product(x, &requantized);
+        match (c.bits, self.options.int4) {
+            (Bits::Int4, Int4Form::Int8) => {
+                let requantized = Codes::quantize(&c.dequantize(), c.rows, c.cols, Bits::Int8)?;
+                self.int8_product(x, &requantized)
+            }
+            (Bits::Int4, Int4Form::Blocks) => Ok(self.int4_product(x, c)),
+            (Bits::Int8, _) => self.int8_product(x, c),
         }
-        let codes_t = transposed(&c.codes, c.rows, c.cols);
-        match c.bits {
-            Bits::Int8 if c.group != c.cols => {
-                bail!("int8 matrices with group scales are not supported")
-            }
-            Bits::Int8 => {
-                let scales: Vec<f32> = c.scales.iter().map(|s| s.to_f32()).collect();
-                let w = self
-                    .g
-                    .initializer("weight_q", TensorData::I8(codes_t), &[c.cols, c.rows]);
-                let w_scale = self.g.f32s("weight_scale", scales, &[c.rows]);
-                match self.options.int8 {
-                    Int8Form::Dynamic => {
-                        let q = self.g.op_n("DynamicQuantizeLinear", &[x], 3, Vec::new());
-                        let product = self.g.op("MatMulInteger", &[&q[0], &w, &q[2]], Vec::new());
-                        let product =
-                            self.g
-                                .op("Cast", &[&product], vec![int("to", DataType::Float as i64)]);
-                        let scale = self.g.op("Mul", &[&q[1], &w_scale], Vec::new());
-                        Ok(self.g.op("Mul", &[&product, &scale], Vec::new()))
-                    }
-                    Int8Form::Qdq => {
-                        let w =
-                            self.g
-                                .op("DequantizeLinear", &[&w, &w_scale], vec![int("axis", 1)]);
-                        Ok(self.g.op("MatMul", &[x, &w], Vec::new()))
-                    }
-                }
-            }
-            Bits::Int4 => {
-                self.uses_int4 = true;
-                let groups = c.cols / c.group;
-                // Scales laid out like the transposed weight: [groups of inputs, outputs].
-                let scales: Vec<f32> = (0..groups)
-                    .flat_map(|g| (0..c.rows).map(move |r| c.scales[r * groups + g].to_f32()))
-                    .collect();
-                let w = self
-                    .g
-                    .initializer("weight_q4", TensorData::I4(codes_t), &[c.cols, c.rows]);
-                let w_scale = self.g.f32s("weight_scale", scales, &[groups, c.rows]);
-                let w = self.g.op(
-                    "DequantizeLinear",
-                    &[&w, &w_scale],
-                    vec![int("axis", 0), int("block_size", c.group as i64)],
-                );
-                Ok(self.g.op("MatMul", &[x, &w], Vec::new()))
-            }
+    }
+
+    /// An int8 matrix (one scale per output): dynamic activation quantization and an integer
+    /// product, or the weight dequantized per channel (QDQ).
+    fn int8_product(&mut self, x: &str, c: &Codes) -> Result<String> {
+        if c.group != c.cols {
+            bail!("int8 matrices with group scales are not supported");
         }
+        let scales: Vec<f32> = c.scales.iter().map(|s| s.to_f32()).collect();
+        let codes = TensorData::I8(transposed(&c.codes, c.rows, c.cols));
+        let w = self.g.initializer("weight_q", codes, &[c.cols, c.rows]);
+        let w_scale = self.g.f32s("weight_scale", scales, &[c.rows]);
+        if self.options.int8 == Int8Form::Qdq {
+            let w = self
+                .g
+                .op("DequantizeLinear", &[&w, &w_scale], vec![int("axis", 1)]);
+            return Ok(self.g.op("MatMul", &[x, &w], Vec::new()));
+        }
+        let q = self.g.op_n("DynamicQuantizeLinear", &[x], 3, Vec::new());
+        let product = self.g.op("MatMulInteger", &[&q[0], &w, &q[2]], Vec::new());
+        let to_float = vec![int("to", DataType::Float as i64)];
+        let product = self.g.op("Cast", &[&product], to_float);
+        let scale = self.g.op("Mul", &[&q[1], &w_scale], Vec::new());
+        Ok(self.g.op("Mul", &[&product, &scale], Vec::new()))
+    }
+
+    /// An int4 matrix as INT4 codes dequantized in blocks along the inputs (opset 21).
+    fn int4_product(&mut self, x: &str, c: &Codes) -> String {
+        self.uses_int4 = true;
+        let groups = c.cols / c.group;
+        // Scales laid out like the transposed weight: [groups of inputs, outputs].
+        let scales: Vec<f32> = (0..groups)
+            .flat_map(|g| (0..c.rows).map(move |r| c.scales[r * groups + g].to_f32()))
+            .collect();
+        let codes = TensorData::I4(transposed(&c.codes, c.rows, c.cols));
+        let w = self.g.initializer("weight_q4", codes, &[c.cols, c.rows]);
+        let w_scale = self.g.f32s("weight_scale", scales, &[groups, c.rows]);
+        let blocks = vec![int("axis", 0), int("block_size", c.group as i64)];
+        let w = self.g.op("DequantizeLinear", &[&w, &w_scale], blocks);
+        self.g.op("MatMul", &[x, &w], Vec::new())
     }
 
     /// The attention block on `x` (`[batch, sequence, hidden]`); with `first_only`, only the
@@ -412,38 +409,64 @@ impl Lowering {
                 "layer {layer}: {mode} attention is written as exact attention (no ONNX operator computes it)"
             ));
         }
-        let (n, d) = (att.heads.len(), att.head_size);
-        let nd = n * d;
-        let (q, k, v) = if first_only {
-            let q = self.linear(&x_q, &att.qkv.narrow_rows_stored(0, nd)?)?;
+        let (q, k, v) = self.projections(att, x, &x_q, first_only)?;
+        let context =
+            self.scaled_dot_product(&q, &k, &v, mask_bias, (att.heads.len(), att.head_size));
+        let out = self.linear(&context, &att.output)?;
+        let sum = self.g.op("Add", &[&out, &x_q], Vec::new());
+        self.layer_norm(&att.norm, &sum)
+    }
+
+    /// Queries (from `x_q`), keys and values (from `x`), each `[batch, positions, heads · size]`:
+    /// one product and a split, or with `first_only` the query rows on `x_q` and the key and
+    /// value rows on `x`.
+    fn projections(
+        &mut self,
+        att: &Attention,
+        x: &str,
+        x_q: &str,
+        first_only: bool,
+    ) -> Result<(String, String, String)> {
+        let nd = att.heads.len() * att.head_size;
+        let mut parts = if first_only {
+            let q = self.linear(x_q, &att.qkv.narrow_rows_stored(0, nd)?)?;
             let kv = self.linear(x, &att.qkv.narrow_rows_stored(nd, 2 * nd)?)?;
-            let split = self.g.i64s("split", &[nd as i64, nd as i64]);
-            let mut kv = self
+            let split = self.g.i64s("split", &[nd as i64; 2]);
+            let kv = self
                 .g
                 .op_n("Split", &[&kv, &split], 2, vec![int("axis", -1)]);
-            let v = kv.pop().expect("two outputs");
-            let k = kv.pop().expect("two outputs");
-            (q, k, v)
+            std::iter::once(q).chain(kv).collect::<Vec<_>>()
         } else {
             let qkv = self.linear(x, &att.qkv)?;
             let split = self.g.i64s("split", &[nd as i64; 3]);
-            let mut parts = self
-                .g
-                .op_n("Split", &[&qkv, &split], 3, vec![int("axis", -1)]);
-            let v = parts.pop().expect("three outputs");
-            let k = parts.pop().expect("three outputs");
-            (parts.pop().expect("three outputs"), k, v)
+            self.g
+                .op_n("Split", &[&qkv, &split], 3, vec![int("axis", -1)])
         };
+        let v = parts.pop().expect("three parts");
+        let k = parts.pop().expect("three parts");
+        Ok((parts.pop().expect("three parts"), k, v))
+    }
+
+    /// `softmax(q kᵀ / √size + mask) v` per head, the heads side by side again:
+    /// `[batch, queries, heads · size]`.
+    fn scaled_dot_product(
+        &mut self,
+        q: &str,
+        k: &str,
+        v: &str,
+        mask_bias: &str,
+        (n, d): (usize, usize),
+    ) -> String {
         let scale = self.g.scalar("query_scale", 1.0 / (d as f32).sqrt());
-        let q = self.g.op("Mul", &[&q, &scale], Vec::new());
+        let q = self.g.op("Mul", &[q, &scale], Vec::new());
         let heads = self.g.i64s("shape", &[0, 0, n as i64, d as i64]);
         let split_heads = |g: &mut Graph, t: &str, perm: &[i64]| {
             let r = g.op("Reshape", &[t, &heads], Vec::new());
             g.op("Transpose", &[&r], vec![ints("perm", perm)])
         };
         let q = split_heads(&mut self.g, &q, &[0, 2, 1, 3]);
-        let k = split_heads(&mut self.g, &k, &[0, 2, 3, 1]);
-        let v = split_heads(&mut self.g, &v, &[0, 2, 1, 3]);
+        let k = split_heads(&mut self.g, k, &[0, 2, 3, 1]);
+        let v = split_heads(&mut self.g, v, &[0, 2, 1, 3]);
         let scores = self.g.op("MatMul", &[&q, &k], Vec::new());
         let scores = self.g.op("Add", &[&scores, mask_bias], Vec::new());
         let probs = self.g.op("Softmax", &[&scores], vec![int("axis", -1)]);
@@ -451,11 +474,8 @@ impl Lowering {
         let context = self
             .g
             .op("Transpose", &[&context], vec![ints("perm", &[0, 2, 1, 3])]);
-        let flat = self.g.i64s("shape", &[0, 0, nd as i64]);
-        let context = self.g.op("Reshape", &[&context, &flat], Vec::new());
-        let out = self.linear(&context, &att.output)?;
-        let sum = self.g.op("Add", &[&out, &x_q], Vec::new());
-        self.layer_norm(&att.norm, &sum)
+        let flat = self.g.i64s("shape", &[0, 0, (n * d) as i64]);
+        self.g.op("Reshape", &[&context, &flat], Vec::new())
     }
 
     fn feed_forward(&mut self, ffn: &FeedForward, x: &str) -> Result<String> {
