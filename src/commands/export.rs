@@ -41,10 +41,7 @@ pub fn run(args: &ExportArgs, cli: &Cli) -> Result<()> {
         "notes": notes,
         "verified": verified,
         "loads_in": match args.format {
-            ExportFormat::Onnx => format!(
-                "loads in: ONNX Runtime (the project tests 1.32, CPU execution provider) and other runtimes implementing ONNX opset {}",
-                opset.unwrap_or_default()
-            ),
+            ExportFormat::Onnx => crate::export::onnx::loads_in(opset.unwrap_or_default()),
             ExportFormat::Transformers => loads_in(&compatibility(&model), model.is_quantized(), false),
         },
     });

@@ -70,6 +70,11 @@ pub fn to_onnx(model: &Model, options: LowerOptions) -> Result<OnnxModel> {
     })
 }
 
+/// Where an ONNX file of `opset` loads, in one line (the export summary).
+pub fn loads_in(opset: i64) -> String {
+    format!("loads in: ONNX Runtime (the project tests 1.32, CPU execution provider) and other runtimes implementing ONNX opset {opset}")
+}
+
 /// How the written file, run by the reference interpreter, compares with axcompress.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Verified {
