@@ -308,7 +308,7 @@ fn gather(node: &NodeProto, x: &Tensor, indices: &Tensor) -> Result<Tensor> {
     let mut dims = x.dims()[..a].to_vec();
     dims.extend_from_slice(indices.dims());
     dims.extend_from_slice(&x.dims()[a + 1..]);
-    Ok(x.index_select(&flat, a)?.reshape(dims)?)
+    Ok(x.contiguous()?.index_select(&flat, a)?.reshape(dims)?)
 }
 
 /// `Slice` with starts, ends and axes (steps of 1), clamped to each axis.

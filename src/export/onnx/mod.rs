@@ -318,6 +318,21 @@ mod tests {
     }
 
     #[test]
+    fn a_model_with_every_block_removed_exports() {
+        let model = random_model("roberta", 2, 4, 8, 64);
+        let keep = vec![
+            LayerKeep {
+                heads: None,
+                neurons: None
+            };
+            2
+        ];
+        let empty = model.slice(&keep).unwrap();
+        let v = exported(&empty, Int8Form::Dynamic).unwrap();
+        assert!(v.max_abs_logit_diff < 1e-5, "{v:?}");
+    }
+
+    #[test]
     fn approximate_attention_is_written_exact_and_said_so() {
         let mode: ApproxAttention =
             serde_json::from_str(r#"{"method": "hard-topk", "k": 2}"#).unwrap();
