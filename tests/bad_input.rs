@@ -349,18 +349,7 @@ fn unsupported_compressed_tensors_fields_are_refused_naming_the_field() {
     let data = common::small_sst2(8);
     let tmp = tempfile::tempdir().unwrap();
     let q = tmp.path().join("q");
-    let o = common::run_stage(
-        "quantize",
-        &common::demo_model(),
-        data.path(),
-        &q,
-        &["--bits", "8"],
-    );
-    assert!(
-        common::wrote_output(&o),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    common::int8_demo(data.path(), &q);
     let group = "/quantization_config/config_groups/group_0/weights";
     for (field, value, needle) in [
         ("num_bits", serde_json::json!(3), "weights.num_bits is 3"),
@@ -409,18 +398,7 @@ fn asymmetric_compressed_tensors_weights_load_with_their_zero_points() {
     let data = common::small_sst2(8);
     let tmp = tempfile::tempdir().unwrap();
     let q = tmp.path().join("q");
-    let o = common::run_stage(
-        "quantize",
-        &common::demo_model(),
-        data.path(),
-        &q,
-        &["--bits", "8"],
-    );
-    assert!(
-        common::wrote_output(&o),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    common::int8_demo(data.path(), &q);
     // The same values stored asymmetrically: each row's codes shifted by a zero point of ±3
     // where they fit (0 elsewhere), so (code − zero point) · scale is unchanged.
     let copy = copy_model(&q);

@@ -202,42 +202,18 @@ fn assert_checked(report: &Value) {
     }
 }
 
-/// `scripts/onnx_check.py check` of an exported directory against its source model on SST-2 dev.
-fn onnx_runtime_check(
-    python: &str,
-    onnx: &Path,
-    reference: &Path,
-    glue: &Path,
-    min: &str,
-) -> Value {
+/// `python scripts/onnx_check.py ARGS`: its JSON report, after checking that it succeeded and
+/// that onnx's checker passed.
+fn onnx_check(python: &str, args: &[&str]) -> Value {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/onnx_check.py");
     let out = Command::new(python)
         .arg(script)
-        .args([
-            "check",
-            onnx.to_str().unwrap(),
-            "--reference",
-            reference.to_str().unwrap(),
-        ])
-        .args([
-            "--task",
-            "sst2",
-            "--data",
-            glue.to_str().unwrap(),
-            "--threads",
-            "2",
-        ])
-        .args([
-            "--min-agreement",
-            min,
-            "--axcompress",
-            env!("CARGO_BIN_EXE_axcompress"),
-        ])
+        .args(args)
         .output()
         .unwrap();
     assert!(
         out.status.success(),
-        "onnx_check failed: {}{}",
+        "onnx_check {args:?} failed: {}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
@@ -246,33 +222,62 @@ fn onnx_runtime_check(
     report
 }
 
+/// `scripts/onnx_check.py check` of an exported directory against its source model on SST-2 dev.
+fn onnx_runtime_check(
+    python: &str,
+    onnx: &Path,
+    reference: &Path,
+    glue: &Path,
+    min: &str,
+) -> Value {
+    let (onnx, reference, glue) = (
+        onnx.to_str().unwrap(),
+        reference.to_str().unwrap(),
+        glue.to_str().unwrap(),
+    );
+    let binary = env!("CARGO_BIN_EXE_axcompress");
+    onnx_check(
+        python,
+        &[
+            "check",
+            onnx,
+            "--reference",
+            reference,
+            "--task",
+            "sst2",
+            "--data",
+            glue,
+            "--threads",
+            "2",
+            "--min-agreement",
+            min,
+            "--axcompress",
+            binary,
+        ],
+    )
+}
+
 #[test]
 fn onnx_runtime_reproduces_transformers_on_every_family() {
     let Some(python) = python_with_onnxruntime() else {
         return;
     };
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/onnx_check.py");
     let tmp = tempfile::tempdir().unwrap();
     for name in ["tiny-bert", "tiny-roberta", "tiny-distilbert"] {
         let model = common::tiny(name);
         let out = tmp.path().join(name);
         json_stdout(&export(&model, &out, &["--format", "onnx"]));
         let reference = model.join("reference.json");
-        let run = Command::new(&python)
-            .arg(&script)
-            .args(["reference", out.to_str().unwrap(), "--reference-json"])
-            .arg(&reference)
-            .args(["--tolerance", "1e-5"])
-            .output()
-            .unwrap();
-        assert!(
-            run.status.success(),
-            "{name}: {}{}",
-            String::from_utf8_lossy(&run.stdout),
-            String::from_utf8_lossy(&run.stderr)
-        );
-        let report: Value = serde_json::from_slice(&run.stdout).unwrap();
-        assert_checked(&report);
+        let (out, reference) = (out.to_str().unwrap(), reference.to_str().unwrap());
+        let args = [
+            "reference",
+            out,
+            "--reference-json",
+            reference,
+            "--tolerance",
+            "1e-5",
+        ];
+        onnx_check(&python, &args);
     }
 }
 
@@ -294,18 +299,7 @@ fn onnx_runtime_reproduces_axcompress_on_the_demo_model_pruned_and_quantized() {
     assert_eq!(report["onnx_accuracy"], report["axcompress_accuracy"]);
 
     let int8 = tmp.path().join("int8");
-    let quantized = common::run_stage(
-        "quantize",
-        &common::demo_model(),
-        &glue.join("SST-2"),
-        &int8,
-        &["--bits", "8"],
-    );
-    assert!(
-        common::wrote_output(&quantized),
-        "{}",
-        String::from_utf8_lossy(&quantized.stderr)
-    );
+    common::int8_demo(&glue.join("SST-2"), &int8);
     let qdq = tmp.path().join("int8-qdq");
     json_stdout(&export(&int8, &qdq, &["--format", "onnx", "--int8", "qdq"]));
     onnx_runtime_check(&python, &qdq, &int8, &glue, "0.995");

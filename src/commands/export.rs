@@ -5,8 +5,10 @@ use serde_json::{json, Value};
 
 use super::print_json;
 use crate::cli::{Cli, ExportArgs, ExportFormat};
-use crate::export::onnx::{to_onnx, verify, LowerOptions};
-use crate::export::{check_destination, compatibility, loads_in, prepare, prepare_onnx, Prepared};
+use crate::export::onnx::{checked_onnx, LowerOptions};
+use crate::export::{
+    check_destination, compatibility, loads_in, prepare, prepare_onnx, recorded_history, Prepared,
+};
 use crate::model::Model;
 
 /// Runs `axcompress export`.
@@ -19,8 +21,7 @@ pub fn run(args: &ExportArgs, cli: &Cli) -> Result<()> {
                 int8: args.int8,
                 int4: args.int4,
             };
-            let onnx = to_onnx(&model, options)?;
-            let verified = verify(&model, &onnx.bytes, options)?;
+            let (onnx, verified) = checked_onnx(&model, options)?;
             (
                 prepare_onnx(&model, &onnx)?,
                 onnx.notes,
@@ -57,14 +58,7 @@ fn transformers_dir(model: &Model) -> Result<Prepared> {
     if let Some(why) = compatibility(model).reason {
         bail!("--format transformers: stock transformers 5.x cannot hold this model: {why}; use --format onnx");
     }
-    let history: Vec<Value> = model
-        .config
-        .raw
-        .pointer("/axcompress/history")
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default();
-    prepare(model, &history)
+    prepare(model, &recorded_history(model))
 }
 
 fn print_summary(summary: &Value) {

@@ -371,12 +371,7 @@ pub fn prepare_onnx(model: &Model, onnx: &onnx::OnnxModel) -> Result<Prepared> {
     let mut config = model.config.raw.clone();
     let obj = config.as_object_mut().expect("config.json is an object");
     obj.remove("quantization_config");
-    let history = model
-        .config
-        .raw
-        .pointer("/axcompress/history")
-        .cloned()
-        .unwrap_or_else(|| json!([]));
+    let history = recorded_history(model);
     obj.insert(
         "axcompress".into(),
         json!({
@@ -396,6 +391,18 @@ pub fn prepare_onnx(model: &Model, onnx: &onnx::OnnxModel) -> Result<Prepared> {
         source_dir: model.dir.clone(),
         tokenizer: model.tokenizer.clone(),
     })
+}
+
+/// The passes that made `model`, as its `config.json` records them (empty for a model
+/// axcompress did not write).
+pub fn recorded_history(model: &Model) -> Vec<Value> {
+    model
+        .config
+        .raw
+        .pointer("/axcompress/history")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default()
 }
 
 /// Which runtimes load a model directory, in one line (summaries, reports, `inspect`);

@@ -423,9 +423,7 @@ pub fn run(spec: &RunSettings, out: &Output, quiet: bool) -> Result<Finished> {
 
 /// `model` as an ONNX file, checked by the reference interpreter (see [`crate::export::onnx`]).
 fn onnx_file(model: &Model) -> Result<Vec<u8>> {
-    let options = crate::export::onnx::LowerOptions::default();
-    let onnx = crate::export::onnx::to_onnx(model, options)?;
-    crate::export::onnx::verify(model, &onnx.bytes, options)?;
+    let (onnx, _) = crate::export::onnx::checked_onnx(model, Default::default())?;
     for note in &onnx.notes {
         eprintln!("warning: model.onnx: {note}");
     }

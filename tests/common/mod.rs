@@ -161,6 +161,13 @@ pub fn run_with_env(args: &[&str], env: &[(&str, &str)]) -> Output {
     cmd.output().expect("the axcompress binary runs")
 }
 
+/// `quantize --bits 8` of the demo model on `data`, written to `out` (a run that wrote its
+/// output: status 0, or 3 on a few sentences).
+pub fn int8_demo(data: &Path, out: &Path) {
+    let o = run_stage("quantize", &demo_model(), data, out, &["--bits", "8"]);
+    assert!(wrote_output(&o), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
 /// Parses stdout of a successful `--json` run.
 pub fn json_stdout(out: &Output) -> Value {
     assert!(

@@ -70,6 +70,14 @@ pub fn to_onnx(model: &Model, options: LowerOptions) -> Result<OnnxModel> {
     })
 }
 
+/// `model` as an ONNX file, checked by [`verify`]: what `export --format onnx` and `--onnx`
+/// write.
+pub fn checked_onnx(model: &Model, options: LowerOptions) -> Result<(OnnxModel, Verified)> {
+    let onnx = to_onnx(model, options)?;
+    let verified = verify(model, &onnx.bytes, options)?;
+    Ok((onnx, verified))
+}
+
 /// Where an ONNX file of `opset` loads, in one line (the export summary).
 pub fn loads_in(opset: i64) -> String {
     format!("loads in: ONNX Runtime (the project tests 1.32, CPU execution provider) and other runtimes implementing ONNX opset {opset}")
