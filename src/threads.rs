@@ -1,6 +1,6 @@
-//! The number of worker threads every kernel uses: candle's own pool, gemm (through rayon) and
-//! axcompress's kernels (rayon). All of them read `RAYON_NUM_THREADS`, so `--threads` sets it
-//! before any pool starts.
+//! The number of worker threads every kernel uses: candle's own pool, gemm (through rayon),
+//! training's kernels (rayon) and the inference kernels' pool (`kernels::spin_pool`, sized from
+//! rayon's). All of them read `RAYON_NUM_THREADS`, so `--threads` sets it before any pool starts.
 //!
 //! candle's element-wise ops run on a second pool of their own (`CANDLE_NUM_THREADS`) whose
 //! workers spin for a while after every op, on the cores rayon's matrix products need. Unless

@@ -536,7 +536,7 @@ impl QuantMatrix {
 }
 
 /// `x · Wᵀ (+ bias)` in the kernel `w` was packed for, on the contiguous f32 activations of `x`
-/// (`[m, k]`), with the rayon pool's threads.
+/// (`[m, k]`), on the kernels' threads.
 fn packed_product(x: &Tensor, bias: Option<&Tensor>, w: &impl PackedWeights) -> Result<Tensor> {
     let (m, _) = x.dims2()?;
     let x = x.contiguous()?;
@@ -551,7 +551,7 @@ fn packed_product(x: &Tensor, bias: Option<&Tensor>, w: &impl PackedWeights) -> 
     let n = w.dims().rows;
     let mut out = vec![0f32; m * n];
     let x = &cpu.as_slice::<f32>()?[from..to];
-    let threads = rayon::current_num_threads();
+    let threads = crate::threads::count();
     row_quant::matmul_t(x, m, w, bias.as_deref(), &mut out, threads);
     Tensor::from_vec(out, (m, n), &Device::Cpu)
 }

@@ -150,7 +150,7 @@ impl PackedF32 {
     }
 }
 
-/// Computes `out[m, n] = x[m, k] · Wᵀ (+ bias)` on up to `threads` threads of the rayon pool
+/// Computes `out[m, n] = x[m, k] · Wᵀ (+ bias)` on up to `threads` threads of the kernel pool ([`super::spin_pool`])
 /// (`threads <= 1` runs on the calling thread). The bits do not depend on `threads` or the
 /// instruction set (module docs).
 ///

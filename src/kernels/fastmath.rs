@@ -1,10 +1,10 @@
 //! Branch-free f32 math the compiler vectorises, for the element-wise kernels, and
 //! [`vectorised`], which compiles a kernel for the widest vector unit the CPU has.
 
+use super::spin_pool::for_each_chunk_mut;
 use candle_core::{CpuStorage, Layout, Result, Storage, Tensor};
-use rayon::prelude::*;
 
-/// Elements per parallel task of [`par_rows`]: large enough that rayon's hand-off is noise.
+/// Elements per parallel task of [`par_rows`]: large enough that the hand-off to another thread is noise.
 const TASK_ELEMENTS: usize = 16384;
 
 /// Elements per task: whole rows of `row` elements, about [`TASK_ELEMENTS`] in all.
@@ -17,14 +17,13 @@ pub fn task_len(row: usize) -> usize {
 pub fn par_rows(input: &[f32], row: usize, kernel: impl Fn(&[f32], &mut [f32]) + Sync) -> Vec<f32> {
     let mut out = vec![0f32; input.len()];
     let task = task_len(row);
-    out.par_chunks_mut(task)
-        .zip(input.par_chunks(task))
-        .for_each(|(o, i)| {
-            vectorised(
-                #[inline(always)]
-                || kernel(i, o),
-            )
-        });
+    for_each_chunk_mut(&mut out, task, crate::threads::count(), |t, o| {
+        let i = &input[t * task..t * task + o.len()];
+        vectorised(
+            #[inline(always)]
+            || kernel(i, o),
+        )
+    });
     out
 }
 
@@ -37,14 +36,14 @@ pub fn par_rows2(
 ) -> Vec<f32> {
     let mut out = vec![0f32; a.len()];
     let task = task_len(row);
-    out.par_chunks_mut(task)
-        .zip(a.par_chunks(task).zip(b.par_chunks(task)))
-        .for_each(|(o, (a, b))| {
-            vectorised(
-                #[inline(always)]
-                || kernel(a, b, o),
-            )
-        });
+    for_each_chunk_mut(&mut out, task, crate::threads::count(), |t, o| {
+        let range = t * task..t * task + o.len();
+        let (a, b) = (&a[range.clone()], &b[range]);
+        vectorised(
+            #[inline(always)]
+            || kernel(a, b, o),
+        )
+    });
     out
 }
 

@@ -11,8 +11,8 @@
 //! weight in the reference too (`e^(f32::MIN)` is 0 in f32), so skipping them changes nothing;
 //! any other bias is added. Every sequence has a real first token, so no row is all padding.
 
+use super::spin_pool;
 use candle_core::{Device, Result, Tensor};
-use rayon::prelude::*;
 
 use super::fastmath::exp_nonpositive;
 use super::sparse_attention::{f32_slice, real_keys};
@@ -55,7 +55,7 @@ pub struct Operands<'a> {
     pub head_size: usize,
 }
 
-/// Query rows per parallel task: enough work per task that rayon's hand-off is noise.
+/// Query rows per parallel task: enough work per task that the hand-off to another thread is noise.
 const ROWS_PER_TASK: usize = 8;
 
 /// The context `[batch · queries, heads · head_size]`, row-major.
@@ -64,22 +64,22 @@ pub fn context(ops: &Operands) -> Vec<f32> {
     let batch = ops.bias.len() / ops.k.positions.max(1);
     let queries = ops.q.positions;
     let kept = real_keys(ops.bias, ops.k.positions);
-    let keys: Vec<Vec<f32>> = (0..batch)
-        .into_par_iter()
-        .map(|b| transposed_keys(ops, &kept[b], b))
-        .collect();
+    let threads = crate::threads::count();
+    let keys = spin_pool::map(batch, threads, |b| transposed_keys(ops, &kept[b], b));
     let mut out = vec![0f32; batch * queries * width];
-    out.par_chunks_mut(width)
-        .with_min_len(ROWS_PER_TASK)
-        .enumerate()
-        .for_each_init(Vec::new, |scores, (row, ctx)| {
+    let task = ROWS_PER_TASK * width;
+    spin_pool::for_each_chunk_mut(&mut out, task, threads, |t, rows| {
+        let mut scores = Vec::new();
+        for (r, ctx) in rows.chunks_exact_mut(width).enumerate() {
+            let row = t * ROWS_PER_TASK + r;
             let (b, i) = (row / queries, row % queries);
             let keys = Keys {
                 kept: &kept[b],
                 transposed: &keys[b],
             };
-            attend(ops, &keys, b, i, ctx, scores);
-        });
+            attend(ops, &keys, b, i, ctx, &mut scores);
+        }
+    });
     out
 }
 

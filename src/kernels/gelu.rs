@@ -11,7 +11,6 @@
 //! the error against f64 libm stays below [`ERF_MAX_ERROR`] on every f32 input (tested).
 
 use candle_core::{bail, CpuStorage, InplaceOp1, Layout, Result, Tensor};
-use rayon::prelude::*;
 
 use super::fastmath::{exp_nonpositive, par_rows, par_rows2, task_len, vectorised};
 use super::row_op::{RowOp, Saved};
@@ -92,7 +91,8 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
 /// GELU of every element of `values`, in place, in parallel over chunks: the values of
 /// [`gelu_slice`], without a new buffer.
 pub fn gelu_in_place(values: &mut [f32]) {
-    values.par_chunks_mut(task_len(1)).for_each(|chunk| {
+    let threads = crate::threads::count();
+    super::spin_pool::for_each_chunk_mut(values, task_len(1), threads, |_, chunk| {
         vectorised(
             #[inline(always)]
             || {

@@ -51,7 +51,7 @@
 //! 32-byte vectors of 8 rows). The micro-kernel broadcasts 4 activation bytes of
 //! each of up to 4 activation rows and multiplies them with both vectors:
 //! a 4 × 16 tile of i32 accumulators. Work is split over rows of `x` (large `m`)
-//! or over weight panels (small `m`) on the rayon pool; every output element is
+//! or over weight panels (small `m`) on the kernel pool; every output element is
 //! computed by exactly the same integer and float operations whatever the split,
 //! so the result does not depend on the thread count.
 

@@ -16,6 +16,7 @@ pub mod row_op;
 pub mod row_quant;
 pub mod softmax;
 pub mod sparse_attention;
+pub mod spin_pool;
 
 /// Which ops a forward pass runs: the fast inference ops, or ops with a backward pass (needed for
 /// gradients; slower).

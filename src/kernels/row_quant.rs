@@ -1,6 +1,6 @@
 //! What the quantized kernels (`int8_gemm`, `int4_gemm`) share: the instruction set they run,
-//! the activations quantized row by row at run time, and the split of one product over the rayon
-//! pool.
+//! the activations quantized row by row at run time, and the split of one product over the kernel
+//! pool ([`super::spin_pool`]).
 //!
 //! Each row of `x` is quantized to **7-bit asymmetric unsigned** codes
 //! `u = clamp(round(x / s) + zp, 0, 127)` with `s = (hi - lo) / 127`, `lo = min(0, min x)`,
@@ -15,8 +15,8 @@ pub(super) const NR: usize = 16;
 pub(super) const MR: usize = 4;
 /// `k` values per 4-byte group (one `vpbroadcastd`).
 pub(super) const KU: usize = 4;
-/// Below this many multiply-adds (`m·n·k`) a single thread is used: waking a rayon
-/// worker costs ~8–10 µs here, which a 2-way split recovers only from ~2M MACs on.
+/// Below this many multiply-adds (`m·n·k`) a single thread is used. (Set when a hand-off woke a
+/// sleeping rayon worker, ~8–10 µs; with the spinning kernel pool, 2^18 measured the same at b1.)
 const PAR_MIN_WORK: usize = 1 << 21;
 /// Split over rows of `x` when every thread gets at least this many rows (each
 /// thread then reads all weights, ≤ 0.6 MB for MiniLM, from its own L2); below it,
@@ -108,7 +108,7 @@ pub trait PackedWeights: Sync {
 
 /// Computes `out[m, n] = quantize_rows(x[m, k]) · Wᵀ (+ bias)`, dequantized to f32, in the kernel
 /// `w` was packed for. Each row of `x` is quantized on the fly (module docs); the result is
-/// deterministic and independent of `threads` (up to that many threads of the rayon pool, split
+/// deterministic and independent of `threads` (up to that many threads of the kernel pool, split
 /// over rows of `x` or over weight panels; `threads <= 1` runs on the calling thread).
 ///
 /// # Panics
@@ -171,7 +171,7 @@ pub(super) fn padded_bias(bias: &[f32], n: usize, panels: usize) -> Vec<f32> {
     padded
 }
 
-/// Runs `job(rows of x, weight panels)` over the rayon pool for an `m × n × k` product whose
+/// Runs `job(rows of x, weight panels)` over the kernel pool for an `m × n × k` product whose
 /// weights are cut into `panels` panels: one job on the calling thread when the product is small,
 /// else one job per thread, over rows of `x` (in whole tiles of `MR`) when each thread gets
 /// enough of them, or over panels. Every output element is computed by one job, with the same
@@ -205,10 +205,10 @@ pub(super) fn split_jobs(
         }
     }
     jobs.retain(|(r, p)| !r.is_empty() && !p.is_empty());
-    use rayon::prelude::*;
-    jobs.into_par_iter()
-        .with_max_len(1)
-        .for_each(|(rows, panels)| job(rows, panels));
+    super::spin_pool::run(jobs.len(), threads, &|i| {
+        let (rows, panels) = jobs[i].clone();
+        job(rows, panels)
+    });
 }
 
 /// Quantizes up to `MR` rows of `x` (`k` values each, starting at row `r0`) into `abuf`, rows

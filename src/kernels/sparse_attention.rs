@@ -8,7 +8,6 @@
 //! itself has no gradient).
 
 use candle_core::{Device, Layout, Result, Storage, Tensor};
-use rayon::prelude::*;
 
 use super::attention_mode::{ApproxAttention, KeySelector};
 use super::fused_attention::dot;
@@ -336,9 +335,10 @@ pub fn gathered(ops: &Operands, approx: ApproxAttention) -> Vec<f32> {
     } = ops.dims;
     let real = real_keys(ops.bias, ops.dims.keys);
     let mut out = vec![0f32; batch * heads * queries * d];
-    out.par_chunks_mut(queries * d)
-        .enumerate()
-        .for_each(|(bh, out)| run_head(&Head::of(ops, bh, &real, approx), approx, out));
+    let threads = crate::threads::count();
+    super::spin_pool::for_each_chunk_mut(&mut out, queries * d, threads, |bh, out| {
+        run_head(&Head::of(ops, bh, &real, approx), approx, out)
+    });
     out
 }
 
