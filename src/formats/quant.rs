@@ -549,10 +549,9 @@ fn packed_product(x: &Tensor, bias: Option<&Tensor>, w: &impl PackedWeights) -> 
     };
     let bias = bias.map(|b| b.to_vec1::<f32>()).transpose()?;
     let n = w.dims().rows;
-    let mut out = vec![0f32; m * n];
     let x = &cpu.as_slice::<f32>()?[from..to];
     let threads = crate::threads::count();
-    row_quant::matmul_t(x, m, w, bias.as_deref(), &mut out, threads);
+    let out = row_quant::matmul_t_new(x, m, w, bias.as_deref(), threads);
     Tensor::from_vec(out, (m, n), &Device::Cpu)
 }
 

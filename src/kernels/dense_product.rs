@@ -151,15 +151,7 @@ impl CustomOp2 for PackedLinear<'_> {
         let bias = contiguous_f32(bias, bias_layout, "linear")?;
         let (out, inner) = self.0.dims();
         let rows = x.len() / inner.max(1);
-        let mut dst = vec![0f32; rows * out];
-        f32_gemm::matmul_t(
-            x,
-            rows,
-            self.0,
-            Some(bias),
-            &mut dst,
-            crate::threads::count(),
-        );
+        let dst = f32_gemm::matmul_t_new(x, rows, self.0, Some(bias), crate::threads::count());
         Ok((CpuStorage::F32(dst), output_shape(x_layout, out)))
     }
 }

@@ -14,10 +14,11 @@
 //!
 //! The packed matrix is a runtime view, never written to a file.
 
+use std::mem::MaybeUninit;
 use std::ops::Range;
 use std::sync::Arc;
 
-use super::row_quant::{padded_bias, split_jobs, OutPtr, NR};
+use super::row_quant::{as_uninit, padded_bias, split_jobs, OutPtr, NR};
 
 /// The instruction set the f32 kernel runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -167,6 +168,30 @@ pub fn matmul_t(
     matmul_t_with(x, m, w, bias, out, threads, Isa::detect());
 }
 
+/// [`matmul_t`] into a new vector, which the kernel writes once (no zero fill first).
+pub fn matmul_t_new(
+    x: &[f32],
+    m: usize,
+    w: &PackedF32,
+    bias: Option<&[f32]>,
+    threads: usize,
+) -> Vec<f32> {
+    let len = m * w.dims().0;
+    let mut out = Vec::with_capacity(len);
+    write_product(
+        x,
+        m,
+        w,
+        bias,
+        &mut out.spare_capacity_mut()[..len],
+        threads,
+        Isa::detect(),
+    );
+    // SAFETY: `write_product` wrote all `len` elements.
+    unsafe { out.set_len(len) };
+    out
+}
+
 /// [`matmul_t`] on the instruction set `isa`.
 pub(crate) fn matmul_t_with(
     x: &[f32],
@@ -174,6 +199,19 @@ pub(crate) fn matmul_t_with(
     w: &PackedF32,
     bias: Option<&[f32]>,
     out: &mut [f32],
+    threads: usize,
+    isa: Isa,
+) {
+    write_product(x, m, w, bias, as_uninit(out), threads, isa);
+}
+
+/// Writes every one of the `m · n` outputs of the product into `out` (each by exactly one job).
+fn write_product(
+    x: &[f32],
+    m: usize,
+    w: &PackedF32,
+    bias: Option<&[f32]>,
+    out: &mut [MaybeUninit<f32>],
     threads: usize,
     isa: Isa,
 ) {
@@ -186,9 +224,8 @@ pub(crate) fn matmul_t_with(
     }
     if k == 0 {
         for row in out.chunks_exact_mut(n) {
-            match bias {
-                Some(b) => row.copy_from_slice(b),
-                None => row.fill(0.0),
+            for (j, o) in row.iter_mut().enumerate() {
+                o.write(bias.map_or(0.0, |b| b[j]));
             }
         }
         return;
@@ -197,7 +234,7 @@ pub(crate) fn matmul_t_with(
         x,
         w,
         bias: padded.as_deref(),
-        out: OutPtr(out.as_mut_ptr()),
+        out: OutPtr(out.as_mut_ptr().cast()),
         isa,
     };
     split_jobs((m, n, k), w.panels(), threads, |rows, panels| {
@@ -510,6 +547,27 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn a_new_output_holds_the_values_written_over_nan() {
+        let mut rng = Rng(13);
+        for (m, n, k) in shapes().into_iter().chain([(3, 5, 0)]) {
+            let (x, w, b) = (
+                random(&mut rng, m * k),
+                random(&mut rng, n * k),
+                random(&mut rng, n),
+            );
+            let packed = PackedF32::pack(&w, n, k);
+            let want = run(&x, &packed, Some(&b), m, 2, Isa::detect());
+            let got = matmul_t_new(&x, m, &packed, Some(&b), 2);
+            let same = got.len() == want.len()
+                && got
+                    .iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{m}x{n}x{k}");
         }
     }
 

@@ -513,6 +513,17 @@ mod tests {
     }
 
     #[test]
+    fn a_new_output_holds_the_values_written_over_nan() {
+        let mut rng = Rng(9);
+        for (m, n, k) in shapes() {
+            let c = case(&mut rng, m, n, k);
+            let w = PackedInt8::pack(&c.codes, &c.scales, c.n, c.k);
+            let got = super::super::row_quant::matmul_t_new(&c.x, c.m, &w, None, 2);
+            assert_eq!(bits(&got), bits(&run(&c, 2, Isa::detect())), "{m}x{n}x{k}");
+        }
+    }
+
+    #[test]
     fn fused_bias_equals_adding_it_afterwards_bit_for_bit() {
         let mut rng = Rng(5);
         for (m, n, k) in shapes() {

@@ -7,6 +7,7 @@
 //! `hi = max(0, max x)`, `zp = round(-lo / s)` (the scalar and the AVX2 path give the same codes;
 //! see `int8_gemm` for why 7 bits).
 
+use std::mem::MaybeUninit;
 use std::ops::Range;
 
 /// Output rows (rows of `W`) per packed panel.
@@ -124,6 +125,30 @@ pub fn matmul_t(
     matmul_t_with(x, m, w, bias, out, threads, Isa::detect());
 }
 
+/// [`matmul_t`] into a new vector, which the kernel writes once (no zero fill first).
+pub fn matmul_t_new(
+    x: &[f32],
+    m: usize,
+    w: &impl PackedWeights,
+    bias: Option<&[f32]>,
+    threads: usize,
+) -> Vec<f32> {
+    let len = m * w.dims().rows;
+    let mut out = Vec::with_capacity(len);
+    write_product(
+        x,
+        m,
+        w,
+        bias,
+        &mut out.spare_capacity_mut()[..len],
+        threads,
+        Isa::detect(),
+    );
+    // SAFETY: `write_product` wrote all `len` elements.
+    unsafe { out.set_len(len) };
+    out
+}
+
 /// [`matmul_t`] on the instruction set `isa`.
 pub(super) fn matmul_t_with(
     x: &[f32],
@@ -131,6 +156,25 @@ pub(super) fn matmul_t_with(
     w: &impl PackedWeights,
     bias: Option<&[f32]>,
     out: &mut [f32],
+    threads: usize,
+    isa: Isa,
+) {
+    write_product(x, m, w, bias, as_uninit(out), threads, isa);
+}
+
+/// `out` seen as memory to write: only initialised `f32` values are written through it.
+pub(super) fn as_uninit(out: &mut [f32]) -> &mut [MaybeUninit<f32>] {
+    // SAFETY: `MaybeUninit<f32>` has the layout of `f32`, and the kernels only store f32 values.
+    unsafe { &mut *(out as *mut [f32] as *mut [MaybeUninit<f32>]) }
+}
+
+/// Writes every one of the `m · n` outputs of the product into `out` (each by exactly one job).
+fn write_product(
+    x: &[f32],
+    m: usize,
+    w: &impl PackedWeights,
+    bias: Option<&[f32]>,
+    out: &mut [MaybeUninit<f32>],
     threads: usize,
     isa: Isa,
 ) {
@@ -146,7 +190,7 @@ pub(super) fn matmul_t_with(
     }
     let padded = bias.map(|b| padded_bias(b, n, panels));
     let bias = padded.as_deref();
-    let out = OutPtr(out.as_mut_ptr());
+    let out = OutPtr(out.as_mut_ptr().cast());
     split_jobs((m, n, k), panels, threads, |rows, panels| {
         w.run_job(Job {
             x,
