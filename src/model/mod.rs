@@ -16,6 +16,7 @@ pub mod slice;
 pub mod source;
 pub mod storage;
 pub mod structure;
+pub mod synthetic;
 pub mod text_encoder;
 pub mod weights;
 
