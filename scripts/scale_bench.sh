@@ -56,6 +56,7 @@ for s in $steps; do
     quantize) step quantize "$bin" quantize "${common[@]}" --bits 8 --out "$work/int8" --force ;;
     recover)
         cat >"$work/recover.toml" <<TOML
+model = "$model"
 task = "sst2"
 [selection]
 on = "train-perturbed"

@@ -195,7 +195,7 @@ impl Pool {
                 return epoch;
             }
             polls = polls.wrapping_add(1);
-            if polls % 64 == 0 && started.elapsed() > SPIN {
+            if polls.is_multiple_of(64) && started.elapsed() > SPIN {
                 return self.sleep_until_after(seen);
             }
             std::hint::spin_loop();

@@ -148,28 +148,11 @@ fn config_json(d: &Dims) -> serde_json::Value {
 /// Matrices and embeddings ~ uniform with BERT's initialiser scale (std 0.02), biases 0,
 /// LayerNorm scales 1.
 fn random_weights(d: &Dims, seed: u64) -> HashMap<String, (Vec<usize>, Vec<u8>)> {
-    let mut rng = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut tensors = HashMap::new();
-    let mut add = |name: String, shape: Vec<usize>, fill: Fill| {
-        let n: usize = shape.iter().product();
-        let mut bytes = Vec::with_capacity(4 * n);
-        for _ in 0..n {
-            let v = match fill {
-                Fill::Random => uniform(&mut rng) * 0.0346,
-                Fill::Const(c) => c,
-            };
-            bytes.extend_from_slice(&v.to_le_bytes());
-        }
-        tensors.insert(names::full_name(d.family, &name), (shape, bytes));
-    };
-    let h = d.hidden;
-    let linear = |add: &mut dyn FnMut(String, Vec<usize>, Fill), name: &str, o, i| {
-        add(format!("{name}.weight"), vec![o, i], Fill::Random);
-        add(format!("{name}.bias"), vec![o], Fill::Const(0.0));
-    };
-    let norm = |add: &mut dyn FnMut(String, Vec<usize>, Fill), name: &str| {
-        add(format!("{name}.weight"), vec![h], Fill::Const(1.0));
-        add(format!("{name}.bias"), vec![h], Fill::Const(0.0));
+    let mut w = Tensors {
+        family: d.family,
+        hidden: d.hidden,
+        rng: seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1,
+        tensors: HashMap::new(),
     };
     let types = if d.family == Family::Roberta { 1 } else { 2 };
     for (table, rows) in [
@@ -177,35 +160,70 @@ fn random_weights(d: &Dims, seed: u64) -> HashMap<String, (Vec<usize>, Vec<u8>)>
         ("position_embeddings", d.positions),
         ("token_type_embeddings", types),
     ] {
-        add(
-            format!("embeddings.{table}.weight"),
-            vec![rows, h],
-            Fill::Random,
-        );
+        let name = format!("embeddings.{table}.weight");
+        w.add(name, vec![rows, d.hidden], Fill::Random);
     }
-    norm(&mut add, "embeddings.LayerNorm");
+    w.norm("embeddings.LayerNorm");
     for i in 0..d.layers {
         let layer = names::layer(d.family, i);
         for name in &layer.qkv {
-            linear(&mut add, name, h, h);
+            w.linear(name, d.hidden, d.hidden);
         }
-        linear(&mut add, &layer.attention_output, h, h);
-        norm(&mut add, &layer.attention_norm);
-        linear(&mut add, &layer.intermediate, d.ffn, h);
-        linear(&mut add, &layer.ffn_output, h, d.ffn);
-        norm(&mut add, &layer.ffn_norm);
+        w.linear(&layer.attention_output, d.hidden, d.hidden);
+        w.norm(&layer.attention_norm);
+        w.linear(&layer.intermediate, d.ffn, d.hidden);
+        w.linear(&layer.ffn_output, d.hidden, d.ffn);
+        w.norm(&layer.ffn_norm);
     }
-    match d.family {
-        Family::Roberta => {
-            linear(&mut add, "classifier.dense", h, h);
-            linear(&mut add, "classifier.out_proj", 2, h);
+    let (dense, out) = match d.family {
+        Family::Roberta => ("classifier.dense", "classifier.out_proj"),
+        _ => ("pooler.dense", "classifier"),
+    };
+    w.linear(dense, d.hidden, d.hidden);
+    w.linear(out, 2, d.hidden);
+    w.tensors
+}
+
+/// The tensors written so far, and the generator that fills them.
+struct Tensors {
+    family: Family,
+    hidden: usize,
+    rng: u64,
+    tensors: HashMap<String, (Vec<usize>, Vec<u8>)>,
+}
+
+impl Tensors {
+    /// Adds the tensor `name` (without the family prefix) of `shape`.
+    fn add(&mut self, name: String, shape: Vec<usize>, fill: Fill) {
+        let n: usize = shape.iter().product();
+        let mut bytes = Vec::with_capacity(4 * n);
+        for _ in 0..n {
+            let v = match fill {
+                Fill::Random => uniform(&mut self.rng) * 0.0346,
+                Fill::Const(c) => c,
+            };
+            bytes.extend_from_slice(&v.to_le_bytes());
         }
-        _ => {
-            linear(&mut add, "pooler.dense", h, h);
-            linear(&mut add, "classifier", 2, h);
-        }
+        let full = names::full_name(self.family, &name);
+        self.tensors.insert(full, (shape, bytes));
     }
-    tensors
+
+    /// A linear layer `name` from `inputs` to `outputs`: random weight, zero bias.
+    fn linear(&mut self, name: &str, outputs: usize, inputs: usize) {
+        self.add(
+            format!("{name}.weight"),
+            vec![outputs, inputs],
+            Fill::Random,
+        );
+        self.add(format!("{name}.bias"), vec![outputs], Fill::Const(0.0));
+    }
+
+    /// A LayerNorm `name`: scale 1, shift 0.
+    fn norm(&mut self, name: &str) {
+        let h = self.hidden;
+        self.add(format!("{name}.weight"), vec![h], Fill::Const(1.0));
+        self.add(format!("{name}.bias"), vec![h], Fill::Const(0.0));
+    }
 }
 
 /// How a tensor is filled.
@@ -265,7 +283,10 @@ mod tests {
         assert!(tensors.contains_key("roberta.encoder.layer.1.output.dense.weight"));
         assert!(tensors.contains_key("classifier.out_proj.weight"));
         let again = random_weights(&d, 3);
-        assert!(tensors.iter().all(|(k, v)| again[k] == *v), "same seed, same bytes");
+        assert!(
+            tensors.iter().all(|(k, v)| again[k] == *v),
+            "same seed, same bytes"
+        );
         assert_eq!(Shape::parse("bert-large").unwrap(), Shape::BertLarge);
         assert!(Shape::parse("gpt2").is_err());
     }
