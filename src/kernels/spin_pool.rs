@@ -10,10 +10,13 @@
 //! One caller at a time: a call made while another caller holds the pool (another thread, or a
 //! job that itself calls [`run`]) runs every job on its own thread. Jobs run in any order on any
 //! thread, so callers give each job its own output (every kernel here writes disjoint rows or
-//! panels, and the results do not depend on the split).
+//! panels, and the results do not depend on the split). A job that panics, on a helper or on the
+//! caller, makes [`run`] panic with its payload once every other job has finished.
 
+use std::any::Any;
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Condvar, Mutex, OnceLock};
+use std::sync::{Condvar, Mutex, OnceLock, TryLockError};
 use std::time::{Duration, Instant};
 
 /// The most jobs one call hands out (more run on the calling thread).
@@ -30,10 +33,13 @@ pub fn run(jobs: usize, threads: usize, job: &(dyn Fn(usize) + Sync)) {
         return;
     }
     let pool = pool(threads - 1);
-    match pool.caller.try_lock() {
-        Ok(_held) => pool.fork_join(jobs, job),
-        Err(_) => (0..jobs).for_each(job),
-    }
+    let _held = match pool.caller.try_lock() {
+        Ok(held) => held,
+        // A caller that panicked before leaves the lock poisoned; the pool itself is consistent.
+        Err(TryLockError::Poisoned(held)) => held.into_inner(),
+        Err(TryLockError::WouldBlock) => return (0..jobs).for_each(job),
+    };
+    pool.fork_join(jobs, job);
 }
 
 /// Runs `job(i, chunk)` for every `chunk`-long piece of `out` (the last may be shorter), `i` its
@@ -116,6 +122,8 @@ struct Pool {
     batch: AtomicPtr<Batch<'static>>,
     /// Jobs of the current batch finished.
     done: AtomicUsize,
+    /// The payload of the first job of the current batch that panicked.
+    panic: Mutex<Option<Box<dyn Any + Send>>>,
     /// Helpers waiting on `wake`.
     sleeping: AtomicUsize,
     sleep_lock: Mutex<()>,
@@ -139,12 +147,25 @@ impl Pool {
             self.wake.notify_all();
         }
         while let Some(index) = self.claim(epoch) {
-            job(index);
-            self.done.fetch_add(1, Ordering::Release);
+            self.run_one(job, index);
         }
         while self.done.load(Ordering::Acquire) < jobs {
             std::hint::spin_loop();
         }
+        let panic = self.panic.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(payload) = panic {
+            resume_unwind(payload);
+        }
+    }
+
+    /// Runs one claimed job and counts it done, keeping the payload if it panics (so that the
+    /// caller, not a helper thread, unwinds, and only after no job uses the batch any more).
+    fn run_one(&self, job: &(dyn Fn(usize) + Sync), index: usize) {
+        if let Err(payload) = catch_unwind(AssertUnwindSafe(|| job(index))) {
+            let mut first = self.panic.lock().unwrap_or_else(|e| e.into_inner());
+            first.get_or_insert(payload);
+        }
+        self.done.fetch_add(1, Ordering::Release);
     }
 
     /// Claims the next job of the batch of `epoch`, if it is still current and has one left.
@@ -179,8 +200,7 @@ impl Pool {
                 // only after every job of this one was claimed. A successful claim in `epoch`
                 // means this batch had a job left, so `batch` is its pointer, and its caller
                 // waits in `fork_join`, keeping it alive, until this job is done.
-                unsafe { ((*batch).job)(index) };
-                self.done.fetch_add(1, Ordering::Release);
+                self.run_one(unsafe { (*batch).job }, index);
             }
         }
     }
@@ -253,6 +273,30 @@ mod tests {
                 }
             });
             assert_eq!(values, (1..=len).collect::<Vec<_>>());
+        }
+    }
+
+    #[test]
+    fn a_panicking_job_panics_the_caller_and_the_pool_goes_on() {
+        for bad in [0, 5] {
+            let caught = catch_unwind(|| {
+                run(8, 2, &|i| {
+                    if i == bad {
+                        panic!("job {i} fails on purpose");
+                    }
+                })
+            });
+            let message = caught.expect_err("the caller must panic");
+            let message = message
+                .downcast_ref::<String>()
+                .cloned()
+                .unwrap_or_default();
+            assert_eq!(message, format!("job {bad} fails on purpose"));
+            let count = AtomicUsize::new(0);
+            run(8, 2, &|_| {
+                count.fetch_add(1, Ordering::Relaxed);
+            });
+            assert_eq!(count.load(Ordering::Relaxed), 8);
         }
     }
 
