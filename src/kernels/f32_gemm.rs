@@ -18,7 +18,7 @@ use std::mem::MaybeUninit;
 use std::ops::Range;
 use std::sync::Arc;
 
-use super::row_quant::{as_uninit, padded_bias, split_jobs, OutPtr, NR};
+use super::row_quant::{as_uninit, new_output, padded_bias, split_jobs, OutPtr, NR};
 
 /// The instruction set the f32 kernel runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -177,19 +177,12 @@ pub fn matmul_t_new(
     threads: usize,
 ) -> Vec<f32> {
     let len = m * w.dims().0;
-    let mut out = Vec::with_capacity(len);
-    write_product(
-        x,
-        m,
-        w,
-        bias,
-        &mut out.spare_capacity_mut()[..len],
-        threads,
-        Isa::detect(),
-    );
-    // SAFETY: `write_product` wrote all `len` elements.
-    unsafe { out.set_len(len) };
-    out
+    // SAFETY: `write_product` writes every one of the `m · n` outputs.
+    unsafe {
+        new_output(len, |out| {
+            write_product(x, m, w, bias, out, threads, Isa::detect())
+        })
+    }
 }
 
 /// [`matmul_t`] on the instruction set `isa`.

@@ -134,19 +134,12 @@ pub fn matmul_t_new(
     threads: usize,
 ) -> Vec<f32> {
     let len = m * w.dims().rows;
-    let mut out = Vec::with_capacity(len);
-    write_product(
-        x,
-        m,
-        w,
-        bias,
-        &mut out.spare_capacity_mut()[..len],
-        threads,
-        Isa::detect(),
-    );
-    // SAFETY: `write_product` wrote all `len` elements.
-    unsafe { out.set_len(len) };
-    out
+    // SAFETY: `write_product` writes every one of the `m · n` outputs.
+    unsafe {
+        new_output(len, |out| {
+            write_product(x, m, w, bias, out, threads, Isa::detect())
+        })
+    }
 }
 
 /// [`matmul_t`] on the instruction set `isa`.
@@ -160,6 +153,21 @@ pub(super) fn matmul_t_with(
     isa: Isa,
 ) {
     write_product(x, m, w, bias, as_uninit(out), threads, isa);
+}
+
+/// A new vector of `len` values, each stored once by `write` (no zero fill first).
+///
+/// # Safety
+/// `write` must store every one of the `len` elements it is given.
+pub(super) unsafe fn new_output(
+    len: usize,
+    write: impl FnOnce(&mut [MaybeUninit<f32>]),
+) -> Vec<f32> {
+    let mut out = Vec::with_capacity(len);
+    write(&mut out.spare_capacity_mut()[..len]);
+    // SAFETY: the caller's `write` stored all `len` elements.
+    unsafe { out.set_len(len) };
+    out
 }
 
 /// `out` seen as memory to write: only initialised `f32` values are written through it.
