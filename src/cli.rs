@@ -6,6 +6,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::analyze::elements::Level;
 use crate::analyze::report::Method;
+use crate::analyze::shard::Shard;
 use crate::data::batch::BatchOrder;
 use crate::data::splits::SelectOn;
 use crate::data::task::Task;
@@ -77,7 +78,8 @@ pub enum Command {
     /// Latency, throughput, memory, size and metric of a model, against a baseline.
     Bench(BenchArgs),
     /// Significance analysis: how much each block, head and FFN neuron group matters to the task.
-    Analyze(AnalyzeArgs),
+    #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+    Analyze(AnalyzeCommand),
     /// Write a model for another runtime: one ONNX file (ONNX Runtime), or a stock transformers
     /// directory when the model fits one.
     Export(ExportArgs),
@@ -220,6 +222,42 @@ pub struct SelectionArgs {
     pub limit: Option<usize>,
 }
 
+/// `axcompress analyze`: an analysis, or `analyze merge`.
+#[derive(Debug)]
+pub enum AnalyzeCommand {
+    /// An analysis, or one shard of it.
+    Run(Box<AnalyzeArgs>),
+    /// `analyze merge`.
+    Merge(MergeArgs),
+}
+
+// By hand: clap's derive would read the analysis's required flags even under `merge`.
+impl clap::FromArgMatches for AnalyzeCommand {
+    fn from_arg_matches(matches: &clap::ArgMatches) -> Result<Self, clap::Error> {
+        match matches.subcommand() {
+            Some(("merge", sub)) => Ok(AnalyzeCommand::Merge(MergeArgs::from_arg_matches(sub)?)),
+            _ => Ok(AnalyzeCommand::Run(Box::new(
+                AnalyzeArgs::from_arg_matches(matches)?,
+            ))),
+        }
+    }
+
+    fn update_from_arg_matches(&mut self, matches: &clap::ArgMatches) -> Result<(), clap::Error> {
+        *self = Self::from_arg_matches(matches)?;
+        Ok(())
+    }
+}
+
+impl Args for AnalyzeCommand {
+    fn augment_args(cmd: clap::Command) -> clap::Command {
+        AnalyzeAction::augment_subcommands(AnalyzeArgs::augment_args(cmd))
+    }
+
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        Self::augment_args(cmd)
+    }
+}
+
 /// Arguments of `axcompress analyze`.
 #[derive(Debug, Args)]
 pub struct AnalyzeArgs {
@@ -255,6 +293,20 @@ pub struct AnalyzeArgs {
     /// `all` otherwise].
     #[arg(long, value_parser = parse_count_or_all)]
     pub taylor_examples: Option<CountOrAll>,
+    /// Cap the analysis at N forward-pass equivalents (the report's cost bound): the
+    /// candidates the Taylor pass ranks least significant are ablated first, level by level in
+    /// turn, the rest keep their Taylor estimate [default: no cap, every candidate ablated].
+    #[arg(long, value_name = "N")]
+    pub budget_passes: Option<f64>,
+    /// Cap the analysis at about M minutes: converted into --budget-passes from the timed
+    /// baseline pass (so the report depends on this machine's speed; shards need
+    /// --budget-passes).
+    #[arg(long, value_name = "M", conflicts_with = "budget_passes")]
+    pub budget_minutes: Option<f64>,
+    /// Measure only share I of N of the ablations (0-based; e.g. 0/4 … 3/4), one process or
+    /// machine each; `analyze merge` joins the N files into the report one run writes.
+    #[arg(long, value_name = "I/N", requires = "out")]
+    pub shard: Option<Shard>,
     /// Write the JSON report here (wall-clock figures go to `<stem>.timing.json` beside it).
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -262,6 +314,30 @@ pub struct AnalyzeArgs {
     #[arg(long)]
     pub plots: Option<PathBuf>,
     /// Replace an existing --out report (and its timing file).
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// Subcommands of `axcompress analyze`.
+#[derive(Debug, Subcommand)]
+pub enum AnalyzeAction {
+    /// Join the files of `analyze --shard I/N` (all N, any order) into the report of one run.
+    Merge(MergeArgs),
+}
+
+/// Arguments of `axcompress analyze merge`.
+#[derive(Debug, Args)]
+pub struct MergeArgs {
+    /// The shard files.
+    #[arg(required = true, value_name = "SHARD")]
+    pub shards: Vec<PathBuf>,
+    /// Write the merged report here.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Write SVG heatmaps here [default: beside --out].
+    #[arg(long)]
+    pub plots: Option<PathBuf>,
+    /// Replace an existing --out report.
     #[arg(long)]
     pub force: bool,
 }

@@ -5,8 +5,8 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use axcompress::analyze::elements::Level;
-use axcompress::analyze::report::{Method, Report, Settings, Source};
+use axcompress::analyze::elements::{Element, Level};
+use axcompress::analyze::report::{ElementSignificance, Method, Report, Settings, Source};
 use axcompress::analyze::{analyze, taylor, AnalysedModel};
 use axcompress::data::batch::EncodedSet;
 use axcompress::data::glue::Target;
@@ -74,6 +74,7 @@ fn settings(method: Method, group_size: usize, levels: &[Level]) -> Settings {
         taylor_examples: usize::MAX,
         batch_size: 3,
         max_length: 64,
+        forward_pass_budget: None,
     }
 }
 
@@ -440,4 +441,122 @@ fn empty_analysis_data_is_refused() {
     common::assert_clean_error(&o, &["dataset is empty"]);
     let o = analyze_cli(&["--limit", "0"]);
     common::assert_clean_error(&o, &["selection data is empty"]);
+}
+
+#[test]
+fn shards_run_apart_merge_into_the_report_of_one_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = |name: &str| tmp.path().join(name);
+    let common = ["--limit", "30", "--group-size", "64"];
+    let out = path("one/report.json");
+    let o = analyze_cli(&[&common[..], &["--out", out.to_str().unwrap()]].concat());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let shard_files: Vec<PathBuf> = (0..3).map(|i| path(&format!("s{i}.json"))).collect();
+    for (i, file) in shard_files.iter().enumerate() {
+        let shard = format!("{i}/3");
+        let o = analyze_cli(
+            &[
+                &common[..],
+                &["--shard", &shard, "--out", file.to_str().unwrap()],
+            ]
+            .concat(),
+        );
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let merge = |files: &[&PathBuf], out: &Path| {
+        let mut args = vec!["analyze", "merge", "-q"];
+        args.extend(files.iter().map(|f| f.to_str().unwrap()));
+        args.extend(["--out", out.to_str().unwrap()]);
+        common::run(&args)
+    };
+    // Any order: the merged report is the one run's, byte for byte.
+    let [a, b, c] = [&shard_files[0], &shard_files[1], &shard_files[2]];
+    let merged = path("merged/report.json");
+    let o = merge(&[c, a, b], &merged);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        std::fs::read(&out).unwrap(),
+        std::fs::read(&merged).unwrap()
+    );
+    // Every shard measured a share of the ablations, not all of them.
+    let ablated = |f: &PathBuf| {
+        let v = read_json(f);
+        let n = v["report"]["elements"].as_array().unwrap().iter();
+        n.filter(|e| e["source"] == "ablation").count()
+    };
+    let whole = Report::load(&out).unwrap().cost.ablations;
+    let shares: Vec<usize> = shard_files.iter().map(ablated).collect();
+    assert_eq!(shares.iter().sum::<usize>(), whole, "{shares:?}");
+    assert!(shares.iter().all(|&s| s > 0 && s < whole), "{shares:?}");
+    // A missing shard, a shard twice, a shard of another analysis, a plain report: refused.
+    let o = merge(&[a, c], &path("m.json"));
+    common::assert_clean_error(&o, &["shard 1/3 is missing"]);
+    let o = merge(&[a, b, b, c], &path("m.json"));
+    common::assert_clean_error(&o, &["shard 1/3 is also in"]);
+    let other = path("other.json");
+    let o = analyze_cli(
+        &[
+            "--limit",
+            "20",
+            "--group-size",
+            "64",
+            "--shard",
+            "1/3",
+            "--out",
+        ]
+        .into_iter()
+        .chain([other.to_str().unwrap()])
+        .collect::<Vec<_>>(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = merge(&[a, &other, c], &path("m.json"));
+    common::assert_clean_error(&o, &["not a shard of the same analysis"]);
+    let o = merge(&[a, b, &out], &path("m.json"));
+    common::assert_clean_error(&o, &["is not axcompress.significance-shard.v1"]);
+    assert!(!path("m.json").exists());
+}
+
+#[test]
+fn a_forward_pass_budget_ablates_the_taylor_least_significant_first() {
+    let run = |extra: &[&str]| -> Report {
+        let args = [
+            &["--limit", "24", "--group-size", "64", "--json"][..],
+            extra,
+        ]
+        .concat();
+        serde_json::from_value(common::json_stdout(&analyze_cli(&args))).unwrap()
+    };
+    let full = run(&[]);
+    let capped = run(&["--budget-passes", "10"]);
+    assert!(
+        capped.cost.forward_equivalents_bound <= 10.0,
+        "{:?}",
+        capped.cost
+    );
+    assert!(capped.cost.ablations > 0 && capped.cost.ablations < full.cost.ablations);
+    assert_eq!(capped.settings.forward_pass_budget, Some(10.0));
+    // Within each level, no candidate left to its Taylor estimate ranks (by Taylor) below an
+    // ablated one of the same layer: the budget goes to the least significant first (a layer's
+    // elements all cost the same).
+    let candidate =
+        |e: &&ElementSignificance| !matches!(e.element, Element::Group { index, .. } if index >= 8);
+    let left_out = capped.elements.iter().filter(candidate);
+    for e in left_out.filter(|e| e.source == Source::Taylor) {
+        let estimate = e.taylor_loss_delta.unwrap();
+        let above = capped.elements.iter().filter(|x| {
+            x.source == Source::Ablation
+                && x.element.level() == e.element.level()
+                && x.element.layer() == e.element.layer()
+                && x.taylor_loss_delta.unwrap() > estimate
+        });
+        assert_eq!(above.count(), 0, "{:?}", e.element);
+    }
+    assert!(capped
+        .elements
+        .iter()
+        .any(|e| e.source == Source::Taylor && e.element.level() == Level::Heads));
+    // A budget that covers everything changes nothing but the recorded setting.
+    let roomy = run(&["--budget-passes", "100000"]);
+    assert_eq!(roomy.elements, full.elements);
+    assert_eq!(roomy.cost, full.cost);
 }

@@ -6,6 +6,7 @@ pub mod ablation;
 pub mod elements;
 pub mod plots;
 pub mod report;
+pub mod shard;
 pub mod summary;
 pub mod taylor;
 
@@ -29,6 +30,7 @@ use report::{
     Baseline, Cost, ElementSignificance, LevelSummary, Method, ModelIdentity, Report, Settings,
     Source,
 };
+use shard::Shard;
 
 /// A finished analysis with its wall-clock figures (kept out of the report so that equal inputs
 /// give byte-identical reports).
@@ -43,6 +45,12 @@ pub struct Analysis {
     pub taylor_seconds: f64,
     /// Wall time of the ablations.
     pub ablation_seconds: f64,
+    /// The share of the elements this run measured ([`Shard::WHOLE`] unless sharded).
+    pub shard: Shard,
+    /// Elements in the whole analysis (the report holds only the shard's when sharded).
+    pub total_elements: usize,
+    /// Position of each of the report's elements in the whole analysis's element order.
+    pub positions: Vec<usize>,
 }
 
 /// The model being analysed and how its outputs map onto the task.
@@ -65,6 +73,36 @@ pub fn analyze(
     settings: Settings,
     quiet: bool,
 ) -> Result<Analysis> {
+    let how = HowToRun {
+        shard: Shard::WHOLE,
+        budget_minutes: None,
+        quiet,
+    };
+    analyze_with(subject, set, data, settings, &how)
+}
+
+/// How an analysis runs, beyond what its report records.
+pub struct HowToRun {
+    /// The share of the elements to measure.
+    pub shard: Shard,
+    /// Wall-time budget: converted, once the baseline pass is timed, into the forward-pass
+    /// budget the report's settings record (ignored when the settings already have one).
+    pub budget_minutes: Option<f64>,
+    /// No progress bars or estimate.
+    pub quiet: bool,
+}
+
+/// Runs `how.shard`'s share of the significance analysis of `subject.model` on `set`: the whole
+/// analysis for [`Shard::WHOLE`]; otherwise a report of the shard's elements only, unranked and
+/// without level summaries, for [`shard::merge`] to join.
+pub fn analyze_with(
+    subject: &AnalysedModel,
+    set: &EncodedSet,
+    data: DataInfo,
+    mut settings: Settings,
+    how: &HowToRun,
+) -> Result<Analysis> {
+    let (shard, quiet) = (how.shard, how.quiet);
     let AnalysedModel {
         model,
         source: model_source,
@@ -76,6 +114,9 @@ pub fn analyze(
     let batches = batch::batches(model, set, labels, settings.batch_size)?;
     let scorer = Scorer::new(task, labels, &set.targets);
     let (base, forward_seconds) = baseline(subject, set, settings.batch_size, quiet)?;
+    if let (None, Some(minutes)) = (settings.forward_pass_budget, how.budget_minutes) {
+        settings.forward_pass_budget = Some(passes_in_minutes(minutes, forward_seconds));
+    }
     let metric = task.primary_metric().to_string();
 
     let taylor_started = Instant::now();
@@ -87,14 +128,22 @@ pub fn analyze(
     {
         elements.extend(groups_by_score(&t.neuron_estimates(), settings.group_size));
     }
-    let exact = exactly_ablated(&elements, &settings);
-    let to_ablate: Vec<Element> = elements
-        .iter()
-        .zip(&exact)
-        .filter(|(_, &x)| x)
-        .map(|(e, _)| e.clone())
-        .collect();
+    let mut exact = exactly_ablated(&elements, &settings);
+    if let (Some(budget), Some(t)) = (settings.forward_pass_budget, taylor.as_ref()) {
+        let estimates: Vec<f64> = elements.iter().map(|e| t.estimate(model, e)).collect();
+        let costs = Costs::of(model, set, &settings);
+        exact = costs.within_budget(&elements, &exact, &estimates, budget);
+    }
+    let ablated_anywhere = selected(&elements, &exact);
+    let owned = shard.owned(&exact);
+    let positions: Vec<usize> = (0..elements.len()).filter(|&i| owned[i]).collect();
+    let mine: Vec<bool> = exact.iter().zip(&owned).map(|(&x, &o)| x && o).collect();
+    let to_ablate = selected(&elements, &mine);
     let taylor_seconds = taylor_started.elapsed().as_secs_f64();
+    let bound = Costs::of(model, set, &settings).bound(&ablated_anywhere);
+    if !quiet {
+        eprintln!("{}", estimate_line(bound, forward_seconds, shard));
+    }
     let ablation_started = Instant::now();
     let n = set.sequences.len() as u64;
     let bar = progress::bar(n * to_ablate.len() as u64, "ablation", quiet);
@@ -108,11 +157,16 @@ pub fn analyze(
         scorer: &scorer,
         taylor: taylor.as_ref(),
     };
-    let mut results = measured.significances(model, &elements, &exact, outcomes);
-    let levels = rank_and_summarise(&mut results, &settings.levels);
+    let owned_elements = selected(&elements, &owned);
+    let owned_exact: Vec<bool> = positions.iter().map(|&i| exact[i]).collect();
+    let mut results = measured.significances(model, &owned_elements, &owned_exact, outcomes);
+    let levels = match shard == Shard::WHOLE {
+        true => rank_and_summarise(&mut results, &settings.levels),
+        false => Vec::new(),
+    };
     let cost = Cost {
-        ablations: to_ablate.len(),
-        forward_equivalents_bound: forward_equivalents_bound(model, set, &settings, &to_ablate),
+        ablations: ablated_anywhere.len(),
+        forward_equivalents_bound: bound,
     };
     let report = Report {
         schema: report::SCHEMA.to_string(),
@@ -140,7 +194,20 @@ pub fn analyze(
         forward_seconds,
         taylor_seconds,
         ablation_seconds,
+        shard,
+        total_elements: elements.len(),
+        positions,
     })
+}
+
+/// The elements whose flag in `chosen` is set, in order.
+fn selected(elements: &[Element], chosen: &[bool]) -> Vec<Element> {
+    elements
+        .iter()
+        .zip(chosen)
+        .filter(|(_, &x)| x)
+        .map(|(e, _)| e.clone())
+        .collect()
 }
 
 /// Refuses an analysis that cannot run, before any work.
@@ -156,6 +223,9 @@ fn check_request(model: &Model, set: &EncodedSet, settings: &Settings) -> Result
     }
     if settings.levels.contains(&Level::Groups) && settings.taylor_examples == 0 {
         bail!("grouping FFN neurons needs the Taylor pass; set --taylor-examples above 0");
+    }
+    if settings.forward_pass_budget.is_some() && settings.taylor_examples == 0 {
+        bail!("a forward-pass budget ranks the candidates by the Taylor pass; set --taylor-examples above 0");
     }
     if settings.method != Method::Ablation && settings.taylor_examples == 0 {
         bail!("--method taylor and both need the Taylor pass; set --taylor-examples above 0");
@@ -218,20 +288,102 @@ fn exactly_ablated(elements: &[Element], settings: &Settings) -> Vec<bool> {
         .collect()
 }
 
-/// An upper bound of the analysis's cost in forward passes over the data.
-fn forward_equivalents_bound(
-    model: &Model,
-    set: &EncodedSet,
-    settings: &Settings,
-    ablated: &[Element],
-) -> f64 {
-    let n = set.sequences.len() as f64;
-    let layers = model.num_layers().max(1) as f64;
-    1.0 + 3.0 * settings.taylor_examples.min(set.sequences.len()) as f64 / n
-        + ablated
-            .iter()
-            .map(|e| (layers - e.layer() as f64) / layers)
-            .sum::<f64>()
+/// The analysis's cost model, in forward passes over the analysis data.
+struct Costs {
+    /// The baseline pass and the Taylor pass (a forward and a backward, counted as 3, scaled by
+    /// the share of the data it uses).
+    fixed: f64,
+    /// Encoder layers.
+    layers: f64,
+}
+
+impl Costs {
+    fn of(model: &Model, set: &EncodedSet, settings: &Settings) -> Costs {
+        let n = set.sequences.len() as f64;
+        let taylor = settings.taylor_examples.min(set.sequences.len()) as f64;
+        Costs {
+            fixed: 1.0 + 3.0 * taylor / n,
+            layers: model.num_layers().max(1) as f64,
+        }
+    }
+
+    /// An element of layer `l` recomputes the layers after it: `(layers − l) / layers` of a pass.
+    fn ablation(&self, e: &Element) -> f64 {
+        (self.layers - e.layer() as f64) / self.layers
+    }
+
+    /// The bound of an analysis that ablates `ablated` exactly.
+    fn bound(&self, ablated: &[Element]) -> f64 {
+        self.fixed + ablated.iter().map(|e| self.ablation(e)).sum::<f64>()
+    }
+
+    /// Taylor pre-ranking under a budget of `budget` forward passes: of the `exact` candidates,
+    /// the ones to ablate. Each level's candidates are taken from the least significant Taylor
+    /// `estimates` up, the levels in turn, each while it fits the budget left; the rest keep
+    /// their Taylor estimate.
+    fn within_budget(
+        &self,
+        elements: &[Element],
+        exact: &[bool],
+        estimates: &[f64],
+        budget: f64,
+    ) -> Vec<bool> {
+        let mut queues: Vec<Vec<usize>> = Vec::new();
+        for level in [Level::Blocks, Level::Heads, Level::Groups] {
+            let mut ids: Vec<usize> = (0..elements.len())
+                .filter(|&i| exact[i] && elements[i].level() == level)
+                .collect();
+            ids.sort_by(|&a, &b| estimates[a].total_cmp(&estimates[b]).then(a.cmp(&b)));
+            queues.push(ids);
+        }
+        let mut chosen = vec![false; elements.len()];
+        let mut left = budget - self.fixed;
+        let longest = queues.iter().map(Vec::len).max().unwrap_or(0);
+        for rank in 0..longest {
+            for &i in queues.iter().filter_map(|q| q.get(rank)) {
+                let cost = self.ablation(&elements[i]);
+                if cost <= left {
+                    chosen[i] = true;
+                    left -= cost;
+                }
+            }
+        }
+        chosen
+    }
+}
+
+/// The forward passes `minutes` of wall time buys at `forward_seconds` a pass (one decimal, so
+/// the report records a readable figure).
+fn passes_in_minutes(minutes: f64, forward_seconds: f64) -> f64 {
+    (minutes * 60.0 / forward_seconds.max(1e-9) * 10.0).floor() / 10.0
+}
+
+/// What the analysis will cost, printed before the ablations start.
+fn estimate_line(bound: f64, forward_seconds: f64, shard: Shard) -> String {
+    let whole = bound * forward_seconds;
+    let mut line = format!(
+        "estimated {}: {bound:.1} forward passes of {forward_seconds:.1}s",
+        minutes_text(whole)
+    );
+    if shard != Shard::WHOLE {
+        line += &format!(
+            " for the whole analysis; this shard ({}/{}) about a {} share of the ablations",
+            shard.index, shard.count, shard.count
+        );
+    }
+    if bound > 30.0 {
+        line += "; --budget-passes or --budget-minutes caps it (Taylor pre-ranking), --shard I/N splits it across machines";
+    }
+    line
+}
+
+/// `seconds` as minutes and seconds.
+fn minutes_text(seconds: f64) -> String {
+    let s = seconds.round() as u64;
+    match s >= 60 {
+        true => format!("{} min {:02} s", s / 60, s % 60),
+        false => format!("{s} s"),
+    }
 }
 
 /// What the significance of an element is measured against.

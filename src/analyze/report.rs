@@ -92,6 +92,11 @@ pub struct Settings {
     pub batch_size: usize,
     /// Maximum tokens per input.
     pub max_length: usize,
+    /// Cap on [`Cost::forward_equivalents_bound`] (`--budget-passes`, or `--budget-minutes`
+    /// converted): the candidates Taylor ranks least significant are ablated first, the rest
+    /// keep their Taylor estimate. `None` (not written): every candidate is ablated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forward_pass_budget: Option<f64>,
 }
 
 /// The unmodified model's results.

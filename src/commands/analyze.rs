@@ -9,9 +9,10 @@ use serde_json::json;
 
 use super::{log, task_setup};
 use crate::analyze::elements::Level;
-use crate::analyze::report::{Method, Settings};
-use crate::analyze::{analyze, plots, summary, AnalysedModel};
-use crate::cli::{AnalyzeArgs, Cli, CountOrAll};
+use crate::analyze::report::{Method, Report, Settings};
+use crate::analyze::shard::{self, Shard, ShardReport, SHARD_SCHEMA};
+use crate::analyze::{analyze_with, plots, summary, AnalysedModel, Analysis, HowToRun};
+use crate::cli::{AnalyzeArgs, AnalyzeCommand, Cli, CountOrAll, MergeArgs};
 use crate::data::batch::EncodedSet;
 use crate::data::splits::SelectOn;
 use crate::data::splits::{SelectionSpec, Splits};
@@ -20,8 +21,16 @@ use crate::export::check_file_destination;
 use crate::fsutil::{pretty_json, write_atomic};
 use crate::model::runtime::Runtime;
 
-/// Runs `axcompress analyze`.
-pub fn run(args: &AnalyzeArgs, cli: &Cli) -> Result<()> {
+/// Runs `axcompress analyze` (or `analyze merge`).
+pub fn run(command: &AnalyzeCommand, cli: &Cli) -> Result<()> {
+    match command {
+        AnalyzeCommand::Merge(merge) => run_merge(merge, cli),
+        AnalyzeCommand::Run(args) => run_analysis(args, cli),
+    }
+}
+
+/// Runs one analysis, or one shard of it.
+fn run_analysis(args: &AnalyzeArgs, cli: &Cli) -> Result<()> {
     // Gradients need f32 matrices: a quantized model runs dequantized unless --execution said
     // otherwise (then analysis refuses it).
     let runtime = Runtime {
@@ -54,39 +63,46 @@ pub fn run(args: &AnalyzeArgs, cli: &Cli) -> Result<()> {
         task,
         labels: &setup.labels,
     };
-    let analysis = analyze(&subject, &set, data, settings, cli.quiet)?;
+    let how = HowToRun {
+        shard: args.shard.unwrap_or(Shard::WHOLE),
+        budget_minutes: args.budget_minutes,
+        quiet: cli.quiet,
+    };
+    let analysis = analyze_with(&subject, &set, data, settings, &how)?;
+    if args.shard.is_some() {
+        return write_shard(analysis, args, cli);
+    }
     let report = &analysis.report;
-    let timing = json!({
-        "wall_seconds": analysis.wall_seconds,
-        "forward_pass_seconds": analysis.forward_seconds,
-        "forward_pass_equivalents": analysis.wall_seconds / analysis.forward_seconds.max(1e-9),
-        "taylor_seconds": analysis.taylor_seconds,
-        "ablation_seconds": analysis.ablation_seconds,
-    });
     let report_text = pretty_json(report)?;
     if let Some(out) = &args.out {
-        if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent)?;
-        }
-        write_atomic(out, &report_text)?;
-        write_atomic(&timing_path(out), &pretty_json(&timing)?)?;
+        write_with_timing(out, &report_text, &analysis)?;
         log(cli, &format!("wrote {}", out.display()));
     }
-    if let Some(dir) = plot_dir(args) {
+    let cost_line = format!(
+        "{}; {} ablations",
+        cost_text(&analysis),
+        report.cost.ablations
+    );
+    show(report, &report_text, plot_dir(args), &cost_line, cli)
+}
+
+/// Writes the heatmaps (into `plots`, when given) and prints the report: its summary and
+/// `cost_line`, or under `--json` the report itself.
+fn show(
+    report: &Report,
+    report_text: &[u8],
+    plots: Option<PathBuf>,
+    cost_line: &str,
+    cli: &Cli,
+) -> Result<()> {
+    if let Some(dir) = plots {
         for p in plots::write_heatmaps(report, &dir)? {
             log(cli, &format!("wrote {}", p.display()));
         }
     }
-    let cost_line = format!(
-        "analysis took {:.1}s = {:.1} forward passes over the same data ({:.2}s each); {} ablations",
-        analysis.wall_seconds,
-        analysis.wall_seconds / analysis.forward_seconds.max(1e-9),
-        analysis.forward_seconds,
-        report.cost.ablations
-    );
     if cli.json {
-        log(cli, &cost_line);
-        print!("{}", String::from_utf8_lossy(&report_text));
+        log(cli, cost_line);
+        print!("{}", String::from_utf8_lossy(report_text));
         return Ok(());
     }
     print!("{}", summary::render(report, 3));
@@ -94,12 +110,107 @@ pub fn run(args: &AnalyzeArgs, cli: &Cli) -> Result<()> {
     Ok(())
 }
 
+/// `took …s = … forward passes over the same data (…s each)`.
+fn cost_text(analysis: &Analysis) -> String {
+    format!(
+        "analysis took {:.1}s = {:.1} forward passes over the same data ({:.2}s each)",
+        analysis.wall_seconds,
+        analysis.wall_seconds / analysis.forward_seconds.max(1e-9),
+        analysis.forward_seconds,
+    )
+}
+
+/// Writes `text` to `out` and the analysis's wall-clock figures to the timing file beside it.
+fn write_with_timing(out: &Path, text: &[u8], analysis: &Analysis) -> Result<()> {
+    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)?;
+    }
+    let timing = json!({
+        "wall_seconds": analysis.wall_seconds,
+        "forward_pass_seconds": analysis.forward_seconds,
+        "forward_pass_equivalents": analysis.wall_seconds / analysis.forward_seconds.max(1e-9),
+        "taylor_seconds": analysis.taylor_seconds,
+        "ablation_seconds": analysis.ablation_seconds,
+    });
+    write_atomic(out, text)?;
+    write_atomic(&timing_path(out), &pretty_json(&timing)?)
+}
+
+/// Writes one shard's file (`--shard` requires `--out`) and says how to merge.
+fn write_shard(analysis: Analysis, args: &AnalyzeArgs, cli: &Cli) -> Result<()> {
+    let out = args
+        .out
+        .as_deref()
+        .expect("clap requires --out with --shard");
+    let shard = analysis.shard;
+    let measured = analysis.report.cost.ablations;
+    let file = ShardReport {
+        schema: SHARD_SCHEMA.to_string(),
+        shard,
+        total_elements: analysis.total_elements,
+        positions: analysis.positions.clone(),
+        report: analysis.report.clone(),
+    };
+    let text = pretty_json(&file)?;
+    write_with_timing(out, &text, &analysis)?;
+    let line = format!(
+        "shard {}/{}: {} of {} elements ({} ablations in the whole analysis); {}; wrote {}; join all {} with `axcompress analyze merge FILE... --out REPORT`",
+        shard.index,
+        shard.count,
+        file.positions.len(),
+        file.total_elements,
+        measured,
+        cost_text(&analysis),
+        out.display(),
+        shard.count
+    );
+    if cli.json {
+        log(cli, &line);
+        print!("{}", String::from_utf8_lossy(&text));
+    } else {
+        println!("{line}");
+    }
+    Ok(())
+}
+
+/// Runs `axcompress analyze merge`.
+fn run_merge(args: &MergeArgs, cli: &Cli) -> Result<()> {
+    let inputs: Vec<&Path> = args.shards.iter().map(PathBuf::as_path).collect();
+    check_file_destination("--out", &inputs, &args.out, args.force)?;
+    let plots = args
+        .plots
+        .clone()
+        .or_else(|| Some(args.out.parent().unwrap_or(Path::new(".")).to_path_buf()));
+    let report = shard::merge(&args.shards)?;
+    if let Some(dir) = &plots {
+        for level in &report.settings.levels {
+            let file = plots::heatmap_path(dir, *level);
+            check_file_destination("--plots", &inputs, &file, args.force)?;
+        }
+    }
+    let text = pretty_json(&report)?;
+    if let Some(parent) = args.out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)?;
+    }
+    write_atomic(&args.out, &text)?;
+    log(cli, &format!("wrote {}", args.out.display()));
+    let line = format!(
+        "merged {} shards: {} elements, {} ablations",
+        args.shards.len(),
+        report.elements.len(),
+        report.cost.ablations
+    );
+    show(&report, &text, plots, &line, cli)
+}
+
 /// The analysis settings the flags ask for, on `examples` examples truncated at `max_length`.
 fn settings_of(args: &AnalyzeArgs, examples: usize, max_length: usize) -> Settings {
     let mut levels = args.levels.clone();
     levels.sort();
     levels.dedup();
-    let needs_taylor = args.method != Method::Ablation || levels.contains(&Level::Groups);
+    let budgeted = args.budget_passes.is_some() || args.budget_minutes.is_some();
+    let needs_taylor =
+        args.method != Method::Ablation || levels.contains(&Level::Groups) || budgeted;
     let taylor_examples = match (needs_taylor, args.taylor_examples, args.method) {
         (false, _, _) => 0,
         (true, Some(CountOrAll::Count(k)), _) => k,
@@ -117,6 +228,7 @@ fn settings_of(args: &AnalyzeArgs, examples: usize, max_length: usize) -> Settin
         taylor_examples: taylor_examples.min(examples),
         batch_size: args.task.batch_size,
         max_length,
+        forward_pass_budget: args.budget_passes,
     }
 }
 

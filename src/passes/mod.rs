@@ -288,6 +288,7 @@ pub fn significance(
         },
         batch_size: ctx.batch_size,
         max_length: ctx.max_length,
+        forward_pass_budget: None,
     };
     let all = &ctx.selection.set;
     let examples = all.sequences.len().min(SIGNIFICANCE_EXAMPLES);
