@@ -25,6 +25,7 @@ pub mod hash;
 pub mod interrupt;
 pub mod kernels;
 pub mod measure;
+pub mod memory;
 pub mod model;
 pub mod passes;
 pub mod pipeline;

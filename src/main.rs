@@ -14,6 +14,7 @@ fn main() {
         eprintln!("warning: {err:#}; Ctrl-C will stop without cleaning up");
     }
     axcompress::threads::configure(cli.threads);
+    axcompress::memory::configure(cli.memory_limit);
     let result = axcompress::threads::on_pool(|| dispatch(&cli));
     axcompress::interrupt::yield_to_stop();
     if let Err(err) = result {

@@ -527,14 +527,12 @@ fn a_forward_pass_budget_ablates_the_taylor_least_significant_first() {
         serde_json::from_value(common::json_stdout(&analyze_cli(&args))).unwrap()
     };
     let full = run(&[]);
-    let capped = run(&["--budget-passes", "10"]);
-    assert!(
-        capped.cost.forward_equivalents_bound <= 10.0,
-        "{:?}",
-        capped.cost
-    );
+    let capped = run(&["--budget-passes", "20"]);
+    // The report's bound counts the Taylor pass as 3 passes, the budget at its measured 12.
+    let bound = capped.cost.forward_equivalents_bound;
+    assert!(bound + 9.0 <= 20.0 + 1e-9, "{:?}", capped.cost);
     assert!(capped.cost.ablations > 0 && capped.cost.ablations < full.cost.ablations);
-    assert_eq!(capped.settings.forward_pass_budget, Some(10.0));
+    assert_eq!(capped.settings.forward_pass_budget, Some(20.0));
     // Within each level, no candidate left to its Taylor estimate ranks (by Taylor) below an
     // ablated one of the same layer: the budget goes to the least significant first (a layer's
     // elements all cost the same).

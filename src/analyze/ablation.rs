@@ -14,6 +14,7 @@ use indicatif::ProgressBar;
 use super::elements::Element;
 use crate::evaluate::finite_rows;
 use crate::kernels::Ops;
+use crate::memory;
 use crate::model::encoder::Queries;
 use crate::model::encoder::{EncoderLayer, RunOptions};
 use crate::model::nn::LayerNorm;
@@ -32,6 +33,23 @@ pub struct Outcome {
 
 /// Upper bound on sequences stacked into one downstream pass.
 const MAX_STACKED_SEQUENCES: usize = 256;
+
+/// The share of the memory limit one stacked downstream pass may take.
+const STACK_SHARE_OF_LIMIT: u64 = 8;
+
+/// Sequences of `tokens` tokens stacked into one downstream pass of `model`: at most
+/// [`MAX_STACKED_SEQUENCES`], and at most what fits an eighth of the memory limit (each sequence
+/// holds its hidden states, its FFN activations before and after GELU, and its attention scores).
+/// Stacking changes the time, not the bits: every sequence's rows are computed alone.
+fn stack_limit(model: &Model, tokens: usize) -> usize {
+    let widest = |f: fn(&EncoderLayer) -> usize| model.layers.iter().map(f).max().unwrap_or(0);
+    let width = widest(|l| l.ffn.as_ref().map_or(0, |f| f.width()));
+    let heads = widest(|l| l.attention.as_ref().map_or(0, |a| a.heads.len()));
+    let per_token = 2 * width + 8 * model.config.hidden_size + heads * tokens;
+    let per_sequence = (4 * tokens * per_token).max(1) as u64;
+    let fits = memory::limit_for(model) / STACK_SHARE_OF_LIMIT / per_sequence;
+    (fits as usize).clamp(1, MAX_STACKED_SEQUENCES)
+}
 
 /// Cached states of one layer for one batch.
 #[derive(Clone)]
@@ -136,8 +154,8 @@ pub fn ablate(
             caches.push(cache);
             h = y;
         }
-        let b = batch.examples.len();
-        let chunk = (MAX_STACKED_SEQUENCES / b).max(1);
+        let (b, tokens) = batch.inputs.input_ids.dims2()?;
+        let chunk = (stack_limit(model, tokens) / b).max(1);
         for (l, cache) in caches.iter().enumerate() {
             let cache = if l == last {
                 cache.first_position()?

@@ -119,6 +119,7 @@ impl ShardReport {
 pub fn merge(paths: &[PathBuf]) -> Result<Report> {
     let shards = paths
         .iter()
+        .filter(|p| !is_timing_file(p))
         .map(|p| Ok((p.as_path(), ShardReport::load(p)?)))
         .collect::<Result<Vec<_>>>()?;
     let Some((first_path, first)) = shards.first() else {
@@ -161,6 +162,13 @@ pub fn merge(paths: &[PathBuf]) -> Result<Report> {
         levels,
         ..first.report.clone()
     })
+}
+
+/// True for the wall-clock file `analyze` writes beside each shard (`<stem>.timing.json`), which
+/// a glob such as `shards/*.json` also matches: the merge skips it.
+fn is_timing_file(path: &Path) -> bool {
+    path.file_name()
+        .is_some_and(|n| n.to_string_lossy().ends_with(".timing.json"))
 }
 
 /// Puts `shard`'s elements into their slots, refusing positions out of range or taken.

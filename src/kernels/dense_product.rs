@@ -98,6 +98,11 @@ impl CustomOp3 for Linear {
         let grad = grad.contiguous()?.reshape((rows, out))?;
         let x2 = x.reshape((rows, inner))?;
         let dx = grad.matmul(weight)?.reshape(x.shape())?;
+        // A constant weight (analysis's gate gradients) needs no gradient of its own: its
+        // product is as costly as `dx`'s.
+        if !weight.track_op() {
+            return Ok((Some(dx), None, None));
+        }
         let dw = grad.t()?.matmul(&x2)?;
         let db = grad.sum(0)?;
         Ok((Some(dx), Some(dw), Some(db)))

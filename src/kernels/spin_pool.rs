@@ -93,7 +93,10 @@ fn pool(helpers: usize) -> &'static Pool {
         for _ in 0..helpers {
             std::thread::Builder::new()
                 .name("axcompress-kernel".into())
-                .spawn(move || pool.help())
+                .spawn(move || {
+                    crate::threads::flush_denormals();
+                    pool.help()
+                })
                 .expect("the kernel pool could not start a thread");
         }
         pool

@@ -17,8 +17,9 @@ use candle_core::{Tensor, D};
 use serde::Serialize;
 
 use super::ridge::{Fit, NormalEquations};
-use super::select::{cache_budget, cached_batches};
+use super::select::cached_batches;
 use crate::kernels::Ops;
+use crate::memory;
 use crate::model::encoder::{Attention, EncoderLayer, FeedForward};
 use crate::model::inputs::Inputs;
 use crate::model::linear::Linear;
@@ -124,7 +125,7 @@ impl Block {
 }
 
 /// The original's and the pruned model's hidden states entering the current block, per batch:
-/// kept for the batches within the state budget ([`super::select::cache_budget`]), `None` for
+/// kept for the batches within the state budget ([`crate::memory::cache_budget`]), `None` for
 /// the others, which are recomputed from the embeddings when needed.
 struct States {
     kept: Vec<Option<(Tensor, Tensor)>>,
@@ -133,7 +134,7 @@ struct States {
 impl States {
     fn new(original: &Model, pruned: &Model, batches: &[ScoringBatch]) -> Result<Self> {
         // Two models' states per batch: count each batch twice against the budget.
-        let cached = cached_batches(batches, original, cache_budget()? / 2);
+        let cached = cached_batches(batches, original, memory::cache_budget(original)? / 2);
         let kept = batches
             .iter()
             .enumerate()

@@ -7,8 +7,8 @@
 //! evaluation). Every decision goes through the [`Journal`], so an interrupted run replays its
 //! decisions instead of recomputing them.
 //!
-//! The cache is bounded: batches past `AXCOMPRESS_CACHE_MB` (default 4096) of cached states are
-//! run from the embeddings at each evaluation instead, so a large selection set costs time, not
+//! The cache is bounded ([`crate::memory::cache_budget`]: from `--memory-limit`, or
+//! `AXCOMPRESS_CACHE_MB`): batches past it are run from the embeddings at each evaluation instead, so a large selection set costs time, not
 //! memory.
 //!
 //! Every floor is judged by the [`guard`](super::guard): under an accuracy metric the engine pairs
@@ -28,6 +28,7 @@ use crate::data::labels::LabelMap;
 use crate::data::task::Task;
 use crate::evaluate::finite_rows;
 use crate::kernels::Ops;
+use crate::memory;
 use crate::model::encoder::{Gates, RunOptions};
 use crate::model::Model;
 use crate::scoring::batch::{batches, ScoringBatch};
@@ -313,7 +314,7 @@ pub struct Engine<'a> {
 impl<'a> Engine<'a> {
     /// Caches `model`'s hidden states on the selection data and scores it.
     pub fn new(model: Model, data: &'a SelectionBatches<'a>) -> Result<Self> {
-        let cached = cached_batches(&data.batches, &model, cache_budget()?);
+        let cached = cached_batches(&data.batches, &model, memory::cache_budget(&model)?);
         let cache = data
             .batches
             .iter()
@@ -510,17 +511,6 @@ impl<'a> Engine<'a> {
     fn early_stop_applies(&self) -> bool {
         self.data.metric == "accuracy" && self.data.scorer.is_classification()
     }
-}
-
-/// Bytes of hidden states the engine may cache: `AXCOMPRESS_CACHE_MB` MiB, 4096 by default.
-pub(super) fn cache_budget() -> Result<usize> {
-    let Ok(value) = std::env::var("AXCOMPRESS_CACHE_MB") else {
-        return Ok(4096 << 20);
-    };
-    let mb: usize = value.trim().parse().with_context(|| {
-        format!("AXCOMPRESS_CACHE_MB={value:?} is not a number of MiB; unset it or use e.g. 4096")
-    })?;
-    Ok(mb.saturating_mul(1 << 20))
 }
 
 /// How many leading `batches` have their states entering every layer of `model` within `budget`

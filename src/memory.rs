@@ -1,0 +1,112 @@
+//! The memory limit (`--memory-limit`): how much the parts of a run that grow with its data may
+//! take. The selection engine's and the reconstruction's hidden-state caches are sized from it
+//! (batches past the cache are recomputed from the embeddings: the same bits, more time), and so
+//! is the analysis's stacking of ablation variants.
+//!
+//! Without `--memory-limit` the limit is derived from the model: 4 GiB, or 8 times the model's
+//! f32 weights when that is more (BERT-large: 10.7 GB).
+
+use std::sync::OnceLock;
+
+use anyhow::{Context, Result};
+
+use crate::model::Model;
+
+/// `--memory-limit` in bytes, when given.
+static LIMIT: OnceLock<Option<u64>> = OnceLock::new();
+
+/// The default limit's floor.
+const DEFAULT_FLOOR: u64 = 4 << 30;
+
+/// The default limit in f32 weight bytes of the model.
+const DEFAULT_WEIGHT_MULTIPLE: u64 = 8;
+
+/// What the limit keeps for everything but the caches, in f32 weight bytes of the model: the
+/// model, its copies (the accepted model and a candidate, a teacher, a training snapshot) and the
+/// working set of a forward pass.
+const RESERVED_WEIGHT_MULTIPLE: u64 = 6;
+
+/// The hidden-state cache never takes more than this (the engine's fixed budget before the limit
+/// existed), so small models run as before.
+const CACHE_CEILING: u64 = 4 << 30;
+
+/// Records `--memory-limit` for this process (before any pass runs).
+pub fn configure(limit: Option<u64>) {
+    let _ = LIMIT.set(limit);
+}
+
+/// `--memory-limit`, else the default for `model`.
+pub fn limit_for(model: &Model) -> u64 {
+    LIMIT
+        .get()
+        .copied()
+        .flatten()
+        .unwrap_or_else(|| DEFAULT_FLOOR.max(DEFAULT_WEIGHT_MULTIPLE * weight_bytes(model)))
+}
+
+/// Bytes of `model`'s weights at f32.
+fn weight_bytes(model: &Model) -> u64 {
+    model.parameter_count() as u64 * 4
+}
+
+/// Bytes of hidden states the selection engine may cache for `model`: `AXCOMPRESS_CACHE_MB` MiB
+/// when set, else what the limit leaves beside the model's copies and working set, at most 4 GiB.
+pub fn cache_budget(model: &Model) -> Result<usize> {
+    if let Ok(value) = std::env::var("AXCOMPRESS_CACHE_MB") {
+        let mb: usize = value.trim().parse().with_context(|| {
+            format!(
+                "AXCOMPRESS_CACHE_MB={value:?} is not a number of MiB; unset it or use e.g. 4096"
+            )
+        })?;
+        return Ok(mb.saturating_mul(1 << 20));
+    }
+    let reserved = RESERVED_WEIGHT_MULTIPLE * weight_bytes(model);
+    let left = limit_for(model).saturating_sub(reserved);
+    Ok(left.min(CACHE_CEILING) as usize)
+}
+
+/// Parses a size: a number of bytes, or with a unit `K`, `M`, `G` or `T` (powers of 1024; an
+/// optional `B` or `iB` after it), e.g. `4G`, `3500M`, `12GiB`.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let usage = || format!("expected a size such as 4G, 3500M or 12GiB, got `{text}`");
+    let t = text.trim();
+    let digits = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(digits);
+    let value: f64 = number.parse().map_err(|_| usage())?;
+    let unit = unit.trim().to_ascii_uppercase();
+    let unit = unit.trim_end_matches("IB").trim_end_matches('B');
+    let scale: u64 = match unit {
+        "" => 1,
+        "K" => 1 << 10,
+        "M" => 1 << 20,
+        "G" => 1 << 30,
+        "T" => 1 << 40,
+        _ => return Err(usage()),
+    };
+    let bytes = value * scale as f64;
+    if !bytes.is_finite() || bytes < (64 << 20) as f64 {
+        return Err(format!(
+            "--memory-limit {text} is below 64M, less than any model needs; give e.g. 4G"
+        ));
+    }
+    Ok(bytes as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_in_binary_units() {
+        assert_eq!(parse_size("4G"), Ok(4 << 30));
+        assert_eq!(parse_size("3500M"), Ok(3500 << 20));
+        assert_eq!(parse_size("12GiB"), Ok(12 << 30));
+        assert_eq!(parse_size("1.5gb"), Ok(3 << 29));
+        assert_eq!(parse_size("1073741824"), Ok(1 << 30));
+        for bad in ["", "G", "4X", "four", "-1G", "1M"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+    }
+}
