@@ -96,6 +96,7 @@ fn report(case: &Case) -> Report {
             taylor_examples: 0,
             batch_size: 32,
             max_length: 128,
+            forward_pass_budget: None,
         },
         baseline: Baseline {
             loss: 0.69,

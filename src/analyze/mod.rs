@@ -124,19 +124,7 @@ pub fn analyze_with(
 
     let taylor_started = Instant::now();
     let taylor = taylor_pass(subject, set, &settings, quiet)?;
-    let mut elements = blocks_and_heads(model, &settings.levels);
-    if let Some(t) = taylor
-        .as_ref()
-        .filter(|_| settings.levels.contains(&Level::Groups))
-    {
-        elements.extend(groups_by_score(&t.neuron_estimates(), settings.group_size));
-    }
-    let mut exact = exactly_ablated(&elements, &settings);
-    if let (Some(budget), Some(t)) = (settings.forward_pass_budget, taylor.as_ref()) {
-        let estimates: Vec<f64> = elements.iter().map(|e| t.estimate(model, e)).collect();
-        let costs = Costs::measured(model, set, &settings);
-        exact = costs.within_budget(&elements, &exact, &estimates, budget);
-    }
+    let (elements, exact) = plan(model, set, &settings, taylor.as_ref());
     let ablated_anywhere = selected(&elements, &exact);
     let owned = shard.owned(&exact);
     let positions: Vec<usize> = (0..elements.len()).filter(|&i| owned[i]).collect();
@@ -174,12 +162,7 @@ pub fn analyze_with(
     };
     let report = Report {
         schema: report::SCHEMA.to_string(),
-        model: ModelIdentity {
-            source: model_source.to_string(),
-            fingerprint: model.fingerprint()?,
-            family: model.config.family.name().to_string(),
-            structure: model.config.structure.clone(),
-        },
+        model: identity(model, model_source)?,
         task: task.name().to_string(),
         data,
         baseline: Baseline {
@@ -201,6 +184,37 @@ pub fn analyze_with(
         shard,
         total_elements: elements.len(),
         positions,
+    })
+}
+
+/// The elements of the analysis (groups formed by the Taylor pass) and which of them are ablated
+/// exactly: by the method, then, under a budget, by Taylor pre-ranking.
+fn plan(
+    model: &Model,
+    set: &EncodedSet,
+    settings: &Settings,
+    taylor: Option<&taylor::GateGradients>,
+) -> (Vec<Element>, Vec<bool>) {
+    let mut elements = blocks_and_heads(model, &settings.levels);
+    if let Some(t) = taylor.filter(|_| settings.levels.contains(&Level::Groups)) {
+        elements.extend(groups_by_score(&t.neuron_estimates(), settings.group_size));
+    }
+    let mut exact = exactly_ablated(&elements, settings);
+    if let (Some(budget), Some(t)) = (settings.forward_pass_budget, taylor) {
+        let estimates: Vec<f64> = elements.iter().map(|e| t.estimate(model, e)).collect();
+        let costs = Costs::measured(model, set, settings);
+        exact = costs.within_budget(&elements, &exact, &estimates, budget);
+    }
+    (elements, exact)
+}
+
+/// Which model a report is about.
+fn identity(model: &Model, source: &str) -> Result<ModelIdentity> {
+    Ok(ModelIdentity {
+        source: source.to_string(),
+        fingerprint: model.fingerprint()?,
+        family: model.config.family.name().to_string(),
+        structure: model.config.structure.clone(),
     })
 }
 
