@@ -134,7 +134,11 @@ pub fn analyze_with(
     let bound = Costs::of(model, set, &settings).bound(&ablated_anywhere);
     if !quiet {
         let expected = Costs::measured(model, set, &settings).bound(&ablated_anywhere);
-        eprintln!("{}", estimate_line(expected, forward_seconds, shard));
+        let budgeted = settings.forward_pass_budget.is_some();
+        eprintln!(
+            "{}",
+            estimate_line(expected, forward_seconds, shard, budgeted)
+        );
     }
     let ablation_started = Instant::now();
     let n = set.sequences.len() as u64;
@@ -406,8 +410,9 @@ fn passes_in_minutes(minutes: f64, forward_seconds: f64) -> f64 {
     (minutes * 60.0 / forward_seconds.max(1e-9) * 10.0).floor() / 10.0
 }
 
-/// What the analysis will cost, printed before the ablations start.
-fn estimate_line(bound: f64, forward_seconds: f64, shard: Shard) -> String {
+/// What the analysis will cost, printed before the ablations start (with a hint at the budget
+/// and the shards when it is large and no budget was given).
+fn estimate_line(bound: f64, forward_seconds: f64, shard: Shard, budgeted: bool) -> String {
     let whole = bound * forward_seconds;
     let mut line = format!(
         "estimated {}: {bound:.1} forward passes of {forward_seconds:.1}s",
@@ -419,7 +424,7 @@ fn estimate_line(bound: f64, forward_seconds: f64, shard: Shard) -> String {
             shard.index, shard.count, shard.count
         );
     }
-    if bound > 30.0 {
+    if bound > 30.0 && !budgeted {
         line += "; --budget-passes or --budget-minutes caps it (Taylor pre-ranking), --shard I/N splits it across machines";
     }
     line
