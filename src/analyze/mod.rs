@@ -45,8 +45,6 @@ pub struct Analysis {
     pub taylor_seconds: f64,
     /// Wall time of the ablations.
     pub ablation_seconds: f64,
-    /// The share of the elements this run measured ([`Shard::WHOLE`] unless sharded).
-    pub shard: Shard,
     /// Elements in the whole analysis (the report holds only the shard's when sharded).
     pub total_elements: usize,
     /// Position of each of the report's elements in the whole analysis's element order.
@@ -185,7 +183,6 @@ pub fn analyze_with(
         forward_seconds,
         taylor_seconds,
         ablation_seconds,
-        shard,
         total_elements: elements.len(),
         positions,
     })

@@ -14,6 +14,38 @@ use crate::fsutil::read_text;
 use crate::model::structure::Structure;
 use crate::model::Model;
 
+/// A JSON file whose `schema` field names its format: what to expect of it.
+pub(super) struct Versioned {
+    /// The `schema` the file must have.
+    pub schema: &'static str,
+    /// What to do about a file of another schema.
+    pub fix: &'static str,
+    /// The kind of file, in the error for a malformed one.
+    pub what: &'static str,
+}
+
+impl Versioned {
+    /// Parses `text` (of the file at `path`) after checking its schema.
+    pub fn parse<T: serde::de::DeserializeOwned>(&self, text: &str, path: &Path) -> Result<T> {
+        let value: serde_json::Value = serde_json::from_str(text)
+            .with_context(|| format!("{} is not valid JSON", path.display()))?;
+        let schema = value
+            .get("schema")
+            .and_then(|s| s.as_str())
+            .unwrap_or("none");
+        if schema != self.schema {
+            bail!(
+                "{}: schema \"{schema}\" is not {}; {}",
+                path.display(),
+                self.schema,
+                self.fix
+            );
+        }
+        serde_json::from_value(value)
+            .with_context(|| format!("{}: malformed {}", path.display(), self.what))
+    }
+}
+
 /// Schema identifier written into every report; bumped on incompatible changes.
 pub const SCHEMA: &str = "axcompress.significance.v1";
 
@@ -163,20 +195,12 @@ impl Report {
 
     /// Parses the text of the report at `path` and checks its schema.
     pub fn parse(text: &str, path: &Path) -> Result<Report> {
-        let value: serde_json::Value = serde_json::from_str(text)
-            .with_context(|| format!("{} is not valid JSON", path.display()))?;
-        let schema = value
-            .get("schema")
-            .and_then(|s| s.as_str())
-            .unwrap_or("none");
-        if schema != SCHEMA {
-            bail!(
-                "{}: schema \"{schema}\" is not {SCHEMA}; rerun axcompress analyze",
-                path.display()
-            );
-        }
-        serde_json::from_value(value)
-            .with_context(|| format!("{}: malformed significance report", path.display()))
+        let expected = Versioned {
+            schema: SCHEMA,
+            fix: "rerun axcompress analyze",
+            what: "significance report",
+        };
+        expected.parse(text, path)
     }
 
     /// Refuses the report unless it was computed for exactly `model` (same structure and weights).

@@ -14,7 +14,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::rank_and_summarise;
-use super::report::{ElementSignificance, Report};
+use super::report::{ElementSignificance, Report, Versioned};
 use crate::fsutil::read_text;
 
 /// Schema identifier of a shard file.
@@ -85,21 +85,12 @@ pub struct ShardReport {
 impl ShardReport {
     /// Reads a shard file and checks its schema.
     pub fn load(path: &Path) -> Result<ShardReport> {
-        let text = read_text(path)?;
-        let value: serde_json::Value = serde_json::from_str(&text)
-            .with_context(|| format!("{} is not valid JSON", path.display()))?;
-        let schema = value
-            .get("schema")
-            .and_then(|s| s.as_str())
-            .unwrap_or("none");
-        if schema != SHARD_SCHEMA {
-            bail!(
-                "{}: schema \"{schema}\" is not {SHARD_SCHEMA}; pass the files `analyze --shard I/N --out FILE` wrote",
-                path.display()
-            );
-        }
-        serde_json::from_value(value)
-            .with_context(|| format!("{}: malformed shard file", path.display()))
+        let expected = Versioned {
+            schema: SHARD_SCHEMA,
+            fix: "pass the files `analyze --shard I/N --out FILE` wrote",
+            what: "shard file",
+        };
+        expected.parse(&read_text(path)?, path)
     }
 
     /// Everything but this shard's own elements, to compare shards with.

@@ -69,8 +69,8 @@ fn run_analysis(args: &AnalyzeArgs, cli: &Cli) -> Result<()> {
         quiet: cli.quiet,
     };
     let analysis = analyze_with(&subject, &set, data, settings, &how)?;
-    if args.shard.is_some() {
-        return write_shard(analysis, args, cli);
+    if let Some(shard) = args.shard {
+        return write_shard(analysis, shard, args, cli);
     }
     let report = &analysis.report;
     let report_text = pretty_json(report)?;
@@ -122,9 +122,6 @@ fn cost_text(analysis: &Analysis) -> String {
 
 /// Writes `text` to `out` and the analysis's wall-clock figures to the timing file beside it.
 fn write_with_timing(out: &Path, text: &[u8], analysis: &Analysis) -> Result<()> {
-    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent)?;
-    }
     let timing = json!({
         "wall_seconds": analysis.wall_seconds,
         "forward_pass_seconds": analysis.forward_seconds,
@@ -132,17 +129,24 @@ fn write_with_timing(out: &Path, text: &[u8], analysis: &Analysis) -> Result<()>
         "taylor_seconds": analysis.taylor_seconds,
         "ablation_seconds": analysis.ablation_seconds,
     });
-    write_atomic(out, text)?;
+    write_in_place(out, text)?;
     write_atomic(&timing_path(out), &pretty_json(&timing)?)
 }
 
+/// Writes `text` to `out` atomically, creating its directory.
+fn write_in_place(out: &Path, text: &[u8]) -> Result<()> {
+    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)?;
+    }
+    write_atomic(out, text)
+}
+
 /// Writes one shard's file (`--shard` requires `--out`) and says how to merge.
-fn write_shard(analysis: Analysis, args: &AnalyzeArgs, cli: &Cli) -> Result<()> {
+fn write_shard(analysis: Analysis, shard: Shard, args: &AnalyzeArgs, cli: &Cli) -> Result<()> {
     let out = args
         .out
         .as_deref()
         .expect("clap requires --out with --shard");
-    let shard = analysis.shard;
     let measured = analysis.report.cost.ablations;
     let file = ShardReport {
         schema: SHARD_SCHEMA.to_string(),
@@ -180,19 +184,14 @@ fn run_merge(args: &MergeArgs, cli: &Cli) -> Result<()> {
     let plots = args
         .plots
         .clone()
-        .or_else(|| Some(args.out.parent().unwrap_or(Path::new(".")).to_path_buf()));
+        .unwrap_or_else(|| args.out.parent().unwrap_or(Path::new(".")).to_path_buf());
     let report = shard::merge(&args.shards)?;
-    if let Some(dir) = &plots {
-        for level in &report.settings.levels {
-            let file = plots::heatmap_path(dir, *level);
-            check_file_destination("--plots", &inputs, &file, args.force)?;
-        }
+    for level in &report.settings.levels {
+        let file = plots::heatmap_path(&plots, *level);
+        check_file_destination("--plots", &inputs, &file, args.force)?;
     }
     let text = pretty_json(&report)?;
-    if let Some(parent) = args.out.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent)?;
-    }
-    write_atomic(&args.out, &text)?;
+    write_in_place(&args.out, &text)?;
     log(cli, &format!("wrote {}", args.out.display()));
     let line = format!(
         "merged {} shards: {} elements, {} ablations",
@@ -200,7 +199,7 @@ fn run_merge(args: &MergeArgs, cli: &Cli) -> Result<()> {
         report.elements.len(),
         report.cost.ablations
     );
-    show(&report, &text, plots, &line, cli)
+    show(&report, &text, Some(plots), &line, cli)
 }
 
 /// The analysis settings the flags ask for, on `examples` examples truncated at `max_length`.
