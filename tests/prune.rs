@@ -667,6 +667,58 @@ fn a_significance_report_of_another_model_is_refused() {
     common::assert_clean_error(&o, &["element L99.", "is not in this model"]);
 }
 
+/// The forward passes each analysis of a prune expected, from its "estimated …: N forward
+/// passes" lines on stderr.
+fn analysis_estimates(o: &std::process::Output) -> Vec<f64> {
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    let passes = |line: &str| {
+        let (_, rest) = line.split_once(": ")?;
+        rest.split_once(" forward passes")?.0.parse().ok()
+    };
+    let found: Vec<f64> = stderr
+        .lines()
+        .filter(|l| l.starts_with("estimated"))
+        .filter_map(passes)
+        .collect();
+    assert!(!found.is_empty(), "no estimate in {stderr}");
+    found
+}
+
+#[test]
+fn an_analysis_budget_caps_the_analysis_of_every_level() {
+    let data = common::small_sst2(200);
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, dir) = (
+        common::demo_model(),
+        data.path().to_str().unwrap().to_string(),
+    );
+    // Not --json, which silences the log the estimates are read from.
+    let logged = |out: &str, extra: &[&str]| {
+        let out = tmp.path().join(out);
+        let mut args = vec![
+            "prune",
+            "--model",
+            model.to_str().unwrap(),
+            "--task",
+            "sst2",
+        ];
+        args.extend(["--data", &dir, "--on", "dev", "--levels", "blocks,heads"]);
+        args.extend(["--patience", "2", "--out", out.to_str().unwrap()]);
+        analysis_estimates(&common::run(&[&args[..], extra].concat()))
+    };
+    let free = logged("a", &[]);
+    let capped = logged("b", &["--analysis-budget", "8"]);
+    assert_eq!((free.len(), capped.len()), (2, 2), "{free:?} {capped:?}");
+    // The blocks' exact analysis fits the budget: no pre-ranking, the same analysis.
+    assert!(free[0] <= 8.0, "{free:?}");
+    assert_eq!(capped[0], free[0]);
+    assert!(free[1] > 8.0 && capped[1] <= 8.0, "{free:?} {capped:?}");
+    let both = ["--analysis-budget", "3", "--significance", "r.json"];
+    let o = prune_cli(data.path(), &tmp.path().join("c"), &both);
+    common::assert_clean_error(&o, &["analysis_budget", "drop one of them"]);
+}
+
 /// A failure from argument parsing (clap): non-zero exit, no panic, the option named.
 fn assert_usage_error(o: &std::process::Output, needle: &str) {
     let stderr = String::from_utf8_lossy(&o.stderr);

@@ -307,6 +307,16 @@ fn exactly_ablated(elements: &[Element], settings: &Settings) -> Vec<bool> {
         .collect()
 }
 
+/// The forward passes of an analysis of `levels` (blocks and heads) that ablates every element
+/// exactly without a Taylor pass: a budget above it gains nothing from pre-ranking.
+pub fn exact_passes(model: &Model, levels: &[Level]) -> f64 {
+    let costs = Costs {
+        fixed: 1.0,
+        layers: model.num_layers().max(1) as f64,
+    };
+    costs.bound(&blocks_and_heads(model, levels))
+}
+
 /// The analysis's cost model, in forward passes over the analysis data.
 struct Costs {
     /// The baseline pass and the Taylor pass (a forward and a backward, counted as 3, scaled by
@@ -422,7 +432,7 @@ fn estimate_line(bound: f64, forward_seconds: f64, shard: Shard, budgeted: bool)
         );
     }
     if bound > 30.0 && !budgeted {
-        line += "; --budget-passes or --budget-minutes caps it (Taylor pre-ranking), --shard I/N splits it across machines";
+        line += "; a forward-pass budget caps it with Taylor pre-ranking (analyze --budget-passes or --budget-minutes, prune --analysis-budget), analyze --shard I/N splits it across machines";
     }
     line
 }

@@ -44,7 +44,7 @@ use serde_json::Value;
 
 use crate::analyze::elements::Level;
 use crate::analyze::report::{ElementSignificance, Method, Settings};
-use crate::analyze::{analyze, AnalysedModel};
+use crate::analyze::{analyze, exact_passes, AnalysedModel};
 use crate::data::glue::Dataset;
 use crate::data::labels::LabelMap;
 use crate::data::source::TaskData;
@@ -263,11 +263,14 @@ pub const SIGNIFICANCE_EXAMPLES: usize = 1000;
 /// The significance of every element of `level` in `model`, on the first
 /// [`SIGNIFICANCE_EXAMPLES`] of the selection split (a seeded sample, so any prefix is one too):
 /// exact ablation, with FFN groups of `group_size` neurons pre-ranked by a Taylor estimate (the 8
-/// most promising per layer are ablated exactly).
+/// most promising per layer are ablated exactly). Under a `budget` of forward-pass equivalents
+/// that the exact analysis would exceed, the level is pre-ranked by the Taylor estimate and
+/// ablated least significant first within it.
 pub fn significance(
     model: &Model,
     level: Level,
     group_size: usize,
+    budget: Option<f64>,
     ctx: &StageContext,
 ) -> Result<Vec<ElementSignificance>> {
     let subject = AnalysedModel {
@@ -276,19 +279,20 @@ pub fn significance(
         task: ctx.task,
         labels: ctx.labels,
     };
+    let ranked = budget.filter(|&b| level == Level::Groups || exact_passes(model, &[level]) > b);
     let settings = Settings {
         method: Method::Ablation,
         levels: vec![level],
         group_size,
         exact_groups: Some(8),
-        taylor_examples: if level == Level::Groups {
+        taylor_examples: if level == Level::Groups || ranked.is_some() {
             512.min(ctx.selection.set.sequences.len())
         } else {
             0
         },
         batch_size: ctx.batch_size,
         max_length: ctx.max_length,
-        forward_pass_budget: None,
+        forward_pass_budget: ranked,
     };
     let all = &ctx.selection.set;
     let examples = all.sequences.len().min(SIGNIFICANCE_EXAMPLES);

@@ -58,6 +58,11 @@ crate::settings! {
         /// level.
         #[flag_opt(long)]
         significance: PathBuf = None, "recompute";
+        /// Forward-pass equivalents each level's significance analysis may spend (as `analyze
+        /// --budget-passes`): a Taylor pass ranks every candidate, and the least significant by
+        /// it are ablated exactly first; for models the size of BERT-base and up.
+        #[flag_opt(long, value_name = "N")]
+        analysis_budget: f64 = None, "no budget: every candidate ablated";
         // Unset: on under size and speed, where it holds the tolerance on unseen data, but not
         // under accuracy, where the removals that help the task would be fitted back towards the
         // original, nor when a recovery stage follows, where the re-fit of a deep prune
@@ -183,6 +188,15 @@ impl Prune {
         {
             bail!("prune: ridge, reconstruct_slack and recover_slack must be non-negative numbers");
         }
+        if settings.significance.is_some() && settings.analysis_budget.is_some() {
+            bail!("prune: analysis_budget applies to the analysis a significance report replaces; drop one of them");
+        }
+        if settings
+            .analysis_budget
+            .is_some_and(|b| b.is_nan() || b <= 0.0)
+        {
+            bail!("prune: analysis_budget must be a positive number of forward passes");
+        }
         let significance = settings
             .significance
             .as_deref()
@@ -260,7 +274,8 @@ impl Prune {
             Some(r) => r.elements.clone(),
             None => {
                 ctx.log(&format!("significance of {}", level.name()));
-                significance(model, level, self.settings.group_size, ctx)?
+                let s = &self.settings;
+                significance(model, level, s.group_size, s.analysis_budget, ctx)?
             }
         };
         let set = &ctx.selection.set;

@@ -154,7 +154,7 @@ impl Quantize {
             Some(r) => r.elements.clone(),
             None => {
                 ctx.log("significance of blocks");
-                significance(model, Level::Blocks, 32, ctx)?
+                significance(model, Level::Blocks, 32, None, ctx)?
             }
         };
         Ok(visiting_order(model, &self.targets(model), &blocks))
