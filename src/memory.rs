@@ -65,6 +65,49 @@ pub fn cache_budget(model: &Model) -> Result<usize> {
     Ok(left.min(CACHE_CEILING) as usize)
 }
 
+/// What a training step holds besides its batch's activations, in f32 bytes of the trained
+/// parameters (the encoder and head): the parameters, AdamW's two moments, the gradients, the
+/// kept best copy and, while it evaluates, an inference copy.
+const TRAINING_STATE_MULTIPLE: u64 = 6;
+
+/// The process's own working set beside the models and the training state (data, tokenizer,
+/// code, allocator slack).
+const RUNTIME_RESERVE: u64 = 512 << 20;
+
+/// Bytes of activations a training step of `model` may hold for the backward pass under the
+/// limit: what is left beside the input model and its packed inference copy, the training state
+/// ([`TRAINING_STATE_MULTIPLE`]) and [`RUNTIME_RESERVE`].
+pub fn training_activation_budget(model: &Model) -> u64 {
+    let trained = weight_bytes(model).saturating_sub(embedding_bytes(model));
+    let held = 2 * weight_bytes(model) + TRAINING_STATE_MULTIPLE * trained + RUNTIME_RESERVE;
+    limit_for(model).saturating_sub(held)
+}
+
+/// Bytes a training step of `model` holds for the backward pass per sequence of `len` tokens: in
+/// every layer about 12 hidden-wide and 6 FFN-wide f32 vectors per token and 3 attention scores
+/// per head and pair of tokens, doubled for the gradients flowing back through them.
+pub fn training_bytes_per_sequence(model: &Model, len: usize) -> u64 {
+    let hidden = model.config.hidden_size as u64;
+    let per_token: u64 = model
+        .layers
+        .iter()
+        .map(|layer| {
+            let heads = layer.attention.as_ref().map_or(0, |a| a.heads.len()) as u64;
+            let width = layer
+                .ffn
+                .as_ref()
+                .map_or(0, |f| f.intermediate.weight.dims().0) as u64;
+            12 * hidden + 6 * width + 3 * heads * len as u64
+        })
+        .sum();
+    per_token * len as u64 * 4 * 2
+}
+
+/// Bytes of `model`'s embedding tables at f32 (not trained).
+fn embedding_bytes(model: &Model) -> u64 {
+    model.embeddings.parameter_count() as u64 * 4
+}
+
 /// Parses a size: a number of bytes, or with a unit `K`, `M`, `G` or `T` (powers of 1024; an
 /// optional `B` or `iB` after it), e.g. `4G`, `3500M`, `12GiB`.
 pub fn parse_size(text: &str) -> Result<u64, String> {

@@ -27,6 +27,13 @@ pub struct Embeddings {
 }
 
 impl Embeddings {
+    /// Parameters of the tables and the LayerNorm.
+    pub fn parameter_count(&self) -> usize {
+        let tables = self.word.elem_count() + self.position.elem_count();
+        let types = self.token_type.as_ref().map_or(0, Tensor::elem_count);
+        tables + types + self.norm.weight.elem_count() + self.norm.bias.elem_count()
+    }
+
     /// Embeds `[batch, seq]` id tensors into `[batch, seq, hidden]`.
     pub fn forward(&self, inputs: &Inputs, ops: Ops) -> Result<Tensor> {
         let lookup = |table: &Weight, ids: &Tensor| -> Result<Tensor> {

@@ -299,9 +299,7 @@ impl Model {
     /// Total number of parameters the runtime uses (the fused QKV counted once).
     pub fn parameter_count(&self) -> usize {
         let norm = |n: &LayerNorm| n.weight.elem_count() + n.bias.elem_count();
-        let e = &self.embeddings;
-        let mut count = e.word.elem_count() + e.position.elem_count() + norm(&e.norm);
-        count += e.token_type.as_ref().map_or(0, Tensor::elem_count);
+        let mut count = self.embeddings.parameter_count();
         for layer in &self.layers {
             if let Some(a) = &layer.attention {
                 count += a.qkv.elem_count() + a.output.elem_count() + norm(&a.norm);

@@ -3,22 +3,25 @@
 //! evaluation on the selection split keeping the best parameters, and a checkpoint after each
 //! evaluation.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
+use candle_core::backprop::GradStore;
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use super::augment::replace_tokens;
 use super::checkpoint::{self, Evaluation, TrainLog};
-use super::loss::Objective;
+use super::loss::{BatchSize, Objective};
 use super::optimizer::{AdamSettings, AdamW};
 use super::params::Trainable;
 use super::schedule::LinearSchedule;
 use crate::data::batch::EncodedSet;
 use crate::data::labels::LabelMap;
 use crate::data::sample::{shuffle, SplitMix64};
+use crate::memory;
 use crate::model::Model;
 use crate::progress;
 use crate::scoring::batch::batch;
@@ -174,7 +177,12 @@ pub fn fine_tune(
         }
     }
     pb.finish_and_clear();
-    Ok((restored(&t.trainable, &best)?, log))
+    // The optimizer's state goes before the kept parameters are put back.
+    let trainable = {
+        let Trainer { trainable, .. } = t;
+        trainable
+    };
+    Ok((best_model(trainable, &best)?, log))
 }
 
 /// A training run in progress: the parameters, the optimizer and the schedule.
@@ -191,6 +199,8 @@ struct Trainer<'r, 'a> {
     every: usize,
     /// Token replacement probability and seed.
     augment: (f64, u64),
+    /// Bytes of activations a step may hold ([`memory::training_activation_budget`]).
+    activation_budget: u64,
 }
 
 impl<'r, 'a> Trainer<'r, 'a> {
@@ -222,6 +232,7 @@ impl<'r, 'a> Trainer<'r, 'a> {
             per_epoch,
             every: total.div_ceil(settings.evaluations.max(1)),
             augment: (settings.augment, settings.seed),
+            activation_budget: memory::training_activation_budget(student),
         })
     }
 
@@ -233,7 +244,7 @@ impl<'r, 'a> Trainer<'r, 'a> {
         }
         let before = Evaluation {
             step: 0,
-            selection: (self.run.judge)(&self.trainable.finish()?)?,
+            selection: (self.run.judge)(&self.trainable.current()?)?,
         };
         let log = TrainLog {
             losses: Vec::new(),
@@ -245,36 +256,77 @@ impl<'r, 'a> Trainer<'r, 'a> {
 
     /// One optimizer step on `examples`; returns the loss and the learning rate.
     fn step(&mut self, step: usize, examples: Vec<usize>) -> Result<(f32, f64)> {
+        let (value, grads) = self.gradients(step, examples)?;
+        let lr = self.schedule.at(step);
+        self.optimizer.step(&self.trainable.params, &grads, lr)?;
+        Ok((value, lr))
+    }
+
+    /// The loss of step `step` on `examples` and its gradients. A batch whose activations would
+    /// pass the memory limit runs as consecutive parts whose losses and gradients add up to the
+    /// whole batch's (the same step, in more time).
+    fn gradients(&self, step: usize, examples: Vec<usize>) -> Result<(f32, GradStore)> {
         let run = self.run;
         let model = &*self.trainable.training_model()?;
-        let batch = match self.augment {
-            (p, seed) if p > 0.0 => {
-                let mut altered = run.data.subset(&examples);
-                replace_tokens(&mut altered, p, seed ^ (step as u64).wrapping_mul(SEED_MIX));
-                batch(model, &altered, run.labels, (0..examples.len()).collect())?
+        let (data, examples) = self.step_examples(step, examples);
+        let parts = parts_within(model, &data, &examples, self.activation_budget);
+        let batches = parts
+            .into_iter()
+            .map(|part| batch(model, &data, run.labels, part))
+            .collect::<Result<Vec<_>>>()?;
+        let sizes = batches
+            .iter()
+            .map(BatchSize::of)
+            .collect::<Result<Vec<_>>>()?;
+        let whole = BatchSize::sum(&sizes);
+        let (mut value, mut grads) = (None::<f32>, None::<GradStore>);
+        for (i, part) in batches.iter().enumerate() {
+            let mut loss = self
+                .objective
+                .loss_of_part(model, run.teacher, part, whole)?;
+            if let Some(penalty) = run.penalty.filter(|_| i == 0) {
+                loss = (loss + penalty(&self.trainable, step)?)?;
             }
-            _ => batch(model, run.data, run.labels, examples)?,
-        };
-        let mut loss = self.objective.loss(model, run.teacher, &batch)?;
-        if let Some(penalty) = run.penalty {
-            loss = (loss + penalty(&self.trainable, step)?)?;
+            let v = loss.to_scalar::<f32>()?;
+            value = Some(value.map_or(v, |sum| sum + v));
+            if !v.is_finite() {
+                bail!(
+                    "training: step {step} gave a non-finite loss ({v}); lower the learning rate"
+                );
+            }
+            let g = loss.backward()?;
+            match grads.as_mut() {
+                None => grads = Some(g),
+                Some(sum) => sum.extend(g)?,
+            }
         }
-        let value = loss.to_scalar::<f32>()?;
-        if !value.is_finite() {
-            bail!(
-                "training: step {step} gave a non-finite loss ({value}); lower the learning rate"
-            );
+        Ok((
+            value.context("an empty batch")?,
+            grads.context("an empty batch")?,
+        ))
+    }
+
+    /// The data step `step` trains on, and its examples there: the training data itself, or a
+    /// copy of the examples with tokens replaced when the run augments.
+    fn step_examples(
+        &self,
+        step: usize,
+        examples: Vec<usize>,
+    ) -> (Cow<'a, EncodedSet>, Vec<usize>) {
+        match self.augment {
+            (p, seed) if p > 0.0 => {
+                let mut altered = self.run.data.subset(&examples);
+                replace_tokens(&mut altered, p, seed ^ (step as u64).wrapping_mul(SEED_MIX));
+                (Cow::Owned(altered), (0..examples.len()).collect())
+            }
+            _ => (Cow::Borrowed(self.run.data), examples),
         }
-        let lr = self.schedule.at(step);
-        self.optimizer
-            .step(&self.trainable.params, &loss.backward()?, lr)?;
-        Ok((value, lr))
     }
 
     /// Scores the parameters after `steps` steps on the selection split, keeps them when they are
     /// the best (or always, without `keep_best`), and saves the checkpoint.
     fn evaluate(&self, steps: usize, best: &mut Vec<Tensor>, log: &mut TrainLog) -> Result<()> {
-        let score = (self.run.judge)(&self.trainable.finish()?)?;
+        let score = (self.run.judge)(&self.trainable.current()?)?;
         let now = Evaluation {
             step: steps,
             selection: score,
@@ -283,6 +335,7 @@ impl<'r, 'a> Trainer<'r, 'a> {
         let better =
             Rule::NotWorse.admits(score, log.best.selection) && score != log.best.selection;
         if better || !self.run.keep_best {
+            best.clear(); // before the new copy, so that two never coexist
             (*best, log.best) = (self.trainable.snapshot()?, now);
         }
         match &self.run.checkpoint {
@@ -294,13 +347,33 @@ impl<'r, 'a> Trainer<'r, 'a> {
     }
 }
 
-/// The model with the parameters `values` (leaves `trainable` as it was).
-fn restored(trainable: &Trainable, values: &[Tensor]) -> Result<Model> {
-    let now = trainable.snapshot()?;
+/// `examples` cut into consecutive parts whose training activations fit `budget` bytes (at least
+/// one example each): the whole batch when it fits.
+fn parts_within(
+    model: &Model,
+    data: &EncodedSet,
+    examples: &[usize],
+    budget: u64,
+) -> Vec<Vec<usize>> {
+    let cost = |part: &[usize]| {
+        let len = part.iter().map(|&i| data.sequences[i].ids.len()).max();
+        part.len() as u64 * memory::training_bytes_per_sequence(model, len.unwrap_or(0))
+    };
+    let mut count = 1;
+    loop {
+        let size = examples.len().div_ceil(count).max(1);
+        let parts: Vec<Vec<usize>> = examples.chunks(size).map(<[usize]>::to_vec).collect();
+        if size == 1 || parts.iter().all(|p| cost(p) <= budget) {
+            return parts;
+        }
+        count += 1;
+    }
+}
+
+/// The trained model with the parameters `values` (the variables are given up to it, not copied).
+fn best_model(trainable: Trainable, values: &[Tensor]) -> Result<Model> {
     trainable.restore(values)?;
-    let model = trainable.finish();
-    trainable.restore(&now)?;
-    model
+    trainable.current()
 }
 
 /// The batches of one epoch: the examples shuffled with `(seed, epoch)`, sorted by length within
@@ -346,6 +419,73 @@ mod tests {
             spread < a.len() * 10,
             "batches are sorted by length within windows"
         );
+    }
+
+    /// A 3-label dataset of `lengths.len()` sentences of those lengths.
+    fn sentences(lengths: &[usize]) -> EncodedSet {
+        let sequence = |(n, &len): (usize, &usize)| crate::text::tokenizer::Sequence {
+            ids: (0..len)
+                .map(|i| ((n * 7 + i * 3) % 48 + 2) as u32)
+                .collect(),
+            type_ids: vec![0; len],
+        };
+        EncodedSet {
+            suffix: "",
+            path: Default::default(),
+            sequences: lengths.iter().enumerate().map(sequence).collect(),
+            targets: (0..lengths.len())
+                .map(|n| crate::data::glue::Target::Class(n % 3))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_batch_run_in_parts_has_the_gradients_of_the_whole_batch() {
+        let student = crate::testing::random_model("bert", 2, 2, 4, 16);
+        let teacher = crate::testing::random_model("bert", 2, 2, 4, 8);
+        let data = sentences(&[3, 9, 5, 12, 7, 4]);
+        let labels = LabelMap {
+            model_to_task: vec![0, 1, 2],
+        };
+        let judge = |_: &Model| -> Result<Score> { unreachable!("no evaluation here") };
+        let run = TrainRun {
+            data: &data,
+            labels: &labels,
+            batch_size: 6,
+            teacher: &teacher,
+            judge: &judge,
+            checkpoint: None,
+            penalty: None,
+            masks: None,
+            keep_best: true,
+            quiet: true,
+        };
+        // Every term of the objective: the task loss and the distillation over examples, the
+        // hidden-state error over tokens.
+        let settings = TrainSettings {
+            task_weight: 1.0,
+            hidden_weight: 0.5,
+            ..TrainSettings::default()
+        };
+        let mut trainer = Trainer::new(&student, &settings, &run).unwrap();
+        let all: Vec<usize> = (0..6).collect();
+        let (whole_loss, whole) = trainer.gradients(0, all.clone()).unwrap();
+        trainer.activation_budget = 1;
+        let parts = parts_within(&student, &data, &all, 1);
+        assert_eq!(
+            parts.len(),
+            6,
+            "a budget of one byte runs one example a part"
+        );
+        let (parts_loss, summed) = trainer.gradients(0, all).unwrap();
+        assert!((whole_loss - parts_loss).abs() <= 1e-5 * whole_loss.abs().max(1.0));
+        for p in &trainer.trainable.params {
+            let (a, b) = (whole.get(p.var.as_tensor()), summed.get(p.var.as_tensor()));
+            let (a, b) = (a.expect("a gradient"), b.expect("a gradient"));
+            let size = crate::testing::max_abs_diff(a, &a.zeros_like().unwrap()).max(1e-3);
+            let diff = crate::testing::max_abs_diff(a, b);
+            assert!(diff <= 1e-4 * size, "{}: off by {diff} of {size}", p.name);
+        }
     }
 
     #[test]

@@ -32,13 +32,26 @@ impl Objective {
 
     /// The loss of `student` on `batch` (a scalar with gradients to the student's variables).
     pub fn loss(&self, student: &Model, teacher: &Model, batch: &ScoringBatch) -> Result<Tensor> {
+        self.loss_of_part(student, teacher, batch, BatchSize::of(batch)?)
+    }
+
+    /// The share of the loss of a batch of size `whole` that its part `batch` contributes: its
+    /// sums over examples and tokens divided by the whole batch's counts, so that the parts' losses
+    /// (and gradients) add up to the whole batch's.
+    pub fn loss_of_part(
+        &self,
+        student: &Model,
+        teacher: &Model,
+        batch: &ScoringBatch,
+        whole: BatchSize,
+    ) -> Result<Tensor> {
         let diff = RunOptions {
             gates: None,
             ops: Ops::Differentiable,
         };
         let hidden = student.encode(&batch.inputs, diff)?;
         let logits = student.classify(&hidden)?;
-        let rows = logits.dim(0)? as f64;
+        let rows = whole.rows;
         let mut total = (batch_loss_sum(&logits, batch)? * (self.task_weight / rows))?;
         if !self.needs_teacher() {
             return Ok(total);
@@ -51,14 +64,49 @@ impl Objective {
             (teacher.forward(&batch.inputs, fast)?, None)
         };
         if self.distill_weight > 0.0 {
-            let kd = distillation(&logits, &teacher_logits, self.temperature, batch.regression)?;
+            let kd = distillation_over(
+                &logits,
+                &teacher_logits,
+                (self.temperature, rows),
+                batch.regression,
+            )?;
             total = (total + (kd * self.distill_weight)?)?;
         }
         if let Some(th) = teacher_hidden {
-            let mse = hidden_error(&hidden, &th, &batch.inputs.mask_bias)?;
+            let mse = hidden_error(&hidden, &th, &batch.inputs.mask_bias, whole.tokens)?;
             total = (total + (mse * self.hidden_weight)?)?;
         }
         Ok(total)
+    }
+}
+
+/// The examples and real tokens of a batch: what its losses are means over.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BatchSize {
+    /// Examples.
+    pub rows: f64,
+    /// Real tokens (mask bias 0).
+    pub tokens: f64,
+}
+
+impl BatchSize {
+    /// The size of `batch`.
+    pub fn of(batch: &ScoringBatch) -> Result<BatchSize> {
+        let bias = &batch.inputs.mask_bias;
+        let rows = batch.examples.len();
+        let real = bias.flatten_all()?.eq(0f32)?.to_dtype(DType::F32)?;
+        Ok(BatchSize {
+            rows: rows as f64,
+            tokens: real.sum_all()?.to_scalar::<f32>()? as f64,
+        })
+    }
+
+    /// The size of the batches `parts` together.
+    pub fn sum(parts: &[BatchSize]) -> BatchSize {
+        BatchSize {
+            rows: parts.iter().map(|p| p.rows).sum(),
+            tokens: parts.iter().map(|p| p.tokens).sum(),
+        }
     }
 }
 
@@ -69,8 +117,17 @@ pub fn distillation(
     t: f64,
     regression: bool,
 ) -> Result<Tensor> {
+    distillation_over(student, teacher, (t, student.dim(0)? as f64), regression)
+}
+
+/// [`distillation`] at temperature `t` with its sum over examples divided by `rows`.
+fn distillation_over(
+    student: &Tensor,
+    teacher: &Tensor,
+    (t, rows): (f64, f64),
+    regression: bool,
+) -> Result<Tensor> {
     let teacher = teacher.detach();
-    let rows = student.dim(0)? as f64;
     if regression {
         return Ok(((student - teacher)?.sqr()?.sum_all()? / rows)?);
     }
@@ -80,11 +137,16 @@ pub fn distillation(
     Ok((kl * (t * t / rows))?)
 }
 
-/// Mean over real tokens (mask bias 0) of the squared error per hidden unit.
-fn hidden_error(student: &Tensor, teacher: &Tensor, mask_bias: &Tensor) -> Result<Tensor> {
+/// The squared error per hidden unit summed over real tokens (mask bias 0), divided by `tokens`
+/// (the batch's real tokens: a mean).
+fn hidden_error(
+    student: &Tensor,
+    teacher: &Tensor,
+    mask_bias: &Tensor,
+    tokens: f64,
+) -> Result<Tensor> {
     let (b, t, h) = student.dims3()?;
     let mask = mask_bias.reshape((b, t))?.eq(0f32)?.to_dtype(DType::F32)?;
-    let tokens = mask.sum_all()?.to_scalar::<f32>()? as f64;
     let per_token = (student - teacher.detach())?.sqr()?.sum(D::Minus1)?;
     Ok(((per_token * mask)?.sum_all()? / (tokens * h as f64).max(1.0))?)
 }

@@ -218,7 +218,21 @@ impl Trainable {
     /// The trained model, its tensors detached from the variables (plain, fast inference), each
     /// quantized matrix holding its master's codes.
     pub fn finish(&self) -> Result<Model> {
-        let plain = map_tensors(&self.model, &mut |_, t| Ok(t.detach().copy()?))?;
+        self.detached(true)
+    }
+
+    /// The model as it stands for an evaluation, its float tensors views of the variables rather
+    /// than copies (a training step changes them in place: drop it before the next step).
+    pub fn current(&self) -> Result<Model> {
+        self.detached(false)
+    }
+
+    /// [`Self::finish`], copying the float tensors when `copy`.
+    fn detached(&self, copy: bool) -> Result<Model> {
+        let plain = map_tensors(&self.model, &mut |_, t| match copy {
+            true => Ok(t.detach().copy()?),
+            false => Ok(t.detach()),
+        })?;
         let masters = self.quantized_masters();
         if masters.is_empty() {
             return Ok(plain);
