@@ -199,12 +199,15 @@ struct Trainer<'r, 'a> {
     every: usize,
     /// Token replacement probability and seed.
     augment: (f64, u64),
-    /// Bytes of activations a step may hold ([`memory::training_activation_budget`]).
-    activation_budget: u64,
+    /// Bytes of activations a step may hold ([`memory::training_room`]).
+    room: memory::TrainingRoom,
 }
 
 impl<'r, 'a> Trainer<'r, 'a> {
     fn new(student: &Model, settings: &TrainSettings, run: &'r TrainRun<'a>) -> Result<Self> {
+        if memory::training_is_tight(student) {
+            memory::return_large_blocks();
+        }
         let mut trainable = Trainable::new(student)?;
         if let Some(masks) = run.masks {
             trainable.set_masks(masks)?;
@@ -232,7 +235,7 @@ impl<'r, 'a> Trainer<'r, 'a> {
             per_epoch,
             every: total.div_ceil(settings.evaluations.max(1)),
             augment: (settings.augment, settings.seed),
-            activation_budget: memory::training_activation_budget(student),
+            room: memory::training_room(student),
         })
     }
 
@@ -269,7 +272,7 @@ impl<'r, 'a> Trainer<'r, 'a> {
         let run = self.run;
         let model = &*self.trainable.training_model()?;
         let (data, examples) = self.step_examples(step, examples);
-        let parts = parts_within(model, &data, &examples, self.activation_budget);
+        let parts = parts_within(model, &data, &examples, self.room);
         let batches = parts
             .into_iter()
             .map(|part| batch(model, &data, run.labels, part))
@@ -347,23 +350,26 @@ impl<'r, 'a> Trainer<'r, 'a> {
     }
 }
 
-/// `examples` cut into consecutive parts whose training activations fit `budget` bytes (at least
-/// one example each): the whole batch when it fits.
+/// `examples` as one part when its training activations fit `room.whole` bytes, else cut into
+/// the fewest consecutive parts that each fit `room.part` (at least one example each).
 fn parts_within(
     model: &Model,
     data: &EncodedSet,
     examples: &[usize],
-    budget: u64,
+    room: memory::TrainingRoom,
 ) -> Vec<Vec<usize>> {
     let cost = |part: &[usize]| {
         let len = part.iter().map(|&i| data.sequences[i].ids.len()).max();
         part.len() as u64 * memory::training_bytes_per_sequence(model, len.unwrap_or(0))
     };
-    let mut count = 1;
+    if cost(examples) <= room.whole {
+        return vec![examples.to_vec()];
+    }
+    let mut count = 2;
     loop {
         let size = examples.len().div_ceil(count).max(1);
         let parts: Vec<Vec<usize>> = examples.chunks(size).map(<[usize]>::to_vec).collect();
-        if size == 1 || parts.iter().all(|p| cost(p) <= budget) {
+        if size == 1 || parts.iter().all(|p| cost(p) <= room.part) {
             return parts;
         }
         count += 1;
@@ -470,8 +476,8 @@ mod tests {
         let mut trainer = Trainer::new(&student, &settings, &run).unwrap();
         let all: Vec<usize> = (0..6).collect();
         let (whole_loss, whole) = trainer.gradients(0, all.clone()).unwrap();
-        trainer.activation_budget = 1;
-        let parts = parts_within(&student, &data, &all, 1);
+        trainer.room = memory::TrainingRoom { whole: 0, part: 1 };
+        let parts = parts_within(&student, &data, &all, trainer.room);
         assert_eq!(
             parts.len(),
             6,
@@ -486,6 +492,22 @@ mod tests {
             let diff = crate::testing::max_abs_diff(a, b);
             assert!(diff <= 1e-4 * size, "{}: off by {diff} of {size}", p.name);
         }
+    }
+
+    #[test]
+    fn a_batch_is_cut_only_when_it_does_not_fit_and_then_into_parts_that_fit() {
+        let model = crate::testing::random_model("bert", 2, 2, 4, 16);
+        let data = sentences(&[3, 9, 5, 12, 7, 4]);
+        let all: Vec<usize> = (0..6).collect();
+        let per = |len| memory::training_bytes_per_sequence(&model, len);
+        let whole = 6 * per(12);
+        let room = |whole, part| memory::TrainingRoom { whole, part };
+        assert_eq!(parts_within(&model, &data, &all, room(whole, 0)).len(), 1);
+        // Halves: 3 × per(9) and 3 × per(12); the costlier one must fit.
+        let parts = parts_within(&model, &data, &all, room(whole - 1, 3 * per(12)));
+        assert_eq!(parts, vec![vec![0, 1, 2], vec![3, 4, 5]]);
+        let parts = parts_within(&model, &data, &all, room(whole - 1, 3 * per(12) - 1));
+        assert_eq!(parts.len(), 3, "{parts:?}");
     }
 
     #[test]
