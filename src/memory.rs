@@ -133,13 +133,13 @@ fn embedding_bytes(model: &Model) -> u64 {
     model.embeddings.parameter_count() as u64 * 4
 }
 
-/// Has the C library give every block of 1 MiB or more its own mapping, returned to the system
+/// Has the C library give every block of 256 KiB or more its own mapping, returned to the system
 /// when freed, and returns what is free now. glibc otherwise keeps freed blocks below a threshold
 /// that rises to 32 MiB as large blocks are freed (so a model's matrices, gradients and
 /// activations end up below it) in its arenas: a backward pass frees a zero and a computed
 /// gradient per weight as it sums them, and the process keeps that memory (BERT-base shape, one
-/// recover step: 1.0 GB more resident after the backward pass than before it, 0.66 GB with
-/// this). For the rest of the process; a no-op on other C libraries.
+/// recover step: 1.0 GB more resident after the backward pass than before it, 0.66 GB with a
+/// 1 MiB threshold). For the rest of the process; a no-op on other C libraries.
 pub fn return_large_blocks() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
@@ -150,7 +150,7 @@ pub fn return_large_blocks() {
         // SAFETY: glibc's mallopt sets an allocator parameter; blocks already allocated keep
         // their kind, and free() handles both.
         unsafe {
-            mallopt(M_MMAP_THRESHOLD, 1 << 20);
+            mallopt(M_MMAP_THRESHOLD, 256 << 10);
         }
     }
     release_freed();

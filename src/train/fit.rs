@@ -169,6 +169,9 @@ pub fn fine_tune(
         }
         let examples = order.as_ref().expect("set above").1[step % t.per_epoch].clone();
         let (value, lr) = t.step(step, examples)?;
+        if t.tight {
+            memory::release_freed();
+        }
         log.losses.push(value);
         pb.set_message(format!("training: loss {value:.4} lr {lr:.1e}"));
         pb.inc(1);
@@ -201,11 +204,15 @@ struct Trainer<'r, 'a> {
     augment: (f64, u64),
     /// Bytes of activations a step may hold ([`memory::training_room`]).
     room: memory::TrainingRoom,
+    /// Whether the limit is tight for this model ([`memory::training_is_tight`]): the freed
+    /// memory goes back to the system after every step.
+    tight: bool,
 }
 
 impl<'r, 'a> Trainer<'r, 'a> {
     fn new(student: &Model, settings: &TrainSettings, run: &'r TrainRun<'a>) -> Result<Self> {
-        if memory::training_is_tight(student) {
+        let tight = memory::training_is_tight(student);
+        if tight {
             memory::return_large_blocks();
         }
         let mut trainable = Trainable::new(student)?;
@@ -236,6 +243,7 @@ impl<'r, 'a> Trainer<'r, 'a> {
             every: total.div_ceil(settings.evaluations.max(1)),
             augment: (settings.augment, settings.seed),
             room: memory::training_room(student),
+            tight,
         })
     }
 
