@@ -1,7 +1,8 @@
 //! The memory limit (`--memory-limit`): how much the parts of a run that grow with its data may
 //! take. The selection engine's and the reconstruction's hidden-state caches are sized from it
 //! (batches past the cache are recomputed from the embeddings: the same bits, more time), and so
-//! is the analysis's stacking of ablation variants.
+//! are the analysis's stacking of ablation variants and a training step's batch (run in parts
+//! past its room).
 //!
 //! Without `--memory-limit` the limit is derived from the model: 4 GiB, or 8 times the model's
 //! f32 weights when that is more (BERT-large: 10.7 GB).
@@ -98,8 +99,8 @@ pub fn training_room(model: &Model) -> TrainingRoom {
 /// Bytes a training step of `model` holds for the backward pass per sequence of `len` tokens: in
 /// every layer about 12 hidden-wide and 6 FFN-wide f32 vectors per token and 3 attention scores
 /// per head and pair of tokens, doubled for the gradients flowing back through them (BERT-base
-/// shape, 16 train sentences of about 50 tokens: 0.8 GB more resident after the forward pass,
-/// 0.9 GB more after the backward pass).
+/// shape, the second half of a batch of long train sentences cut in two: 0.8 GB more resident
+/// after its forward pass, 0.9 GB more after its backward pass).
 pub fn training_bytes_per_sequence(model: &Model, len: usize) -> u64 {
     let hidden = model.config.hidden_size as u64;
     let per_token: u64 = model
