@@ -689,22 +689,12 @@ fn analysis_estimates(o: &std::process::Output) -> Vec<f64> {
 fn an_analysis_budget_caps_the_analysis_of_every_level() {
     let data = common::small_sst2(200);
     let tmp = tempfile::tempdir().unwrap();
-    let (model, dir) = (
-        common::demo_model(),
-        data.path().to_str().unwrap().to_string(),
-    );
+    let model = common::demo_model();
     // Not --json, which silences the log the estimates are read from.
     let logged = |out: &str, extra: &[&str]| {
         let out = tmp.path().join(out);
-        let mut args = vec![
-            "prune",
-            "--model",
-            model.to_str().unwrap(),
-            "--task",
-            "sst2",
-        ];
-        args.extend(["--data", &dir, "--on", "dev", "--levels", "blocks,heads"]);
-        args.extend(["--patience", "2", "--out", out.to_str().unwrap()]);
+        let mut args = common::stage_args("prune", "sst2", &model, data.path(), &out);
+        args.extend(["--on", "dev", "--levels", "blocks,heads", "--patience", "2"]);
         analysis_estimates(&common::run(&[&args[..], extra].concat()))
     };
     let free = logged("a", &[]);

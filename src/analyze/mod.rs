@@ -243,11 +243,20 @@ fn check_request(model: &Model, set: &EncodedSet, settings: &Settings) -> Result
     if settings.levels.contains(&Level::Groups) && settings.taylor_examples == 0 {
         bail!("grouping FFN neurons needs the Taylor pass; set --taylor-examples above 0");
     }
+    check_budget(settings.forward_pass_budget, "--budget-passes")?;
     if settings.forward_pass_budget.is_some() && settings.taylor_examples == 0 {
         bail!("a forward-pass budget ranks the candidates by the Taylor pass; set --taylor-examples above 0");
     }
     if settings.method != Method::Ablation && settings.taylor_examples == 0 {
         bail!("--method taylor and both need the Taylor pass; set --taylor-examples above 0");
+    }
+    Ok(())
+}
+
+/// Refuses a forward-pass budget that is not a positive number; `setting` names it in the error.
+pub fn check_budget(budget: Option<f64>, setting: &str) -> Result<()> {
+    if budget.is_some_and(|b| b.is_nan() || b <= 0.0) {
+        bail!("{setting} must be a positive number of forward passes");
     }
     Ok(())
 }
@@ -310,11 +319,7 @@ fn exactly_ablated(elements: &[Element], settings: &Settings) -> Vec<bool> {
 /// The forward passes of an analysis of `levels` (blocks and heads) that ablates every element
 /// exactly without a Taylor pass: a budget above it gains nothing from pre-ranking.
 pub fn exact_passes(model: &Model, levels: &[Level]) -> f64 {
-    let costs = Costs {
-        fixed: 1.0,
-        layers: model.num_layers().max(1) as f64,
-    };
-    costs.bound(&blocks_and_heads(model, levels))
+    Costs::baseline_only(model).bound(&blocks_and_heads(model, levels))
 }
 
 /// The analysis's cost model, in forward passes over the analysis data.
@@ -330,6 +335,14 @@ impl Costs {
     fn of(model: &Model, set: &EncodedSet, settings: &Settings) -> Costs {
         Costs {
             fixed: 1.0 + 3.0 * Self::taylor_share(set, settings),
+            ..Self::baseline_only(model)
+        }
+    }
+
+    /// The costs of an analysis of `model` with no Taylor pass: the baseline pass is fixed.
+    fn baseline_only(model: &Model) -> Costs {
+        Costs {
+            fixed: 1.0,
             layers: model.num_layers().max(1) as f64,
         }
     }

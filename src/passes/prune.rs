@@ -17,6 +17,7 @@ use super::journal::{Journal, TrialRecord};
 use super::reconstruct::{reconstruct, BlockFit, DEFAULT_RIDGE};
 use super::select::{Engine, Trial};
 use super::{significance, Alternative, Pass, PassOutput, StageContext};
+use crate::analyze::check_budget;
 use crate::analyze::elements::{check_group_size, Element, Level};
 use crate::analyze::report::{ElementSignificance, Report};
 use crate::analyze::summary::short_name;
@@ -191,12 +192,7 @@ impl Prune {
         if settings.significance.is_some() && settings.analysis_budget.is_some() {
             bail!("prune: analysis_budget applies to the analysis a significance report replaces; drop one of them");
         }
-        if settings
-            .analysis_budget
-            .is_some_and(|b| b.is_nan() || b <= 0.0)
-        {
-            bail!("prune: analysis_budget must be a positive number of forward passes");
-        }
+        check_budget(settings.analysis_budget, "prune: analysis_budget")?;
         let significance = settings
             .significance
             .as_deref()

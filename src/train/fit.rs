@@ -180,12 +180,7 @@ pub fn fine_tune(
         }
     }
     pb.finish_and_clear();
-    // The optimizer's state goes before the kept parameters are put back.
-    let trainable = {
-        let Trainer { trainable, .. } = t;
-        trainable
-    };
-    Ok((best_model(trainable, &best)?, log))
+    Ok((best_model(t.into_trainable(), &best)?, log))
 }
 
 /// A training run in progress: the parameters, the optimizer and the schedule.
@@ -245,6 +240,11 @@ impl<'r, 'a> Trainer<'r, 'a> {
             room: memory::training_room(student),
             tight,
         })
+    }
+
+    /// The parameters, the rest of the run (the optimizer's moments) dropped here.
+    fn into_trainable(self) -> Trainable {
+        self.trainable
     }
 
     /// The best parameters and the log: from the checkpoint when there is one, else the

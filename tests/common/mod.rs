@@ -132,18 +132,25 @@ pub fn run_task_stage(
     out: &Path,
     extra: &[&str],
 ) -> Output {
-    let (model, data, out) = (model.to_str(), data.to_str(), out.to_str());
-    let mut args = vec![command, "--model", model.unwrap(), "--task", task];
-    args.extend([
-        "--data",
-        data.unwrap(),
-        "--out",
-        out.unwrap(),
-        "--json",
-        "-q",
-    ]);
+    let mut args = stage_args(command, task, model, data, out);
+    args.extend(["--json", "-q"]);
     args.extend_from_slice(extra);
     run(&args)
+}
+
+/// `<command> --model M --task T --data D --out O`: the arguments every one-stage command starts
+/// with.
+pub fn stage_args<'a>(
+    command: &'a str,
+    task: &'a str,
+    model: &'a Path,
+    data: &'a Path,
+    out: &'a Path,
+) -> Vec<&'a str> {
+    let path = |p: &'a Path| p.to_str().unwrap();
+    let mut args = vec![command, "--model", path(model), "--task", task];
+    args.extend(["--data", path(data), "--out", path(out)]);
+    args
 }
 
 /// Runs the `axcompress` binary with `args` and extra environment variables. The caller's
