@@ -8,8 +8,8 @@
 # Steps (default: all, in this order): eval analyze prune quantize recover export.
 # Environment: AXCOMPRESS (binary, default target/release/axcompress), DATA (SST-2 directory,
 # default ../shared/data/glue/SST-2, else demo/data/SST-2), HOLDOUT (selection sentences, default
-# 2000), BUDGET (prune --budget, default 8), ANALYSIS_BUDGET (prune --analysis-budget, default
-# none), RECOVER (recover sentences, default 8000), THREADS
+# 2000), BUDGET_PASSES (analyze --budget-passes, default none), BUDGET (prune --budget, default
+# 8), ANALYSIS_BUDGET (prune --analysis-budget, default none), RECOVER (recover sentences, default 8000), THREADS
 # (default 2). Appends one line per step to WORK_DIR/times.tsv: step, shape, wall s, peak RSS MB.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -48,7 +48,8 @@ for s in $steps; do
     eval) step eval "$bin" eval "${common[@]}" ;;
     analyze)
         step analyze "$bin" analyze "${common[@]}" --holdout "$holdout" \
-            --levels blocks,heads,groups --out "$work/significance.json" --force
+            --levels blocks,heads,groups ${BUDGET_PASSES:+--budget-passes "$BUDGET_PASSES"} \
+            --out "$work/significance.json" --force
         ;;
     prune)
         step prune "$bin" prune "${common[@]}" --holdout "$holdout" --mode speed --max-drop 1 \

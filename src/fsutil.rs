@@ -17,11 +17,21 @@ pub fn pretty_json(value: &impl Serialize) -> Result<Vec<u8>> {
 /// [`temporary_sibling`]), flushed to disk, then renamed over `path`. A process killed at any
 /// moment leaves `path` as it was or complete, never half-written.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_with(path, |tmp| {
+        std::fs::File::create(tmp).and_then(|mut f| f.write_all(bytes))
+    })
+}
+
+/// [`write_atomic`] for content that `write` streams into the temporary file whose path it is
+/// given (a file too large to build in memory first).
+pub fn write_atomic_with(
+    path: &Path,
+    write: impl FnOnce(&Path) -> std::io::Result<()>,
+) -> Result<()> {
     remove_stale_siblings(path);
     let tmp = temporary_sibling(path, "tmp")?;
     let _tracked = interrupt::track(&tmp);
-    let written = std::fs::File::create(&tmp)
-        .and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_all()));
+    let written = write(&tmp).and_then(|()| std::fs::File::open(&tmp)?.sync_all());
     written
         .and_then(|()| interrupt::commit(|| std::fs::rename(&tmp, path)))
         .map_err(|e| {

@@ -13,7 +13,7 @@ use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use super::augment::replace_tokens;
-use super::checkpoint::{self, Evaluation, TrainLog};
+use super::checkpoint::{self, Best, Evaluation, TrainLog};
 use super::loss::{BatchSize, Objective};
 use super::optimizer::{AdamSettings, AdamW};
 use super::params::Trainable;
@@ -149,7 +149,7 @@ pub fn fine_tune(
         bail!("no training examples");
     }
     let mut t = Trainer::new(student, settings, run)?;
-    let (mut best, mut log) = t.resume_or_start()?;
+    let (mut best, mut log) = t.resume_or_start(student)?;
     let total = t.schedule.total;
     let pb = progress::bar(total as u64, "training", run.quiet);
     pb.set_position(log.losses.len() as u64);
@@ -180,7 +180,7 @@ pub fn fine_tune(
         }
     }
     pb.finish_and_clear();
-    Ok((best_model(t.into_trainable(), &best)?, log))
+    Ok((best_model(t.into_trainable(), best)?, log))
 }
 
 /// A training run in progress: the parameters, the optimizer and the schedule.
@@ -248,10 +248,11 @@ impl<'r, 'a> Trainer<'r, 'a> {
     }
 
     /// The best parameters and the log: from the checkpoint when there is one, else the
-    /// untrained model scored as step 0.
-    fn resume_or_start(&mut self) -> Result<(Vec<Tensor>, TrainLog)> {
+    /// untrained model (`student`'s own values) scored as step 0.
+    fn resume_or_start(&mut self, student: &Model) -> Result<(Best, TrainLog)> {
         if let Some((path, key)) = self.run.checkpoint.as_ref().filter(|(p, _)| p.exists()) {
-            return checkpoint::load(path, key, &self.trainable, &mut self.optimizer);
+            let log = checkpoint::load(path, key, &self.trainable, &mut self.optimizer)?;
+            return Ok((Best::Saved(path.clone()), log));
         }
         let before = Evaluation {
             step: 0,
@@ -262,7 +263,12 @@ impl<'r, 'a> Trainer<'r, 'a> {
             evaluations: vec![before],
             best: before,
         };
-        Ok((self.trainable.snapshot()?, log))
+        let start = match self.run.masks {
+            // Masked entries are zero in the variables, not in `student`.
+            Some(_) => self.trainable.snapshot()?,
+            None => Trainable::values_of(student)?,
+        };
+        Ok((Best::Values(start), log))
     }
 
     /// One optimizer step on `examples`; returns the loss and the learning rate.
@@ -335,8 +341,9 @@ impl<'r, 'a> Trainer<'r, 'a> {
     }
 
     /// Scores the parameters after `steps` steps on the selection split, keeps them when they are
-    /// the best (or always, without `keep_best`), and saves the checkpoint.
-    fn evaluate(&self, steps: usize, best: &mut Vec<Tensor>, log: &mut TrainLog) -> Result<()> {
+    /// the best (or always, without `keep_best`), and saves the checkpoint, which then holds the
+    /// best parameters in place of memory.
+    fn evaluate(&self, steps: usize, best: &mut Best, log: &mut TrainLog) -> Result<()> {
         let score = (self.run.judge)(&self.trainable.current()?)?;
         let now = Evaluation {
             step: steps,
@@ -345,16 +352,23 @@ impl<'r, 'a> Trainer<'r, 'a> {
         log.evaluations.push(now);
         let better =
             Rule::NotWorse.admits(score, log.best.selection) && score != log.best.selection;
-        if better || !self.run.keep_best {
-            best.clear(); // before the new copy, so that two never coexist
-            (*best, log.best) = (self.trainable.snapshot()?, now);
+        let keep = better || !self.run.keep_best;
+        if keep {
+            log.best = now;
         }
         match &self.run.checkpoint {
             Some((path, key)) => {
-                checkpoint::save(path, key, &self.trainable, &self.optimizer, best, log)
+                let kept = (!keep).then_some(&*best);
+                checkpoint::save(path, key, &self.trainable, &self.optimizer, kept, log)?;
+                *best = Best::Saved(path.clone());
             }
-            None => Ok(()),
+            None if keep => {
+                *best = Best::Values(Vec::new()); // before the new copy, so that two never coexist
+                *best = Best::Values(self.trainable.snapshot()?);
+            }
+            None => {}
         }
+        Ok(())
     }
 }
 
@@ -384,9 +398,10 @@ fn parts_within(
     }
 }
 
-/// The trained model with the parameters `values` (the variables are given up to it, not copied).
-fn best_model(trainable: Trainable, values: &[Tensor]) -> Result<Model> {
-    trainable.restore(values)?;
+/// The trained model with the parameters `best` (the variables are given up to it, not copied).
+fn best_model(trainable: Trainable, best: Best) -> Result<Model> {
+    let values = best.into_values(&trainable)?;
+    trainable.restore(&values)?;
     trainable.current()
 }
 

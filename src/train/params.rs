@@ -171,6 +171,20 @@ impl Trainable {
         Ok(Trainable { model, params })
     }
 
+    /// The values [`Self::new`] starts the variables of `model` from, in the order of
+    /// [`Self::params`], without copying them: `model`'s own tensors (a quantized matrix's
+    /// dequantized master).
+    pub fn values_of(model: &Model) -> Result<Vec<Tensor>> {
+        let mut values = Vec::new();
+        map_tensors(model, &mut |_, t| {
+            if t.elem_count() > 0 {
+                values.push(t.clone());
+            }
+            Ok(t.clone())
+        })?;
+        Ok(values)
+    }
+
     /// The model a training step runs: the variables themselves, but every quantized matrix's
     /// master quantized on the way forward, with a straight-through gradient (module docs).
     pub fn training_model(&self) -> Result<Cow<'_, Model>> {
