@@ -39,9 +39,9 @@ pub struct Cli {
     #[arg(long, global = true, value_parser = clap::value_parser!(u16).range(1..))]
     pub threads: Option<u16>,
     /// Peak memory to size the caches by: the selection engine's and the reconstruction's
-    /// hidden-state caches (batches past them are recomputed: same results, more time) and the
-    /// analysis's stacked ablations, e.g. `4G`, `3500M` [default: 4G, or 8 × the model's f32
-    /// weights when more].
+    /// hidden-state caches (batches past them are recomputed: same results, more time), the
+    /// analysis's stacked ablations and a training step's batch (run in parts past it), e.g.
+    /// `4G`, `3500M` [default: 4G, or 8 × the model's f32 weights when more].
     #[arg(long, global = true, value_name = "SIZE", value_parser = crate::memory::parse_size)]
     pub memory_limit: Option<u64>,
     /// Load checkpoints whose float tensors hold NaN or ±Inf (refused by default). A run still

@@ -308,27 +308,35 @@ pub struct Linear {
 /// view, never stored. It remembers the tensor it was packed from, so a weight that is replaced
 /// is packed again; a weight that trains (a variable, or computed from one) is never packed, as
 /// its values change in place. A clone starts with the same view (the packed values are shared).
+/// A view that is `off` never packs (the layer runs through the general product).
 #[derive(Debug, Default)]
-struct PackedView(Mutex<Option<(TensorId, PackedF32)>>);
+struct PackedView {
+    slot: Mutex<Option<(TensorId, PackedF32)>>,
+    off: bool,
+}
 
 impl Clone for PackedView {
     fn clone(&self) -> Self {
-        PackedView(Mutex::new(self.lock().clone()))
+        PackedView {
+            slot: Mutex::new(self.lock().clone()),
+            off: self.off,
+        }
     }
 }
 
 impl PackedView {
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<(TensorId, PackedF32)>> {
         // A panic while packing leaves no half-written view: the slot is only ever assigned.
-        self.0
+        self.slot
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// `w` packed, from this view when it was packed from `w`; `None` when `w` trains or is not
-    /// an f32 CPU matrix.
+    /// `w` packed, from this view when it was packed from `w`; `None` when `w` trains, is not
+    /// an f32 CPU matrix or the view is off.
     fn get(&self, w: &Tensor) -> Result<Option<PackedF32>> {
-        if w.track_op() || w.dtype() != DType::F32 || !w.device().is_cpu() || w.rank() != 2 {
+        let plain = w.dtype() == DType::F32 && w.device().is_cpu() && w.rank() == 2;
+        if self.off || w.track_op() || !plain {
             return Ok(None);
         }
         if let Some((id, packed)) = &*self.lock() {
@@ -346,7 +354,10 @@ impl PackedView {
 
     /// A view holding `packed` for `w`.
     fn holding(w: &Tensor, packed: PackedF32) -> Self {
-        PackedView(Mutex::new(Some((w.id(), packed))))
+        PackedView {
+            slot: Mutex::new(Some((w.id(), packed))),
+            off: false,
+        }
     }
 }
 
@@ -438,6 +449,7 @@ impl Linear {
     pub fn narrow_rows(&self, start: usize, len: usize) -> Result<Linear> {
         let weight = self.weight.narrow_rows(start, len)?;
         let packed = match (self.weight.dense_tensor(), weight.dense_tensor()) {
+            _ if self.packed.off => self.never_packed().packed,
             (Some(whole), Some(part)) => self
                 .packed
                 .get(whole)?
@@ -451,6 +463,25 @@ impl Linear {
             bias: self.bias.narrow(0, start, len)?,
             packed,
         })
+    }
+
+    /// Lets go of the packed copy of the weight (freed once no clone holds it; the next
+    /// inference product packs it again).
+    pub fn drop_packed(&self) {
+        *self.packed.lock() = None;
+    }
+
+    /// The layer, never packed: its products run through the general matrix product (the same
+    /// values within rounding), holding no packed copy.
+    pub fn never_packed(&self) -> Linear {
+        Linear {
+            weight: self.weight.clone(),
+            bias: self.bias.clone(),
+            packed: PackedView {
+                off: true,
+                ..PackedView::default()
+            },
+        }
     }
 
     /// Output rows `start..start + len` as stored ([`Weight::narrow_rows_stored`]).
@@ -566,6 +597,30 @@ mod tests {
             training.packed.lock().is_none(),
             "a variable is never packed"
         );
+    }
+
+    #[test]
+    fn a_layer_lets_go_of_its_packed_weight_and_a_never_packed_copy_packs_nothing() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (5, 32), &dev).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (24, 32), &dev).unwrap();
+        let layer = Linear::dense(w, Tensor::zeros(24, DType::F32, &dev).unwrap());
+        let packed = outputs(&layer, &x);
+        let plain = layer.never_packed();
+        assert!(plain.packed.lock().is_none(), "the copy shares no packing");
+        let unpacked = outputs(&plain, &x);
+        for (a, b) in unpacked.iter().zip(&packed) {
+            assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+        }
+        assert!(plain.packed.lock().is_none(), "a product packs nothing");
+        assert!(
+            plain.narrow_rows(8, 8).unwrap().packed.off,
+            "nor do its row views"
+        );
+        layer.drop_packed();
+        assert!(layer.packed.lock().is_none());
+        assert_eq!(outputs(&layer, &x), packed, "the next product packs again");
+        assert!(layer.packed.lock().is_some());
     }
 
     #[test]

@@ -281,6 +281,41 @@ impl Model {
         self.logits_from(&h, &inputs.mask_bias, 0, opts)
     }
 
+    /// Every linear layer: each encoder layer's projections, then the head's.
+    fn linears(&self) -> impl Iterator<Item = &Linear> {
+        let encoder = self.layers.iter().flat_map(|layer| {
+            let attention = layer.attention.iter().flat_map(|a| [&a.qkv, &a.output]);
+            let ffn = layer.ffn.iter().flat_map(|f| [&f.intermediate, &f.output]);
+            attention.chain(ffn)
+        });
+        encoder.chain([&self.head.dense, &self.head.out])
+    }
+
+    /// Lets go of the f32 weights packed for the inference kernel (freed once no clone of the
+    /// model holds them; the next inference pass packs them again).
+    pub fn drop_packed(&self) {
+        self.linears().for_each(Linear::drop_packed);
+    }
+
+    /// A copy whose weights are never packed for the inference kernel: its products run through
+    /// the general matrix product (the same values within rounding) and it holds no packed
+    /// copy. For a teacher beside training, where memory is tightest.
+    pub fn never_packed(&self) -> Model {
+        let mut copy = self.clone();
+        for layer in &mut copy.layers {
+            if let Some(a) = layer.attention.as_mut() {
+                (a.qkv, a.output) = (a.qkv.never_packed(), a.output.never_packed());
+            }
+            if let Some(f) = layer.ffn.as_mut() {
+                (f.intermediate, f.output) =
+                    (f.intermediate.never_packed(), f.output.never_packed());
+            }
+        }
+        copy.head.dense = copy.head.dense.never_packed();
+        copy.head.out = copy.head.out.never_packed();
+        copy
+    }
+
     /// Whether any encoder matrix is stored block-sparse (see [`striped`]).
     pub fn has_block_sparse(&self) -> bool {
         let striped = |l: &Linear| matches!(l.weight, Weight::Striped(_));

@@ -186,6 +186,8 @@ pub fn fine_tune(
 /// A training run in progress: the parameters, the optimizer and the schedule.
 struct Trainer<'r, 'a> {
     run: &'r TrainRun<'a>,
+    /// The run's teacher, or under a tight limit a copy of it that holds no packed weights.
+    teacher: Cow<'a, Model>,
     objective: Objective,
     trainable: Trainable,
     optimizer: AdamW,
@@ -207,9 +209,17 @@ struct Trainer<'r, 'a> {
 impl<'r, 'a> Trainer<'r, 'a> {
     fn new(student: &Model, settings: &TrainSettings, run: &'r TrainRun<'a>) -> Result<Self> {
         let tight = memory::training_is_tight(student);
-        if tight {
-            memory::return_large_blocks();
-        }
+        let teacher = match tight {
+            true => {
+                memory::return_large_blocks();
+                // The packed inference copies (BERT-base shape: 0.34 GB) are let go for the run;
+                // later inference packs them again.
+                student.drop_packed();
+                run.teacher.drop_packed();
+                Cow::Owned(run.teacher.never_packed())
+            }
+            false => Cow::Borrowed(run.teacher),
+        };
         let mut trainable = Trainable::new(student)?;
         if let Some(masks) = run.masks {
             trainable.set_masks(masks)?;
@@ -225,6 +235,7 @@ impl<'r, 'a> Trainer<'r, 'a> {
         let total = per_epoch * settings.epochs;
         Ok(Trainer {
             run,
+            teacher,
             objective: settings.objective(),
             trainable,
             optimizer,
@@ -300,7 +311,7 @@ impl<'r, 'a> Trainer<'r, 'a> {
         for (i, part) in batches.iter().enumerate() {
             let mut loss = self
                 .objective
-                .loss_of_part(model, run.teacher, part, whole)?;
+                .loss_of_part(model, &self.teacher, part, whole)?;
             if let Some(penalty) = run.penalty.filter(|_| i == 0) {
                 loss = (loss + penalty(&self.trainable, step)?)?;
             }
