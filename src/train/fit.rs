@@ -16,7 +16,7 @@ use super::augment::replace_tokens;
 use super::checkpoint::{self, Best, Evaluation, TrainLog};
 use super::loss::{BatchSize, Objective};
 use super::optimizer::{AdamSettings, AdamW};
-use super::params::Trainable;
+use super::params::{Param, Trainable};
 use super::schedule::LinearSchedule;
 use crate::data::batch::EncodedSet;
 use crate::data::labels::LabelMap;
@@ -322,10 +322,14 @@ impl<'r, 'a> Trainer<'r, 'a> {
                     "training: step {step} gave a non-finite loss ({v}); lower the learning rate"
                 );
             }
-            let g = loss.backward()?;
+            let g = parameter_gradients(&self.trainable.params, loss.backward()?);
+            drop(loss); // the part's graph, before its gradients are added to the sum
             match grads.as_mut() {
                 None => grads = Some(g),
                 Some(sum) => sum.extend(g)?,
+            }
+            if self.tight && i + 1 < batches.len() {
+                memory::release_freed();
             }
         }
         Ok((
@@ -381,6 +385,20 @@ impl<'r, 'a> Trainer<'r, 'a> {
         }
         Ok(())
     }
+}
+
+/// Only the parameters' entries of `grads`. Candle's backward pass also leaves gradients for
+/// the constants the loss reads (the embeddings' output, the attention masks, the teacher's
+/// logits), which would otherwise pile up over a batch's parts (BERT-base shape, parts of two
+/// long sentences: about 95 MB a part) and stay through the optimizer step.
+fn parameter_gradients(params: &[Param], mut grads: GradStore) -> GradStore {
+    let mut kept = GradStore::default();
+    for p in params {
+        if let Some(g) = grads.remove(p.var.as_tensor()) {
+            kept.insert(p.var.as_tensor(), g);
+        }
+    }
+    kept
 }
 
 /// `examples` as one part when its training activations fit `room.whole` bytes, else cut into
@@ -518,6 +536,17 @@ mod tests {
             "a budget of one byte runs one example a part"
         );
         let (parts_loss, summed) = trainer.gradients(0, all).unwrap();
+        let params = trainer.trainable.params.len();
+        assert_eq!(
+            whole.get_ids().count(),
+            params,
+            "only the parameters' gradients"
+        );
+        assert_eq!(
+            summed.get_ids().count(),
+            params,
+            "none piled up over the parts"
+        );
         assert!((whole_loss - parts_loss).abs() <= 1e-5 * whole_loss.abs().max(1.0));
         for p in &trainer.trainable.params {
             let (a, b) = (whole.get(p.var.as_tensor()), summed.get(p.var.as_tensor()));
