@@ -80,7 +80,8 @@ const TRAINING_STATE_MULTIPLE: u64 = 5;
 /// [`training_bytes_per_sequence`]. BERT-base shape at the default limit, with 512 MiB here:
 /// resident memory sampled every 2 s over the first 620 s of an epoch reached 3,816 MiB, a step
 /// 2.3 GiB over the 1.5 GiB held between steps, where the estimate allowed 1.6 GB for the
-/// gradients and activations.
+/// gradients and activations. Most of the excess was the constants' gradients piling up over a
+/// batch's parts, since dropped after each part; this margin was not measured again without them.
 const RUNTIME_RESERVE: u64 = 1 << 30;
 
 /// Bytes of activations a training step of a model may hold under the limit.
