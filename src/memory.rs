@@ -71,8 +71,8 @@ pub fn cache_budget(model: &Model) -> Result<usize> {
 /// the input model's packed inference copy. Under a tight limit ([`training_is_tight`]) a run
 /// with a checkpoint holds neither of the last two: the best copy stays in the checkpoint and the
 /// packed copies are let go. Their room is kept as a margin for what a step holds beyond
-/// [`training_bytes_per_sequence`] (BERT-base shape at the default limit, one epoch: peak RSS
-/// 4,447 MiB with the packed copy held and this margin halved).
+/// [`training_bytes_per_sequence`] (BERT-base shape at the default limit, one epoch with the best
+/// copy on disk but the packed copy still held: peak RSS 4,447 MiB).
 const TRAINING_STATE_MULTIPLE: u64 = 5;
 
 /// The process's own working set beside the models and the training state (data, tokenizer,

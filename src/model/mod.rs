@@ -297,22 +297,30 @@ impl Model {
         self.linears().for_each(Linear::drop_packed);
     }
 
+    /// [`Self::linears`], to change.
+    fn linears_mut(&mut self) -> impl Iterator<Item = &mut Linear> {
+        let encoder = self.layers.iter_mut().flat_map(|layer| {
+            let attention = layer
+                .attention
+                .iter_mut()
+                .flat_map(|a| [&mut a.qkv, &mut a.output]);
+            let ffn = layer
+                .ffn
+                .iter_mut()
+                .flat_map(|f| [&mut f.intermediate, &mut f.output]);
+            attention.chain(ffn)
+        });
+        encoder.chain([&mut self.head.dense, &mut self.head.out])
+    }
+
     /// A copy whose weights are never packed for the inference kernel: its products run through
     /// the general matrix product (the same values within rounding) and it holds no packed
     /// copy. For a teacher beside training, where memory is tightest.
     pub fn never_packed(&self) -> Model {
         let mut copy = self.clone();
-        for layer in &mut copy.layers {
-            if let Some(a) = layer.attention.as_mut() {
-                (a.qkv, a.output) = (a.qkv.never_packed(), a.output.never_packed());
-            }
-            if let Some(f) = layer.ffn.as_mut() {
-                (f.intermediate, f.output) =
-                    (f.intermediate.never_packed(), f.output.never_packed());
-            }
+        for linear in copy.linears_mut() {
+            *linear = linear.never_packed();
         }
-        copy.head.dense = copy.head.dense.never_packed();
-        copy.head.out = copy.head.out.never_packed();
         copy
     }
 

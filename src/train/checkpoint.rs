@@ -141,19 +141,20 @@ pub fn save(
         Some(Best::Saved(saved)) => Some(Mapped::open(saved)?),
         _ => None,
     };
-    let previous_tensors = previous.as_ref().map(Mapped::tensors).transpose()?;
+    let carried = match &previous {
+        Some(file) => Some((file, file.tensors()?)),
+        None => None,
+    };
     let mut entries: Vec<(String, Entry)> = Vec::new();
     for (i, p) in trainable.params.iter().enumerate() {
         let (m, v) = &optimizer.moments[i];
         let value = p.var.as_tensor().detach();
-        let kept = match (best, &previous_tensors) {
+        let kept = match (best, &carried) {
             (None, _) => Entry::Tensor(value.clone()),
             (Some(Best::Values(values)), _) => Entry::Tensor(values[i].clone()),
-            (Some(Best::Saved(saved)), Some(tensors)) => Entry::Saved(
-                tensors
-                    .tensor(&format!("best/{}", p.name))
-                    .with_context(|| format!("{}: no best/{}", saved.display(), p.name))?,
-            ),
+            (Some(Best::Saved(_)), Some((file, tensors))) => {
+                Entry::Saved(file.view(tensors, "best", &p.name)?)
+            }
             (Some(Best::Saved(_)), None) => unreachable!("mapped above"),
         };
         entries.push((format!("param/{}", p.name), Entry::Tensor(value)));
@@ -216,22 +217,24 @@ impl Mapped {
         Ok(Mapped { bytes, shown })
     }
 
+    /// The error of a file that is not a checkpoint.
+    fn unreadable(&self) -> String {
+        format!(
+            "{}: not a safetensors checkpoint; pass --force to start over",
+            self.shown
+        )
+    }
+
     /// The tensors of the file.
     fn tensors(&self) -> Result<SafeTensors<'_>> {
-        SafeTensors::deserialize(&self.bytes).with_context(|| {
-            format!(
-                "{}: not a safetensors checkpoint; pass --force to start over",
-                self.shown
-            )
-        })
+        SafeTensors::deserialize(&self.bytes).with_context(|| self.unreadable())
     }
 
     /// The run's key and log, from the file's metadata.
     fn header(&self) -> Result<Header> {
         let shown = &self.shown;
-        let (_, meta) = SafeTensors::read_metadata(&self.bytes).with_context(|| {
-            format!("{shown}: not a safetensors checkpoint; pass --force to start over")
-        })?;
+        let (_, meta) =
+            SafeTensors::read_metadata(&self.bytes).with_context(|| self.unreadable())?;
         meta.metadata()
             .as_ref()
             .and_then(|m| m.get(METADATA))
@@ -239,15 +242,24 @@ impl Mapped {
             .with_context(|| format!("{shown}: no training state; pass --force to start over"))
     }
 
-    /// The tensor `kind/name` (`param`, `m`, `v` or `best`), copied into memory.
-    fn load(&self, tensors: &SafeTensors, kind: &str, name: &str) -> Result<Tensor> {
-        let view = tensors.tensor(&format!("{kind}/{name}")).with_context(|| {
+    /// The tensor `kind/name` (`param`, `m`, `v` or `best`) as it is in the file.
+    fn view<'t>(
+        &self,
+        tensors: &SafeTensors<'t>,
+        kind: &str,
+        name: &str,
+    ) -> Result<TensorView<'t>> {
+        tensors.tensor(&format!("{kind}/{name}")).with_context(|| {
             format!(
                 "{}: no {kind}/{name}; pass --force to start over",
                 self.shown
             )
-        })?;
-        Ok(view.load(&Device::Cpu)?)
+        })
+    }
+
+    /// The tensor `kind/name`, copied into memory.
+    fn load(&self, tensors: &SafeTensors, kind: &str, name: &str) -> Result<Tensor> {
+        Ok(self.view(tensors, kind, name)?.load(&Device::Cpu)?)
     }
 }
 

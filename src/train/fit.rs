@@ -328,9 +328,6 @@ impl<'r, 'a> Trainer<'r, 'a> {
                 None => grads = Some(g),
                 Some(sum) => sum.extend(g)?,
             }
-            if self.tight && i + 1 < batches.len() {
-                memory::release_freed();
-            }
         }
         Ok((
             value.context("an empty batch")?,
